@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP facade: requests in, jobs out, events back as OpenAI responses."""

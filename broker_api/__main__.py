@@ -1,0 +1,3 @@
+from broker_api.main import main
+
+main()

@@ -1,0 +1,229 @@
+"""The FastAPI application: OpenAI routes, health, and OpenAI-shaped errors for everything.
+
+Route handlers stay thin: authenticate, read and validate the body, hand over to
+`ChatService`, shape the HTTP response. Every error a client can see leaves through
+`_error_response`, as OpenAI's error object with the right status: bad input is a 4xx, never
+a 422 or a 500, and never a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker_api.auth import KeyStore, Principal
+from broker_api.bus import Bus
+from broker_api.chat import ChatService
+from broker_api.settings import ApiSettings
+from schemas.chat import ModelCard, ModelList, parse_chat_request
+from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, NotFoundError,
+                            RequestTooLargeError, TokenyardError)
+
+log = structlog.get_logger(__name__)
+
+STARTED = int(time.time())
+
+
+def _error_response(e: TokenyardError, request_id: str | None = None) -> JSONResponse:
+    headers = {}
+    if e.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(e.retry_after)))
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class RequestIdMiddleware:
+    """Gives every response an `x-request-id` (the client's own, when it sent a sane one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if 0 < len(candidate) <= 128 and candidate.isprintable():
+                    rid = candidate
+                break
+        if not rid:
+            rid = "req_" + uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"The request body is larger than the {limit}-byte limit.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLargeError(f"The request body is larger than the {limit}-byte limit.")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
+            code="invalid_json") from e
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None) -> FastAPI:
+    """The gateway app. With `bus` None it connects to `settings.nats_url` in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = bus is None
+        the_bus = await Bus.connect(settings.nats_url) if own else bus
+        assert the_bus is not None
+        app.state.bus = the_bus
+        app.state.chat = ChatService(the_bus, settings)
+        log.info("api.started", gateway=the_bus.gateway_id)
+        try:
+            yield
+        finally:
+            if own:
+                await the_bus.close()
+
+    app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    keys = KeyStore(admin_key)
+    app.add_middleware(RequestIdMiddleware)
+
+    def authenticate(request: Request) -> Principal:
+        return keys.authenticate(request.headers.get("authorization"))
+
+    @app.exception_handler(TokenyardError)
+    async def _tokenyard_error(request: Request, e: TokenyardError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            return _error_response(NotFoundError(f"Invalid URL ({request.method} {request.url.path})"))
+        if e.status_code == 405:
+            return _error_response(MethodNotAllowedError(
+                f"Method not allowed: {request.method} {request.url.path}"))
+        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(InvalidRequestError(str(e.errors()[0].get("msg", "invalid request"))))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("api.unhandled", path=request.url.path)
+        return _error_response(TokenyardError("The server had an error while processing your request."))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ready = await request.app.state.bus.ready()
+        return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        authenticate(request)
+        models = await request.app.state.bus.models()
+        body = ModelList(data=[ModelCard(id=m.id, created=STARTED, owned_by=m.owned_by) for m in models])
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        authenticate(request)
+        for m in await request.app.state.bus.models():
+            if m.id == model_id:
+                card = ModelCard(id=m.id, created=STARTED, owned_by=m.owned_by)
+                return Response(card.model_dump_json(), media_type="application/json")
+        raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        who = authenticate(request)
+        req = parse_chat_request(await _read_json(request, settings.max_body_bytes))
+        if req.model_extra:
+            log.info("api.unknown_fields", fields=sorted(req.model_extra))
+        chat: ChatService = request.app.state.chat
+        job = chat.new_job(req)
+        run, sub = await chat.start(job, who)
+        if not req.stream:
+            return await _watch_disconnect(
+                request, lambda: chat.complete(req, run, sub), lambda: chat.finish(run, "client gone"),
+                lambda result: Response(result.model_dump_json(), media_type="application/json"))
+        payloads = chat.stream(req, run, sub)
+        try:
+            first = await payloads.__anext__()
+        except BaseException:
+            await chat.finish(run, "failed")
+            raise
+        return StreamingResponse(_sse(first, payloads, lambda: chat.finish(run, "stream closed")),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    return app
+
+
+async def _watch_disconnect(
+    request: Request,
+    work: Callable[[], Awaitable[Any]],
+    cleanup: Callable[[], Awaitable[None]],
+    render: Callable[[Any], Response],
+) -> Response:
+    """Run `work`, cancelling it if the client disconnects first; `cleanup` runs either way."""
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=499)
+        return render(task.result())
+    finally:
+        watcher.cancel()
+        await cleanup()
+
+
+async def _sse(first: str, rest: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    try:
+        yield f"data: {first}\n\n".encode()
+        async for payload in rest:
+            yield f"data: {payload}\n\n".encode()
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+        await cleanup()

@@ -1,0 +1,134 @@
+"""The gateway's NATS edge: submit jobs, route their events to their `JobRun`, stop attempts.
+
+One subscription (`reply_inbox(gateway_id)`) receives the events of every job this gateway
+runs; each event goes to its job's `JobRun`. Events of jobs this gateway no longer runs (the
+client left, the job ended, another attempt won) are answered with a stop, so no worker keeps
+generating for nobody.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from broker_api.jobrun import JobRun
+from schemas import subjects
+from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
+from schemas.jobs import CONTINUE, HEARTBEAT, STOP, Admission, Event, Job, ModelAdvert, Stop, Submission, WireError
+from schemas.jobs import decode_model_list
+
+log = structlog.get_logger(__name__)
+
+NO_SCHEDULER_RETRY_AFTER = 5.0
+
+
+class Bus:
+    def __init__(self, nc: NATS, gateway_id: str) -> None:
+        self.nc = nc
+        self.gateway_id = gateway_id
+        self.runs: dict[str, JobRun] = {}
+
+    @classmethod
+    async def connect(cls, url: str) -> Bus:
+        gateway_id = uuid.uuid4().hex[:12]
+        nc = await nats.connect(servers=url.split(","), name=f"tokenyard-api-{gateway_id}", ping_interval=10,
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5)
+        bus = cls(nc, gateway_id)
+        await nc.subscribe(subjects.reply_inbox(gateway_id), cb=bus._on_event)
+        return bus
+
+    async def close(self) -> None:
+        for run in self.runs.values():
+            run.closed = True
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.drain()
+
+    def reply_subject(self, job_id: str) -> str:
+        return subjects.reply_subject(self.gateway_id, job_id)
+
+    # --- events -------------------------------------------------------------------------
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            ev = Event.decode(msg.data)
+        except WireError as e:
+            log.warning("job.bad_event", subject=msg.subject, error=str(e))
+            return
+        run = self.runs.get(ev.job_id)
+        now = time.monotonic()
+        if ev.kind == HEARTBEAT:
+            go_on = run is not None and run.heartbeat(ev, now)
+            if msg.reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(CONTINUE if go_on else STOP)
+            return
+        if run is None or not run.offer(ev, now):
+            await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt" if run else "job is gone")
+
+    async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
+        if not node:
+            return
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subjects.node_control(node), Stop(job_id, attempt, reason).encode())
+
+    # --- scheduler ----------------------------------------------------------------------
+
+    async def submit(self, sub: Submission, *, timeout: float, deadline: float) -> Admission:
+        """Hand a job to a scheduler; retries a lost answer with the same job (deduplicated)."""
+        data = sub.encode()
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceededError("No scheduler accepted the request before its deadline.")
+            try:
+                reply = await self.nc.request(subjects.SCHED_SUBMIT, data, timeout=min(timeout, remaining))
+            except nats.errors.NoRespondersError as e:
+                raise NoCapacityError("No scheduler is running.", retry_after=NO_SCHEDULER_RETRY_AFTER) from e
+            except nats.errors.TimeoutError:
+                log.warning("job.submit_retry", job_id=sub.job.id)
+                continue
+            answer = Admission.decode(reply.data)
+            if answer.error is not None:
+                raise from_wire(answer.error)
+            return answer
+
+    async def models(self, timeout: float = 2.0) -> list[ModelAdvert]:
+        try:
+            reply = await self.nc.request(subjects.SCHED_MODELS, b"", timeout=timeout)
+        except nats.errors.NoRespondersError as e:
+            raise NoCapacityError("No scheduler is running.", retry_after=NO_SCHEDULER_RETRY_AFTER) from e
+        except nats.errors.TimeoutError as e:
+            raise DeadlineExceededError("The scheduler did not answer in time.") from e
+        return decode_model_list(reply.data)
+
+    async def ready(self) -> bool:
+        if not self.nc.is_connected:
+            return False
+        try:
+            await self.nc.request(subjects.SCHED_PING, b"", timeout=1.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        return True
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def open_run(self, job: Job, *, silence: float) -> JobRun:
+        run = JobRun(job, silence=silence)
+        self.runs[job.id] = run
+        return run
+
+    async def close_run(self, run: JobRun, reason: str) -> None:
+        """Forget a job; stop its attempt if it is still going."""
+        run.closed = True
+        self.runs.pop(run.job.id, None)
+        gone = run.drop_current()
+        if gone is not None and not run.finished:
+            await self.stop(gone[1], run.job.id, gone[0], reason)
+

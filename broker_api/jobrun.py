@@ -1,0 +1,105 @@
+"""One job's events, fenced to one attempt at a time, checked for order and liveness.
+
+The bus hands every event for the job to `offer` (synchronously, in arrival order). At most
+one attempt is *current*; its events go to the queue the serving code reads. Another
+attempt's events are refused (the bus then tells that worker to stop) unless the current one
+has gone silent and nothing has reached the client yet (`committed` is false), in which case
+the newcomer takes over. So the tokens a client receives come from exactly one attempt.
+
+Order: every accepted event must carry the next sequence number of its attempt; a heartbeat
+carries the number the worker will use next, so a lost message shows up as a gap even when
+nothing follows it. A gap fails the attempt (a `Broken` item in the queue) rather than leaving
+a hole in the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from schemas.jobs import DONE, FINAL_KINDS, Event, Job
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The current attempt lost a message: it cannot be trusted to finish the answer."""
+
+    attempt: int
+    node: str
+    reason: str
+
+
+class JobRun:
+    def __init__(self, job: Job, *, silence: float) -> None:
+        self.job = job
+        self.silence = silence
+        self.current: int | None = None
+        self.current_node = ""
+        self.heard = 0.0  # monotonic time of the current attempt's last word
+        self.committed = False  # set by the serving code once content reached the client
+        self.closed = False
+        self.finished = False
+        self.pool_of_dispatch: dict[int, str] = {}
+        self._next_seq = 0
+        self._refused: set[int] = set()
+        self.queue: asyncio.Queue[Event | Broken] = asyncio.Queue()
+
+    def _adopt(self, ev: Event, now: float) -> bool:
+        if ev.seq != 0:  # joined mid-way: its start was lost
+            self._refused.add(ev.attempt)
+            return False
+        self.current, self.current_node, self._next_seq, self.heard = ev.attempt, ev.node, 0, now
+        return True
+
+    def offer(self, ev: Event, now: float) -> bool:
+        """Take an event; False means the sending attempt must stop."""
+        if self.closed or ev.attempt in self._refused:
+            return False
+        if ev.attempt != self.current:
+            if self.current is not None and (self.committed or now - self.heard <= self.silence):
+                self._refused.add(ev.attempt)
+                return False
+            if self.current is not None:
+                self._refused.add(self.current)
+            if not self._adopt(ev, now):
+                return False
+        self.heard = now
+        if ev.seq != self._next_seq:
+            self._break(f"event {self._next_seq} of the attempt never arrived")
+            return False
+        self._next_seq += 1
+        if ev.kind in FINAL_KINDS:
+            self.finished = ev.kind == DONE or self.finished
+        self.queue.put_nowait(ev)
+        return True
+
+    def heartbeat(self, ev: Event, now: float) -> bool:
+        """A heartbeat from some attempt; False means it must stop."""
+        if self.closed or ev.attempt in self._refused:
+            return False
+        if ev.attempt != self.current:
+            return self.current is None  # not started as far as we know: let it go on
+        self.heard = now
+        if ev.seq > self._next_seq:
+            self._break(f"events {self._next_seq}..{ev.seq - 1} of the attempt never arrived")
+            return False
+        return True
+
+    def _break(self, reason: str) -> None:
+        assert self.current is not None
+        self.queue.put_nowait(Broken(self.current, self.current_node, reason))
+        self._refused.add(self.current)
+        self.current = None
+
+    def silent(self, now: float) -> bool:
+        return self.current is not None and now - self.heard > self.silence
+
+    def drop_current(self) -> tuple[int, str] | None:
+        """Give up on the current attempt (dead or failed); returns (attempt, node) to stop."""
+        if self.current is None:
+            return None
+        gone = (self.current, self.current_node)
+        self._refused.add(self.current)
+        self.current = None
+        return gone
+

@@ -1,0 +1,1 @@
+"""Admission and placement: which jobs run, and on which pool's queue."""

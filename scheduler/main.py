@@ -1,0 +1,42 @@
+"""`tokenyard scheduler`: admission and placement as its own process; run as many as you like."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import nats
+import structlog
+
+from scheduler.service import Scheduler
+from scheduler.settings import SchedulerSettings
+from schemas.logs import configure_logging, run
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(settings: SchedulerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await nats.connect(servers=settings.nats_url.split(","), name="tokenyard-scheduler", ping_interval=10,
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5)
+    scheduler = Scheduler(nc, nc.jetstream(), settings)
+    try:
+        await scheduler.start()
+        await stop.wait()
+    finally:
+        await scheduler.stop()
+        await nc.drain()
+        log.info("scheduler.stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = SchedulerSettings.from_args(argv)
+    configure_logging(settings.log_level, settings.log_json)
+    run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

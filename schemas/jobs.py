@@ -1,0 +1,248 @@
+"""The job envelope, the scheduler's request and reply, and a job's events (all msgpack).
+
+Every message is a msgpack map with a version field `v`. Decoders read tolerantly: unknown
+keys are ignored so a newer peer can add fields; a missing required key or a newer major
+version is a `WireError`.
+
+A job's life on the wire:
+
+    gateway --Submission--> scheduler --Job (JetStream, Nats-Msg-Id=job id)--> worker
+    gateway <--Event(start, delta..., done | error)-- worker   (core NATS, job.reply)
+    gateway --Control(stop)--> worker                          (node control subject)
+
+Volunteer nodes see the `Job`, so it carries no tenant, key or client address: those stay in
+the `Submission`, which only the scheduler reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+ATTEMPTS_PER_DISPATCH = 1000  # JetStream deliveries of one dispatch stay far below this
+
+
+class WireError(ValueError):
+    """A message that is not a valid Tokenyard message."""
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise WireError(f"not msgpack: {e}") from e
+    if not isinstance(obj, dict):
+        raise WireError("message is not a map")
+    if int(obj.get("v", 0)) != VERSION:
+        raise WireError(f"unsupported message version {obj.get('v')!r}")
+    return obj
+
+
+def _need(obj: dict[str, Any], key: str) -> Any:
+    try:
+        return obj[key]
+    except KeyError as e:
+        raise WireError(f"missing field {key!r}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a worker sees: the request and where to send events, nothing about who asked."""
+
+    id: str
+    model: str
+    request: dict[str, Any]  # the validated OpenAI body, as the client sent it
+    reply: str
+    deadline: float  # unix time; a worker drops a job it pulls after this
+    dispatch: int = 1  # 1 for the first placement, +1 for each re-dispatch after a failed attempt
+
+    def attempt_id(self, delivery: int) -> int:
+        """An attempt's id: larger for later dispatches, and within one for later deliveries."""
+        return self.dispatch * ATTEMPTS_PER_DISPATCH + delivery
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "id": self.id, "model": self.model, "req": self.request,
+                      "reply": self.reply, "deadline": self.deadline, "dispatch": self.dispatch})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Job:
+        o = _unpack(data)
+        return cls(id=str(_need(o, "id")), model=str(_need(o, "model")), request=dict(_need(o, "req")),
+                   reply=str(_need(o, "reply")), deadline=float(_need(o, "deadline")),
+                   dispatch=int(o.get("dispatch", 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """Gateway -> scheduler: a job to admit and place, and the facts admission needs."""
+
+    job: Job
+    tenant: str = ""
+    key_id: str = ""
+    priority: int = 0
+    avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "job": self.job.encode(), "tenant": self.tenant,
+                      "key": self.key_id, "prio": self.priority,
+                      "avoid": list(self.avoid)})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Submission:
+        o = _unpack(data)
+        return cls(job=Job.decode(_need(o, "job")), tenant=str(o.get("tenant", "")),
+                   key_id=str(o.get("key", "")), priority=int(o.get("prio", 0)),
+                   avoid=tuple(str(p) for p in o.get("avoid", ())))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Scheduler -> gateway: the job is durably queued (`error` is None) or refused."""
+
+    error: dict[str, Any] | None = None  # schemas.errors wire form
+    pool: str = ""
+    live_workers: int = 0
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "err": self.error, "pool": self.pool, "live": self.live_workers})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Admission:
+        o = _unpack(data)
+        return cls(error=o.get("err"), pool=str(o.get("pool", "")), live_workers=int(o.get("live", 0)))
+
+
+# Event kinds, worker -> gateway.
+START = "start"  # the worker pulled the job and is preparing it
+DELTA = "delta"  # text for one or more choices
+HEARTBEAT = "hb"  # still alive (prefill, slow tokens); sent as a request, see Control
+DONE = "done"  # final: finish reasons and exact token counts (may carry the last text too)
+ERROR = "error"  # final: the attempt failed; `retryable` says whether another attempt may help
+FINAL_KINDS = frozenset({DONE, ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    job_id: str
+    attempt: int  # Job.attempt_id: later dispatches and later deliveries are larger
+    seq: int  # 0, 1, 2, ... per attempt, with no gaps
+    node: str
+    pieces: tuple[tuple[int, str, int], ...] = ()  # (choice index, text, tokens in that text)
+    finish: tuple[str, ...] = ()  # finish reason per choice index (DONE)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float | None = None  # USD by the route's price table, where it has one
+    error: dict[str, Any] | None = None
+    retryable: bool = False
+
+    def encode(self) -> bytes:
+        o: dict[str, Any] = {"v": VERSION, "k": self.kind, "j": self.job_id, "a": self.attempt,
+                             "s": self.seq, "n": self.node}
+        if self.pieces:
+            o["p"] = [list(p) for p in self.pieces]
+        if self.kind == DONE:
+            o["f"] = list(self.finish)
+            o["pt"] = self.prompt_tokens
+            o["ct"] = self.completion_tokens
+            if self.cached_tokens:
+                o["cached"] = self.cached_tokens
+            if self.cost is not None:
+                o["cost"] = self.cost
+        if self.error is not None:
+            o["e"] = self.error
+            o["r"] = self.retryable
+        return _pack(o)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Event:
+        o = _unpack(data)
+        try:
+            pieces = tuple((int(i), str(t), int(n)) for i, t, n in o.get("p", ()))
+        except (TypeError, ValueError) as e:
+            raise WireError(f"bad pieces: {e}") from e
+        return cls(kind=str(_need(o, "k")), job_id=str(_need(o, "j")), attempt=int(_need(o, "a")),
+                   seq=int(_need(o, "s")), node=str(o.get("n", "")), pieces=pieces,
+                   finish=tuple(str(f) for f in o.get("f", ())), prompt_tokens=int(o.get("pt", 0)),
+                   completion_tokens=int(o.get("ct", 0)), cached_tokens=int(o.get("cached", 0)),
+                   cost=float(o["cost"]) if o.get("cost") is not None else None, error=o.get("e"),
+                   retryable=bool(o.get("r", False)))
+
+
+# Control, gateway -> worker (on the worker's node control subject, or as the reply to a
+# heartbeat request).
+CONTINUE = b""
+STOP = b"stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop this attempt of this job: its client left, or another attempt won."""
+
+    job_id: str
+    attempt: int
+    reason: str
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "j": self.job_id, "a": self.attempt, "why": self.reason})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Stop:
+        o = _unpack(data)
+        return cls(job_id=str(_need(o, "j")), attempt=int(o.get("a", 0)), reason=str(o.get("why", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAdvert:
+    id: str
+    context_length: int = 0
+    owned_by: str = "tokenyard"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAdvert:
+    """A worker's heartbeat on the fleet subject: who it is, what it serves, how free it is."""
+
+    node: str
+    pool: str
+    models: tuple[ModelAdvert, ...]
+    slots_total: int
+    slots_free: int
+    draining: bool = False
+    interval: float = 1.0  # seconds until the next advert; silence for ~3 of these means gone
+    started: float = field(default=0.0)
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "node": self.node, "pool": self.pool,
+                      "models": [[m.id, m.context_length, m.owned_by] for m in self.models],
+                      "total": self.slots_total, "free": self.slots_free, "drain": self.draining,
+                      "every": self.interval, "started": self.started})
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeAdvert:
+        o = _unpack(data)
+        try:
+            models = tuple(ModelAdvert(str(m[0]), int(m[1]), str(m[2])) for m in o.get("models", ()))
+        except (TypeError, ValueError, IndexError) as e:
+            raise WireError(f"bad models: {e}") from e
+        return cls(node=str(_need(o, "node")), pool=str(_need(o, "pool")), models=models,
+                   slots_total=int(o.get("total", 0)), slots_free=int(o.get("free", 0)),
+                   draining=bool(o.get("drain", False)), interval=float(o.get("every", 1.0)),
+                   started=float(o.get("started", 0.0)))
+
+
+def encode_model_list(models: list[ModelAdvert]) -> bytes:
+    return _pack({"v": VERSION, "models": [[m.id, m.context_length, m.owned_by] for m in models]})
+
+
+def decode_model_list(data: bytes) -> list[ModelAdvert]:
+    o = _unpack(data)
+    return [ModelAdvert(str(m[0]), int(m[1]), str(m[2])) for m in o.get("models", ())]

@@ -1,0 +1,109 @@
+"""Every NATS subject, stream, consumer and queue-group name Tokenyard uses.
+
+No other module writes a subject string. Model ids may hold any character (`/ . :`, spaces,
+unicode), but a subject token may not hold `.`, `*`, `>` or whitespace, and a JetStream
+consumer name is stricter still. `model_token` maps a model id to a token of `[A-Za-z0-9_-]`
+injectively:
+
+- ASCII letters, digits and `-` stand for themselves;
+- `_` becomes `__`;
+- every other character becomes `_` followed by two upper-case hex digits per UTF-8 byte.
+
+Because `_` always starts an escape, and an escape is either `__` or `_` + two hex digits,
+the token decodes back to exactly one id (`model_id_from_token`). Examples:
+`meta-llama/Llama-3.1-8B` -> `meta-llama_2FLlama-3_2E1-8B`; `a_b` -> `a__b`.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "ty"
+
+# API -> scheduler (queue group: one scheduler answers each request).
+SCHED_SUBMIT = f"{PREFIX}.sched.submit"
+SCHED_MODELS = f"{PREFIX}.sched.models"
+SCHED_PING = f"{PREFIX}.sched.ping"
+SCHEDULER_QUEUE_GROUP = "schedulers"
+
+# Workers -> everyone who keeps a fleet view (schedulers): presence and free slots.
+FLEET_HEARTBEAT_ALL = f"{PREFIX}.fleet.hb.*"
+# Schedulers -> workers: "announce yourselves now" (sent on scheduler start).
+FLEET_ROLL_CALL = f"{PREFIX}.fleet.rollcall"
+
+# The durable work queue. One subject per (pool, model); one consumer per subject.
+WORK_STREAM = "TY_WORK"
+WORK_ALL = f"{PREFIX}.work.>"
+
+_POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+_ESCAPE_RE = re.compile(r"_(_|[0-9A-F]{2})")
+
+
+def model_token(model_id: str) -> str:
+    """Encode a model id as a subject token (see the module docstring)."""
+    out: list[str] = []
+    for ch in model_id:
+        if ch in _PLAIN:
+            out.append(ch)
+        elif ch == "_":
+            out.append("__")
+        else:
+            out.extend(f"_{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def model_id_from_token(token: str) -> str:
+    """Invert `model_token`; raises ValueError for a string it could not have produced."""
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch in _PLAIN:
+            raw.append(ord(ch))
+            i += 1
+            continue
+        m = _ESCAPE_RE.match(token, i)
+        if not m:
+            raise ValueError(f"not a model token: {token!r}")
+        raw.extend(b"_" if m.group(1) == "_" else bytes([int(m.group(1), 16)]))
+        i = m.end()
+    return raw.decode("utf-8")
+
+
+def check_pool(pool: str) -> str:
+    """Pool names are plain tokens: lower-case letters, digits and `-`."""
+    if not _POOL_RE.match(pool):
+        raise ValueError(f"pool name must match {_POOL_RE.pattern}: {pool!r}")
+    return pool
+
+
+def work_subject(pool: str, model_id: str) -> str:
+    return f"{PREFIX}.work.{check_pool(pool)}.{model_token(model_id)}"
+
+
+def work_consumer(pool: str, model_id: str) -> str:
+    """Durable consumer shared by every worker serving `model_id` in `pool`."""
+    return f"work-{check_pool(pool)}-{model_token(model_id)}"
+
+
+def fleet_heartbeat(node_id: str) -> str:
+    return f"{PREFIX}.fleet.hb.{node_id}"
+
+
+def reply_inbox(gateway_id: str) -> str:
+    """What one gateway subscribes to for the events of all its jobs."""
+    return f"{PREFIX}.reply.{gateway_id}.*"
+
+
+def reply_subject(gateway_id: str, job_id: str) -> str:
+    return f"{PREFIX}.reply.{gateway_id}.{job_id}"
+
+
+def job_id_from_reply(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def node_control(node_id: str) -> str:
+    """Where a gateway tells one worker to stop a job (cancel, fenced-out attempt)."""
+    return f"{PREFIX}.node.{node_id}.ctl"

@@ -1,0 +1,43 @@
+"""Fixtures: a real nats-server per test, and the stack layered on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.stack import ADMIN_KEY, Stack
+
+ECHO = "tokenyard/echo"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """nats-server and a scheduler; tests add workers and the API as they need."""
+    s = Stack(tmp_path)
+    s.start_nats()
+    s.start_scheduler()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def echo_stack(stack: Stack) -> Stack:
+    """The whole stack with one echo worker, ready to serve `tokenyard/echo`."""
+    stack.start_worker()
+    await stack.start_api()
+    await stack.wait_for_model(ECHO)
+    return stack
+
+
+@pytest.fixture
+async def client(echo_stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    c = openai.AsyncOpenAI(base_url=f"{echo_stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -1,0 +1,190 @@
+"""A real Tokenyard stack for tests and benchmarks: nats-server, scheduler and worker
+processes, and the API served by uvicorn on 127.0.0.1 inside the test's event loop.
+
+Every process is started here and stopped here, by its own PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import uvicorn
+from nats.aio.client import Client as NATS
+
+from broker_api.app import create_app
+from broker_api.embedded_nats import NatsServer
+from broker_api.settings import ApiSettings
+from schemas import subjects
+from schemas.jobs import NodeAdvert
+
+ADMIN_KEY = "ty_admin_test-secret-key-0123456789"
+
+FAST_WORKER = {
+    "TOKENYARD_BACKEND": "echo",
+    "TOKENYARD_HEARTBEAT": "0.2",
+    "TOKENYARD_ACK_WAIT": "1.5",
+    "TOKENYARD_COALESCE_MS": "5",
+    "TOKENYARD_DRAIN_TIMEOUT": "5",
+    "TOKENYARD_LOG_LEVEL": "warning",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], log: Path) -> None:
+        self.name = name
+        self.popen = popen
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Stack:
+    """Start pieces one by one (`start_nats`, `start_scheduler`, `start_worker`, `start_api`)."""
+
+    def __init__(self, tmp: Path, *, sync_always: bool = False) -> None:
+        self.tmp = tmp
+        self.sync_always = sync_always
+        self.nats: NatsServer | None = None
+        self.procs: list[Proc] = []
+        self.api_url = ""
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[Any] | None = None
+        self.nc: NATS | None = None
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url
+
+    def start_nats(self) -> NatsServer:
+        self.nats = NatsServer(self.tmp / "nats", sync_always=self.sync_always).start()
+        return self.nats
+
+    def spawn(self, name: str, module: str, env: dict[str, str], args: list[str] | None = None) -> Proc:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        full_env = {**os.environ, "TOKENYARD_NATS_URL": self.nats_url, "TOKENYARD_LOG_LEVEL": "warning", **env}
+        with open(log, "wb") as out:
+            popen = subprocess.Popen([sys.executable, "-m", module, *(args or [])], env=full_env, stdout=out,
+                                     stderr=subprocess.STDOUT)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_scheduler(self, **env: str) -> Proc:
+        return self.spawn("scheduler", "scheduler", env)
+
+    def start_worker(self, **env: str) -> Proc:
+        return self.spawn("worker", "worker", {**FAST_WORKER, "TOKENYARD_DATA_DIR": str(self.tmp / "data"), **env})
+
+    async def start_api(self, **overrides: Any) -> str:
+        values: dict[str, Any] = {"nats_url": self.nats_url, "data_dir": str(self.tmp / "data"),
+                                  "admin_key": ADMIN_KEY, "attempt_silence": 1.0, "request_timeout": 20.0,
+                                  "log_level": "warning"}
+        values.update(overrides)
+        settings = ApiSettings.build(**values)
+        port = free_port()
+        app = create_app(settings, admin_key=ADMIN_KEY)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                                lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._server_task = asyncio.create_task(self._server.serve())
+        for _ in range(200):
+            if self._server.started:
+                break
+            await asyncio.sleep(0.025)
+        if not self._server.started:
+            raise RuntimeError("the API did not start")
+        self.api_url = f"http://127.0.0.1:{port}"
+        return self.api_url
+
+    async def bus(self) -> NATS:
+        if self.nc is None:
+            self.nc = await nats.connect(self.nats_url)
+        return self.nc
+
+    async def wait_for_model(self, model: str, *, nodes: int = 1, timeout: float = 30.0) -> None:
+        """Until the API lists `model` and `nodes` workers advertise it with free slots."""
+        seen: dict[str, NodeAdvert] = {}
+        nc = await self.bus()
+
+        async def on_advert(msg: Any) -> None:
+            advert = NodeAdvert.decode(msg.data)
+            if any(m.id == model for m in advert.models) and not advert.draining:
+                seen[advert.node] = advert
+
+        sub = await nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=on_advert)
+        deadline = time.monotonic() + timeout
+        try:
+            async with httpx.AsyncClient(base_url=self.api_url, headers=auth_headers()) as http:
+                while time.monotonic() < deadline:
+                    if len(seen) >= nodes:
+                        r = await http.get("/v1/models")
+                        if r.status_code == 200 and model in {m["id"] for m in r.json()["data"]}:
+                            return
+                    await asyncio.sleep(0.05)
+        finally:
+            await sub.unsubscribe()
+        logs = "\n".join(f"--- {p.name} ---\n{p.output()[-2000:]}" for p in self.procs)
+        raise TimeoutError(f"model {model!r} not served by {nodes} node(s) within {timeout} s\n{logs}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._server_task, 10)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        for proc in reversed(self.procs):
+            proc.stop()
+        if self.nats is not None:
+            self.nats.stop()
+
+
+def auth_headers(key: str = ADMIN_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

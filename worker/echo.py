@@ -1,0 +1,133 @@
+"""The deterministic test backend: fast, reproducible, configurable length and rate.
+
+It answers with the words of the last user message, repeated until `tokens` words (or
+`max_tokens`) have been sent; one word is one token. Prompt tokens are the words of every
+message plus 3 per message. Stop sequences are honoured on the text, as a real model's are.
+
+For tests of faults and limits, the last user message may carry directives, each in double
+brackets: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s), `[[crash]]` (the worker
+process exits at once, before any token: a poison job), `[[fail]]` (a retryable error before
+the first token), `[[die-after=N]]` (the process exits after N tokens). Directives are not
+echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import ContextLengthError, WorkerFailedError
+from schemas.jobs import ModelAdvert
+from worker.backend import Delta, Finish, Output, Sampling, Usage, chat_messages, check_text_only
+from worker.settings import WorkerSettings
+
+DEFAULT_MODEL = "tokenyard/echo"
+_DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?:=([0-9.]+))?\]\]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    words: list[str]
+    prompt_tokens: int
+    tokens: int
+    rate: float
+    crash: bool
+    fail: bool
+    die_after: int | None
+
+
+class EchoBackend:
+    def __init__(self, *, models: tuple[str, ...], slots: int, tokens: int, rate: float, context: int) -> None:
+        self._models = models or (DEFAULT_MODEL,)
+        self._slots = slots
+        self._tokens = tokens
+        self._rate = rate
+        self._context = context
+
+    @classmethod
+    def from_settings(cls, s: WorkerSettings) -> EchoBackend:
+        return cls(models=s.models, slots=s.slots, tokens=s.echo_tokens, rate=s.echo_rate, context=s.echo_context)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def models(self) -> list[ModelAdvert]:
+        return [ModelAdvert(m, self._context, "tokenyard") for m in self._models]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def check(self, model: str, request: dict[str, Any]) -> None:
+        check_text_only(request)
+        plan = self._plan(request)
+        wanted = Sampling.of(request).max_tokens or plan.tokens
+        if plan.prompt_tokens + wanted > self._context:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self._context} tokens. However, you requested "
+                f"{plan.prompt_tokens + wanted} tokens ({plan.prompt_tokens} in the messages, {wanted} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages")
+
+    async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
+        plan = self._plan(request)
+        sampling = Sampling.of(request)
+        if plan.crash:
+            os._exit(70)
+        if plan.fail:
+            raise WorkerFailedError("the echo backend was asked to fail this attempt")
+        limit = min(plan.tokens, sampling.max_tokens) if sampling.max_tokens else plan.tokens
+        texts = [plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
+                 for i in range(limit)]
+        # The whole answer is known up front, so the stop cut is exact and nothing past it leaks.
+        cut = _stop_cut("".join(texts), sampling.stop)
+        finish = "stop" if cut is not None or limit >= plan.tokens else "length"
+        completion = 0
+        for index in range(sampling.n):
+            sent = 0
+            for i, text in enumerate(texts):
+                if plan.die_after is not None and i >= plan.die_after:
+                    os._exit(71)
+                if cut is not None and sent + len(text) > cut:
+                    if cut > sent:
+                        completion += 1
+                        yield Delta(index, text[: cut - sent], 1)
+                    break
+                sent += len(text)
+                completion += 1
+                yield Delta(index, text, 1)
+                if plan.rate > 0:
+                    await asyncio.sleep(1.0 / plan.rate)
+                elif i % 64 == 63:
+                    await asyncio.sleep(0)
+            yield Finish(index, finish)
+        yield Usage(plan.prompt_tokens, completion)
+
+    def _plan(self, request: dict[str, Any]) -> _Plan:
+        messages = chat_messages(request)
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        directives = {k: v for k, v in _DIRECTIVE.findall(last_user)}
+        words = _DIRECTIVE.sub(" ", last_user).split() or ["ok"]
+        prompt_tokens = sum(len(_DIRECTIVE.sub(" ", m["content"]).split()) + 3 for m in messages)
+        return _Plan(
+            words=words,
+            prompt_tokens=prompt_tokens,
+            tokens=int(directives["tokens"]) if directives.get("tokens") else self._tokens,
+            rate=float(directives["rate"]) if directives.get("rate") else self._rate,
+            crash="crash" in directives,
+            fail="fail" in directives,
+            die_after=int(directives["die-after"]) if directives.get("die-after") else None,
+        )
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the text must end if a stop sequence appears in it, else None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

@@ -1,0 +1,287 @@
+"""The worker loop: advertise, pull a job only when a slot is free, run it, stream it, ack it.
+
+One `Worker` per process. I/O with NATS lives here; what a job produces comes from the
+backend (`worker.backend`), how it is framed from `worker.events`.
+
+Who ends a job, and how its JetStream message is settled:
+- the backend finishes: DONE event, then `ack`;
+- the backend fails: ERROR event (retryable unless it was the request's fault), then `term`:
+  the gateway, not JetStream, decides whether to dispatch it again;
+- a gateway says stop (client gone, another attempt won) or stops answering heartbeats: the
+  generation is closed, then `term`;
+- the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from schemas import subjects
+from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
+from schemas.jobs import STOP, Job, NodeAdvert, Stop, WireError
+from worker.backend import Backend, Delta, Finish, Usage
+from worker.events import EventStream
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+FETCH_WAIT = 1.0  # seconds one pull request waits; bounds how fast a drain is noticed
+GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
+
+
+class Slots:
+    """A counter of free job slots that pull loops reserve before they fetch."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    async def reserve(self) -> None:
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += 1
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+
+
+class Worker:
+    def __init__(self, nc: NATS, js: JetStreamContext, backend: Backend, settings: WorkerSettings) -> None:
+        self._nc = nc
+        self._js = js
+        self._backend = backend
+        self._s = settings
+        self._slots = Slots(backend.slots)
+        self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        self._stop_reasons: dict[str, str] = {}
+        self._draining = False
+        self._started = time.time()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._job_tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    def advert(self) -> NodeAdvert:
+        return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
+                          slots_total=self._slots.total, slots_free=max(0, self._slots.free),
+                          draining=self._draining, interval=self._s.heartbeat, started=self._started)
+
+    async def start(self) -> None:
+        await self._nc.subscribe(subjects.node_control(self._s.node_id), cb=self._on_control)
+        await self._nc.subscribe(subjects.FLEET_ROLL_CALL, cb=self._on_roll_call)
+        self._tasks.append(asyncio.create_task(self._advertise_forever()))
+        models = sorted({m.id for m in self._backend.models()})
+        for model in models:
+            self._tasks.append(asyncio.create_task(self._pull_forever(model)))
+        log.info("worker.started", node=self._s.node_id, pool=self._s.pool, models=models, slots=self._slots.total)
+
+    async def drain(self) -> None:
+        """Stop pulling, let running jobs finish within the drain timeout, stop the rest."""
+        self._draining = True
+        log.info("worker.draining", running=len(self._running))
+        await self._publish_advert()
+        deadline = time.monotonic() + self._s.drain_timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for job_id in list(self._running):
+            self._stop(job_id, "shutdown")
+        while self._running and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._publish_advert()
+        log.info("worker.drained")
+
+    # --- fleet presence -----------------------------------------------------------------
+
+    async def _publish_advert(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._nc.publish(subjects.fleet_heartbeat(self._s.node_id), self.advert().encode())
+
+    async def _advertise_forever(self) -> None:
+        while True:
+            await self._publish_advert()
+            await asyncio.sleep(self._s.heartbeat)
+
+    async def _on_roll_call(self, msg: Msg) -> None:
+        await self._publish_advert()
+
+    # --- pulling ------------------------------------------------------------------------
+
+    async def _subscribe(self, model: str) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=subjects.work_consumer(self._s.pool, model),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._s.ack_wait,
+            max_deliver=self._s.max_deliver,
+            filter_subject=subjects.work_subject(self._s.pool, model),
+            max_waiting=4096,
+        )
+        for attempt in range(10**6):  # until the stream exists (the scheduler creates it)
+            try:
+                return await self._js.pull_subscribe(
+                    config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM,
+                    config=config)
+            except nats.js.errors.NotFoundError:
+                if attempt % 10 == 0:
+                    log.info("worker.waiting_for_stream", stream=subjects.WORK_STREAM)
+                await asyncio.sleep(0.5)
+        raise RuntimeError("unreachable")
+
+    async def _pull_forever(self, model: str) -> None:
+        """One job per pull request: nats-py's batched fetch waits out its whole timeout for a
+        full batch, which would hold a pulled job back; a single pull returns on arrival."""
+        psub = await self._subscribe(model)
+        while not self._draining:
+            await self._slots.reserve()
+            msgs: list[Msg] = []
+            try:
+                msgs = await psub.fetch(1, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                pass
+            except (nats.errors.Error, nats.js.errors.Error) as e:
+                log.warning("worker.fetch_failed", model=model, error=str(e))
+                await asyncio.sleep(0.5)
+            finally:
+                self._slots.release(1 - len(msgs))
+            for msg in msgs:
+                task = asyncio.create_task(self._run(msg))
+                self._job_tasks.add(task)
+                task.add_done_callback(self._job_tasks.discard)
+
+    # --- one job ------------------------------------------------------------------------
+
+    async def _run(self, msg: Msg) -> None:
+        try:
+            await self._serve(msg)
+        except Exception:  # top of a task: never let one job take the worker down
+            log.exception("job.crashed")
+        finally:
+            self._slots.release(1)
+
+    async def _serve(self, msg: Msg) -> None:
+        try:
+            job = Job.decode(msg.data)
+        except WireError as e:
+            log.error("job.malformed", error=str(e))
+            await msg.term()
+            return
+        attempt = job.attempt_id(msg.metadata.num_delivered)
+        jlog = log.bind(job_id=job.id, model=job.model, attempt=attempt)
+        if job.deadline < time.time():
+            jlog.info("job.expired")
+            await msg.term()
+            return
+        out = EventStream(self._nc, job.reply, job_id=job.id, attempt=attempt, node=self._s.node_id,
+                          coalesce=self._s.coalesce_ms / 1000)
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[job.id] = (attempt, task)
+        heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
+        settle = msg.term
+        try:
+            await out.start()
+            jlog.info("job.started")
+            await self._generate(job, out)
+            settle = msg.ack
+            jlog.info("job.done", tokens=out.tokens_sent)
+        except asyncio.CancelledError:
+            reason = self._stop_reasons.pop(job.id, "")
+            if not reason:
+                raise
+            if reason == "shutdown":
+                await out.fail(NoCapacityError("the worker shut down before this job finished"), retryable=True)
+            jlog.info("job.stopped", reason=reason, tokens=out.tokens_sent)
+        except TokenyardError as e:
+            await out.fail(e, retryable=e.status >= 500)
+            jlog.info("job.failed", status=e.status, error=e.message)
+        except Exception as e:
+            jlog.exception("job.failed")
+            await out.fail(WorkerFailedError(f"the worker failed: {type(e).__name__}"), retryable=True)
+        finally:
+            heartbeat.cancel()
+            self._running.pop(job.id, None)
+            self._stop_reasons.pop(job.id, None)
+            with contextlib.suppress(nats.errors.Error):
+                await settle()
+
+    async def _generate(self, job: Job, out: EventStream) -> None:
+        self._backend.check(job.model, job.request)
+        n = int(job.request.get("n") or 1)
+        finish = ["stop"] * n
+        usage: Usage | None = None
+        gen = self._backend.generate(job.model, job.request)
+        try:
+            async for item in gen:
+                if isinstance(item, Delta):
+                    await out.add(item)
+                elif isinstance(item, Finish):
+                    finish[item.index] = item.reason
+                else:
+                    usage = item
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        if usage is None:
+            raise WorkerFailedError("the backend ended without reporting usage")
+        await out.done(finish, usage)
+
+    async def _heartbeat(self, msg: Msg, job: Job, out: EventStream) -> None:
+        """Keep the JetStream message ours and ask the gateway whether to go on."""
+        misses = 0
+        while True:
+            await asyncio.sleep(self._s.heartbeat)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+            try:
+                reply = await self._nc.request(job.reply, out.heartbeat(), timeout=self._s.heartbeat)
+            except nats.errors.NoRespondersError:
+                self._stop(job.id, "gateway gone")
+                return
+            except nats.errors.TimeoutError:
+                misses += 1
+                if misses >= GATEWAY_MISSES:
+                    self._stop(job.id, "gateway silent")
+                    return
+                continue
+            misses = 0
+            if reply.data == STOP:
+                self._stop(job.id, "gateway said stop")
+                return
+
+    def _stop(self, job_id: str, reason: str) -> None:
+        running = self._running.get(job_id)
+        if running is None:
+            return
+        self._stop_reasons[job_id] = reason
+        running[1].cancel()
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            stop = Stop.decode(msg.data)
+        except WireError as e:
+            log.warning("worker.bad_control", error=str(e))
+            return
+        running = self._running.get(stop.job_id)
+        if running and (stop.attempt == 0 or stop.attempt == running[0]):
+            self._stop(stop.job_id, stop.reason or "stopped")

@@ -1,0 +1,97 @@
+"""Worker settings: flags and TOKENYARD_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import uuid
+from dataclasses import dataclass
+
+from schemas.settings import add_common, add_setting
+
+_NODE_RE = re.compile(r"[^A-Za-z0-9-]")
+
+
+def default_node_id() -> str:
+    host = _NODE_RE.sub("-", socket.gethostname())[:40].strip("-") or "node"
+    return f"{host}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    nats_url: str
+    log_level: str
+    log_json: bool
+    node_id: str
+    pool: str
+    backend: str  # "echo" | "transformers"
+    models: tuple[str, ...]  # public model ids (echo: served names; transformers: the id to serve under)
+    slots: int  # most jobs at once (transformers: max concurrent sequences)
+    heartbeat: float  # seconds between job heartbeats and fleet adverts
+    ack_wait: float  # JetStream redelivers a job whose worker went silent this long
+    max_deliver: int  # after this many deliveries a job is given up (poison job)
+    coalesce_ms: float  # token events closer together than this are sent as one message
+    drain_timeout: float  # on SIGTERM, how long running jobs may take to finish
+    data_dir: str
+    # echo backend
+    echo_tokens: int
+    echo_rate: float  # tokens per second per sequence; 0 = as fast as possible
+    echo_context: int
+    # transformers backend
+    model_path: str  # a local HF model directory; empty = the default SmolLM2 (converted once)
+    device: str  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
+    dtype: str  # "auto" | "float32" | "bfloat16" | "float16"
+    threads: int  # CPU threads for torch; 0 = torch's default
+    max_context: int  # prompt + completion tokens per sequence; 0 = the model's own limit
+    # cloud backend
+    providers: str  # path of the operator's provider config (YAML)
+    provider: str  # which provider of that file this worker forwards to; its pool is its name
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog="tokenyard worker", description="Run a Tokenyard worker.")
+        add_common(p)
+        add_setting(p, "--node-id", default=default_node_id(), help="this node's id (letters, digits, -)")
+        add_setting(p, "--pool", default="own", help="the pool (capacity group) this node serves in")
+        add_setting(p, "--backend", default="transformers", help="echo (deterministic test backend), transformers or cloud")
+        add_setting(p, "--models", default="", help="comma-separated public model ids served (default per backend)")
+        add_setting(p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16)")
+        add_setting(p, "--heartbeat", default=1.0, type=float, help="seconds between heartbeats")
+        add_setting(p, "--ack-wait", default=5.0, type=float, help="seconds of silence before a job is redelivered")
+        add_setting(p, "--max-deliver", default=3, type=int, help="deliveries before a job is given up")
+        add_setting(p, "--coalesce-ms", default=20.0, type=float, help="merge token events closer than this")
+        add_setting(p, "--drain-timeout", default=30.0, type=float, help="seconds to finish jobs on SIGTERM")
+        add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where converted models are kept")
+        add_setting(p, "--echo-tokens", default=16, type=int, help="echo backend: tokens per answer")
+        add_setting(p, "--echo-rate", default=0.0, type=float, help="echo backend: tokens/s per sequence (0 = max)")
+        add_setting(p, "--echo-context", default=4096, type=int, help="echo backend: context length")
+        add_setting(p, "--model-path", default="", help="transformers: local model directory (default SmolLM2-135M-Instruct)")
+        add_setting(p, "--device", default="auto", help="transformers: auto, cpu, cuda[:N] or mps")
+        add_setting(p, "--dtype", default="auto", help="transformers: auto, float32, bfloat16 or float16")
+        add_setting(p, "--threads", default=0, type=int, help="transformers: CPU threads (0 = torch default)")
+        add_setting(p, "--max-context", default=0, type=int, help="transformers: tokens per sequence (0 = model limit)")
+        add_setting(p, "--providers", default="", help="cloud: provider config file (YAML)")
+        add_setting(p, "--provider", default="", help="cloud: the provider (of --providers) to forward to")
+        return p
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
+        a = cls.parser().parse_args(argv)
+        if a.backend not in {"echo", "transformers", "cloud"}:
+            raise SystemExit(f"tokenyard worker: unknown backend {a.backend!r} (echo, transformers or cloud)")
+        if _NODE_RE.search(a.node_id):
+            raise SystemExit(f"tokenyard worker: --node-id may hold only letters, digits and '-': {a.node_id!r}")
+        models = tuple(m.strip() for m in a.models.split(",") if m.strip())
+        slots = a.slots or {"echo": 64, "transformers": 16, "cloud": 32}[a.backend]
+        pool = a.provider if a.backend == "cloud" and a.pool == "own" and a.provider else a.pool
+        return cls(
+            nats_url=a.nats_url, log_level=a.log_level, log_json=a.log_json, node_id=a.node_id,
+            pool=pool, backend=a.backend, models=models, slots=slots, heartbeat=a.heartbeat,
+            ack_wait=a.ack_wait, max_deliver=a.max_deliver, coalesce_ms=a.coalesce_ms,
+            drain_timeout=a.drain_timeout, data_dir=a.data_dir, echo_tokens=a.echo_tokens,
+            echo_rate=a.echo_rate, echo_context=a.echo_context, model_path=a.model_path,
+            device=a.device, dtype=a.dtype, threads=a.threads, max_context=a.max_context,
+            providers=a.providers, provider=a.provider,
+        )
