@@ -90,9 +90,8 @@ class Stack:
         self.sync_always = sync_always
         self.nats: NatsServer | None = None
         self.procs: list[Proc] = []
-        self.api_url = ""
-        self._server: uvicorn.Server | None = None
-        self._server_task: asyncio.Task[Any] | None = None
+        self.api_url = ""  # the first API started
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task[Any]]] = []
         self.nc: NATS | None = None
 
     @property
@@ -121,6 +120,7 @@ class Stack:
         return self.spawn("worker", "worker", {**FAST_WORKER, "TOKENYARD_DATA_DIR": str(self.tmp / "data"), **env})
 
     async def start_api(self, **overrides: Any) -> str:
+        """Serve a gateway on a free port; several may run side by side. Returns its URL."""
         values: dict[str, Any] = {"nats_url": self.nats_url, "data_dir": str(self.tmp / "data"),
                                   "admin_key": ADMIN_KEY, "attempt_silence": 1.0, "request_timeout": 20.0,
                                   "log_level": "warning"}
@@ -130,16 +130,17 @@ class Stack:
         app = create_app(settings, admin_key=ADMIN_KEY)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                                 lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._server_task = asyncio.create_task(self._server.serve())
+        server = uvicorn.Server(config)
+        self._servers.append((server, asyncio.create_task(server.serve())))
         for _ in range(200):
-            if self._server.started:
+            if server.started:
                 break
             await asyncio.sleep(0.025)
-        if not self._server.started:
+        if not server.started:
             raise RuntimeError("the API did not start")
-        self.api_url = f"http://127.0.0.1:{port}"
-        return self.api_url
+        url = f"http://127.0.0.1:{port}"
+        self.api_url = self.api_url or url
+        return url
 
     async def bus(self) -> NATS:
         if self.nc is None:
@@ -172,11 +173,10 @@ class Stack:
         raise TimeoutError(f"model {model!r} not served by {nodes} node(s) within {timeout} s\n{logs}")
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            if self._server_task is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._server_task, 10)
+        for server, task in self._servers:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()

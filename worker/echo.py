@@ -7,8 +7,8 @@ message plus 3 per message. Stop sequences are honoured on the text, as a real m
 For tests of faults and limits, the last user message may carry directives, each in double
 brackets: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s), `[[crash]]` (the worker
 process exits at once, before any token: a poison job), `[[fail]]` (a retryable error before
-the first token), `[[die-after=N]]` (the process exits after N tokens). Directives are not
-echoed.
+the first token), `[[die-after=N]]` (the process exits after N tokens), `[[delay=S]]` (wait S seconds
+before the first token, like a long prefill). Directives are not echoed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class _Plan:
     crash: bool
     fail: bool
     die_after: int | None
+    delay: float
 
 
 class EchoBackend:
@@ -83,6 +84,8 @@ class EchoBackend:
             os._exit(70)
         if plan.fail:
             raise WorkerFailedError("the echo backend was asked to fail this attempt")
+        if plan.delay:
+            await asyncio.sleep(plan.delay)
         limit = min(plan.tokens, sampling.max_tokens) if sampling.max_tokens else plan.tokens
         texts = [plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
                  for i in range(limit)]
@@ -124,6 +127,7 @@ class EchoBackend:
             crash="crash" in directives,
             fail="fail" in directives,
             die_after=int(directives["die-after"]) if directives.get("die-after") else None,
+            delay=float(directives["delay"]) if directives.get("delay") else 0.0,
         )
 
 

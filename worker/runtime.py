@@ -83,7 +83,7 @@ class Worker:
 
     def advert(self) -> NodeAdvert:
         return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
-                          slots_total=self._slots.total, slots_free=max(0, self._slots.free),
+                          slots_total=self._slots.total, slots_free=max(0, self._slots.total - len(self._job_tasks)),
                           draining=self._draining, interval=self._s.heartbeat, started=self._started)
 
     async def start(self) -> None:
