@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
 import uvicorn
 from nats.aio.client import Client as NATS
 
@@ -142,10 +143,35 @@ class Stack:
         self.api_url = self.api_url or url
         return url
 
+    async def spawn_api(self, **env: str) -> tuple[Proc, str]:
+        """The API as its own process (for tests that kill it). Returns it and its URL."""
+        port = free_port()
+        proc = self.spawn("api", "broker_api", {"TOKENYARD_ADMIN_KEY": ADMIN_KEY, "TOKENYARD_PORT": str(port),
+                                                "TOKENYARD_ATTEMPT_SILENCE": "1.0", **env})
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url) as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/healthz")).status_code == 200:
+                        return proc, url
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"the API process did not start:\n{proc.output()}")
+
     async def bus(self) -> NATS:
         if self.nc is None:
             self.nc = await nats.connect(self.nats_url)
         return self.nc
+
+    async def wait_for_scheduler(self, timeout: float = 15.0) -> None:
+        nc = await self.bus()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await nc.request(subjects.SCHED_PING, b"", timeout=0.5)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.05)
+        raise TimeoutError("no scheduler answered")
 
     async def wait_for_model(self, model: str, *, nodes: int = 1, timeout: float = 30.0) -> None:
         """Until the API lists `model` and `nodes` workers advertise it with free slots."""

@@ -1,0 +1,168 @@
+"""Through-the-stack cost of a request versus the backend's own cost.
+
+Starts nats-server, a scheduler, an echo worker and the API as separate processes on
+127.0.0.1, then sends chat completions with an HTTP client from this process:
+
+- one at a time (latency p50/p99), plain and streamed;
+- `--concurrency` at once (requests/s);
+
+and reads the CPU time every Tokenyard process and nats-server spent (from /proc), per
+request. The same requests are then run against the echo backend in-process, without
+NATS or HTTP: the difference is what Tokenyard adds.
+
+    .venv/bin/python bench/stack_bench.py --requests 2000 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker_api.embedded_nats import NatsServer  # noqa: E402
+from worker.echo import EchoBackend  # noqa: E402
+
+KEY = "ty_admin_bench-key-0123456789abcdef"
+MODEL = "tokenyard/echo"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def body(tokens: int, stream: bool) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"the quick brown fox [[tokens={tokens}]]"}],
+            "stream": stream}
+
+
+async def one(http: httpx.AsyncClient, payload: dict) -> float:
+    started = time.perf_counter()
+    if payload["stream"]:
+        async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
+            assert r.status_code == 200, await r.aread()
+            async for _ in r.aiter_bytes():
+                pass
+    else:
+        r = await http.post("/v1/chat/completions", json=payload)
+        assert r.status_code == 200, r.text
+    return time.perf_counter() - started
+
+
+async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list[int]) -> dict:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
+                                 timeout=60) as http:
+        for _ in range(min(50, n)):  # warm-up
+            await one(http, payload)
+        cpu0s = [cpu_seconds(p) for p in pids]
+        cpu0 = sum(cpu0s)
+        latencies: list[float] = []
+        queue = list(range(n))
+        started = time.perf_counter()
+
+        async def lane() -> None:
+            while queue:
+                queue.pop()
+                latencies.append(await one(http, payload))
+
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        cpus = [cpu_seconds(p) - c for p, c in zip(pids, cpu0s)]
+        cpu = sum(cpus)
+    return {"per_process_ms": [round(c / n * 1e3, 3) for c in cpus], "requests": n, "concurrency": concurrency, "rps": n / wall, "p50_ms": pct(latencies, 0.5) * 1e3,
+            "p99_ms": pct(latencies, 0.99) * 1e3, "cpu_ms_per_req": cpu / n * 1e3}
+
+
+async def backend_alone(payload: dict, n: int) -> dict:
+    backend = EchoBackend(models=(MODEL,), slots=64, tokens=16, rate=0, context=4096)
+    request = {k: v for k, v in payload.items() if k != "stream"}
+    latencies = []
+    cpu0 = time.process_time()
+    for _ in range(n):
+        started = time.perf_counter()
+        backend.check(MODEL, request)
+        async for _ in backend.generate(MODEL, request):
+            pass
+        latencies.append(time.perf_counter() - started)
+    cpu = time.process_time() - cpu0
+    return {"requests": n, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
+            "cpu_ms_per_req": cpu / n * 1e3}
+
+
+def spawn(module: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (the `up` default)")
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
+    nats_server = NatsServer(tmp / "nats", sync_always=a.sync_always).start()
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "TOKENYARD_NATS_URL": nats_server.url, "TOKENYARD_LOG_LEVEL": "warning",
+           "TOKENYARD_ADMIN_KEY": KEY, "TOKENYARD_BACKEND": "echo", "TOKENYARD_DATA_DIR": str(tmp)}
+    procs = [spawn("scheduler", env, tmp / "scheduler.log"),
+             spawn("worker", env, tmp / "worker.log", "--slots", "256", "--echo-tokens", str(a.tokens)),
+             spawn("broker_api", env, tmp / "api.log", "--port", str(port))]
+    assert nats_server.proc is not None
+    pids = [nats_server.proc.pid] + [pr.pid for pr in procs]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/v1/models")).json().get("data"):
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                await asyncio.sleep(0.1)
+        results = {}
+        for stream in (False, True):
+            kind = "stream" if stream else "plain"
+            payload = body(a.tokens, stream)
+            results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids)
+            results[f"{kind}, {a.concurrency} at once"] = await run_load(url, payload, a.requests, a.concurrency, pids)
+        results["echo backend alone"] = await backend_alone(body(a.tokens, False), a.requests)
+        print(f"# {' '.join(sys.argv)}  (sync_always={a.sync_always}, tokens={a.tokens})")
+        print("| run | req/s | p50 ms | p99 ms | CPU ms/req (all processes) |")
+        print("|---|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r.get('rps', float('nan')):.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{r['cpu_ms_per_req']:.3f} |")
+        print(json.dumps(results))
+    finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(15)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+        nats_server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
