@@ -21,6 +21,8 @@ from typing import Any
 
 import msgpack
 
+from schemas.tenancy import DEFAULT_TIER, Limits
+
 VERSION = 1
 ATTEMPTS_PER_DISPATCH = 1000  # JetStream deliveries of one dispatch stay far below this
 
@@ -81,25 +83,36 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """Gateway -> scheduler: a job to admit and place, and the facts admission needs."""
+    """Gateway -> scheduler: a job to admit and place, and the facts admission needs.
+
+    The gateway already resolved the key, so the key's and its org's limits travel here and
+    the scheduler needs no look-up on the critical path.
+    """
 
     job: Job
-    tenant: str = ""
+    tenant: str = ""  # the org
     key_id: str = ""
-    priority: int = 0
+    priority: str = DEFAULT_TIER
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
+    key_limits: Limits = Limits()
+    org_limits: Limits = Limits()
+    estimated_tokens: int = 0  # prompt estimate + max_tokens: what admission reserves
+    volunteer_ok: bool = False  # may run on idle-time nodes
 
     def encode(self) -> bytes:
         return _pack({"v": VERSION, "job": self.job.encode(), "tenant": self.tenant,
-                      "key": self.key_id, "prio": self.priority,
-                      "avoid": list(self.avoid)})
+                      "key": self.key_id, "prio": self.priority, "avoid": list(self.avoid),
+                      "klim": self.key_limits.to_dict(), "olim": self.org_limits.to_dict(),
+                      "est": self.estimated_tokens, "vol": self.volunteer_ok})
 
     @classmethod
     def decode(cls, data: bytes) -> Submission:
         o = _unpack(data)
         return cls(job=Job.decode(_need(o, "job")), tenant=str(o.get("tenant", "")),
-                   key_id=str(o.get("key", "")), priority=int(o.get("prio", 0)),
-                   avoid=tuple(str(p) for p in o.get("avoid", ())))
+                   key_id=str(o.get("key", "")), priority=str(o.get("prio", DEFAULT_TIER)),
+                   avoid=tuple(str(p) for p in o.get("avoid", ())),
+                   key_limits=Limits.from_dict(o.get("klim")), org_limits=Limits.from_dict(o.get("olim")),
+                   estimated_tokens=int(o.get("est", 0)), volunteer_ok=bool(o.get("vol", False)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,17 @@ FLEET_ROLL_CALL = f"{PREFIX}.fleet.rollcall"
 WORK_STREAM = "TY_WORK"
 WORK_ALL = f"{PREFIX}.work.>"
 
+# Usage and audit events (JetStream, deduplicated by id) and the control plane's KV buckets.
+USAGE_STREAM = "TY_USAGE"
+USAGE_ALL = f"{PREFIX}.usage.>"
+AUDIT_STREAM = "TY_AUDIT"
+AUDIT_ALL = f"{PREFIX}.audit.>"
+KEYS_BUCKET = "ty_keys"  # key id -> KeyRecord
+ORGS_BUCKET = "ty_orgs"  # org id -> OrgRecord
+CACHE_BUCKET = "ty_cache"  # request digest -> cached answer
+LIMITS_BUCKET = "ty_limits"  # counters for rate limits and quotas (scheduler)
+IDEMPOTENCY_BUCKET = "ty_idem"  # Idempotency-Key -> job id
+
 _POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 _ESCAPE_RE = re.compile(r"_(_|[0-9A-F]{2})")
@@ -107,3 +118,11 @@ def job_id_from_reply(subject: str) -> str:
 def node_control(node_id: str) -> str:
     """Where a gateway tells one worker to stop a job (cancel, fenced-out attempt)."""
     return f"{PREFIX}.node.{node_id}.ctl"
+
+
+def usage_subject(job_id: str) -> str:
+    return f"{PREFIX}.usage.{job_id}"
+
+
+def audit_subject(event_id: str) -> str:
+    return f"{PREFIX}.audit.{event_id}"

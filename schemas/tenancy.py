@@ -1,0 +1,112 @@
+"""Orgs, projects, API keys and their limits, as stored in NATS KV and carried to the scheduler.
+
+An API key reads `ty_<key id>_<secret>`. Only a hash of the whole key is stored (`KeyRecord.digest`,
+HMAC-SHA256 with the operator's pepper); the key id finds the record. Records are msgpack maps
+read tolerantly, like every other message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PRIORITY_TIERS = ("interactive", "standard", "batch")  # first is served first
+DEFAULT_TIER = "standard"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Zero means "no limit". Per key, or per org (the stricter of the two applies)."""
+
+    rpm: int = 0  # requests per minute
+    tpm: int = 0  # tokens (prompt + completion) per minute
+    max_concurrent: int = 0  # requests in flight at once
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+    max_tokens: int = 0  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Limits:
+        if not d:
+            return cls()
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: (float(v) if k.startswith("usd") else int(v)) for k, v in d.items() if k in known})
+
+    @property
+    def empty(self) -> bool:
+        return not self.to_dict()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    org: str
+    name: str
+    digest: str  # hex HMAC-SHA256 of the whole key
+    created: float
+    project: str = ""
+    admin: bool = False
+    models: tuple[str, ...] = ()  # allowed model ids; empty = all
+    limits: Limits = field(default_factory=Limits)
+    priority: str = DEFAULT_TIER
+    expires: float = 0.0  # unix time; 0 = never
+    revoked: float = 0.0  # unix time it was revoked; 0 = live
+    cache: bool = True  # may this key's requests be answered from the response cache
+    volunteer_ok: bool = False  # may its jobs run on idle-time (volunteer) nodes
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (not self.expires or now < self.expires)
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: everything but the digest."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "digest"}
+        d["limits"] = self.limits.to_dict()
+        d["models"] = list(self.models)
+        return d
+
+    def encode(self) -> bytes:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["limits"] = self.limits.to_dict()
+        d["models"] = list(self.models)
+        return msgpack.packb({"v": 1, **d}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyRecord:
+        o = msgpack.unpackb(data, raw=False)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in o.items() if k in names}
+        values["limits"] = Limits.from_dict(values.get("limits"))
+        values["models"] = tuple(values.get("models") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRecord:
+    id: str
+    name: str
+    created: float
+    limits: Limits = field(default_factory=Limits)
+    projects: tuple[str, ...] = ()
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created": self.created, "limits": self.limits.to_dict(),
+                "projects": list(self.projects)}
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": 1, "id": self.id, "name": self.name, "created": self.created,
+                              "limits": self.limits.to_dict(), "projects": list(self.projects)}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> OrgRecord:
+        o = msgpack.unpackb(data, raw=False)
+        return cls(id=str(o["id"]), name=str(o.get("name", "")), created=float(o.get("created", 0)),
+                   limits=Limits.from_dict(o.get("limits")), projects=tuple(o.get("projects") or ()))

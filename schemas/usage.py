@@ -1,0 +1,48 @@
+"""The usage record: one per job, published by the gateway that served it, billed once.
+
+Published to the `TY_USAGE` stream with the job id as message id, so a retried publish is a
+duplicate; every ledger keeps one row per job id. Token counts are the gateway's: completion
+tokens it relayed to the client (never a number a worker merely claims).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+OUTCOMES = ("ok", "error", "cancelled", "cached")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    job_id: str
+    time: float  # unix time the request arrived
+    org: str
+    project: str
+    key_id: str
+    model: str
+    route: str  # the pool (provider or own nodes) that served it; "cache" for cache hits
+    node: str  # the node of the winning attempt
+    attempts: int  # dispatches it took
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost: float  # USD
+    ttft_ms: float  # time to first token as the client saw it; 0 if none
+    duration_ms: float
+    outcome: str  # one of OUTCOMES
+    status: int = 200  # the HTTP status (or the error's) the client got
+    stream: bool = False
+    reserved_tokens: int = 0  # what admission reserved, so limits can settle exactly
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": 1, **dataclasses.asdict(self)}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> UsageRecord:
+        o: dict[str, Any] = msgpack.unpackb(data, raw=False)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in o.items() if k in names})

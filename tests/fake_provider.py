@@ -1,0 +1,387 @@
+"""A real fake OpenAI-compatible provider for tests: uvicorn on 127.0.0.1, a free port, its own
+thread and event loop, so it serves whatever the test's own loop is doing.
+
+    async with FakeProvider() as fp:                      # or: with FakeProvider() as fp:
+        fp.base_url                                       # http://127.0.0.1:PORT/v1
+        fp.behaviour = Behaviour.status(503)              # change it at any time
+        await fp.aset(Behaviour.down())                   # "down" (connection refused) stops the
+                                                          # listener; `aset` does it off the loop
+        fp.chat_keys()                                    # the API keys it was called with
+
+Behaviours: normal answers (streamed or whole, `n` choices, usage when asked), `down`
+(connection refused: the port stays reserved by a socket that does not listen), `slow`
+(headers after `delay`), `status` (an HTTP error with an OpenAI error body and Retry-After),
+`garbage` (200 with a body that is not SSE JSON), `disconnect` (the connection drops after
+`disconnect_after` content chunks). Per key: `rate_limited_keys` get 429, `rejected_keys` 401
+(whose message quotes the key, as real providers partly do, to catch leaks). It records every
+request (`requests`) and whether its client went away mid-answer (`disconnects`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Self
+
+import uvicorn
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    mode: str = "ok"  # ok | down | slow | status | garbage | disconnect
+    chunks: tuple[str, ...] = ("Hello", ",", " world", "!")  # choice i > 0 adds " #i"
+    finish_reason: str = "stop"
+    prompt_tokens: int = 7
+    completion_tokens: int | None = None  # default: the number of content chunks sent
+    cached_tokens: int = 0
+    send_usage: bool = True  # a usage chunk when the request asks for one
+    send_done: bool = True  # the closing `data: [DONE]`
+    delay: float = 0.0  # before the response headers
+    chunk_delay: float = 0.0  # between two chunks
+    status: int = 500
+    error_message: str = "the fake provider is unhappy"
+    error_code: str | None = None
+    retry_after: float | None = None  # sent as retry-after-ms and Retry-After (whole seconds)
+    garbage: bytes = b"data: {this is not json\n\n"
+    disconnect_after: int = 1
+    rate_limited_keys: frozenset[str] = frozenset()
+    rejected_keys: frozenset[str] = frozenset()
+    models_status: int = 200
+    ignore_stream: bool = False  # answer one whole JSON completion even when asked to stream
+
+    @classmethod
+    def down(cls) -> Behaviour:
+        return cls(mode="down")
+
+    @classmethod
+    def slow(cls, delay: float) -> Behaviour:
+        return cls(mode="slow", delay=delay)
+
+    @classmethod
+    def error(cls, status: int, message: str = "the fake provider is unhappy", *,
+              code: str | None = None, retry_after: float | None = None) -> Behaviour:
+        return cls(mode="status", status=status, error_message=message, error_code=code,
+                   retry_after=retry_after)
+
+    @classmethod
+    def garbled(cls, body: bytes = b"data: {this is not json\n\n") -> Behaviour:
+        return cls(mode="garbage", garbage=body)
+
+    @classmethod
+    def dropping(cls, after: int = 1) -> Behaviour:
+        return cls(mode="disconnect", disconnect_after=after)
+
+    def pieces(self, index: int) -> tuple[str, ...]:
+        return self.chunks + ((f" #{index}",) if index else ())
+
+    def text(self, index: int = 0) -> str:
+        return "".join(self.pieces(index))
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    key: str | None
+    headers: dict[str, str]
+    body: Any
+    client: tuple[str, int] | None = None  # the caller's address: one port = one reused connection
+    disconnected: bool = False  # the client left before the answer was complete
+    completed: bool = False
+
+
+class _Drop(Exception):
+    """Raised inside the app after the headers went out: uvicorn drops the connection."""
+
+
+class FakeProvider:
+    """See the module docstring."""
+
+    def __init__(self, behaviour: Behaviour | None = None, *, models: tuple[str, ...] = ("fake-model",)) -> None:
+        self.behaviour_ = behaviour or Behaviour()
+        self.models = models
+        self.requests: list[Seen] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._placeholder: socket.socket | None = None
+
+    # --- control (from the test's thread) -------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.behaviour_
+
+    @behaviour.setter
+    def behaviour(self, behaviour: Behaviour) -> None:
+        was_down = self.behaviour_.mode == "down"
+        self.behaviour_ = behaviour
+        if self._loop is not None and was_down != (behaviour.mode == "down"):
+            self._call(self._stop_serving() if behaviour.mode == "down" else self._serve())
+
+    async def aset(self, behaviour: Behaviour) -> None:
+        """Set the behaviour without blocking the caller's event loop (going down takes ~0.1 s)."""
+        await asyncio.to_thread(setattr, self, "behaviour", behaviour)
+
+    def start(self) -> Self:
+        self._placeholder = _bound_socket(0)
+        self.port = self._placeholder.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"fake-provider-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        if self.behaviour_.mode != "down":
+            self._call(self._serve())
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        self._call(self._stop_serving())
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._loop.close()
+        self._loop = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def chat_requests(self) -> list[Seen]:
+        return [s for s in self.requests if s.path.endswith("/chat/completions")]
+
+    def chat_keys(self) -> list[str | None]:
+        return [s.key for s in self.chat_requests()]
+
+    @property
+    def disconnects(self) -> int:
+        return sum(1 for s in self.requests if s.disconnected)
+
+    def config_entry(self, name: str, *, keys: tuple[str, ...] = ("sk-fake-1",),
+                     models: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+        """A provider entry for a provider config that points at this fake (literal keys)."""
+        return {"name": name, "base_url": self.base_url, "api_keys": list(keys),
+                "models": models or {m: m for m in self.models}, "probe_interval": 0, **extra}
+
+    def _call(self, coro: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=15)
+
+    # --- the server (on its own loop) ------------------------------------------------------
+
+    async def _serve(self) -> None:
+        if self._placeholder is not None:
+            self._placeholder.close()
+        self._placeholder = None
+        sock = _bound_socket(self.port)
+        config = uvicorn.Config(self._app, lifespan="off", log_config=None, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=1, ws="none",
+                                interface="asgi3")
+        self._server = uvicorn.Server(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
+        for _ in range(500):
+            if self._server.started or self._serving.done():
+                break
+            await asyncio.sleep(0.01)
+        if not self._server.started:
+            raise RuntimeError("the fake provider did not start")
+
+    async def _stop_serving(self) -> None:
+        if self._server is None or self._serving is None:
+            return
+        self._server.should_exit = True
+        await asyncio.wait_for(self._serving, timeout=10)
+        self._server = self._serving = None
+        self._placeholder = _bound_socket(self.port)  # keeps the port: connecting is refused
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        b = self.behaviour_
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        auth = headers.get("authorization", "")
+        raw = b""
+        for _ in range(100_000):
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        client = scope.get("client")
+        seen = Seen(scope["method"], scope["path"], auth.removeprefix("Bearer ") if auth else None, headers, body,
+                    tuple(client) if client else None)
+        self.requests.append(seen)
+        if scope["path"].endswith("/models") and scope["method"] == "GET":
+            data = {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                                               for m in self.models]}
+            await _json(send, b.models_status, data if b.models_status < 400 else _error_body("no", None))
+        elif scope["path"].endswith("/chat/completions") and scope["method"] == "POST":
+            await self._chat(b, seen, receive, send)
+        else:
+            await _json(send, 404, _error_body(f"no route {scope['path']}", "not_found"))
+
+    async def _chat(self, b: Behaviour, seen: Seen, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self._answer(b, seen, gone, send)
+        finally:
+            watcher.cancel()
+
+    async def _answer(self, b: Behaviour, seen: Seen, gone: asyncio.Event, send: Send) -> None:
+        key = seen.key or ""
+        if key in b.rejected_keys:
+            return await _json(send, 401, _error_body(f"Incorrect API key provided: {key}.", "invalid_api_key"))
+        if key in b.rate_limited_keys:
+            return await _json(send, 429, _error_body("Rate limit reached.", "rate_limit_exceeded"),
+                               _retry_headers(b.retry_after))
+        if b.delay and await _wait(gone, b.delay):
+            seen.disconnected = True
+            return
+        if b.mode == "status":
+            return await _json(send, b.status, _error_body(b.error_message, b.error_code),
+                               _retry_headers(b.retry_after))
+        if b.mode == "garbage":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": b.garbage})
+            seen.completed = True
+            return
+        request = seen.body if isinstance(seen.body, dict) else {}
+        n = int(request.get("n") or 1)
+        model = str(request.get("model", "fake"))
+        completion = b.completion_tokens if b.completion_tokens is not None else sum(
+            len(b.pieces(i)) for i in range(n))
+        usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": b.prompt_tokens + completion,
+                 "prompt_tokens_details": {"cached_tokens": b.cached_tokens}}
+        if not request.get("stream") or b.ignore_stream:
+            choices = [{"index": i, "message": {"role": "assistant", "content": b.text(i)},
+                        "finish_reason": b.finish_reason, "logprobs": None} for i in range(n)]
+            await _json(send, 200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
+                                    "model": model, "choices": choices, "usage": usage})
+            seen.completed = True
+            return
+        await self._stream(b, seen, gone, send, n, model, usage,
+                           bool((request.get("stream_options") or {}).get("include_usage")))
+
+    async def _stream(self, b: Behaviour, seen: Seen, gone: asyncio.Event, send: Send, n: int, model: str,
+                      usage: dict[str, Any], include_usage: bool) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+
+        async def event(obj: Any) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": choices, **extra}
+
+        await event(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                           for i in range(n)]))
+        sent = 0
+        longest = max(len(b.pieces(i)) for i in range(n))
+        for j in range(longest):
+            for i in range(n):
+                pieces = b.pieces(i)
+                if j < len(pieces):
+                    if b.mode == "disconnect" and sent >= b.disconnect_after:
+                        raise _Drop("the fake provider drops the connection")
+                    await event(chunk([{"index": i, "delta": {"content": pieces[j]}, "finish_reason": None}]))
+                    sent += 1
+            if gone.is_set() or (b.chunk_delay and await _wait(gone, b.chunk_delay)):
+                seen.disconnected = True
+                return
+        await event(chunk([{"index": i, "delta": {}, "finish_reason": b.finish_reason} for i in range(n)]))
+        if include_usage and b.send_usage:
+            await event(chunk([], usage=usage))
+        if b.send_done:
+            await event("[DONE]")
+        await send({"type": "http.response.body", "body": b""})
+        seen.completed = True
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `predicate` every 10 ms for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+def _bound_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`; True if `event` was set meanwhile."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+def _error_body(message: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+
+
+def _retry_headers(retry_after: float | None) -> list[tuple[bytes, bytes]]:
+    if retry_after is None:
+        return []
+    return [(b"retry-after-ms", str(int(retry_after * 1000)).encode()),
+            (b"retry-after", str(math.ceil(retry_after)).encode())]
+
+
+async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+__all__ = ["Behaviour", "FakeProvider", "Seen", "wait_until"]

@@ -1,0 +1,556 @@
+"""The cloud-adapter backend: forwards a job to an upstream OpenAI-compatible provider.
+
+Every request goes upstream with `stream: true` and `include_usage`, so text is relayed as it
+comes and the final `Usage` carries upstream's exact counts and the price table's cost. Only
+the operator's config (`worker.providers`) decides the URL and the headers: the client's body
+is forwarded with its model id mapped, nothing else of the client's reaches the wire.
+
+Upstream answers, translated in one place (`_send` with `_status_error` and `_transport_error`;
+upstream messages passed on are scrubbed of any configured key):
+
+    2xx                      relayed
+    429                      that key cools down (Retry-After or a backoff), the next key is tried;
+                             none left -> NoCapacityError (503, retry_after)
+    401, 403                 that key is revoked (an alert is logged), the next key is tried
+    402                      that key cools down for the longest cooldown (credit exhausted)
+    400, 413, 422            InvalidRequestError with upstream's message (the client's fault)
+    other, timeouts, resets,
+    malformed bodies         WorkerFailedError (502): the scheduler fails over to another pool
+
+Health: the passive error rate of real requests per provider and per key, and a periodic
+`GET {base_url}/models` probe (`healthy()`, `health()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import httpx
+import structlog
+
+from schemas.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoCapacityError,
+    RequestTooLargeError,
+    TokenyardError,
+    UnsupportedError,
+    WorkerFailedError,
+)
+from schemas.jobs import ModelAdvert
+from worker.backend import Delta, Finish, Output, Sampling, Usage, chat_messages
+from worker.keyring import Clock, HealthPolicy, Keyring, ProviderHealth
+from worker.providers import (
+    ModelRoute,
+    Provider,
+    ProviderConfigError,
+    ProvidersConfig,
+    load_providers,
+)
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error body we read
+EVENT_LIMIT = 1024 * 1024  # bytes of one SSE event before the stream counts as malformed
+MESSAGE_LIMIT = 500  # characters of an upstream error message passed on
+PROBE_TIMEOUT = 10.0  # seconds a health probe may take at most
+DRAIN_SECONDS = 0.25  # how long to wait for the end of a body after its last event
+_CLIENT_ERRORS = frozenset({400, 413, 422})
+_KEY_REJECTED = frozenset({401, 403})
+
+
+class CloudBackend:
+    """See the module docstring. Build with `from_settings`, `from_config` or a `Provider`."""
+
+    def __init__(self, provider: Provider, *, slots: int = 32, clock: Clock = time.monotonic,
+                 base_cooldown: float = 1.0, max_cooldown: float = 300.0,
+                 health_policy: HealthPolicy | None = None) -> None:
+        health_policy = health_policy or HealthPolicy()
+        self._provider = provider
+        self._slots = max(1, min(slots, provider.max_concurrency or slots))
+        self._keys = Keyring([k.fingerprint for k in provider.keys], clock=clock,
+                             base_cooldown=base_cooldown, max_cooldown=max_cooldown,
+                             window=health_policy.window)
+        self._health = ProviderHealth(clock=clock, policy=health_policy)
+        self._client: httpx.AsyncClient | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> CloudBackend:
+        if not settings.providers or not settings.provider:
+            raise ProviderConfigError("the cloud backend needs --providers FILE and --provider NAME")
+        return cls.from_config(load_providers(settings.providers), settings.provider, slots=settings.slots)
+
+    @classmethod
+    def from_config(cls, config: ProvidersConfig, name: str, *, slots: int = 32,
+                    **options: Any) -> CloudBackend:
+        return cls(config.get(name), slots=slots, **options)
+
+    @property
+    def _log(self) -> Any:
+        return log.bind(provider=self._provider.name)
+
+    @property
+    def provider(self) -> Provider:
+        return self._provider
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def models(self) -> list[ModelAdvert]:
+        return [ModelAdvert(r.public, r.context_length, self._provider.name)
+                for r in self._provider.models.values()]
+
+    async def start(self) -> None:
+        p = self._provider
+        t = p.timeouts
+        self._client = httpx.AsyncClient(
+            base_url=p.base_url + "/",
+            headers=dict(p.headers),
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.total),
+            limits=httpx.Limits(max_connections=self._slots + 1, max_keepalive_connections=self._slots),
+            follow_redirects=False,  # a redirect could lead anywhere: the config names the host
+            trust_env=False,  # no proxy or .netrc credentials picked up from the environment
+        )
+        if p.probe_interval > 0:
+            self._probe_task = asyncio.create_task(self._probe_loop(), name=f"probe-{p.name}")
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def check(self, model: str, request: dict[str, Any]) -> None:
+        self._route(model)
+        # Everything else goes upstream as is, except what a job's events cannot carry back.
+        if request.get("tools") and request.get("tool_choice") != "none":
+            raise UnsupportedError("Tool calls are not relayed by this route yet.", param="tools")
+        if request.get("logprobs"):
+            raise UnsupportedError("logprobs are not relayed by this route yet.", param="logprobs")
+
+    def healthy(self) -> bool:
+        return self._keys.ready_in() == 0 and self._health.healthy()
+
+    def health(self) -> dict[str, Any]:
+        return {"provider": self._provider.name, "healthy": self.healthy(), "in_flight": self._in_flight,
+                **self._health.snapshot(), "keys": self._keys.snapshot()}
+
+    async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
+        route = self._route(model)
+        deadline = time.monotonic() + self._provider.timeouts.total
+        self._in_flight += 1
+        try:
+            key, response = await self._send(upstream_body(request, route.upstream), model)
+            try:
+                relay = _relay(response, request, deadline, self._provider.name)
+                async with contextlib.aclosing(relay):
+                    async for item in relay:
+                        yield self._priced(model, item) if isinstance(item, Usage) else item
+            except TokenyardError as e:
+                self._keys.failed(key)
+                self._failed(model, e)
+                raise
+            finally:
+                await response.aclose()  # mid-stream (cancelled): closes the upstream connection
+            self._keys.succeeded(key)
+            self._health.record(True)
+        except TokenyardError as e:
+            clean = self._scrubbed(e)
+            if clean is e:
+                raise
+            raise clean from None
+        finally:
+            self._in_flight -= 1
+
+    async def probe(self) -> bool:
+        """One `GET {base_url}/models`: the provider answers (below 500) within the timeouts."""
+        client = self._need_client()
+        key = self._keys.peek()
+        headers = {} if key is None else {"Authorization": f"Bearer {self._provider.keys[key].reveal()}"}
+        t = self._provider.timeouts
+        started = time.monotonic()
+        status: int | None = None
+        retry_after: float | None = None
+        try:
+            async with client.stream("GET", "models", headers=headers,
+                                     timeout=min(t.connect + t.read, PROBE_TIMEOUT)) as response:
+                status = response.status_code  # the body is never read: the status is enough
+                retry_after = retry_after_seconds(response.headers)
+        except httpx.HTTPError as e:
+            self._log.warning("cloud.probe_failed", error=type(e).__name__)
+        if key is not None and status is not None:
+            self._key_status(key, status, retry_after)
+        ok = status is not None and status < 500
+        if status is not None and not ok:
+            self._log.warning("cloud.probe_failed", status=status)
+        self._health.probed(ok, time.monotonic() - started)
+        return ok
+
+    async def _probe_loop(self) -> None:
+        while True:  # until close() cancels it
+            try:
+                await self.probe()
+            except Exception:  # noqa: BLE001 - the top of a loop: logged, and the loop goes on
+                self._log.exception("cloud.probe_crashed")
+            await asyncio.sleep(self._provider.probe_interval)
+
+    async def _send(self, body: dict[str, Any], model: str) -> tuple[int, httpx.Response]:
+        """POST with the next usable key; rotate on 429 / 401 / 403 (each key once at most)."""
+        client = self._need_client()
+        tried: set[int] = set()
+        for _ in range(len(self._keys)):
+            key = self._keys.pick(exclude=frozenset(tried))
+            if key is None:
+                break
+            tried.add(key)
+            auth = {"Authorization": f"Bearer {self._provider.keys[key].reveal()}"}
+            try:
+                response = await client.send(client.build_request("POST", "chat/completions", json=body,
+                                                                  headers=auth), stream=True)
+            except httpx.HTTPError as e:
+                self._keys.failed(key)
+                lost = _transport_error(e, self._provider.name)
+                self._failed(model, lost)
+                raise lost from e
+            if response.status_code < 300:
+                return key, response
+            try:
+                detail = await _read_limited(response.aiter_bytes())
+            except httpx.HTTPError:
+                detail = b""
+            finally:
+                await response.aclose()
+            if self._key_status(key, response.status_code, retry_after_seconds(response.headers)):
+                continue
+            refused = _status_error(response.status_code, detail, self._provider.name)
+            if refused.status >= 500:
+                self._keys.failed(key)
+                self._failed(model, refused)
+            else:
+                self._health.record(True)  # upstream works; the request was bad
+            raise refused
+        wait = self._keys.ready_in()
+        error: TokenyardError
+        if wait is None:
+            error = WorkerFailedError(
+                f"Provider '{self._provider.name}' has no usable API key.", code="upstream_keys_revoked")
+        else:
+            error = NoCapacityError(f"Provider '{self._provider.name}' is rate-limiting every key.",
+                                    code="upstream_rate_limited", retry_after=round(max(wait, 0.1), 3))
+        self._failed(model, error)
+        raise error
+
+    def _key_status(self, key: int, status: int, retry_after: float | None) -> bool:
+        """Apply what an answer's status says about the key; True if another key may do better."""
+        fp = self._keys.fingerprint(key)
+        if status == 429:
+            delay = self._keys.cool(key, retry_after)
+            self._log.warning("cloud.key_cooled", key=fp, cooldown=round(delay, 3))
+            return True
+        if status == 402:
+            delay = self._keys.cool(key, float("inf"))
+            self._log.error("cloud.key_exhausted", key=fp, status=status, cooldown=round(delay, 3),
+                            alert=True)
+            return True
+        if status in _KEY_REJECTED:
+            self._keys.revoke(key)
+            self._log.error("cloud.key_revoked", key=fp, status=status, alert=True)
+            return True
+        return False
+
+    def _failed(self, model: str, error: TokenyardError) -> None:
+        self._health.record(False)
+        self._log.warning("cloud.upstream_failed", model=model, code=error.code, error=error.message)
+
+    def _scrubbed(self, error: TokenyardError) -> TokenyardError:
+        """The error, or a copy without any API key in its message: upstream messages are passed
+        on, and some providers quote the key they were sent."""
+        message = error.message
+        for secret in self._provider.keys:
+            message = message.replace(secret.reveal(), "[redacted]")
+        if message == error.message:
+            return error
+        return type(error)(message, param=error.param, code=error.code, retry_after=error.retry_after)
+
+    def _priced(self, model: str, usage: Usage) -> Usage:
+        price = self._provider.price(model)
+        cost = None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens,
+                                                      usage.cached_tokens)
+        return Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
+
+    def _route(self, model: str) -> ModelRoute:
+        route = self._provider.models.get(model)
+        if route is None:
+            raise ModelNotFoundError(
+                f"The model '{model}' is not served by provider '{self._provider.name}'.", param="model")
+        return route
+
+    def _need_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("CloudBackend.start() has not been called")
+        return self._client
+
+
+def upstream_body(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
+    """The client's body for upstream: its model mapped, always streamed with usage."""
+    body = {k: v for k, v in request.items() if k not in {"model", "stream", "stream_options"}}
+    body["model"] = upstream_model
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """`retry-after-ms`, else `Retry-After` as seconds or an HTTP date; None if absent or bad."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        with contextlib.suppress(ValueError):
+            return max(float(ms) / 1000.0, 0.0)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(when - (time.time() if now is None else now), 0.0)
+
+
+def _status_error(status: int, detail: bytes, provider: str) -> TokenyardError:
+    """A non-2xx answer that is not about the key."""
+    message, param, code = _upstream_error(detail)
+    if status in _CLIENT_ERRORS:
+        text = message or f"The upstream provider rejected the request (HTTP {status})."
+        if code == "context_length_exceeded":
+            return ContextLengthError(text, param=param or "messages")
+        if status == 413:
+            return RequestTooLargeError(text)
+        return InvalidRequestError(text, param=param, code=code)
+    return WorkerFailedError(f"Provider '{provider}' answered HTTP {status}.", code="upstream_error")
+
+
+def _upstream_error(detail: bytes) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of an OpenAI error body, tolerantly."""
+    try:
+        err = json.loads(detail).get("error")
+    except (ValueError, AttributeError):
+        return "", None, None
+    if isinstance(err, str):
+        return err[:MESSAGE_LIMIT], None, None
+    if not isinstance(err, dict):
+        return "", None, None
+
+    def text(v: Any) -> str | None:
+        return str(v)[:MESSAGE_LIMIT] if isinstance(v, (str, int)) and v != "" else None
+
+    return text(err.get("message")) or "", text(err.get("param")), text(err.get("code"))
+
+
+def _transport_error(e: httpx.HTTPError, provider: str) -> WorkerFailedError:
+    if isinstance(e, httpx.TimeoutException):
+        return WorkerFailedError(f"Provider '{provider}' timed out ({type(e).__name__}).",
+                                 code="upstream_timeout")
+    if isinstance(e, httpx.ConnectError):
+        return WorkerFailedError(f"Provider '{provider}' is unreachable.", code="upstream_unreachable")
+    return WorkerFailedError(f"The connection to provider '{provider}' failed ({type(e).__name__}).",
+                             code="upstream_disconnected")
+
+
+async def _read_limited(chunks: AsyncIterator[bytes], limit: int = ERROR_BODY_LIMIT) -> bytes:
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
+
+
+async def _relay(response: httpx.Response, request: dict[str, Any], deadline: float,
+                 provider: str) -> AsyncGenerator[Output, None]:
+    """Upstream's answer as outputs (Usage unpriced). Translates transport errors."""
+    state = StreamState(Sampling.of(request).n)
+    chunks = response.aiter_bytes()
+    try:
+        if response.headers.get("content-type", "").startswith("application/json"):
+            # An upstream that ignored `stream: true`: one whole completion.
+            for item in state.completion(_json(await _read_limited(chunks, EVENT_LIMIT))):
+                yield item
+        else:
+            decoder = SseDecoder()
+            async for raw in chunks:
+                for data in decoder.feed(raw):
+                    for item in state.event(data):
+                        yield item
+                if state.done:
+                    break
+                if time.monotonic() > deadline:
+                    raise WorkerFailedError(
+                        "The upstream answer took longer than the provider's total timeout.",
+                        code="upstream_timeout")
+        await _drain(chunks)
+    except httpx.HTTPError as e:
+        raise _transport_error(e, provider) from e
+    for item in state.end(request):
+        yield item
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read the little that follows `[DONE]` (the body's closing chunk), so the connection goes
+    back to the pool instead of being closed; give up quickly on an upstream that lingers."""
+    size = 0
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for raw in chunks:
+                size += len(raw)
+                if size > ERROR_BODY_LIMIT:
+                    return
+
+
+class SseDecoder:
+    """Server-sent events, incrementally: bytes in, each event's `data` out."""
+
+    def __init__(self, limit: int = EVENT_LIMIT) -> None:
+        self._limit = limit
+        self._buffer = b""
+        self._data: list[str] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        lines = (self._buffer + chunk).split(b"\n")
+        self._buffer = lines.pop()
+        events: list[str] = []
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                self._data, self._size = [], 0
+            elif line.startswith(b"data:"):
+                value = line[5:].removeprefix(b" ")
+                self._size += len(value)
+                self._data.append(value.decode("utf-8", errors="replace"))
+            # comments (":"), "event:", "id:" and "retry:" lines carry nothing we use
+        if self._size + len(self._buffer) > self._limit:
+            raise _malformed("an event is larger than the limit")
+        return events
+
+
+class StreamState:
+    """Upstream chunks (OpenAI's `chat.completion.chunk`) turned into outputs, with the checks
+    that tell a finished answer from a truncated or malformed one."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.done = False
+        self.finished: dict[int, str] = {}  # index -> reason, given out once the stream is known complete
+        self.pieces = 0
+        self.usage: tuple[int, int, int] | None = None
+
+    def event(self, data: str) -> list[Output]:
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        return self.chunk(_json(data.encode()))
+
+    def chunk(self, obj: Any) -> list[Output]:
+        if not isinstance(obj, dict):
+            raise _malformed("a chunk is not a JSON object")
+        if obj.get("error"):
+            message, _, _ = _upstream_error(json.dumps({"error": obj["error"]}).encode())
+            raise WorkerFailedError(f"The upstream stream failed: {message or 'unknown error'}",
+                                    code="upstream_error")
+        choices = obj.get("choices") or []
+        if not isinstance(choices, list):
+            raise _malformed("'choices' is not a list")
+        out: list[Output] = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise _malformed("a choice is not an object")
+            index = choice.get("index", 0)
+            if not isinstance(index, int) or not 0 <= index < self.n:
+                raise _malformed(f"unexpected choice index {index!r}")
+            delta = choice.get("delta") or {}
+            text = (delta.get("content") or delta.get("refusal")) if isinstance(delta, dict) else None
+            if text is not None and not isinstance(text, str):
+                raise _malformed("'content' is not a string")
+            if text:
+                if index in self.finished:
+                    raise _malformed(f"text for choice {index} after it finished")
+                self.pieces += 1
+                out.append(Delta(index, text, 1))
+            reason = choice.get("finish_reason")
+            if reason is not None and index not in self.finished:
+                self.finished[index] = str(reason)
+        if obj.get("usage"):
+            self.usage = _usage(obj["usage"])
+        return out
+
+    def completion(self, obj: Any) -> list[Output]:
+        """A whole (non-streamed) `chat.completion`."""
+        if isinstance(obj, dict) and isinstance(obj.get("choices"), list):
+            obj = {**obj, "choices": [{**c, "delta": c.get("message")} if isinstance(c, dict) else c
+                                      for c in obj["choices"]]}
+        out = self.chunk(obj)
+        self.done = True
+        return out
+
+    def end(self, request: dict[str, Any]) -> list[Output]:
+        """The closing Finish items (if upstream left any out) and the Usage, or an error if the
+        answer was cut short."""
+        complete = len(self.finished) == self.n and self.usage is not None
+        if not self.done and not complete:
+            raise WorkerFailedError("The upstream stream ended before the answer was complete.",
+                                    code="upstream_disconnected")
+        missing = [i for i in range(self.n) if i not in self.finished]
+        if missing:
+            log.warning("cloud.finish_missing", choices=missing)
+        out: list[Output] = [Finish(i, self.finished.get(i, "stop")) for i in range(self.n)]
+        if self.usage is None:
+            log.warning("cloud.usage_estimated")
+            messages = chat_messages(request)
+            prompt = sum(len(m["content"]) for m in messages) // 4 + 3 * len(messages)  # ~4 chars a token
+            out.append(Usage(prompt, self.pieces))
+        else:
+            out.append(Usage(*self.usage))
+        return out
+
+
+def _usage(u: Any) -> tuple[int, int, int]:
+    if not isinstance(u, dict):
+        raise _malformed("'usage' is not an object")
+    details = u.get("prompt_tokens_details") or {}
+    values = (u.get("prompt_tokens"), u.get("completion_tokens"),
+              (details.get("cached_tokens") if isinstance(details, dict) else 0) or 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise _malformed("'usage' does not hold token counts")
+    return values  # type: ignore[return-value]
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise _malformed("a chunk is not JSON") from None
+
+
+def _malformed(what: str) -> WorkerFailedError:
+    return WorkerFailedError(f"The upstream answer is malformed: {what}.", code="upstream_malformed")

@@ -1,0 +1,383 @@
+"""The operator's provider config: upstream OpenAI-compatible APIs a cloud-adapter worker
+forwards jobs to.
+
+Only the operator writes this file; nothing a client sends can add a base URL or a header.
+`parse_providers` is pure (the environment and secret files come in as arguments) and rejects
+anything it does not know, naming the place: a typo must fail at start, not route traffic
+wrongly. `load_providers` reads the YAML file and the secrets, and logs the warnings.
+
+    providers:
+      - name: openai                       # the pool name: ^[a-z0-9][a-z0-9-]{0,62}$
+        base_url: https://api.openai.com/v1  # https, or http for a loopback host only
+        api_keys: [{env: OPENAI_KEY_1}, {file: /run/secrets/openai_2}]
+        models: {gpt-4o-mini: gpt-4o-mini-2024-07-18}     # public id -> provider id
+        prices: {"*": {input: 0.15, output: 0.60, cached: 0.075}}  # USD per 1M tokens
+        timeouts: {connect: 5, read: 60, total: 600}     # seconds
+        max_concurrency: 64
+        headers: {OpenAI-Organization: org-123}
+        probe_interval: 30                 # seconds between GET {base_url}/models; 0 = off
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+import yaml
+
+log = structlog.get_logger(__name__)
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Headers the adapter sets itself (or HTTP owns): an operator header must not override them.
+RESERVED_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "host", "content-length", "content-type",
+    "transfer-encoding", "connection", "cookie", "accept", "accept-encoding", "te", "upgrade",
+})
+ANY_MODEL = "*"
+
+_TOP_KEYS = ("providers",)
+_PROVIDER_KEYS = ("name", "base_url", "api_keys", "models", "prices", "timeouts",
+                  "max_concurrency", "headers", "probe_interval")
+_PRICE_KEYS = ("input", "output", "cached")
+_TIMEOUT_KEYS = ("connect", "read", "total")
+_MODEL_KEYS = ("id", "context_length")
+
+
+class ProviderConfigError(ValueError):
+    """The provider config is invalid; the message names the place and the fix."""
+
+
+def fingerprint(key: str) -> str:
+    """A short, stable, non-reversible name for an API key, safe to log."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class Secret:
+    """An API key. Its repr and str show only the fingerprint, so logging a config object
+    or an exception that holds one never prints the key."""
+
+    __slots__ = ("_value", "fingerprint")
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        self.fingerprint = fingerprint(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.fingerprint})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens. `prompt_tokens` includes the cached ones (OpenAI's convention),
+    so cached tokens are billed at `cached` and the rest of the prompt at `input`."""
+
+    input: float
+    output: float
+    cached: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
+        uncached = max(prompt_tokens, 0) - cached
+        completion = max(completion_tokens, 0)
+        return (uncached * self.input + cached * self.cached + completion * self.output) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0  # TCP + TLS
+    read: float = 60.0  # the longest silence: before the headers, and between two chunks
+    total: float = 600.0  # one whole request
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    public: str
+    upstream: str
+    context_length: int = 0  # 0 = unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str  # without a trailing slash
+    keys: tuple[Secret, ...]
+    models: Mapping[str, ModelRoute]
+    prices: Mapping[str, Price]
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_concurrency: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
+    probe_interval: float = 30.0
+
+    def price(self, public_model: str) -> Price | None:
+        return self.prices.get(public_model) or self.prices.get(ANY_MODEL)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvidersConfig:
+    providers: tuple[Provider, ...]
+    warnings: tuple[str, ...] = ()
+
+    def get(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.providers) or "none"
+        raise ProviderConfigError(f"no provider named {name!r} in the provider config (known: {known})")
+
+
+def load_providers(path: str | Path, *, env: Mapping[str, str] | None = None) -> ProvidersConfig:
+    """Read and validate a provider config file; `{file: ...}` keys are relative to it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ProviderConfigError(f"cannot read provider config {str(path)!r}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ProviderConfigError(f"provider config {str(path)!r} is not valid YAML: {e}") from e
+
+    def read_secret(name: str) -> str:
+        return (path.parent / name).read_text(encoding="utf-8")
+
+    config = parse_providers(data, env=os.environ if env is None else env, read_secret=read_secret)
+    for warning in config.warnings:
+        log.warning("providers.config_warning", path=str(path), warning=warning)
+    return config
+
+
+def parse_providers(data: Any, *, env: Mapping[str, str],
+                    read_secret: Callable[[str], str]) -> ProvidersConfig:
+    """Validate a decoded config. Pure: secrets come from `env` and `read_secret(path)`."""
+    top = _mapping(data, "the provider config")
+    _only(top, _TOP_KEYS, "the provider config")
+    items = top.get("providers")
+    if not isinstance(items, list) or not items:
+        raise ProviderConfigError("the provider config needs 'providers': a non-empty list")
+    warnings: list[str] = []
+    providers = tuple(_provider(item, f"providers[{i}]", env, read_secret, warnings)
+                      for i, item in enumerate(items))
+    names = [p.name for p in providers]
+    for name in names:
+        if names.count(name) > 1:
+            raise ProviderConfigError(f"provider name {name!r} appears more than once")
+    return ProvidersConfig(providers, tuple(warnings))
+
+
+def _provider(item: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str],
+              warnings: list[str]) -> Provider:
+    d = _mapping(item, where)
+    _only(d, _PROVIDER_KEYS, where)
+    name = d.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ProviderConfigError(
+            f"{where}.name: {name!r} is not a valid pool name (lower-case letters, digits and '-', "
+            "starting with a letter or digit, at most 63 characters)")
+    where = f"provider {name!r}"
+    models = _models(d.get("models"), f"{where}.models")
+    prices = _prices(d.get("prices", {}), f"{where}.prices", models)
+    unpriced = [m for m in models if m not in prices and ANY_MODEL not in prices]
+    if unpriced:
+        warnings.append(f"{where}: no price for {', '.join(unpriced)}; their cost is not reported")
+    max_conc = d.get("max_concurrency")
+    if max_conc is not None:
+        max_conc = _whole(max_conc, f"{where}.max_concurrency", minimum=1)
+    probe = _number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
+    return Provider(
+        name=name,
+        base_url=_base_url(d.get("base_url"), f"{where}.base_url"),
+        keys=_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings),
+        models=models,
+        prices=prices,
+        timeouts=_timeouts(d.get("timeouts", {}), f"{where}.timeouts"),
+        max_concurrency=max_conc,
+        headers=_headers(d.get("headers", {}), f"{where}.headers"),
+        probe_interval=probe,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _base_url(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProviderConfigError(f"{where}: required, e.g. https://api.example.com/v1")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ProviderConfigError(f"{where}: {value!r} is not a valid URL ({e})") from e
+    host = parts.hostname or ""
+    if parts.scheme not in {"http", "https"} or not host:
+        raise ProviderConfigError(f"{where}: {value!r} must be an http(s) URL with a host")
+    if parts.scheme == "http" and not is_loopback(host):
+        raise ProviderConfigError(
+            f"{where}: plain http is allowed only for loopback hosts (127.0.0.0/8, localhost, ::1); "
+            f"use https for {host!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ProviderConfigError(f"{where}: must not hold credentials; put keys in api_keys")
+    if parts.query or parts.fragment:
+        raise ProviderConfigError(f"{where}: must not hold a query or fragment")
+    return value.rstrip("/")
+
+
+def _keys(value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str],
+          warnings: list[str]) -> tuple[Secret, ...]:
+    if not isinstance(value, list) or not value:
+        raise ProviderConfigError(f"{where}: needs at least one key, e.g. [{{env: MY_PROVIDER_KEY}}]")
+    keys: list[Secret] = []
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        if isinstance(item, str):
+            warnings.append(f"{here}: a literal key in the config file; "
+                            "prefer {env: VAR} or {file: path}")
+            raw = item
+        else:
+            d = _mapping(item, here)
+            _only(d, ("env", "file"), here)
+            if len(d) != 1:
+                raise ProviderConfigError(f"{here}: give exactly one of 'env' or 'file'")
+            if "env" in d:
+                var = d["env"]
+                if not isinstance(var, str) or not var:
+                    raise ProviderConfigError(f"{here}.env: must name an environment variable")
+                if var not in env or not env[var].strip():
+                    raise ProviderConfigError(f"{here}: environment variable {var} is not set or empty")
+                raw = env[var]
+            else:
+                name = d["file"]
+                if not isinstance(name, str) or not name:
+                    raise ProviderConfigError(f"{here}.file: must be a path")
+                try:
+                    raw = read_secret(name)
+                except OSError as e:
+                    raise ProviderConfigError(
+                        f"{here}: cannot read key file {name!r}: {e.strerror or e}") from e
+        key = raw.strip()
+        if not key:
+            raise ProviderConfigError(f"{here}: the key is empty")
+        if any(c.isspace() or ord(c) < 32 for c in key):
+            raise ProviderConfigError(f"{here}: the key holds whitespace or control characters")
+        secret = Secret(key)
+        if secret in keys:
+            warnings.append(f"{here}: the same key as an earlier entry (fingerprint {secret.fingerprint})")
+            continue
+        keys.append(secret)
+    return tuple(keys)
+
+
+def _models(value: Any, where: str) -> dict[str, ModelRoute]:
+    d = _mapping(value, where)
+    if not d:
+        raise ProviderConfigError(f"{where}: map at least one public model id to a provider model id")
+    routes: dict[str, ModelRoute] = {}
+    for public, target in d.items():
+        here = f"{where}[{public!r}]"
+        if not isinstance(public, str) or not public.strip() or len(public) > 256 or public == ANY_MODEL:
+            raise ProviderConfigError(f"{where}: {public!r} is not a valid public model id")
+        context = 0
+        if isinstance(target, Mapping):
+            _only(target, _MODEL_KEYS, here)
+            context = _whole(target.get("context_length", 0), f"{here}.context_length", minimum=0)
+            target = target.get("id")
+        if not isinstance(target, str) or not target.strip():
+            raise ProviderConfigError(f"{here}: the provider model id must be a non-empty string")
+        routes[public] = ModelRoute(public, target, context)
+    return routes
+
+
+def _prices(value: Any, where: str, models: Mapping[str, ModelRoute]) -> dict[str, Price]:
+    d = _mapping(value, where)
+    prices: dict[str, Price] = {}
+    for model, spec in d.items():
+        here = f"{where}[{model!r}]"
+        if model != ANY_MODEL and model not in models:
+            raise ProviderConfigError(f"{here}: not a public model id of this provider (nor '*')")
+        s = _mapping(spec, here)
+        _only(s, _PRICE_KEYS, here)
+        if "input" not in s or "output" not in s:
+            raise ProviderConfigError(f"{here}: needs 'input' and 'output' (USD per million tokens)")
+        inp = _number(s["input"], f"{here}.input", minimum=0.0)
+        # Without a cached price, cached tokens cost as much as any other prompt token.
+        cached = _number(s.get("cached", inp), f"{here}.cached", minimum=0.0)
+        prices[model] = Price(inp, _number(s["output"], f"{here}.output", minimum=0.0), cached)
+    return prices
+
+
+def _timeouts(value: Any, where: str) -> Timeouts:
+    d = _mapping(value, where)
+    _only(d, _TIMEOUT_KEYS, where)
+    default = Timeouts()
+    t = Timeouts(*(_number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001)
+                   for k in _TIMEOUT_KEYS))
+    if t.connect > t.total or t.read > t.total:
+        raise ProviderConfigError(f"{where}: connect and read must not exceed total")
+    return t
+
+
+def _headers(value: Any, where: str) -> dict[str, str]:
+    d = _mapping(value, where)
+    headers: dict[str, str] = {}
+    for name, v in d.items():
+        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
+            raise ProviderConfigError(f"{where}: {name!r} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ProviderConfigError(f"{where}: {name!r} is set by the adapter and cannot be configured")
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise ProviderConfigError(f"{where}.{name}: the value must be a string")
+        text = str(v)
+        if any(ord(c) < 32 and c != "\t" for c in text):
+            raise ProviderConfigError(f"{where}.{name}: the value holds control characters")
+        headers[name] = text
+    return headers
+
+
+def _mapping(value: Any, where: str) -> dict[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise ProviderConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _only(d: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise ProviderConfigError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+
+
+def _whole(value: Any, where: str, *, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ProviderConfigError(f"{where}: must be a whole number >= {minimum}, not {value!r}")
+    return value
+
+
+def _number(value: Any, where: str, *, minimum: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value < minimum:
+        raise ProviderConfigError(f"{where}: must be a number >= {minimum:g}, not {value!r}")
+    return float(value)
