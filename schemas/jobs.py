@@ -122,14 +122,17 @@ class Admission:
     error: dict[str, Any] | None = None  # schemas.errors wire form
     pool: str = ""
     live_workers: int = 0
+    model: str = ""  # the model placed, when a `models` fallback list chose another than job.model
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "err": self.error, "pool": self.pool, "live": self.live_workers})
+        return _pack({"v": VERSION, "err": self.error, "pool": self.pool, "live": self.live_workers,
+                      "model": self.model})
 
     @classmethod
     def decode(cls, data: bytes) -> Admission:
         o = _unpack(data)
-        return cls(error=o.get("err"), pool=str(o.get("pool", "")), live_workers=int(o.get("live", 0)))
+        return cls(error=o.get("err"), pool=str(o.get("pool", "")), live_workers=int(o.get("live", 0)),
+                   model=str(o.get("model", "")))
 
 
 # Event kinds, worker -> gateway.
@@ -218,6 +221,19 @@ class ModelAdvert:
     id: str
     context_length: int = 0
     owned_by: str = "tokenyard"
+    input_price: float = 0.0  # USD per million prompt tokens on this route (0: own capacity)
+    output_price: float = 0.0  # USD per million completion tokens
+
+    def pack(self) -> list[Any]:
+        return [self.id, self.context_length, self.owned_by, self.input_price, self.output_price]
+
+    @classmethod
+    def unpack(cls, m: list[Any]) -> ModelAdvert:
+        return cls(str(m[0]), int(m[1]), str(m[2]), float(m[3]) if len(m) > 3 else 0.0,
+                   float(m[4]) if len(m) > 4 else 0.0)
+
+
+NODE_KINDS = ("own", "volunteer", "cloud")  # dedicated capacity, idle-time capacity, an upstream provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,30 +248,34 @@ class NodeAdvert:
     draining: bool = False
     interval: float = 1.0  # seconds until the next advert; silence for ~3 of these means gone
     started: float = field(default=0.0)
+    kind: str = "own"  # one of NODE_KINDS
+    healthy: bool = True  # false: the node is up but should get no new jobs (e.g. its provider is down)
 
     def encode(self) -> bytes:
         return _pack({"v": VERSION, "node": self.node, "pool": self.pool,
-                      "models": [[m.id, m.context_length, m.owned_by] for m in self.models],
+                      "models": [m.pack() for m in self.models],
                       "total": self.slots_total, "free": self.slots_free, "drain": self.draining,
-                      "every": self.interval, "started": self.started})
+                      "every": self.interval, "started": self.started, "kind": self.kind,
+                      "healthy": self.healthy})
 
     @classmethod
     def decode(cls, data: bytes) -> NodeAdvert:
         o = _unpack(data)
         try:
-            models = tuple(ModelAdvert(str(m[0]), int(m[1]), str(m[2])) for m in o.get("models", ()))
+            models = tuple(ModelAdvert.unpack(m) for m in o.get("models", ()))
         except (TypeError, ValueError, IndexError) as e:
             raise WireError(f"bad models: {e}") from e
         return cls(node=str(_need(o, "node")), pool=str(_need(o, "pool")), models=models,
                    slots_total=int(o.get("total", 0)), slots_free=int(o.get("free", 0)),
                    draining=bool(o.get("drain", False)), interval=float(o.get("every", 1.0)),
-                   started=float(o.get("started", 0.0)))
+                   started=float(o.get("started", 0.0)), kind=str(o.get("kind", "own")),
+                   healthy=bool(o.get("healthy", True)))
 
 
 def encode_model_list(models: list[ModelAdvert]) -> bytes:
-    return _pack({"v": VERSION, "models": [[m.id, m.context_length, m.owned_by] for m in models]})
+    return _pack({"v": VERSION, "models": [m.pack() for m in models]})
 
 
 def decode_model_list(data: bytes) -> list[ModelAdvert]:
     o = _unpack(data)
-    return [ModelAdvert(str(m[0]), int(m[1]), str(m[2])) for m in o.get("models", ())]
+    return [ModelAdvert.unpack(m) for m in o.get("models", ())]

@@ -108,8 +108,12 @@ class CloudBackend:
         return self._slots
 
     def models(self) -> list[ModelAdvert]:
-        return [ModelAdvert(r.public, r.context_length, self._provider.name)
-                for r in self._provider.models.values()]
+        adverts = []
+        for r in self._provider.models.values():
+            price = self._provider.price(r.public)
+            adverts.append(ModelAdvert(r.public, r.context_length, self._provider.name,
+                                       price.input if price else 0.0, price.output if price else 0.0))
+        return adverts
 
     async def start(self) -> None:
         p = self._provider

@@ -84,7 +84,13 @@ class Worker:
     def advert(self) -> NodeAdvert:
         return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
                           slots_total=self._slots.total, slots_free=max(0, self._slots.total - len(self._job_tasks)),
-                          draining=self._draining, interval=self._s.heartbeat, started=self._started)
+                          draining=self._draining, interval=self._s.heartbeat, started=self._started,
+                          kind=self._s.kind, healthy=self._backend_healthy())
+
+    def _backend_healthy(self) -> bool:
+        """Backends that can tell (a cloud adapter whose provider is down) say so; others are."""
+        healthy = getattr(self._backend, "healthy", None)
+        return bool(healthy()) if callable(healthy) else True
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.node_control(self._s.node_id), cb=self._on_control)

@@ -26,6 +26,7 @@ class WorkerSettings:
     log_json: bool
     node_id: str
     pool: str
+    kind: str  # "own" (dedicated), "volunteer" (idle-time; sees prompts only of tenants who allow it), "cloud"
     backend: str  # "echo" | "transformers"
     models: tuple[str, ...]  # public model ids (echo: served names; transformers: the id to serve under)
     slots: int  # most jobs at once (transformers: max concurrent sequences)
@@ -55,6 +56,7 @@ class WorkerSettings:
         add_common(p)
         add_setting(p, "--node-id", default=default_node_id(), help="this node's id (letters, digits, -)")
         add_setting(p, "--pool", default="own", help="the pool (capacity group) this node serves in")
+        add_setting(p, "--kind", default="own", help="own (dedicated) or volunteer (idle-time) capacity")
         add_setting(p, "--backend", default="transformers", help="echo (deterministic test backend), transformers or cloud")
         add_setting(p, "--models", default="", help="comma-separated public model ids served (default per backend)")
         add_setting(p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16)")
@@ -83,12 +85,14 @@ class WorkerSettings:
             raise SystemExit(f"tokenyard worker: unknown backend {a.backend!r} (echo, transformers or cloud)")
         if _NODE_RE.search(a.node_id):
             raise SystemExit(f"tokenyard worker: --node-id may hold only letters, digits and '-': {a.node_id!r}")
+        if a.kind not in {"own", "volunteer"}:
+            raise SystemExit(f"tokenyard worker: --kind must be own or volunteer, not {a.kind!r}")
         models = tuple(m.strip() for m in a.models.split(",") if m.strip())
         slots = a.slots or {"echo": 64, "transformers": 16, "cloud": 32}[a.backend]
         pool = a.provider if a.backend == "cloud" and a.pool == "own" and a.provider else a.pool
         return cls(
             nats_url=a.nats_url, log_level=a.log_level, log_json=a.log_json, node_id=a.node_id,
-            pool=pool, backend=a.backend, models=models, slots=slots, heartbeat=a.heartbeat,
+            pool=pool, kind="cloud" if a.backend == "cloud" else a.kind, backend=a.backend, models=models, slots=slots, heartbeat=a.heartbeat,
             ack_wait=a.ack_wait, max_deliver=a.max_deliver, coalesce_ms=a.coalesce_ms,
             drain_timeout=a.drain_timeout, data_dir=a.data_dir, echo_tokens=a.echo_tokens,
             echo_rate=a.echo_rate, echo_context=a.echo_context, model_path=a.model_path,
