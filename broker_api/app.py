@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,9 +25,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker_api.accounting import Accounts
+from broker_api.admin import Admin, admin_router
 from broker_api.auth import KeyStore, Principal
 from broker_api.bus import Bus
+from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
+from broker_api.directory import Directory
+from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
 from broker_api.settings import ApiSettings
 from schemas.chat import ModelCard, ModelList, parse_chat_request
 from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, NotFoundError,
@@ -35,6 +41,7 @@ from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNot
 log = structlog.get_logger(__name__)
 
 STARTED = int(time.time())
+CACHE_HEADER = "x-tokenyard-cache"
 
 
 def _error_response(e: TokenyardError, request_id: str | None = None) -> JSONResponse:
@@ -107,17 +114,35 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         own = bus is None
         the_bus = await Bus.connect(settings.nats_url) if own else bus
         assert the_bus is not None
+        js = the_bus.nc.jetstream()
+        directory = await Directory.open(js, pepper=settings.pepper.encode())
+        keys.directory = directory
+        await ensure_streams(js)
+        accounts = Accounts(js)
+        cache = (await ResponseCache.open(js, ttl=settings.cache_ttl, max_bytes=settings.cache_max_bytes)
+                 if settings.cache else None)
+        ledger = await Ledger.open(Path(settings.data_dir) / "ledger.sqlite") if settings.ledger else None
+        feed = LedgerFeed(js, ledger, name=settings.ledger_name) if ledger is not None else None
+        if feed is not None:
+            await feed.start()
         app.state.bus = the_bus
-        app.state.chat = ChatService(the_bus, settings)
+        app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache)
+        app.state.admin = Admin(directory, ledger, accounts.audit)
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
             yield
         finally:
+            await accounts.flush()
+            if feed is not None:
+                await feed.stop()
+            if ledger is not None:
+                await ledger.close()
+            await directory.close()
             if own:
                 await the_bus.close()
 
-    app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     keys = KeyStore(admin_key)
+    app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestIdMiddleware)
 
     def authenticate(request: Request) -> Principal:
@@ -174,25 +199,34 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         who = authenticate(request)
-        req = parse_chat_request(await _read_json(request, settings.max_body_bytes))
+        limit = who.key_limits.max_body_bytes or settings.max_body_bytes
+        req = parse_chat_request(await _read_json(request, min(limit, settings.max_body_bytes)))
         if req.model_extra:
             log.info("api.unknown_fields", fields=sorted(req.model_extra))
+        who.check_model(req.model)
+        cap = who.key_limits.max_tokens or who.org_limits.max_tokens
+        if cap and (req.token_limit or 0) > cap:
+            raise InvalidRequestError(f"max_tokens may be at most {cap} for this key.", param="max_tokens")
         chat: ChatService = request.app.state.chat
-        job = chat.new_job(req)
-        run, sub = await chat.start(job, who)
+        use_cache = request.headers.get(CACHE_HEADER, "").lower() not in {"no", "bypass", "off"}
+        session = chat.open(req, who, use_cache=use_cache)
+        await chat.start(session)
+        headers = {CACHE_HEADER: "hit" if session.cached else ("miss" if session.cache_key else "bypass")}
         if not req.stream:
             return await _watch_disconnect(
-                request, lambda: chat.complete(req, run, sub), lambda: chat.finish(run, "client gone"),
-                lambda result: Response(result.model_dump_json(), media_type="application/json"))
-        payloads = chat.stream(req, run, sub)
+                request, lambda: chat.complete(session), lambda: chat.finish(session, "client gone"),
+                lambda result: Response(result.model_dump_json(), media_type="application/json", headers=headers))
+        payloads = chat.stream(session)
         try:
             first = await payloads.__anext__()
         except BaseException:
-            await chat.finish(run, "failed")
+            await chat.finish(session, "failed")
             raise
-        return StreamingResponse(_sse(first, payloads, lambda: chat.finish(run, "stream closed")),
+        return StreamingResponse(_sse(first, payloads, lambda: chat.finish(session, "stream closed")),
                                  media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+
+    app.include_router(admin_router(authenticate))
 
     return app
 

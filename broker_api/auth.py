@@ -1,8 +1,9 @@
 """API-key authentication.
 
-Until the control plane lands, one bootstrap admin key: `TOKENYARD_ADMIN_KEY`, or a key
-generated once into `<data dir>/admin_key` (mode 0600) and printed at start. Keys are compared
-as SHA-256 digests with `hmac.compare_digest`; the key itself is never logged.
+Two kinds of key: the bootstrap admin key (`TOKENYARD_ADMIN_KEY`, or generated once into
+`<data dir>/admin_key` and printed at start), which administers every org; and keys issued
+through the admin API (`broker_api.directory`), each belonging to one org. Keys are compared
+as digests with `hmac.compare_digest`; a key itself is never logged or echoed back whole.
 """
 
 from __future__ import annotations
@@ -11,23 +12,45 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.errors import AuthenticationError
+from broker_api.directory import ROOT_ORG, Directory
+from schemas.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
+from schemas.tenancy import DEFAULT_TIER, Limits
 
-KEY_PREFIX = "ty"
+BOOTSTRAP_ID = "admin"
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    tenant: str
+    org: str
     key_id: str
-    admin: bool
+    admin: bool  # may use the admin API (for its own org)
+    root: bool = False  # the bootstrap key: every org
+    project: str = ""
+    priority: str = DEFAULT_TIER
+    key_limits: Limits = field(default_factory=Limits)
+    org_limits: Limits = field(default_factory=Limits)
+    models: tuple[str, ...] = ()
+    cache: bool = True
+    volunteer_ok: bool = False
 
+    def check_model(self, model: str) -> None:
+        if self.models and model not in self.models:
+            raise ModelNotFoundError(f"The model `{model}` does not exist or you do not have access to it.",
+                                     param="model")
 
-def new_key(key_id: str) -> str:
-    return f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    def require_admin(self) -> None:
+        if not self.admin:
+            raise PermissionDeniedError("This key may not use the admin API.")
+
+    def scope(self, org: str | None) -> str | None:
+        """The org an admin request may see: its own, or any (None = all) for the root key."""
+        if self.root:
+            return org
+        return self.org
 
 
 def load_or_create_admin_key(data_dir: str, configured: str) -> tuple[str, bool]:
@@ -38,22 +61,23 @@ def load_or_create_admin_key(data_dir: str, configured: str) -> tuple[str, bool]
     if path.exists():
         return path.read_text().strip(), False
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = new_key("admin")
+    key = f"ty_{BOOTSTRAP_ID}_{secrets.token_urlsafe(32)}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key, True
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+def _masked(key: str) -> str:
+    return key[:6] + "****" + key[-4:] if len(key) > 12 else "********"
 
 
 class KeyStore:
-    def __init__(self, admin_key: str) -> None:
+    def __init__(self, admin_key: str, directory: Directory | None = None) -> None:
         if not admin_key:
             raise ValueError("an admin key is required")
-        self._admin = _digest(admin_key)
+        self._admin = hashlib.sha256(admin_key.encode("utf-8")).digest()
+        self.directory = directory
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -64,7 +88,13 @@ class KeyStore:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError("The Authorization header must be 'Bearer YOUR_KEY'.", code=None)
-        if hmac.compare_digest(_digest(key), self._admin):
-            return Principal(tenant="default", key_id="admin", admin=True)
-        shown = key[:6] + "*" * 4 + key[-4:] if len(key) > 12 else "*" * 8
-        raise AuthenticationError(f"Incorrect API key provided: {shown}.")
+        if hmac.compare_digest(hashlib.sha256(key.encode("utf-8")).digest(), self._admin):
+            return Principal(org=ROOT_ORG, key_id=BOOTSTRAP_ID, admin=True, root=True)
+        record = self.directory.verify(key) if self.directory is not None else None
+        if record is None or not record.usable(time.time()):
+            raise AuthenticationError(f"Incorrect API key provided: {_masked(key)}.")
+        org = self.directory.org(record.org) if self.directory is not None else None
+        return Principal(org=record.org, key_id=record.id, admin=record.admin, project=record.project,
+                         priority=record.priority, key_limits=record.limits,
+                         org_limits=org.limits if org else Limits(), models=record.models, cache=record.cache,
+                         volunteer_ok=record.volunteer_ok)

@@ -23,6 +23,7 @@ from schemas import subjects
 from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
 from schemas.jobs import CONTINUE, HEARTBEAT, STOP, Admission, Event, Job, ModelAdvert, Stop, Submission, WireError
 from schemas.jobs import decode_model_list
+from schemas.logs import close_quietly
 
 log = structlog.get_logger(__name__)
 
@@ -47,8 +48,7 @@ class Bus:
     async def close(self) -> None:
         for run in self.runs.values():
             run.closed = True
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.drain()
+        await close_quietly(self.nc)
 
     def reply_subject(self, job_id: str) -> str:
         return subjects.reply_subject(self.gateway_id, job_id)

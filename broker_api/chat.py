@@ -1,7 +1,7 @@
 """Serving `/v1/chat/completions`: a validated request becomes a job; the job's events become
-one OpenAI response or an SSE stream.
+one OpenAI response or an SSE stream; its end becomes one usage record.
 
-`ChatService.run` drives one job to its end: it waits for the winning attempt's events,
+`ChatService.events` drives one job to its end: it waits for the winning attempt's events,
 re-dispatches when an attempt fails or dies before anything reached the client, and raises a
 `TokenyardError` when the job cannot finish. Nothing here touches HTTP; `broker_api.app`
 turns the results into responses.
@@ -19,17 +19,28 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from broker_api.accounting import Accounts
 from broker_api.auth import Principal
 from broker_api.bus import Bus
+from broker_api.cache import CachedAnswer, ResponseCache, cache_key, cacheable
 from broker_api.jobrun import Broken, JobRun
 from broker_api.settings import ApiSettings
-from schemas.chat import (ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage)
+from schemas.chat import (ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage,
+                          message_text)
 from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
-from schemas.jobs import DONE, ERROR, START, Event, Job, Submission
+from schemas.jobs import ATTEMPTS_PER_DISPATCH, DONE, ERROR, START, Event, Job, Submission
+from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
 TICK = 0.25  # seconds between liveness checks while a job is quiet
+
+
+def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
+    """A tokenizer-free upper-ish estimate (4 characters a token, 4 tokens of framing a message),
+    for reservations and for requests that end before a worker counted the prompt."""
+    chars = sum(len(message_text(m.content)) for m in req.messages)  # type: ignore[arg-type]
+    return chars // 4 + 4 * len(req.messages)
 
 
 @dataclass(slots=True)
@@ -52,68 +63,160 @@ class Tally:
             self.tokens += tokens
             self.chars += len(text)
 
-    def usage(self, done: Event) -> Usage:
-        """Prompt tokens as the worker counted them; completion tokens as reported when the
-        relayed text can hold that many, else what the gateway counted itself."""
-        completion = done.completion_tokens
-        if not 0 <= completion <= max(self.tokens, self.chars):
-            log.warning("job.usage_mismatch", job_id=done.job_id, reported=completion, relayed=self.tokens)
-            completion = self.tokens
-        return Usage.of(max(0, done.prompt_tokens), completion)
+    def completion_tokens(self, done: Event) -> int:
+        """As reported when the relayed text can hold that many, else as counted here."""
+        reported = done.completion_tokens
+        if not 0 <= reported <= max(self.tokens, self.chars):
+            log.warning("job.usage_mismatch", job_id=done.job_id, reported=reported, relayed=self.tokens)
+            return self.tokens
+        return reported
+
+
+@dataclass(slots=True)
+class Session:
+    """One request from arrival to its usage record."""
+
+    req: ChatCompletionRequest
+    who: Principal
+    job: Job
+    started: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.time)
+    run: JobRun | None = None
+    sub: Submission | None = None
+    tally: Tally = field(default_factory=Tally)
+    done: Event | None = None
+    first_token: float = 0.0
+    status: int = 200
+    outcome: str = "cancelled"
+    cache_key: str = ""
+    cached: CachedAnswer | None = None
+    recorded: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.req.n or 1
+
+    def usage(self) -> Usage:
+        if self.cached is not None:
+            return Usage.of(self.cached.prompt_tokens, self.cached.completion_tokens)
+        if self.done is not None:
+            return Usage.of(max(0, self.done.prompt_tokens), self.tally.completion_tokens(self.done))
+        return Usage.of(estimate_prompt_tokens(self.req) if self.tally.tokens else 0, self.tally.tokens)
 
 
 class ChatService:
-    def __init__(self, bus: Bus, settings: ApiSettings) -> None:
+    def __init__(self, bus: Bus, settings: ApiSettings, *, accounts: Accounts | None = None,
+                 cache: ResponseCache | None = None) -> None:
         self._bus = bus
         self._s = settings
+        self._accounts = accounts
+        self._cache = cache
 
-    def new_job(self, req: ChatCompletionRequest) -> Job:
+    def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True) -> Session:
         job_id = uuid.uuid4().hex
         body = req.model_dump(exclude_none=True, exclude={"stream", "stream_options"})
-        return Job(id=job_id, model=req.model, request=body, reply=self._bus.reply_subject(job_id),
-                   deadline=time.time() + self._s.request_timeout)
+        job = Job(id=job_id, model=req.model, request=body, reply=self._bus.reply_subject(job_id),
+                  deadline=time.time() + self._s.request_timeout)
+        session = Session(req=req, who=who, job=job)
+        if self._cache is not None and use_cache and who.cache and cacheable(body):
+            session.cache_key = cache_key(body)
+        return session
 
-    async def start(self, job: Job, who: Principal) -> tuple[JobRun, Submission]:
-        run = self._bus.open_run(job, silence=self._s.attempt_silence)
-        sub = Submission(job=job, tenant=who.tenant, key_id=who.key_id)
-        try:
-            admission = await self._bus.submit(sub, timeout=self._s.submit_timeout, deadline=job.deadline)
-        except BaseException:
-            await self._bus.close_run(run, "not admitted")
-            raise
-        run.pool_of_dispatch[job.dispatch] = admission.pool
-        return run, sub
-
-    async def finish(self, run: JobRun, reason: str) -> None:
-        await self._bus.close_run(run, reason)
-
-    async def events(self, run: JobRun, sub: Submission) -> AsyncIterator[Event]:
-        """The winning attempt's DELTA and DONE events, in order; raises if the job fails."""
-        while True:
-            item = await self._next(run)
-            if item is None:
-                if run.silent(time.monotonic()):
-                    gone = run.drop_current()
-                    if gone:
-                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent")
-                    sub = await self._again(run, sub, "the worker stopped responding", avoid=False)
-                continue
-            if isinstance(item, Broken):
-                await self._bus.stop(item.node, run.job.id, item.attempt, "lost events")
-                sub = await self._again(run, sub, f"the worker's events were lost ({item.reason})", avoid=False)
-                continue
-            if item.kind == START:
-                continue
-            if item.kind == ERROR:
-                run.drop_current()
-                error = from_wire(item.error or {})
-                if not item.retryable:
-                    raise error
-                sub = await self._again(run, sub, error.message, avoid=True)
-                continue
-            yield item
-            if item.kind == DONE:
+    async def start(self, s: Session) -> None:
+        """Answer from the cache, or admit the job; raises if it is not admitted."""
+        if s.cache_key and self._cache is not None:
+            s.cached = await self._cache.get(s.cache_key)
+            if s.cached is not None:
+                s.outcome = "cached"
                 return
+        s.run = self._bus.open_run(s.job, silence=self._s.attempt_silence)
+        est = estimate_prompt_tokens(s.req) + (s.req.token_limit or 0)
+        s.sub = Submission(job=s.job, tenant=s.who.org, key_id=s.who.key_id, priority=s.who.priority,
+                           key_limits=s.who.key_limits, org_limits=s.who.org_limits, estimated_tokens=est,
+                           volunteer_ok=s.who.volunteer_ok)
+        try:
+            admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=s.job.deadline)
+        except BaseException:
+            await self._bus.close_run(s.run, "not admitted")
+            s.run = None
+            raise
+        s.run.pool_of_dispatch[s.job.dispatch] = admission.pool
+
+    async def finish(self, s: Session, reason: str) -> None:
+        """Always called once the response ended: stops the attempt if needed, records usage."""
+        if s.run is not None:
+            await self._bus.close_run(s.run, reason)
+        if s.recorded or (s.run is None and s.cached is None):
+            return  # never admitted: nothing ran, nothing to bill
+        s.recorded = True
+        if s.outcome == "ok" and s.cache_key and self._cache is not None and s.done is not None:
+            u = s.usage()
+            await self._cache.put(s.cache_key, CachedAnswer(["".join(t) for t in s.tally.texts], list(s.done.finish),
+                                                            u.prompt_tokens, u.completion_tokens, s.done.cost or 0.0))
+        if self._accounts is not None:
+            self._accounts.usage(self._record(s))
+
+    def _record(self, s: Session) -> UsageRecord:
+        u = s.usage()
+        route, node, attempts = "", "", s.job.dispatch
+        if s.cached is not None:
+            route, cost = "cache", s.cached.cost * self._s.cache_hit_cost
+        else:
+            cost = (s.done.cost or 0.0) if s.done is not None else 0.0
+            if s.run is not None:
+                attempt = s.tally.attempt if s.tally.attempt >= 0 else (s.run.current or 0)
+                route = s.run.pool_of_dispatch.get(attempt // ATTEMPTS_PER_DISPATCH, "")
+                node = s.run.current_node
+                attempts = s.run.job.dispatch
+        now = time.monotonic()
+        return UsageRecord(
+            job_id=s.job.id, time=s.arrived, org=s.who.org, project=s.who.project, key_id=s.who.key_id,
+            model=s.req.model, route=route, node=node, attempts=attempts, prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens, cached_tokens=u.prompt_tokens if s.cached else 0,
+            cost=round(cost, 10), ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
+            duration_ms=round((now - s.started) * 1e3, 3), outcome=s.outcome, status=s.status,
+            stream=bool(s.req.stream), reserved_tokens=s.sub.estimated_tokens if s.sub else 0)
+
+    # --- driving a job ------------------------------------------------------------------
+
+    async def events(self, s: Session) -> AsyncIterator[Event]:
+        """The winning attempt's DELTA and DONE events, in order; raises if the job fails."""
+        run = s.run
+        assert run is not None and s.sub is not None
+        try:
+            while True:
+                item = await self._next(run)
+                if item is None:
+                    if run.silent(time.monotonic()):
+                        gone = run.drop_current()
+                        if gone:
+                            await self._bus.stop(gone[1], run.job.id, gone[0], "silent")
+                        await self._again(s, "the worker stopped responding", avoid=False)
+                    continue
+                if isinstance(item, Broken):
+                    await self._bus.stop(item.node, run.job.id, item.attempt, "lost events")
+                    await self._again(s, f"the worker's events were lost ({item.reason})", avoid=False)
+                    continue
+                if item.kind == START:
+                    continue
+                if item.kind == ERROR:
+                    run.drop_current()
+                    error = from_wire(item.error or {})
+                    if not item.retryable:
+                        raise error
+                    await self._again(s, error.message, avoid=True)
+                    continue
+                s.tally.add(item, s.n)
+                if not s.first_token:
+                    s.first_token = time.monotonic()
+                if item.kind == DONE:
+                    s.done, s.outcome = item, "ok"
+                yield item
+                if item.kind == DONE:
+                    return
+        except TokenyardError as e:
+            s.status, s.outcome = e.status, "error"
+            raise
 
     async def _next(self, run: JobRun) -> Event | Broken | None:
         if not run.queue.empty():
@@ -129,8 +232,10 @@ class ChatService:
         except TimeoutError:
             return None
 
-    async def _again(self, run: JobRun, sub: Submission, why: str, *, avoid: bool) -> Submission:
+    async def _again(self, s: Session, why: str, *, avoid: bool) -> None:
         """Place the job once more, unless content already reached the client or the budget is spent."""
+        run, sub = s.run, s.sub
+        assert run is not None and sub is not None
         job = run.job
         if run.committed:
             raise WorkerFailedError(f"The answer was interrupted: {why}.")
@@ -138,58 +243,68 @@ class ChatService:
             raise WorkerFailedError(f"The request failed on every attempt ({job.dispatch}); last: {why}.")
         failed_pool = run.pool_of_dispatch.get(job.dispatch, "")
         again = dataclasses.replace(job, dispatch=job.dispatch + 1)
-        sub = dataclasses.replace(sub, job=again, avoid=sub.avoid + ((failed_pool,) if avoid and failed_pool else ()))
+        s.sub = dataclasses.replace(sub, job=again,
+                                    avoid=sub.avoid + ((failed_pool,) if avoid and failed_pool else ()))
         run.job = again
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=why)
-        admission = await self._bus.submit(sub, timeout=self._s.submit_timeout, deadline=job.deadline)
+        admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=job.deadline)
         run.pool_of_dispatch[again.dispatch] = admission.pool
-        return sub
 
-    async def complete(self, req: ChatCompletionRequest, run: JobRun, sub: Submission) -> ChatCompletion:
-        n = req.n or 1
-        tally = Tally()
-        tally.reset(-1, n)
-        async for ev in self.events(run, sub):
-            tally.add(ev, n)
-            if ev.kind == DONE:
-                choices = [Choice(index=i, message=ResponseMessage(content="".join(tally.texts[i]), refusal=None),
-                                  logprobs=None, finish_reason=ev.finish[i] if i < len(ev.finish) else "stop")
-                           for i in range(n)]
-                return ChatCompletion(id=f"chatcmpl-{run.job.id}", created=int(time.time()), model=req.model,
-                                      choices=choices, usage=tally.usage(ev))
-        raise WorkerFailedError("the job ended without an answer")
+    # --- shaping the answer -------------------------------------------------------------
 
-    async def stream(self, req: ChatCompletionRequest, run: JobRun, sub: Submission) -> AsyncIterator[str]:
+    def _usage(self, s: Session) -> Usage:
+        u = s.usage()
+        if s.req.wants_cost:
+            record_cost = self._record(s).cost
+            u = u.model_copy(update={"cost": record_cost})
+        return u
+
+    async def complete(self, s: Session) -> ChatCompletion:
+        if s.cached is None:
+            async for _ in self.events(s):
+                pass
+            assert s.done is not None
+            texts = ["".join(t) for t in s.tally.texts]
+            finish = list(s.done.finish)
+        else:
+            texts, finish = s.cached.texts, s.cached.finish
+        choices = [Choice(index=i, message=ResponseMessage(content=texts[i] if i < len(texts) else "", refusal=None),
+                          logprobs=None, finish_reason=finish[i] if i < len(finish) else "stop")  # type: ignore[arg-type]
+                   for i in range(s.n)]
+        return ChatCompletion(id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model, choices=choices,
+                              usage=self._usage(s))
+
+    async def stream(self, s: Session) -> AsyncIterator[str]:
         """SSE `data:` payloads. The first is produced before the HTTP response starts, so any
         error up to then is still an HTTP error; after it, errors become an error event."""
-        n = req.n or 1
-        enc = ChunkEncoder(id=f"chatcmpl-{run.job.id}", created=int(time.time()), model=req.model,
-                           include_usage=req.wants_usage_chunk)
-        tally = Tally()
-        tally.reset(-1, n)
-        events = self.events(run, sub)
-        try:
-            async for ev in events:
-                tally.add(ev, n)
-                run.committed = True
-                for index, text, _ in ev.pieces:
-                    if text:
-                        yield enc.content(index, text)
-                if ev.kind == DONE:
-                    for i in range(n):
-                        yield enc.finish(i, ev.finish[i] if i < len(ev.finish) else "stop")
-                    if req.wants_usage_chunk:
-                        yield enc.usage(tally.usage(ev))
-                    yield "[DONE]"
-                    return
-        except TokenyardError as e:
-            if not run.committed:
-                raise
-            log.warning("job.stream_failed", job_id=run.job.id, error=e.message)
-            yield _json_error(e)
-        finally:
-            await events.aclose()
-
-
-def _json_error(e: TokenyardError) -> str:
-    return json.dumps(e.body(), separators=(",", ":"))
+        enc = ChunkEncoder(id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model,
+                           include_usage=s.req.wants_usage_chunk)
+        if s.cached is not None:
+            for i in range(s.n):
+                if i < len(s.cached.texts) and s.cached.texts[i]:
+                    yield enc.content(i, s.cached.texts[i])
+            finish = s.cached.finish
+        else:
+            events = self.events(s)
+            try:
+                async for ev in events:
+                    assert s.run is not None
+                    s.run.committed = True
+                    for index, text, _ in ev.pieces:
+                        if text:
+                            yield enc.content(index, text)
+            except TokenyardError as e:
+                if s.run is None or not s.run.committed:
+                    raise
+                log.warning("job.stream_failed", job_id=s.job.id, error=e.message)
+                yield json.dumps(e.body(), separators=(",", ":"))
+                return
+            finally:
+                await events.aclose()
+            assert s.done is not None
+            finish = list(s.done.finish)
+        for i in range(s.n):
+            yield enc.finish(i, finish[i] if i < len(finish) else "stop")
+        if s.req.wants_usage_chunk:
+            yield enc.usage(self._usage(s))
+        yield "[DONE]"

@@ -10,7 +10,7 @@ import structlog
 
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
-from schemas.logs import configure_logging, run
+from schemas.logs import close_quietly, configure_logging, run
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +28,7 @@ async def serve(settings: SchedulerSettings) -> None:
         await stop.wait()
     finally:
         await scheduler.stop()
-        await nc.drain()
+        await close_quietly(nc)
         log.info("scheduler.stopped")
 
 

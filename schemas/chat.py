@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import InvalidRequestError
+from schemas.validation import invalid_request
 
 
 class _Lenient(BaseModel):
@@ -180,6 +181,13 @@ class ChatCompletionRequest(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
+    def wants_cost(self) -> bool:
+        """OpenRouter's `usage: {"include": true}` asks for the cost in the usage object."""
+        extra = self.model_extra or {}
+        usage = extra.get("usage")
+        return isinstance(usage, dict) and bool(usage.get("include"))
+
+    @property
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -191,36 +199,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
-        raise _invalid_from(e) from e
-
-
-def _invalid_from(e: ValidationError) -> InvalidRequestError:
-    # In a union, the branch that got furthest names the real problem.
-    first = max(e.errors(include_url=False), key=lambda err: len(err["loc"]))
-    param = _param_path(first["loc"])
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "missing":
-        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if first["type"] == "union_tag_invalid":
-        return InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
-    if param:
-        return InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
-    return InvalidRequestError(msg, code="invalid_value")
-
-
-_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "str", "function-after"})
-
-
-def _param_path(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in _UNION_TAGS or not str(item).isidentifier():
-            continue  # union branch names pydantic adds to the location
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
+        raise invalid_request(e) from e
 
 
 def message_text(content: Content | list[dict[str, Any]] | None) -> str:
@@ -262,6 +241,7 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_is_none)
     completion_tokens_details: CompletionTokensDetails | None = Field(default=None, exclude_if=_is_none)
+    cost: float | None = Field(default=None, exclude_if=_is_none)  # USD, when the request asked (OpenRouter)
 
     @classmethod
     def of(cls, prompt: int, completion: int) -> Usage:

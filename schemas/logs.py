@@ -1,17 +1,19 @@
 """One log format and one event loop set-up for every role.
 
 This is the one module of `schemas/` that is not wire data: it holds the process conventions
-every role shares (structured logs on stderr, uvloop when installed), so they are defined once.
-It imports only structlog and the stdlib, and does nothing at import.
+every role shares (structured logs on stderr, uvloop when installed, closing the NATS
+connection), so they are defined once. It imports only structlog and the stdlib (the NATS
+client is passed in), and does nothing at import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -37,6 +39,20 @@ def configure_logging(level: str = "info", as_json: bool = False) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class _Closable(Protocol):
+    async def flush(self, timeout: int = ...) -> None: ...
+    async def close(self) -> None: ...
+
+
+async def close_quietly(nc: _Closable, timeout: int = 2) -> None:
+    """Flush what was published, then close. Not `drain()`: with pull subscriptions in flight,
+    nats-py's drain can wait out its whole 30 s timeout; each role settles its own work first."""
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=timeout)
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -46,3 +46,26 @@ class UsageRecord:
         o: dict[str, Any] = msgpack.unpackb(data, raw=False)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in o.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """Who did what, when, from where. Append-only; published to `TY_AUDIT` by id."""
+
+    id: str
+    time: float
+    org: str
+    actor: str  # the key id that acted ("admin" for the bootstrap key)
+    action: str  # e.g. "key.create", "key.revoke", "org.create", "org.update", "admin.signin"
+    target: str  # the id acted on
+    source: str  # the client's address
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": 1, **dataclasses.asdict(self)}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> AuditEvent:
+        o: dict[str, Any] = msgpack.unpackb(data, raw=False)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in o.items() if k in names})

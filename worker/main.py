@@ -11,7 +11,7 @@ import structlog
 from worker.backends import build_backend
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
-from schemas.logs import configure_logging, run
+from schemas.logs import close_quietly, configure_logging, run
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ async def serve(settings: WorkerSettings) -> None:
         await stop.wait()
         await worker.drain()
     finally:
-        await nc.drain()
+        await close_quietly(nc)
         await backend.close()
 
 

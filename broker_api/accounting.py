@@ -1,0 +1,52 @@
+"""Publishing usage records and audit events to JetStream, off the request's critical path.
+
+Each record is published with its id as `Nats-Msg-Id`, so retries after a lost ack are
+duplicates JetStream drops; the ledgers then store it once. Publishing happens in background
+tasks; `flush` waits for them at shutdown so nothing accepted is dropped on a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+
+from schemas import subjects
+from schemas.usage import AuditEvent, UsageRecord
+
+log = structlog.get_logger(__name__)
+
+ATTEMPTS = 6
+
+
+class Accounts:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def usage(self, record: UsageRecord) -> None:
+        self._spawn(subjects.usage_subject(record.job_id), record.encode(), record.job_id)
+
+    def audit(self, event: AuditEvent) -> None:
+        self._spawn(subjects.audit_subject(event.id), event.encode(), event.id)
+
+    def _spawn(self, subject: str, data: bytes, msg_id: str) -> None:
+        task = asyncio.create_task(self._publish(subject, data, msg_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        for attempt in range(ATTEMPTS):
+            try:
+                await self._js.publish(subject, data, timeout=2.0, headers={"Nats-Msg-Id": msg_id})
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as e:
+                log.warning("accounting.publish_retry", subject=subject, attempt=attempt, error=str(e))
+                await asyncio.sleep(0.2 * 2**attempt)
+        log.error("accounting.publish_failed", subject=subject)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)

@@ -1,0 +1,245 @@
+"""The control plane: orgs and keys, revocation across gateways, tenancy, the ledger (exact for
+plain, streamed, cancelled, failed-over and cached requests), the audit log and the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import signal
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from schemas import subjects
+from tests.conftest import ECHO
+from tests.stack import ADMIN_KEY, Stack, auth_headers
+from tests.test_faults import sdk, watch_adverts
+
+USER = [{"role": "user", "content": "hello ledger"}]
+
+
+async def admin(http: httpx.AsyncClient, method: str, path: str, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
+    return await http.request(method, f"/v1/admin{path}", headers=auth_headers(key), **kw)
+
+
+async def new_key(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    r = await admin(http, "POST", "/keys", json={"name": "test", **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def wait_rows(http: httpx.AsyncClient, count: int, timeout: float = 10.0, **params: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        r = await admin(http, "GET", "/usage/export", params={"format": "json", **params})
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        if len(rows) >= count:
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"ledger has {len(rows)} rows, expected {count}: {rows}")
+
+
+@pytest.fixture
+async def http(echo_stack: Stack) -> httpx.AsyncClient:
+    async with httpx.AsyncClient(base_url=echo_stack.api_url, timeout=30) as c:
+        yield c
+
+
+async def test_keys_are_shown_once_stored_hashed_and_work(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    created = await new_key(http, models=[ECHO])
+    secret = created["key"]
+    assert secret.startswith(f"ty_{created['id']}_") and "digest" not in created
+    kv = await (await echo_stack.bus()).jetstream().key_value(subjects.KEYS_BUCKET)
+    stored = (await kv.get(created["id"])).value
+    assert secret.encode() not in stored and secret.split("_")[-1].encode() not in stored
+    listed = (await admin(http, "GET", "/keys")).json()["data"]
+    assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0] and "digest" not in listed[0]
+    async with openai.AsyncOpenAI(base_url=f"{echo_stack.api_url}/v1", api_key=secret, max_retries=0) as c:
+        r = await c.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
+        assert r.choices[0].message.content == "hello ledger"
+
+
+async def test_revocation_reaches_every_gateway_within_two_seconds(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    other = await echo_stack.start_api()
+    secret = (await new_key(http))["key"]
+    body = {"model": ECHO, "messages": USER, "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=other) as http2:
+        assert (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code == 200
+        key_id = secret.split("_")[1]
+        assert (await admin(http, "POST", f"/keys/{key_id}/revoke")).status_code == 200
+        revoked_at = time.monotonic()
+        status = 200
+        while time.monotonic() - revoked_at < 2.0:
+            status = (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code
+            if status == 401:
+                break
+            await asyncio.sleep(0.01)
+        assert status == 401
+
+
+async def test_tenants_see_only_their_own(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    orgs = []
+    for name in ("acme", "globex"):
+        r = await admin(http, "POST", "/orgs", json={"name": name, "projects": ["web"]})
+        assert r.status_code == 201, r.text
+        orgs.append(r.json()["id"])
+    acme_admin = (await new_key(http, org=orgs[0], admin=True))["key"]
+    globex_key = await new_key(http, org=orgs[1], project="web")
+    # acme's admin: globex's key and org do not exist for it
+    assert (await admin(http, "GET", f"/keys/{globex_key['id']}", key=acme_admin)).status_code == 404
+    assert (await admin(http, "GET", f"/orgs/{orgs[1]}", key=acme_admin)).status_code == 404
+    assert (await admin(http, "POST", f"/keys/{globex_key['id']}/revoke", key=acme_admin)).status_code == 404
+    r = await admin(http, "POST", "/keys", key=acme_admin, json={"name": "x", "org": orgs[1]})
+    assert r.status_code == 404
+    listed = (await admin(http, "GET", "/keys", key=acme_admin)).json()["data"]
+    assert {k["org"] for k in listed} == {orgs[0]}
+    assert (await admin(http, "GET", "/orgs", key=acme_admin)).json()["data"][0]["id"] == orgs[0]
+    # org admins cannot create orgs or raise their own limits
+    assert (await admin(http, "POST", "/orgs", key=acme_admin, json={"name": "x"})).status_code == 403
+    assert (await admin(http, "PATCH", f"/orgs/{orgs[0]}", key=acme_admin, json={"name": "y"})).status_code == 403
+    # a plain key may not use the admin API at all
+    assert (await admin(http, "GET", "/keys", key=globex_key["key"])).status_code == 403
+    # unknown and privileged fields are refused
+    for bad in ({"name": "x", "digest": "00"}, {"name": "x", "revoked": 0}, {"name": "x", "root": True}):
+        r = await admin(http, "POST", "/keys", key=acme_admin, json=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter", r.text
+
+
+async def test_model_scopes_and_max_tokens_limit(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    scoped = (await new_key(http, models=["some/other-model"]))["key"]
+    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER}, headers=auth_headers(scoped))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    capped = (await new_key(http, limits={"max_tokens": 5}))["key"]
+    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 6},
+                        headers=auth_headers(capped))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
+    workers = [stack.start_worker(TOKENYARD_NODE_ID=f"w{i}", TOKENYARD_SLOTS="4") for i in range(2)]
+    await stack.start_api()
+    await stack.wait_for_model(ECHO, nodes=2)
+    adverts = await watch_adverts(stack)
+    seen: dict[str, tuple[int, int]] = {}  # what each client received: (prompt, completion) tokens
+    async with sdk(stack) as client, httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        plain = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=7)
+        seen[plain.id] = (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+        stream = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=9, stream=True,
+                                                      stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.usage:
+                seen[chunk.id] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        # cancelled mid-stream after some tokens
+        stream = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=100]]"}], stream=True)
+        got = 0
+        async for chunk in stream:
+            got += 1 if chunk.choices and chunk.choices[0].delta.content else 0
+            cancelled_id = chunk.id
+            if got >= 3:
+                break
+        await stream.close()
+        # failed over: the first worker dies before its first token
+        request = asyncio.create_task(client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "fail over [[tokens=4]] [[delay=1.0]]"}]))
+        assert await adverts.wait(lambda a: any(n.slots_free < 4 for n in a.values()), 3.0)
+        busy = next(n for n, a in adverts.latest.items() if a.slots_free < 4)
+        workers[int(busy[1:])].signal(signal.SIGKILL)
+        failed_over = await asyncio.wait_for(request, 15)
+        seen[failed_over.id] = (failed_over.usage.prompt_tokens, failed_over.usage.completion_tokens)
+        # cached: the same deterministic request twice
+        for _ in range(2):
+            r = await client.chat.completions.with_raw_response.create(model=ECHO, messages=USER, max_tokens=3,
+                                                                      temperature=0)
+            answer = r.parse()
+            seen[answer.id] = (answer.usage.prompt_tokens, answer.usage.completion_tokens)
+        assert r.headers["x-tokenyard-cache"] == "hit"
+        rows = await wait_rows(http, 6)
+    by_id = {f"chatcmpl-{row['job_id']}": row for row in rows}
+    assert len(rows) == len(by_id) == 6  # one row per job, each once
+    for cid, (prompt, completion) in seen.items():
+        assert (by_id[cid]["prompt_tokens"], by_id[cid]["completion_tokens"]) == (prompt, completion), cid
+        assert by_id[cid]["outcome"] in {"ok", "cached"}
+    cancelled = by_id[cancelled_id]
+    assert cancelled["outcome"] == "cancelled" and got <= cancelled["completion_tokens"] <= got + 10
+    assert by_id[failed_over.id]["attempts"] >= 1 and by_id[failed_over.id]["outcome"] == "ok"
+    assert [row["outcome"] for row in rows].count("cached") == 1
+
+
+async def test_usage_reports_and_csv_export(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    secrets_ = [(await new_key(http, name=f"k{i}"))["key"] for i in range(2)]
+    for i, secret in enumerate(secrets_):
+        for _ in range(i + 1):
+            r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 2},
+                                headers=auth_headers(secret))
+            assert r.status_code == 200
+    await wait_rows(http, 3)
+    by_key = (await admin(http, "GET", "/usage", params={"group_by": "key"})).json()["data"]
+    assert sorted(row["requests"] for row in by_key) == [1, 2]
+    assert all(row["completion_tokens"] == 2 * row["requests"] for row in by_key)
+    by_model = (await admin(http, "GET", "/usage", params={"group_by": "model"})).json()["data"]
+    assert by_model == [{**by_model[0], "model": ECHO, "requests": 3, "completion_tokens": 6}]
+    by_day = (await admin(http, "GET", "/usage", params={"group_by": "day"})).json()["data"]
+    assert by_day[0]["day"] == time.strftime("%Y-%m-%d", time.gmtime()) and by_day[0]["requests"] == 3
+    text = (await admin(http, "GET", "/usage/export", params={"format": "csv"})).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 3 and {r["model"] for r in rows} == {ECHO} and rows[0]["job_id"]
+    bad = await admin(http, "GET", "/usage", params={"group_by": "colour"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
+
+
+async def test_audit_log_records_who_did_what(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    created = await new_key(http, name="audited")
+    await admin(http, "POST", f"/keys/{created['id']}/revoke")
+    deadline = time.monotonic() + 10
+    actions: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        actions = (await admin(http, "GET", "/audit")).json()["data"]
+        if {"key.create", "key.revoke"} <= {a["action"] for a in actions}:
+            break
+        await asyncio.sleep(0.1)
+    by_action = {a["action"]: a for a in actions}
+    assert by_action["key.create"]["target"] == created["id"] and by_action["key.create"]["actor"] == "admin"
+    assert by_action["key.revoke"]["source"] == "127.0.0.1"
+    assert "admin.signin" in by_action
+    assert all(created["key"] not in str(a) for a in actions)
+
+
+async def test_cache_rules(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    h = auth_headers()
+    body = {"model": ECHO, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3}
+    first = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
+    second = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
+    assert (first.headers["x-tokenyard-cache"], second.headers["x-tokenyard-cache"]) == ("miss", "hit")
+    assert first.json()["choices"] == second.json()["choices"] and first.json()["id"] != second.json()["id"]
+    # streamed hit
+    async with http.stream("POST", "/v1/chat/completions", json={**body, "temperature": 0, "stream": True},
+                           headers=h) as r:
+        assert r.headers["x-tokenyard-cache"] == "hit"
+        raw = (await r.aread()).decode()
+    assert '"content":"cache me cache"' in raw and raw.rstrip().endswith("data: [DONE]")
+    # non-deterministic requests, a bypass header, and opted-out keys are not cached
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0.7}, headers=h)
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0},
+                        headers={**h, "x-tokenyard-cache": "no"})
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    opted_out = (await new_key(http, cache=False))["key"]
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=auth_headers(opted_out))
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    # a different request is a miss
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0, "max_tokens": 2}, headers=h)
+    assert r.headers["x-tokenyard-cache"] == "miss"
+
+
+async def test_cost_in_usage_when_asked(client: openai.AsyncOpenAI) -> None:
+    r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2, extra_body={"usage": {"include": True}})
+    assert r.usage.model_extra.get("cost") == 0.0  # own capacity has no price
+    r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
+    assert "cost" not in (r.usage.model_extra or {})
