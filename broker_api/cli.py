@@ -5,6 +5,11 @@
     tokenyard scheduler   admission and placement
     tokenyard worker      a worker (transformers, echo or cloud backend)
 
+    tokenyard keys create|list|revoke    API keys (through the admin API)
+    tokenyard orgs create|list           orgs
+    tokenyard usage [--by model|route|key|day] [--format table|json|csv] [--export]
+    tokenyard audit                      the audit log
+
 Each role runs as its own Python process (`python -m <package>`): the CLI starts it and does
 not import its internals, so the same code runs as separate processes on many machines.
 """
@@ -29,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         from broker_api.launcher import main as up
 
         raise SystemExit(up(rest))
+    if role in {"keys", "orgs", "usage", "audit"}:
+        from broker_api.admin_cli import main as admin
+
+        raise SystemExit(admin(args))
     if role in ROLES:
         os.execv(sys.executable, [sys.executable, "-m", ROLES[role], *rest])
     if role in {"--version", "version"}:
