@@ -32,6 +32,7 @@ from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
 from broker_api.directory import Directory
+from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
 from broker_api.settings import ApiSettings
 from schemas.chat import ModelCard, ModelList, parse_chat_request
@@ -126,7 +127,8 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         if feed is not None:
             await feed.start()
         app.state.bus = the_bus
-        app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache)
+        idempotency = await Idempotency.open(js)
+        app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
         app.state.admin = Admin(directory, ledger, accounts.audit)
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
@@ -209,9 +211,13 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             raise InvalidRequestError(f"max_tokens may be at most {cap} for this key.", param="max_tokens")
         chat: ChatService = request.app.state.chat
         use_cache = request.headers.get(CACHE_HEADER, "").lower() not in {"no", "bypass", "off"}
-        session = chat.open(req, who, use_cache=use_cache)
+        session = chat.open(req, who, use_cache=use_cache,
+                            idempotency_key=request.headers.get("idempotency-key", ""))
         await chat.start(session)
-        headers = {CACHE_HEADER: "hit" if session.cached else ("miss" if session.cache_key else "bypass")}
+        if session.replayed:
+            headers = {"idempotent-replayed": "true"}
+        else:
+            headers = {CACHE_HEADER: "hit" if session.cached else ("miss" if session.cache_key else "bypass")}
         if not req.stream:
             return await _watch_disconnect(
                 request, lambda: chat.complete(session), lambda: chat.finish(session, "client gone"),

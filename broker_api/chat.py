@@ -23,6 +23,7 @@ from broker_api.accounting import Accounts
 from broker_api.auth import Principal
 from broker_api.bus import Bus
 from broker_api.cache import CachedAnswer, ResponseCache, cache_key, cacheable
+from broker_api.idempotency import Idempotency
 from broker_api.jobrun import Broken, JobRun
 from broker_api.settings import ApiSettings
 from schemas.chat import (ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage,
@@ -90,6 +91,8 @@ class Session:
     outcome: str = "cancelled"
     cache_key: str = ""
     cached: CachedAnswer | None = None
+    idempotency_key: str = ""
+    replayed: bool = False  # answered from an earlier request with the same Idempotency-Key
     recorded: bool = False
 
     @property
@@ -106,13 +109,15 @@ class Session:
 
 class ChatService:
     def __init__(self, bus: Bus, settings: ApiSettings, *, accounts: Accounts | None = None,
-                 cache: ResponseCache | None = None) -> None:
+                 cache: ResponseCache | None = None, idempotency: Idempotency | None = None) -> None:
         self._bus = bus
         self._s = settings
         self._accounts = accounts
         self._cache = cache
+        self._idempotency = idempotency
 
-    def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True) -> Session:
+    def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True,
+             idempotency_key: str = "") -> Session:
         job_id = uuid.uuid4().hex
         body = req.model_dump(exclude_none=True, exclude={"stream", "stream_options"})
         job = Job(id=job_id, model=req.model, request=body, reply=self._bus.reply_subject(job_id),
@@ -120,10 +125,25 @@ class ChatService:
         session = Session(req=req, who=who, job=job)
         if self._cache is not None and use_cache and who.cache and cacheable(body):
             session.cache_key = cache_key(body)
+        if idempotency_key and self._idempotency is not None:
+            session.idempotency_key = self._idempotency.key_for(who.org, idempotency_key)
         return session
 
     async def start(self, s: Session) -> None:
-        """Answer from the cache, or admit the job; raises if it is not admitted."""
+        """Replay an earlier answer, answer from the cache, or admit the job; raises if it is not admitted."""
+        if s.idempotency_key and self._idempotency is not None:
+            s.cached = await self._idempotency.claim_or_wait(s.idempotency_key, s.job.id, s.job.deadline)
+            if s.cached is not None:
+                s.replayed, s.outcome = True, "cached"
+                return
+        try:
+            await self._admit(s)
+        except BaseException:
+            if s.idempotency_key and self._idempotency is not None:
+                await self._idempotency.release(s.idempotency_key)
+            raise
+
+    async def _admit(self, s: Session) -> None:
         if s.cache_key and self._cache is not None:
             s.cached = await self._cache.get(s.cache_key)
             if s.cached is not None:
@@ -146,13 +166,23 @@ class ChatService:
         """Always called once the response ended: stops the attempt if needed, records usage."""
         if s.run is not None:
             await self._bus.close_run(s.run, reason)
-        if s.recorded or (s.run is None and s.cached is None):
-            return  # never admitted: nothing ran, nothing to bill
+        if s.recorded or s.replayed or (s.run is None and s.cached is None):
+            return  # a replay, or never admitted: nothing ran, nothing to bill
         s.recorded = True
-        if s.outcome == "ok" and s.cache_key and self._cache is not None and s.done is not None:
+        answer = None
+        if s.done is not None and s.outcome == "ok":
             u = s.usage()
-            await self._cache.put(s.cache_key, CachedAnswer(["".join(t) for t in s.tally.texts], list(s.done.finish),
-                                                            u.prompt_tokens, u.completion_tokens, s.done.cost or 0.0))
+            answer = CachedAnswer(["".join(t) for t in s.tally.texts], list(s.done.finish), u.prompt_tokens,
+                                  u.completion_tokens, s.done.cost or 0.0)
+        elif s.cached is not None:
+            answer = s.cached
+        if s.idempotency_key and self._idempotency is not None:
+            if answer is not None:
+                await self._idempotency.complete(s.idempotency_key, answer)
+            else:
+                await self._idempotency.release(s.idempotency_key)
+        if answer is not None and s.cached is None and s.cache_key and self._cache is not None:
+            await self._cache.put(s.cache_key, answer)
         if self._accounts is not None:
             self._accounts.usage(self._record(s))
 

@@ -243,3 +243,29 @@ async def test_cost_in_usage_when_asked(client: openai.AsyncOpenAI) -> None:
     assert r.usage.model_extra.get("cost") == 0.0  # own capacity has no price
     r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
     assert "cost" not in (r.usage.model_extra or {})
+
+
+async def test_idempotency_key_runs_once(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    other = await echo_stack.start_api()  # a second gateway shares the claims
+    body = {"model": ECHO, "messages": [{"role": "user", "content": "exactly once [[tokens=6]] [[rate=20]]"}]}
+    headers = {**auth_headers(), "Idempotency-Key": "order-42"}
+    async with httpx.AsyncClient(base_url=other, timeout=30) as http2:
+        first, second = await asyncio.gather(
+            http.post("/v1/chat/completions", json=body, headers=headers),
+            http2.post("/v1/chat/completions", json=body, headers=headers))
+        third = await http2.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+    assert first.status_code == second.status_code == third.status_code == 200
+    assert first.json()["choices"] == second.json()["choices"]
+    assert "exactly once exactly" in third.text and third.text.rstrip().endswith("[DONE]")
+    assert [r.headers.get("idempotent-replayed") for r in (first, second)].count("true") == 1
+    rows = await wait_rows(http, 1)
+    await asyncio.sleep(0.5)
+    rows = (await admin(http, "GET", "/usage/export", params={"format": "json"})).json()["data"]
+    assert len(rows) == 1  # one job ran and was billed
+    # another key value runs again; a failed first run does not block a retry
+    r = await http.post("/v1/chat/completions", json=body, headers={**auth_headers(), "Idempotency-Key": "order-43"})
+    assert r.status_code == 200 and r.headers.get("idempotent-replayed") is None
+    bad = {"model": ECHO, "messages": USER, "response_format": {"type": "json_object"}}
+    h44 = {**auth_headers(), "Idempotency-Key": "order-44"}
+    assert (await http.post("/v1/chat/completions", json=bad, headers=h44)).status_code == 400
+    assert (await http.post("/v1/chat/completions", json=body, headers=h44)).status_code == 200
