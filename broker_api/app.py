@@ -34,6 +34,7 @@ from broker_api.chat import ChatService
 from broker_api.directory import Directory
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
+from broker_api.metrics import Metrics, queue_depths
 from broker_api.settings import ApiSettings
 from schemas.chat import ModelCard, ModelList, parse_chat_request
 from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, NotFoundError,
@@ -129,6 +130,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         app.state.bus = the_bus
         idempotency = await Idempotency.open(js)
         app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
+        app.state.chat.metrics = metrics
         app.state.admin = Admin(directory, ledger, accounts.audit)
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
@@ -144,6 +146,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
                 await the_bus.close()
 
     keys = KeyStore(admin_key)
+    metrics = Metrics()
     app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestIdMiddleware)
 
@@ -172,6 +175,11 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("api.unhandled", path=request.url.path)
         return _error_response(TokenyardError("The server had an error while processing your request."))
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        text = metrics.render(await queue_depths(request.app.state.bus.nc.jetstream()))
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -25,6 +25,7 @@ from broker_api.bus import Bus
 from broker_api.cache import CachedAnswer, ResponseCache, cache_key, cacheable
 from broker_api.idempotency import Idempotency
 from broker_api.jobrun import Broken, JobRun
+from broker_api.metrics import Metrics
 from broker_api.settings import ApiSettings
 from schemas.chat import (ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage,
                           message_text)
@@ -115,6 +116,7 @@ class ChatService:
         self._accounts = accounts
         self._cache = cache
         self._idempotency = idempotency
+        self.metrics: Metrics | None = None
 
     def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True,
              idempotency_key: str = "") -> Session:
@@ -183,8 +185,13 @@ class ChatService:
                 await self._idempotency.release(s.idempotency_key)
         if answer is not None and s.cached is None and s.cache_key and self._cache is not None:
             await self._cache.put(s.cache_key, answer)
+        record = self._record(s)
+        if self.metrics is not None:
+            self.metrics.finished(model=record.model, outcome=record.outcome, status=record.status,
+                                  prompt=record.prompt_tokens, completion=record.completion_tokens,
+                                  seconds=record.duration_ms / 1e3, ttft=record.ttft_ms / 1e3 if record.ttft_ms else None)
         if self._accounts is not None:
-            self._accounts.usage(self._record(s))
+            self._accounts.usage(record)
 
     def _record(self, s: Session) -> UsageRecord:
         u = s.usage()

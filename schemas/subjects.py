@@ -93,6 +93,17 @@ def work_subject(pool: str, model_id: str) -> str:
     return f"{PREFIX}.work.{check_pool(pool)}.{model_token(model_id)}"
 
 
+def parse_work_subject(subject: str) -> tuple[str, str] | None:
+    """(pool, model id) of a `work_subject`, or None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] != "work":
+        return None
+    try:
+        return parts[2], model_id_from_token(parts[3])
+    except ValueError:
+        return None
+
+
 def work_consumer(pool: str, model_id: str) -> str:
     """Durable consumer shared by every worker serving `model_id` in `pool`."""
     return f"work-{check_pool(pool)}-{model_token(model_id)}"

@@ -269,3 +269,15 @@ async def test_idempotency_key_runs_once(echo_stack: Stack, http: httpx.AsyncCli
     h44 = {**auth_headers(), "Idempotency-Key": "order-44"}
     assert (await http.post("/v1/chat/completions", json=bad, headers=h44)).status_code == 400
     assert (await http.post("/v1/chat/completions", json=body, headers=h44)).status_code == 200
+
+
+async def test_metrics_show_requests_and_queues(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    for _ in range(2):
+        r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 2},
+                            headers=auth_headers())
+        assert r.status_code == 200
+    text = (await http.get("/metrics")).text
+    assert f'tokenyard_requests_total{{model="{ECHO}",outcome="ok",status="200"}} 2' in text
+    assert f'tokenyard_tokens_total{{model="{ECHO}",kind="completion"}} 4' in text
+    assert f'tokenyard_request_duration_seconds_count{{model="{ECHO}"}} 2' in text
+    assert f'tokenyard_queue_waiting_jobs{{pool="own",model="{ECHO}"}} 0' in text
