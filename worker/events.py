@@ -34,9 +34,11 @@ class EventStream:
         self._pending: list[list[Any]] = []  # [index, text, tokens], merged per index run
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._start_timer: asyncio.TimerHandle | None = None
         self.tokens_sent = 0
 
     def _event(self, kind: str, **fields: Any) -> Event:
+        self.cancel_start()
         ev = Event(kind, self._job_id, self._attempt, self._seq, self._node, **fields)
         self._seq += 1
         return ev
@@ -45,8 +47,21 @@ class EventStream:
         self._last_sent = time.monotonic()
         await self._nc.publish(self._subject, ev.encode())
 
-    async def start(self) -> None:
-        await self._send(self._event(START))
+    def start(self, delay: float) -> None:
+        """Tell the gateway the attempt began, unless another event does it first: a job whose
+        first token comes within `delay` needs no START message at all (the gateway adopts an
+        attempt by its sequence 0, whatever its kind)."""
+        self._start_timer = asyncio.get_running_loop().call_later(delay, self._start_now)
+
+    def _start_now(self) -> None:
+        self._start_timer = None
+        if self._seq == 0:
+            asyncio.ensure_future(self._send(self._event(START)))
+
+    def cancel_start(self) -> None:
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._start_timer = None
 
     async def add(self, delta: Delta) -> None:
         if self._pending and self._pending[-1][0] == delta.index:

@@ -37,6 +37,7 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 FETCH_WAIT = 1.0  # seconds one pull request waits; bounds how fast a drain is noticed
+START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
 GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
 
 
@@ -207,11 +208,11 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
         settle = msg.term
         try:
-            await out.start()
-            jlog.info("job.started")
+            out.start(START_DELAY)
+            jlog.debug("job.started")
             await self._generate(job, out)
             settle = msg.ack
-            jlog.info("job.done", tokens=out.tokens_sent)
+            jlog.debug("job.done", tokens=out.tokens_sent)
         except asyncio.CancelledError:
             reason = self._stop_reasons.pop(job.id, "")
             if not reason:
@@ -226,6 +227,7 @@ class Worker:
             jlog.exception("job.failed")
             await out.fail(WorkerFailedError(f"the worker failed: {type(e).__name__}"), retryable=True)
         finally:
+            out.cancel_start()
             heartbeat.cancel()
             self._running.pop(job.id, None)
             self._stop_reasons.pop(job.id, None)
