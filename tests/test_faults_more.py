@@ -133,3 +133,18 @@ async def test_submission_retried_after_a_lost_answer_runs_once(stack: Stack) ->
     assert all(a.error is None and a.pool == "own" for a in answers)
     info = await nc.jetstream().stream_info(subjects.WORK_STREAM)
     assert info.state.messages == 1
+
+
+async def test_a_job_that_fails_every_attempt_gets_a_clear_error(stack: Stack) -> None:
+    stack.start_worker()
+    await stack.start_api(max_dispatches=3)
+    await stack.wait_for_model(ECHO)
+    async with sdk(stack) as client:
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "[[fail]]"}])
+        assert e.value.status_code == 502
+        assert "every attempt (3)" in e.value.message
+        assert time.monotonic() - started < 5
+        r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "next"}])
+        assert r.choices[0].message.content.startswith("next")  # other jobs keep flowing

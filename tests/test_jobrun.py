@@ -1,0 +1,88 @@
+"""The gateway's per-job fence, without NATS: one attempt's events reach the client, in order,
+with no gaps; a silent attempt can be replaced only before anything was delivered."""
+
+from __future__ import annotations
+
+from broker_api.jobrun import Broken, JobRun
+from schemas.jobs import DELTA, DONE, HEARTBEAT, START, Event, Job
+
+JOB = Job(id="j", model="m", request={}, reply="r", deadline=1e12)
+
+
+def ev(kind: str, attempt: int, seq: int, node: str = "a") -> Event:
+    return Event(kind, "j", attempt, seq, node, pieces=((0, "x", 1),) if kind == DELTA else ())
+
+
+def drain(run: JobRun) -> list[Event | Broken]:
+    out = []
+    while not run.queue.empty():
+        out.append(run.queue.get_nowait())
+    return out
+
+
+def test_first_attempt_is_adopted_and_its_events_pass_in_order() -> None:
+    run = JobRun(JOB, silence=1.0)
+    assert run.offer(ev(START, 1001, 0), now=0)
+    assert run.offer(ev(DELTA, 1001, 1), now=0.1)
+    assert run.offer(ev(DONE, 1001, 2), now=0.2)
+    assert [e.kind for e in drain(run)] == [START, DELTA, DONE]
+    assert run.finished
+
+
+def test_a_second_attempt_is_refused_while_the_first_is_alive() -> None:
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    assert not run.offer(ev(START, 1002, 0, node="b"), now=0.5)
+    assert not run.offer(ev(DELTA, 1002, 1, node="b"), now=0.6)  # refused for good
+    assert run.current == 1001
+
+
+def test_a_silent_attempt_is_replaced_before_delivery_only() -> None:
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    assert run.silent(now=1.5)
+    assert run.offer(ev(START, 1002, 0, node="b"), now=1.5)
+    assert run.current == 1002
+    assert not run.offer(ev(DELTA, 1001, 1), now=1.6)  # the zombie wakes up: dropped
+
+    committed = JobRun(JOB, silence=1.0)
+    committed.offer(ev(DELTA, 1001, 0), now=0)
+    committed.committed = True
+    assert not committed.offer(ev(DELTA, 1002, 0, node="b"), now=5.0)
+    assert committed.current == 1001
+
+
+def test_an_attempt_that_joins_mid_way_is_refused() -> None:
+    run = JobRun(JOB, silence=1.0)
+    assert not run.offer(ev(DELTA, 1001, 3), now=0)
+    assert run.current is None
+
+
+def test_a_gap_breaks_the_attempt_instead_of_leaving_a_hole() -> None:
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(DELTA, 1001, 0), now=0)
+    assert not run.offer(ev(DELTA, 1001, 2), now=0.1)  # seq 1 was lost
+    items = drain(run)
+    assert isinstance(items[-1], Broken) and items[-1].attempt == 1001
+    assert run.current is None
+    assert not run.offer(ev(DELTA, 1001, 3), now=0.2)
+
+
+def test_a_heartbeat_reveals_a_lost_last_message() -> None:
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(DELTA, 1001, 0), now=0)
+    assert run.heartbeat(ev(HEARTBEAT, 1001, 1), now=0.5)  # nothing lost: next is 1
+    assert not run.heartbeat(ev(HEARTBEAT, 1001, 2), now=1.0)  # seq 1 went missing
+    assert isinstance(drain(run)[-1], Broken)
+
+
+def test_heartbeats_keep_an_attempt_alive_and_closed_runs_stop_everyone() -> None:
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    for t in (0.8, 1.6, 2.4):
+        assert run.heartbeat(ev(HEARTBEAT, 1001, 1), now=t)
+    assert not run.silent(now=3.0)
+    assert run.heartbeat(ev(HEARTBEAT, 1005, 0, node="c"), now=3.0) is False  # not current, one exists
+    run.closed = True
+    assert not run.heartbeat(ev(HEARTBEAT, 1001, 1), now=3.1)
+    assert not run.offer(ev(DELTA, 1001, 1), now=3.1)
