@@ -47,19 +47,29 @@ def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
 
 @dataclass(slots=True)
 class Tally:
-    """What the gateway itself relayed from the winning attempt: the basis of usage."""
+    """What the gateway itself relayed from the winning attempt (and, after a continuation,
+    from the attempts that carried the answer on): the basis of usage."""
 
     attempt: int = -1
     texts: list[list[str]] = field(default_factory=list)
     tokens: int = 0
     chars: int = 0
+    carried: int = 0  # tokens relayed before the current attempt continued the answer
+    continuing: bool = False
 
     def reset(self, attempt: int, n: int) -> None:
         self.attempt, self.texts, self.tokens, self.chars = attempt, [[] for _ in range(n)], 0, 0
 
+    def carry_on(self) -> None:
+        """The next attempt continues this text rather than replacing it."""
+        self.continuing, self.carried = True, self.tokens
+
     def add(self, ev: Event, n: int) -> None:
         if ev.attempt != self.attempt:
-            self.reset(ev.attempt, n)
+            if self.continuing:
+                self.attempt, self.continuing = ev.attempt, False
+            else:
+                self.reset(ev.attempt, n)
         for index, text, tokens in ev.pieces:
             self.texts[index].append(text)
             self.tokens += tokens
@@ -67,7 +77,7 @@ class Tally:
 
     def completion_tokens(self, done: Event) -> int:
         """As reported when the relayed text can hold that many, else as counted here."""
-        reported = done.completion_tokens
+        reported = done.completion_tokens + self.carried
         if not 0 <= reported <= max(self.tokens, self.chars):
             log.warning("job.usage_mismatch", job_id=done.job_id, reported=reported, relayed=self.tokens)
             return self.tokens
@@ -104,7 +114,9 @@ class Session:
         if self.cached is not None:
             return Usage.of(self.cached.prompt_tokens, self.cached.completion_tokens)
         if self.done is not None:
-            return Usage.of(max(0, self.done.prompt_tokens), self.tally.completion_tokens(self.done))
+            # a continuation's prompt held the carried text too: that part was billed as completion
+            return Usage.of(max(0, self.done.prompt_tokens - self.tally.carried),
+                            self.tally.completion_tokens(self.done))
         return Usage.of(estimate_prompt_tokens(self.req) if self.tally.tokens else 0, self.tally.tokens)
 
 
@@ -270,22 +282,41 @@ class ChatService:
             return None
 
     async def _again(self, s: Session, why: str, *, avoid: bool) -> None:
-        """Place the job once more, unless content already reached the client or the budget is spent."""
+        """Place the job once more, unless the budget is spent. Before anything reached the
+        client it simply runs again; after, it continues from the text already delivered where
+        the model allows that, and otherwise the answer ends with an error."""
         run, sub = s.run, s.sub
         assert run is not None and sub is not None
         job = run.job
-        if run.committed:
-            raise WorkerFailedError(f"The answer was interrupted: {why}.")
         if job.dispatch >= self._s.max_dispatches:
-            raise WorkerFailedError(f"The request failed on every attempt ({job.dispatch}); last: {why}.")
+            raise WorkerFailedError(f"The request failed on every attempt ({job.dispatch}); last: {why}."
+                                    if not run.committed else f"The answer was interrupted: {why}.")
         failed_pool = run.pool_of_dispatch.get(job.dispatch, "")
         again = dataclasses.replace(job, dispatch=job.dispatch + 1)
+        if run.committed:
+            again = self._continuation(s, again, why)
         s.sub = dataclasses.replace(sub, job=again,
                                     avoid=sub.avoid + ((failed_pool,) if avoid and failed_pool else ()))
         run.job = again
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=why)
         admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=job.deadline)
         run.pool_of_dispatch[again.dispatch] = admission.pool
+
+    def _continuation(self, s: Session, job: Job, why: str) -> Job:
+        """The job again, asked to continue the text the client already has (one choice only)."""
+        if not self._s.continues(s.req.model) or s.n != 1:
+            raise WorkerFailedError(f"The answer was interrupted: {why}.")
+        assert s.run is not None
+        request = dict(job.request)
+        request["messages"] = [*request["messages"], {"role": "assistant", "content": "".join(s.tally.texts[0])}]
+        limit = s.req.token_limit
+        if limit is not None:
+            request.pop("max_tokens", None)
+            request["max_completion_tokens"] = max(1, limit - s.tally.tokens)
+        s.tally.carry_on()
+        s.run.min_attempt = job.attempt_id(0)
+        log.info("job.continue", job_id=job.id, dispatch=job.dispatch, carried_tokens=s.tally.tokens, why=why)
+        return dataclasses.replace(job, request=request)
 
     # --- shaping the answer -------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class JobRun:
         self.closed = False
         self.finished = False
         self.pool_of_dispatch: dict[int, str] = {}
+        self.min_attempt = 0  # attempts below this are refused (set when an answer is continued)
         self._next_seq = 0
         self._refused: set[int] = set()
         self.queue: asyncio.Queue[Event | Broken] = asyncio.Queue()
@@ -53,7 +54,7 @@ class JobRun:
 
     def offer(self, ev: Event, now: float) -> bool:
         """Take an event; False means the sending attempt must stop."""
-        if self.closed or ev.attempt in self._refused:
+        if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
             return False
         if ev.attempt != self.current:
             if self.current is not None and (self.committed or now - self.heard <= self.silence):
@@ -75,7 +76,7 @@ class JobRun:
 
     def heartbeat(self, ev: Event, now: float) -> bool:
         """A heartbeat from some attempt; False means it must stop."""
-        if self.closed or ev.attempt in self._refused:
+        if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
             return False
         if ev.attempt != self.current:
             return self.current is None  # not started as far as we know: let it go on

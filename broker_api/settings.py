@@ -30,6 +30,7 @@ class ApiSettings:
     cache_ttl: float
     cache_max_bytes: int
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
+    continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -53,7 +54,13 @@ class ApiSettings:
         add_setting(p, "--cache-max-bytes", default=256 << 20, type=int, help="size cap of the shared cache")
         add_setting(p, "--cache-hit-cost", default=0.0, type=float,
                     help="fraction of the original cost billed for a cache hit")
+        add_setting(p, "--continuation-models", default="",
+                    help="models (comma-separated, or *) whose interrupted answers continue on another node")
         return p
+
+    def continues(self, model: str) -> bool:
+        allowed = {m.strip() for m in self.continuation_models.split(",") if m.strip()}
+        return "*" in allowed or model in allowed
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> ApiSettings:

@@ -7,8 +7,11 @@ message plus 3 per message. Stop sequences are honoured on the text, as a real m
 For tests of faults and limits, the last user message may carry directives, each in double
 brackets: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s), `[[crash]]` (the worker
 process exits at once, before any token: a poison job), `[[fail]]` (a retryable error before
-the first token), `[[die-after=N]]` (the process exits after N tokens), `[[delay=S]]` (wait S seconds
-before the first token, like a long prefill). Directives are not echoed.
+the first token), `[[die-after=N]]` (the process exits after N tokens of a fresh answer), `[[delay=S]]` (wait
+S seconds before the first token, like a long prefill). Directives are not echoed.
+
+A trailing assistant message is continued (assistant prefill): the answer goes on from the
+word after the ones it already holds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class _Plan:
     fail: bool
     die_after: int | None
     delay: float
+    continue_from: int  # words of a trailing assistant message already given
 
 
 class EchoBackend:
@@ -86,17 +90,21 @@ class EchoBackend:
             raise WorkerFailedError("the echo backend was asked to fail this attempt")
         if plan.delay:
             await asyncio.sleep(plan.delay)
-        limit = min(plan.tokens, sampling.max_tokens) if sampling.max_tokens else plan.tokens
+        # A trailing assistant message is a prefix to continue (assistant prefill): the answer
+        # picks up at the word after it, as if the earlier words had been generated here.
+        start = plan.continue_from
+        end = min(plan.tokens, start + sampling.max_tokens) if sampling.max_tokens else plan.tokens
+        limit = max(0, end - start)
         texts = [plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
-                 for i in range(limit)]
+                 for i in range(start, end)]
         # The whole answer is known up front, so the stop cut is exact and nothing past it leaks.
         cut = _stop_cut("".join(texts), sampling.stop)
-        finish = "stop" if cut is not None or limit >= plan.tokens else "length"
+        finish = "stop" if cut is not None or end >= plan.tokens else "length"
         completion = 0
         for index in range(sampling.n):
             sent = 0
             for i, text in enumerate(texts):
-                if plan.die_after is not None and i >= plan.die_after:
+                if plan.die_after is not None and not start and i >= plan.die_after:
                     os._exit(71)
                 if cut is not None and sent + len(text) > cut:
                     if cut > sent:
@@ -116,6 +124,7 @@ class EchoBackend:
     def _plan(self, request: dict[str, Any]) -> _Plan:
         messages = chat_messages(request)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
         directives = {k: v for k, v in _DIRECTIVE.findall(last_user)}
         words = _DIRECTIVE.sub(" ", last_user).split() or ["ok"]
         prompt_tokens = sum(len(_DIRECTIVE.sub(" ", m["content"]).split()) + 3 for m in messages)
@@ -128,6 +137,7 @@ class EchoBackend:
             fail="fail" in directives,
             die_after=int(directives["die-after"]) if directives.get("die-after") else None,
             delay=float(directives["delay"]) if directives.get("delay") else 0.0,
+            continue_from=len(prefix.split()),
         )
 
 
