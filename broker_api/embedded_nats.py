@@ -35,11 +35,12 @@ def nats_server_binary() -> str:
 
 class NatsServer:
     def __init__(self, store_dir: str | Path, *, port: int = -1, sync_always: bool = True,
-                 log_file: str | Path | None = None) -> None:
+                 log_file: str | Path | None = None, extra_config: str = "") -> None:
         self.store_dir = Path(store_dir)
         self.requested_port = port
         self.sync_always = sync_always
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.extra_config = extra_config  # appended verbatim (e.g. an authorization block)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_lines: list[bytes] = []
@@ -52,7 +53,7 @@ class NatsServer:
         sync = "\n  sync_interval: always" if self.sync_always else ""
         store = str(self.store_dir / "jetstream").replace("\\", "/")
         return (f"listen: 127.0.0.1:{self.requested_port}\nmax_payload: 1MB\n"
-                f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n')
+                f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{self.extra_config}\n')
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -94,10 +94,13 @@ class Stack:
         self.api_url = ""  # the first API started
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[Any]]] = []
         self.nc: NATS | None = None
+        self.credentials = ""  # "user:password" the stack's own processes connect with
 
     @property
     def nats_url(self) -> str:
         assert self.nats is not None
+        if self.credentials:
+            return self.nats.url.replace("nats://", f"nats://{self.credentials}@")
         return self.nats.url
 
     def start_nats(self) -> NatsServer:
