@@ -192,7 +192,8 @@ class LedgerFeed:
 
     async def _follow(self, stream: str, durable: str, decode: Callable[[bytes], Any],
                       store: Callable[[list[Any]], Awaitable[int]]) -> None:
-        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
+        # One reader per durable, in order: acknowledging a batch's last message acknowledges all of it.
+        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.ALL, ack_wait=60,
                                 deliver_policy=DeliverPolicy.ALL, max_ack_pending=BATCH * 4)
         psub = await self._js.pull_subscribe("", durable=durable, stream=stream, config=config)
         while True:
@@ -221,6 +222,6 @@ class LedgerFeed:
         except Exception:
             log.exception("ledger.store_failed")  # not acked: JetStream delivers them again
             return
-        for msg in msgs:
+        if msgs:
             with contextlib.suppress(nats.errors.Error):
-                await msg.ack()
+                await msgs[-1].ack()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import openai
@@ -41,3 +42,10 @@ async def client(echo_stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture(scope="session")
+def smol_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data dir where SmolLM2 is converted once per session (or TOKENYARD_TEST_DATA_DIR, to reuse one)."""
+    configured = os.environ.get("TOKENYARD_TEST_DATA_DIR")
+    yield Path(configured) if configured else tmp_path_factory.mktemp("tokenyard-data")

@@ -1,0 +1,243 @@
+"""The transformers backend: real models on the worker's own CPU or GPU, continuously batched.
+
+`TransformersBackend` adapts the `worker.backend.Backend` interface to the step-loop thread in
+`worker.engine_batch`: it renders the chat template, checks the request against the context
+length, turns each choice into an engine `Sequence`, and relays what the engine thread emits
+through an asyncio queue. Closing the `generate` iterator cancels its sequences, which leave
+the batch at the engine's next step.
+
+    backend = TransformersBackend.from_settings(settings)   # or .from_model(model, tokenizer, ...)
+    await backend.start()                                   # loads (and converts) off the loop
+    backend.check("SmolLM2-135M-Instruct", request)         # raises a 400-class error, or not
+    async for item in backend.generate("SmolLM2-135M-Instruct", request): ...
+    await backend.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence as Seq
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+
+from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from schemas.jobs import ModelAdvert
+from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
+from worker.engine_batch import BatchEngine, SeqParams, Sequence
+from worker.engine_load import LoadedModel, load, prepare, resolve_device, resolve_dtype, resolve_source
+from worker.engine_text import Decode, TextStream
+from worker.settings import WorkerSettings
+from worker.smollm import MODEL_ID
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_REPETITION_PENALTY = 1.1  # mild: small models loop without it
+_GREEDY_BELOW = 1e-4  # temperatures this low are argmax (dividing by them overflows)
+_MIN_SHARED_PREFIX = 8  # tokens; shorter shared prompt starts are not worth caching
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads the seeds of a request's choices apart
+
+
+class TransformersBackend:
+    """Serves one causal LM under one or more public model ids."""
+
+    def __init__(self, *, model_ids: Seq[str], load_model: Callable[[], LoadedModel], slots: int = 16,
+                 max_context: int = 0, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                 prefill_budget: int = 2048, threads: int = 0, share_prefix: bool = True) -> None:
+        if not model_ids:
+            raise ValueError("a backend needs at least one public model id")
+        self._ids = tuple(model_ids)
+        self._load_model = load_model
+        self._slots = max(1, slots)
+        self._max_context = max_context
+        self._repetition = repetition_penalty
+        self._budget = prefill_budget
+        self._threads = threads
+        self._share_prefix = share_prefix
+        self._loaded: LoadedModel | None = None
+        self._engine: BatchEngine | None = None
+        self._decode: Decode | None = None
+        self._context = max_context
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> TransformersBackend:
+        def load_model() -> LoadedModel:
+            device = resolve_device(settings.device)
+            path = resolve_source(settings.model_path, settings.data_dir)
+            return load(path, device=device, dtype=resolve_dtype(settings.dtype, device),
+                        threads=settings.threads)
+
+        ids = settings.models or (_default_id(settings.model_path),)
+        return cls(model_ids=ids, load_model=load_model, slots=settings.slots,
+                   max_context=settings.max_context, threads=settings.threads)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, model_id: str, **options: Any) -> TransformersBackend:
+        """Serve a model already in memory (tests, embedding); options as for the constructor."""
+        return cls(model_ids=(model_id,), load_model=lambda: prepare(model.eval(), tokenizer), **options)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    def models(self) -> list[ModelAdvert]:
+        return [ModelAdvert(id=i, context_length=self._context, owned_by="tokenyard") for i in self._ids]
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        loaded = await asyncio.to_thread(self._load_model)
+        limit = loaded.context_length
+        self._context = min(self._max_context, limit) if self._max_context > 0 else limit
+        self._loaded, self._decode = loaded, _decoder(loaded.tokenizer)
+        prefix = self._template_prefix() if self._share_prefix else []
+        engine = BatchEngine(loaded.model, rows=self._slots, eos_ids=loaded.eos_ids,
+                             pad_id=loaded.pad_id, prefill_budget=self._budget, threads=self._threads,
+                             prefix=prefix)
+        engine.start()
+        self._engine = engine
+        await asyncio.to_thread(self._warm_up, engine, loaded, prefix)
+        log.info("engine.started", models=list(self._ids), slots=self._slots, context=self._context)
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.stop)
+
+    def check(self, model: str, request: dict[str, Any]) -> None:
+        self._plan(model, request)
+
+    async def generate(self, model: str, request: dict[str, Any]) -> AsyncGenerator[Output, None]:
+        engine = self._engine
+        if engine is None or self._decode is None:
+            raise RuntimeError("the transformers backend is not started")
+        prompt, params = self._plan(model, request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        decode = self._decode
+        seqs = [Sequence(i, prompt, p, emit, TextStream(decode, p.stops)) for i, p in enumerate(params)]
+        engine.submit(seqs)
+        try:
+            running = len(seqs)
+            while running:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finish):
+                    running -= 1
+                yield cast(Output, item)
+            yield Usage(prompt_tokens=len(prompt), completion_tokens=sum(len(s.generated) for s in seqs))
+        finally:
+            engine.cancel(seqs)  # no-op for finished ones; the rest leave the batch at the next step
+
+    # -- request planning ---------------------------------------------------------------------
+
+    def _plan(self, model: str, request: dict[str, Any]) -> tuple[list[int], list[SeqParams]]:
+        """Validate a request and turn it into prompt tokens and per-choice parameters."""
+        if model not in self._ids:
+            raise ModelNotFoundError(f"The model '{model}' is not served by this worker.", param="model")
+        check_text_only(request)
+        s = Sampling.of(request)
+        _check_sampling(s)
+        prompt = self._prompt(request)
+        limit = self._context
+        wanted = s.max_tokens if s.max_tokens is not None else 1
+        if limit and len(prompt) + wanted > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt) + wanted} tokens ({len(prompt)} in the messages, {wanted} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages")
+        max_new = s.max_tokens if s.max_tokens is not None else limit - len(prompt)
+        temperature = s.temperature if s.temperature >= _GREEDY_BELOW else 0.0
+        params = [
+            SeqParams(max_new_tokens=max_new, temperature=temperature, top_p=s.top_p, stops=s.stop,
+                      repetition_penalty=self._repetition, presence_penalty=s.presence_penalty,
+                      frequency_penalty=s.frequency_penalty,
+                      seed=None if s.seed is None else (int(s.seed) ^ (i * _SEED_MIX)) % 2**63)
+            for i in range(s.n)
+        ]
+        return prompt, params
+
+    def _prompt(self, request: dict[str, Any]) -> list[int]:
+        if self._loaded is None:
+            raise RuntimeError("the transformers backend is not started")
+        from jinja2 import TemplateError
+
+        tokenizer = self._loaded.tokenizer
+        messages = chat_messages(request)
+        if not messages:
+            raise InvalidRequestError("messages must not be empty.", param="messages")
+        # A trailing assistant message is a prefix to continue (assistant prefill; the gateway
+        # uses it to carry an interrupted answer on), not a finished turn.
+        prefill = messages[-1]["role"] == "assistant"
+        try:
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefill,
+                                                     continue_final_message=prefill, tokenize=False)
+            else:  # a base model without a template: plain role-prefixed turns
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+                text = text[:-1] if prefill else text + "assistant:"
+        except TemplateError as e:
+            raise InvalidRequestError(f"The model's chat template rejected these messages: {e}",
+                                      param="messages") from e
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _template_prefix(self) -> list[int]:
+        """The tokens every prompt starts with under this chat template (say a default system
+        prompt), if there are enough of them to be worth computing once and sharing."""
+        try:
+            a, b = (self._prompt({"messages": [{"role": "user", "content": c}]}) for c in ("A", "B"))
+        except InvalidRequestError:
+            return []
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:common] if common >= _MIN_SHARED_PREFIX else []
+
+    def _warm_up(self, engine: BatchEngine, loaded: LoadedModel, prefix: list[int]) -> None:
+        """One tiny generation, so the first real request pays neither for lazy initialisation
+        nor for computing the shared prompt prefix."""
+        done = threading.Event()
+        params = SeqParams(max_new_tokens=2, temperature=0.0)
+        seq = Sequence(0, [*prefix, loaded.pad_id, loaded.pad_id], params,
+                       lambda item: done.set() if isinstance(item, (Finish, BaseException)) else None,
+                       TextStream(self._decode or (lambda ids: ""), ()))
+        engine.submit([seq])
+        done.wait(timeout=120.0)
+
+
+def _check_sampling(s: Sampling) -> None:
+    if s.n < 1:
+        raise InvalidRequestError("n must be at least 1.", param="n")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1.", param="max_tokens")
+    if not 0.0 <= s.temperature <= 2.0:
+        raise InvalidRequestError("temperature must be between 0 and 2.", param="temperature")
+    if not 0.0 < s.top_p <= 1.0:
+        raise InvalidRequestError("top_p must be greater than 0 and at most 1.", param="top_p")
+    if any(not isinstance(stop, str) for stop in s.stop):
+        raise InvalidRequestError("stop must be a string or a list of strings.", param="stop")
+
+
+def _decoder(tokenizer: Any) -> Decode:
+    """The fastest faithful way to turn ids into text with this tokenizer."""
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:
+        return lambda ids: fast.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _default_id(model_path: str) -> str:
+    if not model_path:
+        return MODEL_ID
+    path = Path(model_path).expanduser()
+    return (path.stem if path.is_file() else path.name) or MODEL_ID
