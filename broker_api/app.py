@@ -32,6 +32,7 @@ from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
 from broker_api.directory import Directory
+from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
 from broker_api.metrics import Metrics, queue_depths
@@ -125,8 +126,10 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
                  if settings.cache else None)
         ledger = await Ledger.open(Path(settings.data_dir) / "ledger.sqlite") if settings.ledger else None
         feed = LedgerFeed(js, ledger, name=settings.ledger_name) if ledger is not None else None
-        if feed is not None:
-            await feed.start()
+        fleet = FleetWatch(the_bus.nc, accounts.audit) if ledger is not None else None
+        for part in (feed, fleet):
+            if part is not None:
+                await part.start()
         app.state.bus = the_bus
         idempotency = await Idempotency.open(js)
         app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
@@ -136,9 +139,10 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         try:
             yield
         finally:
+            for part in (fleet, feed):
+                if part is not None:
+                    await part.stop()
             await accounts.flush()
-            if feed is not None:
-                await feed.stop()
             if ledger is not None:
                 await ledger.close()
             await directory.close()

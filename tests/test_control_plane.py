@@ -281,3 +281,22 @@ async def test_metrics_show_requests_and_queues(echo_stack: Stack, http: httpx.A
     assert f'tokenyard_tokens_total{{model="{ECHO}",kind="completion"}} 4' in text
     assert f'tokenyard_request_duration_seconds_count{{model="{ECHO}"}} 2' in text
     assert f'tokenyard_queue_waiting_jobs{{pool="own",model="{ECHO}"}} 0' in text
+
+
+async def test_node_lifecycle_is_audited_once(stack: Stack) -> None:
+    worker = stack.start_worker(TOKENYARD_NODE_ID="gpu-7")
+    await stack.start_api()
+    # a second gateway with its own ledger sees the same node: each event is still recorded once
+    await stack.start_api(ledger_name="replica-2", data_dir=str(stack.tmp / "data-2"))
+    await stack.wait_for_model(ECHO)
+    worker.stop()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        deadline = time.monotonic() + 10
+        actions: list[str] = []
+        while time.monotonic() < deadline:
+            events = (await admin(http, "GET", "/audit")).json()["data"]
+            actions = [e["action"] for e in events if e["target"] == "gpu-7"]
+            if "node.leave" in actions:
+                break
+            await asyncio.sleep(0.1)
+    assert actions == ["node.join", "node.drain", "node.leave"]

@@ -1,0 +1,84 @@
+"""Node lifecycle in the audit log: a worker joining, draining and leaving the fleet.
+
+Every gateway that keeps a ledger watches the workers' adverts and records `node.join`,
+`node.drain` and `node.leave` events. Event ids derive from the node and its start time, so
+the same event seen by several gateways is one row (JetStream dedupe, then the ledger's
+primary key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from broker_api.directory import ROOT_ORG
+from schemas import subjects
+from schemas.jobs import NodeAdvert, WireError
+from schemas.usage import AuditEvent
+
+log = structlog.get_logger(__name__)
+
+MISSED_ADVERTS = 3
+
+
+@dataclass(slots=True)
+class _Seen:
+    advert: NodeAdvert
+    last: float
+    draining: bool = False
+
+
+class FleetWatch:
+    def __init__(self, nc: NATS, audit: Callable[[AuditEvent], None]) -> None:
+        self._nc = nc
+        self._audit = audit
+        self._nodes: dict[str, _Seen] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
+        self._task = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _event(self, action: str, advert: NodeAdvert) -> None:
+        self._audit(AuditEvent(
+            id=f"{action}.{advert.node}.{advert.started:.6f}", time=time.time(), org=ROOT_ORG, actor=advert.node,
+            action=action, target=advert.node, source="fleet",
+            detail={"pool": advert.pool, "kind": advert.kind, "models": [m.id for m in advert.models],
+                    "slots": advert.slots_total}))
+
+    async def _on_advert(self, msg: Msg) -> None:
+        try:
+            advert = NodeAdvert.decode(msg.data)
+        except WireError:
+            return
+        now = time.monotonic()
+        seen = self._nodes.get(advert.node)
+        if seen is None or seen.advert.started != advert.started:
+            self._event("node.join", advert)
+            seen = self._nodes[advert.node] = _Seen(advert, now)
+        if advert.draining and not seen.draining:
+            self._event("node.drain", advert)
+            seen.draining = True
+        seen.advert, seen.last = advert, now
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for node, seen in list(self._nodes.items()):
+                if now - seen.last > MISSED_ADVERTS * max(seen.advert.interval, 0.05):
+                    self._event("node.leave", seen.advert)
+                    del self._nodes[node]
