@@ -210,7 +210,6 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
                 return Response(card.model_dump_json(), media_type="application/json")
         raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         who = authenticate(request)
         limit = who.key_limits.max_body_bytes or settings.max_body_bytes
@@ -244,6 +243,9 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
 
+    # A plain Starlette route: the hot path skips FastAPI's dependency machinery, which this
+    # handler does not use (it reads and validates the body itself).
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(admin_router(authenticate))
 
     return app
@@ -255,18 +257,30 @@ async def _watch_disconnect(
     cleanup: Callable[[], Awaitable[None]],
     render: Callable[[Any], Response],
 ) -> Response:
-    """Run `work`, cancelling it if the client disconnects first; `cleanup` runs either way."""
-    task = asyncio.ensure_future(work())
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    """Run `work` in this task, cancelling it if the client disconnects first; `cleanup` runs
+    either way."""
+    this = asyncio.current_task()
+    assert this is not None
+    gone = working = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _until_disconnect(request.receive)
+        if working:  # never interrupt the cleanup below
+            gone = True
+            this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    working = True
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return Response(status_code=499)
-        return render(task.result())
+        return render(await work())
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        this.uncancel()
+        return Response(status_code=499)
     finally:
+        working = False
         watcher.cancel()
         await cleanup()
 
