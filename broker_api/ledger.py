@@ -57,6 +57,7 @@ USAGE_COLUMNS = ("job_id", "time", "day", "org", "project", "key_id", "model", "
                  "outcome", "status", "stream")
 GROUPS = {"model": "model", "route": "route", "key": "key_id", "day": "day", "org": "org", "project": "project"}
 BATCH = 256
+GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger transactions
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -208,6 +209,8 @@ class LedgerFeed:
                 await asyncio.sleep(1.0)
                 continue
             await self._store(msgs, decode, store)
+            if len(msgs) < BATCH:
+                await asyncio.sleep(GATHER)
 
     async def _store(self, msgs: list[Msg], decode: Callable[[bytes], Any],
                      store: Callable[[list[Any]], Awaitable[int]]) -> None:
