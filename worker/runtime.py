@@ -32,36 +32,13 @@ from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
 from schemas.jobs import STOP, Job, NodeAdvert, Stop, WireError
 from worker.backend import Backend, Delta, Finish, Usage
 from worker.events import EventStream
+from worker.feed import Feed
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
-FETCH_WAIT = 1.0  # seconds one pull request waits; bounds how fast a drain is noticed
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
 GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
-
-
-class Slots:
-    """A counter of free job slots that pull loops reserve before they fetch."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.used = 0
-        self._freed = asyncio.Event()
-
-    @property
-    def free(self) -> int:
-        return self.total - self.used
-
-    async def reserve(self) -> None:
-        while self.free <= 0:
-            self._freed.clear()
-            await self._freed.wait()
-        self.used += 1
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._freed.set()
 
 
 class Worker:
@@ -70,7 +47,9 @@ class Worker:
         self._js = js
         self._backend = backend
         self._s = settings
-        self._slots = Slots(backend.slots)
+        self._total = backend.slots
+        self._feeds: list[Feed] = []
+        self._topping = False
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._stop_reasons: dict[str, str] = {}
         self._draining = False
@@ -84,7 +63,7 @@ class Worker:
 
     def advert(self) -> NodeAdvert:
         return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
-                          slots_total=self._slots.total, slots_free=max(0, self._slots.total - len(self._job_tasks)),
+                          slots_total=self._total, slots_free=max(0, self._total - len(self._job_tasks)),
                           draining=self._draining, interval=self._s.heartbeat, started=self._started,
                           kind=self._s.kind, healthy=self._backend_healthy())
 
@@ -99,8 +78,14 @@ class Worker:
         self._tasks.append(asyncio.create_task(self._advertise_forever()))
         models = sorted({m.id for m in self._backend.models()})
         for model in models:
-            self._tasks.append(asyncio.create_task(self._pull_forever(model)))
-        log.info("worker.started", node=self._s.node_id, pool=self._s.pool, models=models, slots=self._slots.total)
+            await self._ensure_consumer(model)
+            feed = Feed(self._nc, subjects.work_consumer(self._s.pool, model), self._accept)
+            feed.top_up = self._top_up
+            await feed.start()
+            self._feeds.append(feed)
+        self._tasks.append(asyncio.create_task(self._keep_pulling()))
+        await self._top_up()
+        log.info("worker.started", node=self._s.node_id, pool=self._s.pool, models=models, slots=self._total)
 
     async def drain(self) -> None:
         """Stop pulling, let running jobs finish within the drain timeout, stop the rest."""
@@ -117,6 +102,8 @@ class Worker:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for feed in self._feeds:
+            await feed.stop()
         await self._publish_advert()
         log.info("worker.drained")
 
@@ -136,7 +123,8 @@ class Worker:
 
     # --- pulling ------------------------------------------------------------------------
 
-    async def _subscribe(self, model: str) -> JetStreamContext.PullSubscription:
+    async def _ensure_consumer(self, model: str) -> None:
+        """Bind to (or create) the model's shared consumer; waits for the stream to exist."""
         config = ConsumerConfig(
             durable_name=subjects.work_consumer(self._s.pool, model),
             ack_policy=AckPolicy.EXPLICIT,
@@ -147,35 +135,53 @@ class Worker:
         )
         for attempt in range(10**6):  # until the stream exists (the scheduler creates it)
             try:
-                return await self._js.pull_subscribe(
+                psub = await self._js.pull_subscribe(
                     config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM,
                     config=config)
+                await psub.unsubscribe()  # only the consumer was wanted; jobs come through a Feed
+                return
             except nats.js.errors.NotFoundError:
                 if attempt % 10 == 0:
                     log.info("worker.waiting_for_stream", stream=subjects.WORK_STREAM)
                 await asyncio.sleep(0.5)
-        raise RuntimeError("unreachable")
 
-    async def _pull_forever(self, model: str) -> None:
-        """One job per pull request: nats-py's batched fetch waits out its whole timeout for a
-        full batch, which would hold a pulled job back; a single pull returns on arrival."""
-        psub = await self._subscribe(model)
-        while not self._draining:
-            await self._slots.reserve()
-            msgs: list[Msg] = []
-            try:
-                msgs = await psub.fetch(1, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                pass
-            except (nats.errors.Error, nats.js.errors.Error) as e:
-                log.warning("worker.fetch_failed", model=model, error=str(e))
-                await asyncio.sleep(0.5)
-            finally:
-                self._slots.release(1 - len(msgs))
-            for msg in msgs:
-                task = asyncio.create_task(self._run(msg))
-                self._job_tasks.add(task)
-                task.add_done_callback(self._job_tasks.discard)
+    async def _top_up(self) -> None:
+        """Keep pull requests standing for every free slot (shared fairly between models)."""
+        if self._draining or self._topping:
+            return
+        self._topping = True
+        try:
+            free = self._total - len(self._job_tasks) - sum(f.outstanding for f in self._feeds)
+            share = max(1, self._total // max(1, len(self._feeds)))
+            for feed in sorted(self._feeds, key=lambda f: f.outstanding):
+                want = min(free, share - feed.outstanding)
+                # ask in batches, not per slot, unless the feed has nothing standing at all
+                if want > 0 and (feed.outstanding == 0 or want >= max(1, share // 4)):
+                    await feed.request(want)
+                    free -= want
+        finally:
+            self._topping = False
+
+    async def _keep_pulling(self) -> None:
+        """Re-ask when requests were lost without a word (a reconnect), and top up regularly."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for feed in self._feeds:
+                feed.forget_if_stale(now)
+            await self._top_up()
+
+    def _accept(self, msg: Msg) -> None:
+        if self._draining:
+            asyncio.ensure_future(msg.nak())  # another worker takes it now
+            return
+        task = asyncio.create_task(self._run(msg))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._job_tasks.discard(task)
+        asyncio.ensure_future(self._top_up())
 
     # --- one job ------------------------------------------------------------------------
 
@@ -184,8 +190,6 @@ class Worker:
             await self._serve(msg)
         except Exception:  # top of a task: never let one job take the worker down
             log.exception("job.crashed")
-        finally:
-            self._slots.release(1)
 
     async def _serve(self, msg: Msg) -> None:
         try:

@@ -1,0 +1,89 @@
+"""Standing pull requests: jobs arrive as soon as they are queued, with no pull per job.
+
+A worker keeps pull requests outstanding on each of its models' consumers for as many jobs as
+it has free slots. JetStream delivers queued jobs against them at once; when a request
+expires, the server's 408 status says how many jobs it did not deliver, and the worker asks
+again. So a worker below capacity sends no request per job at all, and one at capacity sends
+one small request each time a slot frees, off the job's critical path.
+
+Invariant: `running + outstanding <= slots` (a job arrives only against a request made when a
+slot was free), so a worker never holds a job it has no room for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from schemas import subjects
+
+log = structlog.get_logger(__name__)
+
+EXPIRES = 5.0  # seconds a pull request stands before the server retires it (and says so)
+STALE = EXPIRES + 3.0  # no word on a feed for this long: forget its requests (lost on a reconnect)
+
+
+class Feed:
+    """Pull requests on one consumer, delivering jobs to `on_job`."""
+
+    def __init__(self, nc: NATS, durable: str, on_job: Callable[[Msg], None]) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{durable}"
+        self._on_job = on_job
+        self.outstanding = 0
+        self.heard = time.monotonic()
+        self._inbox = ""
+        self._sub: nats.aio.subscription.Subscription | None = None
+        self.top_up: Callable[[], Awaitable[None]] | None = None
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+    async def request(self, batch: int) -> None:
+        self.outstanding += batch
+        body = json.dumps({"batch": batch, "expires": int(EXPIRES * 1e9)}).encode()
+        try:
+            await self._nc.publish(self._api, body, reply=self._inbox)
+        except nats.errors.Error as e:
+            self.outstanding -= batch
+            log.warning("worker.pull_failed", error=str(e))
+
+    def forget_if_stale(self, now: float) -> None:
+        if self.outstanding and now - self.heard > STALE:
+            log.info("worker.pull_requests_lost", outstanding=self.outstanding)
+            self.outstanding = 0
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self.heard = time.monotonic()
+        status = msg.header.get("Status") if msg.header else None  # nats-py parses the status line
+        if status is not None:
+            self._on_status(str(status), msg)
+        else:
+            self.outstanding = max(0, self.outstanding - 1)
+            self._on_job(msg)
+        if self.top_up is not None:
+            await self.top_up()
+
+    def _on_status(self, status: str, msg: Msg) -> None:
+        if status == "100":  # idle heartbeat / flow control
+            return
+        pending = (msg.header or {}).get("Nats-Pending-Messages")
+        if pending is not None and str(pending).isdigit():
+            self.outstanding = max(0, self.outstanding - int(pending))  # what that request never delivered
+        else:
+            self.outstanding = 0  # 409 and the like: that request is gone; ask afresh
+            log.debug("worker.pull_status", status=status, description=(msg.header or {}).get("Description"))
