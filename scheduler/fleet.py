@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from schemas.jobs import ModelAdvert, NodeAdvert
+from scheduler.routing import Route
 
 MISSED_ADVERTS = 3
+ROUTES_FRESH = 0.05  # seconds a model's routes are reused: adverts are a second old anyway
 
 
 @dataclass(slots=True)
@@ -25,21 +27,12 @@ class NodeState:
         return now - self.seen <= MISSED_ADVERTS * max(self.advert.interval, 0.05)
 
 
-@dataclass(frozen=True, slots=True)
-class PoolView:
-    """One pool's capacity for one model, as placement sees it."""
-
-    pool: str
-    nodes: int
-    slots_total: int
-    slots_free: int
-
-
 class Fleet:
     def __init__(self, *, remember: float = 600.0) -> None:
         self._nodes: dict[str, NodeState] = {}
         self._models: dict[str, tuple[ModelAdvert, float]] = {}  # id -> (advert, last seen live)
         self._remember = remember
+        self._routes: dict[str, tuple[float, list[Route]]] = {}  # model -> (built at, routes)
 
     def observe(self, advert: NodeAdvert, now: float) -> None:
         self._nodes[advert.node] = NodeState(advert, now)
@@ -57,14 +50,25 @@ class Fleet:
     def live_nodes(self, now: float) -> Iterable[NodeAdvert]:
         return (s.advert for s in self._nodes.values() if s.live(now))
 
-    def pools_for(self, model: str, now: float) -> list[PoolView]:
-        pools: dict[str, list[NodeAdvert]] = {}
+    def routes(self, model: str, now: float) -> list[Route]:
+        """One `Route` per pool with a live, non-draining node serving `model` (health and
+        queue facts are the caller's to add). Rebuilt at most every ROUTES_FRESH seconds."""
+        cached = self._routes.get(model)
+        if cached is not None and 0 <= now - cached[0] < ROUTES_FRESH:
+            return cached[1]
+        pools: dict[str, list[tuple[NodeAdvert, ModelAdvert]]] = {}
         for node in self.live_nodes(now):
-            if node.draining or not any(m.id == model for m in node.models):
+            if node.draining:
                 continue
-            pools.setdefault(node.pool, []).append(node)
-        return [PoolView(pool, len(nodes), sum(n.slots_total for n in nodes), sum(n.slots_free for n in nodes))
-                for pool, nodes in sorted(pools.items())]
+            for m in node.models:
+                if m.id == model:
+                    pools.setdefault(node.pool, []).append((node, m))
+                    break
+        routes = [_route(pool, model, offers) for pool, offers in sorted(pools.items())]
+        self._routes[model] = (now, routes)
+        if len(self._routes) > 4096:
+            self._routes.clear()
+        return routes
 
     def known(self, model: str) -> bool:
         return model in self._models
@@ -73,3 +77,13 @@ class Fleet:
         """Models some live node serves now, by id."""
         live = {m.id: m for node in self.live_nodes(now) if not node.draining for m in node.models}
         return [live[k] for k in sorted(live)]
+
+
+def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) -> Route:
+    healthy = [(n, m) for n, m in offers if n.healthy]
+    kinds = {n.kind for n, _ in offers}
+    kind = "volunteer" if "volunteer" in kinds else "cloud" if kinds == {"cloud"} else "own"
+    return Route(pool=pool, model=model, kind=kind, nodes=len(healthy),
+                 slots_total=sum(n.slots_total for n, _ in healthy), slots_free=sum(n.slots_free for n, _ in healthy),
+                 input_price=max((m.input_price for _, m in offers), default=0.0),
+                 output_price=max((m.output_price for _, m in offers), default=0.0), healthy=bool(healthy))

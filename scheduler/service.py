@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
+import random
 import time
+from collections import OrderedDict
 
 import nats.errors
 import nats.js.errors
@@ -23,9 +27,16 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from schemas import subjects
 from schemas.errors import InvalidRequestError, QueueFullError, TokenyardError
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
+from schemas.usage import UsageRecord
+from scheduler import limits as L
+from scheduler import quota
 from scheduler.fleet import Fleet
-from scheduler.placement import choose_pool
+from scheduler import routing
+from scheduler.health import BreakerConfig, Health
+from scheduler.release import IntakeLimits, Releaser
+from schemas.intake import Queued
 from scheduler.settings import SchedulerSettings
+from scheduler.settle import Settler, ensure_usage_stream
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +44,9 @@ PUBLISH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 2.0
 DUPLICATE_WINDOW = 120.0
 MAX_JOB_BYTES = 1 << 20
+MAX_ADMITTING = 512  # admissions in progress at once per scheduler
+BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
+ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
 
 
 def work_stream_config(s: SchedulerSettings) -> StreamConfig:
@@ -66,9 +80,22 @@ class Scheduler:
         self._s = settings
         self.fleet = Fleet(remember=settings.remember_models)
         self._tasks: list[asyncio.Task[None]] = []
+        self.quota: quota.Quota | None = None
+        self.table = routing.RoutingTable.load(settings.routing_file)
+        self.health = Health(BreakerConfig(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown))
+        self._answered: OrderedDict[tuple[str, int], Admission] = OrderedDict()
+        self._running: dict[tuple[str, int], asyncio.Future[Admission]] = {}
+        self._admitting = asyncio.Semaphore(MAX_ADMITTING)
+        self._admissions: set[asyncio.Task[None]] = set()
+        self.releaser = Releaser(js, IntakeLimits(settings.intake_max_jobs, settings.intake_max_per_tenant,
+                                                  settings.intake_ack_wait, settings.replicas), buffer=self._buffer)
 
     async def start(self) -> None:
         await ensure_work_stream(self._js, self._s)
+        await ensure_usage_stream(self._js, self._s.replicas)
+        self.quota = quota.Quota(await quota.open_bucket(self._js, self._s.replicas))
+        settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
+        self._tasks.append(asyncio.create_task(settler.run()))
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
         await self._nc.publish(subjects.FLEET_ROLL_CALL, b"")
         await self._nc.flush()
@@ -77,9 +104,20 @@ class Scheduler:
         await self._nc.subscribe(subjects.SCHED_MODELS, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_models)
         await self._nc.subscribe(subjects.SCHED_PING, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_ping)
         self._tasks.append(asyncio.create_task(self._prune_forever()))
+        await self.releaser.start()
         log.info("scheduler.started")
 
+    def _buffer(self, pool: str, model: str) -> int:
+        """Jobs that may wait in a work queue: what its workers finish in BUFFER_SECONDS (the
+        time a release takes to follow), so they never idle and little waits outside the
+        fair order."""
+        slots = sum(r.slots_total for r in self.fleet.routes(model, time.time()) if r.pool == pool)
+        stats = self.health.stats.get((pool, model))
+        seconds = stats.duration_s if stats and stats.duration_s > 0 else routing.DEFAULT_JOB_SECONDS
+        return max(self._s.min_buffer, math.ceil(slots * BUFFER_SECONDS / seconds))
+
     async def stop(self) -> None:
+        await self.releaser.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -95,6 +133,9 @@ class Scheduler:
         except WireError as e:
             log.warning("fleet.bad_advert", subject=msg.subject, error=str(e))
 
+    def _on_usage(self, record: UsageRecord) -> None:
+        self.health.observe(record, time.time())
+
     async def _on_models(self, msg: Msg) -> None:
         await msg.respond(encode_model_list(self.fleet.models(time.time())))
 
@@ -102,8 +143,20 @@ class Scheduler:
         await msg.respond(b"pong")
 
     async def _on_submit(self, msg: Msg) -> None:
+        """Admissions run concurrently (each waits on KV and JetStream round trips); the
+        subscription's own callback only starts them, up to MAX_ADMITTING at once."""
+        await self._admitting.acquire()
+        task = asyncio.create_task(self._answer(msg))
+        self._admissions.add(task)
+        task.add_done_callback(self._admission_done)
+
+    def _admission_done(self, task: asyncio.Task[None]) -> None:
+        self._admissions.discard(task)
+        self._admitting.release()
+
+    async def _answer(self, msg: Msg) -> None:
         try:
-            answer = await self._admit(msg.data)
+            answer = await self._admit_once(msg.data)
         except TokenyardError as e:
             answer = Admission(error=e.to_wire())
         except Exception as e:  # top of a handler: answer, log, keep serving
@@ -112,25 +165,106 @@ class Scheduler:
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(answer.encode())
 
-    async def _admit(self, data: bytes) -> Admission:
+    async def _admit_once(self, data: bytes) -> Admission:
+        """One admission per (job id, dispatch) at a time here: a retry that arrives while the
+        first is still running waits for its answer instead of placing the job again."""
         try:
             sub = Submission.decode(data)
         except WireError as e:
             raise InvalidRequestError(f"malformed submission: {e}") from e
-        now = time.time()
+        key = (sub.job.id, sub.job.dispatch)
+        done = self._answered.get(key)
+        if done is not None:  # a retry of an answered submission: the same answer, nothing reserved again
+            return done
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            answer = await self._admit(sub)
+            future.set_result(answer)
+            return answer
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._running[key]
+
+    async def _admit(self, sub: Submission) -> Admission:
         job = sub.job
-        placement = choose_pool(job.model, self.fleet.pools_for(job.model, now), known=self.fleet.known(job.model),
-                                avoid=sub.avoid)
+        now = time.time()
+        _check_max_tokens(sub)
+        if job.dispatch > 1 and sub.avoid:
+            self.health.failed(sub.avoid[-1], now)  # the attempt before this one failed there
+        choice = self._route(sub, now)
+        if choice.model != job.model:
+            job = dataclasses.replace(job, model=choice.model, request={**job.request, "model": choice.model})
         payload = job.encode()
         if len(payload) > MAX_JOB_BYTES:
             raise InvalidRequestError("The request is too large to queue.", code="request_too_large")
+        reserved = await self._reserve(sub, choice.route, now)
+        pool = choice.route.pool
+        direct = self.releaser.take_room(pool, job.model)
         try:
-            await self._js.publish(subjects.work_subject(placement.pool, job.model), payload,
-                                   timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": f"{job.id}.{job.dispatch}"})
-        except nats.js.errors.APIError as e:
-            if "maximum" in (e.description or ""):
+            if direct:
+                await self._js.publish(subjects.work_subject(pool, job.model), payload, timeout=PUBLISH_TIMEOUT,
+                                       headers={"Nats-Msg-Id": f"{job.id}.{job.dispatch}"})
+            else:
+                await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
+        except (nats.js.errors.APIError, QueueFullError) as e:  # refused for sure (a timeout may still have landed)
+            if direct:
+                self.releaser.give_back(pool, job.model)
+            if reserved:
+                assert self.quota is not None
+                await quota.release(self.quota, reserved, job.id, time.time())
+            if isinstance(e, nats.js.errors.APIError) and "maximum" in (e.description or ""):
                 raise QueueFullError("The queue for this model is full. Try again shortly.",
                                      retry_after=QUEUE_FULL_RETRY_AFTER) from e
             raise
-        log.info("job.enqueued", job_id=job.id, model=job.model, pool=placement.pool, dispatch=job.dispatch)
-        return Admission(pool=placement.pool, live_workers=placement.live_nodes)
+        self.health.placed(pool, now)
+        log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
+        answer = Admission(pool=choice.route.pool, live_workers=choice.live_nodes,
+                           model=choice.model if choice.model != sub.job.model else "")
+        self._answered[(job.id, job.dispatch)] = answer
+        while len(self._answered) > ANSWERS_KEPT:
+            self._answered.popitem(last=False)
+        return answer
+
+    def _route(self, sub: Submission, now: float) -> routing.Choice:
+        request = sub.job.request
+        prefs = routing.ProviderPrefs.from_request(request)
+        return routing.choose(routing.candidate_models(sub.job.model, request), lambda m: self.routes(m, now),
+                              self.fleet.known, lambda m: self.table.policy_for(m, sub.key_id), prefs,
+                              avoid=sub.avoid, volunteer_ok=sub.volunteer_ok, draw=random.random())
+
+    def routes(self, model: str, now: float) -> list[routing.Route]:
+        """The fleet's routes for `model` with what health and the queues add."""
+        out = []
+        for r in self.fleet.routes(model, now):
+            stats = self.health.stats.get((r.pool, model))
+            queued = self.releaser.queued(r.pool, model)
+            out.append(dataclasses.replace(
+                r, breaker_ok=self.health.allows(r.pool, now), queued=queued,
+                ttft_ms=stats.ttft_ms if stats else 0.0, tokens_per_s=stats.tokens_per_s if stats else 0.0,
+                duration_s=stats.duration_s if stats else 0.0))
+        return out
+
+    async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> list[str]:
+        limited = quota.entries(sub.key_id, sub.tenant, sub.key_limits, sub.org_limits)
+        if not limited:
+            return []
+        assert self.quota is not None
+        tokens = max(0, sub.estimated_tokens)
+        usd = tokens * max(route.input_price, route.output_price) / 1e6  # an upper bound of its cost there
+        ask = L.Ask(sub.job.id, tokens, usd, sub.job.deadline + self._s.reservation_margin)
+        return await quota.admit(self.quota, limited, ask, now)
+
+
+def _check_max_tokens(sub: Submission) -> None:
+    asked = sub.job.request.get("max_completion_tokens") or sub.job.request.get("max_tokens") or 0
+    for limits, who in ((sub.key_limits, "this API key"), (sub.org_limits, "this organization")):
+        if limits.max_tokens and isinstance(asked, int) and asked > limits.max_tokens:
+            raise InvalidRequestError(f"max_tokens is {asked}, more than {limits.max_tokens} allowed for {who}.",
+                                      param="max_tokens", code="max_tokens_exceeded")

@@ -18,6 +18,14 @@ class SchedulerSettings:
     queue_max_age: float  # seconds; a job older than this is dropped from the queue whatever its deadline
     replicas: int  # JetStream replicas of the work stream (3 on a 3-node cluster)
     remember_models: float  # seconds a model stays known after its last worker left
+    reservation_margin: float = 60.0  # seconds past a job's deadline its unsettled reservation lapses
+    routing_file: str = ""  # JSON routing policies (scheduler.routing.RoutingTable); empty: most free slots
+    breaker_failures: int = 5  # consecutive failures that open a pool's circuit breaker
+    breaker_cooldown: float = 10.0  # seconds a breaker stays open before a probe
+    intake_max_jobs: int = 100_000  # jobs held back (waiting for room) in all pools; beyond: 429 queue_full
+    intake_max_per_tenant: int = 10_000  # ... of one tenant
+    intake_ack_wait: float = 30.0  # seconds before a killed scheduler's held jobs go to another
+    min_buffer: int = 4  # jobs a work queue may hold beyond what its workers run
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -29,6 +37,16 @@ class SchedulerSettings:
         add_setting(p, "--replicas", default=1, type=int, help="work stream replicas (1, or 3 on a cluster)")
         add_setting(p, "--remember-models", default=600.0, type=float,
                     help="seconds a model stays known after its last worker left")
+        add_setting(p, "--reservation-margin", default=60.0, type=float,
+                    help="seconds past a job's deadline an unsettled limit reservation lapses")
+        add_setting(p, "--routing-file", default="", help="JSON file of routing policies (default, per model, per key)")
+        add_setting(p, "--breaker-failures", default=5, type=int, help="failures in a row that open a pool's breaker")
+        add_setting(p, "--breaker-cooldown", default=10.0, type=float, help="seconds a breaker stays open")
+        add_setting(p, "--intake-max-jobs", default=100_000, type=int, help="most jobs held back for fair release")
+        add_setting(p, "--intake-max-per-tenant", default=10_000, type=int, help="... of one tenant")
+        add_setting(p, "--intake-ack-wait", default=30.0, type=float,
+                    help="seconds before a dead scheduler's held jobs are taken over")
+        add_setting(p, "--min-buffer", default=4, type=int, help="jobs a work queue may hold beyond running ones")
         return p
 
     @classmethod
@@ -36,4 +54,8 @@ class SchedulerSettings:
         a = cls.parser().parse_args(argv)
         return cls(nats_url=a.nats_url, log_level=a.log_level, log_json=a.log_json,
                    queue_max_jobs=a.queue_max_jobs, queue_max_bytes=a.queue_max_bytes,
-                   queue_max_age=a.queue_max_age, replicas=a.replicas, remember_models=a.remember_models)
+                   queue_max_age=a.queue_max_age, replicas=a.replicas, remember_models=a.remember_models,
+                   reservation_margin=a.reservation_margin, routing_file=a.routing_file,
+                   breaker_failures=a.breaker_failures, breaker_cooldown=a.breaker_cooldown,
+                   intake_max_jobs=a.intake_max_jobs, intake_max_per_tenant=a.intake_max_per_tenant,
+                   intake_ack_wait=a.intake_ack_wait, min_buffer=a.min_buffer)

@@ -137,3 +137,26 @@ def usage_subject(job_id: str) -> str:
 
 def audit_subject(event_id: str) -> str:
     return f"{PREFIX}.audit.{event_id}"
+
+
+# --- scheduler additions (issue 5) ---------------------------------------------------------
+
+# The durable consumer of USAGE_STREAM that every scheduler shares: each usage record settles
+# its job's limit reservations once, whichever scheduler reads it.
+SETTLE_CONSUMER = "scheduler-settle"
+
+
+def limits_entry(scope: str, ident: str) -> str:
+    """The LIMITS_BUCKET key of one subject's counters: scope "k" (an API key) or "o" (an org)."""
+    return f"{scope}.{model_token(ident)}"
+
+# Admitted jobs the schedulers hold back until their pool has room, released fairest first
+# (work-queue retention: a job leaves it once released to its work queue). One subject per
+# tenant, so a per-subject cap bounds how much of the queue one tenant may hold.
+INTAKE_STREAM = "TY_INTAKE"
+INTAKE_ALL = f"{PREFIX}.intake.>"
+RELEASE_CONSUMER = "scheduler-release"  # shared by every scheduler
+
+
+def intake_subject(tenant: str) -> str:
+    return f"{PREFIX}.intake.{model_token(tenant) or '_'}"

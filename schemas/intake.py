@@ -1,0 +1,30 @@
+"""A job the scheduler admitted but holds back until its pool has room (the intake stream).
+
+Only schedulers read it: it carries the tenant and tier that fair queueing needs, next to the
+`Job` a worker will see once it is released to its work queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.jobs import VERSION, Job, _need, _pack, _unpack
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    job: Job
+    pool: str
+    tenant: str
+    tier: str
+    admitted: float  # unix time it was admitted (queue wait starts here)
+
+    def encode(self) -> bytes:
+        return _pack({"v": VERSION, "job": self.job.encode(), "pool": self.pool, "tenant": self.tenant,
+                      "tier": self.tier, "at": self.admitted})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Queued:
+        o = _unpack(data)
+        return cls(job=Job.decode(_need(o, "job")), pool=str(_need(o, "pool")), tenant=str(o.get("tenant", "")),
+                   tier=str(o.get("tier", "")), admitted=float(o.get("at", 0.0)))
