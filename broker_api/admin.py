@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker_api.auth import Principal
 from broker_api.directory import Directory
@@ -21,7 +21,7 @@ from broker_api.ledger import Ledger, to_csv
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, Limits, OrgRecord
 from schemas.usage import AuditEvent
-from schemas.validation import invalid_request
+from schemas.validation import parse_body
 
 SIGNIN_EVERY = 3600.0  # an admin key's use of the admin API is audited at most this often per replica
 
@@ -68,15 +68,6 @@ class CreateKey(_Body):
     expires_in: float | None = Field(default=None, gt=0)
     cache: bool = True
     volunteer_ok: bool = False
-
-
-def _parse(model: type[_Body], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        raise invalid_request(e) from e
 
 
 async def _json(request: Request) -> Any:
@@ -149,7 +140,7 @@ def admin_router(authenticate: Any) -> APIRouter:
         admin, who = admin_of(request)
         if not who.root:
             raise PermissionDeniedError("Only the operator's admin key may create orgs.")
-        body: CreateOrg = _parse(CreateOrg, await _json(request))
+        body: CreateOrg = parse_body(CreateOrg, await _json(request))
         org = OrgRecord(id="org_" + uuid.uuid4().hex[:12], name=body.name, created=time.time(),
                         limits=body.limits.limits(), projects=tuple(body.projects))
         await admin.directory.put_org(org)
@@ -172,7 +163,7 @@ def admin_router(authenticate: Any) -> APIRouter:
         org = admin.visible_org(who, org_id)
         if not who.root:
             raise PermissionDeniedError("Only the operator's admin key may change an org.")
-        body: UpdateOrg = _parse(UpdateOrg, await _json(request))
+        body: UpdateOrg = parse_body(UpdateOrg, await _json(request))
         updated = OrgRecord(id=org.id, name=body.name or org.name, created=org.created,
                             limits=body.limits.limits() if body.limits else org.limits,
                             projects=tuple(body.projects) if body.projects is not None else org.projects)
@@ -183,7 +174,7 @@ def admin_router(authenticate: Any) -> APIRouter:
     @router.post("/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
         admin, who = admin_of(request)
-        body: CreateKey = _parse(CreateKey, await _json(request))
+        body: CreateKey = parse_body(CreateKey, await _json(request))
         org = admin.visible_org(who, body.org or who.org)
         if body.project and body.project not in org.projects:
             raise InvalidRequestError(f"The org has no project '{body.project}'.", param="project")

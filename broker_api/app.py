@@ -9,7 +9,6 @@ a 422 or a 500, and never a dropped connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -228,7 +228,7 @@ class ChatService:
 
     # --- driving a job ------------------------------------------------------------------
 
-    async def events(self, s: Session) -> AsyncIterator[Event]:
+    async def events(self, s: Session) -> AsyncGenerator[Event, None]:
         """The winning attempt's DELTA and DONE events, in order; raises if the job fails."""
         run = s.run
         assert run is not None and s.sub is not None

@@ -117,7 +117,8 @@ class Ledger:
 
     @staticmethod
     def _where(org: str | None, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-        clauses, args = ["1=1"], []
+        clauses: list[str] = ["1=1"]
+        args: list[Any] = []
         if org is not None:
             clauses.append("org = ?")
             args.append(org)

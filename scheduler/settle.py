@@ -15,6 +15,7 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
@@ -96,7 +97,7 @@ class Settler:
                 except Exception:  # top of a loop: one record must not stop settlement
                     log.exception("usage.handle_failed")
 
-    async def _handle(self, msg: nats.aio.msg.Msg) -> None:
+    async def _handle(self, msg: Msg) -> None:
         try:
             record = UsageRecord.decode(msg.data)
         except Exception as e:  # a record nobody can read must not block the others

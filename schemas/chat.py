@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.errors import InvalidRequestError
-from schemas.validation import invalid_request
+
+from schemas.validation import parse_body
 
 
 class _Lenient(BaseModel):
@@ -194,12 +194,7 @@ class ChatCompletionRequest(_Lenient):
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; any problem becomes an InvalidRequestError naming the field."""
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise invalid_request(e) from e
+    return parse_body(ChatCompletionRequest, body)
 
 
 def message_text(content: Content | list[dict[str, Any]] | None) -> str:

@@ -38,8 +38,9 @@ class Limits:
     def from_dict(cls, d: dict[str, Any] | None) -> Limits:
         if not d:
             return cls()
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: (float(v) if k.startswith("usd") else int(v)) for k, v in d.items() if k in known})
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: (float(v) if k.startswith("usd") else int(v)) for k, v in d.items() if k in known}
+        return cls(**values)
 
     @property
     def empty(self) -> bool:

@@ -12,7 +12,6 @@ slot was free), so a worker never holds a job it has no room for.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -22,6 +21,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from schemas import subjects
 
@@ -41,7 +41,7 @@ class Feed:
         self.outstanding = 0
         self.heard = time.monotonic()
         self._inbox = ""
-        self._sub: nats.aio.subscription.Subscription | None = None
+        self._sub: Subscription | None = None
         self.top_up: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
