@@ -290,10 +290,11 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                                stdout=open(tmp / f"sched{i}.log", "wb"), stderr=subprocess.STDOUT,
                                cwd=a.scheduler_dir or Path(__file__).resolve().parents[1])
               for i in range(a.schedulers)]
-    nc = await nats.connect(server.url, pending_size=1 << 27)
-    sim = Sim(nc, a)
     background: list[asyncio.Task[Any]] = []
+    nc: NATS | None = None
     try:
+        nc = await nats.connect(server.url, pending_size=1 << 27)
+        sim = Sim(nc, a)
         for _ in range(a.nodes):
             sim.add_node()
 
@@ -408,7 +409,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await nc.close()
+        if nc is not None:
+            await nc.close()
         for p in scheds:
             p.terminate()
         for p in scheds:

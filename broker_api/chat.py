@@ -164,7 +164,7 @@ class ChatService:
                 s.outcome = "cached"
                 return
         s.run = self._bus.open_run(s.job, silence=self._s.attempt_silence)
-        est = estimate_prompt_tokens(s.req) + (s.req.token_limit or 0)
+        est = max(1, estimate_prompt_tokens(s.req) + (s.req.token_limit or 0))
         s.sub = Submission(job=s.job, tenant=s.who.org, key_id=s.who.key_id, priority=s.who.priority,
                            key_limits=s.who.key_limits, org_limits=s.who.org_limits, estimated_tokens=est,
                            volunteer_ok=s.who.volunteer_ok)
@@ -224,7 +224,14 @@ class ChatService:
             completion_tokens=u.completion_tokens, cached_tokens=u.prompt_tokens if s.cached else 0,
             cost=round(cost, 10), ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
             duration_ms=round((now - s.started) * 1e3, 3), outcome=s.outcome, status=s.status,
-            stream=bool(s.req.stream), reserved_tokens=s.sub.estimated_tokens if s.sub else 0)
+            stream=bool(s.req.stream), reserved_tokens=self._reserved(s))
+
+    @staticmethod
+    def _reserved(s: Session) -> int:
+        """What admission reserved: only limited keys reserve, and only those need settling."""
+        if s.sub is None or (s.sub.key_limits.empty and s.sub.org_limits.empty):
+            return 0
+        return max(1, s.sub.estimated_tokens)
 
     # --- driving a job ------------------------------------------------------------------
 

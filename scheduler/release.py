@@ -270,7 +270,8 @@ class Releaser:
             if now - p.active_at > FORGET and not self.held(*pair):
                 del self._pending[pair]
                 continue
-            if now - p.polled_at < (POLL_HELD if self.held(*pair) else POLL_IDLE):
+            busy = self.held(*pair) or p.since  # jobs wait, or went there since the last look
+            if now - p.polled_at < (POLL_HELD if busy else POLL_IDLE):
                 continue
             before = p.since  # releases made while the answer travels are not in it
             try:

@@ -300,3 +300,15 @@ async def test_node_lifecycle_is_audited_once(stack: Stack) -> None:
                 break
             await asyncio.sleep(0.1)
     assert actions == ["node.join", "node.drain", "node.leave"]
+
+
+async def test_a_keys_rate_limit_is_a_429_through_the_gateway(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+    limited = (await new_key(http, limits={"rpm": 2}))["key"]
+    body = {"model": ECHO, "messages": USER, "max_tokens": 1}
+    statuses = [(await http.post("/v1/chat/completions", json=body, headers=auth_headers(limited))) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    err = statuses[2].json()["error"]
+    assert err["type"] == "requests" and err["code"] == "rate_limit_exceeded"
+    assert int(statuses[2].headers["retry-after"]) >= 1
+    # another key is not affected
+    assert (await http.post("/v1/chat/completions", json=body, headers=auth_headers())).status_code == 200
