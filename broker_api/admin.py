@@ -211,30 +211,29 @@ def admin_router(authenticate: Any) -> APIRouter:
     router.add_api_route("/keys/{key_id}/revoke", revoke, methods=["POST"])
     router.add_api_route("/keys/{key_id}", revoke, methods=["DELETE"])
 
+    def ledger_query(request: Request) -> tuple[Ledger, str | None, float | None, float | None]:
+        """The ledger, the org scope and the time window of a report request."""
+        admin, who = admin_of(request)
+        since, until = _since_until(request)
+        return admin.need_ledger(), who.scope(request.query_params.get("org")), since, until
+
     @router.get("/usage")
     async def usage(request: Request) -> Response:
-        admin, who = admin_of(request)
-        ledger = admin.need_ledger()
-        since, until = _since_until(request)
-        org = who.scope(request.query_params.get("org"))
+        ledger, org, since, until = ledger_query(request)
         rows = await ledger.report(org=org, by=request.query_params.get("group_by", "model"), since=since,
                                    until=until)
         return _rows(rows, request.query_params.get("format", "json"))
 
     @router.get("/usage/export")
     async def export(request: Request) -> Response:
-        admin, who = admin_of(request)
-        ledger = admin.need_ledger()
-        since, until = _since_until(request)
-        rows = await ledger.usage(org=who.scope(request.query_params.get("org")), since=since, until=until)
+        ledger, org, since, until = ledger_query(request)
+        rows = await ledger.usage(org=org, since=since, until=until)
         return _rows(rows, request.query_params.get("format", "csv"))
 
     @router.get("/audit")
     async def audit(request: Request) -> Response:
-        admin, who = admin_of(request)
-        ledger = admin.need_ledger()
-        since, until = _since_until(request)
-        rows = await ledger.audit(org=who.scope(request.query_params.get("org")), since=since, until=until)
+        ledger, org, since, until = ledger_query(request)
+        rows = await ledger.audit(org=org, since=since, until=until)
         return _rows(rows, request.query_params.get("format", "json"))
 
     return router

@@ -209,20 +209,18 @@ class ChatService:
         u = s.usage()
         route, node, attempts = "", "", s.job.dispatch
         if s.cached is not None:
-            route, cost = "cache", s.cached.cost * self._s.cache_hit_cost
-        else:
-            cost = (s.done.cost or 0.0) if s.done is not None else 0.0
-            if s.run is not None:
-                attempt = s.tally.attempt if s.tally.attempt >= 0 else (s.run.current or 0)
-                route = s.run.pool_of_dispatch.get(attempt // ATTEMPTS_PER_DISPATCH, "")
-                node = s.run.current_node
-                attempts = s.run.job.dispatch
+            route = "cache"
+        elif s.run is not None:
+            attempt = s.tally.attempt if s.tally.attempt >= 0 else (s.run.current or 0)
+            route = s.run.pool_of_dispatch.get(attempt // ATTEMPTS_PER_DISPATCH, "")
+            node = s.run.current_node
+            attempts = s.run.job.dispatch
         now = time.monotonic()
         return UsageRecord(
             job_id=s.job.id, time=s.arrived, org=s.who.org, project=s.who.project, key_id=s.who.key_id,
             model=s.req.model, route=route, node=node, attempts=attempts, prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens, cached_tokens=u.prompt_tokens if s.cached else 0,
-            cost=round(cost, 10), ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
+            cost=self._cost(s), ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
             duration_ms=round((now - s.started) * 1e3, 3), outcome=s.outcome, status=s.status,
             stream=bool(s.req.stream), reserved_tokens=self._reserved(s))
 
@@ -327,12 +325,15 @@ class ChatService:
 
     # --- shaping the answer -------------------------------------------------------------
 
+    def _cost(self, s: Session) -> float:
+        """USD: the route's price for what ran; a cache hit at the configured fraction."""
+        if s.cached is not None:
+            return round(s.cached.cost * self._s.cache_hit_cost, 10)
+        return round((s.done.cost or 0.0) if s.done is not None else 0.0, 10)
+
     def _usage(self, s: Session) -> Usage:
         u = s.usage()
-        if s.req.wants_cost:
-            record_cost = self._record(s).cost
-            u = u.model_copy(update={"cost": record_cost})
-        return u
+        return u.model_copy(update={"cost": self._cost(s)}) if s.req.wants_cost else u
 
     async def complete(self, s: Session) -> ChatCompletion:
         if s.cached is None:

@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
+
+R = TypeVar("R")
+
+
+def _pack(record: Any) -> bytes:
+    return msgpack.packb({"v": 1, **dataclasses.asdict(record)}, use_bin_type=True)
+
+
+def _unpack(cls: type[R], data: bytes) -> R:
+    """Tolerant: fields this version does not know are ignored."""
+    o: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in o.items() if k in names})
+
 
 OUTCOMES = ("ok", "error", "cancelled", "cached")
 
@@ -39,13 +53,11 @@ class UsageRecord:
     reserved_tokens: int = 0  # what admission reserved, so limits can settle exactly
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": 1, **dataclasses.asdict(self)}, use_bin_type=True)
+        return _pack(self)
 
     @classmethod
     def decode(cls, data: bytes) -> UsageRecord:
-        o: dict[str, Any] = msgpack.unpackb(data, raw=False)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in o.items() if k in names})
+        return _unpack(cls, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +74,8 @@ class AuditEvent:
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": 1, **dataclasses.asdict(self)}, use_bin_type=True)
+        return _pack(self)
 
     @classmethod
     def decode(cls, data: bytes) -> AuditEvent:
-        o: dict[str, Any] = msgpack.unpackb(data, raw=False)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in o.items() if k in names})
+        return _unpack(cls, data)
