@@ -9,8 +9,9 @@ decision is made on the latest state: N schedulers enforce one limit, not N of i
 Round trips: the last value and revision each scheduler wrote or read are kept, so the common
 case (the same scheduler saw the latest write) is one KV write per subject. Changes to one
 entry from one scheduler are serialised by a lock, so they never conflict with each other;
-only writes from other schedulers cause a retry. A refusal decided on a cached value is
-checked again on a fresh read before it is answered, so a stale cache can never refuse.
+only writes from other schedulers cause a retry. A refusal or a no-op decided on a cached
+value is checked again on a fresh read, so a stale cache can never refuse a request nor skip
+a settlement (a reservation another scheduler made is not in our cached copy).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Quota:
                 fresh = True
                 continue
             if new is current:
+                if not fresh:  # "nothing to do" on a cached value may be stale (another scheduler
+                    current, rev = await self._load(key)  # reserved what we would settle): re-read
+                    fresh = True
+                    continue
                 self._remember(key, (current, rev))
                 return current
             try:

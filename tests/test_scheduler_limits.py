@@ -300,3 +300,27 @@ async def test_unlimited_submissions_touch_no_counters(two_schedulers: Any) -> N
     except nats.js.errors.NoKeysError:
         keys = []
     assert subjects.limits_entry("k", "key5") not in keys and subjects.limits_entry("o", "org5") not in keys
+
+
+async def test_a_stale_cache_never_skips_a_settlement(tmp_path: Path) -> None:
+    """Two schedulers' quotas on one bucket: the one whose cached copy predates a reservation the
+    other made must still settle it (a no-op on a cached value is re-read before it is believed)."""
+    from scheduler.quota import Quota, open_bucket
+
+    stack = Stack(tmp_path)
+    stack.start_nats()
+    nc = await nats.connect(stack.nats_url)
+    try:
+        kv = await open_bucket(nc.jetstream())
+        x, y = Quota(kv), Quota(kv)
+        lim, key = Limits(max_concurrent=5), subjects.limits_entry("k", "stale")
+        await x.change(key, lambda c: L.reserve(c, lim, ask("j0", expires=time.time() + 60), time.time()))
+        await y.change(key, lambda c: L.reserve(c, lim, ask("j1", expires=time.time() + 60), time.time()))
+        # x's cache holds only j0; settling j1 there must find y's reservation and free it
+        after = await x.change(key, lambda c: L.settle(c, "j1", 7, 0.0, time.time()))
+        assert "j1" not in after.held and after.in_flight == 1
+        stored = await read_counters(nc, "k", "stale")
+        assert stored.in_flight == 1 and stored.tokens_day == 10 + 7
+    finally:
+        await nc.close()
+        await stack.close()
