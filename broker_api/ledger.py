@@ -201,7 +201,7 @@ class LedgerFeed:
         while True:
             try:
                 msgs = await psub.fetch(BATCH, timeout=0.2)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's from fetch
                 continue
             except asyncio.CancelledError:
                 raise

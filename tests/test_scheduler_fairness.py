@@ -111,7 +111,7 @@ class Puller:
         while len(jobs) < n and time.monotonic() < deadline:
             try:
                 msgs = await self.psub.fetch(min(n - len(jobs), 64), timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's from fetch
                 continue
             for m in msgs:
                 jobs.append(Job.decode(m.data))
