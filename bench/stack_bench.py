@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,16 @@ def spawn(module: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def profile(out: Path, procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """py-spy (a dev dependency) on each process: `out/<role>.folded`, flamegraph-ready."""
+    out.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return [subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "1000", "--nonblocking",
+                              "-o", str(out / f"{role}.folded"), "-p", str(pr.pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for role, pr in zip(("scheduler", "worker", "api"), procs)]
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
@@ -120,6 +131,8 @@ async def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (the `up` default)")
     p.add_argument("--no-ledger", action="store_true", help="run the API without its local ledger")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="sample each Tokenyard process with py-spy during the runs; folded stacks go to DIR")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
     nats_server = NatsServer(tmp / "nats", sync_always=a.sync_always).start()
@@ -142,12 +155,16 @@ async def main() -> None:
                 except (httpx.HTTPError, ValueError):
                     pass
                 await asyncio.sleep(0.1)
+        spies = profile(a.profile, procs) if a.profile else []
         results = {}
         for stream in (False, True):
             kind = "stream" if stream else "plain"
             payload = body(a.tokens, stream)
             results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids)
             results[f"{kind}, {a.concurrency} at once"] = await run_load(url, payload, a.requests, a.concurrency, pids)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(30)
         results["echo backend alone"] = await backend_alone(body(a.tokens, False), a.requests)
         print(f"# {' '.join(sys.argv)}  (sync_always={a.sync_always}, tokens={a.tokens}, ledger={not a.no_ledger})")
         print("# CPU per process (ms/request): nats-server, scheduler, worker, api")
