@@ -1,4 +1,4 @@
-"""The admin API: orgs, API keys, usage reports and the audit log.
+"""The admin API: orgs, API keys, routing policies, usage reports and the audit log.
 
 Every route needs an admin key and is scoped to the caller's org (the bootstrap key sees all
 orgs); another org's ids answer 404, as if they did not exist. Bodies reject unknown fields.
@@ -11,13 +11,16 @@ import time
 import uuid
 from typing import Any, Literal
 
+import nats.js.errors
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker_api.auth import Principal
 from broker_api.directory import Directory
 from broker_api.ledger import Ledger, to_csv
+from schemas import routing
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, Limits, OrgRecord
 from schemas.usage import AuditEvent
@@ -89,9 +92,10 @@ def _since_until(request: Request) -> tuple[float | None, float | None]:
 
 
 class Admin:
-    def __init__(self, directory: Directory, ledger: Ledger | None, audit: Any) -> None:
+    def __init__(self, directory: Directory, ledger: Ledger | None, audit: Any, routing_kv: KeyValue) -> None:
         self.directory = directory
         self.ledger = ledger
+        self.routing = routing_kv
         self._audit = audit  # callable(AuditEvent)
         self._signins: dict[str, float] = {}
 
@@ -230,6 +234,78 @@ def admin_router(authenticate: Any) -> APIRouter:
         rows = await ledger.usage(org=org, since=since, until=until)
         return _rows(rows, request.query_params.get("format", "csv"))
 
+    # --- routing policies (schedulers watch the bucket: a change applies to the next placement)
+
+    async def set_policy(request: Request, who: Principal, admin: Admin, entry: str, target: str,
+                         org: str) -> dict[str, Any]:
+        try:
+            policy = routing.Policy.from_dict(await _json(request))
+        except ValueError as e:
+            raise InvalidRequestError(f"Invalid routing policy: {e}.", param="policy") from e
+        await admin.routing.put(entry, policy.encode())
+        admin.record(who, request, "routing.set", target, org, policy=policy.to_dict())
+        return {"object": "routing.policy", "target": target, "policy": policy.to_dict()}
+
+    async def delete_policy(request: Request, who: Principal, admin: Admin, entry: str, target: str,
+                            org: str) -> dict[str, Any]:
+        await admin.routing.delete(entry)
+        admin.record(who, request, "routing.delete", target, org)
+        return {"object": "routing.policy", "target": target, "deleted": True}
+
+    def operator(request: Request) -> tuple[Admin, Principal]:
+        admin, who = admin_of(request)
+        if not who.root:
+            raise PermissionDeniedError("Only the operator's admin key may change default and model routing.")
+        return admin, who
+
+    @router.get("/routing")
+    async def get_routing(request: Request) -> dict[str, Any]:
+        """The policies set here (a scheduler's `--routing-file` sits underneath them). An org
+        admin sees the default, the models' and its own keys' policies."""
+        admin, who = admin_of(request)
+        out: dict[str, Any] = {"object": "routing", "default": None, "models": {}, "keys": {}}
+        for entry, policy in await _routing_entries(admin.routing):
+            scope, ident = routing.parse_entry(entry)
+            if scope == "default":
+                out["default"] = policy
+            elif scope == "model":
+                out["models"][ident] = policy
+            elif who.root or _org_of_key(admin.directory, ident) == who.org:
+                out["keys"][ident] = policy
+        return out
+
+    @router.put("/routing/default")
+    async def set_default(request: Request) -> dict[str, Any]:
+        admin, who = operator(request)
+        return await set_policy(request, who, admin, routing.DEFAULT_ENTRY, "default", who.org)
+
+    @router.delete("/routing/default")
+    async def delete_default(request: Request) -> dict[str, Any]:
+        admin, who = operator(request)
+        return await delete_policy(request, who, admin, routing.DEFAULT_ENTRY, "default", who.org)
+
+    @router.put("/routing/keys/{key_id}")
+    async def set_key_policy(key_id: str, request: Request) -> dict[str, Any]:
+        admin, who = admin_of(request)
+        key = admin.visible_key(who, key_id)
+        return await set_policy(request, who, admin, routing.key_entry(key.id), f"key:{key.id}", key.org)
+
+    @router.delete("/routing/keys/{key_id}")
+    async def delete_key_policy(key_id: str, request: Request) -> dict[str, Any]:
+        admin, who = admin_of(request)
+        key = admin.visible_key(who, key_id)
+        return await delete_policy(request, who, admin, routing.key_entry(key.id), f"key:{key.id}", key.org)
+
+    @router.put("/routing/models/{model:path}")
+    async def set_model_policy(model: str, request: Request) -> dict[str, Any]:
+        admin, who = operator(request)
+        return await set_policy(request, who, admin, routing.model_entry(model), f"model:{model}", who.org)
+
+    @router.delete("/routing/models/{model:path}")
+    async def delete_model_policy(model: str, request: Request) -> dict[str, Any]:
+        admin, who = operator(request)
+        return await delete_policy(request, who, admin, routing.model_entry(model), f"model:{model}", who.org)
+
     @router.get("/audit")
     async def audit(request: Request) -> Response:
         ledger, org, since, until = ledger_query(request)
@@ -237,6 +313,26 @@ def admin_router(authenticate: Any) -> APIRouter:
         return _rows(rows, request.query_params.get("format", "json"))
 
     return router
+
+
+def _org_of_key(directory: Directory, key_id: str) -> str | None:
+    key = directory.key(key_id)
+    return key.org if key else None
+
+
+async def _routing_entries(kv: KeyValue) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        entries = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    out = []
+    for entry in sorted(entries):
+        try:
+            value = (await kv.get(entry)).value
+            out.append((entry, routing.Policy.decode(value or b"").to_dict()))
+        except (nats.js.errors.KeyNotFoundError, ValueError):  # deleted meanwhile, or not ours
+            continue
+    return out
 
 
 def _rows(rows: list[dict[str, Any]], fmt: str) -> Response:

@@ -1,4 +1,4 @@
-"""`tokenyard keys | orgs | usage | audit`: the admin API from the command line.
+"""`tokenyard keys | orgs | usage | audit | routing`: the admin API from the command line.
 
 Talks HTTP to a running gateway (`--api-url`, default http://127.0.0.1:8000) with an admin key
 (`--admin-key`, `TOKENYARD_ADMIN_KEY`, or the one `tokenyard up` keeps in the data dir).
@@ -12,9 +12,11 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from schemas.routing import STRATEGIES
 from schemas.settings import add_setting
 from schemas.tenancy import PRIORITY_TIERS
 
@@ -74,7 +76,49 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
     a.add_argument("--since", type=float)
     a.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    r = sub.add_parser("routing", help="routing policies: default, per model, per key").add_subparsers(
+        dest="verb", required=True)
+    _common(r.add_parser("show"))
+    for verb in ("set", "delete"):
+        v = r.add_parser(verb)
+        _common(v)
+        v.add_argument("target", help="`default`, `model:<model id>` or `key:<key id>`")
+        if verb == "set":
+            v.add_argument("--strategy", choices=STRATEGIES, required=True)
+            v.add_argument("--order", default="", help="pools in order, comma-separated (failover, ties)")
+            v.add_argument("--weight", action="append", default=[], metavar="POOL=W",
+                           help="weighted split (repeatable), e.g. --weight openai=0.9 --weight own=0.1")
+            v.add_argument("--spill-wait", type=float, help="own_first: seconds of predicted wait before spilling")
     return p
+
+
+def _routing_path(target: str) -> str:
+    if target == "default":
+        return "/routing/default"
+    scope, _, ident = target.partition(":")
+    if scope in ("model", "key") and ident:
+        return f"/routing/{scope}s/{quote(ident, safe='/')}"
+    raise SystemExit("tokenyard: the target is `default`, `model:<model id>` or `key:<key id>`")
+
+
+def _policy_of(args: argparse.Namespace) -> dict[str, Any]:
+    policy: dict[str, Any] = {"strategy": args.strategy}
+    if args.order:
+        policy["order"] = [p.strip() for p in args.order.split(",") if p.strip()]
+    weights = {}
+    for item in args.weight:
+        pool, _, w = item.partition("=")
+        try:
+            weights[pool] = float(w)
+        except ValueError:
+            pool = ""
+        if not pool:
+            raise SystemExit(f"tokenyard: --weight wants POOL=NUMBER, not {item!r}")
+    if weights:
+        policy["weights"] = weights
+    if args.spill_wait is not None:
+        policy["spill_wait"] = args.spill_wait
+    return policy
 
 
 def _admin_key(args: argparse.Namespace) -> str:
@@ -154,6 +198,12 @@ def main(argv: list[str]) -> int:
         if not args.export:
             params["group_by"] = args.by
         _show(_call(args, "GET", "/usage/export" if args.export else "/usage", params=params), args.format)
+    elif args.noun == "routing" and args.verb == "show":
+        print(json.dumps(_call(args, "GET", "/routing").json(), indent=2))
+    elif args.noun == "routing":
+        path = _routing_path(args.target)
+        r = (_call(args, "PUT", path, json=_policy_of(args)) if args.verb == "set" else _call(args, "DELETE", path))
+        print(json.dumps(r.json(), indent=2))
     else:
         params = {"format": "csv" if args.format == "csv" else "json"}
         if args.since is not None:

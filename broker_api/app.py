@@ -30,12 +30,13 @@ from broker_api.auth import KeyStore, Principal
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
-from broker_api.directory import Directory
+from broker_api.directory import Directory, open_bucket
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
 from broker_api.metrics import Metrics, queue_depths
 from broker_api.settings import ApiSettings
+from schemas import routing, subjects
 from schemas.chat import ModelCard, ModelList, parse_chat_request
 from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, NotFoundError,
                             RequestTooLargeError, TokenyardError)
@@ -133,7 +134,8 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         idempotency = await Idempotency.open(js)
         app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
         app.state.chat.metrics = metrics
-        app.state.admin = Admin(directory, ledger, accounts.audit)
+        app.state.admin = Admin(directory, ledger, accounts.audit, 
+                              await open_bucket(js, subjects.ROUTING_BUCKET, history=routing.HISTORY))
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
             yield

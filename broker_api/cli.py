@@ -9,6 +9,7 @@
     tokenyard orgs create|list           orgs
     tokenyard usage [--by model|route|key|day] [--format table|json|csv] [--export]
     tokenyard audit                      the audit log
+    tokenyard routing show|set|delete    routing policies (default, per model, per key)
 
 Each role runs as its own Python process (`python -m <package>`): the CLI starts it and does
 not import its internals, so the same code runs as separate processes on many machines.
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         from broker_api.launcher import main as up
 
         raise SystemExit(up(rest))
-    if role in {"keys", "orgs", "usage", "audit"}:
+    if role in {"keys", "orgs", "usage", "audit", "routing"}:
         from broker_api.admin_cli import main as admin
 
         raise SystemExit(admin(args))

@@ -45,12 +45,13 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1) -> KeyValue:
+async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1, history: int = 1) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas)
+            return await js.create_key_value(bucket=bucket, history=history, storage=StorageType.FILE,
+                                             replicas=replicas)
         except nats.js.errors.BadRequestError:  # created meanwhile by another replica
             return await js.key_value(bucket)
 

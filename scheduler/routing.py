@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError
+from schemas.routing import Policy
 
 NO_CAPACITY_RETRY_AFTER = 5.0
-STRATEGIES = ("most_free", "cheapest", "fastest", "own_first", "weighted", "failover")
 SORTS = {"price": "cheapest", "throughput": "throughput", "latency": "latency"}
 DEFAULT_JOB_SECONDS = 2.0  # a job's duration before any was measured (own_first's wait estimate)
 
@@ -70,24 +70,6 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
-    strategy: str = "most_free"
-    order: tuple[str, ...] = ()  # failover order (and the tie order of the others)
-    weights: tuple[tuple[str, float], ...] = ()  # weighted split
-    spill_wait: float = 2.0  # own_first: seconds of predicted wait before spilling over
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Policy:
-        strategy = str(d.get("strategy", "most_free"))
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown routing strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-        weights = d.get("weights") or {}
-        return cls(strategy=strategy, order=tuple(str(p) for p in d.get("order") or ()),
-                   weights=tuple((str(k), float(v)) for k, v in dict(weights).items()),
-                   spill_wait=float(d.get("spill_wait", 2.0)))
-
-
-@dataclass(frozen=True, slots=True)
 class RoutingTable:
     """Operator config: a default policy, per-model and per-key overrides (key wins)."""
 
@@ -108,6 +90,14 @@ class RoutingTable:
     def load(cls, path: str) -> RoutingTable:
         """A JSON file (empty path: the defaults)."""
         return cls.from_dict(json.loads(Path(path).read_text())) if path else cls()
+
+    def overlaid(self, entries: Mapping[tuple[str, str], Policy]) -> RoutingTable:
+        """This table with the admin API's entries ((scope, id) -> policy) on top: each entry
+        replaces the file's policy of the same default, model or key."""
+        default = entries.get(("default", ""), self.default)
+        models = {**self.models, **{i: p for (scope, i), p in entries.items() if scope == "model"}}
+        keys = {**self.keys, **{i: p for (scope, i), p in entries.items() if scope == "key"}}
+        return RoutingTable(default=default, models=models, keys=keys)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from scheduler.fleet import Fleet
 from scheduler import routing
 from scheduler.health import BreakerConfig, Health
 from scheduler.release import IntakeLimits, Releaser
+from scheduler.routing_store import RoutingStore
 from schemas.intake import Queued
 from scheduler.settings import SchedulerSettings
 from scheduler.settle import Settler, ensure_usage_stream
@@ -81,7 +82,7 @@ class Scheduler:
         self.fleet = Fleet(remember=settings.remember_models)
         self._tasks: list[asyncio.Task[None]] = []
         self.quota: quota.Quota | None = None
-        self.table = routing.RoutingTable.load(settings.routing_file)
+        self.routing = RoutingStore(routing.RoutingTable.load(settings.routing_file))
         self.health = Health(BreakerConfig(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown))
         self._answered: OrderedDict[tuple[str, int], Admission] = OrderedDict()
         self._running: dict[tuple[str, int], asyncio.Future[Admission]] = {}
@@ -93,6 +94,7 @@ class Scheduler:
     async def start(self) -> None:
         await ensure_work_stream(self._js, self._s)
         await ensure_usage_stream(self._js, self._s.replicas)
+        await self.routing.start(self._js, self._s.replicas)
         self.quota = quota.Quota(await quota.open_bucket(self._js, self._s.replicas))
         settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
         self._tasks.append(asyncio.create_task(settler.run()))
@@ -118,6 +120,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         await self.releaser.stop()
+        await self.routing.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -236,7 +239,7 @@ class Scheduler:
         request = sub.job.request
         prefs = routing.ProviderPrefs.from_request(request)
         return routing.choose(routing.candidate_models(sub.job.model, request), lambda m: self.routes(m, now),
-                              self.fleet.known, lambda m: self.table.policy_for(m, sub.key_id), prefs,
+                              self.fleet.known, lambda m: self.routing.table.policy_for(m, sub.key_id), prefs,
                               avoid=sub.avoid, volunteer_ok=sub.volunteer_ok, draw=random.random())
 
     def routes(self, model: str, now: float) -> list[routing.Route]:
