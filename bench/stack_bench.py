@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -67,14 +68,25 @@ async def one(http: httpx.AsyncClient, payload: dict) -> float:
     return time.perf_counter() - started
 
 
-async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list[int]) -> dict:
+def nats_messages(monitor: str) -> dict[str, tuple[int, int]]:
+    """Messages each client connection sent to / got from nats-server (its monitoring port)."""
+    conns = json.loads(urllib.request.urlopen(f"{monitor}/connz?limit=1024", timeout=5).read())["connections"]
+    out: dict[str, tuple[int, int]] = {}
+    for c in conns:
+        role = (c.get("name") or "other").removeprefix("tokenyard-").split("-")[0]
+        sent, got = out.get(role, (0, 0))
+        out[role] = (sent + c["in_msgs"], got + c["out_msgs"])  # the server's in is the client's sent
+    return out
+
+
+async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list[int], monitor: str) -> dict:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
                                  timeout=60) as http:
         for _ in range(min(50, n)):  # warm-up
             await one(http, payload)
         cpu0s = [cpu_seconds(p) for p in pids]
-        cpu0 = sum(cpu0s)
+        msgs0 = nats_messages(monitor)
         latencies: list[float] = []
         queue = list(range(n))
         started = time.perf_counter()
@@ -88,8 +100,11 @@ async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list
         wall = time.perf_counter() - started
         cpus = [cpu_seconds(p) - c for p, c in zip(pids, cpu0s)]
         cpu = sum(cpus)
-    return {"per_process_ms": [round(c / n * 1e3, 3) for c in cpus], "requests": n, "concurrency": concurrency, "rps": n / wall, "p50_ms": pct(latencies, 0.5) * 1e3,
-            "p99_ms": pct(latencies, 0.99) * 1e3, "cpu_ms_per_req": cpu / n * 1e3}
+        msgs = {role: [round((a - msgs0.get(role, (0, 0))[i]) / n, 2) for i, a in enumerate(v)]
+                for role, v in sorted(nats_messages(monitor).items())}
+    return {"per_process_ms": [round(c / n * 1e3, 3) for c in cpus], "requests": n, "concurrency": concurrency,
+            "rps": n / wall, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
+            "cpu_ms_per_req": cpu / n * 1e3, "nats_msgs_per_req": msgs}
 
 
 async def backend_alone(payload: dict, n: int) -> dict:
@@ -135,8 +150,11 @@ async def main() -> None:
                    help="sample each Tokenyard process with py-spy during the runs; folded stacks go to DIR")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
-    nats_server = NatsServer(tmp / "nats", sync_always=a.sync_always).start()
     port = 18000 + os.getpid() % 1000
+    monitor_port = port + 1000
+    nats_server = NatsServer(tmp / "nats", sync_always=a.sync_always,
+                             extra_config=f"http: 127.0.0.1:{monitor_port}").start()
+    monitor = f"http://127.0.0.1:{monitor_port}"
     env = {**os.environ, "TOKENYARD_NATS_URL": nats_server.url, "TOKENYARD_LOG_LEVEL": "warning",
            "TOKENYARD_ADMIN_KEY": KEY, "TOKENYARD_BACKEND": "echo", "TOKENYARD_DATA_DIR": str(tmp)}
     procs = [spawn("scheduler", env, tmp / "scheduler.log"),
@@ -160,8 +178,8 @@ async def main() -> None:
         for stream in (False, True):
             kind = "stream" if stream else "plain"
             payload = body(a.tokens, stream)
-            results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids)
-            results[f"{kind}, {a.concurrency} at once"] = await run_load(url, payload, a.requests, a.concurrency, pids)
+            results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids, monitor)
+            results[f"{kind}, {a.concurrency} at once"] = await run_load(url, payload, a.requests, a.concurrency, pids, monitor)
         for spy in spies:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(30)
@@ -174,6 +192,10 @@ async def main() -> None:
             split = " / ".join(f"{c:.2f}" for c in r.get("per_process_ms", []))
             print(f"| {name} | {r.get('rps', float('nan')):.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                   f"{r['cpu_ms_per_req']:.3f} | {split} |")
+        print("# NATS messages per request, sent / received by each role's connections")
+        for name, r in results.items():
+            if "nats_msgs_per_req" in r:
+                print(f"#   {name}: " + ", ".join(f"{role} {s} / {g}" for role, (s, g) in r["nats_msgs_per_req"].items()))
         print(json.dumps(results))
     finally:
         for pr in procs:
