@@ -30,6 +30,7 @@ USAGE_MAX_AGE = 7 * 86400.0
 USAGE_DUPLICATE_WINDOW = 120.0
 BATCH = 128
 FETCH_WAIT = 1.0
+GATHER = 0.05  # after a short batch, let records gather: one pull and one write of acks for many
 ACK_WAIT = 30.0
 MAX_DELIVER = 5
 
@@ -96,6 +97,8 @@ class Settler:
                     await self._handle(msg)
                 except Exception:  # top of a loop: one record must not stop settlement
                     log.exception("usage.handle_failed")
+            if len(msgs) < BATCH:
+                await asyncio.sleep(GATHER)
 
     async def _handle(self, msg: Msg) -> None:
         try:
