@@ -1,9 +1,11 @@
-"""Node lifecycle in the audit log: a worker joining, draining and leaving the fleet.
+"""Node and provider lifecycle in the audit log: a worker joining, draining and leaving the
+fleet, and turning unhealthy or healthy again (a cloud adapter whose provider went down).
 
-Every gateway that keeps a ledger watches the workers' adverts and records `node.join`,
-`node.drain` and `node.leave` events. Event ids derive from the node and its start time, so
-the same event seen by several gateways is one row (JetStream dedupe, then the ledger's
-primary key).
+Every gateway that keeps a ledger watches the workers' adverts and records `node.join` (with
+the pool, kind, models and, for priced routes, the prices it charges), `node.unhealthy`,
+`node.healthy`, `node.drain` and `node.leave`. Event ids derive from the node, its start time
+and the time its health changed, so the same event seen by several gateways is one row
+(JetStream dedupe, then the ledger's primary key).
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ class FleetWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _event(self, action: str, advert: NodeAdvert) -> None:
+    def _event(self, action: str, advert: NodeAdvert, suffix: str = "") -> None:
+        detail = {"pool": advert.pool, "kind": advert.kind, "models": [m.id for m in advert.models],
+                  "slots": advert.slots_total}
+        prices = {m.id: {"input": m.input_price, "output": m.output_price}
+                  for m in advert.models if m.input_price or m.output_price}
+        if prices:
+            detail["prices"] = prices
         self._audit(AuditEvent(
-            id=f"{action}.{advert.node}.{advert.started:.6f}", time=time.time(), org=ROOT_ORG, actor=advert.node,
-            action=action, target=advert.node, source="fleet",
-            detail={"pool": advert.pool, "kind": advert.kind, "models": [m.id for m in advert.models],
-                    "slots": advert.slots_total}))
+            id=f"{action}.{advert.node}.{advert.started:.6f}{suffix}", time=time.time(), org=ROOT_ORG,
+            actor=advert.node, action=action, target=advert.node, source="fleet", detail=detail))
 
     async def _on_advert(self, msg: Msg) -> None:
         try:
@@ -68,7 +74,11 @@ class FleetWatch:
         seen = self._nodes.get(advert.node)
         if seen is None or seen.advert.started != advert.started:
             self._event("node.join", advert)
+            if not advert.healthy:
+                self._event("node.unhealthy", advert, f".{advert.health_since:.6f}")
             seen = self._nodes[advert.node] = _Seen(advert, now)
+        elif advert.healthy != seen.advert.healthy:
+            self._event("node.healthy" if advert.healthy else "node.unhealthy", advert, f".{advert.health_since:.6f}")
         if advert.draining and not seen.draining:
             self._event("node.drain", advert)
             seen.draining = True

@@ -250,13 +250,14 @@ class NodeAdvert:
     started: float = field(default=0.0)
     kind: str = "own"  # one of NODE_KINDS
     healthy: bool = True  # false: the node is up but should get no new jobs (e.g. its provider is down)
+    health_since: float = 0.0  # unix time `healthy` last changed (0: never, healthy since it started)
 
     def encode(self) -> bytes:
         return _pack({"v": VERSION, "node": self.node, "pool": self.pool,
                       "models": [m.pack() for m in self.models],
                       "total": self.slots_total, "free": self.slots_free, "drain": self.draining,
                       "every": self.interval, "started": self.started, "kind": self.kind,
-                      "healthy": self.healthy})
+                      "healthy": self.healthy, "hsince": self.health_since})
 
     @classmethod
     def decode(cls, data: bytes) -> NodeAdvert:
@@ -269,7 +270,7 @@ class NodeAdvert:
                    slots_total=int(o.get("total", 0)), slots_free=int(o.get("free", 0)),
                    draining=bool(o.get("drain", False)), interval=float(o.get("every", 1.0)),
                    started=float(o.get("started", 0.0)), kind=str(o.get("kind", "own")),
-                   healthy=bool(o.get("healthy", True)))
+                   healthy=bool(o.get("healthy", True)), health_since=float(o.get("hsince", 0.0)))
 
 
 def encode_model_list(models: list[ModelAdvert]) -> bytes:

@@ -4,6 +4,7 @@ prompt's cost is compared across routes in the ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,33 @@ async def test_every_route_answers_and_a_down_provider_fails_over(stack: Stack, 
         assert abs(route["b"]["cost"] - 3 * route["a"]["cost"]) < 1e-12
         assert route["own"]["cost"] == 0.0
         assert set(by_route) == {"prov-a", "prov-b", "own"}
+
+
+async def test_provider_health_changes_and_prices_are_audited_once(stack: Stack, tmp_path: Path) -> None:
+    async with FakeProvider(models=(MODEL,)) as a:
+        entry = a.config_entry("prov-a", prices={MODEL: {"input": 1.5, "output": 4.0}}, probe_interval=0.1)
+        providers = tmp_path / "providers.yaml"
+        providers.write_text(yaml.safe_dump({"providers": [entry]}))
+        stack.start_worker(TOKENYARD_BACKEND="cloud", TOKENYARD_PROVIDERS=str(providers), TOKENYARD_PROVIDER="prov-a",
+                           TOKENYARD_NODE_ID="cloud-a")
+        await stack.start_api()
+        await stack.start_api(ledger_name="replica-2", data_dir=str(stack.tmp / "data-2"))  # sees the same adverts
+        await stack.wait_for_model(MODEL)
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            async def actions(want: list[str]) -> list[dict[str, Any]]:
+                deadline = time.monotonic() + 15
+                events: list[dict[str, Any]] = []
+                while time.monotonic() < deadline:
+                    events = [e for e in (await admin(http, "GET", "/audit")).json()["data"] if e["target"] == "cloud-a"]
+                    if [e["action"] for e in events] == want:
+                        return events
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"audit shows {[e['action'] for e in events]}, expected {want}")
+
+            joined = (await actions(["node.join"]))[0]
+            assert joined["detail"]["prices"] == {MODEL: {"input": 1.5, "output": 4.0}}
+            assert joined["detail"]["kind"] == "cloud" and joined["detail"]["pool"] == "prov-a"
+            await a.aset(Behaviour.down())
+            await actions(["node.join", "node.unhealthy"])
+            await a.aset(Behaviour())
+            await actions(["node.join", "node.unhealthy", "node.healthy"])

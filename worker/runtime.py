@@ -56,6 +56,7 @@ class Worker:
         self._started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
         self._job_tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
+        self._healthy, self._health_since = True, 0.0
 
     @property
     def running_jobs(self) -> int:
@@ -65,12 +66,16 @@ class Worker:
         return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
                           slots_total=self._total, slots_free=max(0, self._total - len(self._job_tasks)),
                           draining=self._draining, interval=self._s.heartbeat, started=self._started,
-                          kind=self._s.kind, healthy=self._backend_healthy())
+                          kind=self._s.kind, healthy=self._backend_healthy(), health_since=self._health_since)
 
     def _backend_healthy(self) -> bool:
-        """Backends that can tell (a cloud adapter whose provider is down) say so; others are."""
-        healthy = getattr(self._backend, "healthy", None)
-        return bool(healthy()) if callable(healthy) else True
+        """Backends that can tell (a cloud adapter whose provider is down) say so; others are.
+        A change is stamped once (`health_since`), so every gateway audits it as one event."""
+        check = getattr(self._backend, "healthy", None)
+        healthy = bool(check()) if callable(check) else True
+        if healthy != self._healthy:
+            self._healthy, self._health_since = healthy, time.time()
+        return healthy
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.node_control(self._s.node_id), cb=self._on_control)
