@@ -117,6 +117,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         own = bus is None
         the_bus = await Bus.connect(settings.nats_url) if own else bus
         assert the_bus is not None
+        the_bus.lanes.enabled = settings.lanes
         js = the_bus.nc.jetstream()
         directory = await Directory.open(js, pepper=settings.pepper.encode())
         keys.directory = directory
@@ -183,7 +184,8 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        text = metrics.render(await queue_depths(request.app.state.bus.nc.jetstream()))
+        bus = request.app.state.bus
+        text = metrics.render(await queue_depths(bus.nc.jetstream()), lane_placements=bus.lanes.placed)
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz")

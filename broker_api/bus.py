@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from broker_api.jobrun import JobRun
+from broker_api.lanes import Lanes
 from schemas import subjects
 from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
 from schemas.jobs import CONTINUE, HEARTBEAT, STOP, Admission, Event, Job, ModelAdvert, Stop, Submission, WireError
@@ -35,6 +36,7 @@ class Bus:
         self.nc = nc
         self.gateway_id = gateway_id
         self.runs: dict[str, JobRun] = {}
+        self.lanes = Lanes(nc.jetstream())
 
     @classmethod
     async def connect(cls, url: str) -> Bus:
@@ -81,7 +83,13 @@ class Bus:
     # --- scheduler ----------------------------------------------------------------------
 
     async def submit(self, sub: Submission, *, timeout: float, deadline: float) -> Admission:
-        """Hand a job to a scheduler; retries a lost answer with the same job (deduplicated)."""
+        """Place a job through its lane if a scheduler granted one (`broker_api.lanes`), else
+        hand it to a scheduler; retries a lost answer with the same job (deduplicated)."""
+        lane = self.lanes.key_of(sub)
+        if lane is not None:
+            placed = await self.lanes.place(lane, sub)
+            if placed is not None:
+                return placed
         data = sub.encode()
         while True:
             remaining = deadline - time.time()
@@ -97,6 +105,8 @@ class Bus:
             answer = Admission.decode(reply.data)
             if answer.error is not None:
                 raise from_wire(answer.error)
+            if lane is not None:
+                self.lanes.grant(lane, answer)
             return answer
 
     async def models(self, timeout: float = 2.0) -> list[ModelAdvert]:

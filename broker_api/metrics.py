@@ -59,7 +59,7 @@ class Metrics:
         if ttft is not None:
             self.ttft[model].observe(ttft)
 
-    def render(self, queues: list[tuple[str, str, int, int]]) -> str:
+    def render(self, queues: list[tuple[str, str, int, int]], lane_placements: int = 0) -> str:
         lines = ["# HELP tokenyard_requests_total Chat completion requests that ended, by outcome and status.",
                  "# TYPE tokenyard_requests_total counter"]
         lines += [f'tokenyard_requests_total{{model="{_label(m)}",outcome="{o}",status="{s}"}} {n}'
@@ -73,6 +73,8 @@ class Metrics:
                 lines += h.lines(name, f'model="{_label(model)}"')
         lines += ["# HELP tokenyard_inflight_requests Requests this gateway is serving now.",
                   "# TYPE tokenyard_inflight_requests gauge", f"tokenyard_inflight_requests {self.inflight}"]
+        lines += ["# HELP tokenyard_lane_placements_total Jobs this gateway placed through a scheduler's lane.",
+                  "# TYPE tokenyard_lane_placements_total counter", f"tokenyard_lane_placements_total {lane_placements}"]
         lines += ["# HELP tokenyard_queue_waiting_jobs Jobs waiting in a work queue.",
                   "# TYPE tokenyard_queue_waiting_jobs gauge"]
         lines += [f'tokenyard_queue_waiting_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {w}' for p, m, w, _ in queues]

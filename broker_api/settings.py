@@ -31,6 +31,7 @@ class ApiSettings:
     cache_max_bytes: int
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
     continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
+    lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -56,6 +57,8 @@ class ApiSettings:
                     help="fraction of the original cost billed for a cache hit")
         add_setting(p, "--continuation-models", default="",
                     help="models (comma-separated, or *) whose interrupted answers continue on another node")
+        add_setting(p, "--lanes", default=True, type=bool,
+                    help="place an unlimited key's next jobs straight on the queue a scheduler granted")
         return p
 
     def continues(self, model: str) -> bool:

@@ -115,6 +115,10 @@ class Health:
         b = self.breakers.get(pool)
         return b is None or b.allows(now)
 
+    def closed(self, pool: str) -> bool:
+        b = self.breakers.get(pool)
+        return b is None or b.state == CLOSED
+
     def placed(self, pool: str, now: float) -> None:
         b = self.breakers.get(pool)
         if b is not None:

@@ -129,6 +129,16 @@ class Releaser:
         p.since += 1
         return True
 
+    def take_more_room(self, pool: str, model: str, most: int) -> int:
+        """Set aside up to `most` more places in this work queue (for a gateway's lane); how
+        many. Like `take_room`, nothing while jobs are held here: they go first."""
+        p = self._pending.setdefault((pool, model), _Pending())
+        if self.held(pool, model):
+            return 0
+        n = max(0, min(most, self._buffer(pool, model) - p.estimate))
+        p.since += n
+        return n
+
     def give_back(self, pool: str, model: str) -> None:
         p = self._pending.get((pool, model))
         if p is not None and p.since > 0:
@@ -139,7 +149,7 @@ class Releaser:
         job = queued.job
         try:
             await self._js.publish(subjects.intake_subject(queued.tenant), queued.encode(), timeout=PUBLISH_TIMEOUT,
-                                   headers={"Nats-Msg-Id": f"{job.id}.{job.dispatch}"})
+                                   headers={"Nats-Msg-Id": job.message_id})
         except nats.js.errors.APIError as e:
             if "maximum" in (e.description or ""):
                 raise QueueFullError("Too many requests are waiting. Try again shortly.",
@@ -231,7 +241,7 @@ class Releaser:
         msg, job = item.value
         try:
             await self._js.publish(subjects.work_subject(pair[0], job.model), job.encode(), timeout=PUBLISH_TIMEOUT,
-                                   headers={"Nats-Msg-Id": f"{job.id}.{job.dispatch}"})
+                                   headers={"Nats-Msg-Id": job.message_id})
         except (nats.errors.Error, nats.js.errors.Error) as e:
             log.warning("intake.release_refused", job_id=job.id, error=str(e))
             return False

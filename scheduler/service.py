@@ -4,6 +4,16 @@ Each submission is a core request on `SCHED_SUBMIT` (queue group: one scheduler 
 answers). The answer is sent only after JetStream acknowledged the job, so "accepted" means
 durable. The job's message id is `<job id>.<dispatch>`: a gateway that retries after a lost
 answer gets the same placement deduplicated, never a second run.
+
+Lanes: a round trip through a scheduler is a good part of what a request costs. When a job
+of a key with no limits went straight to a work queue that has room, nothing waits that it
+could jump ahead of, and its placement would be the same for the next jobs of that key and
+model, the answer grants the gateway a lane: up to `lane_credits` more such jobs may go
+straight to that queue within `lane_ttl` seconds. The room is set aside here first (so held
+jobs and other admissions see it taken), the gateway publishes with the same message ids, and
+anything a lane cannot place (ended, refused) comes back through a normal submission. Never
+for limited keys (every request must be counted here), a `provider` object or `models` list,
+a re-dispatch, a weighted split (each request draws), or a pool whose breaker is not closed.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from schemas import subjects
 from schemas.errors import InvalidRequestError, QueueFullError, TokenyardError
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
+from schemas.tenancy import NO_LIMITS
 from schemas.usage import UsageRecord
 from scheduler import limits as L
 from scheduler import quota
@@ -213,7 +224,7 @@ class Scheduler:
         try:
             if direct:
                 await self._js.publish(subjects.work_subject(pool, job.model), payload, timeout=PUBLISH_TIMEOUT,
-                                       headers={"Nats-Msg-Id": f"{job.id}.{job.dispatch}"})
+                                       headers={"Nats-Msg-Id": job.message_id})
             else:
                 await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
         except (nats.js.errors.APIError, QueueFullError) as e:  # refused for sure (a timeout may still have landed)
@@ -228,12 +239,25 @@ class Scheduler:
             raise
         self.health.placed(pool, now)
         log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
+        lane = (self.releaser.take_more_room(pool, job.model, self._s.lane_credits)
+                if direct and not reserved and self._lane_allowed(sub, choice, now) else 0)
         answer = Admission(pool=choice.route.pool, live_workers=choice.live_nodes,
-                           model=choice.model if choice.model != sub.job.model else "")
+                           model=choice.model if choice.model != sub.job.model else "",
+                           lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0)
         self._answered[(job.id, job.dispatch)] = answer
         while len(self._answered) > ANSWERS_KEPT:
             self._answered.popitem(last=False)
         return answer
+
+    def _lane_allowed(self, sub: Submission, choice: routing.Choice, now: float) -> bool:
+        """Would the next jobs of this key and model be placed the same way, with nothing to
+        count? (See "Lanes" above.)"""
+        job = sub.job
+        return (self._s.lane_credits > 0 and job.dispatch == 1 and not sub.avoid and choice.model == job.model
+                and sub.key_limits == NO_LIMITS and sub.org_limits == NO_LIMITS
+                and "provider" not in job.request and "models" not in job.request
+                and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
+                and self.health.closed(choice.route.pool))
 
     def _route(self, sub: Submission, now: float) -> routing.Choice:
         request = sub.job.request

@@ -26,6 +26,8 @@ class SchedulerSettings:
     intake_max_per_tenant: int = 10_000  # ... of one tenant
     intake_ack_wait: float = 30.0  # seconds before a killed scheduler's held jobs go to another
     min_buffer: int = 4  # jobs a work queue may hold beyond what its workers run
+    lane_credits: int = 16  # jobs a gateway may place without asking after an admission (0: never)
+    lane_ttl: float = 0.5  # seconds such a lane lasts
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ class SchedulerSettings:
         add_setting(p, "--intake-ack-wait", default=30.0, type=float,
                     help="seconds before a dead scheduler's held jobs are taken over")
         add_setting(p, "--min-buffer", default=4, type=int, help="jobs a work queue may hold beyond running ones")
+        add_setting(p, "--lane-credits", default=16, type=int,
+                    help="jobs of an unlimited key a gateway may place without asking, after one admission (0: off)")
+        add_setting(p, "--lane-ttl", default=0.5, type=float, help="seconds such a lane lasts")
         return p
 
     @classmethod
@@ -58,4 +63,5 @@ class SchedulerSettings:
                    reservation_margin=a.reservation_margin, routing_file=a.routing_file,
                    breaker_failures=a.breaker_failures, breaker_cooldown=a.breaker_cooldown,
                    intake_max_jobs=a.intake_max_jobs, intake_max_per_tenant=a.intake_max_per_tenant,
-                   intake_ack_wait=a.intake_ack_wait, min_buffer=a.min_buffer)
+                   intake_ack_wait=a.intake_ack_wait, min_buffer=a.min_buffer, lane_credits=a.lane_credits,
+                   lane_ttl=a.lane_ttl)

@@ -69,6 +69,12 @@ class Job:
         """An attempt's id: larger for later dispatches, and within one for later deliveries."""
         return self.dispatch * ATTEMPTS_PER_DISPATCH + delivery
 
+    @property
+    def message_id(self) -> str:
+        """Its `Nats-Msg-Id` on the work stream: whoever places it (a scheduler, a release, a
+        gateway's lane) and however often, one placement per dispatch."""
+        return f"{self.id}.{self.dispatch}"
+
     def encode(self) -> bytes:
         return _pack({"v": VERSION, "id": self.id, "model": self.model, "req": self.request,
                       "reply": self.reply, "deadline": self.deadline, "dispatch": self.dispatch})
@@ -117,22 +123,29 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Scheduler -> gateway: the job is durably queued (`error` is None) or refused."""
+    """Scheduler -> gateway: the job is durably queued (`error` is None) or refused.
+
+    A lane (`lane_credits` > 0) lets the gateway place up to that many more jobs of the same
+    key and model straight on `pool`'s work queue within `lane_ttl` seconds, without asking:
+    the scheduler has set that room aside (see `scheduler.service`, "Lanes")."""
 
     error: dict[str, Any] | None = None  # schemas.errors wire form
     pool: str = ""
     live_workers: int = 0
     model: str = ""  # the model placed, when a `models` fallback list chose another than job.model
+    lane_credits: int = 0
+    lane_ttl: float = 0.0
 
     def encode(self) -> bytes:
         return _pack({"v": VERSION, "err": self.error, "pool": self.pool, "live": self.live_workers,
-                      "model": self.model})
+                      "model": self.model, "lane": [self.lane_credits, self.lane_ttl]})
 
     @classmethod
     def decode(cls, data: bytes) -> Admission:
         o = _unpack(data)
+        lane = o.get("lane") or (0, 0.0)
         return cls(error=o.get("err"), pool=str(o.get("pool", "")), live_workers=int(o.get("live", 0)),
-                   model=str(o.get("model", "")))
+                   model=str(o.get("model", "")), lane_credits=int(lane[0]), lane_ttl=float(lane[1]))
 
 
 # Event kinds, worker -> gateway.

@@ -44,7 +44,10 @@ class Limits:
 
     @property
     def empty(self) -> bool:
-        return not self.to_dict()
+        return self == NO_LIMITS  # (field by field, no copy: this is on the request path)
+
+
+NO_LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
