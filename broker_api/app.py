@@ -141,6 +141,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         try:
             yield
         finally:
+            await app.state.chat.drain()  # cancelled requests waiting for their worker's count
             for part in (fleet, feed):
                 if part is not None:
                     await part.stop()

@@ -5,6 +5,11 @@ one OpenAI response or an SSE stream; its end becomes one usage record.
 re-dispatches when an attempt fails or dies before anything reached the client, and raises a
 `TokenyardError` when the job cannot finish. Nothing here touches HTTP; `broker_api.app`
 turns the results into responses.
+
+A request whose client left mid-answer is billed from the stopped worker's own final count
+(a DONE whose finish is `cancelled`): `finish` stops the attempt and a background task waits a
+bounded moment for that count before recording usage, falling back to the gateway's estimate
+when none comes (a dead worker).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from schemas.usage import UsageRecord
 log = structlog.get_logger(__name__)
 
 TICK = 0.25  # seconds between liveness checks while a job is quiet
+# How long a cancelled request's usage record waits for the stopped worker's own count. A live
+# worker answers a stop within milliseconds; a dead one never does, and then the gateway's
+# estimate stands. It delays only the record (in the background), never a response.
+CANCEL_REPORT_WAIT = 1.5
 
 
 def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
@@ -93,6 +102,7 @@ class Session:
     job: Job
     started: float = field(default_factory=time.monotonic)
     arrived: float = field(default_factory=time.time)
+    ended: float = 0.0  # monotonic time the response ended (the record may be written later)
     run: JobRun | None = None
     sub: Submission | None = None
     tally: Tally = field(default_factory=Tally)
@@ -128,6 +138,7 @@ class ChatService:
         self._accounts = accounts
         self._cache = cache
         self._idempotency = idempotency
+        self._settling: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
         self.metrics: Metrics | None = None
 
     def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True,
@@ -177,12 +188,22 @@ class ChatService:
         s.run.pool_of_dispatch[s.job.dispatch] = admission.pool
 
     async def finish(self, s: Session, reason: str) -> None:
-        """Always called once the response ended: stops the attempt if needed, records usage."""
-        if s.run is not None:
-            await self._bus.close_run(s.run, reason)
-        if s.recorded or s.replayed or (s.run is None and s.cached is None):
+        """Always called once the response ended: stops the attempt if needed, records usage
+        (for a client that left mid-answer, a moment later: see `_settle`)."""
+        run = s.run
+        if s.recorded or s.replayed or (run is None and s.cached is None):
+            if run is not None:
+                await self._bus.close_run(run, reason)
             return  # a replay, or never admitted: nothing ran, nothing to bill
-        s.recorded = True
+        s.recorded, s.ended = True, time.monotonic()
+        # The client left while an attempt ran: stop it, but keep its run open for its final count.
+        cut = None
+        if run is not None and s.done is None and s.outcome == "cancelled" and run.current is not None:
+            cut = run.current
+            if not run.finished:
+                await self._bus.stop(run.current_node, run.job.id, cut, reason)
+        elif run is not None:
+            await self._bus.close_run(run, reason)
         answer = None
         if s.done is not None and s.outcome == "ok":
             u = s.usage()
@@ -197,6 +218,49 @@ class ChatService:
                 await self._idempotency.release(s.idempotency_key)
         if answer is not None and s.cached is None and s.cache_key and self._cache is not None:
             await self._cache.put(s.cache_key, answer)
+        if cut is not None:
+            task = asyncio.create_task(self._settle(s, cut, reason))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+        else:
+            self._account(s)
+
+    async def drain(self) -> None:
+        """Let cancelled requests that still wait for their worker's count record it (at shutdown,
+        before the usage publisher is flushed)."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=CANCEL_REPORT_WAIT + 1.0)
+
+    async def _settle(self, s: Session, attempt: int, reason: str) -> None:
+        """Record a cancelled request from its stopped attempt's final count, if it comes."""
+        run = s.run
+        assert run is not None
+        try:
+            s.done = await self._final_count(s, run, attempt)
+        finally:
+            await self._bus.close_run(run, reason)
+            self._account(s)
+
+    async def _final_count(self, s: Session, run: JobRun, attempt: int) -> Event | None:
+        """Tally the stopped attempt's last events (sent before it heard the stop) up to its DONE,
+        whose counts and cost are the worker's; None if none comes within CANCEL_REPORT_WAIT or
+        the attempt failed or lost events: the gateway's own estimate stands."""
+        try:
+            async with asyncio.timeout(CANCEL_REPORT_WAIT):
+                while True:
+                    item = await run.queue.get()
+                    if isinstance(item, Broken) or item.kind == ERROR:
+                        return None
+                    if item.attempt != attempt or item.kind == START:
+                        continue
+                    s.tally.add(item, s.n)
+                    if item.kind == DONE:
+                        return item
+        except TimeoutError:
+            log.info("job.cancel_unreported", job_id=s.job.id, attempt=attempt)
+            return None
+
+    def _account(self, s: Session) -> None:
         record = self._record(s)
         if self.metrics is not None:
             self.metrics.finished(model=record.model, outcome=record.outcome, status=record.status,
@@ -215,7 +279,7 @@ class ChatService:
             route = s.run.pool_of_dispatch.get(attempt // ATTEMPTS_PER_DISPATCH, "")
             node = s.run.current_node
             attempts = s.run.job.dispatch
-        now = time.monotonic()
+        now = s.ended or time.monotonic()
         return UsageRecord(
             job_id=s.job.id, time=s.arrived, org=s.who.org, project=s.who.project, key_id=s.who.key_id,
             model=s.req.model, route=route, node=node, attempts=attempts, prompt_tokens=u.prompt_tokens,

@@ -9,6 +9,7 @@ A job's life on the wire:
     gateway --Submission--> scheduler --Job (JetStream, Nats-Msg-Id=job id)--> worker
     gateway <--Event(start, delta..., done | error)-- worker   (core NATS, job.reply)
     gateway --Control(stop)--> worker                          (node control subject)
+    gateway <--Event(done, finish=cancelled)-- worker          (what the stopped attempt used)
 
 Volunteer nodes see the `Job`, so it carries no tenant, key or client address: those stay in
 the `Submission`, which only the scheduler reads.
@@ -155,6 +156,11 @@ HEARTBEAT = "hb"  # still alive (prefill, slow tokens); sent as a request, see C
 DONE = "done"  # final: finish reasons and exact token counts (may carry the last text too)
 ERROR = "error"  # final: the attempt failed; `retryable` says whether another attempt may help
 FINAL_KINDS = frozenset({DONE, ERROR})
+
+# DONE's finish reason (for every choice) when the gateway stopped the attempt: its token counts
+# and cost are what ran until then, for billing a request whose client left. Only a gateway
+# still waiting for it reads it; an older gateway has forgotten the job and drops it.
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)

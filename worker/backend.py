@@ -10,7 +10,9 @@ Contract:
 - `generate(request)` is an async iterator of `Delta` and `Finish` items for choices
   `0 .. n-1`, ending with exactly one `Usage`. Token counts are exact.
 - The runtime cancels a generation by closing the iterator (client gone, another attempt
-  won, shutdown): a backend frees the sequence's slot in a `finally`.
+  won, shutdown): a backend frees the sequence's slot in a `finally`. When the gateway asked
+  for the stop, the runtime then reports `partial_usage`: the prompt as this backend counts
+  it, the tokens `generate` had yielded, and their cost, so a cancelled request is billed too.
 - Any other exception fails the attempt; a `TokenyardError` crosses to the gateway as is,
   anything else as a retryable server error (another worker or pool may succeed).
 """
@@ -111,6 +113,11 @@ class Backend(Protocol):
         ...
 
     def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
+        ...
+
+    def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
+        """What a generation stopped after `completion_tokens` tokens used: the prompt (exact
+        where this backend can count it), those tokens, and the cost at this route's prices."""
         ...
 
 

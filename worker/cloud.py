@@ -181,6 +181,12 @@ class CloudBackend:
         finally:
             self._in_flight -= 1
 
+    def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
+        """A stream cut short (the client left): upstream still bills the prompt it got and what
+        it generated, but reports neither, so this is the best known: the prompt estimated as
+        when upstream sends no usage, and the text chunks relayed, at this provider's prices."""
+        return self._priced(model, Usage(estimate_prompt_tokens(request), completion_tokens))
+
     async def probe(self) -> bool:
         """One `GET {base_url}/models`: the provider answers (below 500) within the timeouts."""
         client = self._need_client()
@@ -530,12 +536,16 @@ class StreamState:
         out: list[Output] = [Finish(i, self.finished.get(i, "stop")) for i in range(self.n)]
         if self.usage is None:
             log.warning("cloud.usage_estimated")
-            messages = chat_messages(request)
-            prompt = sum(len(m["content"]) for m in messages) // 4 + 3 * len(messages)  # ~4 chars a token
-            out.append(Usage(prompt, self.pieces))
+            out.append(Usage(estimate_prompt_tokens(request), self.pieces))
         else:
             out.append(Usage(*self.usage))
         return out
+
+
+def estimate_prompt_tokens(request: dict[str, Any]) -> int:
+    """The prompt's tokens when upstream does not say: ~4 characters a token, 3 a message."""
+    messages = chat_messages(request)
+    return sum(len(m["content"]) for m in messages) // 4 + 3 * len(messages)
 
 
 def _usage(u: Any) -> tuple[int, int, int]:

@@ -121,6 +121,9 @@ class EchoBackend:
             yield Finish(index, finish)
         yield Usage(plan.prompt_tokens, completion)
 
+    def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
+        return Usage(self._plan(request).prompt_tokens, completion_tokens)
+
     def _plan(self, request: dict[str, Any]) -> _Plan:
         messages = chat_messages(request)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")

@@ -140,6 +140,9 @@ class TransformersBackend:
         finally:
             engine.cancel(seqs)  # no-op for finished ones; the rest leave the batch at the next step
 
+    def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=len(self._prompt(request)), completion_tokens=completion_tokens)
+
     # -- request planning ---------------------------------------------------------------------
 
     def _plan(self, model: str, request: dict[str, Any]) -> tuple[list[int], list[SeqParams]]:

@@ -37,6 +37,11 @@ class EventStream:
         self._start_timer: asyncio.TimerHandle | None = None
         self.tokens_sent = 0
 
+    @property
+    def tokens(self) -> int:
+        """Every token handed to this stream: sent, or waiting to go with the next message."""
+        return self.tokens_sent + sum(int(p[2]) for p in self._pending)
+
     def _event(self, kind: str, **fields: Any) -> Event:
         self.cancel_start()
         ev = Event(kind, self._job_id, self._attempt, self._seq, self._node, **fields)

@@ -7,8 +7,10 @@ Who ends a job, and how its JetStream message is settled:
 - the backend finishes: DONE event, then `ack`;
 - the backend fails: ERROR event (retryable unless it was the request's fault), then `term`:
   the gateway, not JetStream, decides whether to dispatch it again;
-- a gateway says stop (client gone, another attempt won) or stops answering heartbeats: the
-  generation is closed, then `term`;
+- a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
+  whose finish reasons are `cancelled` reports what ran until then (the gateway bills a
+  cancelled request from it), then `term`;
+- the gateway stops answering heartbeats: the generation is closed, then `term`;
 - the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
 """
 
@@ -29,7 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas import subjects
 from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
-from schemas.jobs import STOP, Job, NodeAdvert, Stop, WireError
+from schemas.jobs import CANCELLED, STOP, Job, NodeAdvert, Stop, WireError
 from worker.backend import Backend, Delta, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
@@ -39,6 +41,12 @@ log = structlog.get_logger(__name__)
 
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
 GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
+
+# Why a job stopped early, besides the gateway's own reasons (which it sends with its stop).
+SHUTDOWN = "shutdown"
+GATEWAY_GONE = "gateway gone"
+GATEWAY_SILENT = "gateway silent"
+GATEWAY_STOP = "gateway said stop"
 
 
 class Worker:
@@ -101,7 +109,7 @@ class Worker:
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for job_id in list(self._running):
-            self._stop(job_id, "shutdown")
+            self._stop(job_id, SHUTDOWN)
         while self._running and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
         for t in self._tasks:
@@ -226,9 +234,13 @@ class Worker:
             reason = self._stop_reasons.pop(job.id, "")
             if not reason:
                 raise
-            if reason == "shutdown":
+            # forgotten at once: a second stop must not cancel the report or the term below
+            self._running.pop(job.id, None)
+            if reason == SHUTDOWN:
                 await out.fail(NoCapacityError("the worker shut down before this job finished"), retryable=True)
-            jlog.info("job.stopped", reason=reason, tokens=out.tokens_sent)
+            elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
+                await self._report_stopped(job, out)
+            jlog.info("job.stopped", reason=reason, tokens=out.tokens)
         except TokenyardError as e:
             await out.fail(e, retryable=e.status >= 500)
             jlog.info("job.failed", status=e.status, error=e.message)
@@ -263,6 +275,15 @@ class Worker:
             raise WorkerFailedError("the backend ended without reporting usage")
         await out.done(finish, usage)
 
+    async def _report_stopped(self, job: Job, out: EventStream) -> None:
+        """The gateway stopped this attempt: send what it used so far (prompt, the tokens
+        generated, their cost), so a client that left is billed what ran. If the gateway still
+        waits for it, it bills from this; if not, it drops it."""
+        n = int(job.request.get("n") or 1)
+        usage = self._backend.partial_usage(job.model, job.request, out.tokens)
+        with contextlib.suppress(nats.errors.Error):
+            await out.done([CANCELLED] * n, usage)
+
     async def _heartbeat(self, msg: Msg, job: Job, out: EventStream) -> None:
         """Keep the JetStream message ours and ask the gateway whether to go on."""
         misses = 0
@@ -273,17 +294,17 @@ class Worker:
             try:
                 reply = await self._nc.request(job.reply, out.heartbeat(), timeout=self._s.heartbeat)
             except nats.errors.NoRespondersError:
-                self._stop(job.id, "gateway gone")
+                self._stop(job.id, GATEWAY_GONE)
                 return
             except nats.errors.TimeoutError:
                 misses += 1
                 if misses >= GATEWAY_MISSES:
-                    self._stop(job.id, "gateway silent")
+                    self._stop(job.id, GATEWAY_SILENT)
                     return
                 continue
             misses = 0
             if reply.data == STOP:
-                self._stop(job.id, "gateway said stop")
+                self._stop(job.id, GATEWAY_STOP)
                 return
 
     def _stop(self, job_id: str, reason: str) -> None:
