@@ -20,7 +20,7 @@ from schemas.errors import from_wire
 from schemas.jobs import Job, Submission
 from scheduler.fairness import FairQueue, Item
 from tests.stack import Stack
-from tests.test_scheduler_limits import MODEL, FakeNodes, eventually, job, node, submit
+from tests.test_scheduler_limits import MODEL, FakeNodes, job, node, submit
 
 
 def fill(q: FairQueue[str], tenant: str, tier: str, n: int, since: float = 0.0) -> None:

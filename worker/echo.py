@@ -94,7 +94,6 @@ class EchoBackend:
         # picks up at the word after it, as if the earlier words had been generated here.
         start = plan.continue_from
         end = min(plan.tokens, start + sampling.max_tokens) if sampling.max_tokens else plan.tokens
-        limit = max(0, end - start)
         texts = [plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
                  for i in range(start, end)]
         # The whole answer is known up front, so the stop cut is exact and nothing past it leaks.
