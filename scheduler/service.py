@@ -107,6 +107,7 @@ class Scheduler:
         await ensure_usage_stream(self._js, self._s.replicas)
         await self.routing.start(self._js, self._s.replicas)
         self.quota = quota.Quota(await quota.open_bucket(self._js, self._s.replicas))
+        await self.quota.start()  # follows the other schedulers' writes to the limit counters
         settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
         self._tasks.append(asyncio.create_task(settler.run()))
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
@@ -131,6 +132,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         await self.releaser.stop()
+        if self.quota is not None:
+            await self.quota.stop()
         await self.routing.stop()
         for t in self._tasks:
             t.cancel()

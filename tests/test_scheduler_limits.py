@@ -10,16 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 
+from broker_api.embedded_nats import NatsServer
+from scheduler import limits as L
+from scheduler.quota import Quota, open_bucket
 from schemas import subjects
 from schemas.errors import RateLimitError, from_wire
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
 from schemas.tenancy import Limits
 from schemas.usage import UsageRecord
-from scheduler import limits as L
 from tests.stack import Stack
 
 MODEL = "lim/model"
@@ -324,3 +328,146 @@ async def test_a_stale_cache_never_skips_a_settlement(tmp_path: Path) -> None:
     finally:
         await nc.close()
         await stack.close()
+
+
+# --- the watch that keeps each scheduler's cached counters fresh ------------------------------
+
+@pytest.fixture
+async def bucket(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS, KeyValue]]:
+    """nats-server, one connection (reconnecting for ever) and the limits bucket."""
+    stack = Stack(tmp_path)
+    stack.start_nats()
+    nc = await nats.connect(stack.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield stack, nc, await open_bucket(nc.jetstream())
+    finally:
+        await nc.close()
+        await stack.close()
+
+
+def reserve_fn(job_id: str, lim: Limits) -> Callable[[L.Counters], L.Counters]:
+    return lambda c: L.reserve(c, lim, ask(job_id, expires=time.time() + 60), time.time())
+
+
+async def caught_up(quota: Quota, key: str, revision: int, timeout: float = 5.0) -> bool:
+    """Does `quota`'s cache hold `revision` of `key` (or a later one) within `timeout`?"""
+    async def check() -> bool:
+        cached = quota.cached(key)
+        return cached is not None and cached[1] >= revision
+    return await eventually(check, timeout=timeout, every=0.01)
+
+
+async def test_a_write_by_one_scheduler_reaches_the_others_cache(bucket: Any) -> None:
+    _, _, kv = bucket
+    x, y = Quota(kv), Quota(kv)
+    await y.start()
+    try:
+        key, lim = subjects.limits_entry("k", "watched"), Limits(max_concurrent=5)
+        written = await x.change(key, reserve_fn("j0", lim))
+        cached = x.cached(key)
+        assert cached is not None
+        assert await caught_up(y, key, cached[1])
+        assert y.cached(key) == cached and written.in_flight == 1
+        # y now changes it on the value x wrote: admitted, and the stored counters hold both
+        after = await y.change(key, reserve_fn("j1", lim))
+        assert set(after.held) == {"j0", "j1"}
+        entry = await kv.get(key)
+        assert L.Counters.decode(entry.value or b"") == after and y.cached(key) == (after, entry.revision)
+    finally:
+        await y.stop()
+
+
+async def test_watching_caches_converge_and_the_limit_is_exact(bucket: Any) -> None:
+    _, _, kv = bucket
+    x, y = Quota(kv), Quota(kv)
+    await x.start()
+    await y.start()
+    try:
+        key, lim = subjects.limits_entry("k", "race"), Limits(max_concurrent=15)
+        results = await asyncio.gather(*(q.change(key, reserve_fn(f"j{i}", lim))
+                                         for i in range(40) for q in (x, y)), return_exceptions=True)
+        # each job id was asked twice (once per scheduler): a second ask of a held id is a no-op
+        held = {j for r in results if isinstance(r, L.Counters) for j in r.held}
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert all(isinstance(r, RateLimitError) for r in refused)
+        entry = await kv.get(key)
+        stored = L.Counters.decode(entry.value or b"")
+        assert stored.in_flight == 15 and set(stored.held) <= held
+        assert await caught_up(x, key, entry.revision) and await caught_up(y, key, entry.revision)
+        assert x.cached(key) == y.cached(key) == (stored, entry.revision)  # nothing older came back
+    finally:
+        await x.stop()
+        await y.stop()
+
+
+async def test_an_older_update_never_replaces_a_newer_one(bucket: Any) -> None:
+    _, _, kv = bucket
+    q, key = Quota(kv), subjects.limits_entry("k", "order")
+    newer, older = L.Counters(tokens_day=2), L.Counters(tokens_day=1)
+    q.observe(key, newer.encode(), 10)
+    q.observe(key, older.encode(), 7)
+    q.observe(key, None, 9)  # a delete older than what is cached
+    assert q.cached(key) == (newer, 10)
+    q.observe(key, None, 11)
+    assert q.cached(key) is None
+    q.observe(key, older.encode(), 12)
+    assert q.cached(key) == (older, 12)
+
+
+@pytest.mark.parametrize("watch", ["never", "stopped"])
+async def test_a_stale_or_missing_watch_still_counts_exactly(bucket: Any, watch: str) -> None:
+    """y's cache says there is room; x has taken it meanwhile. y must refuse, and its admission
+    once x settles must land on x's value (a CAS on the stale revision fails and is redone)."""
+    _, _, kv = bucket
+    x, y = Quota(kv), Quota(kv)
+    if watch == "stopped":
+        await y.start()
+        await y.stop()
+    key, lim = subjects.limits_entry("k", f"stale-{watch}"), Limits(max_concurrent=2)
+    await y.change(key, reserve_fn("y0", lim))
+    await x.change(key, reserve_fn("x0", lim))  # full now; y's cache still shows one free slot
+    with pytest.raises(RateLimitError):
+        await y.change(key, reserve_fn("y1", lim))
+    await x.change(key, lambda c: L.settle(c, "x0", 3, 0.0, time.time()))
+    await x.change(key, reserve_fn("x1", lim))  # y's cache is behind again
+    with pytest.raises(RateLimitError):
+        await y.change(key, reserve_fn("y2", lim))
+    await x.change(key, lambda c: L.settle(c, "x1", 4, 0.0, time.time()))
+    after = await y.change(key, reserve_fn("y3", lim))
+    assert set(after.held) == {"y0", "y3"} and after.tokens_day == 10 + 3 + 4 + 10
+    assert L.Counters.decode((await kv.get(key)).value or b"") == after
+
+
+async def test_the_watch_comes_back_after_a_lost_consumer_and_a_server_restart(bucket: Any) -> None:
+    stack, nc, kv = bucket
+    x, y = Quota(kv), Quota(kv, watch_check=0.2)
+    await y.start()
+    try:
+        key, lim = subjects.limits_entry("k", "restart"), Limits(max_concurrent=100)
+        await x.change(key, reserve_fn("j0", lim))
+        assert await caught_up(y, key, (x.cached(key) or (None, 0))[1])
+
+        stream = f"KV_{subjects.LIMITS_BUCKET}"
+        for info in await nc.jetstream().consumers_info(stream):  # the watch's consumer vanishes
+            await nc.jetstream().delete_consumer(stream, info.name)
+        await x.change(key, reserve_fn("j1", lim))
+        assert await caught_up(y, key, (x.cached(key) or (None, 0))[1], timeout=10.0)
+
+        port = stack.nats.port  # the whole server restarts (the KV stream is on disk, the watch is not)
+        stack.nats.stop()
+        stack.nats = NatsServer(stack.tmp / "nats", port=port, sync_always=False).start()
+        assert await eventually(lambda: _answers(kv, key), timeout=15.0)
+        written = await x.change(key, reserve_fn("j2", lim))
+        assert await caught_up(y, key, (x.cached(key) or (None, 0))[1], timeout=20.0)
+        assert y.cached(key) == x.cached(key) and written.in_flight == 3
+    finally:
+        await y.stop()
+
+
+async def _answers(kv: KeyValue, key: str) -> bool:
+    """Is the bucket back (reconnected, and JetStream has recovered its streams)?"""
+    try:
+        await kv.get(key)
+    except (nats.errors.Error, nats.js.errors.Error):
+        return False
+    return True
