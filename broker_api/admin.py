@@ -264,8 +264,7 @@ def admin_router(authenticate: Any) -> APIRouter:
         admin sees the default, the models' and its own keys' policies."""
         admin, who = admin_of(request)
         out: dict[str, Any] = {"object": "routing", "default": None, "models": {}, "keys": {}}
-        for entry, policy in await _routing_entries(admin.routing):
-            scope, ident = routing.parse_entry(entry)
+        for scope, ident, policy in await _routing_entries(admin.routing):
             if scope == "default":
                 out["default"] = policy
             elif scope == "model":
@@ -320,7 +319,8 @@ def _org_of_key(directory: Directory, key_id: str) -> str | None:
     return key.org if key else None
 
 
-async def _routing_entries(kv: KeyValue) -> list[tuple[str, dict[str, Any]]]:
+async def _routing_entries(kv: KeyValue) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scope, id, policy) of every entry in the routing bucket."""
     try:
         entries = await kv.keys()
     except nats.js.errors.NoKeysError:
@@ -328,8 +328,9 @@ async def _routing_entries(kv: KeyValue) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for entry in sorted(entries):
         try:
+            scope, ident = routing.parse_entry(entry)
             value = (await kv.get(entry)).value
-            out.append((entry, routing.Policy.decode(value or b"").to_dict()))
+            out.append((scope, ident, routing.Policy.decode(value or b"").to_dict()))
         except (nats.js.errors.KeyNotFoundError, ValueError):  # deleted meanwhile, or not ours
             continue
     return out
