@@ -243,7 +243,7 @@ class Scheduler:
         self.health.placed(pool, now)
         log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
         lane = (self.releaser.take_more_room(pool, job.model, self._s.lane_credits)
-                if direct and not reserved and self._lane_allowed(sub, choice, now) else 0)
+                if direct and not reserved and self._lane_allowed(sub, choice) else 0)
         answer = Admission(pool=choice.route.pool, live_workers=choice.live_nodes,
                            model=choice.model if choice.model != sub.job.model else "",
                            lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0)
@@ -252,7 +252,7 @@ class Scheduler:
             self._answered.popitem(last=False)
         return answer
 
-    def _lane_allowed(self, sub: Submission, choice: routing.Choice, now: float) -> bool:
+    def _lane_allowed(self, sub: Submission, choice: routing.Choice) -> bool:
         """Would the next jobs of this key and model be placed the same way, with nothing to
         count? (See "Lanes" above.)"""
         job = sub.job
