@@ -129,16 +129,6 @@ class Releaser:
         p.since += 1
         return True
 
-    def take_more_room(self, pool: str, model: str, most: int) -> int:
-        """Set aside up to `most` more places in this work queue (for a gateway's lane); how
-        many. Like `take_room`, nothing while jobs are held here: they go first."""
-        p = self._pending.setdefault((pool, model), _Pending())
-        if self.held(pool, model):
-            return 0
-        n = max(0, min(most, self._buffer(pool, model) - p.estimate))
-        p.since += n
-        return n
-
     def give_back(self, pool: str, model: str) -> None:
         p = self._pending.get((pool, model))
         if p is not None and p.since > 0:

@@ -9,9 +9,12 @@ Lanes: a round trip through a scheduler is a good part of what a request costs. 
 of a key with no limits went straight to a work queue that has room, nothing waits that it
 could jump ahead of, and its placement would be the same for the next jobs of that key and
 model, the answer grants the gateway a lane: up to `lane_credits` more such jobs may go
-straight to that queue within `lane_ttl` seconds. The room is set aside here first (so held
-jobs and other admissions see it taken), the gateway publishes with the same message ids, and
-anything a lane cannot place (ended, refused) comes back through a normal submission. Never
+straight to that queue within `lane_ttl` seconds, as many as the pool has idle slots beyond
+what is queued for it (so lane jobs start at once; credits are not set aside as room, which
+would hold back other keys' jobs for credits a lane may never use). The gateway publishes with
+the same message ids, and anything a lane cannot place (ended, refused) comes back through a
+normal submission. Once the pool is busy, the work queue's pending count shows it and no new
+lane is granted; one already granted adds at most its credits, for at most `lane_ttl`. Never
 for limited keys (every request must be counted here), a `provider` object or `models` list,
 a re-dispatch, a weighted split (each request draws), or a pool whose breaker is not closed.
 """
@@ -242,8 +245,7 @@ class Scheduler:
             raise
         self.health.placed(pool, now)
         log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
-        lane = (self.releaser.take_more_room(pool, job.model, self._s.lane_credits)
-                if direct and not reserved and self._lane_allowed(sub, choice) else 0)
+        lane = self._lane_credits(sub, choice) if direct and not reserved else 0
         answer = Admission(pool=choice.route.pool, live_workers=choice.live_nodes,
                            model=choice.model if choice.model != sub.job.model else "",
                            lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0)
@@ -252,15 +254,18 @@ class Scheduler:
             self._answered.popitem(last=False)
         return answer
 
-    def _lane_allowed(self, sub: Submission, choice: routing.Choice) -> bool:
-        """Would the next jobs of this key and model be placed the same way, with nothing to
-        count? (See "Lanes" above.)"""
-        job = sub.job
-        return (self._s.lane_credits > 0 and job.dispatch == 1 and not sub.avoid and choice.model == job.model
+    def _lane_credits(self, sub: Submission, choice: routing.Choice) -> int:
+        """How many more jobs of this key and model the gateway may place itself: none unless
+        they would be placed the same way with nothing to count, and no more than the pool's
+        idle slots (its route's free slots less what is queued for it and this job). See "Lanes"."""
+        job, route = sub.job, choice.route
+        if not (self._s.lane_credits > 0 and job.dispatch == 1 and not sub.avoid and choice.model == job.model
                 and sub.key_limits == NO_LIMITS and sub.org_limits == NO_LIMITS
                 and "provider" not in job.request and "models" not in job.request
                 and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
-                and self.health.closed(choice.route.pool))
+                and self.health.closed(route.pool)):
+            return 0
+        return max(0, min(self._s.lane_credits, route.slots_free - route.queued - 1))
 
     def _route(self, sub: Submission, now: float) -> routing.Choice:
         request = sub.job.request

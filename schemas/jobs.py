@@ -128,7 +128,7 @@ class Admission:
 
     A lane (`lane_credits` > 0) lets the gateway place up to that many more jobs of the same
     key and model straight on `pool`'s work queue within `lane_ttl` seconds, without asking:
-    the scheduler has set that room aside (see `scheduler.service`, "Lanes")."""
+    the pool had that many idle slots (see `scheduler.service`, "Lanes")."""
 
     error: dict[str, Any] | None = None  # schemas.errors wire form
     pool: str = ""

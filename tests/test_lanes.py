@@ -80,12 +80,12 @@ async def test_a_lane_is_granted_only_where_nothing_needs_the_scheduler(schedule
         assert (await admitted(nc, sub)).lane_credits == 0, why
 
 
-async def test_lanes_never_take_more_room_than_the_queue_has(tmp_path: Path) -> None:
+async def test_lane_credits_never_exceed_the_idle_slots(tmp_path: Path) -> None:
     stack = Stack(tmp_path)
     stack.start_nats()
     nc = await nats.connect(stack.nats_url)
-    nodes = await FakeNodes(nc, [node("n1", slots=2, free=0)]).start()  # busy: room is the buffer only
-    stack.start_scheduler(TOKENYARD_MIN_BUFFER="3", TOKENYARD_LANE_CREDITS="16")
+    nodes = await FakeNodes(nc, [node("n1", slots=8, free=5)]).start()
+    stack.start_scheduler(TOKENYARD_MIN_BUFFER="100", TOKENYARD_LANE_CREDITS="16")
     try:
         await stack.wait_for_scheduler()
 
@@ -93,12 +93,17 @@ async def test_lanes_never_take_more_room_than_the_queue_has(tmp_path: Path) -> 
             return bool((await submit(nc, Submission(job=job(f"r-{time.monotonic_ns()}")))).pool)
 
         assert await eventually(ready, 15)
-        answers = [await submit(nc, Submission(job=job(f"b-{i}"), tenant="t", key_id=f"k{i}")) for i in range(4)]
-        assert all(a.error is None for a in answers)
-        # a buffer of 3: the readiness job took one place, so at most 2 more went out as lane credits,
-        # and once it is all set aside, jobs are held for fair release and no lane is granted
-        assert sum(a.lane_credits for a in answers) <= 2
-        assert answers[-1].lane_credits == 0
+        # 5 idle slots, jobs queued there (the readiness ones, nobody pulls), and this one: fewer credits than 16
+        idle = await admitted(nc, Submission(job=job("idle-0"), tenant="t", key_id="k"))
+        assert 0 < idle.lane_credits <= 3
+        nodes.set(node("n1", slots=8, free=0))  # the pool got busy: no lane, whatever the room
+        await nodes.publish()
+
+        async def no_lane() -> bool:
+            return (await admitted(nc, Submission(job=job(f"busy-{time.monotonic_ns()}"), tenant="t",
+                                                  key_id="k"))).lane_credits == 0
+
+        assert await eventually(no_lane, 5)
     finally:
         await nodes.stop()
         await nc.close()
