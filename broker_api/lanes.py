@@ -1,8 +1,8 @@
 """Lanes: placing a key's next jobs straight on a work queue, as a scheduler allowed.
 
-A scheduler that placed a job of a key with no limits on a work queue with room may grant the
-gateway a lane in its answer: up to N more jobs of that key and model may go to that queue
-within T seconds without asking (see `scheduler.service`, "Lanes", for when it does). A lane
+A scheduler that placed a job of a key with no limits on a work queue whose pool has idle
+slots may grant the gateway a lane in its answer: up to N more jobs of that key and model (no
+more than those idle slots) may go to that queue within T seconds without asking (see `scheduler.service`, "Lanes", for when it does). A lane
 publishes with the job's usual message id, so a job placed twice (a lane's publish whose ack
 was lost, then a normal submission) runs once. Whatever a lane cannot place (used up, expired,
 refused by the stream) goes through a scheduler as usual: a lane only ever saves a round trip.
