@@ -38,10 +38,28 @@ from worker.engine import TransformersBackend  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.smollm import MODEL_ID  # noqa: E402
 
-TOPICS = ["the ocean", "volcanoes", "the history of bread", "honeybees", "the moon landing",
-          "trains", "coffee", "the Roman empire", "rain forests", "chess", "jazz music",
-          "glaciers", "the printing press", "octopuses", "deserts", "bicycles", "tea", "comets",
-          "lighthouses", "the violin"]
+TOPICS = [
+    "the ocean",
+    "volcanoes",
+    "the history of bread",
+    "honeybees",
+    "the moon landing",
+    "trains",
+    "coffee",
+    "the Roman empire",
+    "rain forests",
+    "chess",
+    "jazz music",
+    "glaciers",
+    "the printing press",
+    "octopuses",
+    "deserts",
+    "bicycles",
+    "tea",
+    "comets",
+    "lighthouses",
+    "the violin",
+]
 
 
 def prompt(i: int) -> str:
@@ -60,8 +78,12 @@ class Run:
 
 
 async def one(backend: TransformersBackend, i: int, max_tokens: int) -> tuple[int, float]:
-    req = {"model": MODEL_ID, "messages": [{"role": "user", "content": prompt(i)}],
-           "temperature": 0, "max_tokens": max_tokens}
+    req = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
     start, ttft, tokens = time.perf_counter(), -1.0, 0
     async for item in backend.generate(MODEL_ID, req):
         if isinstance(item, Delta) and ttft < 0:
@@ -86,8 +108,16 @@ async def sequential(backend: TransformersBackend, count: int, max_tokens: int) 
     return Run(tokens, time.perf_counter() - start, ttfts)
 
 
-async def closed_loop(backend: TransformersBackend, streams: int, seconds: float, warm: float,
-                      max_tokens: int, *, mixed: bool, stagger: float = 0.0) -> Run:
+async def closed_loop(
+    backend: TransformersBackend,
+    streams: int,
+    seconds: float,
+    warm: float,
+    max_tokens: int,
+    *,
+    mixed: bool,
+    stagger: float = 0.0,
+) -> Run:
     """`streams` clients, each sending its next request as soon as its last one ends; request
     lengths vary, so requests join and leave the running batch at different steps. Counts the
     tokens delivered in a steady-state window after `warm` seconds."""
@@ -100,8 +130,12 @@ async def closed_loop(backend: TransformersBackend, streams: int, seconds: float
         i = c
         await asyncio.sleep(stagger * c)
         while time.perf_counter() < window[1]:
-            req = {"model": MODEL_ID, "messages": [{"role": "user", "content": prompt(i)}],
-                   "temperature": 0, "max_tokens": max_tokens // 4 + (i * 37) % (max_tokens * 3 // 4) if mixed else max_tokens}
+            req = {
+                "model": MODEL_ID,
+                "messages": [{"role": "user", "content": prompt(i)}],
+                "temperature": 0,
+                "max_tokens": max_tokens // 4 + (i * 37) % (max_tokens * 3 // 4) if mixed else max_tokens,
+            }
             sent = time.perf_counter()
             first = True
             async for item in backend.generate(MODEL_ID, req):
@@ -135,8 +169,9 @@ async def ttft_under_load(backend: TransformersBackend, busy: int, probes: int) 
 
 
 def encoded(tokenizer: Any, i: int) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt(i)}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt(i)}], add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -155,8 +190,14 @@ def padded_generate(model: Any, tokenizer: Any, eos: frozenset[int], batch: int,
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                             do_sample=False, repetition_penalty=1.1, pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            repetition_penalty=1.1,
+            pad_token_id=pad,
+        )
     seconds = time.perf_counter() - start
     return Run(sum(real_tokens(row[width:].tolist(), eos, pad) for row in out), seconds, [])
 
@@ -165,8 +206,12 @@ def builtin_continuous(model: Any, tokenizer: Any, batch: int, max_tokens: int) 
     from transformers import GenerationConfig
 
     prompts = [encoded(tokenizer, i) for i in range(batch)]
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     start = time.perf_counter()
     with torch.no_grad():  # generate_batch runs its own thread; inference tensors would break it
         results = model.generate_batch(inputs=prompts, generation_config=config)
@@ -189,8 +234,9 @@ async def main() -> None:
     p.add_argument("--json", default="", help="also write the numbers to this file")
     a = p.parse_args()
     skip = set(a.skip.split(","))
-    settings = WorkerSettings.from_args(["--data-dir", a.data_dir, "--model-path", a.model_path,
-                                         "--threads", str(a.threads), "--slots", "16"])
+    settings = WorkerSettings.from_args(
+        ["--data-dir", a.data_dir, "--model-path", a.model_path, "--threads", str(a.threads), "--slots", "16"]
+    )
     backend = TransformersBackend.from_settings(settings)
     await backend.start()
     loaded = backend._loaded
@@ -218,14 +264,20 @@ async def main() -> None:
         for batch in (4, 16):
             record(f"(c) generate_batch, {batch}", builtin_continuous(model, tokenizer, batch, mt))
     if "loop" not in skip:
-        record(f"engine, 16 clients in a closed loop, staggered starts, {mt} tokens each (steady 30 s window)",
-               await closed_loop(backend, 16, 30.0, 10.0, mt, mixed=False, stagger=0.5))
-        record(f"engine, 16 clients in a closed loop, mixed lengths {mt // 4}-{mt} (steady 30 s window)",
-               await closed_loop(backend, 16, 30.0, 8.0, mt, mixed=True))
+        record(
+            f"engine, 16 clients in a closed loop, staggered starts, {mt} tokens each (steady 30 s window)",
+            await closed_loop(backend, 16, 30.0, 10.0, mt, mixed=False, stagger=0.5),
+        )
+        record(
+            f"engine, 16 clients in a closed loop, mixed lengths {mt // 4}-{mt} (steady 30 s window)",
+            await closed_loop(backend, 16, 30.0, 8.0, mt, mixed=True),
+        )
     if "ttft" not in skip:
         ttfts = await ttft_under_load(backend, 15, 5)
-        print(f"\nTTFT of a new request while 15 others decode: median {statistics.median(ttfts):.2f} s, "
-              f"max {max(ttfts):.2f} s ({', '.join(f'{t:.2f}' for t in ttfts)})")
+        print(
+            f"\nTTFT of a new request while 15 others decode: median {statistics.median(ttfts):.2f} s, "
+            f"max {max(ttfts):.2f} s ({', '.join(f'{t:.2f}' for t in ttfts)})"
+        )
     await backend.close()
     if a.json:
         Path(a.json).write_text(json.dumps({k: vars(v) for k, v in results.items()}, indent=1))

@@ -55,8 +55,13 @@ from schemas.usage import UsageRecord  # noqa: E402
 
 MODELS = ("sim/small", "sim/large")
 POOLS = {  # pool -> (kind, share of nodes, input price, output price)
-    "own-a": ("own", 0.25, 0.0, 0.0), "own-b": ("own", 0.25, 0.0, 0.0), "own-c": ("own", 0.15, 0.0, 0.0),
-    "vol": ("volunteer", 0.15, 0.0, 0.0), "cloud-x": ("cloud", 0.10, 0.5, 1.5), "cloud-y": ("cloud", 0.10, 1.0, 3.0)}
+    "own-a": ("own", 0.25, 0.0, 0.0),
+    "own-b": ("own", 0.25, 0.0, 0.0),
+    "own-c": ("own", 0.15, 0.0, 0.0),
+    "vol": ("volunteer", 0.15, 0.0, 0.0),
+    "cloud-x": ("cloud", 0.10, 0.5, 1.5),
+    "cloud-y": ("cloud", 0.10, 1.0, 3.0),
+}
 SPEEDS = (10.0, 20.0, 40.0)  # tokens/s of a simulated node
 TIERS = (("interactive", 0.2), ("standard", 0.5), ("batch", 0.3))
 ACK_WAIT = 10.0
@@ -97,9 +102,16 @@ class Node:
 
     def advert(self) -> NodeAdvert:
         kind, _, pin, pout = POOLS[self.pool]
-        return NodeAdvert(node=self.id, pool=self.pool, models=(ModelAdvert(self.model, 8192, "sim", pin, pout),),
-                          slots_total=self.slots, slots_free=max(0, self.free), draining=self.leaving, interval=1.0,
-                          kind=kind)
+        return NodeAdvert(
+            node=self.id,
+            pool=self.pool,
+            models=(ModelAdvert(self.model, 8192, "sim", pin, pout),),
+            slots_total=self.slots,
+            slots_free=max(0, self.free),
+            draining=self.leaving,
+            interval=1.0,
+            kind=kind,
+        )
 
 
 @dataclass
@@ -128,8 +140,9 @@ class Sim:
     def add_node(self) -> Node:
         pools, weights = list(POOLS), [v[1] for v in POOLS.values()]
         pool = self.rng.choices(pools, weights)[0]
-        n = Node(f"sim-{next(self.ids)}", pool, self.rng.choice(MODELS), self.rng.choice((1, 1, 2)),
-                 self.rng.choice(SPEEDS))
+        n = Node(
+            f"sim-{next(self.ids)}", pool, self.rng.choice(MODELS), self.rng.choice((1, 1, 2)), self.rng.choice(SPEEDS)
+        )
         self.nodes[n.id] = n
         return n
 
@@ -166,11 +179,17 @@ class Sim:
     # --- pulling and running ----------------------------------------------------------------
 
     async def pull_forever(self, pool: str, model: str) -> None:
-        config = ConsumerConfig(durable_name=subjects.work_consumer(pool, model), ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=ACK_WAIT, max_deliver=20, filter_subject=subjects.work_subject(pool, model),
-                                max_waiting=512)
-        psub = await self.js.pull_subscribe(config.filter_subject or "", durable=config.durable_name,
-                                            stream=subjects.WORK_STREAM, config=config)
+        config = ConsumerConfig(
+            durable_name=subjects.work_consumer(pool, model),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_deliver=20,
+            filter_subject=subjects.work_subject(pool, model),
+            max_waiting=512,
+        )
+        psub = await self.js.pull_subscribe(
+            config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM, config=config
+        )
         while True:
             free = [n for n in self.nodes.values() if n.pool == pool and n.model == model and n.free > 0]
             slots = sum(n.free for n in free)
@@ -187,8 +206,9 @@ class Sim:
                 continue
             now = time.time()
             for msg in msgs:
-                free = [n for n in free if n.free > 0] or [n for n in self.nodes.values()
-                                                             if n.pool == pool and n.model == model and n.free > 0]
+                free = [n for n in free if n.free > 0] or [
+                    n for n in self.nodes.values() if n.pool == pool and n.model == model and n.free > 0
+                ]
                 if not free:
                     await msg.nak()
                     continue
@@ -212,11 +232,25 @@ class Sim:
             await msg.ack()
             self.t.done[job.id] += 1
             tenant = job.request.get("sim_tenant", "")
-            record = UsageRecord(job_id=job.id, time=time.time(), org=tenant, project="", key_id=f"key-{tenant}",
-                                 model=job.model, route=node.pool, node=node.id, attempts=1, prompt_tokens=20,
-                                 completion_tokens=tokens, cached_tokens=0, cost=0.0, ttft_ms=200.0,
-                                 duration_ms=duration * 1000, outcome="ok",
-                                 reserved_tokens=int(job.request.get("sim_reserved", 0)))
+            record = UsageRecord(
+                job_id=job.id,
+                time=time.time(),
+                org=tenant,
+                project="",
+                key_id=f"key-{tenant}",
+                model=job.model,
+                route=node.pool,
+                node=node.id,
+                attempts=1,
+                prompt_tokens=20,
+                completion_tokens=tokens,
+                cached_tokens=0,
+                cost=0.0,
+                ttft_ms=200.0,
+                duration_ms=duration * 1000,
+                outcome="ok",
+                reserved_tokens=int(job.request.get("sim_reserved", 0)),
+            )
             if not self.a.no_usage:
                 await self.nc.publish(subjects.usage_subject(job.id), record.encode(), headers={"Nats-Msg-Id": job.id})
         finally:
@@ -229,12 +263,24 @@ class Sim:
     async def submit(self, tenant: str, tier: str, tokens: int, limits: Limits, gate: asyncio.Semaphore) -> None:
         job_id = f"j{next(self.ids)}"
         model = self.rng.choice(MODELS)
-        request = {"model": model, "messages": [], "sim_tokens": tokens, "sim_tenant": tenant,
-                   "sim_reserved": tokens + 20 if not limits.empty else 0}
-        job = Job(id=job_id, model=model, request=request, reply=f"ty.reply.sim.{job_id}",
-                  deadline=time.time() + 600)
-        sub = Submission(job=job, tenant=tenant, key_id=f"key-{tenant}", priority=tier, key_limits=limits, org_limits=limits,
-                         estimated_tokens=tokens + 20, volunteer_ok=self.rng.random() < 0.5)
+        request = {
+            "model": model,
+            "messages": [],
+            "sim_tokens": tokens,
+            "sim_tenant": tenant,
+            "sim_reserved": tokens + 20 if not limits.empty else 0,
+        }
+        job = Job(id=job_id, model=model, request=request, reply=f"ty.reply.sim.{job_id}", deadline=time.time() + 600)
+        sub = Submission(
+            job=job,
+            tenant=tenant,
+            key_id=f"key-{tenant}",
+            priority=tier,
+            key_limits=limits,
+            org_limits=limits,
+            estimated_tokens=tokens + 20,
+            volunteer_ok=self.rng.random() < 0.5,
+        )
         async with gate:
             self.t.submitted[job_id] = (tenant, tier, time.time())
             for _ in range(5):  # a gateway retries the same submission after a lost answer
@@ -264,11 +310,22 @@ class Sim:
             await self.submit("seq", "interactive", 5, limits, gate)
             times.append(time.perf_counter() - started)
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-        return {"p50_ms": round(1000 * pct(times, 0.5), 3), "p99_ms": round(1000 * pct(times, 0.99), 3),
-                "scheduler_cpu_ms_each": round(1000 * cpu / max(n, 1), 3)}
+        return {
+            "p50_ms": round(1000 * pct(times, 0.5), 3),
+            "p99_ms": round(1000 * pct(times, 0.99), 3),
+            "scheduler_cpu_ms_each": round(1000 * cpu / max(n, 1), 3),
+        }
 
-    async def tenant(self, name: str, tier: str, rate: float, until: float, limits: Limits,
-                     gate: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+    async def tenant(
+        self,
+        name: str,
+        tier: str,
+        rate: float,
+        until: float,
+        limits: Limits,
+        gate: asyncio.Semaphore,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
         while time.time() < until:
             await asyncio.sleep(self.rng.expovariate(rate))
             task = asyncio.create_task(self.submit(name, tier, self.rng.randint(40, 200), limits, gate))
@@ -284,12 +341,22 @@ def capacity(nodes: dict[str, Node]) -> float:
 async def main(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
     server = NatsServer(tmp / "nats", sync_always=a.sync_always).start()
-    env = {**os.environ, "TOKENYARD_NATS_URL": server.url, "TOKENYARD_LOG_LEVEL": os.environ.get("SIM_SCHED_LOG", "warning")}
+    env = {
+        **os.environ,
+        "TOKENYARD_NATS_URL": server.url,
+        "TOKENYARD_LOG_LEVEL": os.environ.get("SIM_SCHED_LOG", "warning"),
+    }
     profile = ["-m", "cProfile", "-o", str(tmp / "sched{i}.prof")] if a.profile else []
-    scheds = [subprocess.Popen([sys.executable, *[x.format(i=i) for x in profile], "-m", "scheduler"], env=env,
-                               stdout=open(tmp / f"sched{i}.log", "wb"), stderr=subprocess.STDOUT,
-                               cwd=a.scheduler_dir or Path(__file__).resolve().parents[1])
-              for i in range(a.schedulers)]
+    scheds = [
+        subprocess.Popen(
+            [sys.executable, *[x.format(i=i) for x in profile], "-m", "scheduler"],
+            env=env,
+            stdout=open(tmp / f"sched{i}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=a.scheduler_dir or Path(__file__).resolve().parents[1],
+        )
+        for i in range(a.schedulers)
+    ]
     background: list[asyncio.Task[Any]] = []
     nc: NATS | None = None
     try:
@@ -315,7 +382,9 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         background.append(asyncio.create_task(sim.churn_forever()))
         cap = capacity(sim.nodes)
         offered = cap * a.overload
-        tenants = [(f"t{i}", sim.rng.choices([t for t, _ in TIERS], [w for _, w in TIERS])[0]) for i in range(a.tenants)]
+        tenants = [
+            (f"t{i}", sim.rng.choices([t for t, _ in TIERS], [w for _, w in TIERS])[0]) for i in range(a.tenants)
+        ]
         per_tenant = offered / (len(tenants) + 2 * 10)
         gate = asyncio.Semaphore(1024)
         tasks: set[asyncio.Task[None]] = set()
@@ -323,10 +392,16 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         until = t0 + a.seconds
         limited = Limits(rpm=100_000, max_concurrent=10_000)
-        gens = [asyncio.create_task(sim.tenant(name, tier, per_tenant, until, limited if i % 5 == 0 else Limits(),
-                                               gate, tasks)) for i, (name, tier) in enumerate(tenants)]
-        gens += [asyncio.create_task(sim.tenant(f"flood{i}", "standard", per_tenant * 10, until, Limits(), gate, tasks))
-                 for i in range(2)]
+        gens = [
+            asyncio.create_task(
+                sim.tenant(name, tier, per_tenant, until, limited if i % 5 == 0 else Limits(), gate, tasks)
+            )
+            for i, (name, tier) in enumerate(tenants)
+        ]
+        gens += [
+            asyncio.create_task(sim.tenant(f"flood{i}", "standard", per_tenant * 10, until, Limits(), gate, tasks))
+            for i in range(2)
+        ]
         await asyncio.gather(*gens)
         while tasks:
             await asyncio.sleep(0.1)
@@ -361,12 +436,17 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             except nats.js.errors.NotFoundError:
                 left_in[name] = 0
         consumers = {}
-        for stream, name in ((subjects.USAGE_STREAM, subjects.SETTLE_CONSUMER),
-                             (subjects.INTAKE_STREAM, subjects.RELEASE_CONSUMER)):
+        for stream, name in (
+            (subjects.USAGE_STREAM, subjects.SETTLE_CONSUMER),
+            (subjects.INTAKE_STREAM, subjects.RELEASE_CONSUMER),
+        ):
             try:
                 ci = await sim.js.consumer_info(stream, name)
-                consumers[name] = {"pending": ci.num_pending, "ack_pending": ci.num_ack_pending,
-                                   "redelivered": ci.num_redelivered}
+                consumers[name] = {
+                    "pending": ci.num_pending,
+                    "ack_pending": ci.num_ack_pending,
+                    "redelivered": ci.num_redelivered,
+                }
             except nats.js.errors.NotFoundError:
                 pass
         # -- results --
@@ -387,23 +467,34 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         lost = [j for j in t.admitted if t.done[j] == 0]
         twice = [j for j, n in t.done.items() if n > 1]
         return {
-            "nodes": a.nodes, "schedulers": a.schedulers, "tenants": a.tenants + 2, "seconds": a.seconds,
-            "capacity_jobs_per_s": round(cap, 1), "offered_jobs_per_s": round(offered, 1),
-            "admitted": len(t.admitted), "refused": dict(t.refused),
+            "nodes": a.nodes,
+            "schedulers": a.schedulers,
+            "tenants": a.tenants + 2,
+            "seconds": a.seconds,
+            "capacity_jobs_per_s": round(cap, 1),
+            "offered_jobs_per_s": round(offered, 1),
+            "admitted": len(t.admitted),
+            "refused": dict(t.refused),
             "decisions_per_s_under_load": round(len(decisions) / max(load_end - t0, 1e-9), 1),
             "decisions_per_s_burst": round(a.burst / max(b1 - b0, 1e-9), 1),
             "scheduler_cpu_percent_of_a_core": [round(100 * c / wall, 1) for c in cpu.values()],
             "scheduler_cpu_ms_per_decision_all_included": round(1000 * sum(cpu.values()) / max(len(t.answers), 1), 3),
             "sequential_admission": sequential,
-            "queue_wait_s": {tier: {"p50": round(pct(w, 0.5), 3), "p99": round(pct(w, 0.99), 3), "n": len(w)}
-                             for tier, w in sorted(waits.items())},
+            "queue_wait_s": {
+                tier: {"p50": round(pct(w, 0.5), 3), "p99": round(pct(w, 0.99), 3), "n": len(w)}
+                for tier, w in sorted(waits.items())
+            },
             "jain_by_tier": {tier: round(jain(xs), 4) for tier, xs in sorted(by_tier.items())},
-            "flood_share_served": {f"flood{i}": round(served[f"flood{i}"] / max(offered_by[f"flood{i}"], 1), 3)
-                                   for i in range(2)},
+            "flood_share_served": {
+                f"flood{i}": round(served[f"flood{i}"] / max(offered_by[f"flood{i}"], 1), 3) for i in range(2)
+            },
             "churn": {"left": sim.left, "killed": sim.killed, "joined": sim.joined},
             "drain_s": round(drained - load_end, 1),
-            "jobs_lost": len(lost), "jobs_run_twice": len(twice), "left_in_streams": left_in,
-            "sim_errors": dict(sim.errors), "consumers": consumers,
+            "jobs_lost": len(lost),
+            "jobs_run_twice": len(twice),
+            "left_in_streams": left_in,
+            "sim_errors": dict(sim.errors),
+            "consumers": consumers,
         }
     finally:
         for task in background:

@@ -50,8 +50,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def body(tokens: int, stream: bool) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": f"the quick brown fox [[tokens={tokens}]]"}],
-            "stream": stream}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"the quick brown fox [[tokens={tokens}]]"}],
+        "stream": stream,
+    }
 
 
 async def one(http: httpx.AsyncClient, payload: dict) -> float:
@@ -80,8 +83,9 @@ def nats_messages(monitor: str) -> dict[str, tuple[int, int]]:
 
 async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list[int], monitor: str) -> dict:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
-                                 timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits, timeout=60
+    ) as http:
         for _ in range(min(50, n)):  # warm-up
             await one(http, payload)
         cpu0s = [cpu_seconds(p) for p in pids]
@@ -99,11 +103,20 @@ async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list
         wall = time.perf_counter() - started
         cpus = [cpu_seconds(p) - c for p, c in zip(pids, cpu0s)]
         cpu = sum(cpus)
-        msgs = {role: [round((a - msgs0.get(role, (0, 0))[i]) / n, 2) for i, a in enumerate(v)]
-                for role, v in sorted(nats_messages(monitor).items())}
-    return {"per_process_ms": [round(c / n * 1e3, 3) for c in cpus], "requests": n, "concurrency": concurrency,
-            "rps": n / wall, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
-            "cpu_ms_per_req": cpu / n * 1e3, "nats_msgs_per_req": msgs}
+        msgs = {
+            role: [round((a - msgs0.get(role, (0, 0))[i]) / n, 2) for i, a in enumerate(v)]
+            for role, v in sorted(nats_messages(monitor).items())
+        }
+    return {
+        "per_process_ms": [round(c / n * 1e3, 3) for c in cpus],
+        "requests": n,
+        "concurrency": concurrency,
+        "rps": n / wall,
+        "p50_ms": pct(latencies, 0.5) * 1e3,
+        "p99_ms": pct(latencies, 0.99) * 1e3,
+        "cpu_ms_per_req": cpu / n * 1e3,
+        "nats_msgs_per_req": msgs,
+    }
 
 
 async def backend_alone(payload: dict, n: int) -> dict:
@@ -118,8 +131,12 @@ async def backend_alone(payload: dict, n: int) -> dict:
             pass
         latencies.append(time.perf_counter() - started)
     cpu = time.process_time() - cpu0
-    return {"requests": n, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
-            "cpu_ms_per_req": cpu / n * 1e3}
+    return {
+        "requests": n,
+        "p50_ms": pct(latencies, 0.5) * 1e3,
+        "p99_ms": pct(latencies, 0.99) * 1e3,
+        "cpu_ms_per_req": cpu / n * 1e3,
+    }
 
 
 def spawn(module: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
@@ -131,35 +148,67 @@ def profile(out: Path, procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
     """py-spy (a dev dependency) on each process: `out/<role>.folded`, flamegraph-ready."""
     out.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
-    return [subprocess.Popen([str(spy), "record", "--format", "raw", "--rate", "1000", "--nonblocking",
-                              "-o", str(out / f"{role}.folded"), "-p", str(pr.pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for role, pr in zip(("scheduler", "worker", "api"), procs)]
+    return [
+        subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "1000",
+                "--nonblocking",
+                "-o",
+                str(out / f"{role}.folded"),
+                "-p",
+                str(pr.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role, pr in zip(("scheduler", "worker", "api"), procs)
+    ]
 
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="clients at once (httpx in this one process stops keeping up near 32)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="clients at once (httpx in this one process stops keeping up near 32)",
+    )
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (the `up` default)")
     p.add_argument("--no-ledger", action="store_true", help="run the API without its local ledger")
-    p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="sample each Tokenyard process with py-spy during the runs; folded stacks go to DIR")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each Tokenyard process with py-spy during the runs; folded stacks go to DIR",
+    )
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
     port = 18000 + os.getpid() % 1000
     monitor_port = port + 1000
-    nats_server = NatsServer(tmp / "nats", sync_always=a.sync_always,
-                             extra_config=f"http: 127.0.0.1:{monitor_port}").start()
+    nats_server = NatsServer(
+        tmp / "nats", sync_always=a.sync_always, extra_config=f"http: 127.0.0.1:{monitor_port}"
+    ).start()
     monitor = f"http://127.0.0.1:{monitor_port}"
-    env = {**os.environ, "TOKENYARD_NATS_URL": nats_server.url, "TOKENYARD_LOG_LEVEL": "warning",
-           "TOKENYARD_ADMIN_KEY": KEY, "TOKENYARD_BACKEND": "echo", "TOKENYARD_DATA_DIR": str(tmp)}
-    procs = [spawn("scheduler", env, tmp / "scheduler.log"),
-             spawn("worker", env, tmp / "worker.log", "--slots", "256", "--echo-tokens", str(a.tokens)),
-             spawn("broker_api", env, tmp / "api.log", "--port", str(port),
-                   *(["--no-ledger"] if a.no_ledger else []))]
+    env = {
+        **os.environ,
+        "TOKENYARD_NATS_URL": nats_server.url,
+        "TOKENYARD_LOG_LEVEL": "warning",
+        "TOKENYARD_ADMIN_KEY": KEY,
+        "TOKENYARD_BACKEND": "echo",
+        "TOKENYARD_DATA_DIR": str(tmp),
+    }
+    procs = [
+        spawn("scheduler", env, tmp / "scheduler.log"),
+        spawn("worker", env, tmp / "worker.log", "--slots", "256", "--echo-tokens", str(a.tokens)),
+        spawn("broker_api", env, tmp / "api.log", "--port", str(port), *(["--no-ledger"] if a.no_ledger else [])),
+    ]
     assert nats_server.proc is not None
     pids = [nats_server.proc.pid] + [pr.pid for pr in procs]
     url = f"http://127.0.0.1:{port}"
@@ -178,7 +227,9 @@ async def main() -> None:
             kind = "stream" if stream else "plain"
             payload = body(a.tokens, stream)
             results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids, monitor)
-            results[f"{kind}, {a.concurrency} at once"] = await run_load(url, payload, a.requests, a.concurrency, pids, monitor)
+            results[f"{kind}, {a.concurrency} at once"] = await run_load(
+                url, payload, a.requests, a.concurrency, pids, monitor
+            )
         for spy in spies:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(30)
@@ -189,12 +240,16 @@ async def main() -> None:
         print("|---|---|---|---|---|---|")
         for name, r in results.items():
             split = " / ".join(f"{c:.2f}" for c in r.get("per_process_ms", []))
-            print(f"| {name} | {r.get('rps', float('nan')):.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                  f"{r['cpu_ms_per_req']:.3f} | {split} |")
+            print(
+                f"| {name} | {r.get('rps', float('nan')):.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['cpu_ms_per_req']:.3f} | {split} |"
+            )
         print("# NATS messages per request, sent / received by each role's connections")
         for name, r in results.items():
             if "nats_msgs_per_req" in r:
-                print(f"#   {name}: " + ", ".join(f"{role} {s} / {g}" for role, (s, g) in r["nats_msgs_per_req"].items()))
+                print(
+                    f"#   {name}: " + ", ".join(f"{role} {s} / {g}" for role, (s, g) in r["nats_msgs_per_req"].items())
+                )
         print(json.dumps(results))
     finally:
         for pr in procs:

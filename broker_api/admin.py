@@ -99,11 +99,20 @@ class Admin:
         self._audit = audit  # callable(AuditEvent)
         self._signins: dict[str, float] = {}
 
-    def record(self, who: Principal, request: Request, action: str, target: str, org: str,
-               **detail: Any) -> None:
+    def record(self, who: Principal, request: Request, action: str, target: str, org: str, **detail: Any) -> None:
         source = request.client.host if request.client else ""
-        self._audit(AuditEvent(id=uuid.uuid4().hex, time=time.time(), org=org, actor=who.key_id, action=action,
-                               target=target, source=source, detail=detail))
+        self._audit(
+            AuditEvent(
+                id=uuid.uuid4().hex,
+                time=time.time(),
+                org=org,
+                actor=who.key_id,
+                action=action,
+                target=target,
+                source=source,
+                detail=detail,
+            )
+        )
 
     def signed_in(self, who: Principal, request: Request) -> None:
         now = time.monotonic()
@@ -145,8 +154,13 @@ def admin_router(authenticate: Any) -> APIRouter:
         if not who.root:
             raise PermissionDeniedError("Only the operator's admin key may create orgs.")
         body: CreateOrg = parse_body(CreateOrg, await _json(request))
-        org = OrgRecord(id="org_" + uuid.uuid4().hex[:12], name=body.name, created=time.time(),
-                        limits=body.limits.limits(), projects=tuple(body.projects))
+        org = OrgRecord(
+            id="org_" + uuid.uuid4().hex[:12],
+            name=body.name,
+            created=time.time(),
+            limits=body.limits.limits(),
+            projects=tuple(body.projects),
+        )
         await admin.directory.put_org(org)
         admin.record(who, request, "org.create", org.id, org.id, name=org.name, limits=org.limits.to_dict())
         return JSONResponse(org.public(), status_code=201)
@@ -168,9 +182,13 @@ def admin_router(authenticate: Any) -> APIRouter:
         if not who.root:
             raise PermissionDeniedError("Only the operator's admin key may change an org.")
         body: UpdateOrg = parse_body(UpdateOrg, await _json(request))
-        updated = OrgRecord(id=org.id, name=body.name or org.name, created=org.created,
-                            limits=body.limits.limits() if body.limits else org.limits,
-                            projects=tuple(body.projects) if body.projects is not None else org.projects)
+        updated = OrgRecord(
+            id=org.id,
+            name=body.name or org.name,
+            created=org.created,
+            limits=body.limits.limits() if body.limits else org.limits,
+            projects=tuple(body.projects) if body.projects is not None else org.projects,
+        )
         await admin.directory.put_org(updated)
         admin.record(who, request, "org.update", org.id, org.id, **body.model_dump(exclude_none=True))
         return updated.public()
@@ -182,14 +200,33 @@ def admin_router(authenticate: Any) -> APIRouter:
         org = admin.visible_org(who, body.org or who.org)
         if body.project and body.project not in org.projects:
             raise InvalidRequestError(f"The org has no project '{body.project}'.", param="project")
-        template = KeyRecord(id="", org=org.id, name=body.name, digest="", created=0.0, project=body.project,
-                             admin=body.admin, models=tuple(body.models), limits=body.limits.limits(),
-                             priority=body.priority,
-                             expires=time.time() + body.expires_in if body.expires_in else 0.0,
-                             cache=body.cache, volunteer_ok=body.volunteer_ok)
+        template = KeyRecord(
+            id="",
+            org=org.id,
+            name=body.name,
+            digest="",
+            created=0.0,
+            project=body.project,
+            admin=body.admin,
+            models=tuple(body.models),
+            limits=body.limits.limits(),
+            priority=body.priority,
+            expires=time.time() + body.expires_in if body.expires_in else 0.0,
+            cache=body.cache,
+            volunteer_ok=body.volunteer_ok,
+        )
         secret, record = await admin.directory.issue_key(template)
-        admin.record(who, request, "key.create", record.id, org.id, name=record.name, admin=record.admin,
-                     limits=record.limits.to_dict(), priority=record.priority)
+        admin.record(
+            who,
+            request,
+            "key.create",
+            record.id,
+            org.id,
+            name=record.name,
+            admin=record.admin,
+            limits=record.limits.to_dict(),
+            priority=record.priority,
+        )
         return JSONResponse({"key": secret, **record.public()}, status_code=201)
 
     @router.get("/keys")
@@ -224,8 +261,7 @@ def admin_router(authenticate: Any) -> APIRouter:
     @router.get("/usage")
     async def usage(request: Request) -> Response:
         ledger, org, since, until = ledger_query(request)
-        rows = await ledger.report(org=org, by=request.query_params.get("group_by", "model"), since=since,
-                                   until=until)
+        rows = await ledger.report(org=org, by=request.query_params.get("group_by", "model"), since=since, until=until)
         return _rows(rows, request.query_params.get("format", "json"))
 
     @router.get("/usage/export")
@@ -236,8 +272,9 @@ def admin_router(authenticate: Any) -> APIRouter:
 
     # --- routing policies (schedulers watch the bucket: a change applies to the next placement)
 
-    async def set_policy(request: Request, who: Principal, admin: Admin, entry: str, target: str,
-                         org: str) -> dict[str, Any]:
+    async def set_policy(
+        request: Request, who: Principal, admin: Admin, entry: str, target: str, org: str
+    ) -> dict[str, Any]:
         try:
             policy = routing.Policy.from_dict(await _json(request))
         except ValueError as e:
@@ -246,8 +283,9 @@ def admin_router(authenticate: Any) -> APIRouter:
         admin.record(who, request, "routing.set", target, org, policy=policy.to_dict())
         return {"object": "routing.policy", "target": target, "policy": policy.to_dict()}
 
-    async def delete_policy(request: Request, who: Principal, admin: Admin, entry: str, target: str,
-                            org: str) -> dict[str, Any]:
+    async def delete_policy(
+        request: Request, who: Principal, admin: Admin, entry: str, target: str, org: str
+    ) -> dict[str, Any]:
         await admin.routing.delete(entry)
         admin.record(who, request, "routing.delete", target, org)
         return {"object": "routing.policy", "target": target, "deleted": True}
@@ -342,4 +380,3 @@ def _rows(rows: list[dict[str, Any]], fmt: str) -> Response:
     if fmt == "json":
         return JSONResponse({"object": "list", "data": rows})
     raise InvalidRequestError("format must be json or csv.", param="format")
-

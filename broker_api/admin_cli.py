@@ -20,8 +20,16 @@ from schemas.routing import STRATEGIES
 from schemas.settings import add_setting
 from schemas.tenancy import PRIORITY_TIERS
 
-LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month",
-               "max_tokens")
+LIMIT_FLAGS = (
+    "rpm",
+    "tpm",
+    "max_concurrent",
+    "tokens_per_day",
+    "tokens_per_month",
+    "usd_per_day",
+    "usd_per_month",
+    "max_tokens",
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--since", type=float)
     a.add_argument("--format", default="table", choices=["table", "json", "csv"])
     r = sub.add_parser("routing", help="routing policies: default, per model, per key").add_subparsers(
-        dest="verb", required=True)
+        dest="verb", required=True
+    )
     _common(r.add_parser("show"))
     for verb in ("set", "delete"):
         v = r.add_parser(verb)
@@ -86,8 +95,13 @@ def parser() -> argparse.ArgumentParser:
         if verb == "set":
             v.add_argument("--strategy", choices=STRATEGIES, required=True)
             v.add_argument("--order", default="", help="pools in order, comma-separated (failover, ties)")
-            v.add_argument("--weight", action="append", default=[], metavar="POOL=W",
-                           help="weighted split (repeatable), e.g. --weight openai=0.9 --weight own=0.1")
+            v.add_argument(
+                "--weight",
+                action="append",
+                default=[],
+                metavar="POOL=W",
+                help="weighted split (repeatable), e.g. --weight openai=0.9 --weight own=0.1",
+            )
             v.add_argument("--spill-wait", type=float, help="own_first: seconds of predicted wait before spilling")
     return p
 
@@ -138,8 +152,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(none)"
     cols = list(rows[0])
-    cells = [[("" if r.get(c) is None else json.dumps(r[c]) if isinstance(r.get(c), (dict, list)) else str(r[c]))
-              for c in cols] for r in rows]
+    cells = [
+        [
+            ("" if r.get(c) is None else json.dumps(r[c]) if isinstance(r.get(c), (dict, list)) else str(r[c]))
+            for c in cols
+        ]
+        for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -148,8 +167,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> httpx.Response:
     try:
-        r = httpx.request(method, args.api_url.rstrip("/") + "/v1/admin" + path,
-                          headers={"Authorization": f"Bearer {_admin_key(args)}"}, timeout=30, **kw)
+        r = httpx.request(
+            method,
+            args.api_url.rstrip("/") + "/v1/admin" + path,
+            headers={"Authorization": f"Bearer {_admin_key(args)}"},
+            timeout=30,
+            **kw,
+        )
     except httpx.HTTPError as e:
         raise SystemExit(f"tokenyard: cannot reach {args.api_url}: {e}") from e
     if r.status_code >= 400:
@@ -174,9 +198,16 @@ def _show(r: httpx.Response, fmt: str) -> None:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.noun == "keys" and args.verb == "create":
-        body = {"name": args.name, "project": args.project, "admin": args.admin, "models": args.models,
-                "priority": args.priority, "limits": _limits_of(args), "cache": not args.no_cache,
-                "volunteer_ok": args.volunteer_ok}
+        body = {
+            "name": args.name,
+            "project": args.project,
+            "admin": args.admin,
+            "models": args.models,
+            "priority": args.priority,
+            "limits": _limits_of(args),
+            "cache": not args.no_cache,
+            "volunteer_ok": args.volunteer_ok,
+        }
         if args.org:
             body["org"] = args.org
         if args.expires_in:
@@ -188,8 +219,12 @@ def main(argv: list[str]) -> int:
     elif args.noun == "keys":
         _show(_call(args, "POST", f"/keys/{args.key_id}/revoke"), "table")
     elif args.noun == "orgs" and args.verb == "create":
-        _show(_call(args, "POST", "/orgs", json={"name": args.name, "projects": args.projects,
-                                                 "limits": _limits_of(args)}), "table")
+        _show(
+            _call(
+                args, "POST", "/orgs", json={"name": args.name, "projects": args.projects, "limits": _limits_of(args)}
+            ),
+            "table",
+        )
     elif args.noun == "orgs":
         _show(_call(args, "GET", "/orgs"), "table")
     elif args.noun == "usage":
@@ -202,7 +237,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(_call(args, "GET", "/routing").json(), indent=2))
     elif args.noun == "routing":
         path = _routing_path(args.target)
-        r = (_call(args, "PUT", path, json=_policy_of(args)) if args.verb == "set" else _call(args, "DELETE", path))
+        r = _call(args, "PUT", path, json=_policy_of(args)) if args.verb == "set" else _call(args, "DELETE", path)
         print(json.dumps(r.json(), indent=2))
     else:
         params = {"format": "csv" if args.format == "csv" else "json"}

@@ -38,8 +38,14 @@ from broker_api.metrics import Metrics, queue_depths
 from broker_api.settings import ApiSettings
 from schemas import routing, subjects
 from schemas.chat import ModelCard, ModelList, parse_chat_request
-from schemas.errors import (InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, NotFoundError,
-                            RequestTooLargeError, TokenyardError)
+from schemas.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTooLargeError,
+    TokenyardError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +105,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
             "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
-            code="invalid_json") from e
+            code="invalid_json",
+        ) from e
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -123,8 +130,11 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         keys.directory = directory
         await ensure_streams(js)
         accounts = Accounts(js)
-        cache = (await ResponseCache.open(js, ttl=settings.cache_ttl, max_bytes=settings.cache_max_bytes)
-                 if settings.cache else None)
+        cache = (
+            await ResponseCache.open(js, ttl=settings.cache_ttl, max_bytes=settings.cache_max_bytes)
+            if settings.cache
+            else None
+        )
         ledger = await Ledger.open(Path(settings.data_dir) / "ledger.sqlite") if settings.ledger else None
         feed = LedgerFeed(js, ledger, name=settings.ledger_name) if ledger is not None else None
         fleet = FleetWatch(the_bus.nc, accounts.audit) if ledger is not None else None
@@ -135,8 +145,9 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         idempotency = await Idempotency.open(js)
         app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
         app.state.chat.metrics = metrics
-        app.state.admin = Admin(directory, ledger, accounts.audit, 
-                              await open_bucket(js, subjects.ROUTING_BUCKET, history=routing.HISTORY))
+        app.state.admin = Admin(
+            directory, ledger, accounts.audit, await open_bucket(js, subjects.ROUTING_BUCKET, history=routing.HISTORY)
+        )
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
             yield
@@ -169,10 +180,11 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         if e.status_code == 404:
             return _error_response(NotFoundError(f"Invalid URL ({request.method} {request.url.path})"))
         if e.status_code == 405:
-            return _error_response(MethodNotAllowedError(
-                f"Method not allowed: {request.method} {request.url.path}"))
-        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
-                                       "code": None}}, status_code=e.status_code)
+            return _error_response(MethodNotAllowedError(f"Method not allowed: {request.method} {request.url.path}"))
+        return JSONResponse(
+            {"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None, "code": None}},
+            status_code=e.status_code,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -226,8 +238,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             raise InvalidRequestError(f"max_tokens may be at most {cap} for this key.", param="max_tokens")
         chat: ChatService = request.app.state.chat
         use_cache = request.headers.get(CACHE_HEADER, "").lower() not in {"no", "bypass", "off"}
-        session = chat.open(req, who, use_cache=use_cache,
-                            idempotency_key=request.headers.get("idempotency-key", ""))
+        session = chat.open(req, who, use_cache=use_cache, idempotency_key=request.headers.get("idempotency-key", ""))
         await chat.start(session)
         if session.replayed:
             headers = {"idempotent-replayed": "true"}
@@ -235,17 +246,22 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             headers = {CACHE_HEADER: "hit" if session.cached else ("miss" if session.cache_key else "bypass")}
         if not req.stream:
             return await _watch_disconnect(
-                request, lambda: chat.complete(session), lambda: chat.finish(session, "client gone"),
-                lambda result: Response(result.model_dump_json(), media_type="application/json", headers=headers))
+                request,
+                lambda: chat.complete(session),
+                lambda: chat.finish(session, "client gone"),
+                lambda result: Response(result.model_dump_json(), media_type="application/json", headers=headers),
+            )
         payloads = chat.stream(session)
         try:
             first = await payloads.__anext__()
         except BaseException:
             await chat.finish(session, "failed")
             raise
-        return StreamingResponse(_sse(first, payloads, lambda: chat.finish(session, "stream closed")),
-                                 media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        return StreamingResponse(
+            _sse(first, payloads, lambda: chat.finish(session, "stream closed")),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
+        )
 
     # A plain Starlette route: the hot path skips FastAPI's dependency machinery, which this
     # handler does not use (it reads and validates the body itself).

@@ -39,8 +39,9 @@ class Principal:
 
     def check_model(self, model: str) -> None:
         if self.models and model not in self.models:
-            raise ModelNotFoundError(f"The model `{model}` does not exist or you do not have access to it.",
-                                     param="model")
+            raise ModelNotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it.", param="model"
+            )
 
     def require_admin(self) -> None:
         if not self.admin:
@@ -83,7 +84,9 @@ class KeyStore:
         if not authorization:
             raise AuthenticationError(
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", code=None)
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code=None,
+            )
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
@@ -94,7 +97,15 @@ class KeyStore:
         if record is None or not record.usable(time.time()):
             raise AuthenticationError(f"Incorrect API key provided: {_masked(key)}.")
         org = self.directory.org(record.org) if self.directory is not None else None
-        return Principal(org=record.org, key_id=record.id, admin=record.admin, project=record.project,
-                         priority=record.priority, key_limits=record.limits,
-                         org_limits=org.limits if org else Limits(), models=record.models, cache=record.cache,
-                         volunteer_ok=record.volunteer_ok)
+        return Principal(
+            org=record.org,
+            key_id=record.id,
+            admin=record.admin,
+            project=record.project,
+            priority=record.priority,
+            key_limits=record.limits,
+            org_limits=org.limits if org else Limits(),
+            models=record.models,
+            cache=record.cache,
+            volunteer_ok=record.volunteer_ok,
+        )

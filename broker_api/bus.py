@@ -22,8 +22,19 @@ from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import subjects
 from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
-from schemas.jobs import CONTINUE, HEARTBEAT, STOP, Admission, Event, Job, ModelAdvert, Stop, Submission, WireError
-from schemas.jobs import decode_model_list
+from schemas.jobs import (
+    CONTINUE,
+    HEARTBEAT,
+    STOP,
+    Admission,
+    Event,
+    Job,
+    ModelAdvert,
+    Stop,
+    Submission,
+    WireError,
+    decode_model_list,
+)
 from schemas.logs import close_quietly
 
 log = structlog.get_logger(__name__)
@@ -41,8 +52,14 @@ class Bus:
     @classmethod
     async def connect(cls, url: str) -> Bus:
         gateway_id = uuid.uuid4().hex[:12]
-        nc = await nats.connect(servers=url.split(","), name=f"tokenyard-api-{gateway_id}", ping_interval=10,
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5)
+        nc = await nats.connect(
+            servers=url.split(","),
+            name=f"tokenyard-api-{gateway_id}",
+            ping_interval=10,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
         bus = cls(nc, gateway_id)
         await nc.subscribe(subjects.reply_inbox(gateway_id), cb=bus._on_event)
         return bus
@@ -141,4 +158,3 @@ class Bus:
         gone = run.drop_current()
         if gone is not None and not run.finished:
             await self.stop(gone[1], run.job.id, gone[0], reason)
-

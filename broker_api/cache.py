@@ -39,8 +39,17 @@ class CachedAnswer:
     cost: float
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": 1, "t": self.texts, "f": self.finish, "pt": self.prompt_tokens,
-                              "ct": self.completion_tokens, "c": self.cost}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": 1,
+                "t": self.texts,
+                "f": self.finish,
+                "pt": self.prompt_tokens,
+                "ct": self.completion_tokens,
+                "c": self.cost,
+            },
+            use_bin_type=True,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> CachedAnswer:
@@ -67,9 +76,19 @@ class ResponseCache:
     @classmethod
     async def open(cls, js: JetStreamContext, *, ttl: float, max_bytes: int, replicas: int = 1) -> ResponseCache:
         bucket = subjects.CACHE_BUCKET
-        config = StreamConfig(name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], max_msgs_per_subject=1,
-                              max_age=ttl, max_bytes=max_bytes, discard=DiscardPolicy.OLD, allow_rollup_hdrs=True,
-                              deny_delete=True, allow_direct=True, storage=StorageType.FILE, num_replicas=replicas)
+        config = StreamConfig(
+            name=f"KV_{bucket}",
+            subjects=[f"$KV.{bucket}.>"],
+            max_msgs_per_subject=1,
+            max_age=ttl,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.OLD,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        )
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:

@@ -32,8 +32,15 @@ from broker_api.idempotency import Idempotency
 from broker_api.jobrun import Broken, JobRun
 from broker_api.metrics import Metrics
 from broker_api.settings import ApiSettings
-from schemas.chat import (ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage,
-                          message_text)
+from schemas.chat import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ChunkEncoder,
+    ResponseMessage,
+    Usage,
+    message_text,
+)
 from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
 from schemas.jobs import ATTEMPTS_PER_DISPATCH, DONE, ERROR, START, Event, Job, Submission
 from schemas.usage import UsageRecord
@@ -125,14 +132,22 @@ class Session:
             return Usage.of(self.cached.prompt_tokens, self.cached.completion_tokens)
         if self.done is not None:
             # a continuation's prompt held the carried text too: that part was billed as completion
-            return Usage.of(max(0, self.done.prompt_tokens - self.tally.carried),
-                            self.tally.completion_tokens(self.done))
+            return Usage.of(
+                max(0, self.done.prompt_tokens - self.tally.carried), self.tally.completion_tokens(self.done)
+            )
         return Usage.of(estimate_prompt_tokens(self.req) if self.tally.tokens else 0, self.tally.tokens)
 
 
 class ChatService:
-    def __init__(self, bus: Bus, settings: ApiSettings, *, accounts: Accounts | None = None,
-                 cache: ResponseCache | None = None, idempotency: Idempotency | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: ApiSettings,
+        *,
+        accounts: Accounts | None = None,
+        cache: ResponseCache | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> None:
         self._bus = bus
         self._s = settings
         self._accounts = accounts
@@ -141,12 +156,18 @@ class ChatService:
         self._settling: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
         self.metrics: Metrics | None = None
 
-    def open(self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True,
-             idempotency_key: str = "") -> Session:
+    def open(
+        self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True, idempotency_key: str = ""
+    ) -> Session:
         job_id = uuid.uuid4().hex
         body = req.model_dump(exclude_none=True, exclude={"stream", "stream_options"})
-        job = Job(id=job_id, model=req.model, request=body, reply=self._bus.reply_subject(job_id),
-                  deadline=time.time() + self._s.request_timeout)
+        job = Job(
+            id=job_id,
+            model=req.model,
+            request=body,
+            reply=self._bus.reply_subject(job_id),
+            deadline=time.time() + self._s.request_timeout,
+        )
         session = Session(req=req, who=who, job=job)
         if self._cache is not None and use_cache and who.cache and cacheable(body):
             session.cache_key = cache_key(body)
@@ -176,9 +197,16 @@ class ChatService:
                 return
         s.run = self._bus.open_run(s.job, silence=self._s.attempt_silence)
         est = max(1, estimate_prompt_tokens(s.req) + (s.req.token_limit or 0))
-        s.sub = Submission(job=s.job, tenant=s.who.org, key_id=s.who.key_id, priority=s.who.priority,
-                           key_limits=s.who.key_limits, org_limits=s.who.org_limits, estimated_tokens=est,
-                           volunteer_ok=s.who.volunteer_ok)
+        s.sub = Submission(
+            job=s.job,
+            tenant=s.who.org,
+            key_id=s.who.key_id,
+            priority=s.who.priority,
+            key_limits=s.who.key_limits,
+            org_limits=s.who.org_limits,
+            estimated_tokens=est,
+            volunteer_ok=s.who.volunteer_ok,
+        )
         try:
             admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=s.job.deadline)
         except BaseException:
@@ -207,8 +235,13 @@ class ChatService:
         answer = None
         if s.done is not None and s.outcome == "ok":
             u = s.usage()
-            answer = CachedAnswer(["".join(t) for t in s.tally.texts], list(s.done.finish), u.prompt_tokens,
-                                  u.completion_tokens, s.done.cost or 0.0)
+            answer = CachedAnswer(
+                ["".join(t) for t in s.tally.texts],
+                list(s.done.finish),
+                u.prompt_tokens,
+                u.completion_tokens,
+                s.done.cost or 0.0,
+            )
         elif s.cached is not None:
             answer = s.cached
         if s.idempotency_key and self._idempotency is not None:
@@ -263,9 +296,15 @@ class ChatService:
     def _account(self, s: Session) -> None:
         record = self._record(s)
         if self.metrics is not None:
-            self.metrics.finished(model=record.model, outcome=record.outcome, status=record.status,
-                                  prompt=record.prompt_tokens, completion=record.completion_tokens,
-                                  seconds=record.duration_ms / 1e3, ttft=record.ttft_ms / 1e3 if record.ttft_ms else None)
+            self.metrics.finished(
+                model=record.model,
+                outcome=record.outcome,
+                status=record.status,
+                prompt=record.prompt_tokens,
+                completion=record.completion_tokens,
+                seconds=record.duration_ms / 1e3,
+                ttft=record.ttft_ms / 1e3 if record.ttft_ms else None,
+            )
         if self._accounts is not None:
             self._accounts.usage(record)
 
@@ -281,12 +320,26 @@ class ChatService:
             attempts = s.run.job.dispatch
         now = s.ended or time.monotonic()
         return UsageRecord(
-            job_id=s.job.id, time=s.arrived, org=s.who.org, project=s.who.project, key_id=s.who.key_id,
-            model=s.req.model, route=route, node=node, attempts=attempts, prompt_tokens=u.prompt_tokens,
-            completion_tokens=u.completion_tokens, cached_tokens=u.prompt_tokens if s.cached else 0,
-            cost=self._cost(s), ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
-            duration_ms=round((now - s.started) * 1e3, 3), outcome=s.outcome, status=s.status,
-            stream=bool(s.req.stream), reserved_tokens=self._reserved(s))
+            job_id=s.job.id,
+            time=s.arrived,
+            org=s.who.org,
+            project=s.who.project,
+            key_id=s.who.key_id,
+            model=s.req.model,
+            route=route,
+            node=node,
+            attempts=attempts,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_tokens=u.prompt_tokens if s.cached else 0,
+            cost=self._cost(s),
+            ttft_ms=round((s.first_token - s.started) * 1e3, 3) if s.first_token else 0.0,
+            duration_ms=round((now - s.started) * 1e3, 3),
+            outcome=s.outcome,
+            status=s.status,
+            stream=bool(s.req.stream),
+            reserved_tokens=self._reserved(s),
+        )
 
     @staticmethod
     def _reserved(s: Session) -> int:
@@ -358,14 +411,16 @@ class ChatService:
         assert run is not None and sub is not None
         job = run.job
         if job.dispatch >= self._s.max_dispatches:
-            raise WorkerFailedError(f"The request failed on every attempt ({job.dispatch}); last: {why}."
-                                    if not run.committed else f"The answer was interrupted: {why}.")
+            raise WorkerFailedError(
+                f"The request failed on every attempt ({job.dispatch}); last: {why}."
+                if not run.committed
+                else f"The answer was interrupted: {why}."
+            )
         failed_pool = run.pool_of_dispatch.get(job.dispatch, "")
         again = dataclasses.replace(job, dispatch=job.dispatch + 1)
         if run.committed:
             again = self._continuation(s, again, why)
-        s.sub = dataclasses.replace(sub, job=again,
-                                    avoid=sub.avoid + ((failed_pool,) if avoid and failed_pool else ()))
+        s.sub = dataclasses.replace(sub, job=again, avoid=sub.avoid + ((failed_pool,) if avoid and failed_pool else ()))
         run.job = again
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=why)
         admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=job.deadline)
@@ -408,17 +463,25 @@ class ChatService:
             finish = list(s.done.finish)
         else:
             texts, finish = s.cached.texts, s.cached.finish
-        choices = [Choice(index=i, message=ResponseMessage(content=texts[i] if i < len(texts) else "", refusal=None),
-                          logprobs=None, finish_reason=finish[i] if i < len(finish) else "stop")  # type: ignore[arg-type]
-                   for i in range(s.n)]
-        return ChatCompletion(id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model, choices=choices,
-                              usage=self._usage(s))
+        choices = [
+            Choice(
+                index=i,
+                message=ResponseMessage(content=texts[i] if i < len(texts) else "", refusal=None),
+                logprobs=None,
+                finish_reason=finish[i] if i < len(finish) else "stop",  # type: ignore[arg-type]
+            )
+            for i in range(s.n)
+        ]
+        return ChatCompletion(
+            id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model, choices=choices, usage=self._usage(s)
+        )
 
     async def stream(self, s: Session) -> AsyncIterator[str]:
         """SSE `data:` payloads. The first is produced before the HTTP response starts, so any
         error up to then is still an HTTP error; after it, errors become an error event."""
-        enc = ChunkEncoder(id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model,
-                           include_usage=s.req.wants_usage_chunk)
+        enc = ChunkEncoder(
+            id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=s.req.model, include_usage=s.req.wants_usage_chunk
+        )
         if s.cached is not None:
             for i in range(s.n):
                 if i < len(s.cached.texts) and s.cached.texts[i]:

@@ -50,8 +50,9 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1, h
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=bucket, history=history, storage=StorageType.FILE,
-                                             replicas=replicas)
+            return await js.create_key_value(
+                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
+            )
         except nats.js.errors.BadRequestError:  # created meanwhile by another replica
             return await js.key_value(bucket)
 
@@ -108,8 +109,7 @@ class Directory:
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, pepper: bytes) -> Directory:
-        d = cls(await open_bucket(js, subjects.KEYS_BUCKET), await open_bucket(js, subjects.ORGS_BUCKET),
-                pepper=pepper)
+        d = cls(await open_bucket(js, subjects.KEYS_BUCKET), await open_bucket(js, subjects.ORGS_BUCKET), pepper=pepper)
         await d._keys.start()
         await d._orgs.start()
         if ROOT_ORG not in d._orgs.items:

@@ -34,8 +34,15 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, store_dir: str | Path, *, port: int = -1, sync_always: bool = True,
-                 log_file: str | Path | None = None, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        store_dir: str | Path,
+        *,
+        port: int = -1,
+        sync_always: bool = True,
+        log_file: str | Path | None = None,
+        extra_config: str = "",
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.requested_port = port
         self.sync_always = sync_always
@@ -52,15 +59,21 @@ class NatsServer:
     def config_text(self) -> str:
         sync = "\n  sync_interval: always" if self.sync_always else ""
         store = str(self.store_dir / "jetstream").replace("\\", "/")
-        return (f"listen: 127.0.0.1:{self.requested_port}\nmax_payload: 1MB\n"
-                f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{self.extra_config}\n')
+        return (
+            f"listen: 127.0.0.1:{self.requested_port}\nmax_payload: 1MB\n"
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{self.extra_config}\n'
+        )
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
         conf.write_text(self.config_text())
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         found = threading.Event()
         threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
         if not found.wait(timeout):
@@ -111,4 +124,3 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

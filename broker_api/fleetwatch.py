@@ -55,15 +55,31 @@ class FleetWatch:
                 await self._task
 
     def _event(self, action: str, advert: NodeAdvert, suffix: str = "") -> None:
-        detail = {"pool": advert.pool, "kind": advert.kind, "models": [m.id for m in advert.models],
-                  "slots": advert.slots_total}
-        prices = {m.id: {"input": m.input_price, "output": m.output_price}
-                  for m in advert.models if m.input_price or m.output_price}
+        detail = {
+            "pool": advert.pool,
+            "kind": advert.kind,
+            "models": [m.id for m in advert.models],
+            "slots": advert.slots_total,
+        }
+        prices = {
+            m.id: {"input": m.input_price, "output": m.output_price}
+            for m in advert.models
+            if m.input_price or m.output_price
+        }
         if prices:
             detail["prices"] = prices
-        self._audit(AuditEvent(
-            id=f"{action}.{advert.node}.{advert.started:.6f}{suffix}", time=time.time(), org=ROOT_ORG,
-            actor=advert.node, action=action, target=advert.node, source="fleet", detail=detail))
+        self._audit(
+            AuditEvent(
+                id=f"{action}.{advert.node}.{advert.started:.6f}{suffix}",
+                time=time.time(),
+                org=ROOT_ORG,
+                actor=advert.node,
+                action=action,
+                target=advert.node,
+                source="fleet",
+                detail=detail,
+            )
+        )
 
     async def _on_advert(self, msg: Msg) -> None:
         try:

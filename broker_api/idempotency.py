@@ -40,8 +40,9 @@ class Idempotency:
             kv = await js.key_value(subjects.IDEMPOTENCY_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             try:
-                kv = await js.create_key_value(bucket=subjects.IDEMPOTENCY_BUCKET, history=1, ttl=ttl,
-                                               storage=StorageType.FILE)
+                kv = await js.create_key_value(
+                    bucket=subjects.IDEMPOTENCY_BUCKET, history=1, ttl=ttl, storage=StorageType.FILE
+                )
             except nats.js.errors.BadRequestError:
                 kv = await js.key_value(subjects.IDEMPOTENCY_BUCKET)
         return cls(kv)
@@ -49,8 +50,9 @@ class Idempotency:
     @staticmethod
     def key_for(org: str, header: str) -> str:
         if not header or len(header) > MAX_KEY_LENGTH:
-            raise InvalidRequestError(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.",
-                                      param="Idempotency-Key")
+            raise InvalidRequestError(
+                f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.", param="Idempotency-Key"
+            )
         return hashlib.sha256(f"{org}\0{header}".encode()).hexdigest()
 
     async def claim_or_wait(self, key: str, job_id: str, deadline: float) -> CachedAnswer | None:

@@ -103,4 +103,3 @@ class JobRun:
         self._refused.add(self.current)
         self.current = None
         return gone
-

@@ -1,11 +1,12 @@
 """Lanes: placing a key's next jobs straight on a work queue, as a scheduler allowed.
 
-A scheduler that placed a job of a key with no limits on a work queue whose pool has idle
-slots may grant the gateway a lane in its answer: up to N more jobs of that key and model (no
-more than those idle slots) may go to that queue within T seconds without asking (see `scheduler.service`, "Lanes", for when it does). A lane
-publishes with the job's usual message id, so a job placed twice (a lane's publish whose ack
-was lost, then a normal submission) runs once. Whatever a lane cannot place (used up, expired,
-refused by the stream) goes through a scheduler as usual: a lane only ever saves a round trip.
+A scheduler that placed a job of a key with no limits on a work queue whose pool has idle slots
+may grant the gateway a lane in its answer: up to N more jobs of that key and model (no more
+than those idle slots) may go to that queue within T seconds without asking (see
+`scheduler.service`, "Lanes", for when it does). A lane publishes with the job's usual message
+id, so a job placed twice (a lane's publish whose ack was lost, then a normal submission) runs
+once. Whatever a lane cannot place (used up, expired, refused by the stream) goes through a
+scheduler as usual: a lane only ever saves a round trip.
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ class Lanes:
         """The lane this submission could use, if any could serve it (the scheduler decides
         the rest when it grants one)."""
         job = sub.job
-        if (not self.enabled or job.dispatch != 1 or sub.avoid or sub.key_limits != NO_LIMITS
-                or sub.org_limits != NO_LIMITS or "provider" in job.request or "models" in job.request):
+        if (
+            not self.enabled
+            or job.dispatch != 1
+            or sub.avoid
+            or sub.key_limits != NO_LIMITS
+            or sub.org_limits != NO_LIMITS
+            or "provider" in job.request
+            or "models" in job.request
+        ):
             return None
         return (sub.key_id, job.model)
 
@@ -74,8 +82,12 @@ class Lanes:
         lane.credits -= 1
         job = sub.job
         try:
-            await self._js.publish(subjects.work_subject(lane.pool, job.model), job.encode(),
-                                   timeout=PUBLISH_TIMEOUT, headers={"Nats-Msg-Id": job.message_id})
+            await self._js.publish(
+                subjects.work_subject(lane.pool, job.model),
+                job.encode(),
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": job.message_id},
+            )
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:  # full queue, gone stream, slow
             self._lanes.pop(key, None)
             log.info("lane.refused", job_id=job.id, pool=lane.pool, error=repr(e))

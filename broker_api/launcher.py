@@ -109,8 +109,13 @@ def main(argv: list[str]) -> int:
         if not nats_url:
             stack.nats = NatsServer(data / "nats", port=a.nats_port).start()
             nats_url = stack.nats.url
-        env = {**os.environ, "TOKENYARD_NATS_URL": nats_url, "TOKENYARD_DATA_DIR": str(data),
-               "TOKENYARD_ADMIN_KEY": admin_key, "TOKENYARD_LOG_LEVEL": a.log_level}
+        env = {
+            **os.environ,
+            "TOKENYARD_NATS_URL": nats_url,
+            "TOKENYARD_DATA_DIR": str(data),
+            "TOKENYARD_ADMIN_KEY": admin_key,
+            "TOKENYARD_LOG_LEVEL": a.log_level,
+        }
         stack.spawn("scheduler", "scheduler", [], env)
         stack.spawn("api", "broker_api", ["--host", a.host, "--port", str(a.port)], env)
         worker_args = ["--backend", a.backend]
@@ -122,9 +127,12 @@ def main(argv: list[str]) -> int:
         host = "127.0.0.1" if a.host in {"0.0.0.0", "::"} else a.host
         base = f"http://{host}:{a.port}"
         models = _wait_ready(base, admin_key, stack, time.monotonic() + READY_TIMEOUT)
-        print(f"\nTokenyard is up.\n  OpenAI base URL: {base}/v1\n  API key:         {admin_key}\n"
-              f"  models:          {', '.join(models)}\n  NATS:            {nats_url}\nCtrl-C stops it.\n",
-              file=sys.stderr, flush=True)
+        print(
+            f"\nTokenyard is up.\n  OpenAI base URL: {base}/v1\n  API key:         {admin_key}\n"
+            f"  models:          {', '.join(models)}\n  NATS:            {nats_url}\nCtrl-C stops it.\n",
+            file=sys.stderr,
+            flush=True,
+        )
         while not stopping:
             dead = stack.dead_child()
             if dead:

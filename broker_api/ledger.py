@@ -52,9 +52,27 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
-USAGE_COLUMNS = ("job_id", "time", "day", "org", "project", "key_id", "model", "route", "node", "attempts",
-                 "prompt_tokens", "completion_tokens", "cached_tokens", "cost", "ttft_ms", "duration_ms",
-                 "outcome", "status", "stream")
+USAGE_COLUMNS = (
+    "job_id",
+    "time",
+    "day",
+    "org",
+    "project",
+    "key_id",
+    "model",
+    "route",
+    "node",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost",
+    "ttft_ms",
+    "duration_ms",
+    "outcome",
+    "status",
+    "stream",
+)
 GROUPS = {"model": "model", "route": "route", "key": "key_id", "day": "day", "org": "org", "project": "project"}
 BATCH = 256
 GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger transactions
@@ -62,10 +80,23 @@ GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     return [
-        StreamConfig(name=subjects.USAGE_STREAM, subjects=[subjects.USAGE_ALL], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, max_age=30 * 86400, duplicate_window=120, num_replicas=replicas),
-        StreamConfig(name=subjects.AUDIT_STREAM, subjects=[subjects.AUDIT_ALL], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, duplicate_window=120, num_replicas=replicas),
+        StreamConfig(
+            name=subjects.USAGE_STREAM,
+            subjects=[subjects.USAGE_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=30 * 86400,
+            duplicate_window=120,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=subjects.AUDIT_STREAM,
+            subjects=[subjects.AUDIT_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=120,
+            num_replicas=replicas,
+        ),
     ]
 
 
@@ -95,13 +126,35 @@ class Ledger:
         await self._db.close()
 
     async def add_usage(self, records: list[UsageRecord]) -> int:
-        rows = [(r.job_id, r.time, time.strftime("%Y-%m-%d", time.gmtime(r.time)), r.org, r.project, r.key_id,
-                 r.model, r.route, r.node, r.attempts, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-                 r.cost, r.ttft_ms, r.duration_ms, r.outcome, r.status, int(r.stream)) for r in records]
+        rows = [
+            (
+                r.job_id,
+                r.time,
+                time.strftime("%Y-%m-%d", time.gmtime(r.time)),
+                r.org,
+                r.project,
+                r.key_id,
+                r.model,
+                r.route,
+                r.node,
+                r.attempts,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cached_tokens,
+                r.cost,
+                r.ttft_ms,
+                r.duration_ms,
+                r.outcome,
+                r.status,
+                int(r.stream),
+            )
+            for r in records
+        ]
         before = self._db.total_changes
         await self._db.executemany(
             f"INSERT OR IGNORE INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES ({', '.join('?' * len(USAGE_COLUMNS))})",
-            rows)
+            rows,
+        )
         await self._db.commit()
         return self._db.total_changes - before
 
@@ -110,8 +163,11 @@ class Ledger:
         await self._db.executemany(
             "INSERT OR IGNORE INTO audit (id, time, org, actor, action, target, source, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(e.id, e.time, e.org, e.actor, e.action, e.target, e.source, json.dumps(e.detail, sort_keys=True))
-             for e in events])
+            [
+                (e.id, e.time, e.org, e.actor, e.action, e.target, e.source, json.dumps(e.detail, sort_keys=True))
+                for e in events
+            ],
+        )
         await self._db.commit()
         return self._db.total_changes - before
 
@@ -130,29 +186,33 @@ class Ledger:
             args.append(until)
         return " AND ".join(clauses), args
 
-    async def usage(self, *, org: str | None, since: float | None = None, until: float | None = None,
-                    limit: int = 10_000) -> list[dict[str, Any]]:
+    async def usage(
+        self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 10_000
+    ) -> list[dict[str, Any]]:
         where, args = self._where(org, since, until)
-        async with self._db.execute(f"SELECT * FROM usage WHERE {where} ORDER BY time LIMIT ?",
-                                    [*args, limit]) as cur:
+        async with self._db.execute(f"SELECT * FROM usage WHERE {where} ORDER BY time LIMIT ?", [*args, limit]) as cur:
             return [dict(row) for row in await cur.fetchall()]
 
-    async def report(self, *, org: str | None, by: str, since: float | None = None,
-                     until: float | None = None) -> list[dict[str, Any]]:
+    async def report(
+        self, *, org: str | None, by: str, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
         if by not in GROUPS:
             raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
         column = GROUPS[by]
         where, args = self._where(org, since, until)
-        sql = (f"SELECT {column} AS {by}, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
-               "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
-               "ROUND(SUM(cost), 10) AS cost, SUM(outcome = 'error') AS errors, SUM(outcome = 'cached') AS cache_hits, "
-               "ROUND(AVG(NULLIF(ttft_ms, 0)), 3) AS avg_ttft_ms "
-               f"FROM usage WHERE {where} GROUP BY {column} ORDER BY {column}")
+        sql = (
+            f"SELECT {column} AS {by}, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+            "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
+            "ROUND(SUM(cost), 10) AS cost, SUM(outcome = 'error') AS errors, SUM(outcome = 'cached') AS cache_hits, "
+            "ROUND(AVG(NULLIF(ttft_ms, 0)), 3) AS avg_ttft_ms "
+            f"FROM usage WHERE {where} GROUP BY {column} ORDER BY {column}"
+        )
         async with self._db.execute(sql, args) as cur:
             return [dict(row) for row in await cur.fetchall()]
 
-    async def audit(self, *, org: str | None, since: float | None = None, until: float | None = None,
-                    limit: int = 1000) -> list[dict[str, Any]]:
+    async def audit(
+        self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         where, args = self._where(org, since, until)
         async with self._db.execute(f"SELECT * FROM audit WHERE {where} ORDER BY time LIMIT ?", [*args, limit]) as cur:
             rows = [dict(row) for row in await cur.fetchall()]
@@ -181,10 +241,12 @@ class LedgerFeed:
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._follow(subjects.USAGE_STREAM, f"ledger-{self._name}", UsageRecord.decode,
-                                             self._ledger.add_usage)),
-            asyncio.create_task(self._follow(subjects.AUDIT_STREAM, f"audit-{self._name}", AuditEvent.decode,
-                                             self._ledger.add_audit)),
+            asyncio.create_task(
+                self._follow(subjects.USAGE_STREAM, f"ledger-{self._name}", UsageRecord.decode, self._ledger.add_usage)
+            ),
+            asyncio.create_task(
+                self._follow(subjects.AUDIT_STREAM, f"audit-{self._name}", AuditEvent.decode, self._ledger.add_audit)
+            ),
         ]
 
     async def stop(self) -> None:
@@ -192,11 +254,17 @@ class LedgerFeed:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _follow(self, stream: str, durable: str, decode: Callable[[bytes], Any],
-                      store: Callable[[list[Any]], Awaitable[int]]) -> None:
+    async def _follow(
+        self, stream: str, durable: str, decode: Callable[[bytes], Any], store: Callable[[list[Any]], Awaitable[int]]
+    ) -> None:
         # One reader per durable, in order: acknowledging a batch's last message acknowledges all of it.
-        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.ALL, ack_wait=60,
-                                deliver_policy=DeliverPolicy.ALL, max_ack_pending=BATCH * 4)
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=60,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=BATCH * 4,
+        )
         psub = await self._js.pull_subscribe("", durable=durable, stream=stream, config=config)
         while True:
             try:
@@ -213,8 +281,9 @@ class LedgerFeed:
             if len(msgs) < BATCH:
                 await asyncio.sleep(GATHER)
 
-    async def _store(self, msgs: list[Msg], decode: Callable[[bytes], Any],
-                     store: Callable[[list[Any]], Awaitable[int]]) -> None:
+    async def _store(
+        self, msgs: list[Msg], decode: Callable[[bytes], Any], store: Callable[[list[Any]], Awaitable[int]]
+    ) -> None:
         records = []
         for msg in msgs:
             try:

@@ -20,11 +20,21 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_json)
     admin_key, created = load_or_create_admin_key(settings.data_dir, settings.admin_key)
     if created:
-        print(f"tokenyard api: created an admin key (kept in {settings.data_dir}/admin_key):\n  {admin_key}",
-              file=sys.stderr)
+        print(
+            f"tokenyard api: created an admin key (kept in {settings.data_dir}/admin_key):\n  {admin_key}",
+            file=sys.stderr,
+        )
     app = create_app(settings, admin_key=admin_key)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                loop="auto", http="auto", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=10,
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ class Metrics:
         self.ttft: dict[str, Histogram] = defaultdict(Histogram)
         self.inflight = 0
 
-    def finished(self, *, model: str, outcome: str, status: int, prompt: int, completion: int, seconds: float,
-                 ttft: float | None) -> None:
+    def finished(
+        self, *, model: str, outcome: str, status: int, prompt: int, completion: int, seconds: float, ttft: float | None
+    ) -> None:
         self.requests[(model, outcome, str(status))] += 1
         self.tokens[(model, "prompt")] += prompt
         self.tokens[(model, "completion")] += completion
@@ -60,27 +61,49 @@ class Metrics:
             self.ttft[model].observe(ttft)
 
     def render(self, queues: list[tuple[str, str, int, int]], lane_placements: int = 0) -> str:
-        lines = ["# HELP tokenyard_requests_total Chat completion requests that ended, by outcome and status.",
-                 "# TYPE tokenyard_requests_total counter"]
-        lines += [f'tokenyard_requests_total{{model="{_label(m)}",outcome="{o}",status="{s}"}} {n}'
-                  for (m, o, s), n in sorted(self.requests.items())]
+        lines = [
+            "# HELP tokenyard_requests_total Chat completion requests that ended, by outcome and status.",
+            "# TYPE tokenyard_requests_total counter",
+        ]
+        lines += [
+            f'tokenyard_requests_total{{model="{_label(m)}",outcome="{o}",status="{s}"}} {n}'
+            for (m, o, s), n in sorted(self.requests.items())
+        ]
         lines += ["# HELP tokenyard_tokens_total Tokens billed, by kind.", "# TYPE tokenyard_tokens_total counter"]
-        lines += [f'tokenyard_tokens_total{{model="{_label(m)}",kind="{k}"}} {n}' for (m, k), n in sorted(self.tokens.items())]
-        for name, hists, text in (("tokenyard_request_duration_seconds", self.duration, "Time from arrival to the end."),
-                                  ("tokenyard_time_to_first_token_seconds", self.ttft, "Time to the first token.")):
+        lines += [
+            f'tokenyard_tokens_total{{model="{_label(m)}",kind="{k}"}} {n}' for (m, k), n in sorted(self.tokens.items())
+        ]
+        for name, hists, text in (
+            ("tokenyard_request_duration_seconds", self.duration, "Time from arrival to the end."),
+            ("tokenyard_time_to_first_token_seconds", self.ttft, "Time to the first token."),
+        ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
             for model, h in sorted(hists.items()):
                 lines += h.lines(name, f'model="{_label(model)}"')
-        lines += ["# HELP tokenyard_inflight_requests Requests this gateway is serving now.",
-                  "# TYPE tokenyard_inflight_requests gauge", f"tokenyard_inflight_requests {self.inflight}"]
-        lines += ["# HELP tokenyard_lane_placements_total Jobs this gateway placed through a scheduler's lane.",
-                  "# TYPE tokenyard_lane_placements_total counter", f"tokenyard_lane_placements_total {lane_placements}"]
-        lines += ["# HELP tokenyard_queue_waiting_jobs Jobs waiting in a work queue.",
-                  "# TYPE tokenyard_queue_waiting_jobs gauge"]
-        lines += [f'tokenyard_queue_waiting_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {w}' for p, m, w, _ in queues]
-        lines += ["# HELP tokenyard_queue_running_jobs Jobs pulled by a worker and not yet acknowledged.",
-                  "# TYPE tokenyard_queue_running_jobs gauge"]
-        lines += [f'tokenyard_queue_running_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {r}' for p, m, _, r in queues]
+        lines += [
+            "# HELP tokenyard_inflight_requests Requests this gateway is serving now.",
+            "# TYPE tokenyard_inflight_requests gauge",
+            f"tokenyard_inflight_requests {self.inflight}",
+        ]
+        lines += [
+            "# HELP tokenyard_lane_placements_total Jobs this gateway placed through a scheduler's lane.",
+            "# TYPE tokenyard_lane_placements_total counter",
+            f"tokenyard_lane_placements_total {lane_placements}",
+        ]
+        lines += [
+            "# HELP tokenyard_queue_waiting_jobs Jobs waiting in a work queue.",
+            "# TYPE tokenyard_queue_waiting_jobs gauge",
+        ]
+        lines += [
+            f'tokenyard_queue_waiting_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {w}' for p, m, w, _ in queues
+        ]
+        lines += [
+            "# HELP tokenyard_queue_running_jobs Jobs pulled by a worker and not yet acknowledged.",
+            "# TYPE tokenyard_queue_running_jobs gauge",
+        ]
+        lines += [
+            f'tokenyard_queue_running_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {r}' for p, m, _, r in queues
+        ]
         return "\n".join(lines) + "\n"
 
 

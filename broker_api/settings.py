@@ -42,8 +42,13 @@ class ApiSettings:
         add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where the admin key is kept")
         add_setting(p, "--admin-key", default="", help="bootstrap admin API key (default: generated into the data dir)")
         add_setting(p, "--request-timeout", default=300.0, type=float, help="seconds a request may take in all")
-        add_setting(p, "--attempt-silence", default=5.0, type=float,
-                    help="seconds of silence after which a running attempt counts as dead")
+        add_setting(
+            p,
+            "--attempt-silence",
+            default=5.0,
+            type=float,
+            help="seconds of silence after which a running attempt counts as dead",
+        )
         add_setting(p, "--max-dispatches", default=3, type=int, help="placements of one job before giving up")
         add_setting(p, "--max-body-bytes", default=4 << 20, type=int, help="largest request body accepted")
         add_setting(p, "--submit-timeout", default=2.0, type=float, help="seconds to wait for the scheduler")
@@ -53,12 +58,22 @@ class ApiSettings:
         add_setting(p, "--cache", default=True, type=bool, help="serve identical deterministic requests from cache")
         add_setting(p, "--cache-ttl", default=3600.0, type=float, help="seconds a cached answer lives")
         add_setting(p, "--cache-max-bytes", default=256 << 20, type=int, help="size cap of the shared cache")
-        add_setting(p, "--cache-hit-cost", default=0.0, type=float,
-                    help="fraction of the original cost billed for a cache hit")
-        add_setting(p, "--continuation-models", default="",
-                    help="models (comma-separated, or *) whose interrupted answers continue on another node")
-        add_setting(p, "--lanes", default=True, type=bool,
-                    help="place an unlimited key's next jobs straight on the queue a scheduler granted")
+        add_setting(
+            p, "--cache-hit-cost", default=0.0, type=float, help="fraction of the original cost billed for a cache hit"
+        )
+        add_setting(
+            p,
+            "--continuation-models",
+            default="",
+            help="models (comma-separated, or *) whose interrupted answers continue on another node",
+        )
+        add_setting(
+            p,
+            "--lanes",
+            default=True,
+            type=bool,
+            help="place an unlimited key's next jobs straight on the queue a scheduler granted",
+        )
         return p
 
     def continues(self, model: str) -> bool:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from schemas.jobs import ModelAdvert, NodeAdvert
 from scheduler.routing import Route
+from schemas.jobs import ModelAdvert, NodeAdvert
 
 MISSED_ADVERTS = 3
 ROUTES_FRESH = 0.05  # seconds a model's routes are reused: adverts are a second old anyway
@@ -83,7 +83,14 @@ def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) 
     healthy = [(n, m) for n, m in offers if n.healthy]
     kinds = {n.kind for n, _ in offers}
     kind = "volunteer" if "volunteer" in kinds else "cloud" if kinds == {"cloud"} else "own"
-    return Route(pool=pool, model=model, kind=kind, nodes=len(healthy),
-                 slots_total=sum(n.slots_total for n, _ in healthy), slots_free=sum(n.slots_free for n, _ in healthy),
-                 input_price=max((m.input_price for _, m in offers), default=0.0),
-                 output_price=max((m.output_price for _, m in offers), default=0.0), healthy=bool(healthy))
+    return Route(
+        pool=pool,
+        model=model,
+        kind=kind,
+        nodes=len(healthy),
+        slots_total=sum(n.slots_total for n, _ in healthy),
+        slots_free=sum(n.slots_free for n, _ in healthy),
+        input_price=max((m.input_price for _, m in offers), default=0.0),
+        output_price=max((m.output_price for _, m in offers), default=0.0),
+        healthy=bool(healthy),
+    )

@@ -65,8 +65,10 @@ class Breaker:
             return
         self.streak += 1
         c = self.config
-        if self.state == HALF_OPEN or (self.state == CLOSED and (
-                self.streak >= c.failures or (self.samples >= c.min_samples and self.error_rate >= c.error_rate))):
+        if self.state == HALF_OPEN or (
+            self.state == CLOSED
+            and (self.streak >= c.failures or (self.samples >= c.min_samples and self.error_rate >= c.error_rate))
+        ):
             self.state, self.opened_at, self.probe_at = OPEN, now, None
 
 

@@ -52,8 +52,21 @@ class Counters:
     held: dict[str, Held] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return msgpack.packb([1, self.rpm_tat, self.tpm_tat, self.day, self.tokens_day, self.usd_day, self.month,
-                              self.tokens_month, self.usd_month, self.held], use_bin_type=True)
+        return msgpack.packb(
+            [
+                1,
+                self.rpm_tat,
+                self.tpm_tat,
+                self.day,
+                self.tokens_day,
+                self.usd_day,
+                self.month,
+                self.tokens_month,
+                self.usd_month,
+                self.held,
+            ],
+            use_bin_type=True,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Counters:
@@ -61,8 +74,17 @@ class Counters:
             return cls()
         try:
             o = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            return cls(float(o[1]), float(o[2]), int(o[3]), int(o[4]), float(o[5]), int(o[6]), int(o[7]),
-                       float(o[8]), {str(k): list(v) for k, v in dict(o[9]).items()})
+            return cls(
+                float(o[1]),
+                float(o[2]),
+                int(o[3]),
+                int(o[4]),
+                float(o[5]),
+                int(o[6]),
+                int(o[7]),
+                float(o[8]),
+                {str(k): list(v) for k, v in dict(o[9]).items()},
+            )
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException):
             return cls()  # unreadable: start over rather than refuse everyone forever
 
@@ -127,8 +149,11 @@ def _gcra_wait(tat: float, cost: float, limit: int, now: float) -> tuple[float, 
 
 def _refuse(what: str, limit: float, retry_after: float, scope: str) -> RateLimitError:
     code = "insufficient_quota" if "per day" in what or "per month" in what else "rate_limit_exceeded"
-    return RateLimitError(f"Rate limit reached for {scope}: {what} (limit {limit:g}). "
-                          f"Try again in {retry_after:.1f} s.", code=code, retry_after=max(1.0, retry_after))
+    return RateLimitError(
+        f"Rate limit reached for {scope}: {what} (limit {limit:g}). Try again in {retry_after:.1f} s.",
+        code=code,
+        retry_after=max(1.0, retry_after),
+    )
 
 
 def reserve(c: Counters, limits: Limits, ask: Ask, now: float, *, scope: str = "this key") -> Counters:
@@ -149,18 +174,25 @@ def reserve(c: Counters, limits: Limits, ask: Ask, now: float, *, scope: str = "
             refusals.append(_refuse("requests per minute", limits.rpm, wait, scope))
     if limits.tpm:
         if ask.tokens > limits.tpm:
-            refusals.append(RateLimitError(
-                f"Request too large for {scope}: {ask.tokens} tokens asked, limit {limits.tpm} tokens per minute. "
-                "Lower max_tokens or the prompt.", code="rate_limit_exceeded", retry_after=WINDOW))
+            refusals.append(
+                RateLimitError(
+                    f"Request too large for {scope}: {ask.tokens} tokens asked, limit {limits.tpm} tokens per minute. "
+                    "Lower max_tokens or the prompt.",
+                    code="rate_limit_exceeded",
+                    retry_after=WINDOW,
+                )
+            )
         else:
             wait, _ = _gcra_wait(c.tpm_tat, ask.tokens, limits.tpm, now)
             tpm_per = WINDOW / limits.tpm
             if wait > EPSILON:
                 refusals.append(_refuse("tokens per minute", limits.tpm, wait, scope))
-    caps = ((limits.tokens_per_day, c.tokens_day + ask.tokens, "tokens per day", seconds_to_next_day),
-            (limits.tokens_per_month, c.tokens_month + ask.tokens, "tokens per month", seconds_to_next_month),
-            (limits.usd_per_day, c.usd_day + ask.usd, "USD per day", seconds_to_next_day),
-            (limits.usd_per_month, c.usd_month + ask.usd, "USD per month", seconds_to_next_month))
+    caps = (
+        (limits.tokens_per_day, c.tokens_day + ask.tokens, "tokens per day", seconds_to_next_day),
+        (limits.tokens_per_month, c.tokens_month + ask.tokens, "tokens per month", seconds_to_next_month),
+        (limits.usd_per_day, c.usd_day + ask.usd, "USD per day", seconds_to_next_day),
+        (limits.usd_per_month, c.usd_month + ask.usd, "USD per month", seconds_to_next_month),
+    )
     for cap, would_be, what, until in caps:
         if cap and would_be > cap + EPSILON:
             refusals.append(_refuse(what, cap, until(now), scope))
@@ -168,11 +200,16 @@ def reserve(c: Counters, limits: Limits, ask: Ask, now: float, *, scope: str = "
         raise max(refusals, key=lambda e: e.retry_after or 0.0)
     held = dict(c.held)
     held[ask.job_id] = [ask.tokens, ask.usd, ask.expires, rpm_add, tpm_per, c.day]
-    return replace(c, held=held,
-                   rpm_tat=max(c.rpm_tat, now) + rpm_add if rpm_add else c.rpm_tat,
-                   tpm_tat=max(c.tpm_tat, now) + ask.tokens * tpm_per if tpm_per else c.tpm_tat,
-                   tokens_day=c.tokens_day + ask.tokens, usd_day=c.usd_day + ask.usd,
-                   tokens_month=c.tokens_month + ask.tokens, usd_month=c.usd_month + ask.usd)
+    return replace(
+        c,
+        held=held,
+        rpm_tat=max(c.rpm_tat, now) + rpm_add if rpm_add else c.rpm_tat,
+        tpm_tat=max(c.tpm_tat, now) + ask.tokens * tpm_per if tpm_per else c.tpm_tat,
+        tokens_day=c.tokens_day + ask.tokens,
+        usd_day=c.usd_day + ask.usd,
+        tokens_month=c.tokens_month + ask.tokens,
+        usd_month=c.usd_month + ask.usd,
+    )
 
 
 def settle(c: Counters, job_id: str, tokens: int, usd: float, now: float) -> Counters:

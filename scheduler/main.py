@@ -20,8 +20,14 @@ async def serve(settings: SchedulerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(servers=settings.nats_url.split(","), name="tokenyard-scheduler", ping_interval=10,
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5)
+    nc = await nats.connect(
+        servers=settings.nats_url.split(","),
+        name="tokenyard-scheduler",
+        ping_interval=10,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )
     scheduler = Scheduler(nc, nc.jetstream(), settings)
     try:
         await scheduler.start()

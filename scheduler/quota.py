@@ -59,8 +59,9 @@ class ContentionError(TokenyardError):
 
 
 async def open_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
-    config = KeyValueConfig(bucket=subjects.LIMITS_BUCKET, history=1, ttl=ENTRY_TTL,
-                            storage=StorageType.FILE, replicas=replicas)
+    config = KeyValueConfig(
+        bucket=subjects.LIMITS_BUCKET, history=1, ttl=ENTRY_TTL, storage=StorageType.FILE, replicas=replicas
+    )
     try:
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:  # exists with other settings: use it as it is
@@ -235,13 +236,14 @@ class Quota:
                 revision = msg.metadata.sequence.stream
                 headers = msg.headers or {}
                 gone = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_REASON in headers or not msg.data
-                self.observe(msg.subject[len(prefix):], None if gone else msg.data, revision)
+                self.observe(msg.subject[len(prefix) :], None if gone else msg.data, revision)
                 self._watched = max(self._watched, revision)
             except Exception:  # top of the watch's loop: one odd message must not end it
                 log.exception("limits.watch_bad_update", subject=msg.subject)
 
-        return await kv._js.subscribe(f"{prefix}>", stream=kv._stream, cb=on_update, ordered_consumer=True,
-                                      config=config)
+        return await kv._js.subscribe(
+            f"{prefix}>", stream=kv._stream, cb=on_update, ordered_consumer=True, config=config
+        )
 
 
 _ENFORCED = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month")
@@ -272,10 +274,12 @@ async def admit(quota: Quota, subjects_: list[tuple[str, Limits, str]], ask: L.A
         def fn(c: L.Counters) -> L.Counters:
             created[key] = ask.job_id not in L.roll(c, now).held
             return L.reserve(c, lim, ask, now, scope=scope)
+
         return fn
 
-    results = await asyncio.gather(*(quota.change(key, reserve(key, lim, scope)) for key, lim, scope in subjects_),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(quota.change(key, reserve(key, lim, scope)) for key, lim, scope in subjects_), return_exceptions=True
+    )
     new = [key for (key, _, _), r in zip(subjects_, results) if not isinstance(r, BaseException) and created.get(key)]
     failures = [r for r in results if isinstance(r, BaseException)]
     if not failures:

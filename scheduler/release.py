@@ -34,11 +34,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from scheduler.fairness import FairQueue, Item
 from schemas import subjects
 from schemas.errors import QueueFullError
 from schemas.intake import Queued
 from schemas.jobs import Job, WireError
-from scheduler.fairness import FairQueue, Item
 
 log = structlog.get_logger(__name__)
 
@@ -63,10 +63,18 @@ class IntakeLimits:
 
 
 def intake_stream_config(lim: IntakeLimits) -> StreamConfig:
-    return StreamConfig(name=subjects.INTAKE_STREAM, subjects=[subjects.INTAKE_ALL],
-                        retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE, discard=DiscardPolicy.NEW,
-                        max_msgs=lim.max_jobs, max_msgs_per_subject=lim.max_per_tenant, discard_new_per_subject=True,
-                        duplicate_window=120.0, num_replicas=lim.replicas)
+    return StreamConfig(
+        name=subjects.INTAKE_STREAM,
+        subjects=[subjects.INTAKE_ALL],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_msgs=lim.max_jobs,
+        max_msgs_per_subject=lim.max_per_tenant,
+        discard_new_per_subject=True,
+        duplicate_window=120.0,
+        num_replicas=lim.replicas,
+    )
 
 
 @dataclass(slots=True)
@@ -100,8 +108,10 @@ class Releaser:
             await self._js.add_stream(config)
         except nats.js.errors.BadRequestError:
             await self._js.update_stream(config)
-        self._tasks = [asyncio.create_task(f()) for f in (self._fetch_forever, self._release_forever,
-                                                          self._keep_alive_forever, self._poll_forever)]
+        self._tasks = [
+            asyncio.create_task(f())
+            for f in (self._fetch_forever, self._release_forever, self._keep_alive_forever, self._poll_forever)
+        ]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -138,23 +148,34 @@ class Releaser:
         """Durably queue an admitted job; raises QueueFullError when the intake is full."""
         job = queued.job
         try:
-            await self._js.publish(subjects.intake_subject(queued.tenant), queued.encode(), timeout=PUBLISH_TIMEOUT,
-                                   headers={"Nats-Msg-Id": job.message_id})
+            await self._js.publish(
+                subjects.intake_subject(queued.tenant),
+                queued.encode(),
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": job.message_id},
+            )
         except nats.js.errors.APIError as e:
             if "maximum" in (e.description or ""):
-                raise QueueFullError("Too many requests are waiting. Try again shortly.",
-                                     retry_after=QUEUE_FULL_RETRY_AFTER) from e
+                raise QueueFullError(
+                    "Too many requests are waiting. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
+                ) from e
             raise
         self._pending.setdefault((queued.pool, job.model), _Pending()).active_at = time.monotonic()
 
     # --- loops --------------------------------------------------------------------------
 
     async def _fetch_forever(self) -> None:
-        config = ConsumerConfig(durable_name=subjects.RELEASE_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=self._lim.ack_wait, max_deliver=-1, filter_subject=subjects.INTAKE_ALL,
-                                max_ack_pending=self._lim.max_jobs)
-        psub = await self._js.pull_subscribe(subjects.INTAKE_ALL, durable=subjects.RELEASE_CONSUMER,
-                                             stream=subjects.INTAKE_STREAM, config=config)
+        config = ConsumerConfig(
+            durable_name=subjects.RELEASE_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._lim.ack_wait,
+            max_deliver=-1,
+            filter_subject=subjects.INTAKE_ALL,
+            max_ack_pending=self._lim.max_jobs,
+        )
+        psub = await self._js.pull_subscribe(
+            subjects.INTAKE_ALL, durable=subjects.RELEASE_CONSUMER, stream=subjects.INTAKE_STREAM, config=config
+        )
         while True:
             try:
                 msgs = await psub.fetch(FETCH_BATCH, timeout=0.5)
@@ -230,8 +251,12 @@ class Releaser:
     async def _release(self, pair: Pair, item: Item[tuple[Msg, Job]]) -> bool:
         msg, job = item.value
         try:
-            await self._js.publish(subjects.work_subject(pair[0], job.model), job.encode(), timeout=PUBLISH_TIMEOUT,
-                                   headers={"Nats-Msg-Id": job.message_id})
+            await self._js.publish(
+                subjects.work_subject(pair[0], job.model),
+                job.encode(),
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": job.message_id},
+            )
         except (nats.errors.Error, nats.js.errors.Error) as e:
             log.warning("intake.release_refused", job_id=job.id, error=str(e))
             return False
@@ -275,8 +300,7 @@ class Releaser:
                 continue
             before = p.since  # releases made while the answer travels are not in it
             try:
-                info = await self._js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(*pair),
-                                                    timeout=1.0)
+                info = await self._js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(*pair), timeout=1.0)
                 p.polled, p.since = info.num_pending, p.since - before
             except nats.js.errors.NotFoundError:
                 p.polled = 0  # no worker ever pulled there: what we put there is all there is

@@ -82,9 +82,11 @@ class RoutingTable:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoutingTable:
-        return cls(default=Policy.from_dict(d.get("default") or {}),
-                   models={m: Policy.from_dict(p) for m, p in (d.get("models") or {}).items()},
-                   keys={k: Policy.from_dict(p) for k, p in (d.get("keys") or {}).items()})
+        return cls(
+            default=Policy.from_dict(d.get("default") or {}),
+            models={m: Policy.from_dict(p) for m, p in (d.get("models") or {}).items()},
+            keys={k: Policy.from_dict(p) for k, p in (d.get("keys") or {}).items()},
+        )
 
     @classmethod
     def load(cls, path: str) -> RoutingTable:
@@ -121,10 +123,13 @@ class ProviderPrefs:
         if sort and sort not in SORTS:
             raise InvalidRequestError(f"`provider.sort` must be one of {', '.join(SORTS)}.", param="provider.sort")
         only = p.get("only")
-        return cls(order=tuple(_names(p.get("order"), "order")),
-                   allow_fallbacks=bool(p.get("allow_fallbacks", True)),
-                   only=frozenset(_names(only, "only")) if only is not None else None,
-                   ignore=frozenset(_names(p.get("ignore"), "ignore")), sort=sort)
+        return cls(
+            order=tuple(_names(p.get("order"), "order")),
+            allow_fallbacks=bool(p.get("allow_fallbacks", True)),
+            only=frozenset(_names(only, "only")) if only is not None else None,
+            ignore=frozenset(_names(p.get("ignore"), "ignore")),
+            sort=sort,
+        )
 
 
 def _names(value: Any, what: str) -> list[str]:
@@ -171,10 +176,12 @@ def _key(strategy: str, policy: Policy) -> Callable[[Route], tuple[Any, ...]]:
     if strategy == "failover":
         return lambda r: (position.get(r.pool, len(position)), *_free_first(r), r.pool)
     if strategy == "own_first":
+
         def own_first(r: Route) -> tuple[Any, ...]:
             # own within the wait target, then the others (cheapest first), then own backed up
             tier = (0 if r.predicted_wait <= policy.spill_wait else 2) if r.kind == "own" else 1
             return (tier, r.price if tier == 1 else 0.0, r.predicted_wait, *tie(r))
+
         return own_first
     return lambda r: (r.predicted_wait, *_free_first(r), *tie(r))  # most_free: shortest backlog when all are busy
 
@@ -197,8 +204,15 @@ def _weighted(routes: list[Route], policy: Policy, draw: float) -> list[Route]:
     return [pick, *rest]
 
 
-def rank(routes: Iterable[Route], policy: Policy, prefs: ProviderPrefs = ProviderPrefs(), *,
-         avoid: Collection[str] = (), volunteer_ok: bool = False, draw: float = 0.0) -> list[Route]:
+def rank(
+    routes: Iterable[Route],
+    policy: Policy,
+    prefs: ProviderPrefs = ProviderPrefs(),
+    *,
+    avoid: Collection[str] = (),
+    volunteer_ok: bool = False,
+    draw: float = 0.0,
+) -> list[Route]:
     """Every usable route, best first. Empty: nothing may serve this job now."""
     usable = sorted(eligible(routes, prefs, volunteer_ok=volunteer_ok), key=lambda r: r.pool)
     strategy = SORTS[prefs.sort] if prefs.sort else policy.strategy
@@ -233,9 +247,17 @@ def candidate_models(model: str, request: Mapping[str, Any]) -> list[str]:
     return out[:16]
 
 
-def choose(models: list[str], routes_of: Callable[[str], list[Route]], known: Callable[[str], bool],
-           policy_of: Callable[[str], Policy], prefs: ProviderPrefs, *, avoid: Collection[str] = (),
-           volunteer_ok: bool = False, draw: float = 0.0) -> Choice:
+def choose(
+    models: list[str],
+    routes_of: Callable[[str], list[Route]],
+    known: Callable[[str], bool],
+    policy_of: Callable[[str], Policy],
+    prefs: ProviderPrefs,
+    *,
+    avoid: Collection[str] = (),
+    volunteer_ok: bool = False,
+    draw: float = 0.0,
+) -> Choice:
     """The first model of `models` with a usable route, on its best route; else the error
     the client should see: 404 when no model is known at all, 503 when they are but nothing
     can take the job now."""
@@ -245,8 +267,12 @@ def choose(models: list[str], routes_of: Callable[[str], list[Route]], known: Ca
         if ranked:
             return Choice(model, ranked[0], sum(r.nodes for r in routes))
     if not any(known(m) for m in models):
-        raise ModelNotFoundError(f"The model `{models[0]}` does not exist or you do not have access to it.",
-                                 param="model")
-    raise NoCapacityError(f"No worker can serve `{models[0]}` right now"
-                          f"{' (with the provider preferences given)' if prefs != ProviderPrefs() else ''}. "
-                          "Try again shortly.", retry_after=NO_CAPACITY_RETRY_AFTER)
+        raise ModelNotFoundError(
+            f"The model `{models[0]}` does not exist or you do not have access to it.", param="model"
+        )
+    raise NoCapacityError(
+        f"No worker can serve `{models[0]}` right now"
+        f"{' (with the provider preferences given)' if prefs != ProviderPrefs() else ''}. "
+        "Try again shortly.",
+        retry_after=NO_CAPACITY_RETRY_AFTER,
+    )

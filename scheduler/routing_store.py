@@ -13,9 +13,9 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from scheduler.routing import RoutingTable
 from schemas import subjects
 from schemas.routing import HISTORY, Policy, parse_entry
-from scheduler.routing import RoutingTable
 
 log = structlog.get_logger(__name__)
 
@@ -31,8 +31,9 @@ class RoutingStore:
         self._synced = asyncio.Event()
 
     async def start(self, js: JetStreamContext, replicas: int = 1) -> None:
-        config = KeyValueConfig(bucket=subjects.ROUTING_BUCKET, history=HISTORY, storage=StorageType.FILE,
-                                replicas=replicas)
+        config = KeyValueConfig(
+            bucket=subjects.ROUTING_BUCKET, history=HISTORY, storage=StorageType.FILE, replicas=replicas
+        )
         try:
             kv = await js.create_key_value(config)
         except nats.js.errors.BadRequestError:  # made by a gateway or another scheduler

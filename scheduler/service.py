@@ -37,21 +37,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from schemas import subjects
-from schemas.errors import InvalidRequestError, QueueFullError, TokenyardError
-from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
-from schemas.tenancy import NO_LIMITS
-from schemas.usage import UsageRecord
 from scheduler import limits as L
-from scheduler import quota
+from scheduler import quota, routing
 from scheduler.fleet import Fleet
-from scheduler import routing
 from scheduler.health import BreakerConfig, Health
 from scheduler.release import IntakeLimits, Releaser
 from scheduler.routing_store import RoutingStore
-from schemas.intake import Queued
 from scheduler.settings import SchedulerSettings
 from scheduler.settle import Settler, ensure_usage_stream
+from schemas import subjects
+from schemas.errors import InvalidRequestError, QueueFullError, TokenyardError
+from schemas.intake import Queued
+from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
+from schemas.tenancy import NO_LIMITS
+from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
@@ -102,8 +101,13 @@ class Scheduler:
         self._running: dict[tuple[str, int], asyncio.Future[Admission]] = {}
         self._admitting = asyncio.Semaphore(MAX_ADMITTING)
         self._admissions: set[asyncio.Task[None]] = set()
-        self.releaser = Releaser(js, IntakeLimits(settings.intake_max_jobs, settings.intake_max_per_tenant,
-                                                  settings.intake_ack_wait, settings.replicas), buffer=self._buffer)
+        self.releaser = Releaser(
+            js,
+            IntakeLimits(
+                settings.intake_max_jobs, settings.intake_max_per_tenant, settings.intake_ack_wait, settings.replicas
+            ),
+            buffer=self._buffer,
+        )
 
     async def start(self) -> None:
         await ensure_work_stream(self._js, self._s)
@@ -229,8 +233,12 @@ class Scheduler:
         direct = self.releaser.take_room(pool, job.model)
         try:
             if direct:
-                await self._js.publish(subjects.work_subject(pool, job.model), payload, timeout=PUBLISH_TIMEOUT,
-                                       headers={"Nats-Msg-Id": job.message_id})
+                await self._js.publish(
+                    subjects.work_subject(pool, job.model),
+                    payload,
+                    timeout=PUBLISH_TIMEOUT,
+                    headers={"Nats-Msg-Id": job.message_id},
+                )
             else:
                 await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
         except (nats.js.errors.APIError, QueueFullError) as e:  # refused for sure (a timeout may still have landed)
@@ -240,15 +248,20 @@ class Scheduler:
                 assert self.quota is not None
                 await quota.release(self.quota, reserved, job.id, time.time())
             if isinstance(e, nats.js.errors.APIError) and "maximum" in (e.description or ""):
-                raise QueueFullError("The queue for this model is full. Try again shortly.",
-                                     retry_after=QUEUE_FULL_RETRY_AFTER) from e
+                raise QueueFullError(
+                    "The queue for this model is full. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
+                ) from e
             raise
         self.health.placed(pool, now)
         log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
-        answer = Admission(pool=choice.route.pool, live_workers=choice.live_nodes,
-                           model=choice.model if choice.model != sub.job.model else "",
-                           lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0)
+        answer = Admission(
+            pool=choice.route.pool,
+            live_workers=choice.live_nodes,
+            model=choice.model if choice.model != sub.job.model else "",
+            lane_credits=lane,
+            lane_ttl=self._s.lane_ttl if lane else 0.0,
+        )
         self._answered[(job.id, job.dispatch)] = answer
         while len(self._answered) > ANSWERS_KEPT:
             self._answered.popitem(last=False)
@@ -259,20 +272,34 @@ class Scheduler:
         they would be placed the same way with nothing to count, and no more than the pool's
         idle slots (its route's free slots less what is queued for it and this job). See "Lanes"."""
         job, route = sub.job, choice.route
-        if not (self._s.lane_credits > 0 and job.dispatch == 1 and not sub.avoid and choice.model == job.model
-                and sub.key_limits == NO_LIMITS and sub.org_limits == NO_LIMITS
-                and "provider" not in job.request and "models" not in job.request
-                and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
-                and self.health.closed(route.pool)):
+        if not (
+            self._s.lane_credits > 0
+            and job.dispatch == 1
+            and not sub.avoid
+            and choice.model == job.model
+            and sub.key_limits == NO_LIMITS
+            and sub.org_limits == NO_LIMITS
+            and "provider" not in job.request
+            and "models" not in job.request
+            and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
+            and self.health.closed(route.pool)
+        ):
             return 0
         return max(0, min(self._s.lane_credits, route.slots_free - route.queued - 1))
 
     def _route(self, sub: Submission, now: float) -> routing.Choice:
         request = sub.job.request
         prefs = routing.ProviderPrefs.from_request(request)
-        return routing.choose(routing.candidate_models(sub.job.model, request), lambda m: self.routes(m, now),
-                              self.fleet.known, lambda m: self.routing.table.policy_for(m, sub.key_id), prefs,
-                              avoid=sub.avoid, volunteer_ok=sub.volunteer_ok, draw=random.random())
+        return routing.choose(
+            routing.candidate_models(sub.job.model, request),
+            lambda m: self.routes(m, now),
+            self.fleet.known,
+            lambda m: self.routing.table.policy_for(m, sub.key_id),
+            prefs,
+            avoid=sub.avoid,
+            volunteer_ok=sub.volunteer_ok,
+            draw=random.random(),
+        )
 
     def routes(self, model: str, now: float) -> list[routing.Route]:
         """The fleet's routes for `model` with what health and the queues add."""
@@ -280,10 +307,16 @@ class Scheduler:
         for r in self.fleet.routes(model, now):
             stats = self.health.stats.get((r.pool, model))
             queued = self.releaser.queued(r.pool, model)
-            out.append(dataclasses.replace(
-                r, breaker_ok=self.health.allows(r.pool, now), queued=queued,
-                ttft_ms=stats.ttft_ms if stats else 0.0, tokens_per_s=stats.tokens_per_s if stats else 0.0,
-                duration_s=stats.duration_s if stats else 0.0))
+            out.append(
+                dataclasses.replace(
+                    r,
+                    breaker_ok=self.health.allows(r.pool, now),
+                    queued=queued,
+                    ttft_ms=stats.ttft_ms if stats else 0.0,
+                    tokens_per_s=stats.tokens_per_s if stats else 0.0,
+                    duration_s=stats.duration_s if stats else 0.0,
+                )
+            )
         return out
 
     async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> list[str]:
@@ -301,5 +334,8 @@ def _check_max_tokens(sub: Submission) -> None:
     asked = sub.job.request.get("max_completion_tokens") or sub.job.request.get("max_tokens") or 0
     for limits, who in ((sub.key_limits, "this API key"), (sub.org_limits, "this organization")):
         if limits.max_tokens and isinstance(asked, int) and asked > limits.max_tokens:
-            raise InvalidRequestError(f"max_tokens is {asked}, more than {limits.max_tokens} allowed for {who}.",
-                                      param="max_tokens", code="max_tokens_exceeded")
+            raise InvalidRequestError(
+                f"max_tokens is {asked}, more than {limits.max_tokens} allowed for {who}.",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )

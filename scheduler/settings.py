@@ -37,31 +37,63 @@ class SchedulerSettings:
         add_setting(p, "--queue-max-bytes", default=1 << 30, type=int, help="most bytes waiting in all queues")
         add_setting(p, "--queue-max-age", default=3600.0, type=float, help="seconds a job may wait at most")
         add_setting(p, "--replicas", default=1, type=int, help="work stream replicas (1, or 3 on a cluster)")
-        add_setting(p, "--remember-models", default=600.0, type=float,
-                    help="seconds a model stays known after its last worker left")
-        add_setting(p, "--reservation-margin", default=60.0, type=float,
-                    help="seconds past a job's deadline an unsettled limit reservation lapses")
+        add_setting(
+            p,
+            "--remember-models",
+            default=600.0,
+            type=float,
+            help="seconds a model stays known after its last worker left",
+        )
+        add_setting(
+            p,
+            "--reservation-margin",
+            default=60.0,
+            type=float,
+            help="seconds past a job's deadline an unsettled limit reservation lapses",
+        )
         add_setting(p, "--routing-file", default="", help="JSON file of routing policies (default, per model, per key)")
         add_setting(p, "--breaker-failures", default=5, type=int, help="failures in a row that open a pool's breaker")
         add_setting(p, "--breaker-cooldown", default=10.0, type=float, help="seconds a breaker stays open")
         add_setting(p, "--intake-max-jobs", default=100_000, type=int, help="most jobs held back for fair release")
         add_setting(p, "--intake-max-per-tenant", default=10_000, type=int, help="... of one tenant")
-        add_setting(p, "--intake-ack-wait", default=30.0, type=float,
-                    help="seconds before a dead scheduler's held jobs are taken over")
+        add_setting(
+            p,
+            "--intake-ack-wait",
+            default=30.0,
+            type=float,
+            help="seconds before a dead scheduler's held jobs are taken over",
+        )
         add_setting(p, "--min-buffer", default=4, type=int, help="jobs a work queue may hold beyond running ones")
-        add_setting(p, "--lane-credits", default=16, type=int,
-                    help="jobs of an unlimited key a gateway may place without asking, after one admission (0: off)")
+        add_setting(
+            p,
+            "--lane-credits",
+            default=16,
+            type=int,
+            help="jobs of an unlimited key a gateway may place without asking, after one admission (0: off)",
+        )
         add_setting(p, "--lane-ttl", default=0.5, type=float, help="seconds such a lane lasts")
         return p
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
         a = cls.parser().parse_args(argv)
-        return cls(nats_url=a.nats_url, log_level=a.log_level, log_json=a.log_json,
-                   queue_max_jobs=a.queue_max_jobs, queue_max_bytes=a.queue_max_bytes,
-                   queue_max_age=a.queue_max_age, replicas=a.replicas, remember_models=a.remember_models,
-                   reservation_margin=a.reservation_margin, routing_file=a.routing_file,
-                   breaker_failures=a.breaker_failures, breaker_cooldown=a.breaker_cooldown,
-                   intake_max_jobs=a.intake_max_jobs, intake_max_per_tenant=a.intake_max_per_tenant,
-                   intake_ack_wait=a.intake_ack_wait, min_buffer=a.min_buffer, lane_credits=a.lane_credits,
-                   lane_ttl=a.lane_ttl)
+        return cls(
+            nats_url=a.nats_url,
+            log_level=a.log_level,
+            log_json=a.log_json,
+            queue_max_jobs=a.queue_max_jobs,
+            queue_max_bytes=a.queue_max_bytes,
+            queue_max_age=a.queue_max_age,
+            replicas=a.replicas,
+            remember_models=a.remember_models,
+            reservation_margin=a.reservation_margin,
+            routing_file=a.routing_file,
+            breaker_failures=a.breaker_failures,
+            breaker_cooldown=a.breaker_cooldown,
+            intake_max_jobs=a.intake_max_jobs,
+            intake_max_per_tenant=a.intake_max_per_tenant,
+            intake_ack_wait=a.intake_ack_wait,
+            min_buffer=a.min_buffer,
+            lane_credits=a.lane_credits,
+            lane_ttl=a.lane_ttl,
+        )

@@ -19,10 +19,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from schemas import subjects
-from schemas.usage import UsageRecord
 from scheduler import limits as L
 from scheduler.quota import Quota
+from schemas import subjects
+from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
@@ -36,9 +36,15 @@ MAX_DELIVER = 5
 
 
 def usage_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(name=subjects.USAGE_STREAM, subjects=[subjects.USAGE_ALL], retention=RetentionPolicy.LIMITS,
-                        storage=StorageType.FILE, max_age=USAGE_MAX_AGE, duplicate_window=USAGE_DUPLICATE_WINDOW,
-                        num_replicas=replicas)
+    return StreamConfig(
+        name=subjects.USAGE_STREAM,
+        subjects=[subjects.USAGE_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=USAGE_MAX_AGE,
+        duplicate_window=USAGE_DUPLICATE_WINDOW,
+        num_replicas=replicas,
+    )
 
 
 async def ensure_usage_stream(js: JetStreamContext, replicas: int = 1) -> None:
@@ -69,8 +75,14 @@ async def settle_record(quota: Quota, record: UsageRecord, now: float) -> None:
 
 
 class Settler:
-    def __init__(self, js: JetStreamContext, quota: Quota, *, on_record: Callable[[UsageRecord], None],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        quota: Quota,
+        *,
+        on_record: Callable[[UsageRecord], None],
+        clock: Callable[[], float],
+    ) -> None:
         self._js = js
         self._quota = quota
         self._on_record = on_record
@@ -78,11 +90,18 @@ class Settler:
         self.settled = 0
 
     async def run(self) -> None:
-        config = ConsumerConfig(durable_name=subjects.SETTLE_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=ACK_WAIT, max_deliver=MAX_DELIVER, deliver_policy=DeliverPolicy.NEW,
-                                filter_subject=subjects.USAGE_ALL, max_ack_pending=4 * BATCH * 8)
-        psub = await self._js.pull_subscribe(subjects.USAGE_ALL, durable=subjects.SETTLE_CONSUMER,
-                                             stream=subjects.USAGE_STREAM, config=config)
+        config = ConsumerConfig(
+            durable_name=subjects.SETTLE_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_deliver=MAX_DELIVER,
+            deliver_policy=DeliverPolicy.NEW,
+            filter_subject=subjects.USAGE_ALL,
+            max_ack_pending=4 * BATCH * 8,
+        )
+        psub = await self._js.pull_subscribe(
+            subjects.USAGE_ALL, durable=subjects.SETTLE_CONSUMER, stream=subjects.USAGE_STREAM, config=config
+        )
         while True:
             try:
                 msgs = await psub.fetch(BATCH, timeout=FETCH_WAIT)

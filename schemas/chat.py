@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 from schemas.validation import parse_body
 
 
@@ -215,6 +214,7 @@ def message_text(content: Content | list[dict[str, Any]] | None) -> str:
 
 # --- responses ------------------------------------------------------------------------
 
+
 def _is_none(value: Any) -> bool:
     return value is None
 
@@ -310,8 +310,9 @@ class ChunkEncoder:
     """
 
     def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
-        head = json.dumps({"id": id, "object": "chat.completion.chunk", "created": created, "model": model},
-                          separators=(",", ":"))
+        head = json.dumps(
+            {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}, separators=(",", ":")
+        )
         usage = ',"usage":null' if include_usage else ""
         self._prefix = head[:-1] + usage + ',"choices":['
         self._bare = head[:-1] + ',"choices":[],"usage":'
@@ -320,14 +321,18 @@ class ChunkEncoder:
     def content(self, index: int, text: str) -> str:
         role = "" if index in self._started else '"role":"assistant",'
         self._started.add(index)
-        return (f'{self._prefix}{{"index":{index},"delta":{{{role}"content":{json.dumps(text)}}},'
-                f'"logprobs":null,"finish_reason":null}}]}}')
+        return (
+            f'{self._prefix}{{"index":{index},"delta":{{{role}"content":{json.dumps(text)}}},'
+            f'"logprobs":null,"finish_reason":null}}]}}'
+        )
 
     def finish(self, index: int, reason: str) -> str:
         role = "" if index in self._started else '"role":"assistant","content":""'
         self._started.add(index)
-        return (f'{self._prefix}{{"index":{index},"delta":{{{role}}},"logprobs":null,'
-                f'"finish_reason":{json.dumps(reason)}}}]}}')
+        return (
+            f'{self._prefix}{{"index":{index},"delta":{{{role}}},"logprobs":null,'
+            f'"finish_reason":{json.dumps(reason)}}}]}}'
+        )
 
     def usage(self, usage: Usage) -> str:
         return self._bare + usage.model_dump_json() + "}"

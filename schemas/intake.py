@@ -20,11 +20,24 @@ class Queued:
     admitted: float  # unix time it was admitted (queue wait starts here)
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "job": self.job.encode(), "pool": self.pool, "tenant": self.tenant,
-                      "tier": self.tier, "at": self.admitted})
+        return _pack(
+            {
+                "v": VERSION,
+                "job": self.job.encode(),
+                "pool": self.pool,
+                "tenant": self.tenant,
+                "tier": self.tier,
+                "at": self.admitted,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Queued:
         o = _unpack(data)
-        return cls(job=Job.decode(_need(o, "job")), pool=str(_need(o, "pool")), tenant=str(o.get("tenant", "")),
-                   tier=str(o.get("tier", "")), admitted=float(o.get("at", 0.0)))
+        return cls(
+            job=Job.decode(_need(o, "job")),
+            pool=str(_need(o, "pool")),
+            tenant=str(o.get("tenant", "")),
+            tier=str(o.get("tier", "")),
+            admitted=float(o.get("at", 0.0)),
+        )

@@ -77,15 +77,29 @@ class Job:
         return f"{self.id}.{self.dispatch}"
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "id": self.id, "model": self.model, "req": self.request,
-                      "reply": self.reply, "deadline": self.deadline, "dispatch": self.dispatch})
+        return _pack(
+            {
+                "v": VERSION,
+                "id": self.id,
+                "model": self.model,
+                "req": self.request,
+                "reply": self.reply,
+                "deadline": self.deadline,
+                "dispatch": self.dispatch,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Job:
         o = _unpack(data)
-        return cls(id=str(_need(o, "id")), model=str(_need(o, "model")), request=dict(_need(o, "req")),
-                   reply=str(_need(o, "reply")), deadline=float(_need(o, "deadline")),
-                   dispatch=int(o.get("dispatch", 1)))
+        return cls(
+            id=str(_need(o, "id")),
+            model=str(_need(o, "model")),
+            request=dict(_need(o, "req")),
+            reply=str(_need(o, "reply")),
+            deadline=float(_need(o, "deadline")),
+            dispatch=int(o.get("dispatch", 1)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +121,35 @@ class Submission:
     volunteer_ok: bool = False  # may run on idle-time nodes
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "job": self.job.encode(), "tenant": self.tenant,
-                      "key": self.key_id, "prio": self.priority, "avoid": list(self.avoid),
-                      "klim": self.key_limits.to_dict(), "olim": self.org_limits.to_dict(),
-                      "est": self.estimated_tokens, "vol": self.volunteer_ok})
+        return _pack(
+            {
+                "v": VERSION,
+                "job": self.job.encode(),
+                "tenant": self.tenant,
+                "key": self.key_id,
+                "prio": self.priority,
+                "avoid": list(self.avoid),
+                "klim": self.key_limits.to_dict(),
+                "olim": self.org_limits.to_dict(),
+                "est": self.estimated_tokens,
+                "vol": self.volunteer_ok,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Submission:
         o = _unpack(data)
-        return cls(job=Job.decode(_need(o, "job")), tenant=str(o.get("tenant", "")),
-                   key_id=str(o.get("key", "")), priority=str(o.get("prio", DEFAULT_TIER)),
-                   avoid=tuple(str(p) for p in o.get("avoid", ())),
-                   key_limits=Limits.from_dict(o.get("klim")), org_limits=Limits.from_dict(o.get("olim")),
-                   estimated_tokens=int(o.get("est", 0)), volunteer_ok=bool(o.get("vol", False)))
+        return cls(
+            job=Job.decode(_need(o, "job")),
+            tenant=str(o.get("tenant", "")),
+            key_id=str(o.get("key", "")),
+            priority=str(o.get("prio", DEFAULT_TIER)),
+            avoid=tuple(str(p) for p in o.get("avoid", ())),
+            key_limits=Limits.from_dict(o.get("klim")),
+            org_limits=Limits.from_dict(o.get("olim")),
+            estimated_tokens=int(o.get("est", 0)),
+            volunteer_ok=bool(o.get("vol", False)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +168,29 @@ class Admission:
     lane_ttl: float = 0.0
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "err": self.error, "pool": self.pool, "live": self.live_workers,
-                      "model": self.model, "lane": [self.lane_credits, self.lane_ttl]})
+        return _pack(
+            {
+                "v": VERSION,
+                "err": self.error,
+                "pool": self.pool,
+                "live": self.live_workers,
+                "model": self.model,
+                "lane": [self.lane_credits, self.lane_ttl],
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Admission:
         o = _unpack(data)
         lane = o.get("lane") or (0, 0.0)
-        return cls(error=o.get("err"), pool=str(o.get("pool", "")), live_workers=int(o.get("live", 0)),
-                   model=str(o.get("model", "")), lane_credits=int(lane[0]), lane_ttl=float(lane[1]))
+        return cls(
+            error=o.get("err"),
+            pool=str(o.get("pool", "")),
+            live_workers=int(o.get("live", 0)),
+            model=str(o.get("model", "")),
+            lane_credits=int(lane[0]),
+            lane_ttl=float(lane[1]),
+        )
 
 
 # Event kinds, worker -> gateway.
@@ -180,8 +224,14 @@ class Event:
     retryable: bool = False
 
     def encode(self) -> bytes:
-        o: dict[str, Any] = {"v": VERSION, "k": self.kind, "j": self.job_id, "a": self.attempt,
-                             "s": self.seq, "n": self.node}
+        o: dict[str, Any] = {
+            "v": VERSION,
+            "k": self.kind,
+            "j": self.job_id,
+            "a": self.attempt,
+            "s": self.seq,
+            "n": self.node,
+        }
         if self.pieces:
             o["p"] = [list(p) for p in self.pieces]
         if self.kind == DONE:
@@ -204,12 +254,21 @@ class Event:
             pieces = tuple((int(i), str(t), int(n)) for i, t, n in o.get("p", ()))
         except (TypeError, ValueError) as e:
             raise WireError(f"bad pieces: {e}") from e
-        return cls(kind=str(_need(o, "k")), job_id=str(_need(o, "j")), attempt=int(_need(o, "a")),
-                   seq=int(_need(o, "s")), node=str(o.get("n", "")), pieces=pieces,
-                   finish=tuple(str(f) for f in o.get("f", ())), prompt_tokens=int(o.get("pt", 0)),
-                   completion_tokens=int(o.get("ct", 0)), cached_tokens=int(o.get("cached", 0)),
-                   cost=float(o["cost"]) if o.get("cost") is not None else None, error=o.get("e"),
-                   retryable=bool(o.get("r", False)))
+        return cls(
+            kind=str(_need(o, "k")),
+            job_id=str(_need(o, "j")),
+            attempt=int(_need(o, "a")),
+            seq=int(_need(o, "s")),
+            node=str(o.get("n", "")),
+            pieces=pieces,
+            finish=tuple(str(f) for f in o.get("f", ())),
+            prompt_tokens=int(o.get("pt", 0)),
+            completion_tokens=int(o.get("ct", 0)),
+            cached_tokens=int(o.get("cached", 0)),
+            cost=float(o["cost"]) if o.get("cost") is not None else None,
+            error=o.get("e"),
+            retryable=bool(o.get("r", False)),
+        )
 
 
 # Control, gateway -> worker (on the worker's node control subject, or as the reply to a
@@ -248,8 +307,9 @@ class ModelAdvert:
 
     @classmethod
     def unpack(cls, m: list[Any]) -> ModelAdvert:
-        return cls(str(m[0]), int(m[1]), str(m[2]), float(m[3]) if len(m) > 3 else 0.0,
-                   float(m[4]) if len(m) > 4 else 0.0)
+        return cls(
+            str(m[0]), int(m[1]), str(m[2]), float(m[3]) if len(m) > 3 else 0.0, float(m[4]) if len(m) > 4 else 0.0
+        )
 
 
 NODE_KINDS = ("own", "volunteer", "cloud")  # dedicated capacity, idle-time capacity, an upstream provider
@@ -272,11 +332,22 @@ class NodeAdvert:
     health_since: float = 0.0  # unix time `healthy` last changed (0: never, healthy since it started)
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "node": self.node, "pool": self.pool,
-                      "models": [m.pack() for m in self.models],
-                      "total": self.slots_total, "free": self.slots_free, "drain": self.draining,
-                      "every": self.interval, "started": self.started, "kind": self.kind,
-                      "healthy": self.healthy, "hsince": self.health_since})
+        return _pack(
+            {
+                "v": VERSION,
+                "node": self.node,
+                "pool": self.pool,
+                "models": [m.pack() for m in self.models],
+                "total": self.slots_total,
+                "free": self.slots_free,
+                "drain": self.draining,
+                "every": self.interval,
+                "started": self.started,
+                "kind": self.kind,
+                "healthy": self.healthy,
+                "hsince": self.health_since,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> NodeAdvert:
@@ -285,11 +356,19 @@ class NodeAdvert:
             models = tuple(ModelAdvert.unpack(m) for m in o.get("models", ()))
         except (TypeError, ValueError, IndexError) as e:
             raise WireError(f"bad models: {e}") from e
-        return cls(node=str(_need(o, "node")), pool=str(_need(o, "pool")), models=models,
-                   slots_total=int(o.get("total", 0)), slots_free=int(o.get("free", 0)),
-                   draining=bool(o.get("drain", False)), interval=float(o.get("every", 1.0)),
-                   started=float(o.get("started", 0.0)), kind=str(o.get("kind", "own")),
-                   healthy=bool(o.get("healthy", True)), health_since=float(o.get("hsince", 0.0)))
+        return cls(
+            node=str(_need(o, "node")),
+            pool=str(_need(o, "pool")),
+            models=models,
+            slots_total=int(o.get("total", 0)),
+            slots_free=int(o.get("free", 0)),
+            draining=bool(o.get("drain", False)),
+            interval=float(o.get("every", 1.0)),
+            started=float(o.get("started", 0.0)),
+            kind=str(o.get("kind", "own")),
+            healthy=bool(o.get("healthy", True)),
+            health_since=float(o.get("hsince", 0.0)),
+        )
 
 
 def encode_model_list(models: list[ModelAdvert]) -> bytes:

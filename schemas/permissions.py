@@ -24,8 +24,11 @@ def worker_permissions(node_id: str, pool: str, models: list[str]) -> dict[str, 
     publish = [subjects.fleet_heartbeat(node_id), subjects.reply_subject("*", "*")]
     for model in models:
         durable = subjects.work_consumer(pool, model)
-        publish += [f"$JS.API.CONSUMER.INFO.{stream}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-                    f"$JS.ACK.{stream}.{durable}.>"]
+        publish += [
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+        ]
     subscribe = [f"{worker_inbox(node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
 
@@ -37,5 +40,7 @@ def nats_user_block(user: str, password: str, permissions: dict[str, dict[str, l
         return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
     pub, sub = permissions["publish"]["allow"], permissions["subscribe"]["allow"]
-    return (f'{{ user: "{user}", password: "{password}", permissions: {{ '
-            f"publish: {{ allow: {quoted(pub)} }}, subscribe: {{ allow: {quoted(sub)} }} }} }}")
+    return (
+        f'{{ user: "{user}", password: "{password}", permissions: {{ '
+        f"publish: {{ allow: {quoted(pub)} }}, subscribe: {{ allow: {quoted(sub)} }} }} }}"
+    )

@@ -46,8 +46,9 @@ class Policy:
             raise ValueError("`order` must be a list of pool names")
         weights = d.get("weights") or {}
         if not isinstance(weights, Mapping) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-                for w in weights.values()):
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights.values()
+        ):
             raise ValueError("`weights` must map pool names to numbers >= 0")
         if strategy == "weighted" and not any(w > 0 for w in weights.values()):
             raise ValueError("the weighted strategy needs `weights` with at least one weight > 0")
@@ -56,8 +57,12 @@ class Policy:
         spill = d.get("spill_wait", 2.0)
         if isinstance(spill, bool) or not isinstance(spill, (int, float)) or not math.isfinite(spill) or spill < 0:
             raise ValueError("`spill_wait` must be a number of seconds >= 0")
-        return cls(strategy=str(strategy), order=tuple(order),
-                   weights=tuple((str(k), float(v)) for k, v in weights.items()), spill_wait=float(spill))
+        return cls(
+            strategy=str(strategy),
+            order=tuple(order),
+            weights=tuple((str(k), float(v)) for k, v in weights.items()),
+            spill_wait=float(spill),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy}

@@ -28,8 +28,9 @@ def add_setting(
     raw = os.environ.get(env)
     if type is bool:
         value = default if raw is None else raw.strip().lower() in {"1", "true", "yes", "on"}
-        parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction,
-                            help=f"{help} [env {env}; default {default}]")
+        parser.add_argument(
+            flag, default=value, action=argparse.BooleanOptionalAction, help=f"{help} [env {env}; default {default}]"
+        )
         return
     try:
         value = default if raw is None else type(raw)

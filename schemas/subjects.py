@@ -151,6 +151,7 @@ def limits_entry(scope: str, ident: str) -> str:
     """The LIMITS_BUCKET key of one subject's counters: scope "k" (an API key) or "o" (an org)."""
     return f"{scope}.{model_token(ident)}"
 
+
 # Admitted jobs the schedulers hold back until their pool has room, released fairest first
 # (work-queue retention: a job leaves it once released to its work queue). One subject per
 # tenant, so a per-subject cap bounds how much of the queue one tenant may hold.

@@ -102,15 +102,34 @@ class OrgRecord:
     projects: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "created": self.created, "limits": self.limits.to_dict(),
-                "projects": list(self.projects)}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created": self.created,
+            "limits": self.limits.to_dict(),
+            "projects": list(self.projects),
+        }
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": 1, "id": self.id, "name": self.name, "created": self.created,
-                              "limits": self.limits.to_dict(), "projects": list(self.projects)}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": 1,
+                "id": self.id,
+                "name": self.name,
+                "created": self.created,
+                "limits": self.limits.to_dict(),
+                "projects": list(self.projects),
+            },
+            use_bin_type=True,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> OrgRecord:
         o = msgpack.unpackb(data, raw=False)
-        return cls(id=str(o["id"]), name=str(o.get("name", "")), created=float(o.get("created", 0)),
-                   limits=Limits.from_dict(o.get("limits")), projects=tuple(o.get("projects") or ()))
+        return cls(
+            id=str(o["id"]),
+            name=str(o.get("name", "")),
+            created=float(o.get("created", 0)),
+            limits=Limits.from_dict(o.get("limits")),
+            projects=tuple(o.get("projects") or ()),
+        )

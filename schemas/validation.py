@@ -8,7 +8,6 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.errors import InvalidRequestError
 
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -28,10 +27,13 @@ def invalid_request(e: ValidationError) -> InvalidRequestError:
     param = _param_path(first["loc"])
     msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "missing":
-        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     if first["type"] == "extra_forbidden":
-        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param,
-                                   code="unknown_parameter")
+        return InvalidRequestError(
+            f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+        )
     if param:
         return InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
     return InvalidRequestError(msg, code="invalid_value")

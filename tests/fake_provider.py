@@ -68,10 +68,15 @@ class Behaviour:
         return cls(mode="slow", delay=delay)
 
     @classmethod
-    def error(cls, status: int, message: str = "the fake provider is unhappy", *,
-              code: str | None = None, retry_after: float | None = None) -> Behaviour:
-        return cls(mode="status", status=status, error_message=message, error_code=code,
-                   retry_after=retry_after)
+    def error(
+        cls,
+        status: int,
+        message: str = "the fake provider is unhappy",
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> Behaviour:
+        return cls(mode="status", status=status, error_message=message, error_code=code, retry_after=retry_after)
 
     @classmethod
     def garbled(cls, body: bytes = b"data: {this is not json\n\n") -> Behaviour:
@@ -143,8 +148,7 @@ class FakeProvider:
         self._placeholder = _bound_socket(0)
         self.port = self._placeholder.getsockname()[1]
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"fake-provider-{self.port}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"fake-provider-{self.port}", daemon=True)
         self._thread.start()
         if self.behaviour_.mode != "down":
             self._call(self._serve())
@@ -186,11 +190,18 @@ class FakeProvider:
     def disconnects(self) -> int:
         return sum(1 for s in self.requests if s.disconnected)
 
-    def config_entry(self, name: str, *, keys: tuple[str, ...] = ("sk-fake-1",),
-                     models: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    def config_entry(
+        self, name: str, *, keys: tuple[str, ...] = ("sk-fake-1",), models: dict[str, str] | None = None, **extra: Any
+    ) -> dict[str, Any]:
         """A provider entry for a provider config that points at this fake (literal keys)."""
-        return {"name": name, "base_url": self.base_url, "api_keys": list(keys),
-                "models": models or {m: m for m in self.models}, "probe_interval": 0, **extra}
+        return {
+            "name": name,
+            "base_url": self.base_url,
+            "api_keys": list(keys),
+            "models": models or {m: m for m in self.models},
+            "probe_interval": 0,
+            **extra,
+        }
 
     def _call(self, coro: Any) -> Any:
         assert self._loop is not None
@@ -203,9 +214,16 @@ class FakeProvider:
             self._placeholder.close()
         self._placeholder = None
         sock = _bound_socket(self.port)
-        config = uvicorn.Config(self._app, lifespan="off", log_config=None, log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=1, ws="none",
-                                interface="asgi3")
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            ws="none",
+            interface="asgi3",
+        )
         self._server = uvicorn.Server(config)
         self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
         for _ in range(500):
@@ -240,12 +258,20 @@ class FakeProvider:
         except ValueError:
             body = None
         client = scope.get("client")
-        seen = Seen(scope["method"], scope["path"], auth.removeprefix("Bearer ") if auth else None, headers, body,
-                    tuple(client) if client else None)
+        seen = Seen(
+            scope["method"],
+            scope["path"],
+            auth.removeprefix("Bearer ") if auth else None,
+            headers,
+            body,
+            tuple(client) if client else None,
+        )
         self.requests.append(seen)
         if scope["path"].endswith("/models") and scope["method"] == "GET":
-            data = {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
-                                               for m in self.models]}
+            data = {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models],
+            }
             await _json(send, b.models_status, data if b.models_status < 400 else _error_body("no", None))
         elif scope["path"].endswith("/chat/completions") and scope["method"] == "POST":
             await self._chat(b, seen, receive, send)
@@ -271,53 +297,99 @@ class FakeProvider:
         if key in b.rejected_keys:
             return await _json(send, 401, _error_body(f"Incorrect API key provided: {key}.", "invalid_api_key"))
         if key in b.rate_limited_keys:
-            return await _json(send, 429, _error_body("Rate limit reached.", "rate_limit_exceeded"),
-                               _retry_headers(b.retry_after))
+            return await _json(
+                send, 429, _error_body("Rate limit reached.", "rate_limit_exceeded"), _retry_headers(b.retry_after)
+            )
         if b.delay and await _wait(gone, b.delay):
             seen.disconnected = True
             return
         if b.mode == "status":
-            return await _json(send, b.status, _error_body(b.error_message, b.error_code),
-                               _retry_headers(b.retry_after))
+            return await _json(
+                send, b.status, _error_body(b.error_message, b.error_code), _retry_headers(b.retry_after)
+            )
         if b.mode == "garbage":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
             await send({"type": "http.response.body", "body": b.garbage})
             seen.completed = True
             return
         request = seen.body if isinstance(seen.body, dict) else {}
         n = int(request.get("n") or 1)
         model = str(request.get("model", "fake"))
-        completion = b.completion_tokens if b.completion_tokens is not None else sum(
-            len(b.pieces(i)) for i in range(n))
-        usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": b.prompt_tokens + completion,
-                 "prompt_tokens_details": {"cached_tokens": b.cached_tokens}}
+        completion = b.completion_tokens if b.completion_tokens is not None else sum(len(b.pieces(i)) for i in range(n))
+        usage = {
+            "prompt_tokens": b.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": b.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": b.cached_tokens},
+        }
         if not request.get("stream") or b.ignore_stream:
-            choices = [{"index": i, "message": {"role": "assistant", "content": b.text(i)},
-                        "finish_reason": b.finish_reason, "logprobs": None} for i in range(n)]
-            await _json(send, 200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
-                                    "model": model, "choices": choices, "usage": usage})
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": b.text(i)},
+                    "finish_reason": b.finish_reason,
+                    "logprobs": None,
+                }
+                for i in range(n)
+            ]
+            await _json(
+                send,
+                200,
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model,
+                    "choices": choices,
+                    "usage": usage,
+                },
+            )
             seen.completed = True
             return
-        await self._stream(b, seen, gone, send, n, model, usage,
-                           bool((request.get("stream_options") or {}).get("include_usage")))
+        await self._stream(
+            b, seen, gone, send, n, model, usage, bool((request.get("stream_options") or {}).get("include_usage"))
+        )
 
-    async def _stream(self, b: Behaviour, seen: Seen, gone: asyncio.Event, send: Send, n: int, model: str,
-                      usage: dict[str, Any], include_usage: bool) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+    async def _stream(
+        self,
+        b: Behaviour,
+        seen: Seen,
+        gone: asyncio.Event,
+        send: Send,
+        n: int,
+        model: str,
+        usage: dict[str, Any],
+        include_usage: bool,
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
 
         async def event(obj: Any) -> None:
             data = obj if isinstance(obj, str) else json.dumps(obj)
             await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-            return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-                    "choices": choices, **extra}
+            return {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
 
-        await event(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                           for i in range(n)]))
+        await event(
+            chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+            )
+        )
         sent = 0
         longest = max(len(b.pieces(i)) for i in range(n))
         for j in range(longest):
@@ -373,14 +445,21 @@ def _error_body(message: str, code: str | None) -> dict[str, Any]:
 def _retry_headers(retry_after: float | None) -> list[tuple[bytes, bytes]]:
     if retry_after is None:
         return []
-    return [(b"retry-after-ms", str(int(retry_after * 1000)).encode()),
-            (b"retry-after", str(math.ceil(retry_after)).encode())]
+    return [
+        (b"retry-after-ms", str(int(retry_after * 1000)).encode()),
+        (b"retry-after", str(math.ceil(retry_after)).encode()),
+    ]
 
 
 async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 

@@ -40,7 +40,9 @@ def _components() -> dict[str, Any]:
 
 @functools.cache
 def _registry() -> Registry:
-    return Registry().with_resource("urn:openai", Resource.from_contents(_components(), default_specification=DRAFT202012))
+    return Registry().with_resource(
+        "urn:openai", Resource.from_contents(_components(), default_specification=DRAFT202012)
+    )
 
 
 def validate(instance: Any, schema_name: str) -> None:

@@ -111,8 +111,9 @@ class Stack:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
         full_env = {**os.environ, "TOKENYARD_NATS_URL": self.nats_url, "TOKENYARD_LOG_LEVEL": "warning", **env}
         with open(log, "wb") as out:
-            popen = subprocess.Popen([sys.executable, "-m", module, *(args or [])], env=full_env, stdout=out,
-                                     stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(
+                [sys.executable, "-m", module, *(args or [])], env=full_env, stdout=out, stderr=subprocess.STDOUT
+            )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -125,15 +126,19 @@ class Stack:
 
     async def start_api(self, **overrides: Any) -> str:
         """Serve a gateway on a free port; several may run side by side. Returns its URL."""
-        values: dict[str, Any] = {"nats_url": self.nats_url, "data_dir": str(self.tmp / "data"),
-                                  "admin_key": ADMIN_KEY, "attempt_silence": 1.0, "request_timeout": 20.0,
-                                  "log_level": "warning"}
+        values: dict[str, Any] = {
+            "nats_url": self.nats_url,
+            "data_dir": str(self.tmp / "data"),
+            "admin_key": ADMIN_KEY,
+            "attempt_silence": 1.0,
+            "request_timeout": 20.0,
+            "log_level": "warning",
+        }
         values.update(overrides)
         settings = ApiSettings.build(**values)
         port = free_port()
         app = create_app(settings, admin_key=ADMIN_KEY)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                                lifespan="on")
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
         server = uvicorn.Server(config)
         self._servers.append((server, asyncio.create_task(server.serve())))
         for _ in range(200):
@@ -149,8 +154,11 @@ class Stack:
     async def spawn_api(self, **env: str) -> tuple[Proc, str]:
         """The API as its own process (for tests that kill it). Returns it and its URL."""
         port = free_port()
-        proc = self.spawn("api", "broker_api", {"TOKENYARD_ADMIN_KEY": ADMIN_KEY, "TOKENYARD_PORT": str(port),
-                                                "TOKENYARD_ATTEMPT_SILENCE": "1.0", **env})
+        proc = self.spawn(
+            "api",
+            "broker_api",
+            {"TOKENYARD_ADMIN_KEY": ADMIN_KEY, "TOKENYARD_PORT": str(port), "TOKENYARD_ATTEMPT_SILENCE": "1.0", **env},
+        )
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url) as http:
             for _ in range(200):

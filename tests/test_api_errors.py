@@ -39,10 +39,16 @@ BAD_BODIES = [
     ({"model": ECHO, "messages": []}, "messages", "invalid_value"),
     ({"model": ECHO, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "invalid_value"),
     ({"model": ECHO, "messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
-    ({"model": ECHO, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id",
-     "missing_required_parameter"),
-    ({"model": ECHO, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]",
-     "invalid_value"),
+    (
+        {"model": ECHO, "messages": [{"role": "tool", "content": "x"}]},
+        "messages[0].tool_call_id",
+        "missing_required_parameter",
+    ),
+    (
+        {"model": ECHO, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages[0].content[0]",
+        "invalid_value",
+    ),
     ({"model": ECHO, "messages": USER, "temperature": 3}, "temperature", "invalid_value"),
     ({"model": ECHO, "messages": USER, "top_p": -0.1}, "top_p", "invalid_value"),
     ({"model": ECHO, "messages": USER, "n": 0}, "n", "invalid_value"),
@@ -57,8 +63,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "param", "code"), BAD_BODIES)
-async def test_invalid_bodies_are_400(http: httpx.AsyncClient, body: dict[str, Any], param: str | None,
-                                      code: str) -> None:
+async def test_invalid_bodies_are_400(
+    http: httpx.AsyncClient, body: dict[str, Any], param: str | None, code: str
+) -> None:
     err = _error(await http.post("/v1/chat/completions", json=body), 400)
     assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code)
 
@@ -70,12 +77,15 @@ async def test_unparseable_json_is_400(http: httpx.AsyncClient) -> None:
     assert "JSON object" in _error(r, 400)["message"]
 
 
-@pytest.mark.parametrize("body", [
-    {"model": ECHO, "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-    {"model": ECHO, "messages": USER, "response_format": {"type": "json_object"}},
-    {"model": ECHO, "messages": USER, "logprobs": True},
-    {"model": ECHO, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": ECHO, "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"model": ECHO, "messages": USER, "response_format": {"type": "json_object"}},
+        {"model": ECHO, "messages": USER, "logprobs": True},
+        {"model": ECHO, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_what_the_model_cannot_do_is_400(http: httpx.AsyncClient, body: dict[str, Any], stream: bool) -> None:
     """Refused by the worker's backend, before any byte: an HTTP 400 for streams too."""
@@ -85,8 +95,9 @@ async def test_what_the_model_cannot_do_is_400(http: httpx.AsyncClient, body: di
 
 
 async def test_context_length_is_400(http: httpx.AsyncClient) -> None:
-    err = _error(await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 5000}),
-                 400)
+    err = _error(
+        await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 5000}), 400
+    )
     assert err["code"] == "context_length_exceeded"
     assert "4096" in err["message"]
 
@@ -97,8 +108,9 @@ async def test_auth(echo_stack: Stack) -> None:
         err = _error(await http.post("/v1/chat/completions", json=body), 401)
         assert "API key" in err["message"]
         wrong = "ty_admin_this-is-not-the-right-key"
-        err = _error(await http.post("/v1/chat/completions", json=body,
-                                     headers={"Authorization": f"Bearer {wrong}"}), 401)
+        err = _error(
+            await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {wrong}"}), 401
+        )
         assert err["code"] == "invalid_api_key"
         assert wrong not in err["message"]
         _error(await http.get("/v1/models", headers={"Authorization": "Basic abc"}), 401)
@@ -116,8 +128,12 @@ async def test_unknown_model_route_and_method(http: httpx.AsyncClient) -> None:
 
 async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
     huge = {"model": ECHO, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
-    _error(await http.post("/v1/chat/completions", content=json.dumps(huge).encode(),
-                           headers={"content-type": "application/json"}), 413)
+    _error(
+        await http.post(
+            "/v1/chat/completions", content=json.dumps(huge).encode(), headers={"content-type": "application/json"}
+        ),
+        413,
+    )
 
     async def chunks():  # no content-length: the limit holds while reading
         for _ in range(6):
@@ -133,11 +149,15 @@ async def test_sdk_raises_typed_errors(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="nope", messages=USER)
     with pytest.raises(openai.BadRequestError):
-        await client.chat.completions.create(model=ECHO, messages=USER, stream=True, response_format={"type": "json_object"})
+        await client.chat.completions.create(
+            model=ECHO, messages=USER, stream=True, response_format={"type": "json_object"}
+        )
 
 
 async def test_unknown_fields_are_accepted(http: httpx.AsyncClient) -> None:
-    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 1,
-                                                       "provider_extra": {"x": 1}, "store": False})
+    r = await http.post(
+        "/v1/chat/completions",
+        json={"model": ECHO, "messages": USER, "max_tokens": 1, "provider_extra": {"x": 1}, "store": False},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "hi"

@@ -66,8 +66,9 @@ async def test_cancelled_requests_on_an_own_node_are_billed_from_the_workers_cou
             with pytest.raises(openai.APITimeoutError):
                 await impatient.chat.completions.create(model=ECHO, messages=messages)
         rows = await rows_settled(http, 3)
-    streamed, plain_cut = (next(r for r in rows.values() if r["outcome"] == "cancelled" and r["stream"] == s)
-                           for s in (True, False))
+    streamed, plain_cut = (
+        next(r for r in rows.values() if r["outcome"] == "cancelled" and r["stream"] == s) for s in (True, False)
+    )
     estimate = estimate_prompt_tokens(parse_chat_request({"model": ECHO, "messages": messages}))
     assert exact_prompt != estimate  # so the rows below can only hold the worker's count
     assert streamed["prompt_tokens"] == plain_cut["prompt_tokens"] == exact_prompt
@@ -85,8 +86,12 @@ async def test_cancelled_stream_on_a_cloud_route_costs_the_providers_prices(stac
         config = {"providers": [provider.config_entry("prov-a", prices={MODEL: PRICES})]}
         providers = tmp_path / "providers.yaml"
         providers.write_text(yaml.safe_dump(config))
-        stack.start_worker(TOKENYARD_BACKEND="cloud", TOKENYARD_PROVIDERS=str(providers),
-                           TOKENYARD_PROVIDER="prov-a", TOKENYARD_NODE_ID="cloud-a")
+        stack.start_worker(
+            TOKENYARD_BACKEND="cloud",
+            TOKENYARD_PROVIDERS=str(providers),
+            TOKENYARD_PROVIDER="prov-a",
+            TOKENYARD_NODE_ID="cloud-a",
+        )
         await stack.start_api()
         await stack.wait_for_model(MODEL)
         messages = [{"role": "user", "content": "count to five hundred, slowly please"}]

@@ -20,8 +20,9 @@ CLI = [sys.executable, "-c", "import sys; from broker_api.cli import main; main(
 
 
 def tokenyard(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_help_and_unknown_command() -> None:
@@ -35,9 +36,12 @@ async def test_up_serves_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "up", "--backend", "echo", "--port", str(port), "--data-dir",
-                                 str(tmp_path / "data")], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TOKENYARD_ADMIN_KEY": ""})
+        proc = subprocess.Popen(
+            [*CLI, "up", "--backend", "echo", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENYARD_ADMIN_KEY": ""},
+        )
     try:
         deadline = time.monotonic() + 60
         while "Tokenyard is up" not in log.read_text() and time.monotonic() < deadline:
@@ -48,11 +52,13 @@ async def test_up_serves_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:
         key = (tmp_path / "data" / "admin_key").read_text().strip()
         assert key in text and f"http://127.0.0.1:{port}/v1" in text
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as c:
-            r = await c.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "up and running"}],
-                                                max_tokens=3)
+            r = await c.chat.completions.create(
+                model=ECHO, messages=[{"role": "user", "content": "up and running"}], max_tokens=3
+            )
             assert r.choices[0].message.content == "up and running"
-            stream = await c.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "s"}],
-                                                     max_tokens=2, stream=True)
+            stream = await c.chat.completions.create(
+                model=ECHO, messages=[{"role": "user", "content": "s"}], max_tokens=2, stream=True
+            )
             assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]) == "s s"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -56,10 +56,14 @@ class FakeClock:
         self.now += seconds
 
 
-def config_for(fp: FakeProvider, *, name: str = "prov-a", keys: tuple[str, ...] = KEYS,
-               **extra: Any) -> dict[str, Any]:
-    entry = fp.config_entry(name, keys=keys, models={"tiny": "upstream-tiny-v1"},
-                            prices={"tiny": {"input": 1.0, "output": 2.0, "cached": 0.5}}, **extra)
+def config_for(fp: FakeProvider, *, name: str = "prov-a", keys: tuple[str, ...] = KEYS, **extra: Any) -> dict[str, Any]:
+    entry = fp.config_entry(
+        name,
+        keys=keys,
+        models={"tiny": "upstream-tiny-v1"},
+        prices={"tiny": {"input": 1.0, "output": 2.0, "cached": 0.5}},
+        **extra,
+    )
     entry.setdefault("timeouts", {"connect": 1, "read": 2, "total": 5})
     return {"providers": [entry]}
 
@@ -69,8 +73,9 @@ def parse(data: Any, env: dict[str, str] | None = None) -> Any:
 
 
 @asynccontextmanager
-async def backend_for(fp: FakeProvider, *, clock: FakeClock | None = None, slots: int = 8,
-                      **extra: Any) -> AsyncIterator[CloudBackend]:
+async def backend_for(
+    fp: FakeProvider, *, clock: FakeClock | None = None, slots: int = 8, **extra: Any
+) -> AsyncIterator[CloudBackend]:
     options: dict[str, Any] = {"clock": clock} if clock else {}
     backend = CloudBackend.from_config(parse(config_for(fp, **extra)), "prov-a", slots=slots, **options)
     await backend.start()
@@ -80,8 +85,9 @@ async def backend_for(fp: FakeProvider, *, clock: FakeClock | None = None, slots
         await backend.close()
 
 
-async def run(backend: CloudBackend, request: dict[str, Any] = REQUEST,
-              into: list[Output] | None = None) -> list[Output]:
+async def run(
+    backend: CloudBackend, request: dict[str, Any] = REQUEST, into: list[Output] | None = None
+) -> list[Output]:
     out = [] if into is None else into
     async for item in backend.generate(request["model"], request):
         out.append(item)
@@ -96,8 +102,9 @@ def text_of(items: list[Output], index: int = 0) -> str:
 
 
 async def test_streamed_answer_is_relayed_exactly_with_upstream_usage_and_cost() -> None:
-    behaviour = Behaviour(chunks=("Hel", "lo", ", wor", "ld ✓"), prompt_tokens=120,
-                          completion_tokens=42, cached_tokens=100)
+    behaviour = Behaviour(
+        chunks=("Hel", "lo", ", wor", "ld ✓"), prompt_tokens=120, completion_tokens=42, cached_tokens=100
+    )
     async with FakeProvider(behaviour) as fp, backend_for(fp, headers={"X-Org": "org-7"}) as backend:
         request = {**REQUEST, "stream": False, "temperature": 0.3, "response_format": {"type": "json_object"}}
         backend.check("tiny", request)
@@ -201,8 +208,10 @@ async def test_every_key_rate_limited_is_a_retryable_503_with_retry_after() -> N
 
 async def test_429_without_retry_after_backs_off_exponentially() -> None:
     clock = FakeClock()
-    async with FakeProvider(Behaviour(rate_limited_keys=frozenset(KEYS[:1]))) as fp, \
-            backend_for(fp, clock=clock, keys=KEYS[:1]) as backend:
+    async with (
+        FakeProvider(Behaviour(rate_limited_keys=frozenset(KEYS[:1]))) as fp,
+        backend_for(fp, clock=clock, keys=KEYS[:1]) as backend,
+    ):
         cooldowns = []
         for _ in range(3):
             with pytest.raises(NoCapacityError) as e:
@@ -236,21 +245,27 @@ async def test_401_revokes_the_key_with_an_alert_and_the_next_key_serves() -> No
 # --- upstream failures ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("behaviour", "code"), [
-    (Behaviour.down(), "upstream_unreachable"),
-    (Behaviour.error(500), "upstream_error"),
-    (Behaviour.error(503, retry_after=1), "upstream_error"),
-    (Behaviour.error(404, "no such model"), "upstream_error"),
-    (Behaviour.garbled(), "upstream_malformed"),
-    (Behaviour.garbled(b"<html>502 Bad Gateway</html>"), "upstream_disconnected"),
-    (Behaviour.garbled(b'data: {"choices": "nope"}\n\n'), "upstream_malformed"),
-    (Behaviour.garbled(b'data: {"error": {"message": "overloaded"}}\n\n'), "upstream_error"),
-    (Behaviour(send_done=False, send_usage=False, finish_reason="stop", chunks=()), "upstream_disconnected"),
-    (Behaviour.slow(5.0), "upstream_timeout"),
-], ids=["down", "500", "503", "404", "garbage", "html", "bad-choices", "error-event", "no-end", "slow"])
+@pytest.mark.parametrize(
+    ("behaviour", "code"),
+    [
+        (Behaviour.down(), "upstream_unreachable"),
+        (Behaviour.error(500), "upstream_error"),
+        (Behaviour.error(503, retry_after=1), "upstream_error"),
+        (Behaviour.error(404, "no such model"), "upstream_error"),
+        (Behaviour.garbled(), "upstream_malformed"),
+        (Behaviour.garbled(b"<html>502 Bad Gateway</html>"), "upstream_disconnected"),
+        (Behaviour.garbled(b'data: {"choices": "nope"}\n\n'), "upstream_malformed"),
+        (Behaviour.garbled(b'data: {"error": {"message": "overloaded"}}\n\n'), "upstream_error"),
+        (Behaviour(send_done=False, send_usage=False, finish_reason="stop", chunks=()), "upstream_disconnected"),
+        (Behaviour.slow(5.0), "upstream_timeout"),
+    ],
+    ids=["down", "500", "503", "404", "garbage", "html", "bad-choices", "error-event", "no-end", "slow"],
+)
 async def test_upstream_failure_before_any_text_is_a_retryable_error(behaviour: Behaviour, code: str) -> None:
-    async with FakeProvider(behaviour) as fp, \
-            backend_for(fp, timeouts={"connect": 1, "read": 0.3, "total": 5}) as backend:
+    async with (
+        FakeProvider(behaviour) as fp,
+        backend_for(fp, timeouts={"connect": 1, "read": 0.3, "total": 5}) as backend,
+    ):
         items: list[Output] = []
         started = time.monotonic()
         with pytest.raises(TokenyardError) as e:
@@ -271,8 +286,10 @@ async def test_mid_stream_disconnect_fails_after_the_text_already_relayed() -> N
 
 
 async def test_a_stream_slower_than_the_total_timeout_is_cut() -> None:
-    async with FakeProvider(Behaviour(chunks=("x",) * 20, chunk_delay=0.1)) as fp, \
-            backend_for(fp, timeouts={"connect": 0.5, "read": 0.5, "total": 0.5}) as backend:
+    async with (
+        FakeProvider(Behaviour(chunks=("x",) * 20, chunk_delay=0.1)) as fp,
+        backend_for(fp, timeouts={"connect": 0.5, "read": 0.5, "total": 0.5}) as backend,
+    ):
         items: list[Output] = []
         with pytest.raises(WorkerFailedError) as e:
             await run(backend, into=items)
@@ -287,8 +304,9 @@ async def test_upstream_400_is_the_clients_error_with_upstreams_message() -> Non
         with pytest.raises(InvalidRequestError) as e:
             await run(backend)
         assert e.value.status == 400 and e.value.message == "Invalid 'temperature': must be at most 2."
-        fp.behaviour = Behaviour.error(400, "This model's maximum context length is 8 tokens.",
-                                       code="context_length_exceeded")
+        fp.behaviour = Behaviour.error(
+            400, "This model's maximum context length is 8 tokens.", code="context_length_exceeded"
+        )
         with pytest.raises(ContextLengthError):
             await run(backend)
         assert fp.chat_keys() == [KEYS[0], KEYS[1]]  # no other key is tried for a bad request
@@ -296,8 +314,7 @@ async def test_upstream_400_is_the_clients_error_with_upstreams_message() -> Non
 
 
 async def test_closing_the_iterator_closes_the_upstream_request() -> None:
-    async with FakeProvider(Behaviour(chunks=("tick",) * 50, chunk_delay=0.05)) as fp, \
-            backend_for(fp) as backend:
+    async with FakeProvider(Behaviour(chunks=("tick",) * 50, chunk_delay=0.05)) as fp, backend_for(fp) as backend:
         stream = backend.generate("tiny", REQUEST)
         first = await stream.__anext__()
         assert first == Delta(0, "tick", 1)
@@ -312,8 +329,7 @@ async def test_closing_the_iterator_closes_the_upstream_request() -> None:
 
 async def test_cancelling_the_consuming_task_closes_the_upstream_request() -> None:
     """How the runtime stops a job: it cancels the task, then closes the iterator."""
-    async with FakeProvider(Behaviour(chunks=("tick",) * 50, chunk_delay=0.05)) as fp, \
-            backend_for(fp) as backend:
+    async with FakeProvider(Behaviour(chunks=("tick",) * 50, chunk_delay=0.05)) as fp, backend_for(fp) as backend:
         got: list[Output] = []
 
         async def consume() -> None:
@@ -335,8 +351,12 @@ async def test_cancelling_the_consuming_task_closes_the_upstream_request() -> No
 
 async def test_several_fakes_at_once_a_failing_one_and_a_serving_one() -> None:
     """The shape of a failover: A fails before any text with a retryable error, B serves."""
-    async with FakeProvider(Behaviour.down()) as a, FakeProvider(Behaviour(chunks=("from B",))) as b, \
-            backend_for(a) as on_a, backend_for(b) as on_b:
+    async with (
+        FakeProvider(Behaviour.down()) as a,
+        FakeProvider(Behaviour(chunks=("from B",))) as b,
+        backend_for(a) as on_a,
+        backend_for(b) as on_b,
+    ):
         assert a.port != b.port
         items: list[Output] = []
         with pytest.raises(WorkerFailedError) as e:
@@ -396,20 +416,41 @@ async def test_check_refuses_only_what_events_cannot_carry() -> None:
             backend.check("tiny", {**REQUEST, "tools": tools})
         with pytest.raises(UnsupportedError):
             backend.check("tiny", {**REQUEST, "logprobs": True})
-        backend.check("tiny", {**REQUEST, "tools": tools, "tool_choice": "none", "seed": 3,
-                               "messages": [{"role": "user", "content": [
-                                   {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]})
+        backend.check(
+            "tiny",
+            {
+                **REQUEST,
+                "tools": tools,
+                "tool_choice": "none",
+                "seed": 3,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}
+                ],
+            },
+        )
 
 
 def test_from_settings_reads_the_file_and_caps_slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "key2").write_text("sk-from-file-2\n")
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"providers": [
-        {"name": "prov-a", "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 4,
-         "api_keys": [{"env": "TY_TEST_KEY_1"}, {"file": "key2"}],
-         "models": {"tiny": {"id": "upstream-tiny", "context_length": 8192}, "big": "upstream-big"}}]},
-        sort_keys=False))
-    settings = WorkerSettings.from_args(["--backend", "cloud", "--providers", str(tmp_path / "p.yaml"),
-                                         "--provider", "prov-a"])
+    (tmp_path / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "providers": [
+                    {
+                        "name": "prov-a",
+                        "base_url": "http://127.0.0.1:9/v1",
+                        "max_concurrency": 4,
+                        "api_keys": [{"env": "TY_TEST_KEY_1"}, {"file": "key2"}],
+                        "models": {"tiny": {"id": "upstream-tiny", "context_length": 8192}, "big": "upstream-big"},
+                    }
+                ]
+            },
+            sort_keys=False,
+        )
+    )
+    settings = WorkerSettings.from_args(
+        ["--backend", "cloud", "--providers", str(tmp_path / "p.yaml"), "--provider", "prov-a"]
+    )
     assert settings.pool == "prov-a" and settings.slots == 32
     with pytest.raises(ProviderConfigError, match="TY_TEST_KEY_1"):
         CloudBackend.from_settings(settings)
@@ -418,7 +459,9 @@ def test_from_settings_reads_the_file_and_caps_slots(tmp_path: Path, monkeypatch
     assert backend.slots == 4
     assert [k.reveal() for k in backend.provider.keys] == ["sk-from-env-1", "sk-from-file-2"]
     assert [(m.id, m.context_length, m.owned_by) for m in backend.models()] == [
-        ("tiny", 8192, "prov-a"), ("big", 0, "prov-a")]
+        ("tiny", 8192, "prov-a"),
+        ("big", 0, "prov-a"),
+    ]
     with pytest.raises(ProviderConfigError, match="known: prov-a"):
         CloudBackend.from_config(load_providers(tmp_path / "p.yaml", env={"TY_TEST_KEY_1": "k"}), "nope")
 
@@ -426,8 +469,12 @@ def test_from_settings_reads_the_file_and_caps_slots(tmp_path: Path, monkeypatch
 def test_the_example_config_is_valid() -> None:
     path = REPO / "deploy" / "providers.example.yaml"
     names = yaml.safe_load(path.read_text())
-    env = {k["env"]: "sk-example" + str(i) for p in names["providers"]
-           for i, k in enumerate(p["api_keys"]) if isinstance(k, dict) and "env" in k}
+    env = {
+        k["env"]: "sk-example" + str(i)
+        for p in names["providers"]
+        for i, k in enumerate(p["api_keys"])
+        if isinstance(k, dict) and "env" in k
+    }
     config = load_providers(path, env=env)
     assert len(config.providers) >= 2
     assert all(p.price(m) is not None for p in config.providers for m in p.models)
@@ -438,8 +485,11 @@ def test_the_example_config_is_valid() -> None:
 
 async def test_keys_never_reach_logs_errors_or_health(caplog: pytest.LogCaptureFixture) -> None:
     buffer = io.StringIO()
-    structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
-                        logger_factory=structlog.PrintLoggerFactory(buffer), cache_logger_on_first_use=False)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(buffer),
+        cache_logger_on_first_use=False,
+    )
     caplog.set_level(logging.DEBUG)
     errors: list[str] = []
     try:
@@ -448,8 +498,12 @@ async def test_keys_never_reach_logs_errors_or_health(caplog: pytest.LogCaptureF
         keys = (*KEYS, "sk-test-charlie-0003")
         async with FakeProvider(behaviour) as fp, backend_for(fp, keys=keys, probe_interval=0.05) as backend:
             await run(backend)
-            for b in (Behaviour.error(500), Behaviour.garbled(), Behaviour.error(400, f"bad, you sent {KEYS[1]}"),
-                      Behaviour(rejected_keys=frozenset(keys))):
+            for b in (
+                Behaviour.error(500),
+                Behaviour.garbled(),
+                Behaviour.error(400, f"bad, you sent {KEYS[1]}"),
+                Behaviour(rejected_keys=frozenset(keys)),
+            ):
                 fp.behaviour = b
                 try:
                     await run(backend)
@@ -472,39 +526,47 @@ async def test_keys_never_reach_logs_errors_or_health(caplog: pytest.LogCaptureF
 
 
 def provider_dict(**changes: Any) -> dict[str, Any]:
-    base = {"name": "openai", "base_url": "https://api.openai.com/v1", "api_keys": [{"env": "K1"}],
-            "models": {"gpt": "gpt-4o-mini"}, "prices": {"*": {"input": 0.15, "output": 0.6}}}
+    base = {
+        "name": "openai",
+        "base_url": "https://api.openai.com/v1",
+        "api_keys": [{"env": "K1"}],
+        "models": {"gpt": "gpt-4o-mini"},
+        "prices": {"*": {"input": 0.15, "output": 0.6}},
+    }
     base.update(changes)
     return {"providers": [{k: v for k, v in base.items() if v is not None}]}
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"base_url": "http://api.example.com/v1"}, "plain http is allowed only for loopback"),
-    ({"base_url": "http://10.0.0.1:8000/v1"}, "plain http is allowed only for loopback"),
-    ({"base_url": "http://localhost.evil.com/v1"}, "plain http is allowed only for loopback"),
-    ({"base_url": "ftp://x/v1"}, "must be an http"),
-    ({"base_url": "https://user:pw@api.example.com/v1"}, "must not hold credentials"),
-    ({"base_url": None}, "base_url: required"),
-    ({"name": "Bad_Name"}, "not a valid pool name"),
-    ({"name": "-lead"}, "not a valid pool name"),
-    ({"name": "x" * 64}, "not a valid pool name"),
-    ({"api_keys": [{"env": "MISSING_VAR"}]}, "environment variable MISSING_VAR is not set"),
-    ({"api_keys": [{"env": "EMPTY"}]}, "environment variable EMPTY is not set or empty"),
-    ({"api_keys": [{"file": "/nonexistent/key"}]}, "cannot read key file"),
-    ({"api_keys": [{"env": "K1", "file": "x"}]}, "exactly one of"),
-    ({"api_keys": [{"vault": "x"}]}, "unknown key 'vault'"),
-    ({"api_keys": []}, "at least one key"),
-    ({"modles": {"a": "b"}}, "unknown key 'modles' (allowed: name, base_url"),
-    ({"models": {}}, "map at least one"),
-    ({"prices": {"gpt": {"input": 1, "output": 1, "cahced": 1}}}, "unknown key 'cahced'"),
-    ({"prices": {"other": {"input": 1, "output": 1}}}, "not a public model id"),
-    ({"prices": {"gpt": {"input": -1, "output": 1}}}, "must be a number >= 0"),
-    ({"timeouts": {"connect": 1, "reed": 2}}, "unknown key 'reed'"),
-    ({"timeouts": {"read": 100, "total": 10}}, "must not exceed total"),
-    ({"headers": {"Authorization": "Bearer x"}}, "set by the adapter"),
-    ({"headers": {"X-A": "a\r\nHost: evil"}}, "control characters"),
-    ({"max_concurrency": 0}, "max_concurrency"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"base_url": "http://api.example.com/v1"}, "plain http is allowed only for loopback"),
+        ({"base_url": "http://10.0.0.1:8000/v1"}, "plain http is allowed only for loopback"),
+        ({"base_url": "http://localhost.evil.com/v1"}, "plain http is allowed only for loopback"),
+        ({"base_url": "ftp://x/v1"}, "must be an http"),
+        ({"base_url": "https://user:pw@api.example.com/v1"}, "must not hold credentials"),
+        ({"base_url": None}, "base_url: required"),
+        ({"name": "Bad_Name"}, "not a valid pool name"),
+        ({"name": "-lead"}, "not a valid pool name"),
+        ({"name": "x" * 64}, "not a valid pool name"),
+        ({"api_keys": [{"env": "MISSING_VAR"}]}, "environment variable MISSING_VAR is not set"),
+        ({"api_keys": [{"env": "EMPTY"}]}, "environment variable EMPTY is not set or empty"),
+        ({"api_keys": [{"file": "/nonexistent/key"}]}, "cannot read key file"),
+        ({"api_keys": [{"env": "K1", "file": "x"}]}, "exactly one of"),
+        ({"api_keys": [{"vault": "x"}]}, "unknown key 'vault'"),
+        ({"api_keys": []}, "at least one key"),
+        ({"modles": {"a": "b"}}, "unknown key 'modles' (allowed: name, base_url"),
+        ({"models": {}}, "map at least one"),
+        ({"prices": {"gpt": {"input": 1, "output": 1, "cahced": 1}}}, "unknown key 'cahced'"),
+        ({"prices": {"other": {"input": 1, "output": 1}}}, "not a public model id"),
+        ({"prices": {"gpt": {"input": -1, "output": 1}}}, "must be a number >= 0"),
+        ({"timeouts": {"connect": 1, "reed": 2}}, "unknown key 'reed'"),
+        ({"timeouts": {"read": 100, "total": 10}}, "must not exceed total"),
+        ({"headers": {"Authorization": "Bearer x"}}, "set by the adapter"),
+        ({"headers": {"X-A": "a\r\nHost: evil"}}, "control characters"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+    ],
+)
 def test_invalid_provider_configs_are_rejected_clearly(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ProviderConfigError) as e:
         parse(provider_dict(**changes), env={"K1": "sk-1", "EMPTY": " "})
@@ -522,8 +584,17 @@ def test_top_level_and_duplicate_problems_are_rejected() -> None:
         parse({"providers": twice}, env={"K1": "a"})
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "http://127.3.4.5/v1", "http://localhost:1/v1/",
-                                 "http://[::1]:8080/v1", "https://10.0.0.1/v1", "https://api.example.com"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/v1",
+        "http://127.3.4.5/v1",
+        "http://localhost:1/v1/",
+        "http://[::1]:8080/v1",
+        "https://10.0.0.1/v1",
+        "https://api.example.com",
+    ],
+)
 def test_loopback_http_and_any_https_are_accepted(url: str) -> None:
     provider = parse(provider_dict(base_url=url), env={"K1": "sk-1"}).providers[0]
     assert provider.base_url == url.rstrip("/")
@@ -539,9 +610,13 @@ def test_literal_keys_work_with_a_warning_and_repr_hides_keys() -> None:
 
 
 def test_prices_cost_and_defaults() -> None:
-    config = parse(provider_dict(models={"a": "x", "b": "y"},
-                                 prices={"a": {"input": 3, "output": 15}, "*": {"input": 1, "output": 2, "cached": 0.1}}),
-                   env={"K1": "k"})
+    config = parse(
+        provider_dict(
+            models={"a": "x", "b": "y"},
+            prices={"a": {"input": 3, "output": 15}, "*": {"input": 1, "output": 2, "cached": 0.1}},
+        ),
+        env={"K1": "k"},
+    )
     p = config.providers[0]
     assert p.price("a") == Price(3.0, 15.0, 3.0)  # without a cached price, cached costs as input
     assert p.price("b") == Price(1.0, 2.0, 0.1)
@@ -602,14 +677,18 @@ def test_sse_decoder_handles_any_split_and_rejects_oversized_events() -> None:
     stream = b': keep-alive\r\n\r\ndata: {"a":1}\r\n\r\nevent: x\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n'
     for size in (1, 3, 7, len(stream)):
         decoder = SseDecoder()
-        events = [e for i in range(0, len(stream), size) for e in decoder.feed(stream[i:i + size])]
+        events = [e for i in range(0, len(stream), size) for e in decoder.feed(stream[i : i + size])]
         assert events == ['{"a":1}', "line1\nline2", "[DONE]"]
     with pytest.raises(WorkerFailedError, match="larger than the limit"):
         SseDecoder(limit=100).feed(b"data: " + b"x" * 200)
 
 
 def test_upstream_body_maps_the_model_and_forces_streamed_usage() -> None:
-    body = upstream_body({**REQUEST, "stream": False, "stream_options": {"include_usage": False}, "n": 2},
-                         "up-1")
-    assert body == {"model": "up-1", "messages": REQUEST["messages"], "n": 2, "stream": True,
-                    "stream_options": {"include_usage": True}}
+    body = upstream_body({**REQUEST, "stream": False, "stream_options": {"include_usage": False}, "n": 2}, "up-1")
+    assert body == {
+        "model": "up-1",
+        "messages": REQUEST["messages"],
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }

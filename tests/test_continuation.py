@@ -25,8 +25,11 @@ async def test_a_dead_node_is_continued_by_another(stack: Stack) -> None:
     async with sdk(stack) as client:
         started = time.monotonic()
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": prompt}], stream=True,
-            stream_options={"include_usage": True})
+            model=ECHO,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, finish, usage = "", None, None
         async for chunk in stream:
             if chunk.usage:
@@ -50,8 +53,10 @@ async def test_without_opt_in_the_stream_ends_with_an_error(stack: Stack) -> Non
     await stack.wait_for_model(ECHO, nodes=2)
     async with sdk(stack) as client:
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "x [[tokens=30]] [[rate=25]] [[die-after=5]]"}],
-            stream=True)
+            model=ECHO,
+            messages=[{"role": "user", "content": "x [[tokens=30]] [[rate=25]] [[die-after=5]]"}],
+            stream=True,
+        )
         text = ""
         try:
             async for chunk in stream:

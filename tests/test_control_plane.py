@@ -116,8 +116,9 @@ async def test_model_scopes_and_max_tokens_limit(echo_stack: Stack, http: httpx.
     r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER}, headers=auth_headers(scoped))
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     capped = (await new_key(http, limits={"max_tokens": 5}))["key"]
-    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 6},
-                        headers=auth_headers(capped))
+    r = await http.post(
+        "/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 6}, headers=auth_headers(capped)
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
@@ -130,14 +131,16 @@ async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
     async with sdk(stack) as client, httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         plain = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=7)
         seen[plain.id] = (plain.usage.prompt_tokens, plain.usage.completion_tokens)
-        stream = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=9, stream=True,
-                                                      stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(
+            model=ECHO, messages=USER, max_tokens=9, stream=True, stream_options={"include_usage": True}
+        )
         async for chunk in stream:
             if chunk.usage:
                 seen[chunk.id] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         # cancelled mid-stream after some tokens
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=100]]"}], stream=True)
+            model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=100]]"}], stream=True
+        )
         got = 0
         async for chunk in stream:
             got += 1 if chunk.choices and chunk.choices[0].delta.content else 0
@@ -146,8 +149,11 @@ async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
                 break
         await stream.close()
         # failed over: the first worker dies before its first token
-        request = asyncio.create_task(client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "fail over [[tokens=4]] [[delay=1.0]]"}]))
+        request = asyncio.create_task(
+            client.chat.completions.create(
+                model=ECHO, messages=[{"role": "user", "content": "fail over [[tokens=4]] [[delay=1.0]]"}]
+            )
+        )
         assert await adverts.wait(lambda a: any(n.slots_free < 4 for n in a.values()), 3.0)
         busy = next(n for n, a in adverts.latest.items() if a.slots_free < 4)
         workers[int(busy[1:])].signal(signal.SIGKILL)
@@ -155,8 +161,9 @@ async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
         seen[failed_over.id] = (failed_over.usage.prompt_tokens, failed_over.usage.completion_tokens)
         # cached: the same deterministic request twice
         for _ in range(2):
-            r = await client.chat.completions.with_raw_response.create(model=ECHO, messages=USER, max_tokens=3,
-                                                                      temperature=0)
+            r = await client.chat.completions.with_raw_response.create(
+                model=ECHO, messages=USER, max_tokens=3, temperature=0
+            )
             answer = r.parse()
             seen[answer.id] = (answer.usage.prompt_tokens, answer.usage.completion_tokens)
         assert r.headers["x-tokenyard-cache"] == "hit"
@@ -176,8 +183,11 @@ async def test_usage_reports_and_csv_export(echo_stack: Stack, http: httpx.Async
     secrets_ = [(await new_key(http, name=f"k{i}"))["key"] for i in range(2)]
     for i, secret in enumerate(secrets_):
         for _ in range(i + 1):
-            r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 2},
-                                headers=auth_headers(secret))
+            r = await http.post(
+                "/v1/chat/completions",
+                json={"model": ECHO, "messages": USER, "max_tokens": 2},
+                headers=auth_headers(secret),
+            )
             assert r.status_code == 200
     await wait_rows(http, 3)
     by_key = (await admin(http, "GET", "/usage", params={"group_by": "key"})).json()["data"]
@@ -219,16 +229,18 @@ async def test_cache_rules(echo_stack: Stack, http: httpx.AsyncClient) -> None:
     assert (first.headers["x-tokenyard-cache"], second.headers["x-tokenyard-cache"]) == ("miss", "hit")
     assert first.json()["choices"] == second.json()["choices"] and first.json()["id"] != second.json()["id"]
     # streamed hit
-    async with http.stream("POST", "/v1/chat/completions", json={**body, "temperature": 0, "stream": True},
-                           headers=h) as r:
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "temperature": 0, "stream": True}, headers=h
+    ) as r:
         assert r.headers["x-tokenyard-cache"] == "hit"
         raw = (await r.aread()).decode()
     assert '"content":"cache me cache"' in raw and raw.rstrip().endswith("data: [DONE]")
     # non-deterministic requests, a bypass header, and opted-out keys are not cached
     r = await http.post("/v1/chat/completions", json={**body, "temperature": 0.7}, headers=h)
     assert r.headers["x-tokenyard-cache"] == "bypass"
-    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0},
-                        headers={**h, "x-tokenyard-cache": "no"})
+    r = await http.post(
+        "/v1/chat/completions", json={**body, "temperature": 0}, headers={**h, "x-tokenyard-cache": "no"}
+    )
     assert r.headers["x-tokenyard-cache"] == "bypass"
     opted_out = (await new_key(http, cache=False))["key"]
     r = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=auth_headers(opted_out))
@@ -239,7 +251,9 @@ async def test_cache_rules(echo_stack: Stack, http: httpx.AsyncClient) -> None:
 
 
 async def test_cost_in_usage_when_asked(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2, extra_body={"usage": {"include": True}})
+    r = await client.chat.completions.create(
+        model=ECHO, messages=USER, max_tokens=2, extra_body={"usage": {"include": True}}
+    )
     assert r.usage.model_extra.get("cost") == 0.0  # own capacity has no price
     r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
     assert "cost" not in (r.usage.model_extra or {})
@@ -252,7 +266,8 @@ async def test_idempotency_key_runs_once(echo_stack: Stack, http: httpx.AsyncCli
     async with httpx.AsyncClient(base_url=other, timeout=30) as http2:
         first, second = await asyncio.gather(
             http.post("/v1/chat/completions", json=body, headers=headers),
-            http2.post("/v1/chat/completions", json=body, headers=headers))
+            http2.post("/v1/chat/completions", json=body, headers=headers),
+        )
         third = await http2.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers)
     assert first.status_code == second.status_code == third.status_code == 200
     assert first.json()["choices"] == second.json()["choices"]
@@ -273,8 +288,9 @@ async def test_idempotency_key_runs_once(echo_stack: Stack, http: httpx.AsyncCli
 
 async def test_metrics_show_requests_and_queues(echo_stack: Stack, http: httpx.AsyncClient) -> None:
     for _ in range(2):
-        r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 2},
-                            headers=auth_headers())
+        r = await http.post(
+            "/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 2}, headers=auth_headers()
+        )
         assert r.status_code == 200
     text = (await http.get("/metrics")).text
     assert f'tokenyard_requests_total{{model="{ECHO}",outcome="ok",status="200"}} 2' in text

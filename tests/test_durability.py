@@ -27,10 +27,14 @@ async def test_queued_job_survives_a_nats_crash(tmp_path: Path) -> None:
         await stack.wait_for_model(ECHO)
         async with sdk(stack, timeout=60) as client:
             busy = await client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "busy [[tokens=200]] [[rate=20]]"}], stream=True)
+                model=ECHO, messages=[{"role": "user", "content": "busy [[tokens=200]] [[rate=20]]"}], stream=True
+            )
             await busy.__anext__()  # the worker's only slot is taken
-            queued = asyncio.create_task(client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "survivor [[tokens=3]]"}]))
+            queued = asyncio.create_task(
+                client.chat.completions.create(
+                    model=ECHO, messages=[{"role": "user", "content": "survivor [[tokens=3]]"}]
+                )
+            )
             js = (await stack.bus()).jetstream()
             deadline = time.monotonic() + 10
             while (await js.stream_info(subjects.WORK_STREAM)).state.messages < 2:

@@ -100,9 +100,12 @@ def test_text_stream_counts_every_token_once() -> None:
 
 def test_sample_greedy_top_p_and_inverse_cdf() -> None:
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.1, 0.6, 0.3], [0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
-    tokens = sample(logits, temperature=torch.tensor([0.0, 1.0, 1.0, 1.0]),
-                    top_p=torch.tensor([1.0, 1.0, 0.5, 0.75]),
-                    uniform=torch.tensor([0.99, 0.05, 0.99, 0.99]))
+    tokens = sample(
+        logits,
+        temperature=torch.tensor([0.0, 1.0, 1.0, 1.0]),
+        top_p=torch.tensor([1.0, 1.0, 0.5, 0.75]),
+        uniform=torch.tensor([0.99, 0.05, 0.99, 0.99]),
+    )
     # greedy; u=0.05 falls in token 0's mass; top_p 0.5 leaves only the top token; 0.75 leaves
     # tokens 0 and 2 (0.5 + 0.3) and u=0.99 picks the last of them.
     assert tokens.tolist() == [1, 0, 1, 2]
@@ -111,8 +114,9 @@ def test_sample_greedy_top_p_and_inverse_cdf() -> None:
 def test_sample_distribution_follows_probabilities() -> None:
     probs = torch.tensor([0.2, 0.5, 0.3])
     u = torch.linspace(0, 1, 1001)[:-1]
-    tokens = sample(torch.log(probs).expand(len(u), 3), temperature=torch.ones(len(u)),
-                    top_p=torch.ones(len(u)), uniform=u)
+    tokens = sample(
+        torch.log(probs).expand(len(u), 3), temperature=torch.ones(len(u)), top_p=torch.ones(len(u)), uniform=u
+    )
     share = torch.bincount(tokens, minlength=3).float() / len(u)
     assert torch.allclose(share, probs, atol=0.01)
 
@@ -121,12 +125,22 @@ def test_penalties() -> None:
     index = penalty_index([{1: 2}, {}], device=torch.device("cpu"))
     assert [t.tolist() for t in index] == [[0], [1], [2.0]]
     logits = torch.tensor([[1.0, 2.0, -1.0], [1.0, 2.0, -1.0]])
-    out = apply_penalties(logits, index, repetition=torch.tensor([2.0, 2.0]),
-                          presence=torch.tensor([0.5, 0.5]), frequency=torch.tensor([0.25, 0.25]))
+    out = apply_penalties(
+        logits,
+        index,
+        repetition=torch.tensor([2.0, 2.0]),
+        presence=torch.tensor([0.5, 0.5]),
+        frequency=torch.tensor([0.25, 0.25]),
+    )
     assert out.tolist() == [[1.0, 2.0 / 2 - 0.5 - 0.5, -1.0], [1.0, 2.0, -1.0]]
     assert logits[0, 1] == 2.0  # the input is not modified
-    neg = apply_penalties(torch.tensor([[-2.0, 3.0]]), penalty_index([{0: 1}], device=torch.device("cpu")),
-                          repetition=torch.tensor([2.0]), presence=torch.zeros(1), frequency=torch.zeros(1))
+    neg = apply_penalties(
+        torch.tensor([[-2.0, 3.0]]),
+        penalty_index([{0: 1}], device=torch.device("cpu")),
+        repetition=torch.tensor([2.0]),
+        presence=torch.zeros(1),
+        frequency=torch.zeros(1),
+    )
     assert neg.tolist() == [[-4.0, 3.0]]
 
 
@@ -225,11 +239,11 @@ async def test_seed_reproducible_and_choices_differ(tiny: TransformersBackend) -
 async def test_stop_string_is_cut_without_leaking(tiny: TransformersBackend) -> None:
     base = _request(max_tokens=40, temperature=0)
     full = _text(await asyncio.wait_for(_collect(tiny, base), 30))
-    candidates = [full[i:i + 3] for i in range(6, len(full) - 3) if "\ufffd" not in full[i:i + 3]]
+    candidates = [full[i : i + 3] for i in range(6, len(full) - 3) if "\ufffd" not in full[i : i + 3]]
     assert candidates, full
     stop = candidates[0]
     items = await asyncio.wait_for(_collect(tiny, dict(base, stop=[stop, "never-seen"])), 30)
-    assert _text(items) == full[:full.find(stop)]
+    assert _text(items) == full[: full.find(stop)]
     assert [i.reason for i in items if isinstance(i, Finish)] == ["stop"]
     assert stop not in "".join(i.text for i in items if isinstance(i, Delta))
 
@@ -267,8 +281,14 @@ async def test_shared_prompt_prefix_is_exact() -> None:
     try:
         assert shared._engine is not None and len(shared._engine._prefix) >= 8
         reqs = [_request(p, max_tokens=15, temperature=0) for p in ("hi", "a longer question here", "é?")]
-        reqs.append({"model": TINY, "temperature": 0, "max_tokens": 15,  # own system prompt: no sharing
-                     "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "x"}]})
+        reqs.append(
+            {
+                "model": TINY,
+                "temperature": 0,
+                "max_tokens": 15,  # own system prompt: no sharing
+                "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "x"}],
+            }
+        )
         for backend in (shared, plain):  # warm the shared prefix once
             await asyncio.wait_for(_collect(backend, reqs[0]), 30)
         got = await asyncio.wait_for(asyncio.gather(*(_collect(shared, r) for r in reqs)), 60)
@@ -351,8 +371,12 @@ async def test_smollm2_answers_paris(smol_data_dir: Path) -> None:
     await asyncio.wait_for(backend.start(), 300)
     try:
         assert [m.id for m in backend.models()] == [MODEL_ID]
-        req = {"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-               "temperature": 0, "max_tokens": 40}
+        req = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0,
+            "max_tokens": 40,
+        }
         backend.check(MODEL_ID, req)
         items = await asyncio.wait_for(_collect_model(backend, MODEL_ID, req), 60)
         answer = "".join(i.text for i in items if isinstance(i, Delta))
@@ -377,8 +401,9 @@ async def test_a_trailing_assistant_message_is_continued_not_closed(tmp_path) ->
     await backend.start()
     try:
         plain = backend._prompt({"messages": [{"role": "user", "content": "hi"}]})
-        cont = backend._prompt({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "Hello the"}]})
+        cont = backend._prompt(
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello the"}]}
+        )
         text = tokenizer.decode(cont)
         assert text.endswith("Hello the")  # no end-of-turn after the prefix
         assert tokenizer.decode(plain).rstrip().endswith("assistant")

@@ -19,8 +19,7 @@ from tests.stack import ADMIN_KEY, Stack, auth_headers
 
 
 def sdk(stack: Stack, timeout: float = 30, url: str = "") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url or stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0,
-                              timeout=timeout)
+    return openai.AsyncOpenAI(base_url=f"{url or stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=timeout)
 
 
 class Adverts:
@@ -55,7 +54,9 @@ async def test_model_without_workers_is_503_at_once(stack: Stack) -> None:
     assert worker.stop() == 0  # drains and exits cleanly on SIGTERM
     async with httpx.AsyncClient(base_url=stack.api_url, headers=auth_headers()) as http:
         started = time.monotonic()
-        r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": [{"role": "user", "content": "x"}]})
+        r = await http.post(
+            "/v1/chat/completions", json={"model": ECHO, "messages": [{"role": "user", "content": "x"}]}
+        )
         assert time.monotonic() - started < 1.0
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "no_capacity"
@@ -69,7 +70,8 @@ async def test_no_free_worker_before_the_deadline_is_504(stack: Stack) -> None:
     await stack.wait_for_model(ECHO)
     async with sdk(stack) as client, sdk(stack, url=impatient) as client2:
         busy = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "slow [[tokens=400]] [[rate=40]]"}], stream=True)
+            model=ECHO, messages=[{"role": "user", "content": "slow [[tokens=400]] [[rate=40]]"}], stream=True
+        )
         first = await busy.__anext__()
         assert first.choices[0].delta.content
         started = time.monotonic()
@@ -89,7 +91,8 @@ async def test_client_disconnect_stops_the_job_on_the_worker(stack: Stack) -> No
     adverts = await watch_adverts(stack)
     async with sdk(stack) as client:
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "long [[tokens=2000]] [[rate=50]]"}], stream=True)
+            model=ECHO, messages=[{"role": "user", "content": "long [[tokens=2000]] [[rate=50]]"}], stream=True
+        )
         await stream.__anext__()
         assert await adverts.wait(lambda a: any(n.slots_free == 1 for n in a.values()), 2.0)
         await stream.close()  # the client goes away mid-stream
@@ -105,7 +108,8 @@ async def test_client_disconnect_while_waiting_for_a_plain_answer(stack: Stack) 
     async with sdk(stack, timeout=1.0) as client:
         with pytest.raises(openai.APITimeoutError):
             await client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "long [[tokens=2000]] [[rate=50]]"}])
+                model=ECHO, messages=[{"role": "user", "content": "long [[tokens=2000]] [[rate=50]]"}]
+            )
     assert await adverts.wait(lambda a: a and all(n.slots_free == 2 for n in a.values()), 3.0)
 
 
@@ -117,8 +121,9 @@ async def test_worker_killed_before_first_token_runs_elsewhere(stack: Stack, str
     adverts = await watch_adverts(stack)
     prompt = "alpha beta gamma [[tokens=6]] [[delay=1.5]]"
     async with sdk(stack) as client:
-        request = asyncio.create_task(client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": prompt}], stream=stream))
+        request = asyncio.create_task(
+            client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": prompt}], stream=stream)
+        )
         assert await adverts.wait(lambda a: any(n.slots_free < 4 for n in a.values()), 2.0)
         busy = next(n for n, a in adverts.latest.items() if a.slots_free < 4)
         victim = workers[int(busy[1:])]

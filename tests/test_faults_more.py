@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from schemas import subjects
-from schemas.jobs import Job, ModelAdvert, NodeAdvert, Submission, Admission
+from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
 from tests.conftest import ECHO
 from tests.stack import Stack
 from tests.test_faults import sdk, watch_adverts
@@ -33,7 +33,8 @@ async def test_worker_killed_mid_stream_ends_the_stream_with_an_error(stack: Sta
     await stack.wait_for_model(ECHO)
     async with sdk(stack) as client:
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=50]]"}], stream=True)
+            model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=50]]"}], stream=True
+        )
         received = ""
         started = None
         with pytest.raises(openai.APIError) as e:
@@ -55,9 +56,13 @@ async def test_zombie_worker_late_tokens_are_dropped(stack: Stack) -> None:
     await stack.wait_for_model(ECHO, nodes=2)
     adverts = await watch_adverts(stack)
     async with sdk(stack) as client:
-        request = asyncio.create_task(client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "one two three [[tokens=9]] [[delay=1.0]]"}],
-            stream=True))
+        request = asyncio.create_task(
+            client.chat.completions.create(
+                model=ECHO,
+                messages=[{"role": "user", "content": "one two three [[tokens=9]] [[delay=1.0]]"}],
+                stream=True,
+            )
+        )
         assert await adverts.wait(lambda a: any(n.slots_free < 4 for n in a.values()), 2.0)
         busy = next(n for n, a in adverts.latest.items() if a.slots_free < 4)
         zombie = workers[int(busy[1:])]
@@ -81,7 +86,8 @@ async def test_gateway_killed_mid_stream_stops_the_worker(stack: Stack) -> None:
     adverts = await watch_adverts(stack)
     async with sdk(stack, url=url) as client:
         stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "long [[tokens=3000]] [[rate=50]]"}], stream=True)
+            model=ECHO, messages=[{"role": "user", "content": "long [[tokens=3000]] [[rate=50]]"}], stream=True
+        )
         await stream.__anext__()
         assert await adverts.wait(lambda a: any(n.slots_free == 2 for n in a.values()), 2.0)
         api.kill()
@@ -100,10 +106,14 @@ async def test_full_queue_is_429_with_retry_after(tmp_path: Path) -> None:
         await stack.wait_for_model(ECHO)
         async with sdk(stack) as client:
             busy = await client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "busy [[tokens=400]] [[rate=40]]"}], stream=True)
+                model=ECHO, messages=[{"role": "user", "content": "busy [[tokens=400]] [[rate=40]]"}], stream=True
+            )
             await busy.__anext__()  # the only slot is taken
-            queued = asyncio.create_task(client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "queued"}], max_tokens=1))
+            queued = asyncio.create_task(
+                client.chat.completions.create(
+                    model=ECHO, messages=[{"role": "user", "content": "queued"}], max_tokens=1
+                )
+            )
             await asyncio.sleep(0.5)  # now the one queue place is taken too
             with pytest.raises(openai.RateLimitError) as e:
                 await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "too many"}])
@@ -121,13 +131,24 @@ async def test_submission_retried_after_a_lost_answer_runs_once(stack: Stack) ->
     keeps one copy (the job id is the message id)."""
     await stack.wait_for_scheduler()
     nc = await stack.bus()
-    advert = NodeAdvert(node="test-node", pool="own", models=(ModelAdvert("wire/model", 100),), slots_total=1,
-                        slots_free=1, interval=5.0)
+    advert = NodeAdvert(
+        node="test-node",
+        pool="own",
+        models=(ModelAdvert("wire/model", 100),),
+        slots_total=1,
+        slots_free=1,
+        interval=5.0,
+    )
     await nc.publish(subjects.fleet_heartbeat("test-node"), advert.encode())  # a node that never pulls
     await nc.flush()
     await asyncio.sleep(0.3)
-    job = Job(id="job-twice", model="wire/model", request={"model": "wire/model", "messages": []},
-              reply="ty.reply.none.job-twice", deadline=time.time() + 60)
+    job = Job(
+        id="job-twice",
+        model="wire/model",
+        request={"model": "wire/model", "messages": []},
+        reply="ty.reply.none.job-twice",
+        deadline=time.time() + 60,
+    )
     data = Submission(job=job).encode()
     answers = [Admission.decode((await nc.request(subjects.SCHED_SUBMIT, data, timeout=5)).data) for _ in range(3)]
     assert all(a.error is None and a.pool == "own" for a in answers)

@@ -36,8 +36,7 @@ async def scheduler(tmp_path: Path) -> AsyncIterator[NATS]:
     stack.start_nats()
     nc = await nats.connect(stack.nats_url)
     nodes = await FakeNodes(nc, [node("n1", slots=1000)]).start()
-    stack.start_scheduler(TOKENYARD_ROUTING_FILE=str(routing), TOKENYARD_LANE_CREDITS="16",
-                          TOKENYARD_LANE_TTL="0.5")
+    stack.start_scheduler(TOKENYARD_ROUTING_FILE=str(routing), TOKENYARD_LANE_CREDITS="16", TOKENYARD_LANE_TTL="0.5")
     try:
         await stack.wait_for_scheduler()
 
@@ -63,20 +62,37 @@ async def test_a_lane_is_granted_only_where_nothing_needs_the_scheduler(schedule
     free = await admitted(nc, Submission(job=job("free"), tenant="t", key_id="k"))
     assert free.pool == "own" and free.lane_credits == 16 and free.lane_ttl == 0.5
     for why, sub in (
-            ("a limited key is counted on every request",
-             Submission(job=job("lim"), tenant="t", key_id="k2", key_limits=Limits(rpm=100))),
-            ("an org limit too", Submission(job=job("org"), tenant="t", key_id="k3", org_limits=Limits(tpm=10**6))),
-            ("a max_tokens cap is checked here",
-             Submission(job=job("cap"), tenant="t", key_id="k4", key_limits=Limits(max_tokens=100))),
-            ("a provider object chooses per request",
-             Submission(job=job("prov", request={"model": "lim/model", "messages": [], "provider": {"only": ["own"]}}),
-                        tenant="t", key_id="k")),
-            ("a models list chooses per request",
-             Submission(job=job("models", request={"model": "lim/model", "messages": [], "models": ["lim/model"]}),
-                        tenant="t", key_id="k")),
-            ("a re-dispatch avoids the pool that failed", Submission(job=job("again", dispatch=2), tenant="t",
-                                                                       key_id="k", avoid=("other",))),
-            ("a weighted split draws per request", Submission(job=job("split"), tenant="t", key_id="split"))):
+        (
+            "a limited key is counted on every request",
+            Submission(job=job("lim"), tenant="t", key_id="k2", key_limits=Limits(rpm=100)),
+        ),
+        ("an org limit too", Submission(job=job("org"), tenant="t", key_id="k3", org_limits=Limits(tpm=10**6))),
+        (
+            "a max_tokens cap is checked here",
+            Submission(job=job("cap"), tenant="t", key_id="k4", key_limits=Limits(max_tokens=100)),
+        ),
+        (
+            "a provider object chooses per request",
+            Submission(
+                job=job("prov", request={"model": "lim/model", "messages": [], "provider": {"only": ["own"]}}),
+                tenant="t",
+                key_id="k",
+            ),
+        ),
+        (
+            "a models list chooses per request",
+            Submission(
+                job=job("models", request={"model": "lim/model", "messages": [], "models": ["lim/model"]}),
+                tenant="t",
+                key_id="k",
+            ),
+        ),
+        (
+            "a re-dispatch avoids the pool that failed",
+            Submission(job=job("again", dispatch=2), tenant="t", key_id="k", avoid=("other",)),
+        ),
+        ("a weighted split draws per request", Submission(job=job("split"), tenant="t", key_id="split")),
+    ):
         assert (await admitted(nc, sub)).lane_credits == 0, why
 
 
@@ -100,8 +116,9 @@ async def test_lane_credits_never_exceed_the_idle_slots(tmp_path: Path) -> None:
         await nodes.publish()
 
         async def no_lane() -> bool:
-            return (await admitted(nc, Submission(job=job(f"busy-{time.monotonic_ns()}"), tenant="t",
-                                                  key_id="k"))).lane_credits == 0
+            return (
+                await admitted(nc, Submission(job=job(f"busy-{time.monotonic_ns()}"), tenant="t", key_id="k"))
+            ).lane_credits == 0
 
         assert await eventually(no_lane, 5)
     finally:
@@ -112,8 +129,9 @@ async def test_lane_credits_never_exceed_the_idle_slots(tmp_path: Path) -> None:
 
 async def lane_placements(http: httpx.AsyncClient) -> int:
     text = (await http.get("/metrics")).text
-    return int(next(line.split()[-1] for line in text.splitlines()
-                    if line.startswith("tokenyard_lane_placements_total")))
+    return int(
+        next(line.split()[-1] for line in text.splitlines() if line.startswith("tokenyard_lane_placements_total"))
+    )
 
 
 async def test_the_gateway_places_through_its_lane_and_never_for_a_limited_key(tmp_path: Path) -> None:
@@ -131,8 +149,9 @@ async def test_the_gateway_places_through_its_lane_and_never_for_a_limited_key(t
             before = await lane_placements(http)
             sched.signal(signal.SIGSTOP)  # no scheduler answers now: only a lane can place jobs
             try:
-                served = [await client.chat.completions.create(model=ECHO, messages=ASK, max_tokens=3)
-                          for _ in range(2)]
+                served = [
+                    await client.chat.completions.create(model=ECHO, messages=ASK, max_tokens=3) for _ in range(2)
+                ]
                 assert all(r.choices[0].message.content == first.choices[0].message.content for r in served)
                 assert await lane_placements(http) == before + 2
                 # a limited key has no lane: it waits for a scheduler
@@ -157,4 +176,3 @@ async def test_a_gateway_without_lanes_always_asks(echo_stack: Stack) -> None:
         for _ in range(3):
             await client.chat.completions.create(model=ECHO, messages=ASK, max_tokens=3)
         assert await lane_placements(http) == 0
-

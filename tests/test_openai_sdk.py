@@ -13,8 +13,10 @@ from tests.stack import Stack, auth_headers
 
 async def test_plain_completion(client: openai.AsyncOpenAI) -> None:
     r = await client.chat.completions.create(
-        model=ECHO, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}],
-        max_tokens=5)
+        model=ECHO,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}],
+        max_tokens=5,
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == "one two three one two"
     assert r.choices[0].finish_reason == "length"
@@ -26,15 +28,19 @@ async def test_plain_completion(client: openai.AsyncOpenAI) -> None:
 async def test_natural_stop_and_stop_sequences(client: openai.AsyncOpenAI) -> None:
     r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "a b c [[tokens=3]]"}])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("a b c", "stop")
-    r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "a b c d"}],
-                                             stop=["c d"])
+    r = await client.chat.completions.create(
+        model=ECHO, messages=[{"role": "user", "content": "a b c d"}], stop=["c d"]
+    )
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("a b ", "stop")
 
 
 async def test_streamed_completion(client: openai.AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
-        model=ECHO, messages=[{"role": "user", "content": "hello streaming world [[tokens=40]]"}], stream=True,
-        stream_options={"include_usage": True})
+        model=ECHO,
+        messages=[{"role": "user", "content": "hello streaming world [[tokens=40]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, finish, usage, ids = "", None, None, set()
     async for chunk in stream:
         validate(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
@@ -52,8 +58,9 @@ async def test_streamed_completion(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_n_choices(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "x y"}], n=3,
-                                             max_tokens=2)
+    r = await client.chat.completions.create(
+        model=ECHO, messages=[{"role": "user", "content": "x y"}], n=3, max_tokens=2
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.message.content == "x y" for c in r.choices)
     assert r.usage.completion_tokens == 6

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from broker_api import admin_cli
-from schemas.routing import Policy, key_entry, model_entry, parse_entry
 from scheduler.routing import RoutingTable
+from schemas.routing import Policy, key_entry, model_entry, parse_entry
 from tests.conftest import ECHO
 from tests.stack import ADMIN_KEY, Stack
 from tests.test_control_plane import admin, new_key, wait_rows
@@ -25,17 +25,20 @@ ASK = [{"role": "user", "content": "route me"}]
 
 # --- pure ------------------------------------------------------------------------------------
 
+
 def test_policies_round_trip_and_refuse_what_cannot_route() -> None:
     p = Policy.from_dict({"strategy": "weighted", "weights": {"a": 0.9, "b": 0.1}})
     assert Policy.decode(p.encode()) == p
     assert Policy.from_dict(Policy(strategy="failover", order=("x", "y")).to_dict()).order == ("x", "y")
-    for bad, words in (({"strategy": "random"}, "unknown routing strategy"),
-                       ({"strategy": "weighted"}, "needs `weights`"),
-                       ({"strategy": "failover"}, "needs an `order`"),
-                       ({"strategy": "cheapest", "base_url": "http://x"}, "unknown field"),
-                       ({"strategy": "own_first", "spill_wait": -1}, "spill_wait"),
-                       ({"strategy": "weighted", "weights": {"a": "lots"}}, "weights"),
-                       ({"strategy": "failover", "order": "a,b"}, "order")):
+    for bad, words in (
+        ({"strategy": "random"}, "unknown routing strategy"),
+        ({"strategy": "weighted"}, "needs `weights`"),
+        ({"strategy": "failover"}, "needs an `order`"),
+        ({"strategy": "cheapest", "base_url": "http://x"}, "unknown field"),
+        ({"strategy": "own_first", "spill_wait": -1}, "spill_wait"),
+        ({"strategy": "weighted", "weights": {"a": "lots"}}, "weights"),
+        ({"strategy": "failover", "order": "a,b"}, "order"),
+    ):
         with pytest.raises(ValueError, match=words):
             Policy.from_dict(bad)
 
@@ -47,10 +50,12 @@ def test_entries_name_any_model_or_key_and_overlay_the_file() -> None:
     assert parse_entry("default") == ("default", "")
     with pytest.raises(ValueError):
         parse_entry("q.zzz")
-    base = RoutingTable.from_dict({"default": {"strategy": "cheapest"},
-                                   "models": {"m1": {"strategy": "fastest"}, "m2": {"strategy": "cheapest"}}})
-    top = base.overlaid({("model", "m1"): Policy(strategy="failover", order=("a",)),
-                         ("key", "k"): Policy(strategy="own_first")})
+    base = RoutingTable.from_dict(
+        {"default": {"strategy": "cheapest"}, "models": {"m1": {"strategy": "fastest"}, "m2": {"strategy": "cheapest"}}}
+    )
+    top = base.overlaid(
+        {("model", "m1"): Policy(strategy="failover", order=("a",)), ("key", "k"): Policy(strategy="own_first")}
+    )
     assert top.policy_for("m1", "other").strategy == "failover"  # the admin API's entry replaces the file's
     assert top.policy_for("m2", "other").strategy == "cheapest"  # the file's stays where nothing replaced it
     assert top.policy_for("m2", "k").strategy == "own_first"  # a key's policy wins over the model's
@@ -58,6 +63,7 @@ def test_entries_name_any_model_or_key_and_overlay_the_file() -> None:
 
 
 # --- through the stack: two schedulers, two pools ----------------------------------------------
+
 
 async def routes_of(client: Any, http: httpx.AsyncClient, n: int, seen_before: int) -> list[str]:
     """Send n requests one by one; the pools that served them, from the ledger."""
@@ -98,8 +104,9 @@ async def test_policies_set_through_the_admin_api_steer_every_scheduler(stack: S
         seen[0] += 8
         # one key goes to pool a instead; everyone else stays on b
         special = await new_key(http, name="to-a")
-        r = await admin(http, "PUT", f"/routing/keys/{special['id']}", json={"strategy": "failover",
-                                                                             "order": ["a", "b"]})
+        r = await admin(
+            http, "PUT", f"/routing/keys/{special['id']}", json={"strategy": "failover", "order": ["a", "b"]}
+        )
         assert r.status_code == 200, r.text
         async with sdk(stack) as c:
             c.api_key = special["key"]
@@ -118,13 +125,19 @@ async def test_policies_set_through_the_admin_api_steer_every_scheduler(stack: S
         deadline = time.monotonic() + 10
         audit: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            audit = [a for a in (await admin(http, "GET", "/audit")).json()["data"] if a["action"].startswith("routing")]
+            audit = [
+                a for a in (await admin(http, "GET", "/audit")).json()["data"] if a["action"].startswith("routing")
+            ]
             if len(audit) >= 3:
                 break
             await asyncio.sleep(0.1)
-        assert sorted((a["action"], a["target"]) for a in audit) == sorted([
-            ("routing.set", f"model:{ECHO}"), ("routing.set", f"key:{special['id']}"),
-            ("routing.delete", f"key:{special['id']}")])
+        assert sorted((a["action"], a["target"]) for a in audit) == sorted(
+            [
+                ("routing.set", f"model:{ECHO}"),
+                ("routing.set", f"key:{special['id']}"),
+                ("routing.delete", f"key:{special['id']}"),
+            ]
+        )
         assert all(a["actor"] == "admin" and a["source"] == "127.0.0.1" for a in audit)
 
 
@@ -150,13 +163,21 @@ async def test_routing_is_scoped_per_org_and_validated(echo_stack: Stack) -> Non
         # a plain key may not touch routing at all
         assert (await admin(http, "GET", "/routing", key=acme_key["key"])).status_code == 403
         # bad policies are OpenAI-style 400s, never 422 or 500
-        for bad in ({"strategy": "random"}, {"strategy": "weighted"}, {"strategy": "failover", "order": ["a"],
-                                                                         "headers": {"x": "y"}}, [], "cheapest"):
+        for bad in (
+            {"strategy": "random"},
+            {"strategy": "weighted"},
+            {"strategy": "failover", "order": ["a"], "headers": {"x": "y"}},
+            [],
+            "cheapest",
+        ):
             r = await admin(http, "PUT", "/routing/default", json=bad)
             assert r.status_code == 400, r.text
             assert r.json()["error"]["type"] == "invalid_request_error"
-        r = await http.put("/v1/admin/routing/default", content=b"{not json",
-                           headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+        r = await http.put(
+            "/v1/admin/routing/default",
+            content=b"{not json",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        )
         assert r.status_code == 400
 
 
@@ -168,8 +189,9 @@ async def test_the_cli_sets_shows_and_deletes_policies(echo_stack: Stack) -> Non
         return out.getvalue()
 
     # the CLI is synchronous and the gateway runs in this event loop: call it from a thread
-    await asyncio.to_thread(cli, "set", f"model:{ECHO}", "--strategy", "weighted", "--weight", "own=1",
-                            "--weight", "spare=0.5")
+    await asyncio.to_thread(
+        cli, "set", f"model:{ECHO}", "--strategy", "weighted", "--weight", "own=1", "--weight", "spare=0.5"
+    )
     shown = await asyncio.to_thread(cli, "show")
     assert '"own": 1.0' in shown and '"spare": 0.5' in shown and ECHO in shown
     await asyncio.to_thread(cli, "delete", f"model:{ECHO}")

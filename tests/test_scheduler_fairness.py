@@ -15,10 +15,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from scheduler.fairness import FairQueue, Item
 from schemas import subjects
 from schemas.errors import from_wire
 from schemas.jobs import Job, Submission
-from scheduler.fairness import FairQueue, Item
 from tests.stack import Stack
 from tests.test_scheduler_limits import MODEL, FakeNodes, job, node, submit
 
@@ -39,6 +39,7 @@ def drain(q: FairQueue[str], n: int, now: float = 1.0) -> list[Item[str]]:
 
 
 # --- pure -----------------------------------------------------------------------------------
+
 
 def test_tenants_in_a_tier_take_turns_whatever_their_backlog() -> None:
     q: FairQueue[str] = FairQueue()
@@ -84,6 +85,7 @@ def test_unknown_tiers_are_standard_and_an_empty_queue_pops_none() -> None:
 
 # --- real nats-server: held jobs are released fairly ------------------------------------------
 
+
 class Puller:
     """A worker stand-in: pulls jobs from one work queue when told, and acks them."""
 
@@ -93,13 +95,17 @@ class Puller:
         self.psub: Any = None
 
     async def start(self) -> Puller:
-        config = ConsumerConfig(durable_name=subjects.work_consumer(self.pool, self.model),
-                                ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                                filter_subject=subjects.work_subject(self.pool, self.model))
+        config = ConsumerConfig(
+            durable_name=subjects.work_consumer(self.pool, self.model),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            filter_subject=subjects.work_subject(self.pool, self.model),
+        )
         for _ in range(100):
             try:
-                self.psub = await self.js.pull_subscribe(config.filter_subject or "", durable=config.durable_name,
-                                                         stream=subjects.WORK_STREAM, config=config)
+                self.psub = await self.js.pull_subscribe(
+                    config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM, config=config
+                )
                 return self
             except nats.js.errors.NotFoundError:
                 await asyncio.sleep(0.1)
@@ -125,8 +131,7 @@ async def held(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS]]:
     stack.start_nats()
     nc = await nats.connect(stack.nats_url)
     nodes = await FakeNodes(nc, [node("n1", slots=4, free=0)]).start()
-    stack.start_scheduler(TOKENYARD_MIN_BUFFER="2", TOKENYARD_INTAKE_ACK_WAIT="2",
-                          TOKENYARD_INTAKE_MAX_PER_TENANT="50")
+    stack.start_scheduler(TOKENYARD_MIN_BUFFER="2", TOKENYARD_INTAKE_ACK_WAIT="2", TOKENYARD_INTAKE_MAX_PER_TENANT="50")
     try:
         await stack.wait_for_scheduler()
         yield stack, nc
@@ -159,8 +164,9 @@ async def test_a_flood_from_one_tenant_does_not_stall_another(held: Any) -> None
 
 async def test_interactive_goes_first_and_batch_still_progresses(held: Any) -> None:
     _, nc = held
-    subs = ([Submission(job=job(f"batch-{i}"), tenant="b", priority="batch") for i in range(20)]
-            + [Submission(job=job(f"inter-{i}"), tenant="i", priority="interactive") for i in range(40)])
+    subs = [Submission(job=job(f"batch-{i}"), tenant="b", priority="batch") for i in range(20)] + [
+        Submission(job=job(f"inter-{i}"), tenant="i", priority="interactive") for i in range(40)
+    ]
     assert all(a.error is None for a in await _submit_all(nc, subs))
     puller = await Puller(nc).start()
     taken = await puller.take(38)

@@ -32,6 +32,7 @@ T0 = 1_700_000_000.0  # a fixed clock for the pure tests
 
 # --- helpers shared by the scheduler tests ---------------------------------------------------
 
+
 class FakeNodes:
     """Publishes NodeAdverts for simulated nodes and answers roll calls, like real workers."""
 
@@ -68,16 +69,40 @@ class FakeNodes:
             self._task.cancel()
 
 
-def node(name: str, pool: str = "own", *, model: str = MODEL, slots: int = 4, free: int | None = None,
-         kind: str = "own", healthy: bool = True, price: tuple[float, float] = (0.0, 0.0)) -> NodeAdvert:
-    return NodeAdvert(node=name, pool=pool, models=(ModelAdvert(model, 4096, "t", *price),), slots_total=slots,
-                      slots_free=slots if free is None else free, interval=0.2, kind=kind, healthy=healthy)
+def node(
+    name: str,
+    pool: str = "own",
+    *,
+    model: str = MODEL,
+    slots: int = 4,
+    free: int | None = None,
+    kind: str = "own",
+    healthy: bool = True,
+    price: tuple[float, float] = (0.0, 0.0),
+) -> NodeAdvert:
+    return NodeAdvert(
+        node=name,
+        pool=pool,
+        models=(ModelAdvert(model, 4096, "t", *price),),
+        slots_total=slots,
+        slots_free=slots if free is None else free,
+        interval=0.2,
+        kind=kind,
+        healthy=healthy,
+    )
 
 
-def job(job_id: str, *, model: str = MODEL, deadline: float = 60.0, dispatch: int = 1,
-        request: dict[str, Any] | None = None) -> Job:
-    return Job(id=job_id, model=model, request=request or {"model": model, "messages": []},
-               reply=f"ty.reply.test.{job_id}", deadline=time.time() + deadline, dispatch=dispatch)
+def job(
+    job_id: str, *, model: str = MODEL, deadline: float = 60.0, dispatch: int = 1, request: dict[str, Any] | None = None
+) -> Job:
+    return Job(
+        id=job_id,
+        model=model,
+        request=request or {"model": model, "messages": []},
+        reply=f"ty.reply.test.{job_id}",
+        deadline=time.time() + deadline,
+        dispatch=dispatch,
+    )
 
 
 async def submit(nc: NATS, sub: Submission, timeout: float = 10.0) -> Admission:
@@ -98,13 +123,41 @@ async def read_counters(nc: NATS, scope: str, ident: str) -> L.Counters:
     return L.Counters.decode((await kv.get(subjects.limits_entry(scope, ident))).value or b"")
 
 
-async def publish_usage(nc: NATS, job_id: str, *, key: str = "", org: str = "", tokens: tuple[int, int] = (0, 0),
-                        reserved: int = 0, outcome: str = "ok", route: str = "own", status: int = 200,
-                        cost: float = 0.0, ttft_ms: float = 0.0, duration_ms: float = 0.0) -> None:
-    record = UsageRecord(job_id=job_id, time=time.time(), org=org, project="", key_id=key, model=MODEL, route=route,
-                         node="n", attempts=1, prompt_tokens=tokens[0], completion_tokens=tokens[1], cached_tokens=0,
-                         cost=cost, ttft_ms=ttft_ms, duration_ms=duration_ms, outcome=outcome, status=status,
-                         reserved_tokens=reserved)
+async def publish_usage(
+    nc: NATS,
+    job_id: str,
+    *,
+    key: str = "",
+    org: str = "",
+    tokens: tuple[int, int] = (0, 0),
+    reserved: int = 0,
+    outcome: str = "ok",
+    route: str = "own",
+    status: int = 200,
+    cost: float = 0.0,
+    ttft_ms: float = 0.0,
+    duration_ms: float = 0.0,
+) -> None:
+    record = UsageRecord(
+        job_id=job_id,
+        time=time.time(),
+        org=org,
+        project="",
+        key_id=key,
+        model=MODEL,
+        route=route,
+        node="n",
+        attempts=1,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        cached_tokens=0,
+        cost=cost,
+        ttft_ms=ttft_ms,
+        duration_ms=duration_ms,
+        outcome=outcome,
+        status=status,
+        reserved_tokens=reserved,
+    )
     await nc.jetstream().publish(subjects.usage_subject(job_id), record.encode(), headers={"Nats-Msg-Id": job_id})
 
 
@@ -139,6 +192,7 @@ async def _both_ready(nc: NATS) -> bool:
 
 
 # --- pure -----------------------------------------------------------------------------------
+
 
 def ask(job_id: str, tokens: int = 10, usd: float = 0.0, expires: float = T0 + 600) -> L.Ask:
     return L.Ask(job_id, tokens, usd, expires)
@@ -226,11 +280,14 @@ def test_counters_round_trip_and_tolerate_garbage() -> None:
 
 # --- real nats-server, two schedulers, two submitters ----------------------------------------
 
+
 async def test_rpm_is_exact_across_two_schedulers_and_two_gateways(two_schedulers: Any) -> None:
     _, _, a, b = two_schedulers
     limits = Limits(rpm=10)
-    subs = [Submission(job=job(f"rpm-{i}"), tenant="org1", key_id="key1", key_limits=limits, estimated_tokens=5)
-            for i in range(40)]
+    subs = [
+        Submission(job=job(f"rpm-{i}"), tenant="org1", key_id="key1", key_limits=limits, estimated_tokens=5)
+        for i in range(40)
+    ]
     answers = await asyncio.gather(*(submit(a if i % 2 else b, s) for i, s in enumerate(subs)))
     admitted = [x for x in answers if x.error is None]
     refused = [from_wire(x.error) for x in answers if x.error is not None]
@@ -243,8 +300,17 @@ async def test_rpm_is_exact_across_two_schedulers_and_two_gateways(two_scheduler
 async def test_org_limit_spans_keys_and_a_retry_reserves_once(two_schedulers: Any) -> None:
     _, _, a, b = two_schedulers
     org = Limits(max_concurrent=3)
-    subs = [Submission(job=job(f"org-{i}"), tenant="org2", key_id=f"key-{i % 4}", org_limits=org,
-                       key_limits=Limits(rpm=1000), estimated_tokens=5) for i in range(12)]
+    subs = [
+        Submission(
+            job=job(f"org-{i}"),
+            tenant="org2",
+            key_id=f"key-{i % 4}",
+            org_limits=org,
+            key_limits=Limits(rpm=1000),
+            estimated_tokens=5,
+        )
+        for i in range(12)
+    ]
     answers = await asyncio.gather(*(submit(a if i % 2 else b, s) for i, s in enumerate(subs)))
     ok = [s for s, x in zip(subs, answers) if x.error is None]
     assert len(ok) == 3
@@ -259,8 +325,10 @@ async def test_org_limit_spans_keys_and_a_retry_reserves_once(two_schedulers: An
 async def test_usage_records_settle_reservations_once(two_schedulers: Any) -> None:
     _, _, a, b = two_schedulers
     lim = Limits(max_concurrent=2, tokens_per_day=10_000, tpm=5000)
-    subs = [Submission(job=job(f"set-{i}"), tenant="org3", key_id="key3", key_limits=lim, estimated_tokens=1000)
-            for i in range(3)]
+    subs = [
+        Submission(job=job(f"set-{i}"), tenant="org3", key_id="key3", key_limits=lim, estimated_tokens=1000)
+        for i in range(3)
+    ]
     answers = [await submit(a, s) for s in subs]
     assert [x.error is None for x in answers] == [True, True, False]
     await publish_usage(a, "set-0", key="key3", org="org3", tokens=(40, 60), reserved=1000)
@@ -278,6 +346,7 @@ async def test_usage_records_settle_reservations_once(two_schedulers: Any) -> No
     async def returned() -> bool:
         c = await read_counters(a, "k", "key3")
         return c.in_flight == 1 and c.tokens_day == 1100
+
     assert await eventually(returned)
 
 
@@ -332,6 +401,7 @@ async def test_a_stale_cache_never_skips_a_settlement(tmp_path: Path) -> None:
 
 # --- the watch that keeps each scheduler's cached counters fresh ------------------------------
 
+
 @pytest.fixture
 async def bucket(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS, KeyValue]]:
     """nats-server, one connection (reconnecting for ever) and the limits bucket."""
@@ -351,9 +421,11 @@ def reserve_fn(job_id: str, lim: Limits) -> Callable[[L.Counters], L.Counters]:
 
 async def caught_up(quota: Quota, key: str, revision: int, timeout: float = 5.0) -> bool:
     """Does `quota`'s cache hold `revision` of `key` (or a later one) within `timeout`?"""
+
     async def check() -> bool:
         cached = quota.cached(key)
         return cached is not None and cached[1] >= revision
+
     return await eventually(check, timeout=timeout, every=0.01)
 
 
@@ -384,8 +456,9 @@ async def test_watching_caches_converge_and_the_limit_is_exact(bucket: Any) -> N
     await y.start()
     try:
         key, lim = subjects.limits_entry("k", "race"), Limits(max_concurrent=15)
-        results = await asyncio.gather(*(q.change(key, reserve_fn(f"j{i}", lim))
-                                         for i in range(40) for q in (x, y)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(q.change(key, reserve_fn(f"j{i}", lim)) for i in range(40) for q in (x, y)), return_exceptions=True
+        )
         # each job id was asked twice (once per scheduler): a second ask of a held id is a no-op
         held = {j for r in results if isinstance(r, L.Counters) for j in r.held}
         refused = [r for r in results if isinstance(r, BaseException)]

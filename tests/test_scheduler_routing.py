@@ -14,10 +14,10 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from scheduler.health import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerConfig, Health
+from scheduler.routing import Policy, ProviderPrefs, Route, RoutingTable, candidate_models, choose, rank
 from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, from_wire
 from schemas.jobs import Submission
-from scheduler.health import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerConfig, Health
-from scheduler.routing import (Policy, ProviderPrefs, Route, RoutingTable, candidate_models, choose, rank)
 from tests.stack import Stack
 from tests.test_scheduler_limits import FakeNodes, eventually, node, publish_usage, submit
 from tests.test_scheduler_limits import job as _job
@@ -39,21 +39,32 @@ def pools(routes: list[Route]) -> list[str]:
 
 # --- pure: strategies -----------------------------------------------------------------------
 
+
 def test_most_free_is_the_default() -> None:
-    routes = [r("a", slots_free=1, slots_total=8), r("b", slots_free=5, slots_total=8), r("c", slots_free=5,
-                                                                                          slots_total=9)]
+    routes = [
+        r("a", slots_free=1, slots_total=8),
+        r("b", slots_free=5, slots_total=8),
+        r("c", slots_free=5, slots_total=9),
+    ]
     assert pools(rank(routes, Policy())) == ["c", "b", "a"]
 
 
 def test_cheapest_by_advertised_prices() -> None:
-    routes = [r("cloud-x", kind="cloud", input_price=3, output_price=15), r("own", input_price=0, output_price=0),
-              r("cloud-y", kind="cloud", input_price=0.5, output_price=1.5)]
+    routes = [
+        r("cloud-x", kind="cloud", input_price=3, output_price=15),
+        r("own", input_price=0, output_price=0),
+        r("cloud-y", kind="cloud", input_price=0.5, output_price=1.5),
+    ]
     assert pools(rank(routes, Policy("cheapest"))) == ["own", "cloud-y", "cloud-x"]
 
 
 def test_fastest_by_measured_latency_then_throughput_and_unmeasured_first() -> None:
-    routes = [r("slow", ttft_ms=900, tokens_per_s=20), r("quick", ttft_ms=100, tokens_per_s=30),
-              r("quick2", ttft_ms=100, tokens_per_s=80), r("new")]
+    routes = [
+        r("slow", ttft_ms=900, tokens_per_s=20),
+        r("quick", ttft_ms=100, tokens_per_s=30),
+        r("quick2", ttft_ms=100, tokens_per_s=80),
+        r("new"),
+    ]
     assert pools(rank(routes, Policy("fastest"))) == ["new", "quick2", "quick", "slow"]
 
 
@@ -84,6 +95,7 @@ def test_failover_takes_the_first_usable_in_order() -> None:
 
 # --- pure: eligibility, provider object, avoid ----------------------------------------------
 
+
 def test_unhealthy_open_and_volunteer_pools_are_not_eligible() -> None:
     routes = [r("sick", healthy=False), r("tripped", breaker_ok=False), r("vol", kind="volunteer"), r("ok")]
     assert pools(rank(routes, Policy())) == ["ok"]
@@ -105,18 +117,31 @@ def test_provider_only_ignore_order_and_fallbacks() -> None:
 
 
 def test_provider_sort_replaces_the_policy() -> None:
-    routes = [r("a", input_price=3, ttft_ms=50, tokens_per_s=10), r("b", input_price=1, ttft_ms=500, tokens_per_s=90),
-              r("c", input_price=2, ttft_ms=200, tokens_per_s=50)]
+    routes = [
+        r("a", input_price=3, ttft_ms=50, tokens_per_s=10),
+        r("b", input_price=1, ttft_ms=500, tokens_per_s=90),
+        r("c", input_price=2, ttft_ms=200, tokens_per_s=50),
+    ]
     assert pools(rank(routes, Policy("failover", order=("c",)), ProviderPrefs(sort="price"))) == ["b", "c", "a"]
     assert pools(rank(routes, Policy(), ProviderPrefs(sort="throughput"))) == ["b", "c", "a"]
     assert pools(rank(routes, Policy(), ProviderPrefs(sort="latency"))) == ["a", "c", "b"]
 
 
 def test_provider_object_is_read_strictly() -> None:
-    prefs = ProviderPrefs.from_request({"provider": {"order": ["Own", "cloud-a"], "allow_fallbacks": False,
-                                                     "only": ["own"], "ignore": ["x"], "sort": "price"}})
-    assert prefs == ProviderPrefs(order=("own", "cloud-a"), allow_fallbacks=False, only=frozenset({"own"}),
-                                  ignore=frozenset({"x"}), sort="price")
+    prefs = ProviderPrefs.from_request(
+        {
+            "provider": {
+                "order": ["Own", "cloud-a"],
+                "allow_fallbacks": False,
+                "only": ["own"],
+                "ignore": ["x"],
+                "sort": "price",
+            }
+        }
+    )
+    assert prefs == ProviderPrefs(
+        order=("own", "cloud-a"), allow_fallbacks=False, only=frozenset({"own"}), ignore=frozenset({"x"}), sort="price"
+    )
     assert ProviderPrefs.from_request({}) == ProviderPrefs()
     for bad in ({"sort": "vibes"}, {"order": "own"}, "own"):
         with pytest.raises(InvalidRequestError):
@@ -125,8 +150,15 @@ def test_provider_object_is_read_strictly() -> None:
 
 def test_routing_table_key_beats_model_beats_default(tmp_path: Path) -> None:
     path = tmp_path / "routing.json"
-    path.write_text(json.dumps({"default": {"strategy": "cheapest"}, "models": {M: {"strategy": "fastest"}},
-                                "keys": {"k1": {"strategy": "failover", "order": ["b"]}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "default": {"strategy": "cheapest"},
+                "models": {M: {"strategy": "fastest"}},
+                "keys": {"k1": {"strategy": "failover", "order": ["b"]}},
+            }
+        )
+    )
     table = RoutingTable.load(str(path))
     assert table.policy_for("other", "k0").strategy == "cheapest"
     assert table.policy_for(M, "k0").strategy == "fastest"
@@ -136,6 +168,7 @@ def test_routing_table_key_beats_model_beats_default(tmp_path: Path) -> None:
 
 
 # --- pure: models fallback and errors ----------------------------------------------------------
+
 
 def test_models_fallback_takes_the_first_model_with_a_usable_route() -> None:
     routes = {"a": [r("p", model="a", healthy=False)], "b": [r("q", model="b")]}
@@ -149,14 +182,20 @@ def test_unknown_models_are_404_and_known_without_capacity_503() -> None:
     with pytest.raises(ModelNotFoundError):
         choose(["x", "y"], lambda m: [], lambda m: False, lambda m: Policy(), ProviderPrefs())
     with pytest.raises(NoCapacityError) as e:
-        choose(["x", "y"], lambda m: [r("p", model=m, breaker_ok=False)], lambda m: m == "y", lambda m: Policy(),
-               ProviderPrefs())
+        choose(
+            ["x", "y"],
+            lambda m: [r("p", model=m, breaker_ok=False)],
+            lambda m: m == "y",
+            lambda m: Policy(),
+            ProviderPrefs(),
+        )
     assert e.value.retry_after
     with pytest.raises(InvalidRequestError):
         candidate_models("a", {"models": "b"})
 
 
 # --- pure: breaker --------------------------------------------------------------------------
+
 
 def test_breaker_opens_after_n_failures_probes_after_cooldown_and_closes_on_success() -> None:
     b = Breaker(BreakerConfig(failures=3, cooldown=10.0, probe_timeout=5.0))
@@ -207,27 +246,37 @@ def test_health_reads_usage_records() -> None:
 
 # --- end to end: one scheduler, simulated nodes --------------------------------------------------
 
+
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Stack, FakeNodes, NATS]]:
     routing = tmp_path / "routing.json"
-    routing.write_text(json.dumps({
-        "default": {"strategy": "own_first", "spill_wait": 2.0},
-        "models": {"m/cheap": {"strategy": "cheapest"}},
-        "keys": {"ab-key": {"strategy": "weighted", "weights": {"own": 1, "cloud-b": 1}}}}))
+    routing.write_text(
+        json.dumps(
+            {
+                "default": {"strategy": "own_first", "spill_wait": 2.0},
+                "models": {"m/cheap": {"strategy": "cheapest"}},
+                "keys": {"ab-key": {"strategy": "weighted", "weights": {"own": 1, "cloud-b": 1}}},
+            }
+        )
+    )
     stack = Stack(tmp_path)
     stack.start_nats()
     nc = await nats.connect(stack.nats_url)
-    nodes = await FakeNodes(nc, [
-        node("own-1", "own", model=M, slots=2),
-        node("vol-1", "vol", model=M, slots=50, kind="volunteer"),
-        node("cloud-a-1", "cloud-a", model=M, slots=100, kind="cloud", price=(1.0, 2.0)),
-        node("cloud-b-1", "cloud-b", model=M, slots=100, kind="cloud", price=(0.5, 1.0)),
-        node("cheap-1", "cloud-a", model="m/cheap", slots=10, kind="cloud", price=(0.2, 0.2)),
-        node("cheap-2", "cloud-b", model="m/cheap", slots=10, kind="cloud", price=(0.1, 0.1)),
-        node("sick-1", "sick", model="m/sick", healthy=False),
-    ]).start()
-    stack.start_scheduler(TOKENYARD_ROUTING_FILE=str(routing), TOKENYARD_BREAKER_FAILURES="2",
-                          TOKENYARD_BREAKER_COOLDOWN="1.0")
+    nodes = await FakeNodes(
+        nc,
+        [
+            node("own-1", "own", model=M, slots=2),
+            node("vol-1", "vol", model=M, slots=50, kind="volunteer"),
+            node("cloud-a-1", "cloud-a", model=M, slots=100, kind="cloud", price=(1.0, 2.0)),
+            node("cloud-b-1", "cloud-b", model=M, slots=100, kind="cloud", price=(0.5, 1.0)),
+            node("cheap-1", "cloud-a", model="m/cheap", slots=10, kind="cloud", price=(0.2, 0.2)),
+            node("cheap-2", "cloud-b", model="m/cheap", slots=10, kind="cloud", price=(0.1, 0.1)),
+            node("sick-1", "sick", model="m/sick", healthy=False),
+        ],
+    ).start()
+    stack.start_scheduler(
+        TOKENYARD_ROUTING_FILE=str(routing), TOKENYARD_BREAKER_FAILURES="2", TOKENYARD_BREAKER_COOLDOWN="1.0"
+    )
     try:
         await stack.wait_for_scheduler()
         yield stack, nodes, nc
@@ -243,15 +292,17 @@ async def test_placement_over_real_adverts(fleet: Any) -> None:
     assert (first.error, first.pool) == (None, "own")  # own capacity first
     cheap = await submit(nc, Submission(job=job("e2e-1", model="m/cheap")))
     assert cheap.pool == "cloud-b"
-    vol = await submit(nc, Submission(job=job("e2e-2", request={"model": M, "provider": {"only": ["vol"]}}),
-                                      volunteer_ok=True))
+    vol = await submit(
+        nc, Submission(job=job("e2e-2", request={"model": M, "provider": {"only": ["vol"]}}), volunteer_ok=True)
+    )
     assert vol.pool == "vol"
     no_vol = await submit(nc, Submission(job=job("e2e-3", request={"model": M, "provider": {"only": ["vol"]}})))
     assert from_wire(no_vol.error or {}).status == 503  # never on volunteers without consent
     ordered = await submit(nc, Submission(job=job("e2e-4", request={"model": M, "provider": {"order": ["cloud-a"]}})))
     assert ordered.pool == "cloud-a"
-    fallback = await submit(nc, Submission(job=job("e2e-5", model="m/sick", request={"model": "m/sick",
-                                                                                    "models": ["m/cheap"]})))
+    fallback = await submit(
+        nc, Submission(job=job("e2e-5", model="m/sick", request={"model": "m/sick", "models": ["m/cheap"]}))
+    )
     assert (fallback.pool, fallback.model) == ("cloud-b", "m/cheap")
     sick = await submit(nc, Submission(job=job("e2e-6", model="m/sick")))
     assert from_wire(sick.error or {}).status == 503

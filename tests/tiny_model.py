@@ -31,16 +31,32 @@ def build_tokenizer(template: str = CHATML) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(SPECIALS))
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token="<|im_start|>", chat_template=template, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        chat_template=template,
+        padding_side="left",
+    )
 
 
 def build_model(*, seed: int = 0, context: int = 512, vocab: int = 258) -> LlamaForCausalLM:
     """Random Llama weights, scaled up so logits are far apart (greedy choices are not near-ties)."""
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1, bos_token_id=vocab - 2,
-                         tie_word_embeddings=False, initializer_range=0.3)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        bos_token_id=vocab - 2,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return model.eval()

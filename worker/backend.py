@@ -106,14 +106,11 @@ class Backend(Protocol):
         """Load models, open connections. Heavy work goes off the event loop."""
         ...
 
-    async def close(self) -> None:
-        ...
+    async def close(self) -> None: ...
 
-    def check(self, model: str, request: dict[str, Any]) -> None:
-        ...
+    def check(self, model: str, request: dict[str, Any]) -> None: ...
 
-    def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
-        ...
+    def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]: ...
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         """What a generation stopped after `completion_tokens` tokens used: the prompt (exact
@@ -131,8 +128,11 @@ def check_text_only(request: dict[str, Any]) -> None:
         raise UnsupportedError("This model does not support tools.", param="tools")
     fmt = (request.get("response_format") or {}).get("type", "text")
     if fmt != "text":
-        raise UnsupportedError(f"response_format of type '{fmt}' is not supported by this model.",
-                               param="response_format", code="unsupported_value")
+        raise UnsupportedError(
+            f"response_format of type '{fmt}' is not supported by this model.",
+            param="response_format",
+            code="unsupported_value",
+        )
     if request.get("logprobs"):
         raise UnsupportedError("logprobs are not supported by this model.", param="logprobs")
     for i, m in enumerate(request["messages"]):
@@ -142,4 +142,6 @@ def check_text_only(request: dict[str, Any]) -> None:
                 if part.get("type") != "text":
                     raise UnsupportedError(
                         f"Content parts of type '{part.get('type')}' are not supported by this model.",
-                        param=f"messages[{i}].content[{j}]", code="unsupported_value")
+                        param=f"messages[{i}].content[{j}]",
+                        code="unsupported_value",
+                    )

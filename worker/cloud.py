@@ -70,15 +70,26 @@ _KEY_REJECTED = frozenset({401, 403})
 class CloudBackend:
     """See the module docstring. Build with `from_settings`, `from_config` or a `Provider`."""
 
-    def __init__(self, provider: Provider, *, slots: int = 32, clock: Clock = time.monotonic,
-                 base_cooldown: float = 1.0, max_cooldown: float = 300.0,
-                 health_policy: HealthPolicy | None = None) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        slots: int = 32,
+        clock: Clock = time.monotonic,
+        base_cooldown: float = 1.0,
+        max_cooldown: float = 300.0,
+        health_policy: HealthPolicy | None = None,
+    ) -> None:
         health_policy = health_policy or HealthPolicy()
         self._provider = provider
         self._slots = max(1, min(slots, provider.max_concurrency or slots))
-        self._keys = Keyring([k.fingerprint for k in provider.keys], clock=clock,
-                             base_cooldown=base_cooldown, max_cooldown=max_cooldown,
-                             window=health_policy.window)
+        self._keys = Keyring(
+            [k.fingerprint for k in provider.keys],
+            clock=clock,
+            base_cooldown=base_cooldown,
+            max_cooldown=max_cooldown,
+            window=health_policy.window,
+        )
         self._health = ProviderHealth(clock=clock, policy=health_policy)
         self._client: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -91,8 +102,7 @@ class CloudBackend:
         return cls.from_config(load_providers(settings.providers), settings.provider, slots=settings.slots)
 
     @classmethod
-    def from_config(cls, config: ProvidersConfig, name: str, *, slots: int = 32,
-                    **options: Any) -> CloudBackend:
+    def from_config(cls, config: ProvidersConfig, name: str, *, slots: int = 32, **options: Any) -> CloudBackend:
         return cls(config.get(name), slots=slots, **options)
 
     @property
@@ -111,8 +121,15 @@ class CloudBackend:
         adverts = []
         for r in self._provider.models.values():
             price = self._provider.price(r.public)
-            adverts.append(ModelAdvert(r.public, r.context_length, self._provider.name,
-                                       price.input if price else 0.0, price.output if price else 0.0))
+            adverts.append(
+                ModelAdvert(
+                    r.public,
+                    r.context_length,
+                    self._provider.name,
+                    price.input if price else 0.0,
+                    price.output if price else 0.0,
+                )
+            )
         return adverts
 
     async def start(self) -> None:
@@ -151,8 +168,13 @@ class CloudBackend:
         return self._keys.ready_in() == 0 and self._health.healthy()
 
     def health(self) -> dict[str, Any]:
-        return {"provider": self._provider.name, "healthy": self.healthy(), "in_flight": self._in_flight,
-                **self._health.snapshot(), "keys": self._keys.snapshot()}
+        return {
+            "provider": self._provider.name,
+            "healthy": self.healthy(),
+            "in_flight": self._in_flight,
+            **self._health.snapshot(),
+            "keys": self._keys.snapshot(),
+        }
 
     async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
         route = self._route(model)
@@ -197,8 +219,9 @@ class CloudBackend:
         status: int | None = None
         retry_after: float | None = None
         try:
-            async with client.stream("GET", "models", headers=headers,
-                                     timeout=min(t.connect + t.read, PROBE_TIMEOUT)) as response:
+            async with client.stream(
+                "GET", "models", headers=headers, timeout=min(t.connect + t.read, PROBE_TIMEOUT)
+            ) as response:
                 status = response.status_code  # the body is never read: the status is enough
                 retry_after = retry_after_seconds(response.headers)
         except httpx.HTTPError as e:
@@ -230,8 +253,9 @@ class CloudBackend:
             tried.add(key)
             auth = {"Authorization": f"Bearer {self._provider.keys[key].reveal()}"}
             try:
-                response = await client.send(client.build_request("POST", "chat/completions", json=body,
-                                                                  headers=auth), stream=True)
+                response = await client.send(
+                    client.build_request("POST", "chat/completions", json=body, headers=auth), stream=True
+                )
             except httpx.HTTPError as e:
                 self._keys.failed(key)
                 lost = _transport_error(e, self._provider.name)
@@ -258,10 +282,14 @@ class CloudBackend:
         error: TokenyardError
         if wait is None:
             error = WorkerFailedError(
-                f"Provider '{self._provider.name}' has no usable API key.", code="upstream_keys_revoked")
+                f"Provider '{self._provider.name}' has no usable API key.", code="upstream_keys_revoked"
+            )
         else:
-            error = NoCapacityError(f"Provider '{self._provider.name}' is rate-limiting every key.",
-                                    code="upstream_rate_limited", retry_after=round(max(wait, 0.1), 3))
+            error = NoCapacityError(
+                f"Provider '{self._provider.name}' is rate-limiting every key.",
+                code="upstream_rate_limited",
+                retry_after=round(max(wait, 0.1), 3),
+            )
         self._failed(model, error)
         raise error
 
@@ -274,8 +302,7 @@ class CloudBackend:
             return True
         if status == 402:
             delay = self._keys.cool(key, float("inf"))
-            self._log.error("cloud.key_exhausted", key=fp, status=status, cooldown=round(delay, 3),
-                            alert=True)
+            self._log.error("cloud.key_exhausted", key=fp, status=status, cooldown=round(delay, 3), alert=True)
             return True
         if status in _KEY_REJECTED:
             self._keys.revoke(key)
@@ -299,15 +326,15 @@ class CloudBackend:
 
     def _priced(self, model: str, usage: Usage) -> Usage:
         price = self._provider.price(model)
-        cost = None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens,
-                                                      usage.cached_tokens)
+        cost = None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
         return Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost)
 
     def _route(self, model: str) -> ModelRoute:
         route = self._provider.models.get(model)
         if route is None:
             raise ModelNotFoundError(
-                f"The model '{model}' is not served by provider '{self._provider.name}'.", param="model")
+                f"The model '{model}' is not served by provider '{self._provider.name}'.", param="model"
+            )
         return route
 
     def _need_client(self) -> httpx.AsyncClient:
@@ -377,12 +404,12 @@ def _upstream_error(detail: bytes) -> tuple[str, str | None, str | None]:
 
 def _transport_error(e: httpx.HTTPError, provider: str) -> WorkerFailedError:
     if isinstance(e, httpx.TimeoutException):
-        return WorkerFailedError(f"Provider '{provider}' timed out ({type(e).__name__}).",
-                                 code="upstream_timeout")
+        return WorkerFailedError(f"Provider '{provider}' timed out ({type(e).__name__}).", code="upstream_timeout")
     if isinstance(e, httpx.ConnectError):
         return WorkerFailedError(f"Provider '{provider}' is unreachable.", code="upstream_unreachable")
-    return WorkerFailedError(f"The connection to provider '{provider}' failed ({type(e).__name__}).",
-                             code="upstream_disconnected")
+    return WorkerFailedError(
+        f"The connection to provider '{provider}' failed ({type(e).__name__}).", code="upstream_disconnected"
+    )
 
 
 async def _read_limited(chunks: AsyncIterator[bytes], limit: int = ERROR_BODY_LIMIT) -> bytes:
@@ -394,8 +421,9 @@ async def _read_limited(chunks: AsyncIterator[bytes], limit: int = ERROR_BODY_LI
     return bytes(data[:limit])
 
 
-async def _relay(response: httpx.Response, request: dict[str, Any], deadline: float,
-                 provider: str) -> AsyncGenerator[Output, None]:
+async def _relay(
+    response: httpx.Response, request: dict[str, Any], deadline: float, provider: str
+) -> AsyncGenerator[Output, None]:
     """Upstream's answer as outputs (Usage unpriced). Translates transport errors."""
     state = StreamState(Sampling.of(request).n)
     chunks = response.aiter_bytes()
@@ -414,8 +442,8 @@ async def _relay(response: httpx.Response, request: dict[str, Any], deadline: fl
                     break
                 if time.monotonic() > deadline:
                     raise WorkerFailedError(
-                        "The upstream answer took longer than the provider's total timeout.",
-                        code="upstream_timeout")
+                        "The upstream answer took longer than the provider's total timeout.", code="upstream_timeout"
+                    )
         await _drain(chunks)
     except httpx.HTTPError as e:
         raise _transport_error(e, provider) from e
@@ -486,8 +514,7 @@ class StreamState:
             raise _malformed("a chunk is not a JSON object")
         if obj.get("error"):
             message, _, _ = _upstream_error(json.dumps({"error": obj["error"]}).encode())
-            raise WorkerFailedError(f"The upstream stream failed: {message or 'unknown error'}",
-                                    code="upstream_error")
+            raise WorkerFailedError(f"The upstream stream failed: {message or 'unknown error'}", code="upstream_error")
         choices = obj.get("choices") or []
         if not isinstance(choices, list):
             raise _malformed("'choices' is not a list")
@@ -517,8 +544,10 @@ class StreamState:
     def completion(self, obj: Any) -> list[Output]:
         """A whole (non-streamed) `chat.completion`."""
         if isinstance(obj, dict) and isinstance(obj.get("choices"), list):
-            obj = {**obj, "choices": [{**c, "delta": c.get("message")} if isinstance(c, dict) else c
-                                      for c in obj["choices"]]}
+            obj = {
+                **obj,
+                "choices": [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in obj["choices"]],
+            }
         out = self.chunk(obj)
         self.done = True
         return out
@@ -528,8 +557,9 @@ class StreamState:
         answer was cut short."""
         complete = len(self.finished) == self.n and self.usage is not None
         if not self.done and not complete:
-            raise WorkerFailedError("The upstream stream ended before the answer was complete.",
-                                    code="upstream_disconnected")
+            raise WorkerFailedError(
+                "The upstream stream ended before the answer was complete.", code="upstream_disconnected"
+            )
         missing = [i for i in range(self.n) if i not in self.finished]
         if missing:
             log.warning("cloud.finish_missing", choices=missing)
@@ -552,8 +582,11 @@ def _usage(u: Any) -> tuple[int, int, int]:
     if not isinstance(u, dict):
         raise _malformed("'usage' is not an object")
     details = u.get("prompt_tokens_details") or {}
-    values = (u.get("prompt_tokens"), u.get("completion_tokens"),
-              (details.get("cached_tokens") if isinstance(details, dict) else 0) or 0)
+    values = (
+        u.get("prompt_tokens"),
+        u.get("completion_tokens"),
+        (details.get("cached_tokens") if isinstance(details, dict) else 0) or 0,
+    )
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise _malformed("'usage' does not hold token counts")
     return values  # type: ignore[return-value]

@@ -79,7 +79,8 @@ class EchoBackend:
                 f"This model's maximum context length is {self._context} tokens. However, you requested "
                 f"{plan.prompt_tokens + wanted} tokens ({plan.prompt_tokens} in the messages, {wanted} in the "
                 "completion). Please reduce the length of the messages or completion.",
-                param="messages")
+                param="messages",
+            )
 
     async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
         plan = self._plan(request)
@@ -94,8 +95,10 @@ class EchoBackend:
         # picks up at the word after it, as if the earlier words had been generated here.
         start = plan.continue_from
         end = min(plan.tokens, start + sampling.max_tokens) if sampling.max_tokens else plan.tokens
-        texts = [plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
-                 for i in range(start, end)]
+        texts = [
+            plan.words[i % len(plan.words)] if i == 0 else " " + plan.words[i % len(plan.words)]
+            for i in range(start, end)
+        ]
         # The whole answer is known up front, so the stop cut is exact and nothing past it leaks.
         cut = _stop_cut("".join(texts), sampling.stop)
         finish = "stop" if cut is not None or end >= plan.tokens else "length"

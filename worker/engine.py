@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence as Seq
+from collections.abc import AsyncGenerator, Callable
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,9 +44,18 @@ _SEED_MIX = 0x9E3779B97F4A7C15  # spreads the seeds of a request's choices apart
 class TransformersBackend:
     """Serves one causal LM under one or more public model ids."""
 
-    def __init__(self, *, model_ids: Seq[str], load_model: Callable[[], LoadedModel], slots: int = 16,
-                 max_context: int = 0, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-                 prefill_budget: int = 2048, threads: int = 0, share_prefix: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        model_ids: Seq[str],
+        load_model: Callable[[], LoadedModel],
+        slots: int = 16,
+        max_context: int = 0,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        prefill_budget: int = 2048,
+        threads: int = 0,
+        share_prefix: bool = True,
+    ) -> None:
         if not model_ids:
             raise ValueError("a backend needs at least one public model id")
         self._ids = tuple(model_ids)
@@ -66,12 +76,16 @@ class TransformersBackend:
         def load_model() -> LoadedModel:
             device = resolve_device(settings.device)
             path = resolve_source(settings.model_path, settings.data_dir)
-            return load(path, device=device, dtype=resolve_dtype(settings.dtype, device),
-                        threads=settings.threads)
+            return load(path, device=device, dtype=resolve_dtype(settings.dtype, device), threads=settings.threads)
 
         ids = settings.models or (_default_id(settings.model_path),)
-        return cls(model_ids=ids, load_model=load_model, slots=settings.slots,
-                   max_context=settings.max_context, threads=settings.threads)
+        return cls(
+            model_ids=ids,
+            load_model=load_model,
+            slots=settings.slots,
+            max_context=settings.max_context,
+            threads=settings.threads,
+        )
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, *, model_id: str, **options: Any) -> TransformersBackend:
@@ -97,9 +111,15 @@ class TransformersBackend:
         self._context = min(self._max_context, limit) if self._max_context > 0 else limit
         self._loaded, self._decode = loaded, _decoder(loaded.tokenizer)
         prefix = self._template_prefix() if self._share_prefix else []
-        engine = BatchEngine(loaded.model, rows=self._slots, eos_ids=loaded.eos_ids,
-                             pad_id=loaded.pad_id, prefill_budget=self._budget, threads=self._threads,
-                             prefix=prefix)
+        engine = BatchEngine(
+            loaded.model,
+            rows=self._slots,
+            eos_ids=loaded.eos_ids,
+            pad_id=loaded.pad_id,
+            prefill_budget=self._budget,
+            threads=self._threads,
+            prefix=prefix,
+        )
         engine.start()
         self._engine = engine
         await asyncio.to_thread(self._warm_up, engine, loaded, prefix)
@@ -160,14 +180,21 @@ class TransformersBackend:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(prompt) + wanted} tokens ({len(prompt)} in the messages, {wanted} in the "
                 "completion). Please reduce the length of the messages or completion.",
-                param="messages")
+                param="messages",
+            )
         max_new = s.max_tokens if s.max_tokens is not None else limit - len(prompt)
         temperature = s.temperature if s.temperature >= _GREEDY_BELOW else 0.0
         params = [
-            SeqParams(max_new_tokens=max_new, temperature=temperature, top_p=s.top_p, stops=s.stop,
-                      repetition_penalty=self._repetition, presence_penalty=s.presence_penalty,
-                      frequency_penalty=s.frequency_penalty,
-                      seed=None if s.seed is None else (int(s.seed) ^ (i * _SEED_MIX)) % 2**63)
+            SeqParams(
+                max_new_tokens=max_new,
+                temperature=temperature,
+                top_p=s.top_p,
+                stops=s.stop,
+                repetition_penalty=self._repetition,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                seed=None if s.seed is None else (int(s.seed) ^ (i * _SEED_MIX)) % 2**63,
+            )
             for i in range(s.n)
         ]
         return prompt, params
@@ -186,14 +213,16 @@ class TransformersBackend:
         prefill = messages[-1]["role"] == "assistant"
         try:
             if getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefill,
-                                                     continue_final_message=prefill, tokenize=False)
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+                )
             else:  # a base model without a template: plain role-prefixed turns
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
                 text = text[:-1] if prefill else text + "assistant:"
         except TemplateError as e:
-            raise InvalidRequestError(f"The model's chat template rejected these messages: {e}",
-                                      param="messages") from e
+            raise InvalidRequestError(
+                f"The model's chat template rejected these messages: {e}", param="messages"
+            ) from e
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _template_prefix(self) -> list[int]:
@@ -211,9 +240,13 @@ class TransformersBackend:
         nor for computing the shared prompt prefix."""
         done = threading.Event()
         params = SeqParams(max_new_tokens=2, temperature=0.0)
-        seq = Sequence(0, [*prefix, loaded.pad_id, loaded.pad_id], params,
-                       lambda item: done.set() if isinstance(item, (Finish, BaseException)) else None,
-                       TextStream(self._decode or (lambda ids: ""), ()))
+        seq = Sequence(
+            0,
+            [*prefix, loaded.pad_id, loaded.pad_id],
+            params,
+            lambda item: done.set() if isinstance(item, (Finish, BaseException)) else None,
+            TextStream(self._decode or (lambda ids: ""), ()),
+        )
         engine.submit([seq])
         done.wait(timeout=120.0)
 

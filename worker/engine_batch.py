@@ -47,11 +47,9 @@ class Sequence:
     """One choice of one request. `cancelled` may be set from any thread; the rest belongs to the
     engine thread once submitted."""
 
-    __slots__ = ("index", "prompt", "params", "emit", "text", "generated", "counts", "cancelled", "done",
-                 "_generator")
+    __slots__ = ("index", "prompt", "params", "emit", "text", "generated", "counts", "cancelled", "done", "_generator")
 
-    def __init__(self, index: int, prompt: list[int], params: SeqParams, emit: Emit,
-                 text: TextStream) -> None:
+    def __init__(self, index: int, prompt: list[int], params: SeqParams, emit: Emit, text: TextStream) -> None:
         self.index = index
         self.prompt = prompt
         self.params = params
@@ -90,8 +88,17 @@ class EngineStoppedError(RuntimeError):
 class BatchEngine:
     """The step loop (see the module docstring). Thread-safe methods: submit, cancel, stop."""
 
-    def __init__(self, model: torch.nn.Module, *, rows: int, eos_ids: Iterable[int], pad_id: int,
-                 prefill_budget: int = 2048, threads: int = 0, prefix: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        rows: int,
+        eos_ids: Iterable[int],
+        pad_id: int,
+        prefill_budget: int = 2048,
+        threads: int = 0,
+        prefix: Iterable[int] = (),
+    ) -> None:
         self._model = model
         self._prefix = list(prefix)  # a prompt start many requests share (e.g. a default system prompt)
         self._prefix_cache: SlabCache | None = None  # its keys and values, computed on first use
@@ -225,8 +232,8 @@ class BatchEngine:
         mask[:, :shared] = 1
         for row, seq in enumerate(group):
             rest = seq.prompt[shared:]
-            ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            mask[row, shared + width - len(rest):] = 1
+            ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[row, shared + width - len(rest) :] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, shared:]
         started = time.perf_counter()
@@ -235,9 +242,14 @@ class BatchEngine:
         logits: torch.Tensor | None = None
         for start in range(0, width, chunk):
             end = min(width, start + chunk)
-            out = self._model(input_ids=ids[:, start:end], attention_mask=mask[:, :shared + end],
-                              position_ids=positions[:, start:end], past_key_values=cache,
-                              use_cache=True, logits_to_keep=1)
+            out = self._model(
+                input_ids=ids[:, start:end],
+                attention_mask=mask[:, : shared + end],
+                position_ids=positions[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             logits = out.logits[:, -1, :]
         assert logits is not None
         self.stats.prefill_tokens += ids.numel()
@@ -250,21 +262,31 @@ class BatchEngine:
         rows = torch.tensor(keep, dtype=torch.long, device=self._device)
         if len(keep) < len(group):
             cache = select(cache, rows)
-        self._join([group[i] for i in keep], cache, mask.index_select(0, rows),
-                   torch.tensor([len(group[i].prompt) for i in keep], device=self._device),
-                   torch.tensor([tokens[i] for i in keep], device=self._device))
+        self._join(
+            [group[i] for i in keep],
+            cache,
+            mask.index_select(0, rows),
+            torch.tensor([len(group[i].prompt) for i in keep], device=self._device),
+            torch.tensor([tokens[i] for i in keep], device=self._device),
+        )
 
     def _shared_prefix(self) -> SlabCache:
         if self._prefix_cache is None:
             cache = SlabCache()
             ids = torch.tensor([self._prefix], dtype=torch.long, device=self._device)
-            self._model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            self._model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             self._prefix_cache = cache
         return self._prefix_cache
 
-    def _join(self, seqs: list[Sequence], cache: SlabCache, mask: torch.Tensor,
-              positions: torch.Tensor, last: torch.Tensor) -> None:
+    def _join(
+        self, seqs: list[Sequence], cache: SlabCache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor
+    ) -> None:
         if self._cache is None or not self._rows:
             self._rows, self._cache, self._mask = list(seqs), cache, mask
             self._positions, self._last = positions, last
@@ -280,9 +302,13 @@ class BatchEngine:
 
     def _decode(self) -> None:
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        out = self._model(input_ids=self._last.unsqueeze(1), attention_mask=mask,
-                          position_ids=self._positions.unsqueeze(1), past_key_values=self._cache,
-                          use_cache=True)
+        out = self._model(
+            input_ids=self._last.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=self._positions.unsqueeze(1),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
         self._mask = mask
         self._positions = self._positions + 1
         tokens = self._choose(self._rows, out.logits[:, -1, :])
@@ -301,12 +327,19 @@ class BatchEngine:
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             index = penalty_index([s.counts for s in seqs], device=logits.device)
             logits = apply_penalties(
-                logits, index, repetition=column([p.repetition_penalty for p in params]),
+                logits,
+                index,
+                repetition=column([p.repetition_penalty for p in params]),
                 presence=column([p.presence_penalty for p in params]),
-                frequency=column([p.frequency_penalty for p in params]))
+                frequency=column([p.frequency_penalty for p in params]),
+            )
         uniform = column([s.draw() if s.params.temperature > 0 else 0.0 for s in seqs])
-        chosen = sample(logits, temperature=column([p.temperature for p in params]),
-                        top_p=column([p.top_p for p in params]), uniform=uniform)
+        chosen = sample(
+            logits,
+            temperature=column([p.temperature for p in params]),
+            top_p=column([p.top_p for p in params]),
+            uniform=uniform,
+        )
         return [int(t) for t in chosen.tolist()]
 
     def _accept(self, seqs: list[Sequence], tokens: list[int]) -> set[int]:

@@ -40,16 +40,17 @@ class SlabLayer(DynamicLayer):
         layer._expose()
         return layer
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
         n = key_states.shape[-2]
         self._reserve(self.length + n, key_states, value_states)
         assert self.kbuf is not None and self.vbuf is not None
-        self.kbuf[:, :, self.length:self.length + n] = key_states
-        self.vbuf[:, :, self.length:self.length + n] = value_states
+        self.kbuf[:, :, self.length : self.length + n] = key_states
+        self.vbuf[:, :, self.length : self.length + n] = value_states
         self.length += n
         return self._expose()
 
@@ -72,13 +73,13 @@ class SlabLayer(DynamicLayer):
         kbuf = keys.new_zeros(keys.shape[0], keys.shape[1], cap, keys.shape[3])
         vbuf = values.new_zeros(values.shape[0], values.shape[1], cap, values.shape[3])
         if self.kbuf is not None and self.vbuf is not None:
-            kbuf[:, :, :self.length] = self.kbuf[:, :, :self.length]
-            vbuf[:, :, :self.length] = self.vbuf[:, :, :self.length]
+            kbuf[:, :, : self.length] = self.kbuf[:, :, : self.length]
+            vbuf[:, :, : self.length] = self.vbuf[:, :, : self.length]
         self.kbuf, self.vbuf = kbuf, vbuf
 
     def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.kbuf is not None and self.vbuf is not None
-        keys, values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+        keys, values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
         self.keys, self.values = keys, values
         return keys, values
 
@@ -118,8 +119,8 @@ def merge(parts: Sequence[SlabCache], *, spare: int = _GRAIN) -> SlabCache:
         for layer in per_layer:
             assert layer.kbuf is not None and layer.vbuf is not None
             n, pad = layer.kbuf.shape[0], length - layer.length
-            kbuf[row:row + n, :, pad:length] = layer.kbuf[:, :, :layer.length]
-            vbuf[row:row + n, :, pad:length] = layer.vbuf[:, :, :layer.length]
+            kbuf[row : row + n, :, pad:length] = layer.kbuf[:, :, : layer.length]
+            vbuf[row : row + n, :, pad:length] = layer.vbuf[:, :, : layer.length]
             row += n
         layers.append(SlabLayer.of(kbuf, vbuf, length))
     return SlabCache(layers)
@@ -134,8 +135,8 @@ def select(cache: SlabCache, rows: torch.Tensor, *, drop_left: int = 0, spare: i
         rows_on = rows.to(layer.kbuf.device)
         kbuf = layer.kbuf.new_zeros(len(rows), layer.kbuf.shape[1], _capacity(length + spare), layer.kbuf.shape[3])
         vbuf = layer.vbuf.new_zeros(len(rows), layer.vbuf.shape[1], kbuf.shape[2], layer.vbuf.shape[3])
-        kbuf[:, :, :length] = layer.kbuf[:, :, drop_left:layer.length].index_select(0, rows_on)
-        vbuf[:, :, :length] = layer.vbuf[:, :, drop_left:layer.length].index_select(0, rows_on)
+        kbuf[:, :, :length] = layer.kbuf[:, :, drop_left : layer.length].index_select(0, rows_on)
+        vbuf[:, :, :length] = layer.vbuf[:, :, drop_left : layer.length].index_select(0, rows_on)
         layers.append(SlabLayer.of(kbuf, vbuf, length))
     return SlabCache(layers)
 
@@ -148,7 +149,7 @@ def repeat(cache: SlabCache, rows: int, *, room: int = _GRAIN) -> SlabCache:
         cap = _capacity(layer.length + room)
         kbuf = layer.kbuf.new_zeros(rows, layer.kbuf.shape[1], cap, layer.kbuf.shape[3])
         vbuf = layer.vbuf.new_zeros(rows, layer.vbuf.shape[1], cap, layer.vbuf.shape[3])
-        kbuf[:, :, :layer.length] = layer.kbuf[:1, :, :layer.length]
-        vbuf[:, :, :layer.length] = layer.vbuf[:1, :, :layer.length]
+        kbuf[:, :, : layer.length] = layer.kbuf[:1, :, : layer.length]
+        vbuf[:, :, : layer.length] = layer.vbuf[:1, :, : layer.length]
         layers.append(SlabLayer.of(kbuf, vbuf, layer.length))
     return SlabCache(layers)

@@ -87,8 +87,14 @@ def load(path: Path, *, device: torch.device, dtype: torch.dtype, threads: int =
         model = model.to(device)  # type: ignore[arg-type]  # transformers' stub is too narrow
     model.eval()
     loaded = prepare(model, tokenizer)
-    log.info("model.loaded", path=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
-             context=loaded.context_length, threads=torch.get_num_threads())
+    log.info(
+        "model.loaded",
+        path=str(path),
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        context=loaded.context_length,
+        threads=torch.get_num_threads(),
+    )
     return loaded
 
 
@@ -103,5 +109,6 @@ def prepare(model: Any, tokenizer: Any) -> LoadedModel:
     if not eos:
         raise ValueError("the model defines no end-of-sequence token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    return LoadedModel(model=model, tokenizer=tokenizer, context_length=context,
-                       eos_ids=frozenset(eos), pad_id=int(pad))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, context_length=context, eos_ids=frozenset(eos), pad_id=int(pad)
+    )

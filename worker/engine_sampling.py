@@ -14,8 +14,11 @@ import torch
 _NUCLEUS_PREFILTER = 512
 
 
-def penalty_index(histories: Sequence[Mapping[int, int]], *, device: torch.device,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def penalty_index(
+    histories: Sequence[Mapping[int, int]],
+    *,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten per-row token counts into (row, token, count) columns for `apply_penalties`."""
     rows: list[int] = []
     tokens: list[int] = []
@@ -24,9 +27,11 @@ def penalty_index(histories: Sequence[Mapping[int, int]], *, device: torch.devic
         rows.extend([row] * len(history))
         tokens.extend(history.keys())
         counts.extend(float(c) for c in history.values())
-    return (torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            torch.tensor(counts, dtype=torch.float32, device=device))
+    return (
+        torch.tensor(rows, dtype=torch.long, device=device),
+        torch.tensor(tokens, dtype=torch.long, device=device),
+        torch.tensor(counts, dtype=torch.float32, device=device),
+    )
 
 
 def apply_penalties(

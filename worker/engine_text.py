@@ -39,14 +39,14 @@ class IncrementalDecoder:
     def _release(self, *, final: bool) -> str:
         if self._read >= len(self._ids):
             return ""
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
         if len(after) <= len(before) or (after.endswith(_REPLACEMENT) and not final):
             if final:
                 self._read = len(self._ids)
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 class TextStream:

@@ -103,9 +103,17 @@ class EventStream:
     async def done(self, finish: list[str], usage: Usage) -> None:
         """The last text (if any) travels with the done event: one message fewer."""
         pieces = self._take_pieces()
-        await self._send(self._event(DONE, pieces=pieces, finish=tuple(finish), prompt_tokens=usage.prompt_tokens,
-                                     completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
-                                     cost=usage.cost))
+        await self._send(
+            self._event(
+                DONE,
+                pieces=pieces,
+                finish=tuple(finish),
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost=usage.cost,
+            )
+        )
 
     async def fail(self, error: TokenyardError, *, retryable: bool) -> None:
         await self.flush()

@@ -57,8 +57,15 @@ class _Key:
 class Keyring:
     """Round-robin over usable keys. A key is usable unless revoked or still cooling down."""
 
-    def __init__(self, fingerprints: Sequence[str], *, clock: Clock = time.monotonic,
-                 base_cooldown: float = 1.0, max_cooldown: float = 300.0, window: float = 60.0) -> None:
+    def __init__(
+        self,
+        fingerprints: Sequence[str],
+        *,
+        clock: Clock = time.monotonic,
+        base_cooldown: float = 1.0,
+        max_cooldown: float = 300.0,
+        window: float = 60.0,
+    ) -> None:
         if not fingerprints:
             raise ValueError("a keyring needs at least one key")
         self._clock = clock
@@ -140,9 +147,16 @@ class Keyring:
         for k in self._keys:
             failures, samples = k.errors.counts()
             state = "revoked" if k.revoked else "cooling" if k.cooling_until > now else "ok"
-            out.append({"fingerprint": k.fingerprint, "state": state,
-                        "cooldown_left": round(max(k.cooling_until - now, 0.0), 3),
-                        "uses": k.uses, "errors": failures, "samples": samples})
+            out.append(
+                {
+                    "fingerprint": k.fingerprint,
+                    "state": state,
+                    "cooldown_left": round(max(k.cooling_until - now, 0.0), 3),
+                    "uses": k.uses,
+                    "errors": failures,
+                    "samples": samples,
+                }
+            )
         return out
 
 
@@ -181,5 +195,9 @@ class ProviderHealth:
         failures, samples = self._errors.counts()
         age = None if self._probe_at is None else round(self._clock() - self._probe_at, 3)
         latency = None if self._probe_latency is None else round(self._probe_latency * 1000, 1)
-        return {"error_rate": round(failures / samples, 3) if samples else 0.0, "errors": failures,
-                "samples": samples, "probe": {"ok": self._probe_ok, "age": age, "latency_ms": latency}}
+        return {
+            "error_rate": round(failures / samples, 3) if samples else 0.0,
+            "errors": failures,
+            "samples": samples,
+            "probe": {"ok": self._probe_ok, "age": age, "latency_ms": latency},
+        }

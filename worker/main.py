@@ -8,11 +8,11 @@ import signal
 import nats
 import structlog
 
+from schemas.logs import close_quietly, configure_logging, run
+from schemas.permissions import worker_inbox
 from worker.backends import build_backend
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
-from schemas.logs import close_quietly, configure_logging, run
-from schemas.permissions import worker_inbox
 
 log = structlog.get_logger(__name__)
 
@@ -25,9 +25,14 @@ async def serve(settings: WorkerSettings) -> None:
     backend = build_backend(settings)
     await backend.start()
     nc = await nats.connect(
-        servers=settings.nats_url.split(","), name=f"tokenyard-worker-{settings.node_id}", ping_interval=10,
+        servers=settings.nats_url.split(","),
+        name=f"tokenyard-worker-{settings.node_id}",
+        ping_interval=10,
         inbox_prefix=worker_inbox(settings.node_id),  # its own inbox: see schemas/permissions.py
-        max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
     )
     worker = Worker(nc, nc.jetstream(), backend, settings)
     try:

@@ -39,15 +39,36 @@ log = structlog.get_logger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers the adapter sets itself (or HTTP owns): an operator header must not override them.
-RESERVED_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "host", "content-length", "content-type",
-    "transfer-encoding", "connection", "cookie", "accept", "accept-encoding", "te", "upgrade",
-})
+RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "cookie",
+        "accept",
+        "accept-encoding",
+        "te",
+        "upgrade",
+    }
+)
 ANY_MODEL = "*"
 
 _TOP_KEYS = ("providers",)
-_PROVIDER_KEYS = ("name", "base_url", "api_keys", "models", "prices", "timeouts",
-                  "max_concurrency", "headers", "probe_interval")
+_PROVIDER_KEYS = (
+    "name",
+    "base_url",
+    "api_keys",
+    "models",
+    "prices",
+    "timeouts",
+    "max_concurrency",
+    "headers",
+    "probe_interval",
+)
 _PRICE_KEYS = ("input", "output", "cached")
 _TIMEOUT_KEYS = ("connect", "read", "total")
 _MODEL_KEYS = ("id", "context_length")
@@ -165,8 +186,7 @@ def load_providers(path: str | Path, *, env: Mapping[str, str] | None = None) ->
     return config
 
 
-def parse_providers(data: Any, *, env: Mapping[str, str],
-                    read_secret: Callable[[str], str]) -> ProvidersConfig:
+def parse_providers(data: Any, *, env: Mapping[str, str], read_secret: Callable[[str], str]) -> ProvidersConfig:
     """Validate a decoded config. Pure: secrets come from `env` and `read_secret(path)`."""
     top = _mapping(data, "the provider config")
     _only(top, _TOP_KEYS, "the provider config")
@@ -174,8 +194,7 @@ def parse_providers(data: Any, *, env: Mapping[str, str],
     if not isinstance(items, list) or not items:
         raise ProviderConfigError("the provider config needs 'providers': a non-empty list")
     warnings: list[str] = []
-    providers = tuple(_provider(item, f"providers[{i}]", env, read_secret, warnings)
-                      for i, item in enumerate(items))
+    providers = tuple(_provider(item, f"providers[{i}]", env, read_secret, warnings) for i, item in enumerate(items))
     names = [p.name for p in providers]
     for name in names:
         if names.count(name) > 1:
@@ -183,15 +202,17 @@ def parse_providers(data: Any, *, env: Mapping[str, str],
     return ProvidersConfig(providers, tuple(warnings))
 
 
-def _provider(item: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str],
-              warnings: list[str]) -> Provider:
+def _provider(
+    item: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
+) -> Provider:
     d = _mapping(item, where)
     _only(d, _PROVIDER_KEYS, where)
     name = d.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ProviderConfigError(
             f"{where}.name: {name!r} is not a valid pool name (lower-case letters, digits and '-', "
-            "starting with a letter or digit, at most 63 characters)")
+            "starting with a letter or digit, at most 63 characters)"
+        )
     where = f"provider {name!r}"
     models = _models(d.get("models"), f"{where}.models")
     prices = _prices(d.get("prices", {}), f"{where}.prices", models)
@@ -238,7 +259,8 @@ def _base_url(value: Any, where: str) -> str:
     if parts.scheme == "http" and not is_loopback(host):
         raise ProviderConfigError(
             f"{where}: plain http is allowed only for loopback hosts (127.0.0.0/8, localhost, ::1); "
-            f"use https for {host!r}")
+            f"use https for {host!r}"
+        )
     if parts.username is not None or parts.password is not None:
         raise ProviderConfigError(f"{where}: must not hold credentials; put keys in api_keys")
     if parts.query or parts.fragment:
@@ -246,16 +268,16 @@ def _base_url(value: Any, where: str) -> str:
     return value.rstrip("/")
 
 
-def _keys(value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str],
-          warnings: list[str]) -> tuple[Secret, ...]:
+def _keys(
+    value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
+) -> tuple[Secret, ...]:
     if not isinstance(value, list) or not value:
         raise ProviderConfigError(f"{where}: needs at least one key, e.g. [{{env: MY_PROVIDER_KEY}}]")
     keys: list[Secret] = []
     for i, item in enumerate(value):
         here = f"{where}[{i}]"
         if isinstance(item, str):
-            warnings.append(f"{here}: a literal key in the config file; "
-                            "prefer {env: VAR} or {file: path}")
+            warnings.append(f"{here}: a literal key in the config file; prefer {{env: VAR}} or {{file: path}}")
             raw = item
         else:
             d = _mapping(item, here)
@@ -276,8 +298,7 @@ def _keys(value: Any, where: str, env: Mapping[str, str], read_secret: Callable[
                 try:
                     raw = read_secret(name)
                 except OSError as e:
-                    raise ProviderConfigError(
-                        f"{here}: cannot read key file {name!r}: {e.strerror or e}") from e
+                    raise ProviderConfigError(f"{here}: cannot read key file {name!r}: {e.strerror or e}") from e
         key = raw.strip()
         if not key:
             raise ProviderConfigError(f"{here}: the key is empty")
@@ -333,8 +354,7 @@ def _timeouts(value: Any, where: str) -> Timeouts:
     d = _mapping(value, where)
     _only(d, _TIMEOUT_KEYS, where)
     default = Timeouts()
-    t = Timeouts(*(_number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001)
-                   for k in _TIMEOUT_KEYS))
+    t = Timeouts(*(_number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001) for k in _TIMEOUT_KEYS))
     if t.connect > t.total or t.read > t.total:
         raise ProviderConfigError(f"{where}: connect and read must not exceed total")
     return t
@@ -366,8 +386,7 @@ def _mapping(value: Any, where: str) -> dict[Any, Any]:
 def _only(d: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
     unknown = [k for k in d if k not in allowed]
     if unknown:
-        raise ProviderConfigError(
-            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        raise ProviderConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
 
 
 def _whole(value: Any, where: str, *, minimum: int) -> int:
@@ -377,7 +396,6 @@ def _whole(value: Any, where: str, *, minimum: int) -> int:
 
 
 def _number(value: Any, where: str, *, minimum: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < minimum:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
         raise ProviderConfigError(f"{where}: must be a number >= {minimum:g}, not {value!r}")
     return float(value)

@@ -71,10 +71,19 @@ class Worker:
         return len(self._running)
 
     def advert(self) -> NodeAdvert:
-        return NodeAdvert(node=self._s.node_id, pool=self._s.pool, models=tuple(self._backend.models()),
-                          slots_total=self._total, slots_free=max(0, self._total - len(self._job_tasks)),
-                          draining=self._draining, interval=self._s.heartbeat, started=self._started,
-                          kind=self._s.kind, healthy=self._backend_healthy(), health_since=self._health_since)
+        return NodeAdvert(
+            node=self._s.node_id,
+            pool=self._s.pool,
+            models=tuple(self._backend.models()),
+            slots_total=self._total,
+            slots_free=max(0, self._total - len(self._job_tasks)),
+            draining=self._draining,
+            interval=self._s.heartbeat,
+            started=self._started,
+            kind=self._s.kind,
+            healthy=self._backend_healthy(),
+            health_since=self._health_since,
+        )
 
     def _backend_healthy(self) -> bool:
         """Backends that can tell (a cloud adapter whose provider is down) say so; others are.
@@ -149,8 +158,8 @@ class Worker:
         for attempt in range(10**6):  # until the stream exists (the scheduler creates it)
             try:
                 psub = await self._js.pull_subscribe(
-                    config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM,
-                    config=config)
+                    config.filter_subject or "", durable=config.durable_name, stream=subjects.WORK_STREAM, config=config
+                )
                 await psub.unsubscribe()  # only the consumer was wanted; jobs come through a Feed
                 return
             except nats.js.errors.NotFoundError:
@@ -217,8 +226,14 @@ class Worker:
             jlog.info("job.expired")
             await msg.term()
             return
-        out = EventStream(self._nc, job.reply, job_id=job.id, attempt=attempt, node=self._s.node_id,
-                          coalesce=self._s.coalesce_ms / 1000)
+        out = EventStream(
+            self._nc,
+            job.reply,
+            job_id=job.id,
+            attempt=attempt,
+            node=self._s.node_id,
+            coalesce=self._s.coalesce_ms / 1000,
+        )
         task = asyncio.current_task()
         assert task is not None
         self._running[job.id] = (attempt, task)

@@ -57,7 +57,9 @@ class WorkerSettings:
         add_setting(p, "--node-id", default=default_node_id(), help="this node's id (letters, digits, -)")
         add_setting(p, "--pool", default="own", help="the pool (capacity group) this node serves in")
         add_setting(p, "--kind", default="own", help="own (dedicated) or volunteer (idle-time) capacity")
-        add_setting(p, "--backend", default="transformers", help="echo (deterministic test backend), transformers or cloud")
+        add_setting(
+            p, "--backend", default="transformers", help="echo (deterministic test backend), transformers or cloud"
+        )
         add_setting(p, "--models", default="", help="comma-separated public model ids served (default per backend)")
         add_setting(p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16)")
         add_setting(p, "--heartbeat", default=1.0, type=float, help="seconds between heartbeats")
@@ -69,7 +71,9 @@ class WorkerSettings:
         add_setting(p, "--echo-tokens", default=16, type=int, help="echo backend: tokens per answer")
         add_setting(p, "--echo-rate", default=0.0, type=float, help="echo backend: tokens/s per sequence (0 = max)")
         add_setting(p, "--echo-context", default=4096, type=int, help="echo backend: context length")
-        add_setting(p, "--model-path", default="", help="transformers: local model directory (default SmolLM2-135M-Instruct)")
+        add_setting(
+            p, "--model-path", default="", help="transformers: local model directory (default SmolLM2-135M-Instruct)"
+        )
         add_setting(p, "--device", default="auto", help="transformers: auto, cpu, cuda[:N] or mps")
         add_setting(p, "--dtype", default="auto", help="transformers: auto, float32, bfloat16 or float16")
         add_setting(p, "--threads", default=0, type=int, help="transformers: CPU threads (0 = torch default)")
@@ -91,11 +95,29 @@ class WorkerSettings:
         slots = a.slots or {"echo": 64, "transformers": 16, "cloud": 32}[a.backend]
         pool = a.provider if a.backend == "cloud" and a.pool == "own" and a.provider else a.pool
         return cls(
-            nats_url=a.nats_url, log_level=a.log_level, log_json=a.log_json, node_id=a.node_id,
-            pool=pool, kind="cloud" if a.backend == "cloud" else a.kind, backend=a.backend, models=models, slots=slots, heartbeat=a.heartbeat,
-            ack_wait=a.ack_wait, max_deliver=a.max_deliver, coalesce_ms=a.coalesce_ms,
-            drain_timeout=a.drain_timeout, data_dir=a.data_dir, echo_tokens=a.echo_tokens,
-            echo_rate=a.echo_rate, echo_context=a.echo_context, model_path=a.model_path,
-            device=a.device, dtype=a.dtype, threads=a.threads, max_context=a.max_context,
-            providers=a.providers, provider=a.provider,
+            nats_url=a.nats_url,
+            log_level=a.log_level,
+            log_json=a.log_json,
+            node_id=a.node_id,
+            pool=pool,
+            kind="cloud" if a.backend == "cloud" else a.kind,
+            backend=a.backend,
+            models=models,
+            slots=slots,
+            heartbeat=a.heartbeat,
+            ack_wait=a.ack_wait,
+            max_deliver=a.max_deliver,
+            coalesce_ms=a.coalesce_ms,
+            drain_timeout=a.drain_timeout,
+            data_dir=a.data_dir,
+            echo_tokens=a.echo_tokens,
+            echo_rate=a.echo_rate,
+            echo_context=a.echo_context,
+            model_path=a.model_path,
+            device=a.device,
+            dtype=a.dtype,
+            threads=a.threads,
+            max_context=a.max_context,
+            providers=a.providers,
+            provider=a.provider,
         )

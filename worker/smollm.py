@@ -102,7 +102,8 @@ def _write_checkpoint(gguf: Path, out: Path, *, progress: bool) -> None:
         steps.update()
         steps.set_postfix_str("weights (slow part)")
         quantized = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
         steps.update()
         steps.set_postfix_str("plain model")
         # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain one whose
