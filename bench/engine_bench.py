@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from worker.backend import Delta, Usage  # noqa: E402
+from schemas.events import Piece
+from worker.backend import Usage  # noqa: E402
 from worker.engine import TransformersBackend  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.smollm import MODEL_ID  # noqa: E402
@@ -86,7 +87,7 @@ async def one(backend: TransformersBackend, i: int, max_tokens: int) -> tuple[in
     }
     start, ttft, tokens = time.perf_counter(), -1.0, 0
     async for item in backend.generate(MODEL_ID, req):
-        if isinstance(item, Delta) and ttft < 0:
+        if isinstance(item, Piece) and ttft < 0:
             ttft = time.perf_counter() - start
         if isinstance(item, Usage):
             tokens = item.completion_tokens
@@ -139,7 +140,7 @@ async def closed_loop(
             sent = time.perf_counter()
             first = True
             async for item in backend.generate(MODEL_ID, req):
-                if isinstance(item, Delta):
+                if isinstance(item, Piece):
                     now = time.perf_counter()
                     stamps.append((now, item.tokens))
                     if first and window[0] <= sent:

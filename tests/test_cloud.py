@@ -27,8 +27,9 @@ from schemas.errors import (
     UnsupportedError,
     WorkerFailedError,
 )
+from schemas.events import Piece
 from tests.fake_provider import Behaviour, FakeProvider, wait_until
-from worker.backend import Delta, Finish, Output, Usage
+from worker.backend import Finish, Output, Usage
 from worker.cloud import CloudBackend, SseDecoder, retry_after_seconds, upstream_body
 from worker.keyring import HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
@@ -95,7 +96,7 @@ async def run(
 
 
 def text_of(items: list[Output], index: int = 0) -> str:
-    return "".join(i.text for i in items if isinstance(i, Delta) and i.index == index)
+    return "".join(i.text for i in items if isinstance(i, Piece) and i.index == index)
 
 
 # --- relaying -------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ async def test_streamed_answer_is_relayed_exactly_with_upstream_usage_and_cost()
         backend.check("tiny", request)
         items = await run(backend, request)
 
-        assert items[:-2] == [Delta(0, t, 1) for t in ("Hel", "lo", ", wor", "ld ✓")]
+        assert items[:-2] == [Piece(0, t, 1) for t in ("Hel", "lo", ", wor", "ld ✓")]
         assert items[-2] == Finish(0, "stop")
         usage = items[-1]
         assert isinstance(usage, Usage)
@@ -282,7 +283,7 @@ async def test_mid_stream_disconnect_fails_after_the_text_already_relayed() -> N
         with pytest.raises(WorkerFailedError) as e:
             await run(backend, into=items)
         assert e.value.code == "upstream_disconnected"
-        assert items == [Delta(0, "Hello", 1), Delta(0, ",", 1)]
+        assert items == [Piece(0, "Hello", 1), Piece(0, ",", 1)]
 
 
 async def test_a_stream_slower_than_the_total_timeout_is_cut() -> None:
@@ -317,7 +318,7 @@ async def test_closing_the_iterator_closes_the_upstream_request() -> None:
     async with FakeProvider(Behaviour(chunks=("tick",) * 50, chunk_delay=0.05)) as fp, backend_for(fp) as backend:
         stream = backend.generate("tiny", REQUEST)
         first = await stream.__anext__()
-        assert first == Delta(0, "tick", 1)
+        assert first == Piece(0, "tick", 1)
         assert backend.health()["in_flight"] == 1
         await stream.aclose()  # type: ignore[attr-defined]
         assert await wait_until(lambda: fp.disconnects == 1, 3)

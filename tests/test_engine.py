@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedError
+from schemas.events import Piece
 from tests.tiny_model import CHATML_WITH_SYSTEM, build, build_tokenizer
-from worker.backend import Delta, Finish, Usage
+from worker.backend import Finish, Usage
 from worker.engine import TransformersBackend
 from worker.engine_cache import SlabCache, merge, select
 from worker.engine_sampling import apply_penalties, penalty_index, sample
@@ -210,7 +211,7 @@ async def _collect(backend: TransformersBackend, request: dict[str, Any]) -> lis
 
 
 def _text(items: list[Any], index: int = 0) -> str:
-    return "".join(i.text for i in items if isinstance(i, Delta) and i.index == index)
+    return "".join(i.text for i in items if isinstance(i, Piece) and i.index == index)
 
 
 async def test_length_finish_and_exact_counts(tiny: TransformersBackend) -> None:
@@ -221,7 +222,7 @@ async def test_length_finish_and_exact_counts(tiny: TransformersBackend) -> None
     prompt = tokenizer.apply_chat_template(_request()["messages"], add_generation_prompt=True, tokenize=False)
     assert usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert [i for i in items if isinstance(i, Finish)] == [Finish(0, "length")]
-    assert sum(i.tokens for i in items if isinstance(i, Delta)) == 12
+    assert sum(i.tokens for i in items if isinstance(i, Piece)) == 12
     assert sum(isinstance(i, Usage) for i in items) == 1
 
 
@@ -245,7 +246,7 @@ async def test_stop_string_is_cut_without_leaking(tiny: TransformersBackend) -> 
     items = await asyncio.wait_for(_collect(tiny, dict(base, stop=[stop, "never-seen"])), 30)
     assert _text(items) == full[: full.find(stop)]
     assert [i.reason for i in items if isinstance(i, Finish)] == ["stop"]
-    assert stop not in "".join(i.text for i in items if isinstance(i, Delta))
+    assert stop not in "".join(i.text for i in items if isinstance(i, Piece))
 
 
 async def test_request_joins_mid_flight_and_matches_solo(tiny: TransformersBackend) -> None:
@@ -379,7 +380,7 @@ async def test_smollm2_answers_paris(smol_data_dir: Path) -> None:
         }
         backend.check(MODEL_ID, req)
         items = await asyncio.wait_for(_collect_model(backend, MODEL_ID, req), 60)
-        answer = "".join(i.text for i in items if isinstance(i, Delta))
+        answer = "".join(i.text for i in items if isinstance(i, Piece))
         assert "Paris" in answer, answer
         assert isinstance(items[-1], Usage) and items[-1].prompt_tokens > 10
         assert [i.reason for i in items if isinstance(i, Finish)] == ["stop"]

@@ -7,7 +7,7 @@ Contract:
 - `check(request)` runs before anything is sent: raise an `InvalidRequestError` (or a subclass
   such as `ContextLengthError`, `UnsupportedError`) for a request this backend cannot serve;
   it reaches the client as an HTTP 400.
-- `generate(request)` is an async iterator of `Delta` and `Finish` items for choices
+- `generate(request)` is an async iterator of `Piece` (`schemas.events`) and `Finish` items for choices
   `0 .. n-1`, ending with exactly one `Usage`. Token counts are exact.
 - The runtime cancels a generation by closing the iterator (client gone, another attempt
   won, shutdown): a backend frees the sequence's slot in a `finally`. When the gateway asked
@@ -25,14 +25,8 @@ from typing import Any, Protocol, Union
 
 from schemas.chat import message_text
 from schemas.errors import UnsupportedError
+from schemas.events import Piece
 from schemas.jobs import ModelAdvert
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    index: int
-    text: str
-    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +43,7 @@ class Usage:
     cost: float | None = None  # USD, where the backend has a price table (cloud adapters)
 
 
-Output = Union[Delta, Finish, Usage]
+Output = Union[Piece, Finish, Usage]
 
 
 @dataclass(frozen=True, slots=True)

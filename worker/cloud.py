@@ -44,8 +44,9 @@ from schemas.errors import (
     UnsupportedError,
     WorkerFailedError,
 )
+from schemas.events import Piece
 from schemas.jobs import ModelAdvert
-from worker.backend import Delta, Finish, Output, Sampling, Usage, chat_messages
+from worker.backend import Finish, Output, Sampling, Usage, chat_messages
 from worker.keyring import Clock, HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
     ModelRoute,
@@ -533,7 +534,7 @@ class StreamState:
                 if index in self.finished:
                     raise _malformed(f"text for choice {index} after it finished")
                 self.pieces += 1
-                out.append(Delta(index, text, 1))
+                out.append(Piece(index, text, 1))
             reason = choice.get("finish_reason")
             if reason is not None and index not in self.finished:
                 self.finished[index] = str(reason)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import ContextLengthError, WorkerFailedError
+from schemas.events import Piece
 from schemas.jobs import ModelAdvert
-from worker.backend import Delta, Finish, Output, Sampling, Usage, chat_messages, check_text_only
+from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
 from worker.settings import WorkerSettings
 
 DEFAULT_MODEL = "tokenyard/echo"
@@ -111,11 +112,11 @@ class EchoBackend:
                 if cut is not None and sent + len(text) > cut:
                     if cut > sent:
                         completion += 1
-                        yield Delta(index, text[: cut - sent], 1)
+                        yield Piece(index, text[: cut - sent], 1)
                     break
                 sent += len(text)
                 completion += 1
-                yield Delta(index, text, 1)
+                yield Piece(index, text, 1)
                 if plan.rate > 0:
                     await asyncio.sleep(1.0 / plan.rate)
                 elif i % 64 == 63:

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from worker.backend import Delta, Finish
+from schemas.events import Piece
+from worker.backend import Finish
 from worker.engine_cache import SlabCache, merge, repeat, select
 from worker.engine_sampling import apply_penalties, penalty_index, sample
 from worker.engine_text import TextStream
 
 log = structlog.get_logger(__name__)
 
-Emit = Callable[[object], None]  # receives Delta, Finish, or the exception that ended the sequence
+Emit = Callable[[object], None]  # receives Piece, Finish, or the exception that ended the sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +362,7 @@ class BatchEngine:
                 elif len(seq.generated) >= seq.params.max_new_tokens:
                     self._finish(seq, "length", text)
                 elif text:
-                    self._send(seq, Delta(seq.index, text, seq.text.take_tokens()))
+                    self._send(seq, Piece(seq.index, text, seq.text.take_tokens()))
             if seq.done or seq.cancelled:
                 finished.add(row)
         return finished
@@ -370,7 +371,7 @@ class BatchEngine:
         text += seq.text.finish()
         tokens = seq.text.take_tokens()
         if text or tokens:
-            self._send(seq, Delta(seq.index, text, tokens))
+            self._send(seq, Piece(seq.index, text, tokens))
         self._send(seq, Finish(seq.index, reason))
         seq.done = True
 

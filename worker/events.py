@@ -14,8 +14,9 @@ import time
 from typing import Any, Protocol
 
 from schemas.errors import TokenyardError
+from schemas.events import Piece
 from schemas.jobs import DELTA, DONE, ERROR, HEARTBEAT, START, Event
-from worker.backend import Delta, Usage
+from worker.backend import Usage
 
 
 class Publisher(Protocol):
@@ -68,7 +69,7 @@ class EventStream:
             self._start_timer.cancel()
             self._start_timer = None
 
-    async def add(self, delta: Delta) -> None:
+    async def add(self, delta: Piece) -> None:
         if self._pending and self._pending[-1][0] == delta.index:
             self._pending[-1][1] += delta.text
             self._pending[-1][2] += delta.tokens

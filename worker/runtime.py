@@ -31,8 +31,9 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas import subjects
 from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
+from schemas.events import Piece
 from schemas.jobs import CANCELLED, STOP, Job, NodeAdvert, Stop, WireError
-from worker.backend import Backend, Delta, Finish, Usage
+from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
 from worker.settings import WorkerSettings
@@ -278,7 +279,7 @@ class Worker:
         gen = self._backend.generate(job.model, job.request)
         try:
             async for item in gen:
-                if isinstance(item, Delta):
+                if isinstance(item, Piece):
                     await out.add(item)
                 elif isinstance(item, Finish):
                     finish[item.index] = item.reason
