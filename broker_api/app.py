@@ -26,17 +26,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_api.accounting import Accounts
 from broker_api.admin import Admin, admin_router
+from broker_api.audit import Auditor
 from broker_api.auth import KeyStore, Principal
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
-from broker_api.directory import Directory, open_bucket
+from broker_api.deps import Services
+from broker_api.directory import Directory
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
-from broker_api.ledger import Ledger, LedgerFeed, ensure_streams
+from broker_api.ledger import Ledger, LedgerFeed
 from broker_api.metrics import Metrics, queue_depths
 from broker_api.settings import ApiSettings
-from schemas import routing, subjects
+from schemas import streams
 from schemas.chat import ModelCard, ModelList, parse_chat_request
 from schemas.errors import (
     InvalidRequestError,
@@ -46,6 +48,9 @@ from schemas.errors import (
     RequestTooLargeError,
     TokenyardError,
 )
+from schemas.jetstream import ensure, open_bucket
+from schemas.rules import check_max_tokens
+from schemas.settings import replicas_setting
 
 log = structlog.get_logger(__name__)
 
@@ -125,13 +130,17 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         the_bus = await Bus.connect(settings.nats_url) if own else bus
         assert the_bus is not None
         the_bus.lanes.enabled = settings.lanes
-        js = the_bus.nc.jetstream()
-        directory = await Directory.open(js, pepper=settings.pepper.encode())
+        nc, js = the_bus.nc, the_bus.nc.jetstream()
+        replicas = replicas_setting(settings.replicas)
+        directory = await Directory.open(nc, js, pepper=settings.pepper.encode(), replicas=replicas)
         keys.directory = directory
-        await ensure_streams(js)
+        for spec in (streams.USAGE, streams.AUDIT):
+            await ensure(nc, spec, replicas=replicas)
         accounts = Accounts(js)
         cache = (
-            await ResponseCache.open(js, ttl=settings.cache_ttl, max_bytes=settings.cache_max_bytes)
+            await ResponseCache.open(
+                nc, js, ttl=settings.cache_ttl, max_bytes=settings.cache_max_bytes, replicas=replicas
+            )
             if settings.cache
             else None
         )
@@ -142,11 +151,21 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             if part is not None:
                 await part.start()
         app.state.bus = the_bus
-        idempotency = await Idempotency.open(js)
+        idempotency = await Idempotency.open(nc, js, replicas=replicas)
         app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
         app.state.chat.metrics = metrics
-        app.state.admin = Admin(
-            directory, ledger, accounts.audit, await open_bucket(js, subjects.ROUTING_BUCKET, history=routing.HISTORY)
+        routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
+        app.state.admin = Admin(directory, ledger, accounts.audit, routing_kv)
+        app.state.services = Services(
+            settings=settings,
+            bus=the_bus,
+            keys=keys,
+            directory=directory,
+            chat=app.state.chat,
+            auditor=Auditor(accounts.audit),
+            routing=routing_kv,
+            ledger=ledger,
+            metrics=metrics,
         )
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
@@ -233,9 +252,9 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         if req.model_extra:
             log.info("api.unknown_fields", fields=sorted(req.model_extra))
         who.check_model(req.model)
-        cap = who.key_limits.max_tokens or who.org_limits.max_tokens
-        if cap and (req.token_limit or 0) > cap:
-            raise InvalidRequestError(f"max_tokens may be at most {cap} for this key.", param="max_tokens")
+        check_max_tokens(
+            req.model_dump(include={"max_tokens", "max_completion_tokens"}), who.key_limits, who.org_limits
+        )
         chat: ChatService = request.app.state.chat
         use_cache = request.headers.get(CACHE_HEADER, "").lower() not in {"no", "bypass", "off"}
         session = chat.open(req, who, use_cache=use_cache, idempotency_key=request.headers.get("idempotency-key", ""))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from broker_api.directory import ROOT_ORG, Directory
 from schemas.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from schemas.tenancy import DEFAULT_TIER, Limits
+from schemas.tenancy import DEFAULT_TIER, Limits, Tier
 
 BOOTSTRAP_ID = "admin"
 
@@ -30,7 +30,7 @@ class Principal:
     admin: bool  # may use the admin API (for its own org)
     root: bool = False  # the bootstrap key: every org
     project: str = ""
-    priority: str = DEFAULT_TIER
+    priority: Tier = DEFAULT_TIER
     key_limits: Limits = field(default_factory=Limits)
     org_limits: Limits = field(default_factory=Limits)
     models: tuple[str, ...] = ()

@@ -21,20 +21,10 @@ from nats.aio.msg import Msg
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import subjects
+from schemas.codec import WireError
 from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
-from schemas.jobs import (
-    CONTINUE,
-    HEARTBEAT,
-    STOP,
-    Admission,
-    Event,
-    Job,
-    ModelAdvert,
-    Stop,
-    Submission,
-    WireError,
-    decode_model_list,
-)
+from schemas.events import Heartbeat, decode_event
+from schemas.jobs import CONTINUE, STOP, Admission, Job, ModelAdvert, Stop, Submission, decode_model_list
 from schemas.logs import close_quietly
 
 log = structlog.get_logger(__name__)
@@ -76,13 +66,13 @@ class Bus:
 
     async def _on_event(self, msg: Msg) -> None:
         try:
-            ev = Event.decode(msg.data)
+            ev = decode_event(msg.data)
         except WireError as e:
             log.warning("job.bad_event", subject=msg.subject, error=str(e))
             return
         run = self.runs.get(ev.job_id)
         now = time.monotonic()
-        if ev.kind == HEARTBEAT:
+        if isinstance(ev, Heartbeat):
             go_on = run is not None and run.heartbeat(ev, now)
             if msg.reply:
                 with contextlib.suppress(nats.errors.Error):

@@ -10,51 +10,26 @@ with the header `x-tokenyard-cache: no`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from schemas import subjects
+from schemas import streams
+from schemas.answers import CachedAnswer
+from schemas.codec import WireError
+from schemas.jetstream import open_bucket
 
 log = structlog.get_logger(__name__)
 
 IRRELEVANT = frozenset({"stream", "stream_options", "user", "metadata", "usage", "n"})
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    texts: list[str]
-    finish: list[str]
-    prompt_tokens: int
-    completion_tokens: int
-    cost: float
-
-    def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": 1,
-                "t": self.texts,
-                "f": self.finish,
-                "pt": self.prompt_tokens,
-                "ct": self.completion_tokens,
-                "c": self.cost,
-            },
-            use_bin_type=True,
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> CachedAnswer:
-        o = msgpack.unpackb(data, raw=False)
-        return cls(list(o["t"]), list(o["f"]), int(o["pt"]), int(o["ct"]), float(o.get("c", 0.0)))
 
 
 def cacheable(request: dict[str, Any]) -> bool:
@@ -74,26 +49,11 @@ class ResponseCache:
         self._kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, ttl: float, max_bytes: int, replicas: int = 1) -> ResponseCache:
-        bucket = subjects.CACHE_BUCKET
-        config = StreamConfig(
-            name=f"KV_{bucket}",
-            subjects=[f"$KV.{bucket}.>"],
-            max_msgs_per_subject=1,
-            max_age=ttl,
-            max_bytes=max_bytes,
-            discard=DiscardPolicy.OLD,
-            allow_rollup_hdrs=True,
-            deny_delete=True,
-            allow_direct=True,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-        )
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
-        return cls(await js.key_value(bucket))
+    async def open(
+        cls, nc: NATS, js: JetStreamContext, *, ttl: float, max_bytes: int, replicas: int | None
+    ) -> ResponseCache:
+        spec = dataclasses.replace(streams.CACHE, ttl=ttl, max_bytes=max_bytes)
+        return cls(await open_bucket(nc, js, spec, replicas=replicas))
 
     async def get(self, key: str) -> CachedAnswer | None:
         try:
@@ -107,7 +67,8 @@ class ResponseCache:
             return None
         try:
             return CachedAnswer.decode(entry.value)
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+        except WireError as e:  # unreadable (another version wrote it): answer afresh
+            log.warning("cache.bad_entry", error=str(e))
             return None
 
     async def put(self, key: str, answer: CachedAnswer) -> None:

@@ -29,7 +29,7 @@ from broker_api.auth import Principal
 from broker_api.bus import Bus
 from broker_api.cache import CachedAnswer, ResponseCache, cache_key, cacheable
 from broker_api.idempotency import Idempotency
-from broker_api.jobrun import Broken, JobRun
+from broker_api.jobrun import Broken, JobRun, Streamed
 from broker_api.metrics import Metrics
 from broker_api.settings import ApiSettings
 from schemas.chat import (
@@ -39,11 +39,12 @@ from schemas.chat import (
     ChunkEncoder,
     ResponseMessage,
     Usage,
-    message_text,
 )
 from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
-from schemas.jobs import ATTEMPTS_PER_DISPATCH, DONE, ERROR, START, Event, Job, Submission
-from schemas.usage import UsageRecord
+from schemas.events import Delta, Done, Failed, Start
+from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job, Submission
+from schemas.rules import estimate_prompt_tokens
+from schemas.usage import Outcome, UsageRecord
 
 log = structlog.get_logger(__name__)
 
@@ -52,13 +53,6 @@ TICK = 0.25  # seconds between liveness checks while a job is quiet
 # worker answers a stop within milliseconds; a dead one never does, and then the gateway's
 # estimate stands. It delays only the record (in the background), never a response.
 CANCEL_REPORT_WAIT = 1.5
-
-
-def estimate_prompt_tokens(req: ChatCompletionRequest) -> int:
-    """A tokenizer-free upper-ish estimate (4 characters a token, 4 tokens of framing a message),
-    for reservations and for requests that end before a worker counted the prompt."""
-    chars = sum(len(message_text(m.content)) for m in req.messages)  # type: ignore[arg-type]
-    return chars // 4 + 4 * len(req.messages)
 
 
 @dataclass(slots=True)
@@ -80,18 +74,18 @@ class Tally:
         """The next attempt continues this text rather than replacing it."""
         self.continuing, self.carried = True, self.tokens
 
-    def add(self, ev: Event, n: int) -> None:
+    def add(self, ev: Delta | Done, n: int) -> None:
         if ev.attempt != self.attempt:
             if self.continuing:
                 self.attempt, self.continuing = ev.attempt, False
             else:
                 self.reset(ev.attempt, n)
-        for index, text, tokens in ev.pieces:
-            self.texts[index].append(text)
-            self.tokens += tokens
-            self.chars += len(text)
+        for piece in ev.pieces:
+            self.texts[piece.index].append(piece.text)
+            self.tokens += piece.tokens
+            self.chars += len(piece.text)
 
-    def completion_tokens(self, done: Event) -> int:
+    def completion_tokens(self, done: Done) -> int:
         """As reported when the relayed text can hold that many, else as counted here."""
         reported = done.completion_tokens + self.carried
         if not 0 <= reported <= max(self.tokens, self.chars):
@@ -113,10 +107,10 @@ class Session:
     run: JobRun | None = None
     sub: Submission | None = None
     tally: Tally = field(default_factory=Tally)
-    done: Event | None = None
+    done: Done | None = None
     first_token: float = 0.0
     status: int = 200
-    outcome: str = "cancelled"
+    outcome: Outcome = "cancelled"
     cache_key: str = ""
     cached: CachedAnswer | None = None
     idempotency_key: str = ""
@@ -135,7 +129,9 @@ class Session:
             return Usage.of(
                 max(0, self.done.prompt_tokens - self.tally.carried), self.tally.completion_tokens(self.done)
             )
-        return Usage.of(estimate_prompt_tokens(self.req) if self.tally.tokens else 0, self.tally.tokens)
+        return Usage.of(
+            estimate_prompt_tokens(self.req.model_dump()["messages"]) if self.tally.tokens else 0, self.tally.tokens
+        )
 
 
 class ChatService:
@@ -196,7 +192,7 @@ class ChatService:
                 s.outcome = "cached"
                 return
         s.run = self._bus.open_run(s.job, silence=self._s.attempt_silence)
-        est = max(1, estimate_prompt_tokens(s.req) + (s.req.token_limit or 0))
+        est = max(1, estimate_prompt_tokens(s.job.request["messages"]) + (s.req.token_limit or 0))
         s.sub = Submission(
             job=s.job,
             tenant=s.who.org,
@@ -274,7 +270,7 @@ class ChatService:
             await self._bus.close_run(run, reason)
             self._account(s)
 
-    async def _final_count(self, s: Session, run: JobRun, attempt: int) -> Event | None:
+    async def _final_count(self, s: Session, run: JobRun, attempt: int) -> Done | None:
         """Tally the stopped attempt's last events (sent before it heard the stop) up to its DONE,
         whose counts and cost are the worker's; None if none comes within CANCEL_REPORT_WAIT or
         the attempt failed or lost events: the gateway's own estimate stands."""
@@ -282,12 +278,12 @@ class ChatService:
             async with asyncio.timeout(CANCEL_REPORT_WAIT):
                 while True:
                     item = await run.queue.get()
-                    if isinstance(item, Broken) or item.kind == ERROR:
+                    if isinstance(item, (Broken, Failed)):
                         return None
-                    if item.attempt != attempt or item.kind == START:
+                    if item.attempt != attempt or isinstance(item, Start):
                         continue
                     s.tally.add(item, s.n)
-                    if item.kind == DONE:
+                    if isinstance(item, Done):
                         return item
         except TimeoutError:
             log.info("job.cancel_unreported", job_id=s.job.id, attempt=attempt)
@@ -350,7 +346,7 @@ class ChatService:
 
     # --- driving a job ------------------------------------------------------------------
 
-    async def events(self, s: Session) -> AsyncGenerator[Event, None]:
+    async def events(self, s: Session) -> AsyncGenerator[Delta | Done, None]:
         """The winning attempt's DELTA and DONE events, in order; raises if the job fails."""
         run = s.run
         assert run is not None and s.sub is not None
@@ -368,9 +364,9 @@ class ChatService:
                     await self._bus.stop(item.node, run.job.id, item.attempt, "lost events")
                     await self._again(s, f"the worker's events were lost ({item.reason})", avoid=False)
                     continue
-                if item.kind == START:
+                if isinstance(item, Start):
                     continue
-                if item.kind == ERROR:
+                if isinstance(item, Failed):
                     run.drop_current()
                     error = from_wire(item.error or {})
                     if not item.retryable:
@@ -380,16 +376,16 @@ class ChatService:
                 s.tally.add(item, s.n)
                 if not s.first_token:
                     s.first_token = time.monotonic()
-                if item.kind == DONE:
+                if isinstance(item, Done):
                     s.done, s.outcome = item, "ok"
                 yield item
-                if item.kind == DONE:
+                if isinstance(item, Done):
                     return
         except TokenyardError as e:
             s.status, s.outcome = e.status, "error"
             raise
 
-    async def _next(self, run: JobRun) -> Event | Broken | None:
+    async def _next(self, run: JobRun) -> Streamed | Broken | None:
         if not run.queue.empty():
             return run.queue.get_nowait()
         remaining = run.job.deadline - time.time()
@@ -460,7 +456,7 @@ class ChatService:
                 pass
             assert s.done is not None
             texts = ["".join(t) for t in s.tally.texts]
-            finish = list(s.done.finish)
+            finish: list[str] = list(s.done.finish)
         else:
             texts, finish = s.cached.texts, s.cached.finish
         choices = [
@@ -493,9 +489,9 @@ class ChatService:
                 async for ev in events:
                     assert s.run is not None
                     s.run.committed = True
-                    for index, text, _ in ev.pieces:
-                        if text:
-                            yield enc.content(index, text)
+                    for piece in ev.pieces:
+                        if piece.text:
+                            yield enc.content(piece.index, piece.text)
             except TokenyardError as e:
                 if s.run is None or not s.run.committed:
                     raise

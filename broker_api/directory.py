@@ -16,18 +16,19 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
-import nats.js.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StorageType
 from nats.js.kv import KeyValue
 
-from schemas import subjects
+from schemas import streams
+from schemas.codec import WireError
 from schemas.errors import NotFoundError
+from schemas.jetstream import follow, open_bucket
 from schemas.tenancy import KeyRecord, OrgRecord
 
 log = structlog.get_logger(__name__)
@@ -45,30 +46,19 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1, history: int = 1) -> KeyValue:
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        try:
-            return await js.create_key_value(
-                bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
-            )
-        except nats.js.errors.BadRequestError:  # created meanwhile by another replica
-            return await js.key_value(bucket)
-
-
 class Mirror:
-    """A KV bucket mirrored into a dict by a watcher."""
+    """A KV bucket mirrored into a dict by a watch (reopened whenever it fails)."""
 
-    def __init__(self, kv: KeyValue, decode: Callable[[bytes], Any]) -> None:
+    def __init__(self, kv: KeyValue, decode: Callable[[bytes], Any], *, name: str) -> None:
         self.kv = kv
         self._decode = decode
+        self._name = name
         self.items: dict[str, Any] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow())
+        self._task = asyncio.create_task(follow(self._entries, self._apply, name=self._name))
         await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
 
     async def stop(self) -> None:
@@ -77,39 +67,40 @@ class Mirror:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _follow(self) -> None:
-        for attempt in range(10**9):  # re-watch after a broken watch, forever, with backoff
+    async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
+        watcher = await self.kv.watchall()
+        try:
+            async for entry in watcher:
+                yield entry
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await watcher.stop()
+
+    def _apply(self, entry: KeyValue.Entry | None) -> None:
+        if entry is None:  # the current entries are all in
+            self._synced.set()
+            return
+        if entry.operation in ("DEL", "PURGE") or entry.value is None:
+            self.items.pop(entry.key, None)
+        else:
             try:
-                watcher = await self.kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self._synced.set()
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                        self.items.pop(entry.key, None)
-                    else:
-                        try:
-                            self.items[entry.key] = self._decode(entry.value)
-                        except Exception:  # a record we cannot read must not stop the mirror
-                            log.exception("directory.bad_record", key=entry.key)
-                    if entry.delta == 0:
-                        self._synced.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("directory.watch_failed")
-                await asyncio.sleep(min(5.0, 0.2 * (attempt + 1)))
+                self.items[entry.key] = self._decode(entry.value)
+            except WireError as e:  # a record we cannot read must not stop the mirror
+                log.error("directory.bad_record", bucket=self._name, key=entry.key, error=str(e))
+        if entry.delta == 0:
+            self._synced.set()
 
 
 class Directory:
     def __init__(self, keys: KeyValue, orgs: KeyValue, *, pepper: bytes) -> None:
-        self._keys = Mirror(keys, KeyRecord.decode)
-        self._orgs = Mirror(orgs, OrgRecord.decode)
+        self._keys = Mirror(keys, KeyRecord.decode, name=streams.KEYS.bucket)
+        self._orgs = Mirror(orgs, OrgRecord.decode, name=streams.ORGS.bucket)
         self._pepper = pepper
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, pepper: bytes) -> Directory:
-        d = cls(await open_bucket(js, subjects.KEYS_BUCKET), await open_bucket(js, subjects.ORGS_BUCKET), pepper=pepper)
+    async def open(cls, nc: NATS, js: JetStreamContext, *, pepper: bytes, replicas: int | None) -> Directory:
+        keys = await open_bucket(nc, js, streams.KEYS, replicas=replicas)
+        d = cls(keys, await open_bucket(nc, js, streams.ORGS, replicas=replicas), pepper=pepper)
         await d._keys.start()
         await d._orgs.start()
         if ROOT_ORG not in d._orgs.items:

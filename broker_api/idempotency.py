@@ -16,13 +16,14 @@ import time
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StorageType
 from nats.js.kv import KeyValue
 
-from broker_api.cache import CachedAnswer
-from schemas import subjects
+from schemas import streams
+from schemas.answers import CachedAnswer
 from schemas.errors import DeadlineExceededError, InvalidRequestError
+from schemas.jetstream import open_bucket
 
 RUNNING = b"R"
 DONE = b"D"
@@ -35,17 +36,8 @@ class Idempotency:
         self._kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, ttl: float = 86400.0) -> Idempotency:
-        try:
-            kv = await js.key_value(subjects.IDEMPOTENCY_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            try:
-                kv = await js.create_key_value(
-                    bucket=subjects.IDEMPOTENCY_BUCKET, history=1, ttl=ttl, storage=StorageType.FILE
-                )
-            except nats.js.errors.BadRequestError:
-                kv = await js.key_value(subjects.IDEMPOTENCY_BUCKET)
-        return cls(kv)
+    async def open(cls, nc: NATS, js: JetStreamContext, *, replicas: int | None) -> Idempotency:
+        return cls(await open_bucket(nc, js, streams.IDEMPOTENCY, replicas=replicas))
 
     @staticmethod
     def key_for(org: str, header: str) -> str:

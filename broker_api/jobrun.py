@@ -17,7 +17,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from schemas.jobs import DONE, FINAL_KINDS, Event, Job
+from schemas.events import Delta, Done, Failed, Heartbeat, Start
+from schemas.jobs import Job
+
+# What `offer` takes: every event but heartbeats, which go to `heartbeat`.
+Streamed = Start | Delta | Done | Failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +47,16 @@ class JobRun:
         self.min_attempt = 0  # attempts below this are refused (set when an answer is continued)
         self._next_seq = 0
         self._refused: set[int] = set()
-        self.queue: asyncio.Queue[Event | Broken] = asyncio.Queue()
+        self.queue: asyncio.Queue[Streamed | Broken] = asyncio.Queue()
 
-    def _adopt(self, ev: Event, now: float) -> bool:
+    def _adopt(self, ev: Streamed, now: float) -> bool:
         if ev.seq != 0:  # joined mid-way: its start was lost
             self._refused.add(ev.attempt)
             return False
         self.current, self.current_node, self._next_seq, self.heard = ev.attempt, ev.node, 0, now
         return True
 
-    def offer(self, ev: Event, now: float) -> bool:
+    def offer(self, ev: Streamed, now: float) -> bool:
         """Take an event; False means the sending attempt must stop."""
         if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
             return False
@@ -69,12 +73,12 @@ class JobRun:
             self._break(f"event {self._next_seq} of the attempt never arrived")
             return False
         self._next_seq += 1
-        if ev.kind in FINAL_KINDS:
-            self.finished = ev.kind == DONE or self.finished
+        if isinstance(ev, Done):
+            self.finished = True
         self.queue.put_nowait(ev)
         return True
 
-    def heartbeat(self, ev: Event, now: float) -> bool:
+    def heartbeat(self, ev: Heartbeat, now: float) -> bool:
         """A heartbeat from some attempt; False means it must stop."""
         if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
             return False

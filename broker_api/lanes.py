@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 
 from schemas import subjects
 from schemas.jobs import Admission, Submission
-from schemas.tenancy import NO_LIMITS
+from schemas.rules import lane_eligible
 
 log = structlog.get_logger(__name__)
 
@@ -48,18 +48,9 @@ class Lanes:
     def key_of(self, sub: Submission) -> LaneKey | None:
         """The lane this submission could use, if any could serve it (the scheduler decides
         the rest when it grants one)."""
-        job = sub.job
-        if (
-            not self.enabled
-            or job.dispatch != 1
-            or sub.avoid
-            or sub.key_limits != NO_LIMITS
-            or sub.org_limits != NO_LIMITS
-            or "provider" in job.request
-            or "models" in job.request
-        ):
+        if not self.enabled or not lane_eligible(sub):
             return None
-        return (sub.key_id, job.model)
+        return (sub.key_id, sub.job.model)
 
     def grant(self, key: LaneKey, answer: Admission) -> None:
         if answer.lane_credits <= 0 or not answer.pool:

@@ -9,7 +9,6 @@ once: exactly one row per job, however many gateways there are. Reports are SQL 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -19,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import subjects
 from schemas.errors import InvalidRequestError
+from schemas.jetstream import consume, decode_batch
 from schemas.usage import AuditEvent, UsageRecord
 
 log = structlog.get_logger(__name__)
@@ -76,36 +74,6 @@ USAGE_COLUMNS = (
 GROUPS = {"model": "model", "route": "route", "key": "key_id", "day": "day", "org": "org", "project": "project"}
 BATCH = 256
 GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger transactions
-
-
-def stream_configs(replicas: int = 1) -> list[StreamConfig]:
-    return [
-        StreamConfig(
-            name=subjects.USAGE_STREAM,
-            subjects=[subjects.USAGE_ALL],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=30 * 86400,
-            duplicate_window=120,
-            num_replicas=replicas,
-        ),
-        StreamConfig(
-            name=subjects.AUDIT_STREAM,
-            subjects=[subjects.AUDIT_ALL],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=120,
-            num_replicas=replicas,
-        ),
-    ]
-
-
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    for config in stream_configs(replicas):
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            pass  # exists (perhaps with an operator's own limits): keep it
 
 
 class Ledger:
@@ -266,35 +234,11 @@ class LedgerFeed:
             max_ack_pending=BATCH * 4,
         )
         psub = await self._js.pull_subscribe("", durable=durable, stream=stream, config=config)
-        while True:
-            try:
-                msgs = await psub.fetch(BATCH, timeout=0.2)
-            except TimeoutError:  # nats' own, or asyncio's from fetch
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("ledger.fetch_failed", stream=stream)
-                await asyncio.sleep(1.0)
-                continue
-            await self._store(msgs, decode, store)
-            if len(msgs) < BATCH:
-                await asyncio.sleep(GATHER)
 
-    async def _store(
-        self, msgs: list[Msg], decode: Callable[[bytes], Any], store: Callable[[list[Any]], Awaitable[int]]
-    ) -> None:
-        records = []
-        for msg in msgs:
-            try:
-                records.append(decode(msg.data))
-            except Exception:
-                log.exception("ledger.bad_record", subject=msg.subject)
-        try:
-            await store(records)
-        except Exception:
-            log.exception("ledger.store_failed")  # not acked: JetStream delivers them again
-            return
-        if msgs:
-            with contextlib.suppress(nats.errors.Error):
+        async def handle(msgs: list[Msg]) -> None:
+            records = [record for _, record in await decode_batch(msgs, decode, name=durable)]
+            await store(records)  # if it raises, nothing is acked: JetStream delivers them again
+            if msgs:
                 await msgs[-1].ack()
+
+        await consume(psub, handle, name=durable, batch=BATCH, wait=0.2, gather=GATHER)

@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from schemas.settings import add_common, add_setting
+from schemas.settings import add_common, add_replicas, add_setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +32,13 @@ class ApiSettings:
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
     continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
     lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
+    replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog="tokenyard api", description="Run the Tokenyard OpenAI-compatible gateway.")
         add_common(p)
+        add_replicas(p)
         add_setting(p, "--host", default="127.0.0.1", help="address to listen on")
         add_setting(p, "--port", default=8000, type=int, help="port to listen on")
         add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where the admin key is kept")

@@ -74,7 +74,7 @@ class FairQueue(Generic[T]):
         return self._size
 
     def push(self, item: Item[T]) -> None:
-        tier = self._tiers.get(item.tier) or self._tiers[DEFAULT_TIER]
+        tier = self._tiers.get(item.tier) or self._tiers[DEFAULT_TIER]  # type: ignore[call-overload]
         if tier.size == 0:
             tier.passed = max(tier.passed, self._vtime)
         tier.push(item)

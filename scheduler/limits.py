@@ -26,8 +26,7 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgpack
-
+from schemas.codec import WireError, pack, unpack
 from schemas.errors import RateLimitError
 from schemas.tenancy import Limits
 
@@ -52,41 +51,38 @@ class Counters:
     held: dict[str, Held] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            [
-                1,
-                self.rpm_tat,
-                self.tpm_tat,
-                self.day,
-                self.tokens_day,
-                self.usd_day,
-                self.month,
-                self.tokens_month,
-                self.usd_month,
-                self.held,
-            ],
-            use_bin_type=True,
+        return pack(
+            {
+                "rpm": self.rpm_tat,
+                "tpm": self.tpm_tat,
+                "day": self.day,
+                "td": self.tokens_day,
+                "ud": self.usd_day,
+                "month": self.month,
+                "tm": self.tokens_month,
+                "um": self.usd_month,
+                "held": self.held,
+            }
         )
 
     @classmethod
     def decode(cls, data: bytes) -> Counters:
-        if not data:
-            return cls()
+        """An entry's counters; a WireError for bytes that are not (the caller decides)."""
+        o = unpack(data)
         try:
-            o = msgpack.unpackb(data, raw=False, strict_map_key=False)
             return cls(
-                float(o[1]),
-                float(o[2]),
-                int(o[3]),
-                int(o[4]),
-                float(o[5]),
-                int(o[6]),
-                int(o[7]),
-                float(o[8]),
-                {str(k): list(v) for k, v in dict(o[9]).items()},
+                float(o.get("rpm", 0.0)),
+                float(o.get("tpm", 0.0)),
+                int(o.get("day", 0)),
+                int(o.get("td", 0)),
+                float(o.get("ud", 0.0)),
+                int(o.get("month", 0)),
+                int(o.get("tm", 0)),
+                float(o.get("um", 0.0)),
+                {str(k): list(v) for k, v in dict(o.get("held") or {}).items()},
             )
-        except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException):
-            return cls()  # unreadable: start over rather than refuse everyone forever
+        except (TypeError, ValueError) as e:
+            raise WireError(f"bad limit counters: {e}") from e
 
     @property
     def in_flight(self) -> int:

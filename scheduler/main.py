@@ -28,7 +28,7 @@ async def serve(settings: SchedulerSettings) -> None:
         reconnect_time_wait=0.5,
         connect_timeout=5,
     )
-    scheduler = Scheduler(nc, nc.jetstream(), settings)
+    scheduler = await Scheduler.open(nc, nc.jetstream(), settings)
     try:
         await scheduler.start()
         await stop.wait()

@@ -26,25 +26,27 @@ import asyncio
 import contextlib
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from scheduler import limits as L
-from schemas import subjects
-from schemas.errors import RateLimitError, TokenyardError
+from schemas import streams, subjects
+from schemas.codec import WireError
+from schemas.errors import ContentionError, RateLimitError
+from schemas.jetstream import follow
 from schemas.tenancy import Limits
 
 log = structlog.get_logger(__name__)
 
 MAX_CAS_ATTEMPTS = 64
-ENTRY_TTL = 40 * 86400.0  # an entry untouched this long is gone; a month cap needs <= 31 days
 CACHE_SIZE = 50_000
 WATCH_OPEN_WAIT = 5.0  # seconds `start()` waits for the watch to open
 WATCH_CHECK = 5.0  # seconds between checks that the watch's consumer is still there
@@ -52,44 +54,41 @@ WATCH_BACKOFF = (0.2, 5.0)  # first and longest pause before a failed watch is o
 MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+: an entry removed by the server (TTL)
 
 
-class ContentionError(TokenyardError):
-    """A counter kept changing under us; the request is refused as a retryable 503."""
-
-    status = 503
-
-
-async def open_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
-    config = KeyValueConfig(
-        bucket=subjects.LIMITS_BUCKET, history=1, ttl=ENTRY_TTL, storage=StorageType.FILE, replicas=replicas
-    )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:  # exists with other settings: use it as it is
-        return await js.key_value(subjects.LIMITS_BUCKET)
-
-
 Change = Callable[[L.Counters], L.Counters]
 
 
+@dataclass(slots=True)
+class _KeyLock:
+    """Serialises one entry's changes on this scheduler; dropped once nobody holds or awaits it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Quota:
-    def __init__(self, kv: KeyValue, *, watch_check: float = WATCH_CHECK) -> None:
+    """The limit counters of `streams.LIMITS`; `js` follows the bucket's writes (`start`)."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, *, watch_check: float = WATCH_CHECK) -> None:
         self._kv = kv
+        self._js = js
         # key -> (value, revision); the watch stores the value as it came, decoded on first use
         self._cache: OrderedDict[str, tuple[L.Counters | bytes, int]] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
         self.known: set[str] = set()  # entries that exist: settle them even without a reservation hint
         self._watch_check = watch_check
         self._watch: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
         self._watched = 0  # the last bucket revision the watch delivered: a reopened watch resumes there
 
     async def start(self) -> None:
         """Keep the cache fresh with other schedulers' writes, from now until `stop()`. Waits
         for the watch to open (at most WATCH_OPEN_WAIT: admissions work without it)."""
         if self._watch is None:
-            opened = asyncio.Event()
-            self._watch = asyncio.create_task(self._follow(opened))
+            self._watch = asyncio.create_task(
+                follow(self._updates, self._on_update, name="limits", backoff=WATCH_BACKOFF)
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(opened.wait(), WATCH_OPEN_WAIT)
+                await asyncio.wait_for(self._opened.wait(), WATCH_OPEN_WAIT)
 
     async def stop(self) -> None:
         task, self._watch = self._watch, None
@@ -104,7 +103,7 @@ class Quota:
             return None
         value, rev = entry
         if isinstance(value, bytes):  # decoded on first use: most writes are superseded unused
-            value = L.Counters.decode(value)
+            value = _counters(key, value)
             self._cache[key] = (value, rev)
         return value, rev
 
@@ -125,7 +124,7 @@ class Quota:
         except nats.js.errors.KeyNotFoundError:
             return L.Counters(), 0
         self.known.add(key)
-        return L.Counters.decode(entry.value or b""), entry.revision or 0
+        return _counters(key, entry.value or b""), entry.revision or 0
 
     def _remember(self, key: str, value: tuple[L.Counters | bytes, int]) -> None:
         self._cache[key] = value
@@ -144,13 +143,17 @@ class Quota:
 
     async def change(self, key: str, fn: Change) -> L.Counters:
         """Apply `fn` to the entry by compare-and-set; `fn` may raise to refuse."""
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            try:
+        held = self._locks.get(key)
+        if held is None:
+            held = self._locks[key] = _KeyLock()
+        held.users += 1
+        try:
+            async with held.lock:
                 return await self._change(key, fn)
-            finally:
-                if not lock._waiters:  # type: ignore[attr-defined]  # keep the dict small
-                    self._locks.pop(key, None)
+        finally:
+            held.users -= 1
+            if not held.users:  # keep the dict small
+                del self._locks[key]
 
     async def _change(self, key: str, fn: Change) -> L.Counters:
         cached = self.cached(key)
@@ -196,54 +199,53 @@ class Quota:
     async def read(self, key: str) -> L.Counters:
         return (await self._load(key))[0]
 
-    async def _follow(self, opened: asyncio.Event) -> None:
-        """Watch the bucket for as long as the scheduler runs: reopened after any failure (a
-        reconnect that lost the consumer, a server restart), after a pause that doubles up to
-        WATCH_BACKOFF[1] and starts over once the watch is healthy again."""
-        pause = WATCH_BACKOFF[0]
-        while True:
-            try:
-                sub = await self._subscribe()
-                opened.set()
-                try:
-                    while True:
-                        await asyncio.sleep(self._watch_check)
-                        await sub.consumer_info()  # fails once the consumer is gone for good
-                        pause = WATCH_BACKOFF[0]
-                finally:
-                    with contextlib.suppress(nats.errors.Error):
-                        await sub.unsubscribe()
-            except Exception:  # top of a loop: meanwhile the cache only gets staler, the CAS stays exact
-                log.warning("limits.watch_failed", retry_in=pause, exc_info=True)
-                opened.set()  # do not hold up the start: admissions work without the watch
-            await asyncio.sleep(pause)
-            pause = min(WATCH_BACKOFF[1], pause * 2)
-
-    async def _subscribe(self) -> JetStreamContext.PushSubscription:
-        """An ordered consumer on the bucket's stream, from the next write on (or from just after
-        the last one seen, when reopened). nats-py's `KeyValue.watch()` would first replay the
-        latest value of every key and has no "updates only" option (2.16), so this subscribes
-        to the stream itself, by the names the KeyValue was opened with."""
-        kv = self._kv
+    async def _updates(self) -> AsyncIterator[Msg]:
+        """Every write to the bucket from the next one on (or from just after the last one seen,
+        when reopened), through an ordered consumer on the bucket's stream. nats-py's
+        `KeyValue.watch()` would first replay the latest value of every key and has no "updates
+        only" option (2.16). Ends with an error once the consumer is gone for good (a server
+        restart), so `follow` opens it again."""
         if self._watched:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._watched + 1)
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-        prefix = kv._pre
-
-        async def on_update(msg: Msg) -> None:
-            try:
-                revision = msg.metadata.sequence.stream
-                headers = msg.headers or {}
-                gone = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_REASON in headers or not msg.data
-                self.observe(msg.subject[len(prefix) :], None if gone else msg.data, revision)
-                self._watched = max(self._watched, revision)
-            except Exception:  # top of the watch's loop: one odd message must not end it
-                log.exception("limits.watch_bad_update", subject=msg.subject)
-
-        return await kv._js.subscribe(
-            f"{prefix}>", stream=kv._stream, cb=on_update, ordered_consumer=True, config=config
+        sub = await self._js.subscribe(
+            f"{subjects.kv_prefix(streams.LIMITS.bucket)}>",
+            stream=streams.LIMITS.stream.name,
+            ordered_consumer=True,
+            config=config,
         )
+        self._opened.set()
+        try:
+            while True:
+                try:
+                    yield await sub.next_msg(timeout=self._watch_check)
+                except nats.errors.TimeoutError:
+                    await sub.consumer_info()  # raises once the consumer is gone
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def _on_update(self, msg: Msg) -> None:
+        revision = msg.metadata.sequence.stream
+        headers = msg.headers or {}
+        gone = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_REASON in headers or not msg.data
+        self.observe(
+            msg.subject[len(subjects.kv_prefix(streams.LIMITS.bucket)) :], None if gone else msg.data, revision
+        )
+        self._watched = max(self._watched, revision)
+
+
+def _counters(key: str, data: bytes) -> L.Counters:
+    """An entry's counters. One that cannot be read (written by an incompatible version) starts
+    over, loudly: refusing every request of that key or org forever would be worse."""
+    if not data:
+        return L.Counters()
+    try:
+        return L.Counters.decode(data)
+    except WireError as e:
+        log.error("limits.unreadable_entry_reset", key=key, error=str(e))
+        return L.Counters()
 
 
 _ENFORCED = ("rpm", "tpm", "max_concurrent", "tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month")

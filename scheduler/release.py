@@ -23,6 +23,7 @@ The intake stream is bounded overall and per tenant (one subject per tenant, wit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +33,15 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from scheduler.fairness import FairQueue, Item
-from schemas import subjects
+from schemas import streams, subjects
 from schemas.errors import QueueFullError
 from schemas.intake import Queued
-from schemas.jobs import Job, WireError
+from schemas.jetstream import consume, decode_batch, is_full
+from schemas.jobs import Job
+from schemas.streams import StreamSpec
 
 log = structlog.get_logger(__name__)
 
@@ -59,22 +62,11 @@ class IntakeLimits:
     max_jobs: int = 100_000
     max_per_tenant: int = 10_000
     ack_wait: float = 30.0
-    replicas: int = 1
 
-
-def intake_stream_config(lim: IntakeLimits) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.INTAKE_STREAM,
-        subjects=[subjects.INTAKE_ALL],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.NEW,
-        max_msgs=lim.max_jobs,
-        max_msgs_per_subject=lim.max_per_tenant,
-        discard_new_per_subject=True,
-        duplicate_window=120.0,
-        num_replicas=lim.replicas,
-    )
+    @property
+    def stream(self) -> StreamSpec:
+        """The intake stream's entry with these limits."""
+        return dataclasses.replace(streams.INTAKE, max_msgs=self.max_jobs, max_msgs_per_subject=self.max_per_tenant)
 
 
 @dataclass(slots=True)
@@ -103,11 +95,7 @@ class Releaser:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        config = intake_stream_config(self._lim)
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await self._js.update_stream(config)
+        """The intake stream must exist (`IntakeLimits.stream`, ensured by the caller)."""
         self._tasks = [
             asyncio.create_task(f())
             for f in (self._fetch_forever, self._release_forever, self._keep_alive_forever, self._poll_forever)
@@ -155,7 +143,7 @@ class Releaser:
                 headers={"Nats-Msg-Id": job.message_id},
             )
         except nats.js.errors.APIError as e:
-            if "maximum" in (e.description or ""):
+            if is_full(e):
                 raise QueueFullError(
                     "Too many requests are waiting. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
@@ -176,35 +164,18 @@ class Releaser:
         psub = await self._js.pull_subscribe(
             subjects.INTAKE_ALL, durable=subjects.RELEASE_CONSUMER, stream=subjects.INTAKE_STREAM, config=config
         )
-        while True:
-            try:
-                msgs = await psub.fetch(FETCH_BATCH, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception as e:  # top of a loop: never let the intake stop flowing
-                log.warning("intake.fetch_failed", error=repr(e))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    await self._take(msg)
-                except Exception:  # top of a loop
-                    log.exception("intake.take_failed")
-            self._wake.set()
+        await consume(psub, self._take, name=subjects.RELEASE_CONSUMER, batch=FETCH_BATCH, wait=0.5)
 
-    async def _take(self, msg: Msg) -> None:
-        try:
-            q = Queued.decode(msg.data)
-        except WireError as e:
-            log.error("intake.malformed", error=str(e))
-            await msg.term()
-            return
-        pair = (q.pool, q.job.model)
-        fq = self.queues.get(pair)
-        if fq is None:
-            fq = self.queues[pair] = FairQueue()
-        fq.push(Item((msg, q.job), q.tenant, q.tier, q.admitted))
-        self._pending.setdefault(pair, _Pending()).active_at = time.monotonic()
+    async def _take(self, msgs: list[Msg]) -> None:
+        """Held jobs join their fair queue; they stay un-acked until released."""
+        for msg, q in await decode_batch(msgs, Queued.decode, name=subjects.RELEASE_CONSUMER):
+            pair = (q.pool, q.job.model)
+            fq = self.queues.get(pair)
+            if fq is None:
+                fq = self.queues[pair] = FairQueue()
+            fq.push(Item((msg, q.job), q.tenant, q.tier, q.admitted))
+            self._pending.setdefault(pair, _Pending()).active_at = time.monotonic()
+        self._wake.set()
 
     async def _release_forever(self) -> None:
         while True:

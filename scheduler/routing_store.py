@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
-import nats.js.errors
 import structlog
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from scheduler.routing import RoutingTable
-from schemas import subjects
-from schemas.routing import HISTORY, Policy, parse_entry
+from schemas.jetstream import follow
+from schemas.routing import Policy, parse_entry
 
 log = structlog.get_logger(__name__)
 
@@ -30,15 +28,9 @@ class RoutingStore:
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
 
-    async def start(self, js: JetStreamContext, replicas: int = 1) -> None:
-        config = KeyValueConfig(
-            bucket=subjects.ROUTING_BUCKET, history=HISTORY, storage=StorageType.FILE, replicas=replicas
-        )
-        try:
-            kv = await js.create_key_value(config)
-        except nats.js.errors.BadRequestError:  # made by a gateway or another scheduler
-            kv = await js.key_value(subjects.ROUTING_BUCKET)
-        self._task = asyncio.create_task(self._follow(kv))
+    async def start(self, kv: KeyValue) -> None:
+        """Follow the bucket; waits (at most SYNC_TIMEOUT) until its current entries are in."""
+        self._task = asyncio.create_task(follow(lambda: _entries(kv), self._on_entry, name="routing"))
         try:  # place by the operator's policies from the first job on, if the bucket answers in time
             await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         except TimeoutError:
@@ -64,19 +56,21 @@ class RoutingStore:
         self.table = self._base.overlaid(self._entries)
         log.info("routing.changed", entry=entry, policy=None if value is None else self._entries[scope].to_dict())
 
-    async def _follow(self, kv: KeyValue) -> None:
-        for attempt in range(10**9):  # re-watch after a broken watch, with a bounded back-off
-            try:
-                async for entry in await kv.watchall():
-                    if entry is None:  # the initial values are all in
-                        self._synced.set()
-                        continue
-                    deleted = entry.operation in ("DEL", "PURGE") or not entry.value
-                    self.apply(entry.key, None if deleted else entry.value)
-                    if entry.delta == 0:
-                        self._synced.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # top of a loop: placements go on with the last table
-                log.exception("routing.watch_failed")
-            await asyncio.sleep(min(5.0, 0.2 * (attempt + 1)))  # ended or failed: watch again, not at once
+    def _on_entry(self, entry: KeyValue.Entry | None) -> None:
+        if entry is None:  # the initial values are all in
+            self._synced.set()
+            return
+        deleted = entry.operation in ("DEL", "PURGE") or not entry.value
+        self.apply(entry.key, None if deleted else entry.value)
+        if entry.delta == 0:
+            self._synced.set()
+
+
+async def _entries(kv: KeyValue) -> AsyncIterator[KeyValue.Entry | None]:
+    """Every entry of the bucket, then None once the current ones are in, then every change."""
+    watcher = await kv.watchall()
+    try:
+        async for entry in watcher:
+            yield entry
+    finally:
+        await watcher.stop()

@@ -35,92 +35,92 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 
 from scheduler import limits as L
 from scheduler import quota, routing
 from scheduler.fleet import Fleet
 from scheduler.health import BreakerConfig, Health
+from scheduler.quota import Quota
 from scheduler.release import IntakeLimits, Releaser
 from scheduler.routing_store import RoutingStore
 from scheduler.settings import SchedulerSettings
-from scheduler.settle import Settler, ensure_usage_stream
-from schemas import subjects
-from schemas.errors import InvalidRequestError, QueueFullError, TokenyardError
+from scheduler.settle import Settler
+from schemas import streams, subjects
+from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, QueueFullError, TokenyardError
 from schemas.intake import Queued
+from schemas.jetstream import ensure, is_full, open_bucket
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
-from schemas.tenancy import NO_LIMITS
+from schemas.rules import check_max_tokens, lane_eligible
+from schemas.settings import replicas_setting
+from schemas.streams import StreamSpec
 from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 2.0
-DUPLICATE_WINDOW = 120.0
-MAX_JOB_BYTES = 1 << 20
+FLEET_WARMUP = 1.5  # seconds after start in which a model with no route waits to be heard of
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
 ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
 
 
-def work_stream_config(s: SchedulerSettings) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.WORK_STREAM,
-        subjects=[subjects.WORK_ALL],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.NEW,
-        max_msgs=s.queue_max_jobs,
-        max_bytes=s.queue_max_bytes,
-        max_age=s.queue_max_age,
-        max_msg_size=MAX_JOB_BYTES,
-        duplicate_window=DUPLICATE_WINDOW,
-        num_replicas=s.replicas,
+def work_stream(s: SchedulerSettings) -> StreamSpec:
+    """The work queue's entry with the operator's limits."""
+    return dataclasses.replace(
+        streams.WORK, max_msgs=s.queue_max_jobs, max_bytes=s.queue_max_bytes, max_age=s.queue_max_age
     )
 
 
-async def ensure_work_stream(js: JetStreamContext, s: SchedulerSettings) -> None:
-    config = work_stream_config(s)
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.update_stream(config)  # exists with other limits: the operator's new ones win
-
-
 class Scheduler:
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: SchedulerSettings) -> None:
+    """Build with `open` (it makes the streams and buckets), then `start` serving."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        settings: SchedulerSettings,
+        *,
+        quota: Quota,
+        routing_kv: KeyValue,
+        intake: IntakeLimits,
+    ) -> None:
         self._nc = nc
         self._js = js
         self._s = settings
+        self.quota = quota
+        self._routing_kv = routing_kv
         self.fleet = Fleet(remember=settings.remember_models)
         self._tasks: list[asyncio.Task[None]] = []
-        self.quota: quota.Quota | None = None
         self.routing = RoutingStore(routing.RoutingTable.load(settings.routing_file))
         self.health = Health(BreakerConfig(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown))
         self._answered: OrderedDict[tuple[str, int], Admission] = OrderedDict()
         self._running: dict[tuple[str, int], asyncio.Future[Admission]] = {}
         self._admitting = asyncio.Semaphore(MAX_ADMITTING)
         self._admissions: set[asyncio.Task[None]] = set()
-        self.releaser = Releaser(
-            js,
-            IntakeLimits(
-                settings.intake_max_jobs, settings.intake_max_per_tenant, settings.intake_ack_wait, settings.replicas
-            ),
-            buffer=self._buffer,
-        )
+        self.releaser = Releaser(js, intake, buffer=self._buffer)
+        self._warm_until = 0.0  # monotonic: until then, a model with no route may just be unheard yet
+        self._heard = asyncio.Event()  # set by every advert
+
+    @classmethod
+    async def open(cls, nc: NATS, js: JetStreamContext, settings: SchedulerSettings) -> Scheduler:
+        replicas = replicas_setting(settings.replicas)
+        intake = IntakeLimits(settings.intake_max_jobs, settings.intake_max_per_tenant, settings.intake_ack_wait)
+        for spec in (work_stream(settings), streams.USAGE, intake.stream):
+            await ensure(nc, spec, replicas=replicas)
+        limits_kv = await open_bucket(nc, js, streams.LIMITS, replicas=replicas)
+        routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
+        return cls(nc, js, settings, quota=Quota(limits_kv, js), routing_kv=routing_kv, intake=intake)
 
     async def start(self) -> None:
-        await ensure_work_stream(self._js, self._s)
-        await ensure_usage_stream(self._js, self._s.replicas)
-        await self.routing.start(self._js, self._s.replicas)
-        self.quota = quota.Quota(await quota.open_bucket(self._js, self._s.replicas))
+        await self.routing.start(self._routing_kv)
         await self.quota.start()  # follows the other schedulers' writes to the limit counters
         settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
         self._tasks.append(asyncio.create_task(settler.run()))
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
         await self._nc.publish(subjects.FLEET_ROLL_CALL, b"")
-        await self._nc.flush()
-        await asyncio.sleep(0.2)  # let roll-call answers arrive before the first placement
+        self._warm_until = time.monotonic() + FLEET_WARMUP
         await self._nc.subscribe(subjects.SCHED_SUBMIT, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_submit)
         await self._nc.subscribe(subjects.SCHED_MODELS, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_models)
         await self._nc.subscribe(subjects.SCHED_PING, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_ping)
@@ -139,8 +139,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         await self.releaser.stop()
-        if self.quota is not None:
-            await self.quota.stop()
+        await self.quota.stop()
         await self.routing.stop()
         for t in self._tasks:
             t.cancel()
@@ -156,6 +155,8 @@ class Scheduler:
             self.fleet.observe(NodeAdvert.decode(msg.data), time.time())
         except WireError as e:
             log.warning("fleet.bad_advert", subject=msg.subject, error=str(e))
+            return
+        self._heard.set()
 
     def _on_usage(self, record: UsageRecord) -> None:
         self.health.observe(record, time.time())
@@ -219,14 +220,14 @@ class Scheduler:
     async def _admit(self, sub: Submission) -> Admission:
         job = sub.job
         now = time.time()
-        _check_max_tokens(sub)
+        check_max_tokens(job.request, sub.key_limits, sub.org_limits)
         if job.dispatch > 1 and sub.avoid:
             self.health.failed(sub.avoid[-1], now)  # the attempt before this one failed there
-        choice = self._route(sub, now)
+        choice = await self._placement(sub)
         if choice.model != job.model:
             job = dataclasses.replace(job, model=choice.model, request={**job.request, "model": choice.model})
         payload = job.encode()
-        if len(payload) > MAX_JOB_BYTES:
+        if len(payload) > streams.MAX_JOB_BYTES:
             raise InvalidRequestError("The request is too large to queue.", code="request_too_large")
         reserved = await self._reserve(sub, choice.route, now)
         pool = choice.route.pool
@@ -245,9 +246,8 @@ class Scheduler:
             if direct:
                 self.releaser.give_back(pool, job.model)
             if reserved:
-                assert self.quota is not None
                 await quota.release(self.quota, reserved, job.id, time.time())
-            if isinstance(e, nats.js.errors.APIError) and "maximum" in (e.description or ""):
+            if is_full(e):
                 raise QueueFullError(
                     "The queue for this model is full. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
@@ -274,18 +274,27 @@ class Scheduler:
         job, route = sub.job, choice.route
         if not (
             self._s.lane_credits > 0
-            and job.dispatch == 1
-            and not sub.avoid
+            and lane_eligible(sub)
             and choice.model == job.model
-            and sub.key_limits == NO_LIMITS
-            and sub.org_limits == NO_LIMITS
-            and "provider" not in job.request
-            and "models" not in job.request
             and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
             and self.health.closed(route.pool)
         ):
             return 0
         return max(0, min(self._s.lane_credits, route.slots_free - route.queued - 1))
+
+    async def _placement(self, sub: Submission) -> routing.Choice:
+        """Where the job goes. Just after start, a model with no route yet may only be unheard
+        (roll-call answers still on their way): wait for adverts until FLEET_WARMUP is over."""
+        while True:
+            try:
+                return self._route(sub, time.time())
+            except (NoCapacityError, ModelNotFoundError):
+                left = self._warm_until - time.monotonic()
+                if left <= 0:
+                    raise
+                self._heard.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heard.wait(), left)
 
     def _route(self, sub: Submission, now: float) -> routing.Choice:
         request = sub.job.request
@@ -323,19 +332,7 @@ class Scheduler:
         limited = quota.entries(sub.key_id, sub.tenant, sub.key_limits, sub.org_limits)
         if not limited:
             return []
-        assert self.quota is not None
         tokens = max(0, sub.estimated_tokens)
         usd = tokens * max(route.input_price, route.output_price) / 1e6  # an upper bound of its cost there
         ask = L.Ask(sub.job.id, tokens, usd, sub.job.deadline + self._s.reservation_margin)
         return await quota.admit(self.quota, limited, ask, now)
-
-
-def _check_max_tokens(sub: Submission) -> None:
-    asked = sub.job.request.get("max_completion_tokens") or sub.job.request.get("max_tokens") or 0
-    for limits, who in ((sub.key_limits, "this API key"), (sub.org_limits, "this organization")):
-        if limits.max_tokens and isinstance(asked, int) and asked > limits.max_tokens:
-            raise InvalidRequestError(
-                f"max_tokens is {asked}, more than {limits.max_tokens} allowed for {who}.",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )

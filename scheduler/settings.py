@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from schemas.settings import add_common, add_setting
+from schemas.settings import add_common, add_replicas, add_setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,7 @@ class SchedulerSettings:
     queue_max_jobs: int  # the work stream refuses new jobs beyond this (429 queue_full)
     queue_max_bytes: int
     queue_max_age: float  # seconds; a job older than this is dropped from the queue whatever its deadline
-    replicas: int  # JetStream replicas of the work stream (3 on a 3-node cluster)
+    replicas: int  # JetStream replicas of every stream and bucket (0: follow the cluster)
     remember_models: float  # seconds a model stays known after its last worker left
     reservation_margin: float = 60.0  # seconds past a job's deadline its unsettled reservation lapses
     routing_file: str = ""  # JSON routing policies (scheduler.routing.RoutingTable); empty: most free slots
@@ -36,7 +36,7 @@ class SchedulerSettings:
         add_setting(p, "--queue-max-jobs", default=100_000, type=int, help="most jobs waiting in all queues")
         add_setting(p, "--queue-max-bytes", default=1 << 30, type=int, help="most bytes waiting in all queues")
         add_setting(p, "--queue-max-age", default=3600.0, type=float, help="seconds a job may wait at most")
-        add_setting(p, "--replicas", default=1, type=int, help="work stream replicas (1, or 3 on a cluster)")
+        add_replicas(p)
         add_setting(
             p,
             "--remember-models",

@@ -12,47 +12,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from scheduler import limits as L
 from scheduler.quota import Quota
 from schemas import subjects
+from schemas.jetstream import consume, decode_batch
 from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
-USAGE_MAX_AGE = 7 * 86400.0
-USAGE_DUPLICATE_WINDOW = 120.0
 BATCH = 128
 FETCH_WAIT = 1.0
 GATHER = 0.05  # after a short batch, let records gather: one pull and one write of acks for many
 ACK_WAIT = 30.0
 MAX_DELIVER = 5
-
-
-def usage_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.USAGE_STREAM,
-        subjects=[subjects.USAGE_ALL],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=USAGE_MAX_AGE,
-        duplicate_window=USAGE_DUPLICATE_WINDOW,
-        num_replicas=replicas,
-    )
-
-
-async def ensure_usage_stream(js: JetStreamContext, replicas: int = 1) -> None:
-    """Idempotent: the gateway creates the same stream; whoever is first wins, the other is a no-op."""
-    try:
-        await js.add_stream(usage_stream_config(replicas))
-    except nats.js.errors.BadRequestError as e:
-        log.debug("usage.stream_exists", error=str(e))
 
 
 def wants_settling(record: UsageRecord, quota: Quota) -> list[str]:
@@ -102,39 +79,22 @@ class Settler:
         psub = await self._js.pull_subscribe(
             subjects.USAGE_ALL, durable=subjects.SETTLE_CONSUMER, stream=subjects.USAGE_STREAM, config=config
         )
-        while True:
-            try:
-                msgs = await psub.fetch(BATCH, timeout=FETCH_WAIT)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception as e:  # top of a loop: settlement must keep going
-                log.warning("usage.fetch_failed", error=repr(e))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    await self._handle(msg)
-                except Exception:  # top of a loop: one record must not stop settlement
-                    log.exception("usage.handle_failed")
-            if len(msgs) < BATCH:
-                await asyncio.sleep(GATHER)
+        await consume(psub, self._handle, name=subjects.SETTLE_CONSUMER, batch=BATCH, wait=FETCH_WAIT, gather=GATHER)
 
-    async def _handle(self, msg: Msg) -> None:
-        try:
-            record = UsageRecord.decode(msg.data)
-        except Exception as e:  # a record nobody can read must not block the others
-            log.warning("usage.bad_record", error=str(e))
-            await msg.term()
-            return
+    async def _handle(self, msgs: list[Msg]) -> None:
+        for msg, record in await decode_batch(msgs, UsageRecord.decode, name=subjects.SETTLE_CONSUMER):
+            await self._settle(msg, record)
+
+    async def _settle(self, msg: Msg, record: UsageRecord) -> None:
+        """Acked once settled; a failed settlement is redelivered a moment later."""
         try:
             await settle_record(self._quota, record, self._clock())
-        except Exception:  # top of a loop: leave it for a redelivery
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one record's failure must not stop the batch: it comes back
             log.exception("usage.settle_failed", job_id=record.job_id)
             await msg.nak(delay=1.0)
             return
-        try:
-            self._on_record(record)
-        except Exception:
-            log.exception("usage.stats_failed", job_id=record.job_id)
+        self._on_record(record)
         self.settled += 1
         await msg.ack()

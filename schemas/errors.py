@@ -14,10 +14,13 @@
     │   └── QueueFullError              429 code=queue_full
     ├── WorkerFailedError               502 (every attempt failed, poison job)
     ├── NoCapacityError                 503 code=no_capacity (retry_after)
+    │   └── ContentionError             503 code=contention (limit counters too contended)
     └── DeadlineExceededError           504 code=timeout
 
 Errors cross the wire as data (`to_wire` / `from_wire`) and reach HTTP clients as OpenAI's
-error object (`body`).
+error object (`body`). On the wire an error is named by its class's stable `wire` name, never
+its Python class name, and carries its status: a peer that does not know the name (an older
+or newer version) still answers with the right status (`from_wire`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class TokenyardError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
+    wire: ClassVar[str] = "server"  # the stable name on the wire; unique per class
 
     def __init__(
         self,
@@ -56,7 +60,7 @@ class TokenyardError(Exception):
         }
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"kind": type(self).__name__, "message": self.message}
+        wire: dict[str, Any] = {"kind": self.wire, "status": self.status, "message": self.message}
         if self.param is not None:
             wire["param"] = self.param
         if self.code is not None:
@@ -69,82 +73,107 @@ class TokenyardError(Exception):
 class InvalidRequestError(TokenyardError):
     status = 400
     type = "invalid_request_error"
+    wire = "invalid_request"
 
 
 class ContextLengthError(InvalidRequestError):
     default_code = "context_length_exceeded"
+    wire = "context_length"
 
 
 class UnsupportedError(InvalidRequestError):
     default_code = "unsupported_parameter"
+    wire = "unsupported"
 
 
 class AuthenticationError(TokenyardError):
     status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
+    wire = "authentication"
 
 
 class PermissionDeniedError(TokenyardError):
     status = 403
     type = "invalid_request_error"
     default_code = "permission_denied"
+    wire = "permission_denied"
 
 
 class NotFoundError(TokenyardError):
     status = 404
     type = "invalid_request_error"
+    wire = "not_found"
 
 
 class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
+    wire = "model_not_found"
 
 
 class MethodNotAllowedError(TokenyardError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+    wire = "method_not_allowed"
 
 
 class RequestTooLargeError(TokenyardError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+    wire = "too_large"
 
 
 class RateLimitError(TokenyardError):
     status = 429
     type = "requests"
     default_code = "rate_limit_exceeded"
+    wire = "rate_limit"
 
 
 class QueueFullError(RateLimitError):
     default_code = "queue_full"
+    wire = "queue_full"
 
 
 class WorkerFailedError(TokenyardError):
     status = 502
     type = "server_error"
     default_code = "worker_failed"
+    wire = "worker_failed"
 
 
 class NoCapacityError(TokenyardError):
     status = 503
     type = "server_error"
     default_code = "no_capacity"
+    wire = "no_capacity"
+
+
+class ContentionError(NoCapacityError):
+    """Shared limit counters kept changing under a compare-and-set: retry shortly."""
+
+    default_code = "contention"
+    wire = "contention"
 
 
 class DeadlineExceededError(TokenyardError):
     status = 504
     type = "server_error"
     default_code = "timeout"
+    wire = "deadline"
 
 
-_BY_NAME: dict[str, type[TokenyardError]] = {}
+_BY_WIRE: dict[str, type[TokenyardError]] = {}
+_BY_STATUS: dict[int, type[TokenyardError]] = {}
 
 
 def _register(cls: type[TokenyardError]) -> None:
-    _BY_NAME[cls.__name__] = cls
+    if cls.wire in _BY_WIRE:
+        raise TypeError(f"two errors share the wire name {cls.wire!r}")
+    _BY_WIRE[cls.wire] = cls
+    _BY_STATUS.setdefault(cls.status, cls)  # the most general class of each status
     for sub in cls.__subclasses__():
         _register(sub)
 
@@ -153,12 +182,17 @@ _register(TokenyardError)
 
 
 def from_wire(wire: dict[str, Any]) -> TokenyardError:
-    """Rebuild an error sent by another process; an unknown kind becomes a plain server error."""
-    cls = _BY_NAME.get(str(wire.get("kind")), TokenyardError)
+    """Rebuild an error sent by another process. An unknown name becomes the most general error
+    of the status it carried (a server error if it carried none)."""
+    cls = _BY_WIRE.get(str(wire.get("kind")))
+    if cls is None:
+        status = wire.get("status")
+        cls = _BY_STATUS.get(status, TokenyardError) if isinstance(status, int) else TokenyardError
     retry = wire.get("retry_after")
+    param, code = wire.get("param"), wire.get("code")
     return cls(
         str(wire.get("message", "unknown error")),
-        param=wire.get("param"),
-        code=wire.get("code"),
-        retry_after=float(retry) if retry is not None else None,
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+        retry_after=float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool) else None,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.jobs import VERSION, Job, _need, _pack, _unpack
+from schemas.codec import need, pack, unpack
+from schemas.jobs import Job
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +21,8 @@ class Queued:
     admitted: float  # unix time it was admitted (queue wait starts here)
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             {
-                "v": VERSION,
                 "job": self.job.encode(),
                 "pool": self.pool,
                 "tenant": self.tenant,
@@ -33,10 +33,10 @@ class Queued:
 
     @classmethod
     def decode(cls, data: bytes) -> Queued:
-        o = _unpack(data)
+        o = unpack(data)
         return cls(
-            job=Job.decode(_need(o, "job")),
-            pool=str(_need(o, "pool")),
+            job=Job.decode(need(o, "job")),
+            pool=str(need(o, "pool")),
             tenant=str(o.get("tenant", "")),
             tier=str(o.get("tier", "")),
             admitted=float(o.get("at", 0.0)),

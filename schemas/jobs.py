@@ -1,15 +1,12 @@
-"""The job envelope, the scheduler's request and reply, and a job's events (all msgpack).
+"""The job envelope, the scheduler's request and reply, the gateway's stop, and node adverts.
 
-Every message is a msgpack map with a version field `v`. Decoders read tolerantly: unknown
-keys are ignored so a newer peer can add fields; a missing required key or a newer major
-version is a `WireError`.
-
-A job's life on the wire:
+Every message is a `schemas.codec` record (a msgpack map with a version; unknown keys ignored,
+a missing required key a `WireError`). A job's life on the wire:
 
     gateway --Submission--> scheduler --Job (JetStream, Nats-Msg-Id=job id)--> worker
-    gateway <--Event(start, delta..., done | error)-- worker   (core NATS, job.reply)
-    gateway --Control(stop)--> worker                          (node control subject)
-    gateway <--Event(done, finish=cancelled)-- worker          (what the stopped attempt used)
+    gateway <--Start, Delta..., Done | Failed-- worker   (core NATS, job.reply: schemas.events)
+    gateway --Stop--> worker                             (node control subject)
+    gateway <--Done(finish=cancelled)-- worker           (what the stopped attempt used)
 
 Volunteer nodes see the `Job`, so it carries no tenant, key or client address: those stay in
 the `Submission`, which only the scheduler reads.
@@ -18,41 +15,12 @@ the `Submission`, which only the scheduler reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import msgpack
+from schemas.codec import WireError, need, pack, unpack
+from schemas.tenancy import DEFAULT_TIER, PRIORITY_TIERS, Limits, Tier
 
-from schemas.tenancy import DEFAULT_TIER, Limits
-
-VERSION = 1
 ATTEMPTS_PER_DISPATCH = 1000  # JetStream deliveries of one dispatch stay far below this
-
-
-class WireError(ValueError):
-    """A message that is not a valid Tokenyard message."""
-
-
-def _pack(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def _unpack(data: bytes) -> dict[str, Any]:
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise WireError(f"not msgpack: {e}") from e
-    if not isinstance(obj, dict):
-        raise WireError("message is not a map")
-    if int(obj.get("v", 0)) != VERSION:
-        raise WireError(f"unsupported message version {obj.get('v')!r}")
-    return obj
-
-
-def _need(obj: dict[str, Any], key: str) -> Any:
-    try:
-        return obj[key]
-    except KeyError as e:
-        raise WireError(f"missing field {key!r}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +45,8 @@ class Job:
         return f"{self.id}.{self.dispatch}"
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             {
-                "v": VERSION,
                 "id": self.id,
                 "model": self.model,
                 "req": self.request,
@@ -91,13 +58,13 @@ class Job:
 
     @classmethod
     def decode(cls, data: bytes) -> Job:
-        o = _unpack(data)
+        o = unpack(data)
         return cls(
-            id=str(_need(o, "id")),
-            model=str(_need(o, "model")),
-            request=dict(_need(o, "req")),
-            reply=str(_need(o, "reply")),
-            deadline=float(_need(o, "deadline")),
+            id=str(need(o, "id")),
+            model=str(need(o, "model")),
+            request=dict(need(o, "req")),
+            reply=str(need(o, "reply")),
+            deadline=float(need(o, "deadline")),
             dispatch=int(o.get("dispatch", 1)),
         )
 
@@ -113,7 +80,7 @@ class Submission:
     job: Job
     tenant: str = ""  # the org
     key_id: str = ""
-    priority: str = DEFAULT_TIER
+    priority: Tier = DEFAULT_TIER
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
@@ -121,9 +88,8 @@ class Submission:
     volunteer_ok: bool = False  # may run on idle-time nodes
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             {
-                "v": VERSION,
                 "job": self.job.encode(),
                 "tenant": self.tenant,
                 "key": self.key_id,
@@ -138,12 +104,12 @@ class Submission:
 
     @classmethod
     def decode(cls, data: bytes) -> Submission:
-        o = _unpack(data)
+        o = unpack(data)
         return cls(
-            job=Job.decode(_need(o, "job")),
+            job=Job.decode(need(o, "job")),
             tenant=str(o.get("tenant", "")),
             key_id=str(o.get("key", "")),
-            priority=str(o.get("prio", DEFAULT_TIER)),
+            priority=_tier(o.get("prio", DEFAULT_TIER)),
             avoid=tuple(str(p) for p in o.get("avoid", ())),
             key_limits=Limits.from_dict(o.get("klim")),
             org_limits=Limits.from_dict(o.get("olim")),
@@ -168,9 +134,8 @@ class Admission:
     lane_ttl: float = 0.0
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             {
-                "v": VERSION,
                 "err": self.error,
                 "pool": self.pool,
                 "live": self.live_workers,
@@ -181,7 +146,7 @@ class Admission:
 
     @classmethod
     def decode(cls, data: bytes) -> Admission:
-        o = _unpack(data)
+        o = unpack(data)
         lane = o.get("lane") or (0, 0.0)
         return cls(
             error=o.get("err"),
@@ -190,84 +155,6 @@ class Admission:
             model=str(o.get("model", "")),
             lane_credits=int(lane[0]),
             lane_ttl=float(lane[1]),
-        )
-
-
-# Event kinds, worker -> gateway.
-START = "start"  # the worker pulled the job and is preparing it
-DELTA = "delta"  # text for one or more choices
-HEARTBEAT = "hb"  # still alive (prefill, slow tokens); sent as a request, see Control
-DONE = "done"  # final: finish reasons and exact token counts (may carry the last text too)
-ERROR = "error"  # final: the attempt failed; `retryable` says whether another attempt may help
-FINAL_KINDS = frozenset({DONE, ERROR})
-
-# DONE's finish reason (for every choice) when the gateway stopped the attempt: its token counts
-# and cost are what ran until then, for billing a request whose client left. Only a gateway
-# still waiting for it reads it; an older gateway has forgotten the job and drops it.
-CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    kind: str
-    job_id: str
-    attempt: int  # Job.attempt_id: later dispatches and later deliveries are larger
-    seq: int  # 0, 1, 2, ... per attempt, with no gaps
-    node: str
-    pieces: tuple[tuple[int, str, int], ...] = ()  # (choice index, text, tokens in that text)
-    finish: tuple[str, ...] = ()  # finish reason per choice index (DONE)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    cost: float | None = None  # USD by the route's price table, where it has one
-    error: dict[str, Any] | None = None
-    retryable: bool = False
-
-    def encode(self) -> bytes:
-        o: dict[str, Any] = {
-            "v": VERSION,
-            "k": self.kind,
-            "j": self.job_id,
-            "a": self.attempt,
-            "s": self.seq,
-            "n": self.node,
-        }
-        if self.pieces:
-            o["p"] = [list(p) for p in self.pieces]
-        if self.kind == DONE:
-            o["f"] = list(self.finish)
-            o["pt"] = self.prompt_tokens
-            o["ct"] = self.completion_tokens
-            if self.cached_tokens:
-                o["cached"] = self.cached_tokens
-            if self.cost is not None:
-                o["cost"] = self.cost
-        if self.error is not None:
-            o["e"] = self.error
-            o["r"] = self.retryable
-        return _pack(o)
-
-    @classmethod
-    def decode(cls, data: bytes) -> Event:
-        o = _unpack(data)
-        try:
-            pieces = tuple((int(i), str(t), int(n)) for i, t, n in o.get("p", ()))
-        except (TypeError, ValueError) as e:
-            raise WireError(f"bad pieces: {e}") from e
-        return cls(
-            kind=str(_need(o, "k")),
-            job_id=str(_need(o, "j")),
-            attempt=int(_need(o, "a")),
-            seq=int(_need(o, "s")),
-            node=str(o.get("n", "")),
-            pieces=pieces,
-            finish=tuple(str(f) for f in o.get("f", ())),
-            prompt_tokens=int(o.get("pt", 0)),
-            completion_tokens=int(o.get("ct", 0)),
-            cached_tokens=int(o.get("cached", 0)),
-            cost=float(o["cost"]) if o.get("cost") is not None else None,
-            error=o.get("e"),
-            retryable=bool(o.get("r", False)),
         )
 
 
@@ -286,12 +173,12 @@ class Stop:
     reason: str
 
     def encode(self) -> bytes:
-        return _pack({"v": VERSION, "j": self.job_id, "a": self.attempt, "why": self.reason})
+        return pack({"j": self.job_id, "a": self.attempt, "why": self.reason})
 
     @classmethod
     def decode(cls, data: bytes) -> Stop:
-        o = _unpack(data)
-        return cls(job_id=str(_need(o, "j")), attempt=int(o.get("a", 0)), reason=str(o.get("why", "")))
+        o = unpack(data)
+        return cls(job_id=str(need(o, "j")), attempt=int(o.get("a", 0)), reason=str(o.get("why", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +199,8 @@ class ModelAdvert:
         )
 
 
-NODE_KINDS = ("own", "volunteer", "cloud")  # dedicated capacity, idle-time capacity, an upstream provider
+NodeKind = Literal["own", "volunteer", "cloud"]  # dedicated capacity, idle-time capacity, an upstream provider
+NODE_KINDS: tuple[NodeKind, ...] = ("own", "volunteer", "cloud")
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,14 +215,13 @@ class NodeAdvert:
     draining: bool = False
     interval: float = 1.0  # seconds until the next advert; silence for ~3 of these means gone
     started: float = field(default=0.0)
-    kind: str = "own"  # one of NODE_KINDS
+    kind: NodeKind = "own"
     healthy: bool = True  # false: the node is up but should get no new jobs (e.g. its provider is down)
     health_since: float = 0.0  # unix time `healthy` last changed (0: never, healthy since it started)
 
     def encode(self) -> bytes:
-        return _pack(
+        return pack(
             {
-                "v": VERSION,
                 "node": self.node,
                 "pool": self.pool,
                 "models": [m.pack() for m in self.models],
@@ -351,30 +238,42 @@ class NodeAdvert:
 
     @classmethod
     def decode(cls, data: bytes) -> NodeAdvert:
-        o = _unpack(data)
+        o = unpack(data)
         try:
             models = tuple(ModelAdvert.unpack(m) for m in o.get("models", ()))
         except (TypeError, ValueError, IndexError) as e:
             raise WireError(f"bad models: {e}") from e
         return cls(
-            node=str(_need(o, "node")),
-            pool=str(_need(o, "pool")),
+            node=str(need(o, "node")),
+            pool=str(need(o, "pool")),
             models=models,
             slots_total=int(o.get("total", 0)),
             slots_free=int(o.get("free", 0)),
             draining=bool(o.get("drain", False)),
             interval=float(o.get("every", 1.0)),
             started=float(o.get("started", 0.0)),
-            kind=str(o.get("kind", "own")),
+            kind=_node_kind(o.get("kind", "own")),
             healthy=bool(o.get("healthy", True)),
             health_since=float(o.get("hsince", 0.0)),
         )
 
 
 def encode_model_list(models: list[ModelAdvert]) -> bytes:
-    return _pack({"v": VERSION, "models": [m.pack() for m in models]})
+    return pack({"models": [m.pack() for m in models]})
 
 
 def decode_model_list(data: bytes) -> list[ModelAdvert]:
-    o = _unpack(data)
+    o = unpack(data)
     return [ModelAdvert.unpack(m) for m in o.get("models", ())]
+
+
+def _tier(value: Any) -> Tier:
+    if value not in PRIORITY_TIERS:
+        raise WireError(f"unknown priority tier {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _node_kind(value: Any) -> NodeKind:
+    if value not in NODE_KINDS:
+        raise WireError(f"unknown node kind {value!r}")
+    return value  # type: ignore[no-any-return]

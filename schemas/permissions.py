@@ -25,9 +25,9 @@ def worker_permissions(node_id: str, pool: str, models: list[str]) -> dict[str, 
     for model in models:
         durable = subjects.work_consumer(pool, model)
         publish += [
-            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-            f"$JS.ACK.{stream}.{durable}.>",
+            subjects.js_consumer_info(stream, durable),
+            subjects.js_consumer_next(stream, durable),
+            subjects.js_ack(stream, durable),
         ]
     subscribe = [f"{worker_inbox(node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL]
     return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}

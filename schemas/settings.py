@@ -39,6 +39,22 @@ def add_setting(
     parser.add_argument(flag, default=value, type=type, help=f"{help} [env {env}; default {default}]")
 
 
+def add_replicas(parser: argparse.ArgumentParser) -> None:
+    """For the roles that create streams and buckets (API, scheduler): one setting for all."""
+    add_setting(
+        parser,
+        "--replicas",
+        default=0,
+        type=int,
+        help="JetStream replicas of every stream and bucket (0: follow the cluster: 3 on 3+ servers, else 1)",
+    )
+
+
+def replicas_setting(value: int) -> int | None:
+    """The `replicas` argument of `schemas.jetstream.ensure` for a `--replicas` value."""
+    return value if value > 0 else None
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--nats-url", default=DEFAULT_NATS_URL, help="NATS server URL(s), comma-separated")
     add_setting(parser, "--log-level", default="info", help="debug, info, warning or error")

@@ -52,6 +52,37 @@ _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _ESCAPE_RE = re.compile(r"_(_|[0-9A-F]{2})")
 
 
+def kv_prefix(bucket: str) -> str:
+    """The subject prefix of a KV bucket's entries (`<prefix><key>`), as JetStream defines it."""
+    return f"$KV.{bucket}."
+
+
+# The JetStream API, for the few calls made without nats-py's JetStream context (shared
+# plumbing in schemas/ and the workers' standing pull requests).
+JS_API = "$JS.API"
+
+
+def js_stream_create(stream: str) -> str:
+    return f"{JS_API}.STREAM.CREATE.{stream}"
+
+
+def js_stream_update(stream: str) -> str:
+    return f"{JS_API}.STREAM.UPDATE.{stream}"
+
+
+def js_consumer_info(stream: str, durable: str) -> str:
+    return f"{JS_API}.CONSUMER.INFO.{stream}.{durable}"
+
+
+def js_consumer_next(stream: str, durable: str) -> str:
+    return f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
+def js_ack(stream: str, durable: str) -> str:
+    """Every ack subject of one consumer's deliveries (a wildcard, for permissions)."""
+    return f"$JS.ACK.{stream}.{durable}.>"
+
+
 def model_token(model_id: str) -> str:
     """Encode a model id as a subject token (see the module docstring)."""
     out: list[str] = []

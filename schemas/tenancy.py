@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import msgpack
+from schemas.codec import WireError, need, pack, unpack
 
-PRIORITY_TIERS = ("interactive", "standard", "batch")  # first is served first
-DEFAULT_TIER = "standard"
+Tier = Literal["interactive", "standard", "batch"]
+PRIORITY_TIERS: tuple[Tier, ...] = ("interactive", "standard", "batch")  # first is served first
+DEFAULT_TIER: Tier = "standard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,12 @@ class Limits:
         if not d:
             return cls()
         known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {k: (float(v) if k.startswith("usd") else int(v)) for k, v in d.items() if k in known}
+        try:
+            values: dict[str, Any] = {
+                k: (float(v) if k.startswith("usd") else int(v)) for k, v in d.items() if k in known
+            }
+        except (TypeError, ValueError) as e:
+            raise WireError(f"bad limits: {e}") from e
         return cls(**values)
 
     @property
@@ -61,7 +67,7 @@ class KeyRecord:
     admin: bool = False
     models: tuple[str, ...] = ()  # allowed model ids; empty = all
     limits: Limits = field(default_factory=Limits)
-    priority: str = DEFAULT_TIER
+    priority: Tier = DEFAULT_TIER
     expires: float = 0.0  # unix time; 0 = never
     revoked: float = 0.0  # unix time it was revoked; 0 = live
     cache: bool = True  # may this key's requests be answered from the response cache
@@ -81,16 +87,21 @@ class KeyRecord:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["limits"] = self.limits.to_dict()
         d["models"] = list(self.models)
-        return msgpack.packb({"v": 1, **d}, use_bin_type=True)
+        return pack(d)
 
     @classmethod
     def decode(cls, data: bytes) -> KeyRecord:
-        o = msgpack.unpackb(data, raw=False)
+        o = unpack(data)
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in o.items() if k in names}
         values["limits"] = Limits.from_dict(values.get("limits"))
         values["models"] = tuple(values.get("models") or ())
-        return cls(**values)
+        if values.get("priority", DEFAULT_TIER) not in PRIORITY_TIERS:
+            raise WireError(f"unknown priority {values.get('priority')!r}")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise WireError(f"bad key record: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,25 +122,26 @@ class OrgRecord:
         }
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        return pack(
             {
-                "v": 1,
                 "id": self.id,
                 "name": self.name,
                 "created": self.created,
                 "limits": self.limits.to_dict(),
                 "projects": list(self.projects),
-            },
-            use_bin_type=True,
+            }
         )
 
     @classmethod
     def decode(cls, data: bytes) -> OrgRecord:
-        o = msgpack.unpackb(data, raw=False)
-        return cls(
-            id=str(o["id"]),
-            name=str(o.get("name", "")),
-            created=float(o.get("created", 0)),
-            limits=Limits.from_dict(o.get("limits")),
-            projects=tuple(o.get("projects") or ()),
-        )
+        o = unpack(data)
+        try:
+            return cls(
+                id=str(need(o, "id")),
+                name=str(o.get("name", "")),
+                created=float(o.get("created", 0)),
+                limits=Limits.from_dict(o.get("limits")),
+                projects=tuple(str(p) for p in o.get("projects") or ()),
+            )
+        except (TypeError, ValueError) as e:
+            raise WireError(f"bad org record: {e}") from e

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal
 
-import msgpack
+from schemas.codec import WireError
+from schemas.codec import pack_fields as _pack
+from schemas.codec import unpack_fields as _unpack
 
-R = TypeVar("R")
-
-
-def _pack(record: Any) -> bytes:
-    return msgpack.packb({"v": 1, **dataclasses.asdict(record)}, use_bin_type=True)
-
-
-def _unpack(cls: type[R], data: bytes) -> R:
-    """Tolerant: fields this version does not know are ignored."""
-    o: dict[str, Any] = msgpack.unpackb(data, raw=False)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in o.items() if k in names})
-
-
-OUTCOMES = ("ok", "error", "cancelled", "cached")
+Outcome = Literal["ok", "error", "cancelled", "cached"]
+OUTCOMES: frozenset[str] = frozenset({"ok", "error", "cancelled", "cached"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +36,7 @@ class UsageRecord:
     cost: float  # USD
     ttft_ms: float  # time to first token as the client saw it; 0 if none
     duration_ms: float
-    outcome: str  # one of OUTCOMES
+    outcome: Outcome
     status: int = 200  # the HTTP status (or the error's) the client got
     stream: bool = False
     reserved_tokens: int = 0  # what admission reserved, so limits can settle exactly
@@ -57,7 +46,10 @@ class UsageRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> UsageRecord:
-        return _unpack(cls, data)
+        record = _unpack(cls, data)
+        if record.outcome not in OUTCOMES:
+            raise WireError(f"unknown outcome {record.outcome!r}")
+        return record
 
 
 @dataclass(frozen=True, slots=True)

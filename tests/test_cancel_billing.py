@@ -14,14 +14,13 @@ import openai
 import pytest
 import yaml
 
-from broker_api.chat import CANCEL_REPORT_WAIT, estimate_prompt_tokens
-from schemas.chat import parse_chat_request
+from broker_api.chat import CANCEL_REPORT_WAIT
+from schemas.rules import estimate_prompt_tokens
 from tests.conftest import ECHO
 from tests.fake_provider import Behaviour, FakeProvider, wait_until
 from tests.stack import Stack
 from tests.test_control_plane import admin, wait_rows
 from tests.test_faults import sdk
-from worker import cloud
 
 LONG = "alpha beta gamma delta epsilon [[tokens=2000]] [[rate=100]]"  # 20 s if nobody stops it
 MODEL = "gpt-test"
@@ -69,7 +68,7 @@ async def test_cancelled_requests_on_an_own_node_are_billed_from_the_workers_cou
     streamed, plain_cut = (
         next(r for r in rows.values() if r["outcome"] == "cancelled" and r["stream"] == s) for s in (True, False)
     )
-    estimate = estimate_prompt_tokens(parse_chat_request({"model": ECHO, "messages": messages}))
+    estimate = estimate_prompt_tokens(messages)
     assert exact_prompt != estimate  # so the rows below can only hold the worker's count
     assert streamed["prompt_tokens"] == plain_cut["prompt_tokens"] == exact_prompt
     # every token the client got, plus what the worker generated until the stop reached it
@@ -104,7 +103,7 @@ async def test_cancelled_stream_on_a_cloud_route_costs_the_providers_prices(stac
     [row] = rows.values()
     assert row["outcome"] == "cancelled" and row["route"] == "prov-a"
     # upstream never reported usage for the cut stream: the adapter's best-known prompt
-    assert row["prompt_tokens"] == cloud.estimate_prompt_tokens({"messages": messages})
+    assert row["prompt_tokens"] == estimate_prompt_tokens(messages)
     assert len(received.split()) <= row["completion_tokens"] < len(chunks)
     expected = (row["prompt_tokens"] * PRICES["input"] + row["completion_tokens"] * PRICES["output"]) / 1e6
     assert row["cost"] > 0 and row["cost"] == pytest.approx(expected, rel=1e-9)
@@ -134,7 +133,7 @@ async def test_worker_killed_mid_stream_is_billed_once_from_the_estimate(stack: 
         rows = await rows_settled(http, 1)
     [row] = rows.values()
     assert row["outcome"] == ("cancelled" if client_leaves else "error")
-    assert row["prompt_tokens"] == estimate_prompt_tokens(parse_chat_request({"model": ECHO, "messages": messages}))
+    assert row["prompt_tokens"] == estimate_prompt_tokens(messages)
     assert len(text.split()) <= row["completion_tokens"] <= len(text.split()) + 100
     assert row["cost"] == 0.0
     assert not worker.alive() and worker.popen.returncode == -signal.SIGKILL

@@ -18,9 +18,11 @@ from nats.js.kv import KeyValue
 
 from broker_api.embedded_nats import NatsServer
 from scheduler import limits as L
-from scheduler.quota import Quota, open_bucket
-from schemas import subjects
+from scheduler.quota import Quota
+from schemas import streams, subjects
+from schemas.codec import WireError
 from schemas.errors import RateLimitError, from_wire
+from schemas.jetstream import open_bucket
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
 from schemas.tenancy import Limits
 from schemas.usage import UsageRecord
@@ -120,7 +122,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
 
 async def read_counters(nc: NATS, scope: str, ident: str) -> L.Counters:
     kv = await nc.jetstream().key_value(subjects.LIMITS_BUCKET)
-    return L.Counters.decode((await kv.get(subjects.limits_entry(scope, ident))).value or b"")
+    return L.Counters.decode((await kv.get(subjects.limits_entry(scope, ident))).value or L.Counters().encode())
 
 
 async def publish_usage(
@@ -272,10 +274,11 @@ def test_release_gives_everything_back() -> None:
     L.reserve(back, lim, ask("b", 100), T0)  # fits again
 
 
-def test_counters_round_trip_and_tolerate_garbage() -> None:
+def test_counters_round_trip_and_refuse_garbage_loudly() -> None:
     c = L.reserve(L.Counters(), Limits(rpm=5, tpm=50), ask("a", 7, usd=0.25), T0)
     assert L.Counters.decode(c.encode()) == c
-    assert L.Counters.decode(b"\x93\x01\x02\x03") == L.Counters()
+    with pytest.raises(WireError):  # never silently empty counters: that would reset spend caps
+        L.Counters.decode(b"\x93\x01\x02\x03")
 
 
 # --- real nats-server, two schedulers, two submitters ----------------------------------------
@@ -378,14 +381,14 @@ async def test_unlimited_submissions_touch_no_counters(two_schedulers: Any) -> N
 async def test_a_stale_cache_never_skips_a_settlement(tmp_path: Path) -> None:
     """Two schedulers' quotas on one bucket: the one whose cached copy predates a reservation the
     other made must still settle it (a no-op on a cached value is re-read before it is believed)."""
-    from scheduler.quota import Quota, open_bucket
+    from scheduler.quota import Quota
 
     stack = Stack(tmp_path)
     stack.start_nats()
     nc = await nats.connect(stack.nats_url)
     try:
-        kv = await open_bucket(nc.jetstream())
-        x, y = Quota(kv), Quota(kv)
+        kv = await open_bucket(nc, nc.jetstream(), streams.LIMITS, replicas=1)
+        x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream())
         lim, key = Limits(max_concurrent=5), subjects.limits_entry("k", "stale")
         await x.change(key, lambda c: L.reserve(c, lim, ask("j0", expires=time.time() + 60), time.time()))
         await y.change(key, lambda c: L.reserve(c, lim, ask("j1", expires=time.time() + 60), time.time()))
@@ -409,7 +412,7 @@ async def bucket(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS, KeyValue]]:
     stack.start_nats()
     nc = await nats.connect(stack.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
-        yield stack, nc, await open_bucket(nc.jetstream())
+        yield stack, nc, await open_bucket(nc, nc.jetstream(), streams.LIMITS, replicas=1)
     finally:
         await nc.close()
         await stack.close()
@@ -430,8 +433,8 @@ async def caught_up(quota: Quota, key: str, revision: int, timeout: float = 5.0)
 
 
 async def test_a_write_by_one_scheduler_reaches_the_others_cache(bucket: Any) -> None:
-    _, _, kv = bucket
-    x, y = Quota(kv), Quota(kv)
+    _, nc, kv = bucket
+    x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream())
     await y.start()
     try:
         key, lim = subjects.limits_entry("k", "watched"), Limits(max_concurrent=5)
@@ -450,8 +453,8 @@ async def test_a_write_by_one_scheduler_reaches_the_others_cache(bucket: Any) ->
 
 
 async def test_watching_caches_converge_and_the_limit_is_exact(bucket: Any) -> None:
-    _, _, kv = bucket
-    x, y = Quota(kv), Quota(kv)
+    _, nc, kv = bucket
+    x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream())
     await x.start()
     await y.start()
     try:
@@ -474,8 +477,8 @@ async def test_watching_caches_converge_and_the_limit_is_exact(bucket: Any) -> N
 
 
 async def test_an_older_update_never_replaces_a_newer_one(bucket: Any) -> None:
-    _, _, kv = bucket
-    q, key = Quota(kv), subjects.limits_entry("k", "order")
+    _, nc, kv = bucket
+    q, key = Quota(kv, nc.jetstream()), subjects.limits_entry("k", "order")
     newer, older = L.Counters(tokens_day=2), L.Counters(tokens_day=1)
     q.observe(key, newer.encode(), 10)
     q.observe(key, older.encode(), 7)
@@ -491,8 +494,8 @@ async def test_an_older_update_never_replaces_a_newer_one(bucket: Any) -> None:
 async def test_a_stale_or_missing_watch_still_counts_exactly(bucket: Any, watch: str) -> None:
     """y's cache says there is room; x has taken it meanwhile. y must refuse, and its admission
     once x settles must land on x's value (a CAS on the stale revision fails and is redone)."""
-    _, _, kv = bucket
-    x, y = Quota(kv), Quota(kv)
+    _, nc, kv = bucket
+    x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream())
     if watch == "stopped":
         await y.start()
         await y.stop()
@@ -513,7 +516,7 @@ async def test_a_stale_or_missing_watch_still_counts_exactly(bucket: Any, watch:
 
 async def test_the_watch_comes_back_after_a_lost_consumer_and_a_server_restart(bucket: Any) -> None:
     stack, nc, kv = bucket
-    x, y = Quota(kv), Quota(kv, watch_check=0.2)
+    x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream(), watch_check=0.2)
     await y.start()
     try:
         key, lim = subjects.limits_entry("k", "restart"), Limits(max_concurrent=100)

@@ -25,14 +25,14 @@ from typing import Any, Protocol, Union
 
 from schemas.chat import message_text
 from schemas.errors import UnsupportedError
-from schemas.events import Piece
+from schemas.events import FinishReason, Piece
 from schemas.jobs import ModelAdvert
 
 
 @dataclass(frozen=True, slots=True)
 class Finish:
     index: int
-    reason: str  # "stop" | "length" | ...
+    reason: FinishReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,10 @@ class Backend(Protocol):
     def check(self, model: str, request: dict[str, Any]) -> None: ...
 
     def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]: ...
+
+    def healthy(self) -> bool:
+        """False: up, but it should get no new jobs (a cloud adapter whose provider is down)."""
+        ...
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         """What a generation stopped after `completion_tokens` tokens used: the prompt (exact

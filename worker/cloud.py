@@ -44,9 +44,10 @@ from schemas.errors import (
     UnsupportedError,
     WorkerFailedError,
 )
-from schemas.events import Piece
+from schemas.events import FINISH_REASONS, FinishReason, Piece
 from schemas.jobs import ModelAdvert
-from worker.backend import Finish, Output, Sampling, Usage, chat_messages
+from schemas.rules import estimate_prompt_tokens
+from worker.backend import Finish, Output, Sampling, Usage
 from worker.keyring import Clock, HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
     ModelRoute,
@@ -208,7 +209,7 @@ class CloudBackend:
         """A stream cut short (the client left): upstream still bills the prompt it got and what
         it generated, but reports neither, so this is the best known: the prompt estimated as
         when upstream sends no usage, and the text chunks relayed, at this provider's prices."""
-        return self._priced(model, Usage(estimate_prompt_tokens(request), completion_tokens))
+        return self._priced(model, Usage(estimate_prompt_tokens(request["messages"]), completion_tokens))
 
     async def probe(self) -> bool:
         """One `GET {base_url}/models`: the provider answers (below 500) within the timeouts."""
@@ -500,7 +501,7 @@ class StreamState:
     def __init__(self, n: int) -> None:
         self.n = n
         self.done = False
-        self.finished: dict[int, str] = {}  # index -> reason, given out once the stream is known complete
+        self.finished: dict[int, FinishReason] = {}  # index -> reason, given out once the stream is known complete
         self.pieces = 0
         self.usage: tuple[int, int, int] | None = None
 
@@ -537,7 +538,7 @@ class StreamState:
                 out.append(Piece(index, text, 1))
             reason = choice.get("finish_reason")
             if reason is not None and index not in self.finished:
-                self.finished[index] = str(reason)
+                self.finished[index] = _finish_reason(reason)
         if obj.get("usage"):
             self.usage = _usage(obj["usage"])
         return out
@@ -567,16 +568,10 @@ class StreamState:
         out: list[Output] = [Finish(i, self.finished.get(i, "stop")) for i in range(self.n)]
         if self.usage is None:
             log.warning("cloud.usage_estimated")
-            out.append(Usage(estimate_prompt_tokens(request), self.pieces))
+            out.append(Usage(estimate_prompt_tokens(request["messages"]), self.pieces))
         else:
             out.append(Usage(*self.usage))
         return out
-
-
-def estimate_prompt_tokens(request: dict[str, Any]) -> int:
-    """The prompt's tokens when upstream does not say: ~4 characters a token, 3 a message."""
-    messages = chat_messages(request)
-    return sum(len(m["content"]) for m in messages) // 4 + 3 * len(messages)
 
 
 def _usage(u: Any) -> tuple[int, int, int]:
@@ -598,6 +593,17 @@ def _json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         raise _malformed("a chunk is not JSON") from None
+
+
+def _finish_reason(value: Any) -> FinishReason:
+    """Upstream's finish reason as ours: the legacy `function_call` is `tool_calls`; one we do not
+    know (a provider's own) ends the choice as `stop`."""
+    if value == "function_call":
+        return "tool_calls"
+    if value in FINISH_REASONS and value != "cancelled":
+        return value  # type: ignore[no-any-return]
+    log.warning("cloud.unknown_finish_reason", reason=str(value)[:40])
+    return "stop"
 
 
 def _malformed(what: str) -> WorkerFailedError:

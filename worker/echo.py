@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.errors import ContextLengthError, WorkerFailedError
-from schemas.events import Piece
+from schemas.events import FinishReason, Piece
 from schemas.jobs import ModelAdvert
 from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
 from worker.settings import WorkerSettings
@@ -102,7 +102,7 @@ class EchoBackend:
         ]
         # The whole answer is known up front, so the stop cut is exact and nothing past it leaks.
         cut = _stop_cut("".join(texts), sampling.stop)
-        finish = "stop" if cut is not None or end >= plan.tokens else "length"
+        finish: FinishReason = "stop" if cut is not None or end >= plan.tokens else "length"
         completion = 0
         for index in range(sampling.n):
             sent = 0
@@ -123,6 +123,9 @@ class EchoBackend:
                     await asyncio.sleep(0)
             yield Finish(index, finish)
         yield Usage(plan.prompt_tokens, completion)
+
+    def healthy(self) -> bool:
+        return True
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         return Usage(self._plan(request).prompt_tokens, completion_tokens)

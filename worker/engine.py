@@ -160,6 +160,9 @@ class TransformersBackend:
         finally:
             engine.cancel(seqs)  # no-op for finished ones; the rest leave the batch at the next step
 
+    def healthy(self) -> bool:
+        return True
+
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         return Usage(prompt_tokens=len(self._prompt(request)), completion_tokens=completion_tokens)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from schemas.events import Piece
+from schemas.events import FinishReason, Piece
 from worker.backend import Finish
 from worker.engine_cache import SlabCache, merge, repeat, select
 from worker.engine_sampling import apply_penalties, penalty_index, sample
@@ -367,7 +367,7 @@ class BatchEngine:
                 finished.add(row)
         return finished
 
-    def _finish(self, seq: Sequence, reason: str, text: str) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str) -> None:
         text += seq.text.finish()
         tokens = seq.text.take_tokens()
         if text or tokens:

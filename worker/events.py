@@ -11,16 +11,49 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas.errors import TokenyardError
-from schemas.events import Piece
-from schemas.jobs import DELTA, DONE, ERROR, HEARTBEAT, START, Event
+from schemas.events import (
+    Delta,
+    Done,
+    Event,
+    Failed,
+    FinishReason,
+    Heartbeat,
+    Piece,
+    Start,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from worker.backend import Usage
 
 
 class Publisher(Protocol):
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None: ...
+
+
+@dataclass(slots=True)
+class _Run:
+    """Consecutive pieces of one choice waiting to be sent, merged: text joined, tool-call
+    fragments and logprobs kept in order."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def add(self, piece: Piece) -> None:
+        if piece.text:
+            self.text.append(piece.text)
+        self.tokens += piece.tokens
+        self.tool_calls.extend(piece.tool_calls)
+        self.logprobs.extend(piece.logprobs)
+
+    def piece(self) -> Piece:
+        return Piece(self.index, "".join(self.text), self.tokens, tuple(self.tool_calls), tuple(self.logprobs))
 
 
 class EventStream:
@@ -32,7 +65,7 @@ class EventStream:
         self._node = node
         self._coalesce = coalesce
         self._seq = 0
-        self._pending: list[list[Any]] = []  # [index, text, tokens], merged per index run
+        self._pending: list[_Run] = []
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._start_timer: asyncio.TimerHandle | None = None
@@ -41,13 +74,13 @@ class EventStream:
     @property
     def tokens(self) -> int:
         """Every token handed to this stream: sent, or waiting to go with the next message."""
-        return self.tokens_sent + sum(int(p[2]) for p in self._pending)
+        return self.tokens_sent + sum(run.tokens for run in self._pending)
 
-    def _event(self, kind: str, **fields: Any) -> Event:
+    def _next_seq(self) -> int:
         self.cancel_start()
-        ev = Event(kind, self._job_id, self._attempt, self._seq, self._node, **fields)
+        seq = self._seq
         self._seq += 1
-        return ev
+        return seq
 
     async def _send(self, ev: Event) -> None:
         self._last_sent = time.monotonic()
@@ -62,19 +95,18 @@ class EventStream:
     def _start_now(self) -> None:
         self._start_timer = None
         if self._seq == 0:
-            asyncio.ensure_future(self._send(self._event(START)))
+            ev = Start(self._job_id, self._attempt, self._next_seq(), self._node)
+            asyncio.ensure_future(self._send(ev))
 
     def cancel_start(self) -> None:
         if self._start_timer is not None:
             self._start_timer.cancel()
             self._start_timer = None
 
-    async def add(self, delta: Piece) -> None:
-        if self._pending and self._pending[-1][0] == delta.index:
-            self._pending[-1][1] += delta.text
-            self._pending[-1][2] += delta.tokens
-        else:
-            self._pending.append([delta.index, delta.text, delta.tokens])
+    async def add(self, piece: Piece) -> None:
+        if not (self._pending and self._pending[-1].index == piece.index):
+            self._pending.append(_Run(piece.index))
+        self._pending[-1].add(piece)
         waited = time.monotonic() - self._last_sent
         if waited >= self._coalesce:
             await self.flush()
@@ -87,40 +119,46 @@ class EventStream:
         if self._pending:
             asyncio.ensure_future(self.flush())
 
-    def _take_pieces(self) -> tuple[tuple[int, str, int], ...]:
+    def _take_pieces(self) -> tuple[Piece, ...]:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pieces = tuple((int(i), str(t), int(n)) for i, t, n in self._pending)
+        pieces = tuple(run.piece() for run in self._pending)
         self._pending = []
-        self.tokens_sent += sum(p[2] for p in pieces)
+        self.tokens_sent += sum(p.tokens for p in pieces)
         return pieces
 
     async def flush(self) -> None:
         pieces = self._take_pieces()
         if pieces:
-            await self._send(self._event(DELTA, pieces=pieces))
+            await self._send(Delta(self._job_id, self._attempt, self._next_seq(), self._node, pieces))
 
-    async def done(self, finish: list[str], usage: Usage) -> None:
-        """The last text (if any) travels with the done event: one message fewer."""
+    async def done(self, finish: list[FinishReason], usage: Usage) -> None:
+        """The last output (if any) travels with the done event: one message fewer."""
         pieces = self._take_pieces()
         await self._send(
-            self._event(
-                DONE,
-                pieces=pieces,
+            Done(
+                self._job_id,
+                self._attempt,
+                self._next_seq(),
+                self._node,
                 finish=tuple(finish),
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 cached_tokens=usage.cached_tokens,
                 cost=usage.cost,
+                pieces=pieces,
             )
         )
 
     async def fail(self, error: TokenyardError, *, retryable: bool) -> None:
         await self.flush()
-        await self._send(self._event(ERROR, error=error.to_wire(), retryable=retryable))
+        ev = Failed(
+            self._job_id, self._attempt, self._next_seq(), self._node, error=error.to_wire(), retryable=retryable
+        )
+        await self._send(ev)
 
     def heartbeat(self) -> bytes:
         """A heartbeat carries the next sequence number, so the gateway can tell a lost message
         (its expected sequence is behind) from a quiet one. It is not itself in the sequence."""
-        return Event(HEARTBEAT, self._job_id, self._attempt, self._seq, self._node).encode()
+        return Heartbeat(self._job_id, self._attempt, self._seq, self._node).encode()

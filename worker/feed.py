@@ -34,15 +34,19 @@ STALE = EXPIRES + 3.0  # no word on a feed for this long: forget its requests (l
 class Feed:
     """Pull requests on one consumer, delivering jobs to `on_job`."""
 
-    def __init__(self, nc: NATS, durable: str, on_job: Callable[[Msg], None]) -> None:
+    def __init__(
+        self, nc: NATS, durable: str, on_job: Callable[[Msg], None], *, then: Callable[[], Awaitable[None]]
+    ) -> None:
+        """`on_job` takes each job delivered; `then` runs after every message (the worker tops
+        up its pull requests there)."""
         self._nc = nc
-        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{durable}"
+        self._api = subjects.js_consumer_next(subjects.WORK_STREAM, durable)
         self._on_job = on_job
+        self._then = then
         self.outstanding = 0
         self.heard = time.monotonic()
         self._inbox = ""
         self._sub: Subscription | None = None
-        self.top_up: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -75,8 +79,7 @@ class Feed:
         else:
             self.outstanding = max(0, self.outstanding - 1)
             self._on_job(msg)
-        if self.top_up is not None:
-            await self.top_up()
+        await self._then()
 
     def _on_status(self, status: str, msg: Msg) -> None:
         if status == "100":  # idle heartbeat / flow control

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -30,9 +31,10 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas import subjects
+from schemas.codec import WireError
 from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
-from schemas.events import Piece
-from schemas.jobs import CANCELLED, STOP, Job, NodeAdvert, Stop, WireError
+from schemas.events import CANCELLED, FinishReason, Piece
+from schemas.jobs import STOP, Job, NodeAdvert, Stop
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
@@ -50,6 +52,15 @@ GATEWAY_SILENT = "gateway silent"
 GATEWAY_STOP = "gateway said stop"
 
 
+@dataclass(slots=True)
+class Running:
+    """A job this worker runs now."""
+
+    attempt: int
+    task: asyncio.Task[None]
+    stop_reason: str = ""  # set when the worker stops it (why), before its task is cancelled
+
+
 class Worker:
     def __init__(self, nc: NATS, js: JetStreamContext, backend: Backend, settings: WorkerSettings) -> None:
         self._nc = nc
@@ -59,8 +70,7 @@ class Worker:
         self._total = backend.slots
         self._feeds: list[Feed] = []
         self._topping = False
-        self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
-        self._stop_reasons: dict[str, str] = {}
+        self._running: dict[str, Running] = {}
         self._draining = False
         self._started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -87,10 +97,9 @@ class Worker:
         )
 
     def _backend_healthy(self) -> bool:
-        """Backends that can tell (a cloud adapter whose provider is down) say so; others are.
-        A change is stamped once (`health_since`), so every gateway audits it as one event."""
-        check = getattr(self._backend, "healthy", None)
-        healthy = bool(check()) if callable(check) else True
+        """What the backend says (a cloud adapter whose provider is down is not). A change is
+        stamped once (`health_since`), so every gateway audits it as one event."""
+        healthy = self._backend.healthy()
         if healthy != self._healthy:
             self._healthy, self._health_since = healthy, time.time()
         return healthy
@@ -102,8 +111,7 @@ class Worker:
         models = sorted({m.id for m in self._backend.models()})
         for model in models:
             await self._ensure_consumer(model)
-            feed = Feed(self._nc, subjects.work_consumer(self._s.pool, model), self._accept)
-            feed.top_up = self._top_up
+            feed = Feed(self._nc, subjects.work_consumer(self._s.pool, model), self._accept, then=self._top_up)
             await feed.start()
             self._feeds.append(feed)
         self._tasks.append(asyncio.create_task(self._keep_pulling()))
@@ -237,7 +245,7 @@ class Worker:
         )
         task = asyncio.current_task()
         assert task is not None
-        self._running[job.id] = (attempt, task)
+        running = self._running[job.id] = Running(attempt, task)
         heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
         settle = msg.term
         try:
@@ -247,7 +255,7 @@ class Worker:
             settle = msg.ack
             jlog.debug("job.done", tokens=out.tokens_sent)
         except asyncio.CancelledError:
-            reason = self._stop_reasons.pop(job.id, "")
+            reason = running.stop_reason
             if not reason:
                 raise
             # forgotten at once: a second stop must not cancel the report or the term below
@@ -267,14 +275,13 @@ class Worker:
             out.cancel_start()
             heartbeat.cancel()
             self._running.pop(job.id, None)
-            self._stop_reasons.pop(job.id, None)
             with contextlib.suppress(nats.errors.Error):
                 await settle()
 
     async def _generate(self, job: Job, out: EventStream) -> None:
         self._backend.check(job.model, job.request)
         n = int(job.request.get("n") or 1)
-        finish = ["stop"] * n
+        finish: list[FinishReason] = ["stop"] * n
         usage: Usage | None = None
         gen = self._backend.generate(job.model, job.request)
         try:
@@ -325,10 +332,10 @@ class Worker:
 
     def _stop(self, job_id: str, reason: str) -> None:
         running = self._running.get(job_id)
-        if running is None:
+        if running is None or running.stop_reason:
             return
-        self._stop_reasons[job_id] = reason
-        running[1].cancel()
+        running.stop_reason = reason
+        running.task.cancel()
 
     async def _on_control(self, msg: Msg) -> None:
         try:
@@ -337,5 +344,5 @@ class Worker:
             log.warning("worker.bad_control", error=str(e))
             return
         running = self._running.get(stop.job_id)
-        if running and (stop.attempt == 0 or stop.attempt == running[0]):
+        if running and (stop.attempt == 0 or stop.attempt == running.attempt):
             self._stop(stop.job_id, stop.reason or "stopped")

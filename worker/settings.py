@@ -9,6 +9,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
+from schemas.jobs import NodeKind
 from schemas.settings import add_common, add_setting
 
 _NODE_RE = re.compile(r"[^A-Za-z0-9-]")
@@ -26,7 +27,7 @@ class WorkerSettings:
     log_json: bool
     node_id: str
     pool: str
-    kind: str  # "own" (dedicated), "volunteer" (idle-time; sees prompts only of tenants who allow it), "cloud"
+    kind: NodeKind  # own (dedicated), volunteer (idle-time; sees prompts only of tenants who allow it), cloud
     backend: str  # "echo" | "transformers"
     models: tuple[str, ...]  # public model ids (echo: served names; transformers: the id to serve under)
     slots: int  # most jobs at once (transformers: max concurrent sequences)

@@ -1,0 +1,92 @@
+"""The gateway's collaborators as one typed value, and the FastAPI dependencies routes take.
+
+The lifespan (`broker_api.app`) builds every collaborator once and stores a `Services` on the
+app; a route module declares what it needs as typed parameters:
+
+    @router.get("/v1/admin/things")
+    async def list_things(who: Annotated[Principal, Depends(admin_caller)],
+                          s: Annotated[Services, Depends(services)]) -> dict[str, Any]: ...
+
+so no handler reaches into untyped `request.app.state`, and no route is a closure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from nats.js.kv import KeyValue
+
+from broker_api.audit import Auditor
+from broker_api.auth import KeyStore, Principal
+from broker_api.bus import Bus
+from broker_api.chat import ChatService
+from broker_api.directory import Directory
+from broker_api.ledger import Ledger
+from broker_api.metrics import Metrics
+from broker_api.settings import ApiSettings
+from schemas.errors import NoCapacityError, NotFoundError, PermissionDeniedError
+from schemas.tenancy import KeyRecord, OrgRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: ApiSettings
+    bus: Bus
+    keys: KeyStore
+    directory: Directory
+    chat: ChatService
+    auditor: Auditor
+    routing: KeyValue  # the routing-policy bucket (schemas.streams.ROUTING)
+    ledger: Ledger | None  # None: this gateway keeps no ledger (--no-ledger)
+    metrics: Metrics
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def caller(request: Request, s: Annotated[Services, Depends(services)]) -> Principal:
+    """The authenticated caller (401 without a valid key)."""
+    return s.keys.authenticate(request.headers.get("authorization"))
+
+
+def admin_caller(
+    request: Request, s: Annotated[Services, Depends(services)], who: Annotated[Principal, Depends(caller)]
+) -> Principal:
+    """A caller with an admin key (403 otherwise); its use of the admin API is audited."""
+    who.require_admin()
+    s.auditor.signed_in(who, request)
+    return who
+
+
+def operator(who: Annotated[Principal, Depends(admin_caller)]) -> Principal:
+    """The operator's own (bootstrap) admin key: every org."""
+    if not who.root:
+        raise PermissionDeniedError("Only the operator's admin key may do this.")
+    return who
+
+
+def ledger(s: Annotated[Services, Depends(services)]) -> Ledger:
+    """This gateway's ledger (503 where it keeps none)."""
+    if s.ledger is None:
+        raise NoCapacityError("This gateway keeps no ledger (--no-ledger); ask one that does.")
+    return s.ledger
+
+
+def visible_org(directory: Directory, who: Principal, org_id: str) -> OrgRecord:
+    """An org the caller may see; any other answers 404, as if it did not exist."""
+    org = directory.org(org_id)
+    if org is None or (not who.root and org.id != who.org):
+        raise NotFoundError(f"No org with id '{org_id}'.", param="org")
+    return org
+
+
+def visible_key(directory: Directory, who: Principal, key_id: str) -> KeyRecord:
+    """An API key the caller may see; another org's answers 404."""
+    key = directory.key(key_id)
+    if key is None or (not who.root and key.org != who.org):
+        raise NotFoundError(f"No API key with id '{key_id}'.")
+    return key
