@@ -26,6 +26,7 @@ Usage: install.sh [options]
 
   --server URL            the gateway to enrol with (https://HOST or http://HOST:PORT)
   --token TOKEN           the enrolment token (`tokenyard nodes token create` on the gateway)
+                          (or set TOKENYARD_SERVER and TOKENYARD_TOKEN in the environment)
   --data-dir DIR          the node's identity, credentials and converted models
                           (default: /var/lib/tokenyard as root, else ~/.tokenyard)
   --prefix DIR            where the venv, the service's environment file and logs go
@@ -96,8 +97,9 @@ plain() {
 	esac
 }
 
-server=""
-token=""
+# The server and token may also come from the environment, which keeps the token out of `ps`.
+server=${TOKENYARD_SERVER:-}
+token=${TOKENYARD_TOKEN:-}
 data_dir=""
 prefix=""
 source_spec="tokenyard"
