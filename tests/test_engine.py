@@ -88,10 +88,10 @@ def test_text_stream_counts_every_token_once() -> None:
     stream = TextStream(lambda xs: str(tokenizer.decode(xs)), ("cd",))
     sent, tokens = "", 0
     for i in ids:
-        sent += stream.push(i)
+        sent += "".join(str(o) for o in stream.push(i))
         if stream.stopped:
             break
-    sent += stream.finish()
+    sent += "".join(str(o) for o in stream.finish())
     tokens += stream.take_tokens()
     assert sent == "ab→" and tokens == len(ids)
 

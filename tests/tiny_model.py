@@ -1,5 +1,6 @@
 """A tiny causal LM built in code for the engine's tests: random weights, a byte-level tokenizer
-and a ChatML template. No files, no downloads, built in well under a second."""
+and a ChatML template (or, with `TOOLS_TEMPLATE`, a Hermes-style one that takes `tools`). No
+files, no downloads, built in well under a second."""
 
 from __future__ import annotations
 
@@ -19,6 +20,30 @@ CHATML_WITH_SYSTEM = (  # like SmolLM2's: a default system prompt when the reque
     "{{ '<|im_start|>system\nYou are a small test model.<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Hermes / Qwen2.5 style: the tools listed in the system turn, calls as <tool_call> JSON, results
+# as <tool_response> in a user turn.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call functions. Signatures within <tools></tools>:\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    '{{ \'\n</tools>\n\nFor each call, return <tool_call>\n{"name": <name>, "arguments": <object>}'
+    "\n</tool_call><|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'assistant' and not message.get('tool_calls')) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{%- for call in message['tool_calls'] %}{{ '\n<tool_call>\n{\"name\": \"' + call['function']['name']"
+    " + '\", \"arguments\": ' + (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ("<|im_start|>", "<|im_end|>")
 

@@ -58,6 +58,7 @@ class Sampling:
     stop: tuple[str, ...]
     presence_penalty: float
     frequency_penalty: float
+    logprobs: int = -1  # -1: not asked for; else how many alternatives per token (top_logprobs)
 
     @classmethod
     def of(cls, request: dict[str, Any]) -> Sampling:
@@ -72,6 +73,7 @@ class Sampling:
             stop=stops,
             presence_penalty=_number(request.get("presence_penalty"), 0.0),
             frequency_penalty=_number(request.get("frequency_penalty"), 0.0),
+            logprobs=int(request.get("top_logprobs") or 0) if request.get("logprobs") else -1,
         )
 
 
@@ -116,22 +118,25 @@ class Backend(Protocol):
         ...
 
 
-def check_text_only(request: dict[str, Any]) -> None:
+def check_text_only(
+    request: dict[str, Any], *, tools: bool = False, response_format: bool = False, logprobs: bool = False
+) -> None:
     """Refuse what a plain text-generation model cannot do, with a 400 naming the parameter.
 
     Shared by backends that run a model locally (echo, transformers); a cloud adapter forwards
-    these to its upstream instead.
+    these to its upstream instead. A backend that can serve `tools`, `response_format` or
+    `logprobs` itself says so (the transformers engine then decides by the model's template).
     """
-    if request.get("tools") and request.get("tool_choice") != "none":
+    if not tools and request.get("tools") and request.get("tool_choice") != "none":
         raise UnsupportedError("This model does not support tools.", param="tools")
     fmt = (request.get("response_format") or {}).get("type", "text")
-    if fmt != "text":
+    if not response_format and fmt != "text":
         raise UnsupportedError(
             f"response_format of type '{fmt}' is not supported by this model.",
             param="response_format",
             code="unsupported_value",
         )
-    if request.get("logprobs"):
+    if not logprobs and request.get("logprobs"):
         raise UnsupportedError("logprobs are not supported by this model.", param="logprobs")
     for i, m in enumerate(request["messages"]):
         content = m.get("content")

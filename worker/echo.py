@@ -12,6 +12,10 @@ S seconds before the first token, like a long prefill). Directives are not echoe
 
 A trailing assistant message is continued (assistant prefill): the answer goes on from the
 word after the ones it already holds.
+
+Scripted model text (`worker.echo_script`): after a `[[script]]` directive in the last user
+message, or from `--echo-script FILE`, the backend plays that text back as a model's output,
+through the engine's stop and tool-call parsing, so `tools` are accepted then.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from schemas.errors import ContextLengthError, WorkerFailedError
 from schemas.events import FinishReason, Piece
 from schemas.jobs import ModelAdvert
+from worker import echo_script
 from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
+from worker.engine_tools import plan_tools
 from worker.settings import WorkerSettings
 
 DEFAULT_MODEL = "tokenyard/echo"
@@ -47,16 +54,37 @@ class _Plan:
 
 
 class EchoBackend:
-    def __init__(self, *, models: tuple[str, ...], slots: int, tokens: int, rate: float, context: int) -> None:
+    def __init__(
+        self,
+        *,
+        models: tuple[str, ...],
+        slots: int,
+        tokens: int,
+        rate: float,
+        context: int,
+        script: str = "",
+        tool_parser: str = "hermes",
+    ) -> None:
         self._models = models or (DEFAULT_MODEL,)
         self._slots = slots
         self._tokens = tokens
         self._rate = rate
         self._context = context
+        self._script = script  # played for every request without a [[script]] of its own
+        self._format = echo_script.script_format(tool_parser)
 
     @classmethod
     def from_settings(cls, s: WorkerSettings) -> EchoBackend:
-        return cls(models=s.models, slots=s.slots, tokens=s.echo_tokens, rate=s.echo_rate, context=s.echo_context)
+        script = Path(s.echo_script).read_text(encoding="utf-8") if s.echo_script else ""
+        return cls(
+            models=s.models,
+            slots=s.slots,
+            tokens=s.echo_tokens,
+            rate=s.echo_rate,
+            context=s.echo_context,
+            script=script,
+            tool_parser=s.tool_parser,
+        )
 
     @property
     def slots(self) -> int:
@@ -72,7 +100,10 @@ class EchoBackend:
         return None
 
     def check(self, model: str, request: dict[str, Any]) -> None:
-        check_text_only(request)
+        scripted = echo_script.script_of(request, self._script) is not None
+        check_text_only(request, tools=scripted)
+        if scripted:
+            plan_tools(request, self._format)
         plan = self._plan(request)
         wanted = Sampling.of(request).max_tokens or plan.tokens
         if plan.prompt_tokens + wanted > self._context:
@@ -92,6 +123,11 @@ class EchoBackend:
             raise WorkerFailedError("the echo backend was asked to fail this attempt")
         if plan.delay:
             await asyncio.sleep(plan.delay)
+        script = echo_script.script_of(request, self._script)
+        if script is not None:
+            async for item in self._play(script, request, plan):
+                yield item
+            return
         # A trailing assistant message is a prefix to continue (assistant prefill): the answer
         # picks up at the word after it, as if the earlier words had been generated here.
         start = plan.continue_from
@@ -126,6 +162,17 @@ class EchoBackend:
 
     def healthy(self) -> bool:
         return True
+
+    async def _play(self, script: str, request: dict[str, Any], plan: _Plan) -> AsyncIterator[Output]:
+        for i, item in enumerate(echo_script.play(script, request, self._format)):
+            if isinstance(item, int):
+                yield Usage(plan.prompt_tokens, item)
+                return
+            yield item
+            if plan.rate > 0:
+                await asyncio.sleep(1.0 / plan.rate)
+            elif i % 64 == 63:
+                await asyncio.sleep(0)
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         return Usage(self._plan(request).prompt_tokens, completion_tokens)

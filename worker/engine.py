@@ -16,22 +16,27 @@ the batch at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
 
-from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedError
 from schemas.jobs import ModelAdvert
-from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
+from worker.backend import Finish, Output, Sampling, Usage, check_text_only
 from worker.engine_batch import BatchEngine, SeqParams, Sequence
 from worker.engine_load import LoadedModel, load, prepare, resolve_device, resolve_dtype, resolve_source
 from worker.engine_text import Decode, TextStream
+from worker.engine_tools import ToolPlan, detect_format, markup_tokens, plan_tools, template_messages
+from worker.grammar import GrammarError, Grammars
 from worker.settings import WorkerSettings
 from worker.smollm import MODEL_ID
+from worker.toolcalls import Format, ToolCallParser
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +44,17 @@ DEFAULT_REPETITION_PENALTY = 1.1  # mild: small models loop without it
 _GREEDY_BELOW = 1e-4  # temperatures this low are argmax (dividing by them overflows)
 _MIN_SHARED_PREFIX = 8  # tokens; shorter shared prompt starts are not worth caching
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads the seeds of a request's choices apart
+_GRAMMAR_ERROR = re.compile(r"^(?:at \d+\(\d+\): )?(.*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A checked request: its prompt, one parameter set per choice, tools and grammar."""
+
+    prompt: list[int]
+    params: list[SeqParams]
+    tools: ToolPlan
+    grammar: str  # empty: unconstrained
 
 
 class TransformersBackend:
@@ -55,6 +71,7 @@ class TransformersBackend:
         prefill_budget: int = 2048,
         threads: int = 0,
         share_prefix: bool = True,
+        tool_parser: str = "auto",
     ) -> None:
         if not model_ids:
             raise ValueError("a backend needs at least one public model id")
@@ -66,6 +83,11 @@ class TransformersBackend:
         self._budget = prefill_budget
         self._threads = threads
         self._share_prefix = share_prefix
+        self._tool_parser = tool_parser
+        self._format: Format | None = None  # the model's tool-call markup, once loaded
+        self._markup: dict[int, str] = {}
+        self._grammars: Grammars | None = None
+        self._token_text: dict[int, tuple[str, bytes]] = {}  # for logprobs; filled on the engine thread
         self._loaded: LoadedModel | None = None
         self._engine: BatchEngine | None = None
         self._decode: Decode | None = None
@@ -85,6 +107,7 @@ class TransformersBackend:
             slots=settings.slots,
             max_context=settings.max_context,
             threads=settings.threads,
+            tool_parser=settings.tool_parser,
         )
 
     @classmethod
@@ -110,6 +133,9 @@ class TransformersBackend:
         limit = loaded.context_length
         self._context = min(self._max_context, limit) if self._max_context > 0 else limit
         self._loaded, self._decode = loaded, _decoder(loaded.tokenizer)
+        self._format = detect_format(loaded.tokenizer, self._tool_parser)
+        self._markup = markup_tokens(loaded.tokenizer, self._format)
+        self._grammars = await asyncio.to_thread(_grammars, loaded)
         prefix = self._template_prefix() if self._share_prefix else []
         engine = BatchEngine(
             loaded.model,
@@ -119,11 +145,19 @@ class TransformersBackend:
             prefill_budget=self._budget,
             threads=self._threads,
             prefix=prefix,
+            describe=self._describe,
         )
         engine.start()
         self._engine = engine
         await asyncio.to_thread(self._warm_up, engine, loaded, prefix)
-        log.info("engine.started", models=list(self._ids), slots=self._slots, context=self._context)
+        log.info(
+            "engine.started",
+            models=list(self._ids),
+            slots=self._slots,
+            context=self._context,
+            tool_parser=self._format.name if self._format else "none",
+            grammars=self._grammars is not None,
+        )
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
@@ -137,15 +171,26 @@ class TransformersBackend:
         engine = self._engine
         if engine is None or self._decode is None:
             raise RuntimeError("the transformers backend is not started")
-        prompt, params = self._plan(model, request)
+        plan = self._plan(model, request)
+        prompt = plan.prompt
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        decode = self._decode
-        seqs = [Sequence(i, prompt, p, emit, TextStream(decode, p.stops)) for i, p in enumerate(params)]
+        decode, grammars = self._decode, self._grammars
+        seqs = [
+            Sequence(
+                i,
+                prompt,
+                p,
+                emit,
+                TextStream(decode, p.stops, parser=_parser(plan.tools), markup=self._markup),
+                grammars.constraint(plan.grammar) if grammars is not None and plan.grammar else None,
+            )
+            for i, p in enumerate(plan.params)
+        ]
         engine.submit(seqs)
         try:
             running = len(seqs)
@@ -164,18 +209,22 @@ class TransformersBackend:
         return True
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=len(self._prompt(request)), completion_tokens=completion_tokens)
+        prompt = self._prompt(request, plan_tools(request, self._format))
+        return Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens)
 
     # -- request planning ---------------------------------------------------------------------
 
-    def _plan(self, model: str, request: dict[str, Any]) -> tuple[list[int], list[SeqParams]]:
-        """Validate a request and turn it into prompt tokens and per-choice parameters."""
+    def _plan(self, model: str, request: dict[str, Any]) -> _Plan:
+        """Validate a request and turn it into prompt tokens, per-choice parameters, the tools
+        it offers and the grammar its output must follow."""
         if model not in self._ids:
             raise ModelNotFoundError(f"The model '{model}' is not served by this worker.", param="model")
-        check_text_only(request)
+        check_text_only(request, tools=True, response_format=True, logprobs=True)
         s = Sampling.of(request)
         _check_sampling(s)
-        prompt = self._prompt(request)
+        tools = plan_tools(request, self._format)
+        grammar = self._grammar(request, tools)
+        prompt = self._prompt(request, tools)
         limit = self._context
         wanted = s.max_tokens if s.max_tokens is not None else 1
         if limit and len(prompt) + wanted > limit:
@@ -197,27 +246,84 @@ class TransformersBackend:
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
                 seed=None if s.seed is None else (int(s.seed) ^ (i * _SEED_MIX)) % 2**63,
+                logprobs=s.logprobs,
             )
             for i in range(s.n)
         ]
-        return prompt, params
+        return _Plan(prompt, params, tools, grammar)
 
-    def _prompt(self, request: dict[str, Any]) -> list[int]:
+    def _grammar(self, request: dict[str, Any], tools: ToolPlan) -> str:
+        """The grammar the output must follow (empty: none), checked: a schema the constraint
+        library cannot take is the request's fault."""
+        response_format = request.get("response_format") or {}
+        kind = response_format.get("type", "text")
+        if kind == "text" and not tools.forced:
+            return ""
+        param = "response_format" if kind != "text" and not tools.forced else "tools"
+        grammars = self._grammars
+        if grammars is None:
+            raise UnsupportedError(
+                f"{param} needs constrained decoding, which this worker cannot do (llguidance is not installed).",
+                param=param,
+            )
+        answer = ""
+        if kind == "json_object":
+            answer = grammars.json_schema(None, strict=False)
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema") or {}
+            schema = spec.get("schema", {"type": "object"})
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("response_format.json_schema.schema must be an object.", param=param)
+            answer = grammars.json_schema(schema, strict=bool(spec.get("strict")))
+        if tools.fmt is not None and tools.forced:
+            grammar = grammars.tool_calls(tools.fmt, tools.forced, parallel=tools.parallel)
+        elif tools.fmt is not None and answer:  # call a tool, or answer in the format asked for
+            grammar = grammars.tool_calls(tools.fmt, tools.tools, parallel=tools.parallel, answer=answer)
+        else:
+            grammar = answer
+        try:
+            grammars.check(grammar)
+        except GrammarError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid schema"
+            match = _GRAMMAR_ERROR.match(first)
+            reason = match.group(1) if match else first
+            raise InvalidRequestError(f"Invalid schema for {param}: {reason}", param=param) from e
+        return grammar
+
+    def _describe(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes, for logprobs (engine thread only)."""
+        found = self._token_text.get(token)
+        if found is None:
+            if self._grammars is not None:
+                raw = self._grammars.token_bytes(token)
+            else:
+                assert self._decode is not None
+                raw = self._decode([token]).encode()
+            found = (raw.decode("utf-8", errors="replace"), raw)
+            self._token_text[token] = found
+        return found
+
+    def _prompt(self, request: dict[str, Any], tools: ToolPlan = ToolPlan()) -> list[int]:
         if self._loaded is None:
             raise RuntimeError("the transformers backend is not started")
         from jinja2 import TemplateError
 
         tokenizer = self._loaded.tokenizer
-        messages = chat_messages(request)
+        messages = template_messages(request, self._format)
         if not messages:
             raise InvalidRequestError("messages must not be empty.", param="messages")
         # A trailing assistant message is a prefix to continue (assistant prefill; the gateway
         # uses it to carry an interrupted answer on), not a finished turn.
         prefill = messages[-1]["role"] == "assistant"
+        extra: dict[str, Any] = {"tools": list(tools.tools)} if tools.tools else {}
         try:
             if getattr(tokenizer, "chat_template", None):
                 text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+                    messages,
+                    add_generation_prompt=not prefill,
+                    continue_final_message=prefill,
+                    tokenize=False,
+                    **extra,
                 )
             else:  # a base model without a template: plain role-prefixed turns
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
@@ -232,7 +338,7 @@ class TransformersBackend:
         """The tokens every prompt starts with under this chat template (say a default system
         prompt), if there are enough of them to be worth computing once and sharing."""
         try:
-            a, b = (self._prompt({"messages": [{"role": "user", "content": c}]}) for c in ("A", "B"))
+            a, b = (self._prompt({"messages": [{"role": "user", "content": c}]}, ToolPlan()) for c in ("A", "B"))
         except InvalidRequestError:
             return []
         common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -265,6 +371,24 @@ def _check_sampling(s: Sampling) -> None:
         raise InvalidRequestError("top_p must be greater than 0 and at most 1.", param="top_p")
     if any(not isinstance(stop, str) for stop in s.stop):
         raise InvalidRequestError("stop must be a string or a list of strings.", param="stop")
+
+
+def _parser(tools: ToolPlan) -> ToolCallParser | None:
+    if tools.fmt is None:
+        return None
+    # A forced mistral call is a bare array (its marker is a special token a grammar cannot write).
+    forced = bool(tools.forced) and tools.fmt.name == "mistral"
+    return ToolCallParser(tools.fmt, names=tools.names, max_calls=tools.max_calls, forced=forced)
+
+
+def _grammars(loaded: LoadedModel) -> Grammars | None:
+    """Constrained decoding for this model, if llguidance is installed (slow-ish: off the loop)."""
+    try:
+        vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+        return Grammars(loaded.tokenizer, vocab_size=vocab, eos_ids=loaded.eos_ids)
+    except ImportError:
+        log.warning("engine.no_grammars", reason="llguidance is not installed")
+        return None
 
 
 def _decoder(tokenizer: Any) -> Decode:

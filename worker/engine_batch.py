@@ -21,15 +21,19 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from schemas.events import FinishReason, Piece
+from schemas.events import FinishReason, TokenLogprob, TopLogprob
 from worker.backend import Finish
 from worker.engine_cache import SlabCache, merge, repeat, select
-from worker.engine_sampling import apply_penalties, penalty_index, sample
+from worker.engine_sampling import Found, apply_penalties, penalty_index, sample, token_logprobs
 from worker.engine_text import TextStream
+from worker.grammar import Constraint, allocate_bitmask, apply_bitmask
+from worker.toolcalls import Output, pieces
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[[object], None]  # receives Piece, Finish, or the exception that ended the sequence
+Describe = Callable[[int], tuple[str, bytes]]  # a token's text and bytes
+Choice = tuple[int, "Found | None"]  # a row's next token, and its logprobs if asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,21 +46,45 @@ class SeqParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int = -1  # -1: none; else the sampled token's logprob and this many alternatives
 
 
 class Sequence:
     """One choice of one request. `cancelled` may be set from any thread; the rest belongs to the
-    engine thread once submitted."""
+    engine thread once submitted. `constraint`, if any, limits which tokens may come next."""
 
-    __slots__ = ("index", "prompt", "params", "emit", "text", "generated", "counts", "cancelled", "done", "_generator")
+    __slots__ = (
+        "index",
+        "prompt",
+        "params",
+        "emit",
+        "text",
+        "constraint",
+        "generated",
+        "counts",
+        "logprobs",
+        "cancelled",
+        "done",
+        "_generator",
+    )
 
-    def __init__(self, index: int, prompt: list[int], params: SeqParams, emit: Emit, text: TextStream) -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        params: SeqParams,
+        emit: Emit,
+        text: TextStream,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.index = index
         self.prompt = prompt
         self.params = params
         self.emit = emit
         self.text = text
+        self.constraint = constraint
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose output has not gone out yet
         self.counts: dict[int, int] = {}  # token -> occurrences in `generated`, for penalties
         self.cancelled = False
         self.done = False
@@ -86,6 +114,11 @@ class EngineStoppedError(RuntimeError):
     """The engine shut down before the sequence finished."""
 
 
+class GrammarViolationError(RuntimeError):
+    """A constrained sequence's matcher refused the token sampled under its own mask (a bug in
+    the constraint library or its tokenizer view, never the request's fault)."""
+
+
 class BatchEngine:
     """The step loop (see the module docstring). Thread-safe methods: submit, cancel, stop."""
 
@@ -99,8 +132,10 @@ class BatchEngine:
         prefill_budget: int = 2048,
         threads: int = 0,
         prefix: Iterable[int] = (),
+        describe: Describe = lambda token: (str(token), b""),
     ) -> None:
         self._model = model
+        self._describe = describe  # a token's text and bytes, for logprobs
         self._prefix = list(prefix)  # a prompt start many requests share (e.g. a default system prompt)
         self._prefix_cache: SlabCache | None = None  # its keys and values, computed on first use
         self._threads = threads
@@ -255,8 +290,8 @@ class BatchEngine:
         assert logits is not None
         self.stats.prefill_tokens += ids.numel()
         self.stats.prefill_seconds += time.perf_counter() - started
-        tokens = self._choose(group, logits)
-        finished = self._accept(group, tokens)
+        choices = self._choose(group, logits)
+        finished = self._accept(group, choices)
         keep = [i for i in range(len(group)) if i not in finished]
         if not keep:
             return
@@ -268,7 +303,7 @@ class BatchEngine:
             cache,
             mask.index_select(0, rows),
             torch.tensor([len(group[i].prompt) for i in keep], device=self._device),
-            torch.tensor([tokens[i] for i in keep], device=self._device),
+            torch.tensor([choices[i][0] for i in keep], device=self._device),
         )
 
     def _shared_prefix(self) -> SlabCache:
@@ -312,19 +347,28 @@ class BatchEngine:
         )
         self._mask = mask
         self._positions = self._positions + 1
-        tokens = self._choose(self._rows, out.logits[:, -1, :])
-        self._last = torch.tensor(tokens, dtype=torch.long, device=self._device)
-        finished = self._accept(self._rows, tokens)
+        choices = self._choose(self._rows, out.logits[:, -1, :])
+        self._last = torch.tensor([t for t, _ in choices], dtype=torch.long, device=self._device)
+        finished = self._accept(self._rows, choices)
         if finished:
             self._keep([i for i in range(len(self._rows)) if i not in finished])
 
-    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Choice]:
+        """The next token of every row, with its logprobs where the row asked for them."""
         params = [s.params for s in seqs]
         logits = logits.float()
 
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=logits.device)
 
+        constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:
+            bitmask = allocate_bitmask(len(constrained), logits.shape[1])
+            for row, i in enumerate(constrained):
+                constraint = seqs[i].constraint
+                assert constraint is not None
+                constraint.fill(bitmask[row])
+            logits = apply_bitmask(logits, bitmask, torch.tensor(constrained, device=logits.device))
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             index = penalty_index([s.counts for s in seqs], device=logits.device)
             logits = apply_penalties(
@@ -334,19 +378,20 @@ class BatchEngine:
                 presence=column([p.presence_penalty for p in params]),
                 frequency=column([p.frequency_penalty for p in params]),
             )
+        temperature = column([p.temperature for p in params])
         uniform = column([s.draw() if s.params.temperature > 0 else 0.0 for s in seqs])
-        chosen = sample(
-            logits,
-            temperature=column([p.temperature for p in params]),
-            top_p=column([p.top_p for p in params]),
-            uniform=uniform,
-        )
-        return [int(t) for t in chosen.tolist()]
+        chosen = sample(logits, temperature=temperature, top_p=column([p.top_p for p in params]), uniform=uniform)
+        tokens = [int(t) for t in chosen.tolist()]
+        wanting = [i for i, p in enumerate(params) if p.logprobs >= 0]
+        if not wanting:
+            return [(t, None) for t in tokens]
+        found = token_logprobs(logits, temperature, chosen, wanting, [params[i].logprobs for i in wanting])
+        return [(t, found.get(i)) for i, t in enumerate(tokens)]
 
-    def _accept(self, seqs: list[Sequence], tokens: list[int]) -> set[int]:
+    def _accept(self, seqs: list[Sequence], choices: list[Choice]) -> set[int]:
         """Give each sequence its new token; the rows that finished (or whose client left)."""
         finished: set[int] = set()
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+        for row, (seq, (token, logprob)) in enumerate(zip(seqs, choices)):
             if seq.cancelled:
                 finished.add(row)
                 continue
@@ -354,26 +399,48 @@ class BatchEngine:
             seq.counts[token] = seq.counts.get(token, 0) + 1
             if token in self._eos:
                 seq.text.count_only()
-                self._finish(seq, "stop", "")
+                self._finish(seq, "stop", [])
             else:
-                text = seq.text.push(token)
+                if logprob is not None:
+                    seq.logprobs.append(self._logprob(logprob))
+                if seq.constraint is not None and not seq.constraint.accept(token):
+                    self._fail([seq], GrammarViolationError(seq.constraint.error or "a token outside the grammar"))
+                    finished.add(row)
+                    continue
+                out = seq.text.push(token)
                 if seq.text.stopped:
-                    self._finish(seq, "stop", text)
+                    self._finish(seq, "stop", out)
+                elif seq.text.spent:
+                    self._finish(seq, "tool_calls", out)
                 elif len(seq.generated) >= seq.params.max_new_tokens:
-                    self._finish(seq, "length", text)
-                elif text:
-                    self._send(seq, Piece(seq.index, text, seq.text.take_tokens()))
+                    self._finish(seq, "length", out)
+                elif out:
+                    self._send_output(seq, out)
             if seq.done or seq.cancelled:
                 finished.add(row)
         return finished
 
-    def _finish(self, seq: Sequence, reason: FinishReason, text: str) -> None:
-        text += seq.text.finish()
-        tokens = seq.text.take_tokens()
-        if text or tokens:
-            self._send(seq, Piece(seq.index, text, tokens))
+    def _finish(self, seq: Sequence, reason: FinishReason, out: Output) -> None:
+        out = [*out, *seq.text.finish()]
+        if reason == "stop" and seq.text.calls:
+            reason = "tool_calls"
+        self._send_output(seq, out)
         self._send(seq, Finish(seq.index, reason))
         seq.done = True
+
+    def _send_output(self, seq: Sequence, out: Output) -> None:
+        logprobs, seq.logprobs = tuple(seq.logprobs), []
+        for piece in pieces(seq.index, out, seq.text.take_tokens(), logprobs):
+            self._send(seq, piece)
+
+    def _logprob(self, found: Found) -> TokenLogprob:
+        token, logprob, top = found
+        text, raw = self._describe(token)
+        alternatives = []
+        for t, lp in top:
+            t_text, t_raw = self._describe(t)
+            alternatives.append(TopLogprob(t_text, lp, tuple(t_raw)))
+        return TokenLogprob(text, logprob, tuple(raw), tuple(alternatives))
 
     def _send(self, seq: Sequence, item: object) -> None:
         try:

@@ -104,3 +104,38 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) ->
     kept[:, 0] = sorted_probs[:, 0]  # the most likely token always survives
     position = _inverse_cdf(kept, uniform)
     return order.gather(1, position.unsqueeze(1)).squeeze(1)
+
+
+Found = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, the top alternatives
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    chosen: torch.Tensor,
+    rows: Sequence[int],
+    tops: Sequence[int],
+) -> dict[int, Found]:
+    """Log probabilities of the chosen tokens of `rows`, and each row's `tops[i]` most likely
+    tokens, most likely first.
+
+    They are taken from the distribution the token was sampled from: the logits after penalties
+    and any grammar mask, divided by the temperature. At temperature 0 (greedy) there is no such
+    distribution, so they are the model's own (temperature 1) after penalties and mask. Top-p
+    truncation is not applied (as OpenAI reports them). Only `rows` are computed: a request that
+    did not ask pays nothing.
+    """
+    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    temp = temperature.index_select(0, index)
+    temp = torch.where(temp > 0, temp, torch.ones_like(temp)).unsqueeze(1)
+    logp = torch.log_softmax(logits.index_select(0, index) / temp, dim=-1)
+    picked = logp.gather(1, chosen.index_select(0, index).unsqueeze(1)).squeeze(1).tolist()
+    k = max(tops)
+    top_values, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    out: dict[int, Found] = {}
+    for j, row in enumerate(rows):
+        n = tops[j]
+        top = [(int(t), float(v)) for t, v in zip(ids[j][:n], values[j][:n]) if v != float("-inf")]
+        out[row] = (int(chosen[row]), float(picked[j]), top)
+    return out

@@ -41,12 +41,14 @@ class WorkerSettings:
     echo_tokens: int
     echo_rate: float  # tokens per second per sequence; 0 = as fast as possible
     echo_context: int
+    echo_script: str  # a file of model text the echo backend plays back (tool-call parsing tests)
     # transformers backend
     model_path: str  # a local HF model directory; empty = the default SmolLM2 (converted once)
     device: str  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     dtype: str  # "auto" | "float32" | "bfloat16" | "float16"
     threads: int  # CPU threads for torch; 0 = torch's default
     max_context: int  # prompt + completion tokens per sequence; 0 = the model's own limit
+    tool_parser: str  # tool-call markup: auto (from the chat template), hermes, llama3, mistral or none
     # cloud backend
     providers: str  # path of the operator's provider config (YAML)
     provider: str  # which provider of that file this worker forwards to; its pool is its name
@@ -72,6 +74,7 @@ class WorkerSettings:
         add_setting(p, "--echo-tokens", default=16, type=int, help="echo backend: tokens per answer")
         add_setting(p, "--echo-rate", default=0.0, type=float, help="echo backend: tokens/s per sequence (0 = max)")
         add_setting(p, "--echo-context", default=4096, type=int, help="echo backend: context length")
+        add_setting(p, "--echo-script", default="", help="echo backend: play this file's text as model output")
         add_setting(
             p, "--model-path", default="", help="transformers: local model directory (default SmolLM2-135M-Instruct)"
         )
@@ -79,6 +82,12 @@ class WorkerSettings:
         add_setting(p, "--dtype", default="auto", help="transformers: auto, float32, bfloat16 or float16")
         add_setting(p, "--threads", default=0, type=int, help="transformers: CPU threads (0 = torch default)")
         add_setting(p, "--max-context", default=0, type=int, help="transformers: tokens per sequence (0 = model limit)")
+        add_setting(
+            p,
+            "--tool-parser",
+            default="auto",
+            help="tool-call markup: auto (from the chat template), hermes, llama3, mistral or none",
+        )
         add_setting(p, "--providers", default="", help="cloud: provider config file (YAML)")
         add_setting(p, "--provider", default="", help="cloud: the provider (of --providers) to forward to")
         return p
@@ -90,6 +99,10 @@ class WorkerSettings:
             raise SystemExit(f"tokenyard worker: unknown backend {a.backend!r} (echo, transformers or cloud)")
         if _NODE_RE.search(a.node_id):
             raise SystemExit(f"tokenyard worker: --node-id may hold only letters, digits and '-': {a.node_id!r}")
+        if a.tool_parser not in {"auto", "hermes", "llama3", "mistral", "none"}:
+            raise SystemExit(
+                f"tokenyard worker: --tool-parser must be auto, hermes, llama3, mistral or none, not {a.tool_parser!r}"
+            )
         if a.kind not in {"own", "volunteer"}:
             raise SystemExit(f"tokenyard worker: --kind must be own or volunteer, not {a.kind!r}")
         models = tuple(m.strip() for m in a.models.split(",") if m.strip())
@@ -114,11 +127,13 @@ class WorkerSettings:
             echo_tokens=a.echo_tokens,
             echo_rate=a.echo_rate,
             echo_context=a.echo_context,
+            echo_script=a.echo_script,
             model_path=a.model_path,
             device=a.device,
             dtype=a.dtype,
             threads=a.threads,
             max_context=a.max_context,
+            tool_parser=a.tool_parser,
             providers=a.providers,
             provider=a.provider,
         )

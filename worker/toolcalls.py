@@ -1,0 +1,408 @@
+"""Tool calls in a model's text: an incremental parser from generated text to text and call fragments.
+
+A model whose chat template takes `tools` answers a call with markup in its text. Three formats:
+
+    hermes   (Qwen2.5, Hermes, many fine-tunes)  <tool_call>{"name": "f", "arguments": {...}}</tool_call>
+    llama3   (Llama 3.1-3.3)                     {"name": "f", "parameters": {...}}  at the start of
+                                                 the answer, or after <|python_tag|>; several joined by ';'
+    mistral  (Mistral, Mixtral)                  [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]
+
+`ToolCallParser` is fed decoded text as it comes (`push`) and returns what is safe to send: plain
+text, and `ToolCallDelta` fragments. A call's first fragment carries its id and name (as soon as
+the name is complete); later ones carry pieces of its arguments, streamed as the model writes
+them. Concatenated, a call's arguments are exactly the JSON the model wrote. The markup never
+reaches the text: only as much text is held back as could still be the start of a marker.
+
+Malformed markup: if the text after a marker turns out not to be a call before anything of it
+was sent (not JSON, no name, a name the request did not offer), all of it is plain text. If it
+breaks off after a call's name went out (the model stopped, or wrote invalid JSON), the
+arguments sent so far are closed so they still parse (`JsonScanner.closing`) and the rest of
+that markup is dropped. So a client always gets valid JSON arguments.
+
+Pure string logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from schemas.events import Piece, TokenLogprob, ToolCallDelta
+from worker.jsonscan import JsonScanner, JsonSyntaxError
+
+Output = list[str | ToolCallDelta]
+
+_ARGUMENT_KEYS = ("arguments", "parameters")
+_WHITESPACE = frozenset(" \t\n\r")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    name: str
+    marker: str  # text that opens a region of calls
+    end_tag: str = ""  # text that closes one (hermes)
+    at_start: bool = False  # a bare JSON call may open the answer (llama3)
+    separator: str = ""  # between calls of one region
+    array: bool = False  # a region may hold a JSON array of calls (mistral)
+
+
+FORMATS: dict[str, Format] = {
+    "hermes": Format("hermes", "<tool_call>", end_tag="</tool_call>"),
+    "llama3": Format("llama3", "<|python_tag|>", at_start=True, separator=";"),
+    "mistral": Format("mistral", "[TOOL_CALLS]", separator=",", array=True),
+}
+
+# Parser states.
+_START = "start"  # nothing sent yet (llama3: a bare call may come)
+_TEXT = "text"
+_OPEN = "open"  # after a marker, before a call
+_CALL = "call"  # inside a call's JSON
+_BETWEEN = "between"  # after a call, inside its region
+_END_TAG = "end-tag"  # reading a region's closing tag
+_SKIP = "skip"  # dropping the rest of broken markup
+_SPENT = "spent"  # the request's limit of calls is reached: the rest is dropped
+
+
+class _Call:
+    """The call being read: its JSON text so far and what of it has gone out."""
+
+    __slots__ = ("text", "scanner", "name", "id", "sent_head", "sent", "cut", "closer")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.scanner = JsonScanner()
+        self.name: str | None = None
+        self.id = ""
+        self.sent_head = False
+        self.sent = -1  # index in `text` up to which arguments went out; -1: none yet
+        self.cut = -1  # the arguments may be sent up to here (a `cuttable` point)
+        self.closer = ""  # what closes the arguments at `cut`
+
+
+class ToolCallParser:
+    """See the module docstring. `names`, when given, are the only functions a call may name;
+    `max_calls` (1 for `parallel_tool_calls: false`) ends parsing after that many calls;
+    `forced`: the output opens with the calls, without a marker (a grammar forced them)."""
+
+    def __init__(
+        self,
+        fmt: Format,
+        *,
+        names: Collection[str] | None = None,
+        max_calls: int = 0,
+        forced: bool = False,
+        new_id: Callable[[], str] = new_call_id,
+    ) -> None:
+        self._fmt = fmt
+        self._names = frozenset(names) if names is not None else None
+        self._max = max_calls
+        self._new_id = new_id
+        self._state = _OPEN if forced else _START if fmt.at_start else _TEXT
+        self._held = ""  # text that may be the start of a marker (or, at the start, of a call)
+        self._region = ""  # raw text of the current region, for falling back to plain text
+        self._region_sent = False  # something of the current region has gone out
+        self._in_array = False
+        self._tag = ""  # the part of the end tag read so far
+        self._call: _Call | None = None
+        self._out: Output = []
+        self.calls = 0  # calls completed (or closed after breaking off)
+
+    @property
+    def spent(self) -> bool:
+        """The request's limit of calls is reached: the caller may stop generating."""
+        return self._state == _SPENT
+
+    def push(self, text: str) -> Output:
+        for ch in text:
+            self._step(ch)
+        self._send_arguments()
+        return self._drain()
+
+    def finish(self) -> Output:
+        """The model stopped: release held text, close a call that broke off."""
+        if self._state in (_START, _TEXT):
+            self._text(self._held)
+            self._held = ""
+        elif self._state in (_OPEN, _CALL):
+            self._break_off()
+        self._state = _SPENT if self._state == _SPENT else _TEXT
+        return self._drain()
+
+    # -- the state machine --------------------------------------------------------------------
+
+    def _step(self, ch: str) -> None:
+        state = self._state
+        if state == _START:
+            self._at_start(ch)
+        elif state == _TEXT:
+            self._in_text(ch)
+        elif state in (_OPEN, _BETWEEN):
+            self._region += ch
+            self._between(ch)
+        elif state == _CALL:
+            self._region += ch
+            self._in_call(ch)
+        elif state == _END_TAG:
+            self._region += ch
+            self._in_end_tag(ch)
+        elif state == _SKIP:
+            self._skip(ch)
+
+    def _at_start(self, ch: str) -> None:
+        if ch in _WHITESPACE:
+            self._held += ch
+            return
+        if ch == "{":
+            self._region, self._held = self._held, ""
+            self._state = _OPEN
+            self._region += ch
+            self._between(ch)
+            return
+        self._state = _TEXT
+        self._in_text(ch)
+
+    def _in_text(self, ch: str) -> None:
+        held = self._held + ch
+        marker = self._fmt.marker
+        if held.endswith(marker):
+            self._text(held[: -len(marker)])
+            self._held = ""
+            self._region, self._region_sent, self._in_array = marker, False, False
+            self._state = _OPEN
+            return
+        keep = _partial_len(held, marker)
+        self._text(held[: len(held) - keep])
+        self._held = held[len(held) - keep :]
+
+    def _between(self, ch: str) -> None:
+        """After a marker or a call: whitespace, a call, a separator, the region's end."""
+        fmt = self._fmt
+        if ch in _WHITESPACE:
+            return
+        if ch == "{":
+            self._call = _Call()
+            self._state = _CALL
+            self._in_call(ch)
+        elif ch == "[" and fmt.array and self._state == _OPEN and not self._in_array:
+            self._in_array = True
+        elif fmt.separator and ch == fmt.separator and self._state == _BETWEEN:
+            return
+        elif ch == "]" and self._in_array:
+            self._end_region()
+        elif fmt.end_tag and ch == fmt.end_tag[0] and self._state == _BETWEEN:
+            self._tag = ch
+            self._state = _END_TAG
+        elif self._state == _OPEN:
+            self._malformed()
+        else:  # the calls are over; what follows is text
+            self._end_region()
+            self._in_text(ch)
+
+    def _in_call(self, ch: str) -> None:
+        call = self._call
+        assert call is not None
+        call.text.append(ch)
+        try:
+            call.scanner.feed(ch)
+        except JsonSyntaxError:
+            self._malformed()
+            return
+        scanner = call.scanner
+        if call.name is None and self._bare() and scanner.member_key not in ("", "name"):
+            self._malformed()  # a bare JSON answer, not a call: calls name their function first
+            return
+        if call.name is None and scanner.members and scanner.members[-1].key == "name":
+            member = scanner.members[-1]
+            name = json.loads("".join(call.text[member.start : member.end]))
+            if not isinstance(name, str) or (self._names is not None and name not in self._names):
+                self._malformed()
+                return
+            call.name, call.id = name, self._new_id()
+        if scanner.value_open and scanner.member_key in _ARGUMENT_KEYS and call.text[scanner.member_start] in "{[":
+            if call.sent < 0:
+                call.sent = scanner.member_start
+            if scanner.cuttable:
+                call.cut, call.closer = len(call.text), scanner.closing(1)
+        elif (
+            scanner.members and scanner.members[-1].key in _ARGUMENT_KEYS and scanner.members[-1].end == len(call.text)
+        ):
+            if call.sent >= 0:  # the arguments just closed: all of them may go
+                call.cut, call.closer = len(call.text), ""
+        if scanner.complete:
+            self._complete_call()
+
+    def _in_end_tag(self, ch: str) -> None:
+        tag = self._tag + ch
+        if self._fmt.end_tag.startswith(tag):
+            self._tag = tag
+            if tag == self._fmt.end_tag:
+                self._end_region()
+            return
+        self._end_region()  # not the end tag after all: text
+        for c in tag:
+            self._in_text(c)
+
+    def _skip(self, ch: str) -> None:
+        if not self._fmt.end_tag:
+            return
+        self._tag += ch
+        if self._tag.endswith(self._fmt.end_tag):
+            self._tag = ""
+            self._state = _TEXT
+        else:
+            self._tag = self._tag[-len(self._fmt.end_tag) :]
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _complete_call(self) -> None:
+        call = self._call
+        assert call is not None
+        if call.name is None:
+            self._malformed()
+            return
+        text = "".join(call.text)
+        arguments = next((m for m in reversed(call.scanner.members) if m.key in _ARGUMENT_KEYS), None)
+        self._head(call)
+        if arguments is None:
+            rest = "{}"
+        elif text[arguments.start] in "{[":
+            rest = text[call.sent : arguments.end]
+        else:  # a scalar: some models write the arguments as a JSON string holding JSON
+            value = json.loads(text[arguments.start : arguments.end])
+            rest = value if isinstance(value, str) and _is_json(value) else json.dumps(value)
+        if rest:
+            self._emit(ToolCallDelta(self.calls, arguments=rest))
+        self._state = _BETWEEN
+        self._close_call()
+
+    def _send_arguments(self) -> None:
+        """Send what is safe of the current call's arguments (once its name is out)."""
+        call = self._call
+        if call is None or self._state != _CALL or call.name is None:
+            return
+        self._head(call)
+        if call.sent >= 0 and call.cut > call.sent:
+            self._emit(ToolCallDelta(self.calls, arguments="".join(call.text[call.sent : call.cut])))
+            call.sent = call.cut
+
+    def _head(self, call: _Call) -> None:
+        if not call.sent_head:
+            assert call.name is not None
+            call.sent_head = True
+            self._region_sent = True
+            self._emit(ToolCallDelta(self.calls, id=call.id, name=call.name))
+
+    def _close_call(self) -> None:
+        self._call = None
+        self.calls += 1
+        if self._max and self.calls >= self._max:
+            self._state = _SPENT
+
+    def _break_off(self) -> None:
+        """The call stopped short: close what went out, or give it all back as text."""
+        call = self._call
+        if call is None or call.name is None:
+            if not self._region_sent:
+                self._text(self._region)
+            self._call = None
+            return
+        self._head(call)
+        if call.sent < 0:
+            self._emit(ToolCallDelta(self.calls, arguments="{}"))
+        else:
+            sent = "".join(call.text[call.sent : max(call.sent, call.cut)])
+            self._emit(ToolCallDelta(self.calls, arguments=sent + call.closer))
+        self._close_call()
+
+    def _malformed(self) -> None:
+        if self._region_sent or (self._call is not None and self._call.name is not None):
+            self._break_off()
+            if self._state != _SPENT:
+                self._state, self._tag = _SKIP, ""
+            return
+        region = self._region
+        self._call, self._region, self._state, self._held = None, "", _TEXT, ""
+        # The marker (or the opening brace, for a bare call) is text; the rest is read again, as
+        # text that may hold another marker.
+        head = len(self._fmt.marker) if region.startswith(self._fmt.marker) else len(region) - len(region.lstrip()) + 1
+        self._text(region[:head])
+        for c in region[head:]:
+            self._in_text(c)
+
+    def _bare(self) -> bool:
+        """The current call came without a marker (llama3's bare JSON at the start)."""
+        return not self._region.startswith(self._fmt.marker)
+
+    def _end_region(self) -> None:
+        self._state = _TEXT if self._state != _SPENT else _SPENT
+        self._region, self._region_sent, self._in_array, self._tag = "", False, False, ""
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _text(self, text: str) -> None:
+        if not text or self._state == _SPENT:
+            return
+        if self._out and isinstance(self._out[-1], str):
+            self._out[-1] += text
+        else:
+            self._out.append(text)
+
+    def _emit(self, delta: ToolCallDelta) -> None:
+        last = self._out[-1] if self._out else None
+        if isinstance(last, ToolCallDelta) and last.index == delta.index and not delta.id and not delta.name:
+            self._out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
+        else:
+            self._out.append(delta)
+
+    def _drain(self) -> Output:
+        out, self._out = self._out, []
+        return out
+
+
+def pieces(index: int, out: Output, tokens: int, logprobs: tuple[TokenLogprob, ...] = ()) -> list[Piece]:
+    """A choice's output as Pieces, in order: runs of text, runs of call fragments. The first
+    carries the token count and logprobs (of the tokens that produced all of it)."""
+    result: list[Piece] = []
+    for item in out:
+        if isinstance(item, str):
+            if result and not result[-1].tool_calls:
+                last = result[-1]
+                result[-1] = Piece(index, last.text + item, last.tokens, (), last.logprobs)
+            else:
+                result.append(Piece(index, item))
+        elif result and result[-1].tool_calls and not result[-1].text:
+            last = result[-1]
+            result[-1] = Piece(index, "", last.tokens, (*last.tool_calls, item), last.logprobs)
+        else:
+            result.append(Piece(index, tool_calls=(item,)))
+    if not result:
+        if not tokens:
+            return []
+        result.append(Piece(index))
+    first = result[0]
+    result[0] = Piece(index, first.text, tokens, first.tool_calls, logprobs)
+    return result
+
+
+def _partial_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
