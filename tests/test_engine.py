@@ -410,3 +410,29 @@ async def test_a_trailing_assistant_message_is_continued_not_closed(tmp_path) ->
         assert tokenizer.decode(plain).rstrip().endswith("assistant")
     finally:
         await backend.close()
+
+
+def test_special_token_markup_reaches_the_parser() -> None:
+    """Decoding skips special tokens; one that is tool-call markup (llama3's <|python_tag|>,
+    here played by <|im_start|>) still reaches the parser as its text."""
+    from worker.engine_tools import markup_tokens
+    from worker.toolcalls import FORMATS, ToolCallParser
+
+    tokenizer = build_tokenizer()
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    fmt = FORMATS["llama3"]
+    assert markup_tokens(tokenizer, fmt) == {}  # the tiny tokenizer has no <|python_tag|>
+    stream = TextStream(
+        lambda xs: str(tokenizer.decode(xs, skip_special_tokens=True)),
+        (),
+        parser=ToolCallParser(fmt, new_id=lambda: "call_1"),
+        markup={special: fmt.marker},
+    )
+    ids = [*tokenizer("Sure. ", add_special_tokens=False)["input_ids"], special]
+    ids += tokenizer('{"name": "f", "parameters": {"x": 1}}', add_special_tokens=False)["input_ids"]
+    out = [o for i in ids for o in stream.push(i)] + stream.finish()
+    text = "".join(o for o in out if isinstance(o, str))
+    calls = [o for o in out if not isinstance(o, str)]
+    assert text == "Sure. " and calls[0].name == "f"
+    assert "".join(c.arguments for c in calls) == '{"x": 1}'
+    assert stream.calls == 1 and stream.take_tokens() == len(ids)
