@@ -16,7 +16,6 @@ the batch at the engine's next step.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as Seq
@@ -26,14 +25,14 @@ from typing import Any, cast
 
 import structlog
 
-from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedError
+from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from schemas.jobs import ModelAdvert
 from worker.backend import Finish, Output, Sampling, Usage, check_text_only
 from worker.engine_batch import BatchEngine, SeqParams, Sequence
 from worker.engine_load import LoadedModel, load, prepare, resolve_device, resolve_dtype, resolve_source
 from worker.engine_text import Decode, TextStream
 from worker.engine_tools import ToolPlan, detect_format, markup_tokens, plan_tools, template_messages
-from worker.grammar import GrammarError, Grammars
+from worker.grammar import Grammars, request_grammar
 from worker.settings import WorkerSettings
 from worker.smollm import MODEL_ID
 from worker.toolcalls import Format, ToolCallParser
@@ -44,7 +43,6 @@ DEFAULT_REPETITION_PENALTY = 1.1  # mild: small models loop without it
 _GREEDY_BELOW = 1e-4  # temperatures this low are argmax (dividing by them overflows)
 _MIN_SHARED_PREFIX = 8  # tokens; shorter shared prompt starts are not worth caching
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads the seeds of a request's choices apart
-_GRAMMAR_ERROR = re.compile(r"^(?:at \d+\(\d+\): )?(.*)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +221,7 @@ class TransformersBackend:
         s = Sampling.of(request)
         _check_sampling(s)
         tools = plan_tools(request, self._format)
-        grammar = self._grammar(request, tools)
+        grammar = request_grammar(self._grammars, request, tools)
         prompt = self._prompt(request, tools)
         limit = self._context
         wanted = s.max_tokens if s.max_tokens is not None else 1
@@ -251,44 +249,6 @@ class TransformersBackend:
             for i in range(s.n)
         ]
         return _Plan(prompt, params, tools, grammar)
-
-    def _grammar(self, request: dict[str, Any], tools: ToolPlan) -> str:
-        """The grammar the output must follow (empty: none), checked: a schema the constraint
-        library cannot take is the request's fault."""
-        response_format = request.get("response_format") or {}
-        kind = response_format.get("type", "text")
-        if kind == "text" and not tools.forced:
-            return ""
-        param = "response_format" if kind != "text" and not tools.forced else "tools"
-        grammars = self._grammars
-        if grammars is None:
-            raise UnsupportedError(
-                f"{param} needs constrained decoding, which this worker cannot do (llguidance is not installed).",
-                param=param,
-            )
-        answer = ""
-        if kind == "json_object":
-            answer = grammars.json_schema(None, strict=False)
-        elif kind == "json_schema":
-            spec = response_format.get("json_schema") or {}
-            schema = spec.get("schema", {"type": "object"})
-            if not isinstance(schema, dict):
-                raise InvalidRequestError("response_format.json_schema.schema must be an object.", param=param)
-            answer = grammars.json_schema(schema, strict=bool(spec.get("strict")))
-        if tools.fmt is not None and tools.forced:
-            grammar = grammars.tool_calls(tools.fmt, tools.forced, parallel=tools.parallel)
-        elif tools.fmt is not None and answer:  # call a tool, or answer in the format asked for
-            grammar = grammars.tool_calls(tools.fmt, tools.tools, parallel=tools.parallel, answer=answer)
-        else:
-            grammar = answer
-        try:
-            grammars.check(grammar)
-        except GrammarError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid schema"
-            match = _GRAMMAR_ERROR.match(first)
-            reason = match.group(1) if match else first
-            raise InvalidRequestError(f"Invalid schema for {param}: {reason}", param=param) from e
-        return grammar
 
     def _describe(self, token: int) -> tuple[str, bytes]:
         """A token's text and bytes, for logprobs (engine thread only)."""

@@ -21,18 +21,17 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from schemas.events import FinishReason, TokenLogprob, TopLogprob
+from schemas.events import FinishReason, TokenLogprob
 from worker.backend import Finish
 from worker.engine_cache import SlabCache, merge, repeat, select
-from worker.engine_sampling import Found, apply_penalties, penalty_index, sample, token_logprobs
-from worker.engine_text import TextStream
-from worker.grammar import Constraint, allocate_bitmask, apply_bitmask
+from worker.engine_sampling import apply_penalties, penalty_index, sample, token_logprobs
+from worker.engine_text import Describe, Found, TextStream, token_logprob
+from worker.grammar import Constraint, constrain
 from worker.toolcalls import Output, pieces
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[[object], None]  # receives Piece, Finish, or the exception that ended the sequence
-Describe = Callable[[int], tuple[str, bytes]]  # a token's text and bytes
 Choice = tuple[int, "Found | None"]  # a row's next token, and its logprobs if asked for
 
 
@@ -361,14 +360,7 @@ class BatchEngine:
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=logits.device)
 
-        constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
-        if constrained:
-            bitmask = allocate_bitmask(len(constrained), logits.shape[1])
-            for row, i in enumerate(constrained):
-                constraint = seqs[i].constraint
-                assert constraint is not None
-                constraint.fill(bitmask[row])
-            logits = apply_bitmask(logits, bitmask, torch.tensor(constrained, device=logits.device))
+        logits = constrain(logits, [s.constraint for s in seqs])
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             index = penalty_index([s.counts for s in seqs], device=logits.device)
             logits = apply_penalties(
@@ -402,7 +394,7 @@ class BatchEngine:
                 self._finish(seq, "stop", [])
             else:
                 if logprob is not None:
-                    seq.logprobs.append(self._logprob(logprob))
+                    seq.logprobs.append(token_logprob(logprob, self._describe))
                 if seq.constraint is not None and not seq.constraint.accept(token):
                     self._fail([seq], GrammarViolationError(seq.constraint.error or "a token outside the grammar"))
                     finished.add(row)
@@ -432,15 +424,6 @@ class BatchEngine:
         logprobs, seq.logprobs = tuple(seq.logprobs), []
         for piece in pieces(seq.index, out, seq.text.take_tokens(), logprobs):
             self._send(seq, piece)
-
-    def _logprob(self, found: Found) -> TokenLogprob:
-        token, logprob, top = found
-        text, raw = self._describe(token)
-        alternatives = []
-        for t, lp in top:
-            t_text, t_raw = self._describe(t)
-            alternatives.append(TopLogprob(t_text, lp, tuple(t_raw)))
-        return TokenLogprob(text, logprob, tuple(raw), tuple(alternatives))
 
     def _send(self, seq: Sequence, item: object) -> None:
         try:

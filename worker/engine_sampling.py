@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from worker.engine_text import Found
+
 _NUCLEUS_PREFILTER = 512
 
 
@@ -104,9 +106,6 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) ->
     kept[:, 0] = sorted_probs[:, 0]  # the most likely token always survives
     position = _inverse_cdf(kept, uniform)
     return order.gather(1, position.unsqueeze(1)).squeeze(1)
-
-
-Found = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, the top alternatives
 
 
 def token_logprobs(

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from schemas.events import TokenLogprob, TopLogprob
 from worker.stops import StopScanner
 from worker.toolcalls import Output, ToolCallParser
 
 Decode = Callable[[list[int]], str]
+Describe = Callable[[int], tuple[str, bytes]]  # a token's text and bytes
+Found = tuple[int, float, list[tuple[int, float]]]  # a sampled token, its logprob, the top alternatives
 
 _REPLACEMENT = "\ufffd"
 
@@ -141,3 +144,15 @@ class TextStream:
     def take_tokens(self) -> int:
         n, self.pending_tokens = self.pending_tokens, 0
         return n
+
+
+def token_logprob(found: Found, describe: Describe) -> TokenLogprob:
+    """A sampled token's logprob and alternatives (`engine_sampling.token_logprobs`) as the
+    event carries them: each token with its text and bytes."""
+    token, logprob, top = found
+    text, raw = describe(token)
+    alternatives = []
+    for alternative, value in top:
+        alt_text, alt_raw = describe(alternative)
+        alternatives.append(TopLogprob(alt_text, value, tuple(alt_raw)))
+    return TokenLogprob(text, logprob, tuple(raw), tuple(alternatives))

@@ -15,17 +15,21 @@ allowed free whitespace would let a small model loop on newlines forever.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from schemas.errors import InvalidRequestError, UnsupportedError
+from worker.engine_tools import ToolPlan
 from worker.toolcalls import Format
 
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE = 64  # compiled grammars kept per model (matchers are copied from them)
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+_ERROR = re.compile(r"^(?:at \d+\(\d+\): )?(.*)$")  # llguidance's message, minus its position
 
 
 class GrammarError(ValueError):
@@ -128,6 +132,57 @@ class Grammars:
         while len(self._compiled) > _CACHE:
             self._compiled.popitem(last=False)
         return matcher
+
+
+def request_grammar(grammars: Grammars | None, request: dict[str, Any], tools: ToolPlan) -> str:
+    """The grammar a request's output must follow (empty: none), checked: a schema the
+    constraint library cannot take is the request's fault (a 400 naming the parameter)."""
+    response_format = request.get("response_format") or {}
+    kind = response_format.get("type", "text")
+    if kind == "text" and not tools.forced:
+        return ""
+    param = "response_format" if kind != "text" and not tools.forced else "tools"
+    if grammars is None:
+        raise UnsupportedError(
+            f"{param} needs constrained decoding, which this worker cannot do (llguidance is not installed).",
+            param=param,
+        )
+    answer = ""
+    if kind == "json_object":
+        answer = grammars.json_schema(None, strict=False)
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format.json_schema.schema must be an object.", param=param)
+        answer = grammars.json_schema(schema, strict=bool(spec.get("strict")))
+    if tools.fmt is not None and tools.forced:
+        grammar = grammars.tool_calls(tools.fmt, tools.forced, parallel=tools.parallel)
+    elif tools.fmt is not None and answer:  # call a tool, or answer in the format asked for
+        grammar = grammars.tool_calls(tools.fmt, tools.tools, parallel=tools.parallel, answer=answer)
+    else:
+        grammar = answer
+    try:
+        grammars.check(grammar)
+    except GrammarError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid schema"
+        match = _ERROR.match(first)
+        reason = match.group(1) if match else first
+        raise InvalidRequestError(f"Invalid schema for {param}: {reason}", param=param) from e
+    return grammar
+
+
+def constrain(logits: torch.Tensor, constraints: Sequence[Constraint | None]) -> torch.Tensor:
+    """The logits of a batch, each constrained row masked to the tokens its grammar allows."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return logits
+    bitmask = allocate_bitmask(len(rows), logits.shape[1])
+    for j, i in enumerate(rows):
+        constraint = constraints[i]
+        assert constraint is not None
+        constraint.fill(bitmask[j])
+    return apply_bitmask(logits, bitmask, torch.tensor(rows, device=logits.device))
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
