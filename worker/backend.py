@@ -1,6 +1,6 @@
 """The interface every backend implements, and what it yields.
 
-A backend turns one job's OpenAI request into text. The runtime (`worker.runtime`) owns
+A backend turns one job's OpenAI request into text (and tool calls, logprobs). The runtime (`worker.runtime`) owns
 everything else: pulling, heartbeats, coalescing, sequence numbers, cancellation, acks.
 
 Contract:

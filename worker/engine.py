@@ -348,7 +348,9 @@ def _grammars(loaded: LoadedModel) -> Grammars | None:
         return Grammars(loaded.tokenizer, vocab_size=vocab, eos_ids=loaded.eos_ids)
     except ImportError:
         log.warning("engine.no_grammars", reason="llguidance is not installed")
-        return None
+    except (ValueError, TypeError, AttributeError, RuntimeError) as e:  # a tokenizer llguidance cannot read
+        log.warning("engine.no_grammars", reason=f"{type(e).__name__}: {e}")
+    return None
 
 
 def _decoder(tokenizer: Any) -> Decode:
