@@ -1,6 +1,9 @@
 """Pick a constrained-decoding library by measurement: llguidance, xgrammar, outlines-core.
 
-Run by hand (a few minutes on a 2-core CPU; needs all three installed, and SmolLM2 converted):
+Run by hand (a few minutes on a 2-core CPU; SmolLM2 converted). Only llguidance is a project
+dependency; install the other two for the comparison (`pip install outlines-core` and
+`pip install --no-deps xgrammar apache-tvm-ffi`: xgrammar otherwise pulls triton). A library that
+is not installed is skipped.
 
     PYTHONPATH=$PWD .venv/bin/python bench/grammar_bench.py --data-dir ~/.tokenyard [--samples 4]
 
@@ -326,7 +329,11 @@ def main() -> None:
     for lib in LIBRARIES:
         for model_name, (tok, vocab) in models.items():
             started = time.perf_counter()
-            adapter = lib(tok, vocab)
+            try:
+                adapter = lib(tok, vocab)
+            except ImportError as e:
+                print(json.dumps({"library": lib.name, "skipped": str(e)}), flush=True)
+                break
             setup = time.perf_counter() - started
             for schema_name, schema in SCHEMAS.items():
                 row: dict[str, Any] = {"library": lib.name, "model": model_name, "schema": schema_name}
