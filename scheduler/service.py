@@ -60,7 +60,7 @@ log = structlog.get_logger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 2.0
-FLEET_WARMUP = 1.5  # seconds after start in which a model with no route waits to be heard of
+FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits to be heard of (roll call)
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
 ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
