@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from schemas.codec import WireError, need, pack, unpack
+from schemas.nodes import NOTHING_SERVED, Hardware, Served
 from schemas.tenancy import DEFAULT_TIER, PRIORITY_TIERS, Limits, Tier
 
 ATTEMPTS_PER_DISPATCH = 1000  # JetStream deliveries of one dispatch stay far below this
@@ -218,6 +219,11 @@ class NodeAdvert:
     kind: NodeKind = "own"
     healthy: bool = True  # false: the node is up but should get no new jobs (e.g. its provider is down)
     health_since: float = 0.0  # unix time `healthy` last changed (0: never, healthy since it started)
+    # An idle-time node whose owner is using the machine: it takes no jobs until it is idle
+    # again. `draining` is set too, so a scheduler that does not know this field skips it.
+    paused: bool = False
+    hardware: Hardware | None = None  # None: not told (an older worker)
+    served: Served = NOTHING_SERVED  # since `started`
 
     def encode(self) -> bytes:
         return pack(
@@ -233,6 +239,9 @@ class NodeAdvert:
                 "kind": self.kind,
                 "healthy": self.healthy,
                 "hsince": self.health_since,
+                "paused": self.paused,
+                "served": self.served.to_wire(),
+                "hw": None if self.hardware is None else self.hardware.to_wire(),
             }
         )
 
@@ -255,6 +264,9 @@ class NodeAdvert:
             kind=_node_kind(o.get("kind", "own")),
             healthy=bool(o.get("healthy", True)),
             health_since=float(o.get("hsince", 0.0)),
+            paused=bool(o.get("paused", False)),
+            hardware=Hardware.from_wire(o["hw"]) if o.get("hw") is not None else None,
+            served=Served.from_wire(o["served"]) if o.get("served") is not None else NOTHING_SERVED,
         )
 
 

@@ -7,7 +7,8 @@ from worker.backend import Backend
 from worker.settings import WorkerSettings
 
 
-def build_backend(settings: WorkerSettings) -> Backend:
+async def build_backend(settings: WorkerSettings) -> Backend:
+    """The backend, not started yet. Async: the engine backend first asks its engine what it serves."""
     if settings.backend == "echo":
         from worker.echo import EchoBackend
 
@@ -20,4 +21,11 @@ def build_backend(settings: WorkerSettings) -> Backend:
         from worker.cloud import CloudBackend
 
         return CloudBackend.from_settings(settings)
+    if settings.backend == "engine":
+        from worker.engine_url import EngineBackend, EngineError
+
+        try:
+            return await EngineBackend.open(settings)
+        except EngineError as e:  # what the user must fix, not a traceback
+            raise SystemExit(f"tokenyard worker: {e}") from None
     raise ValueError(f"unknown backend {settings.backend!r}")

@@ -53,9 +53,13 @@ class Feed:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def stop(self) -> None:
+        """Stop taking jobs. The server drops pull requests whose inbox no one listens on, so the
+        jobs they would have brought go to other workers at once; `start` again asks afresh."""
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
+            self._sub = None
+        self.outstanding = 0
 
     async def request(self, batch: int) -> None:
         self.outstanding += batch

@@ -35,9 +35,11 @@ from schemas.codec import WireError
 from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
 from schemas.events import CANCELLED, FinishReason, Piece
 from schemas.jobs import STOP, Job, NodeAdvert, Stop
+from schemas.nodes import NOTHING_SERVED, Hardware
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
+from worker.idle import AlwaysAvailable, Availability, hand_back
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -50,6 +52,12 @@ SHUTDOWN = "shutdown"
 GATEWAY_GONE = "gateway gone"
 GATEWAY_SILENT = "gateway silent"
 GATEWAY_STOP = "gateway said stop"
+OWNER_BACK = "owner back"  # idle-time mode: the machine's owner is using it again
+# Stops that give the job back: a retryable error, re-dispatched if no token reached the client.
+HANDED_BACK = {
+    SHUTDOWN: "the worker shut down before this job finished",
+    OWNER_BACK: "the node's owner needed the machine back before this job finished",
+}
 
 
 @dataclass(slots=True)
@@ -58,11 +66,23 @@ class Running:
 
     attempt: int
     task: asyncio.Task[None]
+    out: EventStream
     stop_reason: str = ""  # set when the worker stops it (why), before its task is cancelled
 
 
 class Worker:
-    def __init__(self, nc: NATS, js: JetStreamContext, backend: Backend, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        backend: Backend,
+        settings: WorkerSettings,
+        *,
+        idle: Availability | None = None,
+        hardware: Hardware | None = None,
+    ) -> None:
+        """`idle`: idle-time mode (`worker.idle`; default: always available). `hardware`: what
+        the adverts say this machine is (`worker.hardware`)."""
         self._nc = nc
         self._js = js
         self._backend = backend
@@ -76,6 +96,9 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._job_tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
         self._healthy, self._health_since = True, 0.0
+        self._idle = idle or AlwaysAvailable()
+        self._hardware = hardware
+        self._served = NOTHING_SERVED
 
     @property
     def running_jobs(self) -> int:
@@ -88,12 +111,15 @@ class Worker:
             models=tuple(self._backend.models()),
             slots_total=self._total,
             slots_free=max(0, self._total - len(self._job_tasks)),
-            draining=self._draining,
+            draining=self._draining or not self._idle.may_pull(),
             interval=self._s.heartbeat,
             started=self._started,
             kind=self._s.kind,
             healthy=self._backend_healthy(),
             health_since=self._health_since,
+            paused=not self._idle.may_pull(),
+            hardware=self._hardware,
+            served=self._served,
         )
 
     def _backend_healthy(self) -> bool:
@@ -115,6 +141,7 @@ class Worker:
             await feed.start()
             self._feeds.append(feed)
         self._tasks.append(asyncio.create_task(self._keep_pulling()))
+        self._tasks.append(asyncio.create_task(self._follow_owner()))
         await self._top_up()
         log.info("worker.started", node=self._s.node_id, pool=self._s.pool, models=models, slots=self._total)
 
@@ -178,7 +205,7 @@ class Worker:
 
     async def _top_up(self) -> None:
         """Keep pull requests standing for every free slot (shared fairly between models)."""
-        if self._draining or self._topping:
+        if self._draining or self._topping or not self._idle.may_pull():
             return
         self._topping = True
         try:
@@ -203,7 +230,7 @@ class Worker:
             await self._top_up()
 
     def _accept(self, msg: Msg) -> None:
-        if self._draining:
+        if self._draining or not self._idle.may_pull():
             asyncio.ensure_future(msg.nak())  # another worker takes it now
             return
         task = asyncio.create_task(self._run(msg))
@@ -245,7 +272,7 @@ class Worker:
         )
         task = asyncio.current_task()
         assert task is not None
-        running = self._running[job.id] = Running(attempt, task)
+        running = self._running[job.id] = Running(attempt, task, out)
         heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
         settle = msg.term
         try:
@@ -260,8 +287,8 @@ class Worker:
                 raise
             # forgotten at once: a second stop must not cancel the report or the term below
             self._running.pop(job.id, None)
-            if reason == SHUTDOWN:
-                await out.fail(NoCapacityError("the worker shut down before this job finished"), retryable=True)
+            if reason in HANDED_BACK:
+                await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
             elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
                 await self._report_stopped(job, out)
             jlog.info("job.stopped", reason=reason, tokens=out.tokens)
@@ -297,6 +324,7 @@ class Worker:
         if usage is None:
             raise WorkerFailedError("the backend ended without reporting usage")
         await out.done(finish, usage)
+        self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
         """The gateway stopped this attempt: send what it used so far (prompt, the tokens
@@ -329,6 +357,29 @@ class Worker:
             if reply.data == STOP:
                 self._stop(job.id, GATEWAY_STOP)
                 return
+
+    async def _follow_owner(self) -> None:
+        """Idle-time mode: when the owner is back, stop pulling at once (the standing pull
+        requests die with their feed's inbox, so queued jobs go to other nodes), say so, and
+        hand the running jobs back (`worker.idle.hand_back`); pull again once idle."""
+        while True:
+            await self._idle.wait_for(idle=False)
+            for feed in self._feeds:
+                await feed.stop()
+            log.info("worker.paused", running=len(self._running))
+            await self._publish_advert()
+            await hand_back(
+                self._idle,
+                lambda: {job_id: r.out.tokens for job_id, r in self._running.items()},
+                lambda job_id: self._stop(job_id, OWNER_BACK),
+                grace=self._s.idle_grace,
+            )
+            await self._idle.wait_for(idle=True)
+            for feed in self._feeds:
+                await feed.start()
+            log.info("worker.resumed")
+            await self._publish_advert()
+            await self._top_up()
 
     def _stop(self, job_id: str, reason: str) -> None:
         running = self._running.get(job_id)

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.jobs import NodeKind
 from schemas.settings import add_common, add_setting
+from worker.idle import CPU_PERCENT, GPU_PERCENT, IDLE_AFTER, parse_hours, parse_signal_spec
+from worker.node_id import valid_node_id
 
-_NODE_RE = re.compile(r"[^A-Za-z0-9-]")
-
-
-def default_node_id() -> str:
-    host = _NODE_RE.sub("-", socket.gethostname())[:40].strip("-") or "node"
-    return f"{host}-{uuid.uuid4().hex[:8]}"
+BACKENDS = ("echo", "transformers", "cloud", "engine")
+DEFAULT_SLOTS = {"echo": 64, "transformers": 16, "cloud": 32, "engine": 8}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +20,10 @@ class WorkerSettings:
     nats_url: str
     log_level: str
     log_json: bool
-    node_id: str
+    node_id: str  # "" = the data dir's stable id (worker.node_id), resolved when the worker starts
     pool: str
     kind: NodeKind  # own (dedicated), volunteer (idle-time; sees prompts only of tenants who allow it), cloud
-    backend: str  # "echo" | "transformers"
+    backend: str  # "echo" | "transformers" | "cloud" | "engine"
     models: tuple[str, ...]  # public model ids (echo: served names; transformers: the id to serve under)
     slots: int  # most jobs at once (transformers: max concurrent sequences)
     heartbeat: float  # seconds between job heartbeats and fleet adverts
@@ -37,6 +32,15 @@ class WorkerSettings:
     coalesce_ms: float  # token events closer together than this are sent as one message
     drain_timeout: float  # on SIGTERM, how long running jobs may take to finish
     data_dir: str
+    # idle-time mode (worker.idle): volunteer nodes, or any node given an --idle-signal
+    idle_signal: str  # "" (volunteer: machine; own: none), machine, file:PATH, none; comma-separated
+    idle_cpu_percent: float  # other programs' CPU use above this: busy
+    idle_gpu_percent: float  # other processes' GPU use above this: busy
+    idle_after: float  # seconds every signal must say idle before pulling
+    idle_hours: str  # local hours to pull in, e.g. "22:00-07:00"; "" = any time
+    idle_input_minutes: float  # no user input this long; 0 = not used; < 0 = 3 on GPU and engine nodes
+    idle_grace: float  # seconds a streaming job may finish once the owner is back
+    idle_poll: float  # seconds between looks at the machine
     # echo backend
     echo_tokens: int
     echo_rate: float  # tokens per second per sequence; 0 = as fast as possible
@@ -52,25 +56,38 @@ class WorkerSettings:
     # cloud backend
     providers: str  # path of the operator's provider config (YAML)
     provider: str  # which provider of that file this worker forwards to; its pool is its name
+    # engine backend (worker.engine_url)
+    engine_url: str  # an OpenAI-compatible server this node fronts (http on loopback, else https)
+    engine_key: str = field(default="", repr=False)  # its bearer token, if it wants one
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog="tokenyard worker", description="Run a Tokenyard worker.")
         add_common(p)
-        add_setting(p, "--node-id", default=default_node_id(), help="this node's id (letters, digits, -)")
+        add_setting(
+            p, "--node-id", default="", help="this node's id (letters, digits, -); default: kept in <data dir>/node_id"
+        )
         add_setting(p, "--pool", default="own", help="the pool (capacity group) this node serves in")
         add_setting(p, "--kind", default="own", help="own (dedicated) or volunteer (idle-time) capacity")
         add_setting(
-            p, "--backend", default="transformers", help="echo (deterministic test backend), transformers or cloud"
+            p,
+            "--backend",
+            default="transformers",
+            help="echo (deterministic test backend), transformers, cloud, or engine (implied by --engine-url)",
         )
         add_setting(p, "--models", default="", help="comma-separated public model ids served (default per backend)")
-        add_setting(p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16)")
+        add_setting(
+            p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16, engine 8)"
+        )
         add_setting(p, "--heartbeat", default=1.0, type=float, help="seconds between heartbeats")
         add_setting(p, "--ack-wait", default=5.0, type=float, help="seconds of silence before a job is redelivered")
         add_setting(p, "--max-deliver", default=3, type=int, help="deliveries before a job is given up")
         add_setting(p, "--coalesce-ms", default=20.0, type=float, help="merge token events closer than this")
         add_setting(p, "--drain-timeout", default=30.0, type=float, help="seconds to finish jobs on SIGTERM")
-        add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where converted models are kept")
+        add_setting(
+            p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="the node id and converted models"
+        )
+        add_idle_settings(p)
         add_setting(p, "--echo-tokens", default=16, type=int, help="echo backend: tokens per answer")
         add_setting(p, "--echo-rate", default=0.0, type=float, help="echo backend: tokens/s per sequence (0 = max)")
         add_setting(p, "--echo-context", default=4096, type=int, help="echo backend: context length")
@@ -90,14 +107,18 @@ class WorkerSettings:
         )
         add_setting(p, "--providers", default="", help="cloud: provider config file (YAML)")
         add_setting(p, "--provider", default="", help="cloud: the provider (of --providers) to forward to")
+        add_setting(
+            p, "--engine-url", default="", help="front this OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1"
+        )
+        add_setting(p, "--engine-key", default="", help="engine: its API key, if it wants one")
         return p
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
         a = cls.parser().parse_args(argv)
-        if a.backend not in {"echo", "transformers", "cloud"}:
-            raise SystemExit(f"tokenyard worker: unknown backend {a.backend!r} (echo, transformers or cloud)")
-        if _NODE_RE.search(a.node_id):
+        if a.backend not in BACKENDS:
+            raise SystemExit(f"tokenyard worker: unknown backend {a.backend!r} ({', '.join(BACKENDS)})")
+        if a.node_id and not valid_node_id(a.node_id):
             raise SystemExit(f"tokenyard worker: --node-id may hold only letters, digits and '-': {a.node_id!r}")
         if a.tool_parser not in {"auto", "hermes", "llama3", "mistral", "none"}:
             raise SystemExit(
@@ -105,8 +126,10 @@ class WorkerSettings:
             )
         if a.kind not in {"own", "volunteer"}:
             raise SystemExit(f"tokenyard worker: --kind must be own or volunteer, not {a.kind!r}")
+        a.backend = _engine_backend(a)
+        _check_idle(a)
         models = tuple(m.strip() for m in a.models.split(",") if m.strip())
-        slots = a.slots or {"echo": 64, "transformers": 16, "cloud": 32}[a.backend]
+        slots = a.slots or DEFAULT_SLOTS[a.backend]
         pool = a.provider if a.backend == "cloud" and a.pool == "own" and a.provider else a.pool
         return cls(
             nats_url=a.nats_url,
@@ -124,6 +147,14 @@ class WorkerSettings:
             coalesce_ms=a.coalesce_ms,
             drain_timeout=a.drain_timeout,
             data_dir=a.data_dir,
+            idle_signal=a.idle_signal,
+            idle_cpu_percent=a.idle_cpu_percent,
+            idle_gpu_percent=a.idle_gpu_percent,
+            idle_after=a.idle_after,
+            idle_hours=a.idle_hours,
+            idle_input_minutes=a.idle_input_minutes,
+            idle_grace=a.idle_grace,
+            idle_poll=a.idle_poll,
             echo_tokens=a.echo_tokens,
             echo_rate=a.echo_rate,
             echo_context=a.echo_context,
@@ -136,4 +167,60 @@ class WorkerSettings:
             tool_parser=a.tool_parser,
             providers=a.providers,
             provider=a.provider,
+            engine_url=a.engine_url,
+            engine_key=a.engine_key,
         )
+
+
+def add_idle_settings(p: argparse.ArgumentParser) -> None:
+    add_setting(
+        p,
+        "--idle-signal",
+        default="",
+        help="idle-time mode: machine, file:PATH (holding idle or busy), none, or several comma-separated "
+        "(default: machine for --kind volunteer, none otherwise)",
+    )
+    add_setting(p, "--idle-cpu-percent", default=CPU_PERCENT, type=float, help="busy above this CPU use by others")
+    add_setting(p, "--idle-gpu-percent", default=GPU_PERCENT, type=float, help="busy above this GPU use by others")
+    add_setting(p, "--idle-after", default=IDLE_AFTER, type=float, help="seconds idle before taking work")
+    add_setting(p, "--idle-hours", default="", help="only these local hours, e.g. 22:00-07:00 (default any time)")
+    add_setting(
+        p,
+        "--idle-input-minutes",
+        default=-1.0,
+        type=float,
+        help="busy after user input within this long; 0 = ignore input (default: 3 on GPU and engine nodes, else 0)",
+    )
+    add_setting(p, "--idle-grace", default=10.0, type=float, help="seconds running jobs may finish when busy")
+    add_setting(p, "--idle-poll", default=1.0, type=float, help="seconds between looks at the machine")
+
+
+def _engine_backend(a: argparse.Namespace) -> str:
+    """`--engine-url` means the engine backend; it cannot be combined with another backend."""
+    if not a.engine_url:
+        if a.backend == "engine":
+            raise SystemExit("tokenyard worker: the engine backend needs --engine-url URL")
+        return str(a.backend)
+    if a.backend not in {"transformers", "engine"}:  # transformers: the default, not a choice
+        raise SystemExit(f"tokenyard worker: --engine-url fronts an engine; it cannot go with --backend {a.backend}")
+    # Imported here: the engine module builds on the cloud adapter, which imports these settings.
+    from worker.engine_url import engine_base_url
+
+    try:
+        engine_base_url(a.engine_url)
+    except ValueError as e:
+        raise SystemExit(f"tokenyard worker: {e}") from None
+    return "engine"
+
+
+def _check_idle(a: argparse.Namespace) -> None:
+    try:
+        parse_signal_spec(a.idle_signal)
+        parse_hours(a.idle_hours)
+    except ValueError as e:
+        raise SystemExit(f"tokenyard worker: {e}") from None
+    for flag in ("idle_cpu_percent", "idle_gpu_percent", "idle_after", "idle_grace"):
+        if getattr(a, flag) < 0:
+            raise SystemExit(f"tokenyard worker: --{flag.replace('_', '-')} must not be negative")
+    if a.idle_poll <= 0:
+        raise SystemExit("tokenyard worker: --idle-poll must be positive")
