@@ -274,6 +274,10 @@ class IdleWatch:
     def state(self) -> IdleState:
         return self._state
 
+    @property
+    def policy(self) -> IdlePolicy:
+        return self._policy
+
     def may_pull(self) -> bool:
         return self._state.idle
 
@@ -333,7 +337,7 @@ async def hand_back(
     token, an explicit error after). Jobs that have not streamed go back at once; the others
     may finish within `grace` seconds, then are stopped. Returns early if the machine is idle
     again before the grace period is over."""
-    for job, tokens in running().items():
+    for job, tokens in list(running().items()):
         if tokens == 0:
             stop(job)
     deadline = time.monotonic() + grace
