@@ -285,8 +285,18 @@ class IdleWatch:
         await (self._idle if idle else self._busy).wait()
 
     async def start(self) -> None:
-        log.info("idle.watching", policy=str(self._policy))
-        self.observe(await asyncio.to_thread(self._read))
+        p = self._policy
+        log.info(
+            "idle.watching",
+            cpu_percent=p.cpu_percent,
+            gpu_percent=p.gpu_percent,
+            after=p.after,
+            hours=",".join(map(str, p.hours)) or "any",
+            input_minutes=p.input_minutes,
+        )
+        state = self.observe(await asyncio.to_thread(self._read))
+        if not state.idle:
+            log.info("idle.busy", reasons=list(state.reasons))
         self._task = asyncio.create_task(self._watch(), name="idle-watch")
 
     async def stop(self) -> None:
