@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from schemas.nodes import Gpu, Hardware
 from tests.conftest import ECHO
-from tests.stack import Stack, auth_headers
+from tests.stack import Stack, auth_headers, free_port
 from tests.test_faults import watch_adverts
 from worker.idle import (
     AlwaysAvailable,
@@ -38,7 +41,7 @@ from worker.idle import (
     parse_hours,
     parse_signal_spec,
 )
-from worker.idle_machine import InterruptIdle, MachineSignal, i8042_interrupts
+from worker.idle_machine import CpuUse, InterruptIdle, MachineSignal, OwnProcesses, i8042_interrupts
 from worker.settings import WorkerSettings
 
 NOON = dt.time(12, 0)
@@ -228,6 +231,30 @@ def test_the_machine_signal_reads_this_machine() -> None:
         assert readings.switch is None
     finally:
         signal.close()
+
+
+def test_an_engines_process_counts_as_the_workers_own(tmp_path: Path) -> None:
+    port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        own = OwnProcesses(psutil, port)
+        deadline = time.monotonic() + 10
+        while own.unseen_engine and time.monotonic() < deadline:  # until it listens
+            time.sleep(0.1)
+            own = OwnProcesses(psutil, port)
+        assert not own.unseen_engine
+        assert {os.getpid(), engine.pid} <= {p.pid for p in own.processes()}
+    finally:
+        engine.terminate()
+        engine.wait(10)
+    nobody = OwnProcesses(psutil, free_port())
+    assert nobody.unseen_engine  # its load cannot be told from the owner's: CPU and GPU are not read
+    assert CpuUse(psutil, nobody).read() is None
 
 
 def test_i8042_counters(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 CPU_WINDOW = 5.0  # seconds of CPU samples averaged: a click that opens a tab is not the owner back
 PROBE_TIMEOUT = 2.0  # seconds `ioreg` may take
+ENGINE_LOOK_EVERY = 30.0  # seconds between searches for an engine process not found (a scan of /proc)
 
 
 class IdleSetupError(RuntimeError):
@@ -85,6 +86,7 @@ class OwnProcesses:
         self._psutil = psutil
         self._engine_port = engine_port
         self._engine: Any = None
+        self._next_look = 0.0
         self._told_unseen = False
 
     @property
@@ -92,7 +94,13 @@ class OwnProcesses:
         """It fronts an engine whose process cannot be found (so its load looks like others')."""
         if self._engine_port is None:
             return False
-        if self._engine is None or not self._engine.is_running():
+        if self._engine is not None:
+            if self._engine.is_running():
+                return False
+            self._engine, self._next_look = None, 0.0  # it went away: look for its successor now
+        now = time.monotonic()
+        if now >= self._next_look:  # an engine restarted, or started after the worker: look again
+            self._next_look = now + ENGINE_LOOK_EVERY
             self._engine = self._find_engine(self._engine_port)
         if self._engine is None and not self._told_unseen:
             self._told_unseen = True
