@@ -26,17 +26,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_api.accounting import Accounts
 from broker_api.admin import Admin, admin_router
+from broker_api.admin_console import router as admin_console_router
 from broker_api.audit import Auditor
 from broker_api.auth import KeyStore, Principal
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
+from broker_api.console import SessionMiddleware
+from broker_api.console import router as console_router
 from broker_api.deps import Services
 from broker_api.directory import Directory
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed
 from broker_api.metrics import Metrics, queue_depths
+from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
 from schemas import streams
 from schemas.chat import ModelCard, ModelList, parse_chat_request
@@ -166,6 +170,9 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             routing=routing_kv,
             ledger=ledger,
             metrics=metrics,
+            sessions=await SessionStore.open(
+                nc, js, keys, idle=settings.console_idle, lifetime=settings.console_lifetime, replicas=replicas
+            ),
         )
         log.info("api.started", gateway=the_bus.gateway_id)
         try:
@@ -185,10 +192,11 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     keys = KeyStore(admin_key)
     metrics = Metrics()
     app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SessionMiddleware)
     app.add_middleware(RequestIdMiddleware)
 
     def authenticate(request: Request) -> Principal:
-        return keys.authenticate(request.headers.get("authorization"))
+        return signed_in(request) or keys.authenticate(request.headers.get("authorization"))
 
     @app.exception_handler(TokenyardError)
     async def _tokenyard_error(request: Request, e: TokenyardError) -> JSONResponse:
@@ -286,6 +294,8 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     # handler does not use (it reads and validates the body itself).
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(admin_router(authenticate))
+    app.include_router(admin_console_router)
+    app.include_router(console_router)
 
     return app
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from broker_api.directory import ROOT_ORG, Directory
 from schemas.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from schemas.tenancy import DEFAULT_TIER, Limits, Tier
+from schemas.tenancy import DEFAULT_TIER, KeyRecord, Limits, Tier
 
 BOOTSTRAP_ID = "admin"
 
@@ -96,6 +96,20 @@ class KeyStore:
         record = self.directory.verify(key) if self.directory is not None else None
         if record is None or not record.usable(time.time()):
             raise AuthenticationError(f"Incorrect API key provided: {_masked(key)}.")
+        return self._principal(record)
+
+    def resolve(self, key_id: str) -> tuple[Principal, str] | None:
+        """The principal of the key with this id as it is now, and a fingerprint of its current
+        secret (it changes when the key is rotated); None if the key is gone, revoked or expired.
+        How a console session, which holds a key id and never the key, is checked on each use."""
+        if key_id == BOOTSTRAP_ID:
+            return Principal(org=ROOT_ORG, key_id=BOOTSTRAP_ID, admin=True, root=True), self._admin.hex()[:16]
+        record = self.directory.key(key_id) if self.directory is not None else None
+        if record is None or not record.usable(time.time()):
+            return None
+        return self._principal(record), record.digest[:16]
+
+    def _principal(self, record: KeyRecord) -> Principal:
         org = self.directory.org(record.org) if self.directory is not None else None
         return Principal(
             org=record.org,

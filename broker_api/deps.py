@@ -25,6 +25,7 @@ from broker_api.chat import ChatService
 from broker_api.directory import Directory
 from broker_api.ledger import Ledger
 from broker_api.metrics import Metrics
+from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
 from schemas.errors import NoCapacityError, NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, OrgRecord
@@ -41,6 +42,7 @@ class Services:
     routing: KeyValue  # the routing-policy bucket (schemas.streams.ROUTING)
     ledger: Ledger | None  # None: this gateway keeps no ledger (--no-ledger)
     metrics: Metrics
+    sessions: SessionStore  # web console sessions (broker_api.sessions)
 
 
 def services(request: Request) -> Services:
@@ -49,14 +51,16 @@ def services(request: Request) -> Services:
 
 
 def caller(request: Request, s: Annotated[Services, Depends(services)]) -> Principal:
-    """The authenticated caller (401 without a valid key)."""
-    return s.keys.authenticate(request.headers.get("authorization"))
+    """The authenticated caller (401 without a valid key): the bearer key's, or the web
+    console session's that `broker_api.console.SessionMiddleware` checked."""
+    return signed_in(request) or s.keys.authenticate(request.headers.get("authorization"))
 
 
-def admin_caller(
+async def admin_caller(
     request: Request, s: Annotated[Services, Depends(services)], who: Annotated[Principal, Depends(caller)]
 ) -> Principal:
-    """A caller with an admin key (403 otherwise); its use of the admin API is audited."""
+    """A caller with an admin key (403 otherwise); its use of the admin API is audited. (Async:
+    FastAPI runs a plain function dependency in a thread, where the audit publish finds no loop.)"""
     who.require_admin()
     s.auditor.signed_in(who, request)
     return who

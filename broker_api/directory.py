@@ -157,6 +157,14 @@ class Directory:
         await self.put_key(record)
         return secret, record
 
+    async def rotate_key(self, record: KeyRecord) -> tuple[str, KeyRecord]:
+        """A new secret for the same key id (same org, limits, policies and usage history); the
+        old secret stops working on every gateway as soon as the update arrives."""
+        secret = f"ty_{record.id}_{secrets.token_urlsafe(32)}"
+        rotated = KeyRecord(**{**_fields(record), "digest": self.digest(secret)})
+        await self.put_key(rotated)
+        return secret, rotated
+
     def require_org(self, org_id: str) -> OrgRecord:
         org = self.org(org_id)
         if org is None:

@@ -73,6 +73,7 @@ USAGE_COLUMNS = (
 )
 GROUPS = {"model": "model", "route": "route", "key": "key_id", "day": "day", "org": "org", "project": "project"}
 BATCH = 256
+SERIES_ROWS = 50_000  # a usage series' row cap (buckets x groups)
 GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger transactions
 
 
@@ -176,6 +177,24 @@ class Ledger:
             f"FROM usage WHERE {where} GROUP BY {column} ORDER BY {column}"
         )
         async with self._db.execute(sql, args) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage over time: one row per `interval`-second bucket (`t`, its start as unix time) and
+        group, with requests, tokens and cost; buckets with no requests are left out."""
+        if by not in GROUPS:
+            raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
+        column = GROUPS[by]
+        where, args = self._where(org, since, until)
+        sql = (
+            f"SELECT CAST(time / ? AS INTEGER) * ? AS t, {column} AS {by}, COUNT(*) AS requests, "
+            "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
+            "ROUND(SUM(cost), 10) AS cost, SUM(outcome = 'error') AS errors "
+            f"FROM usage WHERE {where} GROUP BY t, {column} ORDER BY t, {column} LIMIT ?"
+        )
+        async with self._db.execute(sql, [interval, interval, *args, SERIES_ROWS]) as cur:
             return [dict(row) for row in await cur.fetchall()]
 
     async def audit(

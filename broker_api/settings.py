@@ -33,6 +33,8 @@ class ApiSettings:
     continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
     lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
     replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
+    console_idle: float  # seconds a web console session lives unused (the same on every replica)
+    console_lifetime: float  # seconds a web console session lives at most, in use or not
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -75,6 +77,10 @@ class ApiSettings:
             default=True,
             type=bool,
             help="place an unlimited key's next jobs straight on the queue a scheduler granted",
+        )
+        add_setting(p, "--console-idle", default=1800.0, type=float, help="seconds an unused web console session lives")
+        add_setting(
+            p, "--console-lifetime", default=43200.0, type=float, help="seconds a web console session lives at most"
         )
         return p
 

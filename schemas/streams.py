@@ -140,3 +140,7 @@ CACHE = BucketSpec(subjects.CACHE_BUCKET, ttl=3600.0, max_bytes=256 << 20, disca
 LIMITS = BucketSpec(subjects.LIMITS_BUCKET, ttl=40 * 86400.0)
 IDEMPOTENCY = BucketSpec(subjects.IDEMPOTENCY_BUCKET, ttl=86400.0)
 ROUTING = BucketSpec(subjects.ROUTING_BUCKET, history=ROUTING_HISTORY)
+# Web console sessions, shared by every gateway (a console behind a load balancer keeps its
+# session on any replica). The TTL is the idle timeout: a session in use is rewritten, so an
+# idle one is gone after it; the gateway sets it from --console-idle.
+SESSIONS = BucketSpec(subjects.SESSIONS_BUCKET, ttl=1800.0)

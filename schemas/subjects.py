@@ -46,6 +46,7 @@ CACHE_BUCKET = "ty_cache"  # request digest -> cached answer
 LIMITS_BUCKET = "ty_limits"  # counters for rate limits and quotas (scheduler)
 IDEMPOTENCY_BUCKET = "ty_idem"  # Idempotency-Key -> job id
 ROUTING_BUCKET = "ty_routing"  # routing policies: default, per model, per key (schemas.routing)
+SESSIONS_BUCKET = "ty_sessions"  # web console sessions: digest of the session id -> schemas.console.ConsoleSession
 
 _POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
