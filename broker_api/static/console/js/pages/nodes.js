@@ -12,30 +12,36 @@ const STATE_KIND = { online: "ok", draining: "warn", stale: "warn", offline: "ba
 
 const pick = (o, ...names) => names.map((n) => o?.[n]).find((v) => v !== undefined && v !== null);
 
+const bytes = (n) => (n ? `${+(n / 2 ** 30).toFixed(n >= 10 * 2 ** 30 ? 0 : 1)} GB` : "");
+
 function hardware(n) {
   const hw = n.hardware;
   if (!hw) return h("span", { class: "muted" }, "—");
   if (typeof hw === "string") return hw;
-  const gpus = hw.gpus || hw.gpu || [];
-  const gpuText = (Array.isArray(gpus) ? gpus : [gpus])
-    .map((g) => (typeof g === "string" ? g : [g.name, g.memory_gb ? `${g.memory_gb} GB` : g.memory ? `${fmt.compact(g.memory)}B` : ""].filter(Boolean).join(" ")))
+  const gpus = (Array.isArray(hw.gpus) ? hw.gpus : [])
+    .map((g) => (typeof g === "string" ? g : [g.name, bytes(g.mem ?? g.memory)].filter(Boolean).join(" · ")))
     .filter(Boolean);
-  const cpu = [hw.cpu || hw.cpu_model, hw.cores ? `${hw.cores} cores` : "", hw.ram_gb ? `${hw.ram_gb} GB RAM` : hw.memory ? `${fmt.compact(hw.memory)}B RAM` : ""]
+  const cpu = [hw.cpu, hw.cores ? `${hw.cores} cores` : "", bytes(hw.mem ?? hw.memory) && `${bytes(hw.mem ?? hw.memory)} RAM`]
     .filter(Boolean).join(" · ");
-  return h("div", {}, gpuText.length ? h("div", {}, gpuText.join(", ")) : null, cpu ? h("div", { class: "sub" }, cpu) : null);
+  return h("div", {}, gpus.length ? h("div", {}, gpus.join(", ")) : null, cpu ? h("div", { class: "sub" }, cpu) : null,
+    hw.system ? h("div", { class: "sub" }, hw.system) : null);
 }
 
+// What it serves now (its adverts), and what its enrolment allows (empty: whatever it serves).
 function models(n) {
-  const ms = pick(n, "models") || [];
-  return h("div", { class: "chips" }, ms.map((m) => badge(typeof m === "string" ? m : m.id)));
+  const name = (m) => (typeof m === "string" ? m : m.id);
+  const serving = (n.serving || []).map(name);
+  const allowed = (n.models || []).map(name);
+  return h("div", {},
+    h("div", { class: "chips" }, (serving.length ? serving : allowed).map((m) => badge(m))),
+    allowed.length && serving.length ? h("div", { class: "sub" }, `allowed: ${allowed.join(", ")}`) : null);
 }
 
 function slots(n) {
-  const total = pick(n, "slots_total", "slots");
-  const free = pick(n, "slots_free");
-  const used = pick(n, "slots_used") ?? (typeof total === "number" && typeof free === "number" ? total - free : undefined);
-  if (used === undefined && free === undefined) return "—";
-  return `${fmt.int(used ?? 0)} used / ${fmt.int(free ?? 0)} free`;
+  const s = n.slots && typeof n.slots === "object" ? n.slots : { total: n.slots_total, free: n.slots_free, used: n.slots_used };
+  if (s.total === undefined && s.free === undefined) return "—";
+  const used = s.used ?? (s.total ?? 0) - (s.free ?? 0);
+  return `${fmt.int(used)} used / ${fmt.int(s.free ?? 0)} free`;
 }
 
 function served(n) {
@@ -44,6 +50,12 @@ function served(n) {
   const tokens = pick(s, "tokens") ?? pick(n, "tokens");
   if (requests === undefined && tokens === undefined) return "—";
   return `${fmt.int(requests ?? 0)} req · ${fmt.compact(tokens ?? 0)} tok`;
+}
+
+function price(n) {
+  const p = n.price;
+  if (!p || (!p.input && !p.output)) return h("span", { class: "muted" }, "free");
+  return `$${p.input} / $${p.output} per 1M`;
 }
 
 export async function render(root, ctx) {
@@ -63,6 +75,34 @@ export async function render(root, ctx) {
     return;
   }
   head.querySelector(".actions").append(button("New enrolment token", () => enrol(), { kind: "primary", id: "new-token" }));
+  const tokensBody = h("div", { class: "card-body flush" }, loading());
+  const tokensCard = card("Enrolment tokens", "A machine joins with one (`tokenyard worker join`); the secret was shown once, when it was made.", tokensBody);
+  root.append(tokensCard);
+
+  async function loadTokens() {
+    let tokens;
+    try {
+      tokens = (await get("/v1/admin/nodes/tokens")).data;
+    } catch (error) {
+      if (!missingRoute(error)) throw error;
+      tokensCard.hidden = true;
+      return;
+    }
+    if (ctx.stale()) return;
+    const now = Date.now() / 1000;
+    clear(tokensBody).append(table(
+      [
+        { label: "Token", value: (t) => h("span", { class: "mono" }, t.id) },
+        ctx.session.operator && { label: "Org", value: (t) => t.org },
+        { label: "Pool", value: (t) => h("div", {}, t.pool, h("div", { class: "sub" }, t.kind)) },
+        { label: "Models", value: (t) => (t.models?.length ? t.models.join(", ") : h("span", { class: "muted" }, "any")) },
+        { label: "Uses", num: true, value: (t) => `${fmt.int(t.used)} / ${fmt.int(t.uses)}` },
+        { label: "Expires", value: (t) => h("span", { title: fmt.time(t.expires) }, t.expires < now ? badge("Expired", "warn") : fmt.time(t.expires)) },
+        { label: "Created", value: (t) => timeCell(t.created) },
+      ].filter(Boolean),
+      tokens.slice().reverse(),
+      { id: "tokens-table", rowKey: (t) => t.id, emptyNode: empty("No enrolment tokens", "Make one to let a machine join as a node.") }));
+  }
 
   async function reload() {
     nodes = (await get("/v1/admin/nodes")).data;
@@ -80,6 +120,7 @@ export async function render(root, ctx) {
       { label: "Hardware", value: hardware },
       { label: "Slots", value: slots },
       { label: "Served", value: served },
+      { label: "Price (in / out)", value: price },
       { label: "Last seen", value: (n) => timeCell(pick(n, "last_seen", "seen")) },
       { label: "", actions: true, value: (n) => [
           pick(n, "state") === "disabled" || n.enabled === false
@@ -158,9 +199,11 @@ export async function render(root, ctx) {
       return { body: form, actions: [button("Cancel", () => close()), button("Create token", submit, { kind: "primary", id: "create-token" })] };
     }, { id: "token-dialog" });
     if (!made) return;
+    loadTokens().catch((error) => errorToast(error, "Could not list enrolment tokens"));
     await showSecret("Enrolment token created", made.token,
       `On the machine: tokenyard worker join --token <token> --api-url ${location.origin}`);
   }
 
   show();
+  await loadTokens();
 }
