@@ -133,8 +133,10 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
             context = await browser.new_context(viewport={"width": 1400, "height": 900})
+            # the scratch page in a window of its own: a second tab in the operator's window would
+            # put the operator's page in the background, where Chromium throttles its frames
+            scratch = await (await browser.new_context()).new_page()
             page = await context.new_page()
-            scratch = await context.new_page()
             c = Console(stack, api, url, replica, browser, context, page, shots, scratch)
             await sign_in(page, url, ADMIN_KEY)
             try:
