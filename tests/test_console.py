@@ -265,6 +265,7 @@ async def test_create_a_key_see_its_secret_once_rotate_and_revoke_it(console: Co
     key_id = secret.split("_")[1]
     await console.shoot("keys-secret", page)
     await page.click("#secret-done")
+    await page.wait_for_selector("#secret-dialog", state="detached")
     row = page.locator(f"#keys-table tr[data-id='{key_id}']")
     await row.wait_for()
     assert "600 rpm" in await row.inner_text() and "Active" in await row.inner_text()
@@ -283,6 +284,7 @@ async def test_create_a_key_see_its_secret_once_rotate_and_revoke_it(console: Co
         console.secrets.append(rotated)
         assert rotated != secret and rotated.startswith(f"ty_{key_id}_")
         await page.click("#secret-done")
+        await page.wait_for_selector("#secret-dialog", state="detached")
         assert (await http.get("/v1/models", headers=auth_headers(secret))).status_code == 401
         assert (await http.get("/v1/models", headers=auth_headers(rotated))).status_code == 200
 
@@ -557,6 +559,7 @@ async def test_nodes_page_lists_enrols_and_disables(console: Console) -> None:
     console.secrets.append(token)
     assert token
     await page.click("#secret-done")
+    await page.wait_for_selector("#secret-dialog", state="detached")
     assert token not in await page.content()
     rows = page.locator("#nodes-table tbody tr")
     if await rows.count():

@@ -76,7 +76,7 @@ export async function render(root, ctx) {
   }
   head.querySelector(".actions").append(button("New enrolment token", () => enrol(), { kind: "primary", id: "new-token" }));
   const tokensBody = h("div", { class: "card-body flush" }, loading());
-  const tokensCard = card("Enrolment tokens", "A machine joins with one (`tokenyard worker join`); the secret was shown once, when it was made.", tokensBody);
+  const tokensCard = card("Enrolment tokens", "A machine joins with one (tokenyard worker join --token …); the secret was shown once, when it was made.", tokensBody);
   root.append(tokensCard);
 
   async function loadTokens() {
@@ -133,7 +133,7 @@ export async function render(root, ctx) {
     clear(body).append(table(columns, nodes, {
       id: "nodes-table",
       rowKey: (n) => pick(n, "id", "node"),
-      emptyNode: empty("No nodes yet", "Make an enrolment token, then run `tokenyard worker join` with it on the machine.",
+      emptyNode: empty("No nodes yet", "Make an enrolment token, then run tokenyard worker join with it on the machine.",
         button("New enrolment token", () => enrol(), { kind: "primary" })),
     }));
   }

@@ -84,7 +84,7 @@ export async function render(root, ctx) {
         { label: "", actions: true, value: (m) => button("Try in playground", () => ctx.navigate("playground"), { small: true }) },
       ],
       models,
-      { id: "models-table", rowKey: (m) => m.id, emptyNode: empty("No models are served now", "Start a worker (`tokenyard worker`) or a cloud adapter; its models appear here within a second.") }));
+      { id: "models-table", rowKey: (m) => m.id, emptyNode: empty("No models are served now", "Start a worker (tokenyard worker) or a cloud adapter; its models appear here within a second.") }));
     const poolRows = [...pools.values()].sort((a, b) => a.pool.localeCompare(b.pool));
     clear(poolsBody).append(table(
       [
