@@ -29,6 +29,9 @@ from tests.stack import ADMIN_KEY, Proc, Stack, auth_headers
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
+# The console's CSP has no 'unsafe-eval', and the tests do not bypass it: wait_for_function
+# takes functions ("() => ..."), which Playwright runs without eval, never bare expressions.
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -56,6 +59,15 @@ class Console:
     scratch: Page  # about:blank, for decoding screenshots
     secrets: list[str] = field(default_factory=list)  # every key secret the tests saw
     taken: list[Path] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # script errors and CSP violations in any page
+
+    def watch(self, page: Page) -> Page:
+        page.on("pageerror", lambda e: self.faults.append(f"{page.url}: {e}"))
+        page.on(
+            "console",
+            lambda m: self.faults.append(f"{page.url}: {m.text}") if "Content Security Policy" in m.text else None,
+        )
+        return page
 
     async def shoot(self, name: str, page: Page | None = None) -> Path:
         """Photograph a page and check it shows something: many colours, visible text."""
@@ -138,6 +150,7 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
             scratch = await (await browser.new_context()).new_page()
             page = await context.new_page()
             c = Console(stack, api, url, replica, browser, context, page, shots, scratch)
+            c.watch(page)
             await sign_in(page, url, ADMIN_KEY)
             try:
                 yield c
@@ -188,13 +201,13 @@ async def test_pages_are_served_with_strict_security_headers(console: Console) -
 
 async def test_sign_in_gives_a_strict_session_cookie_and_the_key_goes_nowhere(console: Console) -> None:
     context = await console.browser.new_context(viewport={"width": 1400, "height": 900})
-    page = await context.new_page()
+    page = console.watch(await context.new_page())
     try:
         await page.goto(f"{console.url}/")
         await page.wait_for_selector("#signin-key", state="visible")
         await page.fill("#signin-key", "ty_nope_wrong")
         await page.click("#signin-submit")
-        await page.wait_for_function("document.querySelector('#signin-error').textContent.length > 0")
+        await page.wait_for_function("() => document.querySelector('#signin-error').textContent.length > 0")
         assert "Incorrect API key" in await page.inner_text("#signin-error")
         await console.shoot("signin", page)
         await page.fill("#signin-key", ADMIN_KEY)
@@ -584,14 +597,23 @@ async def test_an_org_admin_sees_only_its_org(console: Console) -> None:
         acme_app = (await admin.post("/v1/admin/keys", json={"name": "acme-web", "org": acme["id"]})).json()
         globex_app = (await admin.post("/v1/admin/keys", json={"name": "globex-app", "org": globex["id"]})).json()
         console.secrets += [acme_admin["key"], acme_app["key"], globex_app["key"]]
+    operator = console.page  # the operator sees every org, and may narrow the list to one
+    await console.go("keys")
+    await operator.locator(f"#keys-table tr[data-id='{globex_app['id']}']").wait_for()
+    await operator.select_option("select[name=org-filter]", acme["id"])
+    await operator.locator(f"#keys-table tr[data-id='{globex_app['id']}']").wait_for(state="detached")
+    shown = await operator.locator("#keys-table tbody tr").evaluate_all("(rows) => rows.map((r) => r.dataset.id)")
+    assert set(shown) == {acme_admin["id"], acme_app["id"]}
+    await operator.select_option("select[name=org-filter]", "")
+
     context = await console.browser.new_context(viewport={"width": 1400, "height": 900})
-    page = await context.new_page()
+    page = console.watch(await context.new_page())
     try:
         app_only = await context.new_page()  # a key that is not an admin's cannot sign in
         await app_only.goto(f"{console.url}/console")
         await app_only.fill("#signin-key", acme_app["key"])
         await app_only.click("#signin-submit")
-        await app_only.wait_for_function("document.querySelector('#signin-error').textContent.length > 0")
+        await app_only.wait_for_function("() => document.querySelector('#signin-error').textContent.length > 0")
         assert "admin keys" in await app_only.inner_text("#signin-error")
         await app_only.close()
 
@@ -630,11 +652,12 @@ async def test_an_org_admin_sees_only_its_org(console: Console) -> None:
 # --- last: nothing leaked into the gateway's logs -----------------------------------------------
 
 
-async def test_no_key_reached_the_gateway_logs(console: Console) -> None:
+async def test_no_key_in_the_logs_and_no_script_error_in_the_pages(console: Console) -> None:
     log = console.api.output()
     assert "console.signed_in" in log  # the debug log is there, and has the sign-ins
     for secret in [ADMIN_KEY, *console.secrets]:
         assert secret not in log
         assert secret.split("_", 2)[2] not in log  # nor its secret part alone (ty_<id>_<secret>)
     assert len(console.taken) >= 10
+    assert console.faults == []  # no script error, no CSP violation, on any page the tests opened
     print("\nconsole screenshots:\n" + "\n".join(str(p) for p in console.taken))

@@ -22,16 +22,21 @@ export async function render(root, ctx) {
   const operator = ctx.session.operator;
   const body = h("div", { class: "card-body flush" }, loading());
   const showRevoked = checkbox("show-revoked", "Show revoked", false);
+  const orgFilter = operator ? select("org-filter", [["", "All orgs"]], "") : null;
   root.append(
     pageHead("API keys", "Keys call /v1 on behalf of an org and project, within their limits. Admin keys also manage their org here and in the admin API.",
       button("New key", () => create(), { kind: "primary", id: "new-key" })),
-    card("Keys", operator ? "Every org's keys." : `Keys of ${ctx.session.org.name}.`, body, showRevoked));
+    card("Keys", operator ? "Every org's keys." : `Keys of ${ctx.session.org.name}.`, body, orgFilter, showRevoked));
 
   let orgs = [];
   async function load() {
-    const [keys, orgList] = await Promise.all([get("/v1/admin/keys"), get("/v1/admin/orgs")]);
+    const [keys, orgList] = await Promise.all([get("/v1/admin/keys", { org: orgFilter?.value }), get("/v1/admin/orgs")]);
     orgs = orgList.data;
     if (ctx.stale()) return;
+    if (orgFilter && orgFilter.options.length !== orgs.length + 1) {
+      const chosen = orgFilter.value;
+      clear(orgFilter).append(h("option", { value: "" }, "All orgs"), ...orgs.map((o) => h("option", { value: o.id, selected: o.id === chosen }, o.name)));
+    }
     const names = Object.fromEntries(orgs.map((o) => [o.id, o.name]));
     const shown = keys.data.filter((k) => showRevoked.querySelector("input").checked || !k.revoked).reverse();
     const columns = [
@@ -57,6 +62,7 @@ export async function render(root, ctx) {
     }));
   }
   showRevoked.querySelector("input").addEventListener("change", () => load().catch((e) => errorToast(e)));
+  orgFilter?.addEventListener("change", () => load().catch((e) => errorToast(e)));
 
   async function create() {
     const created = await modal("New API key", (close) => {
