@@ -474,6 +474,15 @@ async def test_usage_shows_the_requests_with_charts_and_csv(console: Console) ->
     assert href and href.startswith("/v1/admin/usage?") and "format=csv" in href and "group_by=route" in href
     csv = await page.evaluate("(href) => fetch(href).then((r) => r.text())", href)  # with the session cookie
     assert csv.splitlines()[0].startswith("route,requests,") and "pool-a" in csv
+    async with await admin_api(console) as admin:  # the charts' series adds up to the report
+        series = (await admin.get("/v1/admin/usage/series", params={"group_by": "route", "interval": 60})).json()
+        report = (await admin.get("/v1/admin/usage", params={"group_by": "route"})).json()["data"]
+        totals: dict[str, int] = {}
+        for r in series["data"]:
+            assert r["t"] % 60 == 0
+            totals[r["route"]] = totals.get(r["route"], 0) + r["requests"]
+        assert totals == {r["route"]: r["requests"] for r in report} and {"pool-a", "pool-b"} <= set(totals)
+        assert (await admin.get("/v1/admin/usage/series", params={"interval": 0})).status_code == 400
 
 
 async def test_audit_log_shows_what_the_console_did(console: Console) -> None:
