@@ -127,7 +127,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = bus is None
-        the_bus = await Bus.connect(settings.nats_url) if own else bus
+        the_bus = await Bus.connect(settings.nats) if own else bus
         assert the_bus is not None
         the_bus.lanes.enabled = settings.lanes
         nc, js = the_bus.nc, the_bus.nc.jetstream()

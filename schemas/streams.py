@@ -140,3 +140,7 @@ CACHE = BucketSpec(subjects.CACHE_BUCKET, ttl=3600.0, max_bytes=256 << 20, disca
 LIMITS = BucketSpec(subjects.LIMITS_BUCKET, ttl=40 * 86400.0)
 IDEMPOTENCY = BucketSpec(subjects.IDEMPOTENCY_BUCKET, ttl=86400.0)
 ROUTING = BucketSpec(subjects.ROUTING_BUCKET, history=ROUTING_HISTORY)
+# The node registry (node id -> schemas.registry.NodeRecord), and enrolment tokens (token id ->
+# EnrolToken: a digest, never the secret). Removed nodes stay as records: their credentials stay revoked.
+NODES = BucketSpec(subjects.NODES_BUCKET, history=5)
+ENROL = BucketSpec(subjects.ENROL_BUCKET, history=1)
