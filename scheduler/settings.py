@@ -78,7 +78,7 @@ class SchedulerSettings:
             p,
             "--data-dir",
             default=os.path.expanduser("~/.tokenyard"),
-            help="where `tokenyard up` keeps credentials (creds/scheduler.creds is used when --nats-creds is not given)",
+            help="where `tokenyard up` keeps credentials (creds/scheduler.creds, unless --nats-creds)",
         )
         return p
 
