@@ -53,10 +53,11 @@ def caller(request: Request, s: Annotated[Services, Depends(services)]) -> Princ
     return s.keys.authenticate(request.headers.get("authorization"))
 
 
-def admin_caller(
+async def admin_caller(
     request: Request, s: Annotated[Services, Depends(services)], who: Annotated[Principal, Depends(caller)]
 ) -> Principal:
-    """A caller with an admin key (403 otherwise); its use of the admin API is audited."""
+    """A caller with an admin key (403 otherwise); its use of the admin API is audited. Async:
+    FastAPI runs a plain function in a thread, where the audit's publish finds no event loop."""
     who.require_admin()
     s.auditor.signed_in(who, request)
     return who

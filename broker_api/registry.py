@@ -61,6 +61,10 @@ class NodeRegistry:
         live = (n for n in self._nodes.items.values() if not n.removed and (org is None or n.org == org))
         return sorted(live, key=lambda n: n.created)
 
+    def pools(self) -> set[str]:
+        """Pools some enrolled (not removed) node serves."""
+        return {n.pool for n in self._nodes.items.values() if not n.removed}
+
     def revocations(self) -> dict[str, int]:
         """Every disabled or removed node's NATS user, with the time its credentials stopped."""
         return {n.user_key: int(n.changed or n.created) for n in self._nodes.items.values() if n.revoked}
