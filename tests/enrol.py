@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.stack import FAST_WORKER, ADMIN_KEY, Proc, Stack, auth_headers
+from tests.stack import ADMIN_KEY, FAST_WORKER, Proc, Stack, auth_headers
 
 
 async def admin(http: httpx.AsyncClient, method: str, path: str, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
