@@ -175,7 +175,7 @@ def _nodes(args: argparse.Namespace) -> None:
         t = _call(args, "POST", "/nodes/tokens", json=body).json()
         print(f"token: {t['token']}\n(shown once; store it now)")
         print(f"pool: {t['pool']}  kind: {t['kind']}  uses: {t['uses']}  expires: {time.ctime(t['expires'])}")
-        print(f"on the machine: tokenyard worker join --server {args.api_url} --token {t['token']}")
+        print(f"on the machine: tokenyard worker join --server {t.get('server') or args.api_url} --token {t['token']}")
     elif args.verb == "token":
         _show(_call(args, "GET", "/nodes/tokens"), "table")
     elif args.verb == "list":

@@ -220,7 +220,7 @@ async def create_token(request: Request, who: Admin, n: Nodes, s: Svc) -> JSONRe
     n.auditor.record(
         who, request, "node.token.create", token.id, org.id, pool=pool, kind=body.kind, uses=body.uses, ttl=body.ttl
     )
-    return JSONResponse({"token": secret, **token.public()}, status_code=201)
+    return JSONResponse({"token": secret, **token.public(), "server": n.settings.public_url}, status_code=201)
 
 
 @router.get("/v1/admin/nodes/tokens")

@@ -4,6 +4,7 @@ registry."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 
+from broker_api.nats_auth import write_secret
 from tests.stack import ADMIN_KEY, FAST_WORKER, Proc, Stack, auth_headers
 
 
@@ -61,3 +64,29 @@ async def wait_for_node(
                 return n
         await asyncio.sleep(0.1)
     raise TimeoutError(f"no node {node_id or ''} became {state} within {timeout} s: {nodes}")
+
+
+async def connection_names(stack: Stack) -> list[str]:
+    """The names of the clients connected to the stack's nats-server now (its connz, asked as
+    the system account's user)."""
+    assert stack.auth is not None
+    nc = await nats.connect(stack.nats_url, user_credentials=str(stack.auth.sys_creds))
+    try:
+        reply = await nc.request("$SYS.REQ.SERVER.PING.CONNZ", json.dumps({"limit": 4096}).encode(), timeout=2)
+    finally:
+        await nc.close()
+    return [c.get("name", "") for c in json.loads(reply.data)["data"]["connections"]]
+
+
+async def raw_join(http: httpx.AsyncClient, token: str, models: list[str]) -> dict[str, Any]:
+    """Join over HTTP as a node would (the answer holds the node's NATS credentials)."""
+    r = await http.post("/v1/nodes/join", json={"token": token, "models": models})
+    assert r.status_code == 200, r.text
+    joined: dict[str, Any] = r.json()
+    return joined
+
+
+def creds_file(stack: Stack, joined: dict[str, Any]) -> str:
+    path = stack.tmp / f"{joined['node_id']}.creds"
+    write_secret(path, joined["creds"])
+    return str(path)
