@@ -16,6 +16,7 @@ Admin routes are scoped like the rest of the admin API: an org's admin sees its 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -162,7 +163,7 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
     """A node as the admin API shows it: the registry's record with its adverts' live state."""
     seen = n.fleet.last(record.id)
     advert, at = seen if seen is not None else (None, 0.0)
-    hardware = getattr(advert, "hardware", None)
+    hardware = _hardware(getattr(advert, "hardware", None))  # adverts carry it once workers report it
     served = totals.get(record.id) or {"requests": 0, "tokens": 0}
     return {
         "object": "node",
@@ -174,7 +175,7 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
         "state": node_state(record, advert, time.time() - at if at else float("inf")),
         "models": list(record.models),
         "serving": [m.id for m in advert.models] if advert is not None else [],
-        "hardware": hardware.to_dict() if hardware is not None and hasattr(hardware, "to_dict") else None,
+        "hardware": hardware,
         "slots": {
             "total": advert.slots_total if advert else 0,
             "free": advert.slots_free if advert else 0,
@@ -187,6 +188,14 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
         "created": int(record.created),
         "enabled": record.enabled,
     }
+
+
+def _hardware(record: object) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return dataclasses.asdict(record)
+    return record if isinstance(record, dict) else {"summary": str(record)}
 
 
 async def _totals(n: NodeServices, nodes: list[str]) -> dict[str, dict[str, int]]:
