@@ -153,7 +153,7 @@ def _node_row(node: dict[str, Any]) -> dict[str, Any]:
         "kind": node["kind"],
         "state": node["state"],
         "models": ",".join(node["models"]),
-        "hardware": hw.get("summary") or hw.get("gpu") or hw.get("cpu") or "",
+        "hardware": hw.get("summary", ""),
         "slots used/free": f"{node['slots']['used']}/{node['slots']['free']}",
         "requests": node["requests"],
         "tokens": node["tokens"],

@@ -43,7 +43,7 @@ from schemas.chat import (
 from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
 from schemas.events import Delta, Done, Failed, Start
 from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job, Submission
-from schemas.nodes import Price
+from schemas.registry import Price
 from schemas.rules import estimate_prompt_tokens
 from schemas.usage import Outcome, UsageRecord
 

@@ -31,8 +31,8 @@ from broker_api.registry import INVALID_TOKEN, NodeRegistry
 from schemas import subjects
 from schemas.errors import AuthenticationError, InvalidRequestError, NoCapacityError, RateLimitError
 from schemas.logs import close_quietly
-from schemas.nodes import EnrolledKind, EnrolToken, NodeRecord, allowed_models
 from schemas.permissions import node as node_permissions
+from schemas.registry import EnrolledKind, EnrolToken, NodeRecord, allowed_models
 from schemas.settings import NatsSettings, nats_options
 
 log = structlog.get_logger(__name__)

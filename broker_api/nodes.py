@@ -16,7 +16,6 @@ Admin routes are scoped like the rest of the admin API: an org's admin sees its 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -38,7 +37,8 @@ from broker_api.registry import NodeRegistry
 from broker_api.settings import ApiSettings
 from schemas import subjects
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError
-from schemas.nodes import EnrolledKind, NodeRecord, Price, node_state
+from schemas.nodes import Hardware
+from schemas.registry import EnrolledKind, NodeRecord, Price, node_state
 from schemas.validation import parse_body
 
 log = structlog.get_logger(__name__)
@@ -163,8 +163,14 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
     """A node as the admin API shows it: the registry's record with its adverts' live state."""
     seen = n.fleet.last(record.id)
     advert, at = seen if seen is not None else (None, 0.0)
-    hardware = _hardware(getattr(advert, "hardware", None))  # adverts carry it once workers report it
-    served = totals.get(record.id) or {"requests": 0, "tokens": 0}
+    hardware = _hardware(advert.hardware) if advert is not None and advert.hardware is not None else None
+    since_start = advert.served if advert is not None else None
+    # the ledger's count (every request it served, billed); else what its adverts say since it started
+    served = totals.get(record.id) or (
+        {"requests": since_start.requests, "tokens": since_start.tokens}
+        if since_start
+        else {"requests": 0, "tokens": 0}
+    )
     return {
         "object": "node",
         "id": record.id,
@@ -176,6 +182,7 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
         "models": list(record.models),
         "serving": [m.id for m in advert.models] if advert is not None else [],
         "hardware": hardware,
+        "paused": bool(advert.paused) if advert is not None else False,  # idle-time mode: its owner is back
         "slots": {
             "total": advert.slots_total if advert else 0,
             "free": advert.slots_free if advert else 0,
@@ -190,12 +197,21 @@ def view(n: NodeServices, record: NodeRecord, totals: dict[str, dict[str, int]])
     }
 
 
-def _hardware(record: object) -> dict[str, Any] | None:
-    if record is None:
-        return None
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return dataclasses.asdict(record)
-    return record if isinstance(record, dict) else {"summary": str(record)}
+def _hardware(hw: Hardware) -> dict[str, Any]:
+    """The node's machine as its worker detected it, with a one-line summary for tables."""
+    gpus = [{"name": g.name, "memory": g.memory} for g in hw.gpus]
+    if hw.gpus:
+        summary = ", ".join(f"{g.name} {g.memory / 2**30:.0f} GiB" if g.memory else g.name for g in hw.gpus)
+    else:
+        summary = f"{hw.cpu or 'CPU'}, {hw.cores} cores, {hw.memory / 2**30:.0f} GiB RAM"
+    return {
+        "cpu": hw.cpu,
+        "cores": hw.cores,
+        "memory": hw.memory,
+        "gpus": gpus,
+        "system": hw.system,
+        "summary": summary,
+    }
 
 
 async def _totals(n: NodeServices, nodes: list[str]) -> dict[str, dict[str, int]]:

@@ -1,7 +1,7 @@
 """Which adverts the scheduler believes: enrolled nodes only within their enrolment.
 
 Every scheduler follows the node registry bucket (`schemas.streams.NODES`) into memory. An
-advert from an enrolled node is used only as `schemas.nodes.admit_advert` allows (its enrolled
+advert from an enrolled node is used only as `schemas.registry.admit_advert` allows (its enrolled
 pool, kind and models, while enabled, at the registry's prices), and never for a pool that an
 operator's cloud adapter serves; so a rogue advert cannot attract jobs, even where NATS
 permissions would let it through (an operator running NATS without authentication). Adverts of
@@ -22,7 +22,7 @@ from schemas import streams
 from schemas.codec import WireError
 from schemas.jetstream import follow
 from schemas.jobs import NodeAdvert
-from schemas.nodes import NodeRecord, admit_advert
+from schemas.registry import NodeRecord, admit_advert
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from schemas import permissions
 from schemas.codec import WireError, pack
 from schemas.errors import RateLimitError
 from schemas.jobs import ModelAdvert, NodeAdvert
-from schemas.nodes import EnrolToken, NodeRecord, Price, admit_advert, allowed_models, node_state, parse_token
+from schemas.registry import EnrolToken, NodeRecord, Price, admit_advert, allowed_models, node_state, parse_token
 from schemas.settings import NatsSettings, creds_path, found_creds, nats_options
 
 RECORD = NodeRecord(

@@ -28,7 +28,7 @@ import httpx
 import structlog
 
 from schemas.logs import configure_logging, run
-from schemas.nodes import ENROLLED_KINDS
+from schemas.registry import ENROLLED_KINDS
 from schemas.settings import add_setting, creds_path
 from worker.backends import build_backend
 from worker.main import serve
@@ -143,9 +143,9 @@ def settings_for(base: WorkerSettings, identity: Identity, *, nats_url: str) -> 
     )
 
 
-def asked_models(base: WorkerSettings) -> tuple[str, ...]:
-    """What this worker would serve: its --models, else its backend's defaults."""
-    return base.models or tuple(m.id for m in build_backend(base).models())
+async def asked_models(base: WorkerSettings) -> tuple[str, ...]:
+    """What this worker would serve: its --models, else its backend's defaults (not started)."""
+    return base.models or tuple(m.id for m in (await build_backend(base)).models())
 
 
 def main(argv: list[str]) -> None:
@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
         if not (a.server and a.token):
             raise SystemExit("tokenyard worker join: this data dir holds no identity yet: pass --server and --token")
         verify: str | bool = a.server_ca or True
-        identity, creds = request_join(a.server, a.token, asked_models(base), verify=verify)
+        identity, creds = request_join(a.server, a.token, run(asked_models(base)), verify=verify)
         store_identity(base.data_dir, identity, creds)
         log.info("node.joined", node=identity.node_id, org=identity.org, pool=identity.pool, models=identity.models)
         how = f"joined {a.server}; identity stored in {base.data_dir}"
