@@ -1,4 +1,4 @@
-"""`tokenyard keys | orgs | usage | audit | routing`: the admin API from the command line.
+"""`tokenyard keys | orgs | usage | audit | routing | nodes`: the admin API from the command line.
 
 Talks HTTP to a running gateway (`--api-url`, default http://127.0.0.1:8000) with an admin key
 (`--admin-key`, `TOKENYARD_ADMIN_KEY`, or the one `tokenyard up` keeps in the data dir).
@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -103,7 +104,104 @@ def parser() -> argparse.ArgumentParser:
                 help="weighted split (repeatable), e.g. --weight openai=0.9 --weight own=0.1",
             )
             v.add_argument("--spill-wait", type=float, help="own_first: seconds of predicted wait before spilling")
+    _nodes_parser(sub)
     return p
+
+
+def _nodes_parser(sub: Any) -> None:
+    n = sub.add_parser("nodes", help="enrolled nodes: tokens, registry, disable/enable/remove, price")
+    verbs = n.add_subparsers(dest="verb", required=True)
+    t = verbs.add_parser("token", help="enrolment tokens").add_subparsers(dest="token_verb", required=True)
+    c = t.add_parser("create", help="a token a machine joins with (printed once)")
+    _common(c)
+    c.add_argument("--pool", default="own", help="the pool the node will serve in")
+    c.add_argument("--kind", default="own", choices=["own", "volunteer"])
+    c.add_argument("--models", default="", help="models it may serve, comma-separated (default: what it serves)")
+    c.add_argument("--ttl", default="24h", help="how long the token is valid: 3600, 30m, 24h, 7d")
+    c.add_argument("--uses", type=int, default=1, help="machines that may join with it")
+    c.add_argument("--org", help="the owner org (the operator's key only; default: the key's own org)")
+    _common(t.add_parser("list"))
+    for verb in ("list", "show", "disable", "enable", "remove", "price"):
+        v = verbs.add_parser(verb)
+        _common(v)
+        if verb != "list":
+            v.add_argument("node_id")
+        if verb in ("list", "show"):
+            v.add_argument("--format", default="table", choices=["table", "json"])
+        if verb == "price":
+            v.add_argument("--input", type=float, required=True, help="USD per million prompt tokens")
+            v.add_argument("--output", type=float, required=True, help="USD per million completion tokens")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `3600`, `90s`, `30m`, `24h` or `7d`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError as e:
+        raise SystemExit(f"tokenyard: not a duration: {text!r} (e.g. 3600, 30m, 24h, 7d)") from e
+
+
+def _node_row(node: dict[str, Any]) -> dict[str, Any]:
+    hw = node.get("hardware") or {}
+    seen = node.get("last_seen")
+    return {
+        "id": node["id"],
+        "org": node["org"],
+        "pool": node["pool"],
+        "kind": node["kind"],
+        "state": node["state"],
+        "models": ",".join(node["models"]),
+        "hardware": hw.get("summary", ""),
+        "slots used/free": f"{node['slots']['used']}/{node['slots']['free']}",
+        "requests": node["requests"],
+        "tokens": node["tokens"],
+        "last seen": f"{max(0, int(time.time() - seen))}s ago" if seen else "never",
+    }
+
+
+def _nodes(args: argparse.Namespace) -> None:
+    if args.verb == "token" and args.token_verb == "create":
+        body: dict[str, Any] = {
+            "pool": args.pool,
+            "kind": args.kind,
+            "models": [m.strip() for m in args.models.split(",") if m.strip()],
+            "ttl": parse_duration(args.ttl),
+            "uses": args.uses,
+        }
+        if args.org:
+            body["org"] = args.org
+        t = _call(args, "POST", "/nodes/tokens", json=body).json()
+        print(f"token: {t['token']}\n(shown once; store it now)")
+        print(f"pool: {t['pool']}  kind: {t['kind']}  uses: {t['uses']}  expires: {time.ctime(t['expires'])}")
+        print(f"on the machine: tokenyard worker join --server {t.get('server') or args.api_url} --token {t['token']}")
+    elif args.verb == "token":
+        _show(_call(args, "GET", "/nodes/tokens"), "table")
+    elif args.verb == "list":
+        r = _call(args, "GET", "/nodes")
+        print(
+            json.dumps(r.json(), indent=2)
+            if args.format == "json"
+            else _table([_node_row(n) for n in r.json()["data"]])
+        )
+    elif args.verb == "show":
+        node = _call(args, "GET", f"/nodes/{args.node_id}").json()
+        usage = _call(args, "GET", f"/nodes/{args.node_id}/usage").json()["data"]
+        if args.format == "json":
+            print(json.dumps({**node, "usage": usage}, indent=2))
+        else:
+            print(_table([_node_row(node)]))
+            print(f"price (USD per 1M tokens): input {node['price']['input']}, output {node['price']['output']}")
+            print("served:\n" + _table(usage))
+    elif args.verb == "price":
+        body = {"price": {"input": args.input, "output": args.output}}
+        print(_table([_node_row(_call(args, "PATCH", f"/nodes/{args.node_id}", json=body).json())]))
+    elif args.verb == "remove":
+        _call(args, "DELETE", f"/nodes/{args.node_id}")
+        print(f"node {args.node_id} removed; its credentials are revoked")
+    else:
+        print(_table([_node_row(_call(args, "POST", f"/nodes/{args.node_id}/{args.verb}").json())]))
 
 
 def _routing_path(target: str) -> str:
@@ -233,6 +331,8 @@ def main(argv: list[str]) -> int:
         if not args.export:
             params["group_by"] = args.by
         _show(_call(args, "GET", "/usage/export" if args.export else "/usage", params=params), args.format)
+    elif args.noun == "nodes":
+        _nodes(args)
     elif args.noun == "routing" and args.verb == "show":
         print(json.dumps(_call(args, "GET", "/routing").json(), indent=2))
     elif args.noun == "routing":

@@ -40,6 +40,8 @@ from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed
 from broker_api.metrics import Metrics, queue_depths
+from broker_api.nodes import NodeServices
+from broker_api.nodes import router as nodes_router
 from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
 from schemas import streams
@@ -131,7 +133,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = bus is None
-        the_bus = await Bus.connect(settings.nats_url) if own else bus
+        the_bus = await Bus.connect(settings.nats) if own else bus
         assert the_bus is not None
         the_bus.lanes.enabled = settings.lanes
         nc, js = the_bus.nc, the_bus.nc.jetstream()
@@ -150,13 +152,23 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         )
         ledger = await Ledger.open(Path(settings.data_dir) / "ledger.sqlite") if settings.ledger else None
         feed = LedgerFeed(js, ledger, name=settings.ledger_name) if ledger is not None else None
-        fleet = FleetWatch(the_bus.nc, accounts.audit) if ledger is not None else None
+        fleet = FleetWatch(the_bus.nc, accounts.audit)  # also the node registry's live view
         for part in (feed, fleet):
             if part is not None:
                 await part.start()
         app.state.bus = the_bus
         idempotency = await Idempotency.open(nc, js, replicas=replicas)
-        app.state.chat = ChatService(the_bus, settings, accounts=accounts, cache=cache, idempotency=idempotency)
+        app.state.nodes = await NodeServices.open(
+            nc, settings, fleet=fleet, auditor=Auditor(accounts.audit), ledger=ledger, replicas=replicas
+        )
+        app.state.chat = ChatService(
+            the_bus,
+            settings,
+            accounts=accounts,
+            cache=cache,
+            idempotency=idempotency,
+            price_of=app.state.nodes.price_of,
+        )
         app.state.chat.metrics = metrics
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
         app.state.admin = Admin(directory, ledger, accounts.audit, routing_kv)
@@ -179,6 +191,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             yield
         finally:
             await app.state.chat.drain()  # cancelled requests waiting for their worker's count
+            await app.state.nodes.close()
             for part in (fleet, feed):
                 if part is not None:
                     await part.stop()
@@ -296,6 +309,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     app.include_router(admin_router(authenticate))
     app.include_router(admin_console_router)
     app.include_router(console_router)
+    app.include_router(nodes_router)
 
     return app
 

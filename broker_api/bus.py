@@ -26,6 +26,7 @@ from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
 from schemas.events import Heartbeat, decode_event
 from schemas.jobs import CONTINUE, STOP, Admission, Job, ModelAdvert, Stop, Submission, decode_model_list
 from schemas.logs import close_quietly
+from schemas.settings import NatsSettings, nats_options
 
 log = structlog.get_logger(__name__)
 
@@ -40,16 +41,9 @@ class Bus:
         self.lanes = Lanes(nc.jetstream())
 
     @classmethod
-    async def connect(cls, url: str) -> Bus:
+    async def connect(cls, settings: NatsSettings) -> Bus:
         gateway_id = uuid.uuid4().hex[:12]
-        nc = await nats.connect(
-            servers=url.split(","),
-            name=f"tokenyard-api-{gateway_id}",
-            ping_interval=10,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-        )
+        nc = await nats.connect(**nats_options(settings, name=f"tokenyard-api-{gateway_id}"))
         bus = cls(nc, gateway_id)
         await nc.subscribe(subjects.reply_inbox(gateway_id), cb=bus._on_event)
         return bus

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -43,6 +43,7 @@ from schemas.chat import (
 from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
 from schemas.events import Delta, Done, Failed, Start
 from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job, Submission
+from schemas.registry import Price
 from schemas.rules import estimate_prompt_tokens
 from schemas.usage import Outcome, UsageRecord
 
@@ -143,8 +144,10 @@ class ChatService:
         accounts: Accounts | None = None,
         cache: ResponseCache | None = None,
         idempotency: Idempotency | None = None,
+        price_of: Callable[[str, str], Price | None] = lambda node, pool: None,
     ) -> None:
         self._bus = bus
+        self._price_of = price_of  # (node, pool) -> the registry's price for an enrolled node's work
         self._s = settings
         self._accounts = accounts
         self._cache = cache
@@ -444,6 +447,12 @@ class ChatService:
         """USD: the route's price for what ran; a cache hit at the configured fraction."""
         if s.cached is not None:
             return round(s.cached.cost * self._s.cache_hit_cost, 10)
+        if s.run is not None and s.run.current_node:
+            attempt = s.tally.attempt if s.tally.attempt >= 0 else (s.run.current or 0)
+            price = self._price_of(s.run.current_node, s.run.pool_of_dispatch.get(attempt // ATTEMPTS_PER_DISPATCH, ""))
+            if price is not None:  # an enrolled node: its owner's price, never the node's own claim
+                u = s.usage()
+                return round(price.cost(u.prompt_tokens, u.completion_tokens), 10)
         return round((s.done.cost or 0.0) if s.done is not None else 0.0, 10)
 
     def _usage(self, s: Session) -> Usage:

@@ -10,6 +10,10 @@
     tokenyard usage [--by model|route|key|day] [--format table|json|csv] [--export]
     tokenyard audit                      the audit log
     tokenyard routing show|set|delete    routing policies (default, per model, per key)
+    tokenyard nodes token create --pool P --kind own|volunteer [--models a,b] [--ttl 24h] [--uses N]
+    tokenyard nodes list|show|disable|enable|remove|price   enrolled nodes
+    tokenyard worker join --server URL --token T [worker flags]   enrol this machine, then serve
+    tokenyard auth init --out DIR [--adapters openai,azure]   NATS credentials for a deployment
 
 Each role runs as its own Python process (`python -m <package>`): the CLI starts it and does
 not import its internals, so the same code runs as separate processes on many machines.
@@ -35,7 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         from broker_api.launcher import main as up
 
         raise SystemExit(up(rest))
-    if role in {"keys", "orgs", "usage", "audit", "routing"}:
+    if role == "auth":
+        from broker_api.nats_auth import main as auth
+
+        raise SystemExit(auth(rest))
+    if role in {"keys", "orgs", "usage", "audit", "routing", "nodes"}:
         from broker_api.admin_cli import main as admin
 
         raise SystemExit(admin(args))

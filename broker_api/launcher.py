@@ -2,7 +2,14 @@
 
 Starts `nats-server` with JetStream on the data dir (unless `--nats-url` names an existing
 NATS), then the scheduler, the API and one worker, each as its own process. Prints the URL,
-the admin key and the model once the API answers. Ctrl-C or SIGTERM stops the children in
+the admin key and the model once the API answers.
+
+NATS runs with authentication: on first start the data dir gets NATS credentials
+(`broker_api.nats_auth`: `nats-auth.conf`, `creds/<role>.creds`, the signing keys), and each
+child connects with its role's own. To accept remote nodes, NATS listens where `--nats-listen`
+says (127.0.0.1 by default) and joiners are told `--nats-public-url`; the API's `--public-url`
+is what `tokenyard nodes token create` tells them to join. `--tls-cert/--tls-key` serve the API
+over HTTPS, `--nats-tls-cert/--nats-tls-key` NATS over TLS. Ctrl-C or SIGTERM stops the children in
 reverse order (the worker first, so it drains), each by its PID; if any child dies, the rest
 are stopped too and the exit code says so.
 """
@@ -13,16 +20,20 @@ import argparse
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from broker_api.auth import load_or_create_admin_key
 from broker_api.embedded_nats import NatsServer
-from schemas.settings import add_setting
+from broker_api.nats_auth import AuthDir
+from schemas.settings import add_setting, creds_path
 
 READY_TIMEOUT = 600.0  # the first start converts the default model, which takes a while
 
@@ -34,6 +45,23 @@ def parser() -> argparse.ArgumentParser:
     add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="keys, queues and converted models")
     add_setting(p, "--nats-url", default="", help="use this NATS instead of starting one")
     add_setting(p, "--nats-port", default=-1, type=int, help="port of the embedded NATS (-1 = any free port)")
+    add_setting(
+        p,
+        "--nats-listen",
+        default="127.0.0.1",
+        help="address[:port] the embedded NATS listens on (0.0.0.0: remote nodes)",
+    )
+    add_setting(
+        p, "--nats-public-url", default="", help="the NATS URL told to joining nodes (default: from --nats-listen)"
+    )
+    add_setting(p, "--public-url", default="", help="the API's URL as remote nodes reach it (default: from --host)")
+    add_setting(p, "--tls-cert", default="", help="serve the API over HTTPS with this certificate")
+    add_setting(p, "--tls-key", default="", help="the API certificate's key")
+    add_setting(p, "--nats-tls-cert", default="", help="serve NATS over TLS with this certificate")
+    add_setting(p, "--nats-tls-key", default="", help="the NATS certificate's key")
+    add_setting(
+        p, "--nats-tls-ca", default="", help="CA that signed the NATS certificate (for the children, if private)"
+    )
     add_setting(p, "--backend", default="transformers", help="the worker's backend: transformers or echo")
     add_setting(p, "--model-path", default="", help="transformers: a local model directory (default SmolLM2)")
     add_setting(p, "--models", default="", help="public model id(s) the worker serves")
@@ -73,14 +101,20 @@ class Stack:
             self.nats.stop()
 
 
-def _wait_ready(base: str, key: str, stack: Stack, deadline: float) -> list[str]:
+def _wait_ready(base: str, key: str, stack: Stack, deadline: float, *, ca: str = "") -> list[str]:
+    # Its own child on loopback, whose certificate names the public host (or is self-signed):
+    # this readiness probe does not verify it; clients do.
+    context = ssl.create_default_context() if ca else None
+    if context is not None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     while time.monotonic() < deadline:
         dead = stack.dead_child()
         if dead:
             raise RuntimeError(f"{dead[0]} exited with code {dead[1]} during start-up")
         try:
             req = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
+            with urllib.request.urlopen(req, timeout=2, context=context) as resp:
                 models = [m["id"] for m in json.load(resp)["data"]]
                 if models:
                     return models
@@ -88,6 +122,38 @@ def _wait_ready(base: str, key: str, stack: Stack, deadline: float) -> list[str]
             pass
         time.sleep(0.5)
     raise RuntimeError("the stack did not become ready in time")
+
+
+def _listen(a: argparse.Namespace) -> tuple[str, int]:
+    host, _, port = a.nats_listen.rpartition(":") if ":" in a.nats_listen else (a.nats_listen, "", "")
+    return host or "127.0.0.1", int(port) if port else a.nats_port
+
+
+def _public_host(host: str) -> str:
+    """A host name remote machines can use for a wildcard listen address."""
+    return socket.getfqdn() if host in {"0.0.0.0", "::", ""} else host
+
+
+def _embedded_nats(a: argparse.Namespace, data: Path) -> tuple[NatsServer, dict[str, str]]:
+    """Start the embedded, authenticated NATS; returns it and the environment every child
+    shares (each child's own credentials are added per child)."""
+    auth = AuthDir.init(data, local_worker=True, resolver_dir=data / "nats" / "jwt")
+    host, port = _listen(a)
+    server = NatsServer(
+        data / "nats", host=host, port=port, auth=auth.conf_path, tls_cert=a.nats_tls_cert, tls_key=a.nats_tls_key
+    ).start()
+    scheme = "tls" if a.nats_tls_cert else "nats"
+    public = a.nats_public_url or f"{scheme}://{_public_host(host)}:{server.port}"
+    env = {"TOKENYARD_NATS_URL": server.url, "TOKENYARD_NATS_PUBLIC_URL": public}
+    if a.nats_tls_ca:
+        env["TOKENYARD_NATS_TLS_CA"] = a.nats_tls_ca
+    if a.nats_tls_cert:  # the children reach it on 127.0.0.1; the certificate names the public host
+        env["TOKENYARD_NATS_TLS_HOSTNAME"] = urllib.parse.urlsplit(public.split(",")[0]).hostname or ""
+    return server, env
+
+
+def _with_creds(env: dict[str, str], data: Path, role: str, own_nats: bool) -> dict[str, str]:
+    return {**env, "TOKENYARD_NATS_CREDS": str(creds_path(data, role))} if own_nats else env
 
 
 def main(argv: list[str]) -> int:
@@ -105,31 +171,40 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        nats_url = a.nats_url
-        if not nats_url:
-            stack.nats = NatsServer(data / "nats", port=a.nats_port).start()
-            nats_url = stack.nats.url
+        own_nats = not a.nats_url
+        nats_env = {"TOKENYARD_NATS_URL": a.nats_url}
+        if own_nats:
+            stack.nats, nats_env = _embedded_nats(a, data)
         env = {
             **os.environ,
-            "TOKENYARD_NATS_URL": nats_url,
+            **nats_env,
             "TOKENYARD_DATA_DIR": str(data),
             "TOKENYARD_ADMIN_KEY": admin_key,
             "TOKENYARD_LOG_LEVEL": a.log_level,
         }
-        stack.spawn("scheduler", "scheduler", [], env)
-        stack.spawn("api", "broker_api", ["--host", a.host, "--port", str(a.port)], env)
+        scheme = "https" if a.tls_cert else "http"
+        host = "127.0.0.1" if a.host in {"0.0.0.0", "::"} else a.host
+        public = a.public_url or f"{scheme}://{_public_host(a.host)}:{a.port}"
+        stack.spawn("scheduler", "scheduler", [], _with_creds(env, data, "scheduler", own_nats))
+        api_args = ["--host", a.host, "--port", str(a.port), "--public-url", public]
+        if a.tls_cert:
+            api_args += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
+        stack.spawn("api", "broker_api", api_args, _with_creds(env, data, "api", own_nats))
         worker_args = ["--backend", a.backend]
         if a.model_path:
             worker_args += ["--model-path", a.model_path]
         if a.models:
             worker_args += ["--models", a.models]
-        stack.spawn("worker", "worker", worker_args, env)
-        host = "127.0.0.1" if a.host in {"0.0.0.0", "::"} else a.host
-        base = f"http://{host}:{a.port}"
-        models = _wait_ready(base, admin_key, stack, time.monotonic() + READY_TIMEOUT)
+        stack.spawn("worker", "worker", worker_args, _with_creds(env, data, "worker", own_nats))
+        base = f"{scheme}://{host}:{a.port}"
+        models = _wait_ready(base, admin_key, stack, time.monotonic() + READY_TIMEOUT, ca=a.tls_cert)
+        nats_url = nats_env.get("TOKENYARD_NATS_PUBLIC_URL") or nats_env["TOKENYARD_NATS_URL"]
         print(
             f"\nTokenyard is up.\n  OpenAI base URL: {base}/v1\n  API key:         {admin_key}\n"
-            f"  models:          {', '.join(models)}\n  NATS:            {nats_url}\nCtrl-C stops it.\n",
+            f"  models:          {', '.join(models)}\n  NATS:            {nats_url}"
+            f"{' (authenticated; credentials in ' + str(data / 'creds') + ')' if own_nats else ''}\n"
+            f"  remote nodes:    tokenyard nodes token create --pool own, then on the machine:\n"
+            f"                   tokenyard worker join --server {public} --token <token>\nCtrl-C stops it.\n",
             file=sys.stderr,
             flush=True,
         )

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS usage (
     status INTEGER NOT NULL, stream INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_org_time ON usage (org, time);
+CREATE INDEX IF NOT EXISTS usage_node_time ON usage (node, time);
 CREATE TABLE IF NOT EXISTS audit (
     id TEXT PRIMARY KEY, time REAL NOT NULL, org TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
     target TEXT NOT NULL, source TEXT NOT NULL, detail TEXT NOT NULL
@@ -196,6 +197,28 @@ class Ledger:
         )
         async with self._db.execute(sql, [interval, interval, *args, SERIES_ROWS]) as cur:
             return [dict(row) for row in await cur.fetchall()]
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]:
+        """What one node served (its winning attempts), by model and day."""
+        sql = (
+            "SELECT day, model, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+            "SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost), 10) AS cost "
+            "FROM usage WHERE node = ? GROUP BY day, model ORDER BY day, model"
+        )
+        async with self._db.execute(sql, [node]) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        """Requests and tokens (prompt + completion) each of these nodes served."""
+        marks = ", ".join("?" * len(nodes))
+        sql = (
+            "SELECT node, COUNT(*) AS requests, SUM(prompt_tokens + completion_tokens) AS tokens "
+            f"FROM usage WHERE node IN ({marks}) GROUP BY node"
+        )
+        async with self._db.execute(sql, nodes) as cur:
+            return {
+                row["node"]: {"requests": row["requests"], "tokens": row["tokens"] or 0} for row in await cur.fetchall()
+            }
 
     async def audit(
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000

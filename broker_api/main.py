@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         loop="auto",
         http="auto",
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_cert or None,
+        ssl_keyfile=settings.tls_key or None,
     )
 
 

@@ -6,12 +6,17 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from schemas.settings import add_common, add_replicas, add_setting
+from schemas.settings import NatsSettings, add_common, add_replicas, add_setting, found_creds
 
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
     nats_url: str
+    nats_creds: str
+    nats_tls_ca: str
+    nats_tls_cert: str
+    nats_tls_key: str
+    nats_tls_hostname: str
     log_level: str
     log_json: bool
     host: str
@@ -35,6 +40,13 @@ class ApiSettings:
     replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
     console_idle: float  # seconds a web console session lives unused (the same on every replica)
     console_lifetime: float  # seconds a web console session lives at most, in use or not
+    nats_auth_dir: str  # `tokenyard auth init`'s directory (node credentials are signed there); empty: the data dir
+    nats_public_url: str  # the NATS URL(s) joining nodes are told; empty: --nats-url
+    public_url: str  # this gateway's URL as remote nodes reach it (shown to admins); empty: from --host/--port
+    tls_cert: str  # serve HTTPS with this certificate (and --tls-key)
+    tls_key: str
+    reserved_pools: str  # comma-separated pools only the operator's adapters may serve (besides cloud pools)
+    join_rate: int  # join attempts per minute one client address may make (guessing tokens is bounded)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -82,7 +94,31 @@ class ApiSettings:
         add_setting(
             p, "--console-lifetime", default=43200.0, type=float, help="seconds a web console session lives at most"
         )
+        add_setting(p, "--nats-auth-dir", default="", help="`tokenyard auth init` directory (default: the data dir)")
+        add_setting(p, "--nats-public-url", default="", help="NATS URL(s) told to joining nodes (default: --nats-url)")
+        add_setting(p, "--public-url", default="", help="this gateway's URL as remote nodes reach it")
+        add_setting(p, "--tls-cert", default="", help="serve HTTPS with this certificate file")
+        add_setting(p, "--tls-key", default="", help="the certificate's private key file")
+        add_setting(
+            p,
+            "--reserved-pools",
+            default="",
+            help="pools no enrolled node may join (cloud providers' pools always are)",
+        )
+        add_setting(p, "--join-rate", default=30, type=int, help="join attempts per minute per client address")
         return p
+
+    @property
+    def nats(self) -> NatsSettings:
+        """Its NATS connection; credentials from `<data dir>/creds/api.creds` when not given."""
+        return NatsSettings(
+            url=self.nats_url,
+            creds=self.nats_creds or found_creds(self.data_dir, ("api",)),
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+            tls_hostname=self.nats_tls_hostname,
+        )
 
     def continues(self, model: str) -> bool:
         allowed = {m.strip() for m in self.continuation_models.split(",") if m.strip()}

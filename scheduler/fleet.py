@@ -39,6 +39,11 @@ class Fleet:
         for m in advert.models:
             self._models[m.id] = (m, now)
 
+    def forget(self, node: str) -> None:
+        """A node that may no longer serve (disabled, removed): no more jobs for it, now."""
+        if self._nodes.pop(node, None) is not None:
+            self._routes.clear()
+
     def prune(self, now: float) -> None:
         for node, state in list(self._nodes.items()):
             if not state.live(now):

@@ -11,6 +11,7 @@ import structlog
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
 from schemas.logs import close_quietly, configure_logging, run
+from schemas.settings import nats_options
 
 log = structlog.get_logger(__name__)
 
@@ -20,14 +21,7 @@ async def serve(settings: SchedulerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        name="tokenyard-scheduler",
-        ping_interval=10,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-    )
+    nc = await nats.connect(**nats_options(settings.nats, name="tokenyard-scheduler"))
     scheduler = await Scheduler.open(nc, nc.jetstream(), settings)
     try:
         await scheduler.start()

@@ -41,6 +41,7 @@ from scheduler import limits as L
 from scheduler import quota, routing
 from scheduler.fleet import Fleet
 from scheduler.health import BreakerConfig, Health
+from scheduler.nodes import NodeGate
 from scheduler.quota import Quota
 from scheduler.release import IntakeLimits, Releaser
 from scheduler.routing_store import RoutingStore
@@ -85,6 +86,7 @@ class Scheduler:
         quota: Quota,
         routing_kv: KeyValue,
         intake: IntakeLimits,
+        nodes_kv: KeyValue,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -92,6 +94,7 @@ class Scheduler:
         self.quota = quota
         self._routing_kv = routing_kv
         self.fleet = Fleet(remember=settings.remember_models)
+        self.nodes = NodeGate(nodes_kv, on_revoked=self.fleet.forget)  # enrolled nodes keep to their enrolment
         self._tasks: list[asyncio.Task[None]] = []
         self.routing = RoutingStore(routing.RoutingTable.load(settings.routing_file))
         self.health = Health(BreakerConfig(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown))
@@ -111,10 +114,14 @@ class Scheduler:
             await ensure(nc, spec, replicas=replicas)
         limits_kv = await open_bucket(nc, js, streams.LIMITS, replicas=replicas)
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
-        return cls(nc, js, settings, quota=Quota(limits_kv, js), routing_kv=routing_kv, intake=intake)
+        nodes_kv = await open_bucket(nc, js, streams.NODES, replicas=replicas)
+        return cls(
+            nc, js, settings, quota=Quota(limits_kv, js), routing_kv=routing_kv, intake=intake, nodes_kv=nodes_kv
+        )
 
     async def start(self) -> None:
         await self.routing.start(self._routing_kv)
+        await self.nodes.start()
         await self.quota.start()  # follows the other schedulers' writes to the limit counters
         settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
         self._tasks.append(asyncio.create_task(settler.run()))
@@ -139,6 +146,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         await self.releaser.stop()
+        await self.nodes.stop()
         await self.quota.stop()
         await self.routing.stop()
         for t in self._tasks:
@@ -152,11 +160,13 @@ class Scheduler:
 
     async def _on_advert(self, msg: Msg) -> None:
         try:
-            self.fleet.observe(NodeAdvert.decode(msg.data), time.time())
+            advert = self.nodes.admit(NodeAdvert.decode(msg.data))
         except WireError as e:
             log.warning("fleet.bad_advert", subject=msg.subject, error=str(e))
             return
-        self._heard.set()
+        if advert is not None:
+            self.fleet.observe(advert, time.time())
+            self._heard.set()
 
     def _on_usage(self, record: UsageRecord) -> None:
         self.health.observe(record, time.time())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
-from schemas.settings import add_common, add_replicas, add_setting
+from schemas.settings import NatsSettings, add_common, add_replicas, add_setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class SchedulerSettings:
     min_buffer: int = 4  # jobs a work queue may hold beyond what its workers run
     lane_credits: int = 16  # jobs a gateway may place without asking after an admission (0: never)
     lane_ttl: float = 0.5  # seconds such a lane lasts
+    nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -72,6 +74,12 @@ class SchedulerSettings:
             help="jobs of an unlimited key a gateway may place without asking, after one admission (0: off)",
         )
         add_setting(p, "--lane-ttl", default=0.5, type=float, help="seconds such a lane lasts")
+        add_setting(
+            p,
+            "--data-dir",
+            default=os.path.expanduser("~/.tokenyard"),
+            help="where `tokenyard up` keeps credentials (creds/scheduler.creds, unless --nats-creds)",
+        )
         return p
 
     @classmethod
@@ -96,4 +104,5 @@ class SchedulerSettings:
             min_buffer=a.min_buffer,
             lane_credits=a.lane_credits,
             lane_ttl=a.lane_ttl,
+            nats=NatsSettings.of(a, roles=("scheduler",), data_dir=a.data_dir),
         )

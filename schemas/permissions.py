@@ -1,46 +1,136 @@
-"""What each worker node may do on NATS: the least that lets it serve its models.
+"""What each role may do on NATS: the least that lets it do its job, as pure data.
 
-A node may pull jobs only from the consumers of the models it serves in its pool, ack them,
-send events to gateways' reply subjects, advertise itself under its own id, and hear its own
-control subject. It may not read any work queue, any reply subject, KV bucket or the
-JetStream API beyond its own consumers, nor speak as another node. Its request inbox is its
-own (`_INBOX_<node>`), so it cannot listen to other clients' replies either.
+Every identity Tokenyard issues (`broker_api.nats_auth`) carries one of these lists in its
+user JWT; the server enforces them. Roles:
 
-`worker_permissions` returns the `permissions` block of a nats-server user entry; the worker
-must then connect with `inbox_prefix=worker_inbox(node)` (it does).
+- `api`: the gateway, which also keeps the ledger (`--ledger`): submits to schedulers, places
+  lane jobs on work queues, hears its jobs' events and every node's advert, stops attempts, and
+  owns the control plane's buckets and the usage and audit streams.
+- `scheduler`: answers submissions, owns the work and intake queues and the limit counters,
+  reads routing policies and the node registry, settles usage.
+- `ledger`: reads the usage and audit streams into its database (a gateway with `--ledger`
+  has this inside `api`).
+- `adapter(pool)`: an operator's worker (a cloud adapter, or `tokenyard up`'s own worker):
+  serves the work queues of its pool, may create only consumers that filter that pool's
+  subjects, and advertises under any node id. It may pull from any work consumer: a consumer's
+  name is one subject token (`work-<pool>-<model>`), which a NATS permission cannot match by
+  prefix, and an adapter's models come from the operator's provider file at run time.
+- `node(node, pool, models)`: an enrolled node, the one identity given to machines the
+  operator does not run. It may create, read and pull only the consumers of the models it was
+  enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
+  advertise itself under its own id, and hear its own control subject and the roll call. It
+  may not read any other queue, any reply subject, KV bucket or the JetStream API beyond its
+  own consumers, nor speak as another node. Its request inbox is its own
+  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either.
+
+An empty allow list denies everything in that direction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from schemas import subjects
 
 
-def worker_inbox(node_id: str) -> str:
-    return f"_INBOX_{node_id}"
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    responses: bool = False  # may answer requests it receives (one reply each), whatever their inbox
 
 
-def worker_permissions(node_id: str, pool: str, models: list[str]) -> dict[str, dict[str, list[str]]]:
+def _streams(*names: str) -> tuple[str, ...]:
+    return tuple(s for name in names for s in subjects.js_stream_access(name))
+
+
+def _buckets(*buckets: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for bucket in buckets:
+        out += [*subjects.js_stream_access(f"KV_{bucket}"), subjects.kv_entries(bucket)]
+    return tuple(out)
+
+
+_JS_BASICS = (subjects.JS_API_INFO, subjects.JS_STREAM_NAMES, subjects.JS_STREAM_LIST)
+
+
+def ledger() -> Permissions:
+    return Permissions(
+        publish=(*_JS_BASICS, *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM)),
+        subscribe=(subjects.INBOX_ALL,),
+    )
+
+
+def api() -> Permissions:
+    publish = (
+        subjects.SCHED_ALL,
+        subjects.NODE_CONTROL_ANY,
+        subjects.WORK_ALL,  # lanes: a gateway places a granted key's next jobs itself
+        subjects.USAGE_ALL,
+        subjects.AUDIT_ALL,
+        *_JS_BASICS,
+        *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM),
+        *_buckets(
+            subjects.KEYS_BUCKET,
+            subjects.ORGS_BUCKET,
+            subjects.CACHE_BUCKET,
+            subjects.IDEMPOTENCY_BUCKET,
+            subjects.ROUTING_BUCKET,
+            subjects.NODES_BUCKET,
+            subjects.ENROL_BUCKET,
+            subjects.SESSIONS_BUCKET,
+        ),
+    )
+    subscribe = (subjects.REPLY_ANY, subjects.FLEET_HEARTBEAT_ALL, subjects.INBOX_ALL)
+    return Permissions(publish=publish, subscribe=subscribe, responses=True)  # answers worker heartbeats
+
+
+def scheduler() -> Permissions:
+    publish = (
+        subjects.WORK_ALL,
+        subjects.INTAKE_ALL,
+        subjects.FLEET_ROLL_CALL,
+        *_JS_BASICS,
+        *_streams(subjects.WORK_STREAM, subjects.INTAKE_STREAM, subjects.USAGE_STREAM),
+        *_buckets(subjects.LIMITS_BUCKET, subjects.ROUTING_BUCKET, subjects.NODES_BUCKET),
+    )
+    subscribe = (
+        subjects.SCHED_SUBMIT,
+        subjects.SCHED_MODELS,
+        subjects.SCHED_PING,
+        subjects.FLEET_HEARTBEAT_ALL,
+        subjects.INBOX_ALL,
+    )
+    return Permissions(publish=publish, subscribe=subscribe, responses=True)  # answers submissions
+
+
+def adapter(pool: str | None) -> Permissions:
+    """`pool` None: an operator's worker for any pool (what `tokenyard up` gives the workers it
+    runs on its own machine, so a cloud adapter added to a local stack needs no step)."""
     stream = subjects.WORK_STREAM
-    publish = [subjects.fleet_heartbeat(node_id), subjects.reply_subject("*", "*")]
+    publish = (
+        subjects.FLEET_HEARTBEAT_ALL,
+        subjects.REPLY_ANY,
+        subjects.js_consumer_create(stream, "*", subjects.work_pool_all(pool) if pool else subjects.WORK_ANY_POOL),
+        subjects.js_consumer_info(stream, "*"),
+        subjects.js_consumer_next(stream, "*"),
+        subjects.js_ack(stream, "*"),
+    )
+    inboxes = subjects.pool_inboxes(pool) if pool else subjects.ALL_WORKER_INBOXES
+    subscribe = (inboxes, subjects.NODE_CONTROL_ANY, subjects.FLEET_ROLL_CALL)
+    return Permissions(publish=publish, subscribe=subscribe)
+
+
+def node(node_id: str, pool: str, models: tuple[str, ...] | list[str]) -> Permissions:
+    stream = subjects.WORK_STREAM
+    publish = [subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY]
     for model in models:
         durable = subjects.work_consumer(pool, model)
         publish += [
+            subjects.js_consumer_create(stream, durable, subjects.work_subject(pool, model)),
             subjects.js_consumer_info(stream, durable),
             subjects.js_consumer_next(stream, durable),
             subjects.js_ack(stream, durable),
         ]
-    subscribe = [f"{worker_inbox(node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL]
-    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
-
-
-def nats_user_block(user: str, password: str, permissions: dict[str, dict[str, list[str]]]) -> str:
-    """A user entry for a nats-server config file (`authorization { users = [ ... ] }`)."""
-
-    def quoted(items: list[str]) -> str:
-        return "[" + ", ".join(f'"{i}"' for i in items) + "]"
-
-    pub, sub = permissions["publish"]["allow"], permissions["subscribe"]["allow"]
-    return (
-        f'{{ user: "{user}", password: "{password}", permissions: {{ '
-        f"publish: {{ allow: {quoted(pub)} }}, subscribe: {{ allow: {quoted(sub)} }} }} }}"
-    )
+    subscribe = (f"{subjects.worker_inbox(pool, node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL)
+    return Permissions(publish=tuple(publish), subscribe=subscribe)

@@ -144,3 +144,7 @@ ROUTING = BucketSpec(subjects.ROUTING_BUCKET, history=ROUTING_HISTORY)
 # session on any replica). The TTL is the idle timeout: a session in use is rewritten, so an
 # idle one is gone after it; the gateway sets it from --console-idle.
 SESSIONS = BucketSpec(subjects.SESSIONS_BUCKET, ttl=1800.0)
+# The node registry (node id -> schemas.registry.NodeRecord), and enrolment tokens (token id ->
+# EnrolToken: a digest, never the secret). Removed nodes stay as records: their credentials stay revoked.
+NODES = BucketSpec(subjects.NODES_BUCKET, history=5)
+ENROL = BucketSpec(subjects.ENROL_BUCKET, history=1)

@@ -47,6 +47,8 @@ LIMITS_BUCKET = "ty_limits"  # counters for rate limits and quotas (scheduler)
 IDEMPOTENCY_BUCKET = "ty_idem"  # Idempotency-Key -> job id
 ROUTING_BUCKET = "ty_routing"  # routing policies: default, per model, per key (schemas.routing)
 SESSIONS_BUCKET = "ty_sessions"  # web console sessions: digest of the session id -> schemas.console.ConsoleSession
+NODES_BUCKET = "ty_nodes"  # node id -> NodeRecord: the enrolled nodes (schemas.registry)
+ENROL_BUCKET = "ty_enrol"  # enrolment token id -> EnrolToken (only a digest of its secret)
 
 _POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -126,6 +128,11 @@ def work_subject(pool: str, model_id: str) -> str:
     return f"{PREFIX}.work.{check_pool(pool)}.{model_token(model_id)}"
 
 
+def work_pool_all(pool: str) -> str:
+    """Every work subject of one pool (a wildcard, for permissions)."""
+    return f"{PREFIX}.work.{check_pool(pool)}.*"
+
+
 def parse_work_subject(subject: str) -> tuple[str, str] | None:
     """(pool, model id) of a `work_subject`, or None for any other subject."""
     parts = subject.split(".")
@@ -194,3 +201,57 @@ RELEASE_CONSUMER = "scheduler-release"  # shared by every scheduler
 
 def intake_subject(tenant: str) -> str:
     return f"{PREFIX}.intake.{model_token(tenant) or '_'}"
+
+
+# --- permissions (issue 10): the JetStream API subjects a role may use, per stream -----------
+
+NODE_CONTROL_ANY = f"{PREFIX}.node.*.ctl"
+REPLY_ANY = f"{PREFIX}.reply.*.*"
+SCHED_ALL = f"{PREFIX}.sched.>"
+INBOX_ALL = "_INBOX.>"  # nats-py's default request inboxes (operator roles)
+JS_API_INFO = f"{JS_API}.INFO"
+JS_STREAM_NAMES = f"{JS_API}.STREAM.NAMES"
+JS_STREAM_LIST = f"{JS_API}.STREAM.LIST"
+# The system account's request that replaces an account's JWT on every server with a NATS-based
+# resolver (nats-server's "full" resolver): how a revocation reaches the servers.
+SYS_CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
+
+
+def worker_inbox(pool: str, node_id: str) -> str:
+    """The request-inbox prefix of one worker (nats-py `inbox_prefix`): under the pool, so an
+    operator adapter may own every inbox of its pool and an enrolled node only its own. The
+    first token is not `_INBOX`, so no role that reads `_INBOX.>` receives a worker's jobs."""
+    return f"_INBOX_ty.{check_pool(pool)}.{node_id}"
+
+
+ALL_WORKER_INBOXES = "_INBOX_ty.>"
+WORK_ANY_POOL = f"{PREFIX}.work.*.*"
+
+
+def pool_inboxes(pool: str) -> str:
+    return f"_INBOX_ty.{check_pool(pool)}.>"
+
+
+def js_stream_access(stream: str) -> tuple[str, ...]:
+    """Every JetStream API subject that reads, makes or consumes one stream (and its KV
+    entries, for a bucket's stream), for an operator role that owns the stream. Written with
+    wildcards where the API's subjects allow (`$JS.API.<kind>.<verb>.<stream>[.<more>]`):
+    a user JWT travels in every CONNECT, and nats-server refuses lines over 4 KiB by default."""
+    return (
+        f"{JS_API}.*.*.{stream}",  # STREAM.INFO|CREATE|UPDATE|PURGE, DIRECT.GET, CONSUMER.CREATE
+        f"{JS_API}.*.*.{stream}.>",  # CONSUMER.CREATE|INFO|DELETE.<consumer>, DIRECT.GET.<subject>
+        f"{JS_API}.*.*.*.{stream}.>",  # CONSUMER.MSG.NEXT.<consumer>, CONSUMER.DURABLE.CREATE.<consumer>
+        f"{JS_API}.STREAM.MSG.GET.{stream}",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+def js_consumer_create(stream: str, durable: str, filter_subject: str) -> str:
+    """The create request that names its filter in the subject (nats-server 2.10+ refuses a
+    body whose filter differs), so a permission on it allows exactly that consumer."""
+    return f"{JS_API}.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}"
+
+
+def kv_entries(bucket: str) -> str:
+    return f"{kv_prefix(bucket)}>"

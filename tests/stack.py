@@ -1,6 +1,11 @@
 """A real Tokenyard stack for tests and benchmarks: nats-server, scheduler and worker
 processes, and the API served by uvicorn on 127.0.0.1 inside the test's event loop.
 
+NATS runs with authentication, as `tokenyard up` runs it: each role connects with its own
+credentials (`broker_api.nats_auth`, made in a few milliseconds per test), and the test's own
+connection (`connect`, `bus`) with an identity that may do everything in the account.
+`Stack(tmp, auth=False)` runs an unauthenticated NATS instead.
+
 Every process is started here and stopped here, by its own PID.
 """
 
@@ -25,6 +30,7 @@ from nats.aio.client import Client as NATS
 
 from broker_api.app import create_app
 from broker_api.embedded_nats import NatsServer
+from broker_api.nats_auth import AuthDir, write_secret
 from broker_api.settings import ApiSettings
 from schemas import subjects
 from schemas.jobs import NodeAdvert
@@ -86,7 +92,7 @@ class Proc:
 class Stack:
     """Start pieces one by one (`start_nats`, `start_scheduler`, `start_worker`, `start_api`)."""
 
-    def __init__(self, tmp: Path, *, sync_always: bool = False) -> None:
+    def __init__(self, tmp: Path, *, sync_always: bool = False, auth: bool = True) -> None:
         self.tmp = tmp
         self.sync_always = sync_always
         self.nats: NatsServer | None = None
@@ -94,22 +100,50 @@ class Stack:
         self.api_url = ""  # the first API started
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[Any]]] = []
         self.nc: NATS | None = None
-        self.credentials = ""  # "user:password" the stack's own processes connect with
+        self.auth = AuthDir.init(tmp / "auth", local_worker=True) if auth else None
+        self.admin_creds = ""  # may do everything in the account: the test's own connections
+        if self.auth is not None:
+            self.admin_creds = str(self.auth.path / "creds" / "test-admin.creds")
+            write_secret(Path(self.admin_creds), self.auth.issue("test-admin", None)[0])
 
     @property
     def nats_url(self) -> str:
         assert self.nats is not None
-        if self.credentials:
-            return self.nats.url.replace("nats://", f"nats://{self.credentials}@")
         return self.nats.url
 
+    def creds(self, role: str) -> str:
+        """The credentials file of a role (`api`, `scheduler`, `worker`, ...); empty without auth."""
+        return str(self.auth.path / "creds" / f"{role}.creds") if self.auth is not None else ""
+
+    def nats_server(self, *, port: int = -1, sync_always: bool | None = None) -> NatsServer:
+        """A nats-server on the stack's store (start it; tests restart NATS with this too)."""
+        return NatsServer(
+            self.tmp / "nats",
+            port=port,
+            sync_always=self.sync_always if sync_always is None else sync_always,
+            auth=self.auth.conf_path if self.auth is not None else None,
+        )
+
     def start_nats(self) -> NatsServer:
-        self.nats = NatsServer(self.tmp / "nats", sync_always=self.sync_always).start()
+        self.nats = self.nats_server().start()
         return self.nats
+
+    async def connect(self, **options: Any) -> NATS:
+        """A NATS connection for the test itself (all permissions in the account)."""
+        if self.admin_creds:
+            options.setdefault("user_credentials", self.admin_creds)
+        return await nats.connect(self.nats_url, **options)
 
     def spawn(self, name: str, module: str, env: dict[str, str], args: list[str] | None = None) -> Proc:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
-        full_env = {**os.environ, "TOKENYARD_NATS_URL": self.nats_url, "TOKENYARD_LOG_LEVEL": "warning", **env}
+        role = {"broker_api": "api"}.get(module, module)
+        full_env = {
+            **os.environ,
+            "TOKENYARD_NATS_URL": self.nats_url,
+            "TOKENYARD_NATS_CREDS": self.creds(role),
+            "TOKENYARD_LOG_LEVEL": "warning",
+            **env,
+        }
         with open(log, "wb") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", module, *(args or [])], env=full_env, stdout=out, stderr=subprocess.STDOUT
@@ -130,6 +164,8 @@ class Stack:
             "nats_url": self.nats_url,
             "data_dir": str(self.tmp / "data"),
             "admin_key": ADMIN_KEY,
+            "nats_creds": self.creds("api"),
+            "nats_auth_dir": str(self.auth.path) if self.auth is not None else "",
             "attempt_silence": 1.0,
             "request_timeout": 20.0,
             "log_level": "warning",
@@ -157,7 +193,13 @@ class Stack:
         proc = self.spawn(
             "api",
             "broker_api",
-            {"TOKENYARD_ADMIN_KEY": ADMIN_KEY, "TOKENYARD_PORT": str(port), "TOKENYARD_ATTEMPT_SILENCE": "1.0", **env},
+            {
+                "TOKENYARD_ADMIN_KEY": ADMIN_KEY,
+                "TOKENYARD_PORT": str(port),
+                "TOKENYARD_ATTEMPT_SILENCE": "1.0",
+                "TOKENYARD_NATS_AUTH_DIR": str(self.auth.path) if self.auth is not None else "",
+                **env,
+            },
         )
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url) as http:
@@ -170,7 +212,7 @@ class Stack:
 
     async def bus(self) -> NATS:
         if self.nc is None:
-            self.nc = await nats.connect(self.nats_url)
+            self.nc = await self.connect()
         return self.nc
 
     async def wait_for_scheduler(self, timeout: float = 15.0) -> None:

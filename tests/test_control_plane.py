@@ -4,6 +4,7 @@ plain, streamed, cancelled, failed-over and cached requests), the audit log and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import signal
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 import httpx
+import nats.js.errors
 import openai
 import pytest
 
@@ -305,6 +307,16 @@ async def test_node_lifecycle_is_audited_once(stack: Stack) -> None:
     # a second gateway with its own ledger sees the same node: each event is still recorded once
     await stack.start_api(ledger_name="replica-2", data_dir=str(stack.tmp / "data-2"))
     await stack.wait_for_model(ECHO)
+    # stopped only once it has started (its pull requests stand): a SIGTERM during its start is
+    # handled when the start ends, and its adverts may pause meanwhile (seen as a leave)
+    js = (await stack.bus()).jetstream()
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            if (await js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer("own", ECHO))).num_waiting:
+                break
+        assert time.monotonic() < deadline, "the worker never stood ready to pull"
+        await asyncio.sleep(0.05)
     worker.stop()
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         deadline = time.monotonic() + 10

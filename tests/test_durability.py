@@ -10,7 +10,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from broker_api.embedded_nats import NatsServer
 from schemas import subjects
 from tests.conftest import ECHO
 from tests.stack import Stack
@@ -41,10 +40,10 @@ async def test_queued_job_survives_a_nats_crash(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the second job was never queued"
                 await asyncio.sleep(0.05)
             assert stack.nats is not None
-            port, store = stack.nats.port, stack.nats.store_dir
+            port = stack.nats.port
             stack.nats.kill()  # SIGKILL: no chance to flush anything
             await asyncio.sleep(0.5)
-            stack.nats = NatsServer(store, port=port, sync_always=True).start()
+            stack.nats = stack.nats_server(port=port, sync_always=True).start()
             answer = await asyncio.wait_for(queued, 40)
             assert answer.choices[0].message.content == "survivor survivor survivor"
             with pytest.raises(openai.APIError):  # it was mid-stream when NATS died: an explicit error

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import nats
 import openai
 import pytest
 from nats.aio.client import Client as NATS
@@ -34,7 +33,7 @@ async def scheduler(tmp_path: Path) -> AsyncIterator[NATS]:
     routing.write_text(json.dumps({"keys": {"split": {"strategy": "weighted", "weights": {"own": 1}}}}))
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     nodes = await FakeNodes(nc, [node("n1", slots=1000)]).start()
     stack.start_scheduler(TOKENYARD_ROUTING_FILE=str(routing), TOKENYARD_LANE_CREDITS="16", TOKENYARD_LANE_TTL="0.5")
     try:
@@ -99,7 +98,7 @@ async def test_a_lane_is_granted_only_where_nothing_needs_the_scheduler(schedule
 async def test_lane_credits_never_exceed_the_idle_slots(tmp_path: Path) -> None:
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     nodes = await FakeNodes(nc, [node("n1", slots=8, free=5)]).start()
     stack.start_scheduler(TOKENYARD_MIN_BUFFER="100", TOKENYARD_LANE_CREDITS="16")
     try:

@@ -1,9 +1,10 @@
-"""A worker node's own NATS credentials: enough to serve its models, and nothing else. Each
-denial is proven against a real nats-server."""
+"""What an enrolled node's NATS identity may do: serve its models in its pool, and nothing else.
+Each denial is proven against a real nats-server running Tokenyard's JWT auth."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import nats
@@ -11,111 +12,126 @@ import nats.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from broker_api.embedded_nats import NatsServer
-from schemas import subjects
-from schemas.permissions import nats_user_block, worker_inbox, worker_permissions
+from broker_api.nats_auth import write_secret
+from schemas import permissions, streams, subjects
+from schemas.jetstream import ensure
 from tests.conftest import ECHO
 from tests.stack import Stack
-from tests.test_faults import sdk
 
 OTHER = "secret/model"
+NODE = "nd-1"
+POOL = "lab"
 
 
-def auth_block() -> str:
-    node = nats_user_block("w1", "w1-pw", worker_permissions("w1", "own", [ECHO]))
-    return f'authorization {{ users = [ {{ user: "ops", password: "ops-pw" }}, {node} ] }}'
-
-
-async def create_consumers(url: str) -> None:
-    """The operator's side: the stream and each model's consumer exist before workers come."""
-    ops = await nats.connect(url)
-    js = ops.jetstream()
-    await js.add_stream(name=subjects.WORK_STREAM, subjects=[subjects.WORK_ALL], retention="workqueue")
-    for model in (ECHO, OTHER):
-        await js.add_consumer(
-            subjects.WORK_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.work_consumer("own", model),
-                filter_subject=subjects.work_subject("own", model),
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=1.5,
-                max_deliver=3,
-                max_waiting=4096,
-            ),
-        )
-    await ops.close()
+def consumer(pool: str, model: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.work_consumer(pool, model),
+        filter_subject=subjects.work_subject(pool, model),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=1.5,
+        max_deliver=3,
+        max_waiting=4096,
+    )
 
 
 @pytest.fixture
 async def secured(tmp_path: Path) -> Stack:
     stack = Stack(tmp_path)
-    stack.nats = NatsServer(tmp_path / "nats", sync_always=False, extra_config=auth_block()).start()
-    stack.credentials = "ops:ops-pw"
-    await create_consumers(stack.nats_url)
+    stack.start_nats()
+    ops = await stack.bus()
+    await ensure(ops, streams.WORK)
+    for pool, model in ((POOL, OTHER), ("prov-a", ECHO)):  # queues the node must not touch
+        await ops.jetstream().add_consumer(subjects.WORK_STREAM, consumer(pool, model))
     try:
         yield stack
     finally:
         await stack.close()
 
 
-async def test_a_node_with_its_own_credentials_serves_its_model(secured: Stack) -> None:
-    assert secured.nats is not None
-    secured.start_scheduler()
-    secured.start_worker(
-        TOKENYARD_NODE_ID="w1", TOKENYARD_NATS_URL=secured.nats.url.replace("nats://", "nats://w1:w1-pw@")
+def node_creds(stack: Stack, node: str = NODE, pool: str = POOL, models: tuple[str, ...] = (ECHO,)) -> str:
+    assert stack.auth is not None
+    path = stack.tmp / f"{node}.creds"
+    write_secret(path, stack.auth.issue(node, permissions.node(node, pool, models))[0])
+    return str(path)
+
+
+async def test_a_node_creates_and_pulls_its_own_consumer(secured: Stack) -> None:
+    """No operator step: the node makes its consumer itself (the create names its filter, so
+    the permission allows exactly that consumer), then a job placed there reaches it."""
+    node = await nats.connect(
+        secured.nats_url, user_credentials=node_creds(secured), inbox_prefix=subjects.worker_inbox(POOL, NODE)
     )
-    await secured.start_api()
-    await secured.wait_for_model(ECHO)
-    async with sdk(secured) as client:
-        r = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "least privilege"}], max_tokens=2
+    try:
+        js = node.jetstream()
+        psub = await js.pull_subscribe(
+            subjects.work_subject(POOL, ECHO),
+            durable=subjects.work_consumer(POOL, ECHO),
+            stream=subjects.WORK_STREAM,
+            config=consumer(POOL, ECHO),
         )
-        assert r.choices[0].message.content == "least privilege"
-        stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "s t"}], max_tokens=2, stream=True
-        )
-        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "s t"
+        with pytest.raises(TimeoutError):  # empty queue: a timeout, not a denial
+            await psub.fetch(1, timeout=0.3)
+        ops = (await secured.bus()).jetstream()
+        await ops.publish(subjects.work_subject(POOL, ECHO), b"job")
+        [msg] = await psub.fetch(1, timeout=5)
+        assert msg.data == b"job"
+        await msg.ack()
+    finally:
+        await node.close()
 
 
 async def test_a_node_is_denied_everything_else(secured: Stack) -> None:
-    assert secured.nats is not None
     violations: list[str] = []
 
     async def on_error(e: Exception) -> None:
         violations.append(str(e))
 
     node = await nats.connect(
-        secured.nats.url, user="w1", password="w1-pw", inbox_prefix=worker_inbox("w1"), error_cb=on_error
+        secured.nats_url,
+        user_credentials=node_creds(secured),
+        inbox_prefix=subjects.worker_inbox(POOL, NODE),
+        error_cb=on_error,
     )
     try:
-        # allowed: its advert, events to a gateway, its own consumer
-        await node.publish(subjects.fleet_heartbeat("w1"), b"")
+        # allowed: its advert, events to a gateway, its control subject
+        await node.publish(subjects.fleet_heartbeat(NODE), b"")
         await node.publish(subjects.reply_subject("gw", "job"), b"")
-        psub = await node.jetstream().pull_subscribe(
-            subjects.work_subject("own", ECHO), durable=subjects.work_consumer("own", ECHO), stream=subjects.WORK_STREAM
-        )
-        with pytest.raises(TimeoutError):  # nats' own or asyncio's: both are TimeoutError
-            await psub.fetch(1, timeout=0.3)  # empty queue: a timeout, not a denial
+        await node.subscribe(subjects.node_control(NODE))
         await node.flush()
+        await asyncio.sleep(0.2)
         assert violations == []
         denied_subscriptions = [
             subjects.WORK_ALL,
             "ty.reply.>",
             "_INBOX.>",
-            subjects.node_control("w2"),
+            subjects.worker_inbox(POOL, "nd-2") + ".>",  # another node's inbox: its jobs arrive there
+            subjects.pool_inboxes(POOL),
+            subjects.node_control("nd-2"),
             subjects.FLEET_HEARTBEAT_ALL,
             "$KV.>",
+            subjects.SCHED_SUBMIT,
+            subjects.usage_subject("*"),
         ]
         for subject in denied_subscriptions:
             await node.subscribe(subject)
         denied_publishes = [
-            subjects.fleet_heartbeat("w2"),
+            subjects.fleet_heartbeat("nd-2"),  # speaking as another node
             subjects.SCHED_SUBMIT,
-            subjects.work_subject("own", ECHO),
+            subjects.work_subject(POOL, ECHO),  # placing jobs
             f"$JS.API.STREAM.INFO.{subjects.WORK_STREAM}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{subjects.work_consumer('own', OTHER)}",
+            f"$JS.API.STREAM.CREATE.{subjects.WORK_STREAM}",
+            "$JS.API.STREAM.NAMES",
+            subjects.js_consumer_next(subjects.WORK_STREAM, subjects.work_consumer(POOL, OTHER)),  # another model
+            subjects.js_consumer_next(subjects.WORK_STREAM, subjects.work_consumer("prov-a", ECHO)),  # a cloud pool
+            subjects.js_consumer_create(
+                subjects.WORK_STREAM, subjects.work_consumer("prov-a", ECHO), subjects.work_subject("prov-a", ECHO)
+            ),
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{subjects.WORK_STREAM}.{subjects.work_consumer(POOL, ECHO)}",
             f"$JS.API.DIRECT.GET.KV_{subjects.KEYS_BUCKET}",
+            f"$KV.{subjects.NODES_BUCKET}.{NODE}",  # writing its own registry record
             subjects.usage_subject("job"),
+            subjects.audit_subject("event"),
+            subjects.SYS_CLAIMS_UPDATE,
         ]
         for subject in denied_publishes:
             await node.publish(subject, b"{}")
@@ -129,12 +145,35 @@ async def test_a_node_is_denied_everything_else(secured: Stack) -> None:
             assert f'permissions violation for subscription to "{subject.lower()}"' in text, text
         for subject in denied_publishes:
             assert f'permissions violation for publish to "{subject.lower()}"' in text, text
-        with pytest.raises(nats.errors.Error):  # and another model's queue cannot be pulled
-            other = await node.jetstream().pull_subscribe(
-                subjects.work_subject("own", OTHER),
-                durable=subjects.work_consumer("own", OTHER),
-                stream=subjects.WORK_STREAM,
-            )
-            await other.fetch(1, timeout=0.5)
+        for pool, model in ((POOL, OTHER), ("prov-a", ECHO)):  # and other queues cannot be pulled
+            with pytest.raises(nats.errors.Error):
+                other = await node.jetstream().pull_subscribe(
+                    subjects.work_subject(pool, model),
+                    durable=subjects.work_consumer(pool, model),
+                    stream=subjects.WORK_STREAM,
+                )
+                await other.fetch(1, timeout=0.5)
+    finally:
+        await node.close()
+
+
+async def test_a_filter_other_than_the_consumers_own_is_refused_by_the_server(secured: Stack) -> None:
+    """The create the node may send names the filter; a body with another filter (say, a cloud
+    pool's subjects under its own consumer's name) is refused by nats-server itself."""
+    node = await nats.connect(
+        secured.nats_url, user_credentials=node_creds(secured), inbox_prefix=subjects.worker_inbox(POOL, NODE)
+    )
+    try:
+        sneaky = consumer(POOL, ECHO)
+        sneaky.filter_subject = subjects.work_subject("prov-a", ECHO)
+        subject = subjects.js_consumer_create(
+            subjects.WORK_STREAM, subjects.work_consumer(POOL, ECHO), subjects.work_subject(POOL, ECHO)
+        )
+        body = {"stream_name": subjects.WORK_STREAM, "config": sneaky.as_dict()}
+        reply = await node.request(subject, json.dumps(body).encode(), timeout=2)
+        answer = json.loads(reply.data)
+        assert "error" in answer, answer
+        info = await (await secured.bus()).jetstream().consumers_info(subjects.WORK_STREAM)
+        assert subjects.work_consumer(POOL, ECHO) not in {c.name for c in info}
     finally:
         await node.close()

@@ -129,7 +129,7 @@ class Puller:
 async def held(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS]]:
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     nodes = await FakeNodes(nc, [node("n1", slots=4, free=0)]).start()
     stack.start_scheduler(TOKENYARD_MIN_BUFFER="2", TOKENYARD_INTAKE_ACK_WAIT="2", TOKENYARD_INTAKE_MAX_PER_TENANT="50")
     try:

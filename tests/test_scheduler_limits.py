@@ -16,7 +16,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from broker_api.embedded_nats import NatsServer
 from scheduler import limits as L
 from scheduler.quota import Quota
 from schemas import streams, subjects
@@ -168,8 +167,8 @@ async def two_schedulers(tmp_path: Path) -> AsyncIterator[tuple[Stack, FakeNodes
     """nats-server, one fake node serving MODEL, two schedulers and two client connections."""
     stack = Stack(tmp_path)
     stack.start_nats()
-    a = await nats.connect(stack.nats_url)
-    b = await nats.connect(stack.nats_url)
+    a = await stack.connect()
+    b = await stack.connect()
     nodes = await FakeNodes(a, [node("n1", slots=1000)]).start()
     stack.start_scheduler(TOKENYARD_RESERVATION_MARGIN="0")
     stack.start_scheduler(TOKENYARD_RESERVATION_MARGIN="0")
@@ -385,7 +384,7 @@ async def test_a_stale_cache_never_skips_a_settlement(tmp_path: Path) -> None:
 
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     try:
         kv = await open_bucket(nc, nc.jetstream(), streams.LIMITS, replicas=1)
         x, y = Quota(kv, nc.jetstream()), Quota(kv, nc.jetstream())
@@ -410,7 +409,7 @@ async def bucket(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS, KeyValue]]:
     """nats-server, one connection (reconnecting for ever) and the limits bucket."""
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await stack.connect(max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         yield stack, nc, await open_bucket(nc, nc.jetstream(), streams.LIMITS, replicas=1)
     finally:
@@ -531,7 +530,7 @@ async def test_the_watch_comes_back_after_a_lost_consumer_and_a_server_restart(b
 
         port = stack.nats.port  # the whole server restarts (the KV stream is on disk, the watch is not)
         stack.nats.stop()
-        stack.nats = NatsServer(stack.tmp / "nats", port=port, sync_always=False).start()
+        stack.nats = stack.nats_server(port=port, sync_always=False).start()
         assert await eventually(lambda: _answers(kv, key), timeout=15.0)
         written = await x.change(key, reserve_fn("j2", lim))
         assert await caught_up(y, key, (x.cached(key) or (None, 0))[1], timeout=20.0)

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -261,7 +260,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Stack, FakeNodes, NATS]]:
     )
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     nodes = await FakeNodes(
         nc,
         [

@@ -9,8 +9,9 @@ import signal
 import nats
 import structlog
 
+from schemas import subjects
 from schemas.logs import close_quietly, configure_logging, run
-from schemas.permissions import worker_inbox
+from schemas.settings import nats_options
 from worker.backends import build_backend
 from worker.hardware import detect_hardware
 from worker.idle import availability_for
@@ -20,26 +21,33 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
+CLOSED_EXIT = 3  # NATS closed the connection for good (e.g. this node's credentials were revoked)
 
-async def serve(settings: WorkerSettings) -> None:
+
+async def serve(settings: WorkerSettings) -> int:
+    """Serve until SIGTERM/SIGINT (exit code 0) or until NATS refuses this worker for good:
+    a disabled or removed node's credentials are revoked and its connection closed, and a
+    worker that cannot reconnect must not linger as if it served (exit code CLOSED_EXIT)."""
     stop = asyncio.Event()
+    closed = False
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def on_closed() -> None:
+        nonlocal closed
+        if not stop.is_set():
+            closed = True
+            log.error("worker.nats_closed", node=settings.node_id, hint="credentials refused or revoked?")
+            stop.set()
+
     backend = await build_backend(settings)
     await backend.start()
     hardware = await asyncio.to_thread(detect_hardware)  # after the backend: it may have loaded torch
     idle = availability_for(settings, hardware)
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        name=f"tokenyard-worker-{settings.node_id}",
-        ping_interval=10,
-        inbox_prefix=worker_inbox(settings.node_id),  # its own inbox: see schemas/permissions.py
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        allow_reconnect=True,
-    )
+    inbox = subjects.worker_inbox(settings.pool, settings.node_id)  # its own inbox: see schemas/permissions.py
+    options = nats_options(settings.nats, name=f"tokenyard-worker-{settings.node_id}", inbox_prefix=inbox)
+    nc = await nats.connect(**options, closed_cb=on_closed)
     worker = Worker(nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware)
     try:
         await idle.start()
@@ -50,16 +58,17 @@ async def serve(settings: WorkerSettings) -> None:
         await idle.stop()
         await close_quietly(nc)
         await backend.close()
+    return CLOSED_EXIT if closed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings.from_args(argv)
     configure_logging(settings.log_level, settings.log_json)
     if settings.node_id:
-        run(serve(settings))
-        return
+        raise SystemExit(run(serve(settings)))
     with stable_node_id(settings.data_dir) as node_id:
-        run(serve(dataclasses.replace(settings, node_id=node_id)))
+        code = run(serve(dataclasses.replace(settings, node_id=node_id)))
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from schemas.jobs import NodeKind
-from schemas.settings import add_common, add_setting
+from schemas.settings import NatsSettings, add_common, add_setting
 from worker.idle import CPU_PERCENT, GPU_PERCENT, IDLE_AFTER, parse_hours, parse_signal_spec
 from worker.node_id import valid_node_id
 
@@ -59,6 +59,7 @@ class WorkerSettings:
     # engine backend (worker.engine_url)
     engine_url: str  # an OpenAI-compatible server this node fronts (http on loopback, else https)
     engine_key: str = field(default="", repr=False)  # its bearer token, if it wants one
+    nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -169,7 +170,16 @@ class WorkerSettings:
             provider=a.provider,
             engine_url=a.engine_url,
             engine_key=a.engine_key,
+            nats=NatsSettings.of(a, roles=cls.creds_roles(a.backend, a.provider), data_dir=a.data_dir),
         )
+
+    @staticmethod
+    def creds_roles(backend: str, provider: str) -> tuple[str, ...]:
+        """Whose credentials in the data dir a worker uses when not given `--nats-creds`: a
+        cloud adapter's own (`tokenyard auth init --adapters`), else the operator's worker's
+        (what `tokenyard up` writes). An enrolled node is given its own (`tokenyard worker join`)."""
+        own = (f"adapter-{provider}",) if backend == "cloud" and provider else ()
+        return (*own, "worker")
 
 
 def add_idle_settings(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,223 @@
+"""Enrolling nodes and cutting them off: tokens, joins, and the NATS credentials behind them.
+
+- An admin makes an enrolment token for a pool, a kind and (optionally) models; the secret is
+  shown once. Pools that belong to the operator (a cloud provider's, or any in
+  `--reserved-pools`) take no enrolled nodes.
+- A machine joins with it (`POST /v1/nodes/join`, no API key: the token is the credential;
+  attempts per client address are rate-limited): it gets a stable node id and its own NATS user
+  credentials, scoped by `schemas.permissions.node` to its pool, models and kind, signed with
+  the account key from the auth dir (`broker_api.nats_auth`). The registry records it.
+- Disabling or removing a node revokes its NATS user in the account JWT and pushes that JWT to
+  the servers' resolver (`$SYS.REQ.CLAIMS.UPDATE`, as the system account's user): nats-server
+  closes its connections at once and refuses them after. Enabling lifts the revocation, so the
+  node's stored credentials work again the next time it connects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from broker_api.nats_auth import AuthDir
+from broker_api.registry import INVALID_TOKEN, NodeRegistry
+from schemas import subjects
+from schemas.errors import AuthenticationError, InvalidRequestError, NoCapacityError, RateLimitError
+from schemas.logs import close_quietly
+from schemas.permissions import node as node_permissions
+from schemas.registry import EnrolledKind, EnrolToken, NodeRecord, allowed_models
+from schemas.settings import NatsSettings, nats_options
+
+log = structlog.get_logger(__name__)
+
+PUSH_TIMEOUT = 2.0
+RATE_WINDOW = 60.0
+RATE_ADDRESSES = 10_000  # client addresses remembered by the join limiter
+
+
+class Credentials:
+    """The NATS side of enrolment: sign a node's user JWT, push the account's revocations."""
+
+    def __init__(self, auth: AuthDir, system: NATS) -> None:
+        self._auth = auth
+        self._system = system
+
+    @classmethod
+    async def open(cls, auth: AuthDir, nats_settings: NatsSettings) -> Credentials:
+        """Connect as the system account's user (the auth dir's `creds/sys.creds`)."""
+        settings = NatsSettings(
+            url=nats_settings.url,
+            creds=str(auth.sys_creds),
+            tls_ca=nats_settings.tls_ca,
+            tls_cert=nats_settings.tls_cert,
+            tls_key=nats_settings.tls_key,
+            tls_hostname=nats_settings.tls_hostname,
+        )
+        return cls(auth, await nats.connect(**nats_options(settings, name="tokenyard-api-system")))
+
+    async def close(self) -> None:
+        await close_quietly(self._system)
+
+    def issue_node(self, node_id: str, pool: str, models: tuple[str, ...]) -> tuple[str, str]:
+        """A node's `.creds` text and its user's public key."""
+        return self._auth.issue(f"node-{node_id}", node_permissions(node_id, pool, models))
+
+    async def push(self, revocations: dict[str, int]) -> None:
+        """Replace the account's JWT on the servers with one that revokes these users."""
+        jwt = self._auth.account_jwt(revocations)
+        try:
+            reply = await self._system.request(subjects.SYS_CLAIMS_UPDATE, jwt.encode(), timeout=PUSH_TIMEOUT)
+        except nats.errors.Error as e:
+            raise NoCapacityError("NATS did not confirm the credentials change; try again.") from e
+        answer = json.loads(reply.data)
+        code = (answer.get("data") or {}).get("code") or (answer.get("error") or {}).get("code")
+        if code != 200:
+            log.error("nodes.push_refused", answer=answer)
+            raise NoCapacityError("NATS refused the credentials change.")
+        log.info("nodes.revocations_pushed", revoked=len(revocations))
+
+
+class JoinLimiter:
+    """At most `rate` join attempts per client address per minute (a token's secret is 256
+    bits, so guessing is hopeless anyway; this keeps a scan from costing us)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = max(1, rate)
+        self._seen: dict[str, deque[float]] = {}
+
+    def check(self, address: str, now: float) -> None:
+        times = self._seen.pop(address, None) or deque()
+        while times and now - times[0] > RATE_WINDOW:
+            times.popleft()
+        self._seen[address] = times  # re-inserted last: the least recent address is dropped first
+        if len(self._seen) > RATE_ADDRESSES:
+            del self._seen[next(iter(self._seen))]
+        if len(times) >= self._rate:
+            raise RateLimitError(
+                "Too many join attempts from this address; wait a minute.",
+                retry_after=RATE_WINDOW - (now - times[0]),
+            )
+        times.append(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    node: NodeRecord
+    creds: str  # the node's NATS credentials: sent once, never stored here
+
+
+class Enrolment:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        credentials: Credentials | None,
+        *,
+        reserved: frozenset[str],
+        cloud_pools: Callable[[], set[str]],
+        join_rate: int,
+    ) -> None:
+        self.registry = registry
+        self._credentials = credentials
+        self._reserved = reserved
+        self._cloud_pools = cloud_pools  # what the gateway saw cloud adapters serve (FleetWatch)
+        self.limiter = JoinLimiter(join_rate)
+
+    def _need_credentials(self) -> Credentials:
+        if self._credentials is None:
+            raise NoCapacityError(
+                "This gateway cannot issue NATS credentials: it has no auth dir (`tokenyard auth init`, "
+                "or the data dir of `tokenyard up`; see --nats-auth-dir)."
+            )
+        return self._credentials
+
+    def check_pool(self, pool: str) -> None:
+        if pool in self._reserved or pool in self._cloud_pools():
+            raise InvalidRequestError(
+                f"The pool '{pool}' is the operator's (a cloud provider's or a reserved pool): nodes may not join it.",
+                param="pool",
+            )
+
+    async def create_token(
+        self, *, org: str, pool: str, kind: EnrolledKind, models: tuple[str, ...], ttl: float, uses: int, creator: str
+    ) -> tuple[str, EnrolToken]:
+        self._need_credentials()
+        self.check_pool(pool)
+        now = time.time()
+        template = EnrolToken(
+            id="",
+            digest="",
+            org=org,
+            pool=pool,
+            kind=kind,
+            models=models,
+            created=now,
+            expires=now + ttl,
+            uses=uses,
+            creator=creator,
+        )
+        return await self.registry.create_token(template)
+
+    async def join(self, secret: str, *, models: tuple[str, ...], name: str) -> Joined:
+        token = self.registry.verify(secret)
+        if token is None:
+            raise AuthenticationError(INVALID_TOKEN, code="invalid_token")
+        credentials = self._need_credentials()
+        code, why = token.unusable(time.time())
+        if code:
+            raise AuthenticationError(why, code=code)
+        self.check_pool(token.pool)
+        allowed = allowed_models(token.models, models)
+        if not allowed:
+            raise InvalidRequestError(
+                f"This token allows the models {', '.join(token.models)}; this node serves {', '.join(models)}."
+                if token.models
+                else "Say which models this node serves (the token names none): the worker's --models.",
+                param="models",
+            )
+        await self.registry.spend(token)
+        node_id = self.registry.new_node_id()
+        creds, user_key = credentials.issue_node(node_id, token.pool, allowed)
+        record = NodeRecord(
+            id=node_id,
+            org=token.org,
+            pool=token.pool,
+            kind=token.kind,
+            models=allowed,
+            created=time.time(),
+            user_key=user_key,
+            token=token.id,
+            name=name[:200],
+        )
+        await self.registry.put_node(record)
+        log.info("nodes.joined", node=node_id, org=record.org, pool=record.pool, kind=record.kind)
+        return Joined(record, creds)
+
+    async def set_enabled(self, record: NodeRecord, enabled: bool) -> NodeRecord:
+        if record.enabled == enabled:
+            return record
+        updated = record.replace(enabled=enabled, changed=time.time())
+        await self.registry.put_node(updated)
+        await self.sync()
+        return updated
+
+    async def remove(self, record: NodeRecord) -> NodeRecord:
+        removed = record.replace(removed=time.time(), changed=record.changed if record.revoked else time.time())
+        await self.registry.put_node(removed)
+        await self.sync()
+        return removed
+
+    async def sync(self) -> None:
+        """Make the servers' account JWT revoke exactly the registry's disabled and removed nodes."""
+        if self._credentials is not None:
+            await self._credentials.push(self.registry.revocations())
+
+    async def close(self) -> None:
+        if self._credentials is not None:
+            await self._credentials.close()

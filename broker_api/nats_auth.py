@@ -1,0 +1,200 @@
+"""NATS authentication for a Tokenyard deployment: decentralized JWT auth, as NATS defines it.
+
+`tokenyard auth init --out DIR` makes an operator, a system account and the TOKENYARD account
+(every role's streams live in one account: JetStream is per account), and writes:
+
+- `DIR/nats-auth.conf`, to be `include`d by a nats-server config: the operator JWT, the system
+  account, and NATS's own "full" resolver (account JWTs kept in a directory, updated at run time
+  through `$SYS.REQ.CLAIMS.UPDATE`, kept across restarts) preloaded with both accounts;
+- `DIR/creds/<role>.creds` for `api`, `scheduler`, `ledger`, `adapter-<provider>` per
+  `--adapters`, `worker` (the operator's own workers, any pool) with `--local-worker`, and
+  `sys` (the system account's user: the gateway pushes revocations with it);
+- `DIR/nats-keys.json` (mode 0600): the seeds a gateway needs later, to sign enrolled nodes'
+  user JWTs (the account's) and to re-sign the account JWT with revocations (the operator's).
+
+Every file with a secret is mode 0600. Running it again keeps the keys and writes only what is
+missing, so credentials already handed out stay valid.
+
+Why JWTs and not auth callout: the server verifies a JWT chain itself, so no Tokenyard process
+sits on the connect path (NATS keeps accepting the scheduler and the workers while every gateway
+is down), and revoking a user in the account JWT makes the server close that user's connections
+at once and refuse them after (`Authorization Violation`), which is exactly "disable a node".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker_api.nats_jwt import ACCOUNT, OPERATOR, USER, Key, account_jwt, creds, operator_jwt, user_jwt
+from schemas import permissions
+from schemas.permissions import Permissions
+from schemas.settings import creds_path
+
+KEYS_FILE = "nats-keys.json"
+CONF_FILE = "nats-auth.conf"
+ACCOUNT_NAME = "TOKENYARD"
+SYSTEM_NAME = "SYS"
+SYS_ROLE = "sys"
+LOCAL_WORKER = "worker"
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner may read (0600), replacing any earlier one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def role_permissions(role: str) -> Permissions:
+    """The permissions of a role's credentials (`adapter-<pool>` names its pool)."""
+    fixed = {"api": permissions.api, "scheduler": permissions.scheduler, "ledger": permissions.ledger}
+    if role in fixed:
+        return fixed[role]()
+    if role == LOCAL_WORKER:
+        return permissions.adapter(None)
+    if role.startswith("adapter-"):
+        return permissions.adapter(role.removeprefix("adapter-"))
+    raise ValueError(f"unknown role {role!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKeys:
+    operator: Key
+    system: Key
+    account: Key
+
+    @classmethod
+    def create(cls) -> AuthKeys:
+        return cls(Key.new(OPERATOR), Key.new(ACCOUNT), Key.new(ACCOUNT))
+
+    def to_json(self) -> str:
+        seeds = {"operator": self.operator.seed, "system": self.system.seed, "account": self.account.seed}
+        return json.dumps({"version": 1, **{k: v.decode() for k, v in seeds.items()}}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> AuthKeys:
+        o = json.loads(text)
+        return cls(Key(o["operator"].encode()), Key(o["system"].encode()), Key(o["account"].encode()))
+
+
+class AuthDir:
+    """A directory written by `tokenyard auth init`: keys, server config, role credentials."""
+
+    def __init__(self, path: Path, keys: AuthKeys) -> None:
+        self.path = path
+        self.keys = keys
+
+    @classmethod
+    def open(cls, path: str | Path) -> AuthDir | None:
+        """The auth dir at `path`, or None where no keys were made there."""
+        p = Path(path).expanduser()
+        keys = p / KEYS_FILE
+        return cls(p, AuthKeys.from_json(keys.read_text())) if keys.is_file() else None
+
+    @classmethod
+    def init(
+        cls,
+        path: str | Path,
+        *,
+        adapters: tuple[str, ...] = (),
+        local_worker: bool = False,
+        resolver_dir: str | Path | None = None,
+    ) -> AuthDir:
+        p = Path(path).expanduser().resolve()
+        found = cls.open(p)
+        auth = found or cls(p, AuthKeys.create())
+        if found is None:
+            write_secret(p / KEYS_FILE, auth.keys.to_json())
+        conf = auth.server_config(Path(resolver_dir) if resolver_dir else p / "jwt")
+        (p / CONF_FILE).write_text(conf)
+        roles = ["api", "scheduler", "ledger", *(f"adapter-{a}" for a in adapters)]
+        if local_worker:
+            roles.append(LOCAL_WORKER)
+        for role in roles:
+            if not creds_path(p, role).exists():
+                write_secret(creds_path(p, role), auth.issue(role, role_permissions(role))[0])
+        if not creds_path(p, SYS_ROLE).exists():
+            user = Key.new(USER)
+            jwt = user_jwt(auth.keys.system, user.public, name=SYS_ROLE, permissions=None)
+            write_secret(creds_path(p, SYS_ROLE), creds(jwt, user.seed))
+        return auth
+
+    @property
+    def conf_path(self) -> Path:
+        return self.path / CONF_FILE
+
+    @property
+    def sys_creds(self) -> Path:
+        return creds_path(self.path, SYS_ROLE)
+
+    def issue(self, name: str, perms: Permissions, *, issued_at: int = 0) -> tuple[str, str]:
+        """A new identity in the TOKENYARD account: its `.creds` text and public key."""
+        user = Key.new(USER)
+        jwt = user_jwt(self.keys.account, user.public, name=name, permissions=perms, issued_at=issued_at)
+        return creds(jwt, user.seed), user.public
+
+    def account_jwt(self, revocations: dict[str, int] | None = None) -> str:
+        """The TOKENYARD account's JWT, issued now, with these users revoked."""
+        return account_jwt(
+            self.keys.operator,
+            self.keys.account.public,
+            name=ACCOUNT_NAME,
+            jetstream=True,
+            revocations=revocations,
+            issued_at=int(time.time()),
+        )
+
+    def server_config(self, resolver_dir: Path) -> str:
+        k = self.keys
+        operator = operator_jwt(k.operator, name="tokenyard", system_account=k.system.public)
+        system = account_jwt(k.operator, k.system.public, name=SYSTEM_NAME, jetstream=False)
+        account = account_jwt(k.operator, k.account.public, name=ACCOUNT_NAME, jetstream=True)
+        store = str(resolver_dir).replace("\\", "/")
+        return (
+            "# NATS decentralized JWT auth for Tokenyard (written by `tokenyard auth init`): include it\n"
+            "# from a nats-server config. Account updates (revocations) arrive at run time and are kept\n"
+            "# in the resolver's directory, which must be this server's own.\n"
+            "# A user JWT travels in the CONNECT line: a node enrolled for many models has a long one.\n"
+            "max_control_line: 65536\n"
+            f'operator: "{operator}"\n'
+            f"system_account: {k.system.public}\n"
+            f'resolver: {{\n  type: full\n  dir: "{store}"\n  allow_delete: false\n  interval: "2m"\n'
+            '  timeout: "1.9s"\n}\n'
+            f'resolver_preload: {{\n  {k.system.public}: "{system}"\n  {k.account.public}: "{account}"\n}}\n'
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenyard auth init", description="Make NATS credentials for a Tokenyard deployment."
+    )
+    p.add_argument("--out", required=True, help="directory for nats-auth.conf, creds/ and the signing keys")
+    p.add_argument("--adapters", default="", help="cloud providers, comma-separated: one adapter-<name>.creds each")
+    p.add_argument("--local-worker", action="store_true", help="also creds/worker.creds: the operator's own workers")
+    p.add_argument("--resolver-dir", default="", help="where nats-server keeps account JWTs (default DIR/jwt)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "init":
+        print("usage: tokenyard auth init --out DIR [--adapters openai,azure] [--local-worker]", file=sys.stderr)
+        return 2
+    a = parser().parse_args(argv[1:])
+    adapters = tuple(x.strip() for x in a.adapters.split(",") if x.strip())
+    auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
+    print(f"NATS auth in {auth.path}:")
+    print(f"  {auth.conf_path}   (include it from the nats-server config)")
+    for creds_file in sorted((auth.path / "creds").glob("*.creds")):
+        print(f"  {creds_file}")
+    print(f"  {auth.path / KEYS_FILE}   (signing keys: the gateway issues node credentials with them; keep secret)")
+    return 0

@@ -1,0 +1,136 @@
+"""Enrolment end to end: a second machine joins with a token, serves its pool through the
+official openai SDK, keeps its identity across restarts; bad tokens get clear 4xx answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ECHO
+from tests.enrol import admin, create_token, join_node, wait_for_node
+from tests.stack import ADMIN_KEY, Stack
+
+LAB = "lab"
+
+
+@pytest.fixture
+async def gateway(stack: Stack) -> Stack:
+    """The stack with its API (auth dir and all) but no worker yet."""
+    await stack.start_api()
+    return stack
+
+
+async def test_a_second_machine_joins_serves_its_pool_and_keeps_its_identity(gateway: Stack, tmp_path: Path) -> None:
+    node_dir = tmp_path / "second-machine"
+    async with httpx.AsyncClient(base_url=gateway.api_url, timeout=30) as http:
+        token = await create_token(http, pool=LAB, kind="own", models=[ECHO], ttl=600, uses=1)
+        assert token["token"].startswith("tyj_") and token["pool"] == LAB
+        listed = (await admin(http, "GET", "/nodes/tokens")).json()["data"]
+        assert [t["id"] for t in listed] == [token["id"]] and "token" not in listed[0]  # no secret twice
+        proc = join_node(gateway, gateway.api_url, node_dir, token=token["token"])
+        node = await wait_for_node(http)
+        assert (node["pool"], node["kind"], node["models"], node["org"]) == (LAB, "own", [ECHO], "default")
+        assert node["slots"]["total"] > 0 and node["last_seen"]
+        # stored 0600, and the secret is not in its log
+        for name in ("node.json", "creds/node.creds"):
+            assert stat.S_IMODE(os.stat(node_dir / name).st_mode) == 0o600
+        assert (node_dir / "node_id").read_text().strip() == node["id"]
+        assert token["token"] not in proc.output()
+        creds_seed = (node_dir / "creds" / "node.creds").read_text().split("NKEY SEED-----\n")[1].split("\n")[0]
+        assert creds_seed not in proc.output()
+
+        await gateway.wait_for_model(ECHO)
+        async with openai.AsyncOpenAI(
+            base_url=f"{gateway.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30
+        ) as client:
+            r = await client.chat.completions.create(
+                model=ECHO,
+                messages=[{"role": "user", "content": "served by the lab"}],
+                max_tokens=4,
+                extra_body={"provider": {"only": [LAB]}},
+            )
+            assert r.choices[0].message.content == "served by the lab"
+
+        # the ledger says which node served it, and the owner sees it
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline:
+            usage = (await admin(http, "GET", f"/nodes/{node['id']}/usage")).json()["data"]
+            if usage:
+                break
+            await asyncio.sleep(0.1)
+        assert [(u["model"], u["requests"]) for u in usage] == [(ECHO, 1)]
+        assert (await admin(http, "GET", f"/nodes/{node['id']}")).json()["requests"] == 1
+
+        # restarted without the token (spent anyway): the same node
+        assert proc.stop() == 0
+        again = join_node(gateway, gateway.api_url, node_dir)
+        back = await wait_for_node(http, node_id=node["id"])
+        assert back["id"] == node["id"]
+        assert len((await admin(http, "GET", "/nodes")).json()["data"]) == 1
+        assert "reusing the identity stored in" in again.output() and "joined" in proc.output()
+
+        audit = (await admin(http, "GET", "/audit")).json()["data"]
+        assert {"node.token.create", "node.enrol"} <= {e["action"] for e in audit}
+
+
+async def _join(http: httpx.AsyncClient, token: str, models: list[str] | None = None) -> httpx.Response:
+    return await http.post("/v1/nodes/join", json={"token": token, "models": models or [ECHO]})
+
+
+async def test_unknown_expired_and_used_up_tokens_are_refused_clearly(gateway: Stack) -> None:
+    async with httpx.AsyncClient(base_url=gateway.api_url, timeout=30) as http:
+        r = await _join(http, "tyj_nothere_secret")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token", r.text
+        r = await http.post("/v1/nodes/join", json={"models": [ECHO]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "token"
+
+        once = await create_token(http, pool=LAB, uses=1)
+        first = await _join(http, once["token"])
+        assert first.status_code == 200, first.text
+        assert first.json()["creds"].startswith("-----BEGIN NATS USER JWT-----")
+        second = await _join(http, once["token"])
+        assert second.status_code == 401, second.text
+        assert second.json()["error"]["code"] == "token_used_up"
+        assert "used up (1 of 1 joins)" in second.json()["error"]["message"]
+
+        brief = await create_token(http, pool=LAB, ttl=1)
+        await asyncio.sleep(1.2)
+        late = await _join(http, brief["token"])
+        assert late.status_code == 401 and late.json()["error"]["code"] == "token_expired", late.text
+        assert "expired" in late.json()["error"]["message"]
+
+        tampered = once["token"][:-2] + ("AA" if not once["token"].endswith("AA") else "BB")
+        assert (await _join(http, tampered)).json()["error"]["code"] == "invalid_token"
+
+
+async def test_models_a_token_does_not_allow_are_refused(gateway: Stack) -> None:
+    async with httpx.AsyncClient(base_url=gateway.api_url, timeout=30) as http:
+        token = await create_token(http, pool=LAB, models=["a-model"], uses=5)
+        r = await _join(http, token["token"], ["another-model"])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "models"
+        both = await _join(http, token["token"], ["a-model", "another-model"])
+        assert both.status_code == 200 and both.json()["models"] == ["a-model"]
+
+
+async def test_joins_are_rate_limited_per_address(stack: Stack) -> None:
+    await stack.start_api(join_rate=3)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        codes = [(await _join(http, f"tyj_guess{i}_x")).status_code for i in range(5)]
+        assert codes[:3] == [401, 401, 401] and codes[3:] == [429, 429]
+        r = await _join(http, "tyj_guess_x")
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"]
+
+
+async def test_operator_pools_take_no_enrolled_nodes(stack: Stack) -> None:
+    await stack.start_api(reserved_pools="vip")
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        r = await admin(http, "POST", "/nodes/tokens", json={"pool": "vip"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "pool", r.text
+        r = await admin(http, "POST", "/nodes/tokens", json={"pool": "Not A Pool"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "pool"

@@ -1,0 +1,145 @@
+"""The pure parts of enrolment and auth: which adverts a scheduler believes, what a joining node
+may serve, node states, records on the wire, the join limiter, JWTs and connect options."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import nkeys
+import pytest
+
+from broker_api.enrolment import JoinLimiter
+from broker_api.nats_auth import AuthDir, role_permissions
+from broker_api.nats_jwt import decode_claims
+from schemas import permissions
+from schemas.codec import WireError, pack
+from schemas.errors import RateLimitError
+from schemas.jobs import ModelAdvert, NodeAdvert
+from schemas.registry import EnrolToken, NodeRecord, Price, admit_advert, allowed_models, node_state, parse_token
+from schemas.settings import NatsSettings, creds_path, found_creds, nats_options
+
+RECORD = NodeRecord(
+    id="nd-1", org="acme", pool="lab", kind="own", models=("a", "b"), created=1.0, user_key="UX", price=Price(1.0, 2.0)
+)
+
+
+def advert(**kw: object) -> NodeAdvert:
+    base: dict[str, object] = {
+        "node": "nd-1",
+        "pool": "lab",
+        "models": (ModelAdvert("a", input_price=99.0, output_price=99.0), ModelAdvert("c")),
+        "slots_total": 4,
+        "slots_free": 4,
+        "kind": "own",
+    }
+    return NodeAdvert(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_an_enrolled_nodes_advert_keeps_to_its_enrolment_at_the_registrys_price() -> None:
+    admitted = admit_advert(advert(), RECORD)
+    assert admitted is not None
+    assert [(m.id, m.input_price, m.output_price) for m in admitted.models] == [("a", 1.0, 2.0)]  # c dropped
+    assert admit_advert(advert(pool="prov-a"), RECORD) is None
+    assert admit_advert(advert(kind="volunteer"), RECORD) is None
+    assert admit_advert(advert(kind="cloud"), RECORD) is None
+    assert admit_advert(advert(models=(ModelAdvert("c"),)), RECORD) is None
+    assert admit_advert(advert(), RECORD.replace(enabled=False)) is None
+    assert admit_advert(advert(), RECORD.replace(removed=5.0)) is None
+    unknown = advert(node="operator-worker")
+    assert admit_advert(unknown, None) is unknown  # the operator's own
+
+
+def test_what_a_joining_node_may_serve() -> None:
+    assert allowed_models((), ("x", "y")) == ("x", "y")
+    assert allowed_models(("x",), ()) == ("x",)
+    assert allowed_models(("x", "z"), ("y", "z", "x")) == ("z", "x")
+    assert allowed_models(("x",), ("y",)) == ()
+
+
+def test_node_states() -> None:
+    live = advert(interval=1.0)
+    assert node_state(RECORD, live, 0.5) == "online"
+    assert node_state(RECORD, advert(draining=True), 0.5) == "draining"
+    assert node_state(RECORD, live, 5.0) == "stale"
+    assert node_state(RECORD, live, 60.0) == "offline"
+    assert node_state(RECORD, None, float("inf")) == "offline"
+    assert node_state(RECORD.replace(enabled=False), live, 0.1) == "disabled"
+
+
+def test_records_round_trip_and_garbage_is_a_wire_error() -> None:
+    assert NodeRecord.decode(RECORD.encode()) == RECORD
+    token = EnrolToken("t1", "d" * 64, "acme", "lab", "volunteer", ("a",), 1.0, 2.0, 3, used=1, creator="k")
+    assert EnrolToken.decode(token.encode()) == token
+    kind_cloud = pack({"id": "x", "org": "o", "pool": "p", "kind": "cloud"})  # enrolled nodes are own or volunteer
+    for bad in (b"not msgpack \xc1", pack({"id": "x"}), kind_cloud):
+        with pytest.raises(WireError):
+            NodeRecord.decode(bad)
+    with pytest.raises(WireError):
+        EnrolToken.decode(pack({"id": "t"}))
+    assert parse_token("tyj_abc_secret") == ("abc", "secret")
+    assert parse_token("ty_abc_secret") is None and parse_token("tyj__x") is None
+
+
+def test_a_token_says_why_it_is_unusable() -> None:
+    token = EnrolToken("t1", "d", "o", "lab", "own", (), 0.0, 100.0, 2, used=0)
+    assert token.unusable(50.0) == ("", "")
+    assert token.unusable(100.0)[0] == "token_expired"
+    assert EnrolToken("t1", "d", "o", "lab", "own", (), 0.0, 100.0, 2, used=2).unusable(50.0)[0] == "token_used_up"
+
+
+def test_the_join_limiter_counts_per_address_within_a_minute() -> None:
+    limiter = JoinLimiter(2)
+    limiter.check("a", 0.0)
+    limiter.check("a", 1.0)
+    limiter.check("b", 1.0)
+    with pytest.raises(RateLimitError) as e:
+        limiter.check("a", 2.0)
+    assert e.value.retry_after == pytest.approx(58.0)
+    limiter.check("a", 61.0)  # the first attempt left the window
+
+
+def test_jwts_chain_to_the_operator_and_stay_small(tmp_path: Path) -> None:
+    auth = AuthDir.init(tmp_path, adapters=("openai",), local_worker=True)
+    text = creds_path(tmp_path, "api").read_text()
+    jwt = text.split("-----BEGIN NATS USER JWT-----\n")[1].split("\n")[0]
+    head, body, sig = jwt.split(".")
+    claims = decode_claims(jwt)
+    assert claims["iss"] == auth.keys.account.public and claims["nats"]["type"] == "user"
+    signer = nkeys.from_seed(bytearray(auth.keys.account.seed))
+    assert signer.verify(f"{head}.{body}".encode(), base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
+    account = decode_claims(auth.account_jwt({"UABC": 5}))
+    assert account["iss"] == auth.keys.operator.public and account["nats"]["revocations"] == {"UABC": 5}
+    assert account["nats"]["limits"]["disk_storage"] == -1  # JetStream on for the account
+    for role in ("api", "scheduler", "ledger", "worker", "adapter-openai"):
+        issued = auth.issue(role, role_permissions(role))[0].split("\n")[1]
+        assert len(issued) < 3600, (role, len(issued))  # under nats-server's default 4 KiB line, with room
+    assert AuthDir.open(tmp_path) is not None and AuthDir.open(tmp_path / "nothing") is None
+    again = AuthDir.init(tmp_path)  # keeps its keys: credentials already handed out stay valid
+    assert again.keys == auth.keys and creds_path(tmp_path, "api").read_text() == text
+
+
+def test_node_permissions_name_only_its_own_consumers() -> None:
+    p = permissions.node("nd-1", "lab", ["m"])
+    assert "ty.fleet.hb.nd-1" in p.publish and "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.work-lab-m" in p.publish
+    assert not any(">" in s and not s.startswith(("$JS.ACK", "_INBOX_ty.lab.nd-1")) for s in (*p.publish, *p.subscribe))
+    assert not p.responses
+
+
+def test_connect_options_find_credentials_and_tls(tmp_path: Path) -> None:
+    assert found_creds(str(tmp_path), ("scheduler",)) == ""
+    creds_path(tmp_path, "worker").parent.mkdir(parents=True)
+    creds_path(tmp_path, "worker").write_text("x")
+    assert found_creds(str(tmp_path), ("adapter-openai", "worker")) == str(creds_path(tmp_path, "worker"))
+    plain = nats_options(NatsSettings(url="nats://a:4222, nats://b:4222"), name="n")
+    assert (
+        plain["servers"] == ["nats://a:4222", "nats://b:4222"]
+        and "tls" not in plain
+        and "user_credentials" not in plain
+    )
+    assert plain["ping_interval"] == 10 and plain["max_reconnect_attempts"] == -1
+    secured = nats_options(
+        NatsSettings(url="tls://a:4222", creds="c.creds", tls_hostname="gw"), name="n", inbox_prefix="_I"
+    )
+    assert secured["user_credentials"] == "c.creds" and secured["tls"] is not None
+    assert secured["tls_hostname"] == "gw" and secured["inbox_prefix"] == "_I"
