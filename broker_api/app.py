@@ -39,9 +39,10 @@ from broker_api.directory import Directory
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
 from broker_api.ledger import Ledger, LedgerFeed
-from broker_api.metrics import Metrics, queue_depths
+from broker_api.metrics import Metrics, consumer_lag
 from broker_api.nodes import NodeServices
 from broker_api.nodes import router as nodes_router
+from broker_api.observe import ObserveMiddleware
 from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
 from schemas import streams
@@ -62,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 STARTED = int(time.time())
 CACHE_HEADER = "x-tokenyard-cache"
+# OpenRouter's fields beyond OpenAI's that the gateway honours (routing, cost): not "unknown".
+HONOURED_EXTRAS = frozenset({"provider", "models", "usage", "transforms"})
 
 
 def _error_response(e: TokenyardError, request_id: str | None = None) -> JSONResponse:
@@ -157,6 +160,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             if part is not None:
                 await part.start()
         app.state.bus = the_bus
+        app.state.ledger_feed = feed
         idempotency = await Idempotency.open(nc, js, replicas=replicas)
         app.state.nodes = await NodeServices.open(
             nc, settings, fleet=fleet, auditor=Auditor(accounts.audit), ledger=ledger, replicas=replicas
@@ -206,6 +210,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     metrics = Metrics()
     app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(SessionMiddleware)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)  # inside RequestIdMiddleware: it reads the id
     app.add_middleware(RequestIdMiddleware)
 
     def authenticate(request: Request) -> Principal:
@@ -237,9 +242,11 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        bus = request.app.state.bus
-        text = metrics.render(await queue_depths(bus.nc.jetstream()), lane_placements=bus.lanes.placed)
-        return Response(text, media_type="text/plain; version=0.0.4")
+        bus, feed = request.app.state.bus, request.app.state.ledger_feed
+        js = bus.nc.jetstream()
+        lag = (lambda: consumer_lag(js, feed.durables)) if feed is not None else None
+        body, content_type = await metrics.render(js, lanes=bus.lanes.placed, ledger_lag=lag)
+        return Response(body, media_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -270,15 +277,23 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         who = authenticate(request)
         limit = who.key_limits.max_body_bytes or settings.max_body_bytes
         req = parse_chat_request(await _read_json(request, min(limit, settings.max_body_bytes)))
-        if req.model_extra:
-            log.info("api.unknown_fields", fields=sorted(req.model_extra))
+        unknown = sorted(set(req.model_extra or ()) - HONOURED_EXTRAS)
+        if unknown:
+            log.info("api.unknown_fields", fields=unknown)
         who.check_model(req.model)
         check_max_tokens(
             req.model_dump(include={"max_tokens", "max_completion_tokens"}), who.key_limits, who.org_limits
         )
         chat: ChatService = request.app.state.chat
         use_cache = request.headers.get(CACHE_HEADER, "").lower() not in {"no", "bypass", "off"}
-        session = chat.open(req, who, use_cache=use_cache, idempotency_key=request.headers.get("idempotency-key", ""))
+        session = chat.open(
+            req,
+            who,
+            use_cache=use_cache,
+            idempotency_key=request.headers.get("idempotency-key", ""),
+            request_id=request.state.request_id,
+            traceparent=request.state.traceparent,
+        )
         await chat.start(session)
         if session.replayed:
             headers = {"idempotent-replayed": "true"}

@@ -156,9 +156,19 @@ class ChatService:
         self.metrics: Metrics | None = None
 
     def open(
-        self, req: ChatCompletionRequest, who: Principal, *, use_cache: bool = True, idempotency_key: str = ""
+        self,
+        req: ChatCompletionRequest,
+        who: Principal,
+        *,
+        use_cache: bool = True,
+        idempotency_key: str = "",
+        request_id: str = "",
+        traceparent: str = "",
     ) -> Session:
         job_id = uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(job_id=job_id, model=req.model)
+        if self.metrics is not None:
+            self.metrics.opened(req.model)
         body = req.model_dump(exclude_none=True, exclude={"stream", "stream_options"})
         job = Job(
             id=job_id,
@@ -166,6 +176,8 @@ class ChatService:
             request=body,
             reply=self._bus.reply_subject(job_id),
             deadline=time.time() + self._s.request_timeout,
+            request_id=request_id,
+            traceparent=traceparent,
         )
         session = Session(req=req, who=who, job=job)
         if self._cache is not None and use_cache and who.cache and cacheable(body):
@@ -303,6 +315,8 @@ class ChatService:
                 completion=record.completion_tokens,
                 seconds=record.duration_ms / 1e3,
                 ttft=record.ttft_ms / 1e3 if record.ttft_ms else None,
+                route=record.route,
+                attempts=record.attempts,
             )
         if self._accounts is not None:
             self._accounts.usage(record)
@@ -437,6 +451,8 @@ class ChatService:
             request.pop("max_tokens", None)
             request["max_completion_tokens"] = max(1, limit - s.tally.tokens)
         s.tally.carry_on()
+        if self.metrics is not None:
+            self.metrics.continued(s.req.model)
         s.run.min_attempt = job.attempt_id(0)
         log.info("job.continue", job_id=job.id, dispatch=job.dispatch, carried_tokens=s.tally.tokens, why=why)
         return dataclasses.replace(job, request=request)

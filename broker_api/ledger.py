@@ -249,14 +249,19 @@ class LedgerFeed:
         self._name = name
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def durables(self) -> dict[str, tuple[str, str]]:
+        """{what: (stream, durable consumer)} this feed reads (its lag is their pending count)."""
+        return {
+            "usage": (subjects.USAGE_STREAM, f"ledger-{self._name}"),
+            "audit": (subjects.AUDIT_STREAM, f"audit-{self._name}"),
+        }
+
     async def start(self) -> None:
+        (usage_stream, usage), (audit_stream, audit) = self.durables["usage"], self.durables["audit"]
         self._tasks = [
-            asyncio.create_task(
-                self._follow(subjects.USAGE_STREAM, f"ledger-{self._name}", UsageRecord.decode, self._ledger.add_usage)
-            ),
-            asyncio.create_task(
-                self._follow(subjects.AUDIT_STREAM, f"audit-{self._name}", AuditEvent.decode, self._ledger.add_audit)
-            ),
+            asyncio.create_task(self._follow(usage_stream, usage, UsageRecord.decode, self._ledger.add_usage)),
+            asyncio.create_task(self._follow(audit_stream, audit, AuditEvent.decode, self._ledger.add_audit)),
         ]
 
     async def stop(self) -> None:

@@ -17,7 +17,7 @@ log = structlog.get_logger(__name__)
 
 def main(argv: list[str] | None = None) -> None:
     settings = ApiSettings.from_args(argv)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, role="api")
     admin_key, created = load_or_create_admin_key(settings.data_dir, settings.admin_key)
     if created:
         print(
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # uvicorn's loggers go through schemas.logs' pipeline, not their own handlers
         access_log=False,
         loop="auto",
         http="auto",

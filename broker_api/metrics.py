@@ -1,113 +1,194 @@
-"""Operator metrics in Prometheus' text format, at `/metrics`.
+"""The gateway's Prometheus metrics, at `/metrics` (prometheus-client, in this app's own registry).
 
-Request counters and latency histograms are kept in this process (cheap: a dict update when a
-request ends). Queue metrics are read from JetStream when scraped: jobs waiting and running in
-each (pool, model) work queue, so every gateway reports the same shared queues.
+Names, for every role: `tokenyard_<role>_<what>` (role `api`, `scheduler`, `worker`, `ledger`),
+so a dashboard's query names the role it reads and the roles' series never collide in one
+Prometheus. Labels are bounded: model ids the fleet serves, pool names, statuses, outcomes,
+tiers, kinds; never a job id, key id, org or client-chosen text (a 400/404's model is left out:
+a client could name any model).
+
+The gateway's (the scheduler's are in `scheduler.metrics`, the worker's in `worker.metrics`):
+
+    tokenyard_api_requests_total{model,route,status,outcome}   chat completions that ended, refusals
+        included; outcome ok|cached|cancelled|error|replayed|refused|invalid; route = the pool
+        that served ("" if none did, "cache" for a cache hit)
+    tokenyard_api_http_requests_total{handler,method,status}   every HTTP request, by route template
+    tokenyard_api_tokens_total{model,route,kind}                prompt|completion tokens billed
+    tokenyard_api_request_duration_seconds{model}               arrival to the last byte (histogram)
+    tokenyard_api_time_to_first_token_seconds{model}            arrival to the first token (histogram)
+    tokenyard_api_inflight_requests                              chat completions being served now
+    tokenyard_api_cache_requests_total{result}                   hit|miss|bypass of the response cache
+    tokenyard_api_failovers_total{model}                         extra dispatches after a failed attempt
+    tokenyard_api_continuations_total{model}                     answers continued on another node mid-way
+    tokenyard_api_lane_placements_total                          jobs placed through a scheduler's lane
+    tokenyard_api_work_queue_jobs{pool,model,state}              waiting|running in each work queue (JetStream)
+    tokenyard_api_ledger_lag_records{stream}                     records not yet in this gateway's ledger
+
+Per request this costs a few dict look-ups and atomic adds (prometheus-client's children are
+cached per label set); the queue and ledger gauges are read from JetStream when scraped.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import contextvars
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from schemas import subjects
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A model id goes into labels only with these statuses: the fleet knew the model.
+MODEL_STATUSES = frozenset({200, 429, 499, 502, 503, 504})
+
+Queues = list[tuple[str, str, int, int]]  # (pool, model, waiting, running)
 
 
-class Histogram:
+@dataclass(slots=True)
+class Meter:
+    """What the chat service learnt about the HTTP request it serves (`broker_api.observe`)."""
+
+    model: str = ""
+    route: str = ""
+    outcome: str = ""  # from the usage record: ok, cached, cancelled, error
+    status: int = 0  # the record's status (a stream that failed after its 200 says 502 here)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    recorded: bool = False
+
+
+# The meter of the request being served in this context (set by `broker_api.observe`): a
+# context variable, so each request sees only its own.
+METER: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("tokenyard_meter", default=None)
+
+
+class _Scraped(Collector):
+    """Values read when scraped (JetStream queues, lanes, ledger lag), kept from the last read."""
+
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
+        self.queues: Queues = []
+        self.lanes = 0
+        self.ledger_lag: dict[str, int] = {}
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, total = [], 0
-        for bound, count in zip((*BUCKETS, float("inf")), self.counts):
-            total += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{{labels}{"," if labels else ""}le="{le}"}} {total}')
-        out.append(f"{name}_sum{{{labels}}} {self.sum}")
-        out.append(f"{name}_count{{{labels}}} {total}")
-        return out
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def collect(self) -> Iterator[Metric]:
+        q = GaugeMetricFamily(
+            "tokenyard_api_work_queue_jobs", "Jobs in each work queue.", labels=["pool", "model", "state"]
+        )
+        for pool, model, waiting, running in self.queues:
+            q.add_metric([pool, model, "waiting"], waiting)
+            q.add_metric([pool, model, "running"], running)
+        yield q
+        yield CounterMetricFamily(
+            "tokenyard_api_lane_placements", "Jobs this gateway placed through a scheduler's lane.", value=self.lanes
+        )
+        lag = GaugeMetricFamily(
+            "tokenyard_api_ledger_lag_records", "Records not yet stored in this gateway's ledger.", labels=["stream"]
+        )
+        for stream, n in sorted(self.ledger_lag.items()):
+            lag.add_metric([stream], n)
+        yield lag
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (model, outcome, status)
-        self.tokens: dict[tuple[str, str], int] = defaultdict(int)  # (model, prompt|completion)
-        self.duration: dict[str, Histogram] = defaultdict(Histogram)
-        self.ttft: dict[str, Histogram] = defaultdict(Histogram)
-        self.inflight = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "tokenyard_api_requests",
+            "Chat completion requests that ended, refusals included.",
+            ["model", "route", "status", "outcome"],
+            registry=r,
+        )
+        self.http = Counter(
+            "tokenyard_api_http_requests",
+            "HTTP requests, by route template.",
+            ["handler", "method", "status"],
+            registry=r,
+        )
+        self.tokens = Counter("tokenyard_api_tokens", "Tokens billed.", ["model", "route", "kind"], registry=r)
+        self.duration = Histogram(
+            "tokenyard_api_request_duration_seconds", "Arrival to the end.", ["model"], buckets=BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "tokenyard_api_time_to_first_token_seconds",
+            "Arrival to the first token.",
+            ["model"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("tokenyard_api_inflight_requests", "Chat completions being served now.", registry=r)
+        self.cache = Counter("tokenyard_api_cache_requests", "Response cache look-ups.", ["result"], registry=r)
+        self.failovers = Counter("tokenyard_api_failovers", "Dispatches after a failed attempt.", ["model"], registry=r)
+        self.continuations = Counter(
+            "tokenyard_api_continuations", "Answers continued on another node mid-way.", ["model"], registry=r
+        )
+        self.scraped = _Scraped()
+        r.register(self.scraped)
+
+    # --- per request --------------------------------------------------------------------
 
     def finished(
-        self, *, model: str, outcome: str, status: int, prompt: int, completion: int, seconds: float, ttft: float | None
+        self,
+        *,
+        model: str,
+        outcome: str,
+        status: int,
+        prompt: int,
+        completion: int,
+        seconds: float,
+        ttft: float | None,
+        route: str = "",
+        attempts: int = 1,
     ) -> None:
-        self.requests[(model, outcome, str(status))] += 1
-        self.tokens[(model, "prompt")] += prompt
-        self.tokens[(model, "completion")] += completion
-        self.duration[model].observe(seconds)
+        """A request that ran (it has a usage record): its tokens, times and failovers. The
+        request itself is counted once by the HTTP edge (`broker_api.observe`)."""
+        meter = METER.get()
+        if meter is not None:
+            meter.route, meter.outcome, meter.status, meter.recorded = route, outcome, status, True
+            meter.prompt_tokens, meter.completion_tokens = prompt, completion
+        self.tokens.labels(model, route, "prompt").inc(prompt)
+        self.tokens.labels(model, route, "completion").inc(completion)
+        self.duration.labels(model).observe(seconds)
         if ttft is not None:
-            self.ttft[model].observe(ttft)
+            self.ttft.labels(model).observe(ttft)
+        if attempts > 1:
+            self.failovers.labels(model).inc(attempts - 1)
 
-    def render(self, queues: list[tuple[str, str, int, int]], lane_placements: int = 0) -> str:
-        lines = [
-            "# HELP tokenyard_requests_total Chat completion requests that ended, by outcome and status.",
-            "# TYPE tokenyard_requests_total counter",
-        ]
-        lines += [
-            f'tokenyard_requests_total{{model="{_label(m)}",outcome="{o}",status="{s}"}} {n}'
-            for (m, o, s), n in sorted(self.requests.items())
-        ]
-        lines += ["# HELP tokenyard_tokens_total Tokens billed, by kind.", "# TYPE tokenyard_tokens_total counter"]
-        lines += [
-            f'tokenyard_tokens_total{{model="{_label(m)}",kind="{k}"}} {n}' for (m, k), n in sorted(self.tokens.items())
-        ]
-        for name, hists, text in (
-            ("tokenyard_request_duration_seconds", self.duration, "Time from arrival to the end."),
-            ("tokenyard_time_to_first_token_seconds", self.ttft, "Time to the first token."),
-        ):
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-            for model, h in sorted(hists.items()):
-                lines += h.lines(name, f'model="{_label(model)}"')
-        lines += [
-            "# HELP tokenyard_inflight_requests Requests this gateway is serving now.",
-            "# TYPE tokenyard_inflight_requests gauge",
-            f"tokenyard_inflight_requests {self.inflight}",
-        ]
-        lines += [
-            "# HELP tokenyard_lane_placements_total Jobs this gateway placed through a scheduler's lane.",
-            "# TYPE tokenyard_lane_placements_total counter",
-            f"tokenyard_lane_placements_total {lane_placements}",
-        ]
-        lines += [
-            "# HELP tokenyard_queue_waiting_jobs Jobs waiting in a work queue.",
-            "# TYPE tokenyard_queue_waiting_jobs gauge",
-        ]
-        lines += [
-            f'tokenyard_queue_waiting_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {w}' for p, m, w, _ in queues
-        ]
-        lines += [
-            "# HELP tokenyard_queue_running_jobs Jobs pulled by a worker and not yet acknowledged.",
-            "# TYPE tokenyard_queue_running_jobs gauge",
-        ]
-        lines += [
-            f'tokenyard_queue_running_jobs{{pool="{_label(p)}",model="{_label(m)}"}} {r}' for p, m, _, r in queues
-        ]
-        return "\n".join(lines) + "\n"
+    def opened(self, model: str) -> None:
+        """The chat service took the request for `model` (which is known only if it is admitted)."""
+        meter = METER.get()
+        if meter is not None:
+            meter.model = model
+
+    def continued(self, model: str) -> None:
+        self.continuations.labels(model).inc()
+
+    def ended(self, *, model: str, route: str, status: int, outcome: str) -> None:
+        """One chat completion request ended (counted by the HTTP edge)."""
+        self.requests.labels(model if status in MODEL_STATUSES else "", route, str(status), outcome).inc()
+
+    # --- scraping -----------------------------------------------------------------------
+
+    async def render(
+        self,
+        js: JetStreamContext,
+        *,
+        lanes: int,
+        ledger_lag: Callable[[], Awaitable[dict[str, int]]] | None = None,
+    ) -> tuple[bytes, str]:
+        self.scraped.queues = await queue_depths(js)
+        self.scraped.lanes = lanes
+        if ledger_lag is not None:
+            self.scraped.ledger_lag = await ledger_lag()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-async def queue_depths(js: JetStreamContext) -> list[tuple[str, str, int, int]]:
+async def queue_depths(js: JetStreamContext) -> Queues:
     """(pool, model, waiting, running) for every work-queue consumer."""
     try:
         consumers = await js.consumers_info(subjects.WORK_STREAM)
@@ -119,3 +200,15 @@ async def queue_depths(js: JetStreamContext) -> list[tuple[str, str, int, int]]:
         if parsed is not None:
             out.append((parsed[0], parsed[1], int(c.num_pending or 0), int(c.num_ack_pending or 0)))
     return sorted(out)
+
+
+async def consumer_lag(js: JetStreamContext, consumers: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """Messages each durable consumer has not yet acknowledged: {label: (stream, durable)}."""
+    out: dict[str, int] = {}
+    for label, (stream, durable) in consumers.items():
+        try:
+            info: Any = await js.consumer_info(stream, durable, timeout=1.0)
+        except (TimeoutError, nats.errors.Error):
+            continue
+        out[label] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+    return out

@@ -34,6 +34,8 @@ class Job:
     reply: str
     deadline: float  # unix time; a worker drops a job it pulls after this
     dispatch: int = 1  # 1 for the first placement, +1 for each re-dispatch after a failed attempt
+    request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
+    traceparent: str = ""  # W3C trace context of the gateway's span for this request
 
     def attempt_id(self, delivery: int) -> int:
         """An attempt's id: larger for later dispatches, and within one for later deliveries."""
@@ -54,6 +56,8 @@ class Job:
                 "reply": self.reply,
                 "deadline": self.deadline,
                 "dispatch": self.dispatch,
+                "rid": self.request_id,
+                "tp": self.traceparent,
             }
         )
 
@@ -67,6 +71,8 @@ class Job:
             reply=str(need(o, "reply")),
             deadline=float(need(o, "deadline")),
             dispatch=int(o.get("dispatch", 1)),
+            request_id=str(o.get("rid", "")),
+            traceparent=str(o.get("tp", "")),
         )
 
 

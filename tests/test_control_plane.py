@@ -18,6 +18,7 @@ import pytest
 
 from schemas import subjects
 from tests.conftest import ECHO
+from tests.scrape import samples, value
 from tests.stack import ADMIN_KEY, Stack, auth_headers
 from tests.test_faults import sdk, watch_adverts
 
@@ -295,10 +296,12 @@ async def test_metrics_show_requests_and_queues(echo_stack: Stack, http: httpx.A
         )
         assert r.status_code == 200
     text = (await http.get("/metrics")).text
-    assert f'tokenyard_requests_total{{model="{ECHO}",outcome="ok",status="200"}} 2' in text
-    assert f'tokenyard_tokens_total{{model="{ECHO}",kind="completion"}} 4' in text
-    assert f'tokenyard_request_duration_seconds_count{{model="{ECHO}"}} 2' in text
-    assert f'tokenyard_queue_waiting_jobs{{pool="own",model="{ECHO}"}} 0' in text
+    assert value(text, "tokenyard_api_requests_total", model=ECHO, outcome="ok", status="200", route="own") == 2
+    assert value(text, "tokenyard_api_tokens_total", model=ECHO, kind="completion") == 4
+    assert value(text, "tokenyard_api_request_duration_seconds_count", model=ECHO) == 2
+    assert ("tokenyard_api_work_queue_jobs", frozenset({("pool", "own"), ("model", ECHO), ("state", "waiting")})) in (
+        samples(text)
+    )
 
 
 async def test_node_lifecycle_is_audited_once(stack: Stack) -> None:

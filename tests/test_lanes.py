@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from schemas.jobs import Admission, Submission
 from schemas.tenancy import Limits
 from tests.conftest import ECHO
+from tests.scrape import value
 from tests.stack import Stack
 from tests.test_control_plane import new_key, wait_rows
 from tests.test_faults import sdk
@@ -127,10 +128,7 @@ async def test_lane_credits_never_exceed_the_idle_slots(tmp_path: Path) -> None:
 
 
 async def lane_placements(http: httpx.AsyncClient) -> int:
-    text = (await http.get("/metrics")).text
-    return int(
-        next(line.split()[-1] for line in text.splitlines() if line.startswith("tokenyard_lane_placements_total"))
-    )
+    return int(value((await http.get("/metrics")).text, "tokenyard_api_lane_placements_total"))
 
 
 async def test_the_gateway_places_through_its_lane_and_never_for_a_limited_key(tmp_path: Path) -> None:
