@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas import subjects
+from schemas.jetstream import work_queues
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # A model id goes into labels only with these statuses: the fleet knew the model.
@@ -189,17 +189,11 @@ class Metrics:
 
 
 async def queue_depths(js: JetStreamContext) -> Queues:
-    """(pool, model, waiting, running) for every work-queue consumer."""
+    """(pool, model, waiting, running) for every work-queue consumer ([] if JetStream is away)."""
     try:
-        consumers = await js.consumers_info(subjects.WORK_STREAM)
-    except nats.errors.Error:
+        return await work_queues(js)
+    except (TimeoutError, nats.errors.Error):
         return []
-    out = []
-    for c in consumers:
-        parsed = subjects.parse_work_subject(c.config.filter_subject or "")
-        if parsed is not None:
-            out.append((parsed[0], parsed[1], int(c.num_pending or 0), int(c.num_ack_pending or 0)))
-    return sorted(out)
 
 
 async def consumer_lag(js: JetStreamContext, consumers: dict[str, tuple[str, str]]) -> dict[str, int]:

@@ -113,7 +113,8 @@ class ObserveMiddleware:
         seconds: float,
     ) -> None:
         route = scope.get("route")
-        handler = str(getattr(route, "path", "")) or "unmatched"
+        # (a plain Starlette route, as the chat route is, does not leave itself in the scope)
+        handler = str(getattr(route, "path", "")) or (CHAT_PATH if scope["path"] == CHAT_PATH else "unmatched")
         method = str(scope.get("method", ""))
         self.metrics.http.labels(handler, method, str(status)).inc()
         path = scope["path"]

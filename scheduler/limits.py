@@ -143,10 +143,12 @@ def _gcra_wait(tat: float, cost: float, limit: int, now: float) -> tuple[float, 
     return max(0.0, max(tat, now) + add - now - WINDOW), add
 
 
-def _refuse(what: str, limit: float, retry_after: float, scope: str) -> RateLimitError:
+def _refuse(what: str, limit: float, retry_after: float, scope: str, name: str) -> RateLimitError:
+    """`name` is the limit's field (`param`: the metrics count refusals by it)."""
     code = "insufficient_quota" if "per day" in what or "per month" in what else "rate_limit_exceeded"
     return RateLimitError(
         f"Rate limit reached for {scope}: {what} (limit {limit:g}). Try again in {retry_after:.1f} s.",
+        param=name,
         code=code,
         retry_after=max(1.0, retry_after),
     )
@@ -162,18 +164,21 @@ def reserve(c: Counters, limits: Limits, ask: Ask, now: float, *, scope: str = "
         return c
     refusals: list[RateLimitError] = []
     if limits.max_concurrent and c.in_flight >= limits.max_concurrent:
-        refusals.append(_refuse("requests in flight", limits.max_concurrent, CONCURRENCY_RETRY_AFTER, scope))
+        refusals.append(
+            _refuse("requests in flight", limits.max_concurrent, CONCURRENCY_RETRY_AFTER, scope, "max_concurrent")
+        )
     rpm_add = tpm_per = 0.0
     if limits.rpm:
         wait, rpm_add = _gcra_wait(c.rpm_tat, 1, limits.rpm, now)
         if wait > EPSILON:
-            refusals.append(_refuse("requests per minute", limits.rpm, wait, scope))
+            refusals.append(_refuse("requests per minute", limits.rpm, wait, scope, "rpm"))
     if limits.tpm:
         if ask.tokens > limits.tpm:
             refusals.append(
                 RateLimitError(
                     f"Request too large for {scope}: {ask.tokens} tokens asked, limit {limits.tpm} tokens per minute. "
                     "Lower max_tokens or the prompt.",
+                    param="tpm",
                     code="rate_limit_exceeded",
                     retry_after=WINDOW,
                 )
@@ -182,16 +187,22 @@ def reserve(c: Counters, limits: Limits, ask: Ask, now: float, *, scope: str = "
             wait, _ = _gcra_wait(c.tpm_tat, ask.tokens, limits.tpm, now)
             tpm_per = WINDOW / limits.tpm
             if wait > EPSILON:
-                refusals.append(_refuse("tokens per minute", limits.tpm, wait, scope))
+                refusals.append(_refuse("tokens per minute", limits.tpm, wait, scope, "tpm"))
     caps = (
-        (limits.tokens_per_day, c.tokens_day + ask.tokens, "tokens per day", seconds_to_next_day),
-        (limits.tokens_per_month, c.tokens_month + ask.tokens, "tokens per month", seconds_to_next_month),
-        (limits.usd_per_day, c.usd_day + ask.usd, "USD per day", seconds_to_next_day),
-        (limits.usd_per_month, c.usd_month + ask.usd, "USD per month", seconds_to_next_month),
+        (limits.tokens_per_day, c.tokens_day + ask.tokens, "tokens per day", seconds_to_next_day, "tokens_per_day"),
+        (
+            limits.tokens_per_month,
+            c.tokens_month + ask.tokens,
+            "tokens per month",
+            seconds_to_next_month,
+            "tokens_per_month",
+        ),
+        (limits.usd_per_day, c.usd_day + ask.usd, "USD per day", seconds_to_next_day, "usd_per_day"),
+        (limits.usd_per_month, c.usd_month + ask.usd, "USD per month", seconds_to_next_month, "usd_per_month"),
     )
-    for cap, would_be, what, until in caps:
+    for cap, would_be, what, until, name in caps:
         if cap and would_be > cap + EPSILON:
-            refusals.append(_refuse(what, cap, until(now), scope))
+            refusals.append(_refuse(what, cap, until(now), scope, name))
     if refusals:
         raise max(refusals, key=lambda e: e.retry_after or 0.0)
     held = dict(c.held)

@@ -83,8 +83,16 @@ class _Pending:
 
 
 class Releaser:
-    def __init__(self, js: JetStreamContext, limits: IntakeLimits, *, buffer: Callable[[str, str], int]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        limits: IntakeLimits,
+        *,
+        buffer: Callable[[str, str], int],
+        on_release: Callable[[str, str, str, float], None] | None = None,
+    ) -> None:
         self._js = js
+        self._on_release = on_release  # (pool, model, tier, seconds held): for the metrics
         self._lim = limits
         self._buffer = buffer
         self.queues: dict[Pair, FairQueue[tuple[Msg, Job]]] = {}
@@ -236,9 +244,12 @@ class Releaser:
         except nats.errors.Error:
             pass  # redelivered later, then deduplicated by its message id
         self.released += 1
+        waited = time.time() - item.since
         if len(self.waits) < 200_000:
-            self.waits.append((item.tier, time.time() - item.since))
-        log.debug("job.released", job_id=job.id, pool=pair[0], tier=item.tier, tenant=item.tenant)
+            self.waits.append((item.tier, waited))
+        if self._on_release is not None:
+            self._on_release(pair[0], job.model, item.tier, waited)
+        log.debug("job.released", request_id=job.request_id, job_id=job.id, pool=pair[0], tier=item.tier)
         return True
 
     async def _keep_alive_forever(self) -> None:

@@ -41,6 +41,7 @@ from scheduler import limits as L
 from scheduler import quota, routing
 from scheduler.fleet import Fleet
 from scheduler.health import BreakerConfig, Health
+from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeGate
 from scheduler.quota import Quota
 from scheduler.release import IntakeLimits, Releaser
@@ -87,6 +88,7 @@ class Scheduler:
         routing_kv: KeyValue,
         intake: IntakeLimits,
         nodes_kv: KeyValue,
+        metrics: SchedulerMetrics,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -102,12 +104,15 @@ class Scheduler:
         self._running: dict[tuple[str, int], asyncio.Future[Admission]] = {}
         self._admitting = asyncio.Semaphore(MAX_ADMITTING)
         self._admissions: set[asyncio.Task[None]] = set()
-        self.releaser = Releaser(js, intake, buffer=self._buffer)
+        self.metrics = metrics
+        self.releaser = Releaser(js, intake, buffer=self._buffer, on_release=metrics.released)
         self._warm_until = 0.0  # monotonic: until then, a model with no route may just be unheard yet
         self._heard = asyncio.Event()  # set by every advert
 
     @classmethod
-    async def open(cls, nc: NATS, js: JetStreamContext, settings: SchedulerSettings) -> Scheduler:
+    async def open(
+        cls, nc: NATS, js: JetStreamContext, settings: SchedulerSettings, *, metrics: SchedulerMetrics
+    ) -> Scheduler:
         replicas = replicas_setting(settings.replicas)
         intake = IntakeLimits(settings.intake_max_jobs, settings.intake_max_per_tenant, settings.intake_ack_wait)
         for spec in (work_stream(settings), streams.USAGE, intake.stream):
@@ -115,8 +120,9 @@ class Scheduler:
         limits_kv = await open_bucket(nc, js, streams.LIMITS, replicas=replicas)
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
         nodes_kv = await open_bucket(nc, js, streams.NODES, replicas=replicas)
+        quota_ = Quota(limits_kv, js)
         return cls(
-            nc, js, settings, quota=Quota(limits_kv, js), routing_kv=routing_kv, intake=intake, nodes_kv=nodes_kv
+            nc, js, settings, quota=quota_, routing_kv=routing_kv, intake=intake, nodes_kv=nodes_kv, metrics=metrics
         )
 
     async def start(self) -> None:
@@ -217,9 +223,17 @@ class Scheduler:
         future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
-            answer = await self._admit(sub)
+            with structlog.contextvars.bound_contextvars(
+                request_id=sub.job.request_id, job_id=sub.job.id, model=sub.job.model
+            ):
+                answer = await self._admit(sub)
             future.set_result(answer)
             return answer
+        except TokenyardError as e:
+            self.metrics.refused(sub.job.model, e)
+            future.set_exception(e)
+            future.exception()
+            raise
         except BaseException as e:
             future.set_exception(e)
             future.exception()  # retrieved: nobody else may be waiting
@@ -263,7 +277,8 @@ class Scheduler:
                 ) from e
             raise
         self.health.placed(pool, now)
-        log.info("job.enqueued", job_id=job.id, model=job.model, pool=choice.route.pool, dispatch=job.dispatch)
+        self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
+        log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
         answer = Admission(
             pool=choice.route.pool,

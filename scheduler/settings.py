@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from schemas.settings import NatsSettings, add_common, add_replicas, add_setting
+from schemas.settings import NatsSettings, add_common, add_metrics, add_replicas, add_setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,8 @@ class SchedulerSettings:
     lane_credits: int = 16  # jobs a gateway may place without asking after an admission (0: never)
     lane_ttl: float = 0.5  # seconds such a lane lasts
     nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: off; the flag's default is 9464)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -80,6 +82,7 @@ class SchedulerSettings:
             default=os.path.expanduser("~/.tokenyard"),
             help="where `tokenyard up` keeps credentials (creds/scheduler.creds, unless --nats-creds)",
         )
+        add_metrics(p, port=9464)
         return p
 
     @classmethod
@@ -105,4 +108,6 @@ class SchedulerSettings:
             lane_credits=a.lane_credits,
             lane_ttl=a.lane_ttl,
             nats=NatsSettings.of(a, roles=("scheduler",), data_dir=a.data_dir),
+            metrics_host=a.metrics_host,
+            metrics_port=a.metrics_port,
         )

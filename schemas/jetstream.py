@@ -209,3 +209,14 @@ async def open_bucket(nc: Requester, js: BucketOpener[KV], spec: BucketSpec, *, 
     """A KV bucket made to match its entry (`ensure`), bound with the client's KV API."""
     await ensure(nc, spec.stream, replicas=replicas)
     return await js.key_value(spec.bucket)
+
+
+async def work_queues(js: Any) -> list[tuple[str, str, int, int]]:
+    """(pool, model, waiting, running) of every work-queue consumer, sorted; raises the
+    client's error when JetStream does not answer (the caller decides)."""
+    out = []
+    for c in await js.consumers_info(subjects.WORK_STREAM):
+        parsed = subjects.parse_work_subject(c.config.filter_subject or "")
+        if parsed is not None:
+            out.append((parsed[0], parsed[1], int(c.num_pending or 0), int(c.num_ack_pending or 0)))
+    return sorted(out)

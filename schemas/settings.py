@@ -157,3 +157,11 @@ def nats_options(n: NatsSettings, *, name: str, inbox_prefix: str = "") -> dict[
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
     return options
+
+
+def add_metrics(parser: argparse.ArgumentParser, *, port: int) -> None:
+    """For the roles without an HTTP API: where their `/metrics`, `/healthz` and `/readyz` listen."""
+    add_setting(parser, "--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz and /readyz")
+    add_setting(
+        parser, "--metrics-port", default=port, type=int, help="port of /metrics, /healthz and /readyz (0: off)"
+    )

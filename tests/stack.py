@@ -142,6 +142,7 @@ class Stack:
             "TOKENYARD_NATS_URL": self.nats_url,
             "TOKENYARD_NATS_CREDS": self.creds(role),
             "TOKENYARD_LOG_LEVEL": "warning",
+            "TOKENYARD_METRICS_PORT": "0",  # a test that scrapes a role gives it a free port
             **env,
         }
         with open(log, "wb") as out:

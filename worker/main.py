@@ -11,10 +11,12 @@ import structlog
 
 from schemas import subjects
 from schemas.logs import close_quietly, configure_logging, run
+from schemas.probes import serve_probes
 from schemas.settings import nats_options
 from worker.backends import build_backend
 from worker.hardware import detect_hardware
 from worker.idle import availability_for
+from worker.metrics import WorkerMetrics
 from worker.node_id import stable_node_id
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
@@ -48,13 +50,29 @@ async def serve(settings: WorkerSettings) -> int:
     inbox = subjects.worker_inbox(settings.pool, settings.node_id)  # its own inbox: see schemas/permissions.py
     options = nats_options(settings.nats, name=f"tokenyard-worker-{settings.node_id}", inbox_prefix=inbox)
     nc = await nats.connect(**options, closed_cb=on_closed)
-    worker = Worker(nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware)
+    metrics = WorkerMetrics(backend=settings.backend)
+    worker = Worker(nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware, metrics=metrics)
+    started = asyncio.Event()
+
+    async def ready() -> bool:
+        return started.is_set() and nc.is_connected and not worker.draining
+
+    probes = await serve_probes(
+        settings.metrics_host,
+        settings.metrics_port,
+        metrics=lambda: metrics.render(worker),
+        ready=ready,
+        role="worker",
+    )
     try:
         await idle.start()
         await worker.start()
+        started.set()
         await stop.wait()
         await worker.drain()
     finally:
+        if probes is not None:
+            await probes.close()
         await idle.stop()
         await close_quietly(nc)
         await backend.close()
@@ -63,7 +81,7 @@ async def serve(settings: WorkerSettings) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings.from_args(argv)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, role="worker")
     if settings.node_id:
         raise SystemExit(run(serve(settings)))
     with stable_node_id(settings.data_dir) as node_id:

@@ -40,6 +40,7 @@ from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
 from worker.idle import AlwaysAvailable, Availability, hand_back
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -80,10 +81,12 @@ class Worker:
         *,
         idle: Availability | None = None,
         hardware: Hardware | None = None,
+        metrics: WorkerMetrics,
     ) -> None:
         """`idle`: idle-time mode (`worker.idle`; default: always available). `hardware`: what
-        the adverts say this machine is (`worker.hardware`)."""
+        the adverts say this machine is (`worker.hardware`). `metrics`: what it counts (`worker.metrics`)."""
         self._nc = nc
+        self._metrics = metrics
         self._js = js
         self._backend = backend
         self._s = settings
@@ -103,6 +106,10 @@ class Worker:
     @property
     def running_jobs(self) -> int:
         return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def advert(self) -> NodeAdvert:
         return NodeAdvert(
@@ -244,6 +251,7 @@ class Worker:
     # --- one job ------------------------------------------------------------------------
 
     async def _run(self, msg: Msg) -> None:
+        structlog.contextvars.clear_contextvars()  # this task's own context: its job's ids only
         try:
             await self._serve(msg)
         except Exception:  # top of a task: never let one job take the worker down
@@ -257,9 +265,14 @@ class Worker:
             await msg.term()
             return
         attempt = job.attempt_id(msg.metadata.num_delivered)
-        jlog = log.bind(job_id=job.id, model=job.model, attempt=attempt)
+        structlog.contextvars.bind_contextvars(
+            request_id=job.request_id, job_id=job.id, model=job.model, attempt=attempt
+        )
+        pulled = time.monotonic()
+        self._metrics.pulled(job.model, time.time() - msg.metadata.timestamp.timestamp())
         if job.deadline < time.time():
-            jlog.info("job.expired")
+            log.info("job.expired")
+            self._metrics.ended(job.model, "expired", tokens=0, seconds=0.0)
             await msg.term()
             return
         out = EventStream(
@@ -275,12 +288,13 @@ class Worker:
         running = self._running[job.id] = Running(attempt, task, out)
         heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
         settle = msg.term
+        outcome = "failed"
         try:
             out.start(START_DELAY)
-            jlog.debug("job.started")
+            log.debug("job.started")
             await self._generate(job, out)
-            settle = msg.ack
-            jlog.debug("job.done", tokens=out.tokens_sent)
+            settle, outcome = msg.ack, "done"
+            log.info("job.done", tokens=out.tokens_sent, duration_ms=round((time.monotonic() - pulled) * 1e3, 3))
         except asyncio.CancelledError:
             reason = running.stop_reason
             if not reason:
@@ -291,17 +305,19 @@ class Worker:
                 await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
             elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
                 await self._report_stopped(job, out)
-            jlog.info("job.stopped", reason=reason, tokens=out.tokens)
+            outcome = "stopped"
+            log.info("job.stopped", reason=reason, tokens=out.tokens)
         except TokenyardError as e:
             await out.fail(e, retryable=e.status >= 500)
-            jlog.info("job.failed", status=e.status, error=e.message)
+            log.info("job.failed", status=e.status, error=e.message)
         except Exception as e:
-            jlog.exception("job.failed")
+            log.exception("job.failed")
             await out.fail(WorkerFailedError(f"the worker failed: {type(e).__name__}"), retryable=True)
         finally:
             out.cancel_start()
             heartbeat.cancel()
             self._running.pop(job.id, None)
+            self._metrics.ended(job.model, outcome, tokens=out.tokens, seconds=time.monotonic() - pulled)
             with contextlib.suppress(nats.errors.Error):
                 await settle()
 

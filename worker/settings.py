@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from schemas.jobs import NodeKind
-from schemas.settings import NatsSettings, add_common, add_setting
+from schemas.settings import NatsSettings, add_common, add_metrics, add_setting
 from worker.idle import CPU_PERCENT, GPU_PERCENT, IDLE_AFTER, parse_hours, parse_signal_spec
 from worker.node_id import valid_node_id
 
@@ -60,6 +60,8 @@ class WorkerSettings:
     engine_url: str  # an OpenAI-compatible server this node fronts (http on loopback, else https)
     engine_key: str = field(default="", repr=False)  # its bearer token, if it wants one
     nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: off; the flag's default is 9465)
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -112,6 +114,7 @@ class WorkerSettings:
             p, "--engine-url", default="", help="front this OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1"
         )
         add_setting(p, "--engine-key", default="", help="engine: its API key, if it wants one")
+        add_metrics(p, port=9465)
         return p
 
     @classmethod
@@ -171,6 +174,8 @@ class WorkerSettings:
             engine_url=a.engine_url,
             engine_key=a.engine_key,
             nats=NatsSettings.of(a, roles=cls.creds_roles(a.backend, a.provider), data_dir=a.data_dir),
+            metrics_host=a.metrics_host,
+            metrics_port=a.metrics_port,
         )
 
     @staticmethod
