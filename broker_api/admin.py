@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker_api.admin_keys import merged_limits
 from broker_api.auth import Principal
 from broker_api.directory import Directory
 from broker_api.ledger import Ledger, to_csv
@@ -186,11 +187,14 @@ def admin_router(authenticate: Any) -> APIRouter:
             id=org.id,
             name=body.name or org.name,
             created=org.created,
-            limits=body.limits.limits() if body.limits else org.limits,
+            # merged: only the limits the body names change (`{"limits": {"rpm": 1000}}` keeps the rest)
+            limits=merged_limits(org.limits, body.limits.model_dump(exclude_unset=True)) if body.limits else org.limits,
             projects=tuple(body.projects) if body.projects is not None else org.projects,
         )
         await admin.directory.put_org(updated)
-        admin.record(who, request, "org.update", org.id, org.id, **body.model_dump(exclude_none=True))
+        admin.record(
+            who, request, "org.update", org.id, org.id, **body.model_dump(exclude_none=True, exclude_unset=True)
+        )
         return updated.public()
 
     @router.post("/keys", status_code=201)

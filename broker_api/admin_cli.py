@@ -1,7 +1,11 @@
 """`tokenyard keys | orgs | usage | audit | routing | nodes`: the admin API from the command line.
 
-Talks HTTP to a running gateway (`--api-url`, default http://127.0.0.1:8000) with an admin key
-(`--admin-key`, `TOKENYARD_ADMIN_KEY`, or the one `tokenyard up` keeps in the data dir).
+Talks HTTP to a running gateway with an admin key. The gateway: `--api-url`
+(`TOKENYARD_API_URL`), else the one a local `tokenyard up` runs (it writes its URL to
+`<data dir>/api_url`), else http://127.0.0.1:8000. The key: `--admin-key`
+(`TOKENYARD_ADMIN_KEY`), else the one `tokenyard up` keeps in the data dir. These global flags
+go anywhere: `tokenyard --api-url URL keys list` and `tokenyard keys list --api-url URL`.
+Tables show local times and fixed-point costs; `--format json|csv` keeps the raw values.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from broker_api.tables import table
 from schemas.routing import STRATEGIES
 from schemas.settings import add_setting
 from schemas.tenancy import PRIORITY_TIERS
@@ -33,10 +38,27 @@ LIMIT_FLAGS = (
 )
 
 
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+GLOBAL_FLAGS = ("--api-url", "--admin-key", "--data-dir")
+
+
+def _global(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """The global flags: with their defaults on the top parser, and again on every command,
+    where they default to nothing (argparse.SUPPRESS), so `tokenyard --api-url X keys list`
+    and `tokenyard keys list --api-url X` both work and neither overrides the other."""
+    if top:
+        add_setting(
+            p, "--api-url", default="", help=f"the gateway's base URL (default: `up`'s, else {DEFAULT_API_URL})"
+        )
+        add_setting(p, "--admin-key", default="", help="an admin API key (default: the one `up` keeps)")
+        add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="the data dir of `tokenyard up`")
+        return
+    for flag in GLOBAL_FLAGS:
+        p.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    add_setting(p, "--api-url", default="http://127.0.0.1:8000", help="the gateway's base URL")
-    add_setting(p, "--admin-key", default="", help="an admin API key")
-    add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where `up` keeps its admin key")
+    _global(p, top=False)
 
 
 def _limits(p: argparse.ArgumentParser) -> None:
@@ -44,35 +66,62 @@ def _limits(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if name.startswith("usd") else int, default=None)
 
 
+def _key_options(k: argparse.ArgumentParser, *, update: bool) -> None:
+    """What `keys create` sets and `keys update` changes (an option not given: unchanged)."""
+    k.add_argument("--project", default=None if update else "")
+    if update:
+        k.add_argument("--name")
+        k.add_argument("--model", action="append", dest="models", default=None, help="allowed model (repeatable)")
+        k.add_argument("--priority", choices=PRIORITY_TIERS, default=None)
+        k.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="may use the cache")
+        k.add_argument("--volunteer-ok", action=argparse.BooleanOptionalAction, default=None)
+    else:
+        k.add_argument("--model", action="append", dest="models", default=[], help="allowed model (repeatable)")
+        k.add_argument("--priority", choices=PRIORITY_TIERS, default="standard")
+    _limits(k)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenyard", description="Administer orgs, API keys, usage and audit.")
+    _global(p, top=True)
     sub = p.add_subparsers(dest="noun", required=True)
-    keys = sub.add_parser("keys").add_subparsers(dest="verb", required=True)
+    keys_p = sub.add_parser("keys")
+    _common(keys_p)
+    keys = keys_p.add_subparsers(dest="verb", required=True)
     k = keys.add_parser("create", help="create a key (its secret is printed once)")
     _common(k)
     k.add_argument("name")
     k.add_argument("--org")
-    k.add_argument("--project", default="")
     k.add_argument("--admin", action="store_true")
-    k.add_argument("--model", action="append", dest="models", default=[], help="allowed model (repeatable)")
-    k.add_argument("--priority", choices=PRIORITY_TIERS, default="standard")
     k.add_argument("--expires-in", type=float, help="seconds until the key expires")
     k.add_argument("--no-cache", action="store_true", help="never answer this key from the response cache")
     k.add_argument("--volunteer-ok", action="store_true", help="its jobs may run on idle-time volunteer nodes")
-    _limits(k)
-    for verb in ("list", "revoke"):
-        v = keys.add_parser(verb)
+    _key_options(k, update=False)
+    ku = keys.add_parser("update", help="change a key: only the options given change (a limit of 0 lifts it)")
+    _common(ku)
+    ku.add_argument("key_id")
+    _key_options(ku, update=True)
+    for verb in ("list", "revoke", "rotate"):
+        v = keys.add_parser(verb, help="a new secret for the key, printed once" if verb == "rotate" else None)
         _common(v)
-        if verb == "revoke":
-            v.add_argument("key_id")
-        else:
+        if verb == "list":
             v.add_argument("--org")
-    orgs = sub.add_parser("orgs").add_subparsers(dest="verb", required=True)
+        else:
+            v.add_argument("key_id")
+    orgs_p = sub.add_parser("orgs")
+    _common(orgs_p)
+    orgs = orgs_p.add_subparsers(dest="verb", required=True)
     o = orgs.add_parser("create")
     _common(o)
     o.add_argument("name")
     o.add_argument("--project", action="append", dest="projects", default=[])
     _limits(o)
+    ou = orgs.add_parser("update", help="change an org: only the options given change (a limit of 0 lifts it)")
+    _common(ou)
+    ou.add_argument("org_id")
+    ou.add_argument("--name")
+    ou.add_argument("--project", action="append", dest="projects", default=None, help="the org's projects (all)")
+    _limits(ou)
     _common(orgs.add_parser("list"))
     u = sub.add_parser("usage", help="usage and cost report")
     _common(u)
@@ -85,9 +134,9 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
     a.add_argument("--since", type=float)
     a.add_argument("--format", default="table", choices=["table", "json", "csv"])
-    r = sub.add_parser("routing", help="routing policies: default, per model, per key").add_subparsers(
-        dest="verb", required=True
-    )
+    routing_p = sub.add_parser("routing", help="routing policies: default, per model, per key")
+    _common(routing_p)
+    r = routing_p.add_subparsers(dest="verb", required=True)
     _common(r.add_parser("show"))
     for verb in ("set", "delete"):
         v = r.add_parser(verb)
@@ -242,38 +291,34 @@ def _admin_key(args: argparse.Namespace) -> str:
     raise SystemExit("tokenyard: no admin key: pass --admin-key or set TOKENYARD_ADMIN_KEY")
 
 
+def api_url(configured: str, data_dir: str) -> str:
+    """The gateway to talk to: the one configured, else a local `tokenyard up`'s, else the default."""
+    if configured:
+        return configured.rstrip("/")
+    path = Path(data_dir).expanduser() / "api_url"
+    try:
+        written = path.read_text().strip()
+    except OSError:
+        written = ""
+    return (written or DEFAULT_API_URL).rstrip("/")
+
+
 def _limits_of(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(none)"
-    cols = list(rows[0])
-    cells = [
-        [
-            ("" if r.get(c) is None else json.dumps(r[c]) if isinstance(r.get(c), (dict, list)) else str(r[c]))
-            for c in cols
-        ]
-        for r in rows
-    ]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
 def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> httpx.Response:
+    base = api_url(args.api_url, args.data_dir)
     try:
         r = httpx.request(
             method,
-            args.api_url.rstrip("/") + "/v1/admin" + path,
+            base + "/v1/admin" + path,
             headers={"Authorization": f"Bearer {_admin_key(args)}"},
             timeout=30,
             **kw,
         )
     except httpx.HTTPError as e:
-        raise SystemExit(f"tokenyard: cannot reach {args.api_url}: {e}") from e
+        raise SystemExit(f"tokenyard: cannot reach {base}: {e} (is the gateway running? --api-url says where)") from e
     if r.status_code >= 400:
         try:
             message = r.json()["error"]["message"]
@@ -290,12 +335,11 @@ def _show(r: httpx.Response, fmt: str) -> None:
         print(json.dumps(r.json(), indent=2))
     else:
         body = r.json()
-        print(_table(body["data"] if "data" in body else [body]))
+        print(table(body["data"] if "data" in body else [body]))
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    if args.noun == "keys" and args.verb == "create":
+def _keys(args: argparse.Namespace) -> None:
+    if args.verb == "create":
         body = {
             "name": args.name,
             "project": args.project,
@@ -312,19 +356,48 @@ def main(argv: list[str]) -> int:
             body["expires_in"] = args.expires_in
         created = _call(args, "POST", "/keys", json=body).json()
         print(f"key: {created['key']}\n(shown once; store it now)\nid:  {created['id']}  org: {created['org']}")
-    elif args.noun == "keys" and args.verb == "list":
+    elif args.verb == "list":
         _show(_call(args, "GET", "/keys", params={"org": args.org} if args.org else {}), "table")
-    elif args.noun == "keys":
-        _show(_call(args, "POST", f"/keys/{args.key_id}/revoke"), "table")
-    elif args.noun == "orgs" and args.verb == "create":
-        _show(
-            _call(
-                args, "POST", "/orgs", json={"name": args.name, "projects": args.projects, "limits": _limits_of(args)}
-            ),
-            "table",
+    elif args.verb == "update":
+        fields = ("name", "project", "models", "priority", "cache", "volunteer_ok")
+        patch: dict[str, Any] = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        if _limits_of(args):
+            patch["limits"] = _limits_of(args)
+        if not patch:
+            raise SystemExit("tokenyard: nothing to change: give the options to update (see --help)")
+        _show(_call(args, "PATCH", f"/keys/{args.key_id}", json=patch), "table")
+    elif args.verb == "rotate":
+        rotated = _call(args, "POST", f"/keys/{args.key_id}/rotate").json()
+        print(
+            f"key: {rotated['key']}\n(shown once; store it now: the old secret no longer works)\nid:  {rotated['id']}"
         )
-    elif args.noun == "orgs":
+    else:
+        _show(_call(args, "POST", f"/keys/{args.key_id}/revoke"), "table")
+
+
+def _orgs(args: argparse.Namespace) -> None:
+    if args.verb == "create":
+        body = {"name": args.name, "projects": args.projects, "limits": _limits_of(args)}
+        _show(_call(args, "POST", "/orgs", json=body), "table")
+    elif args.verb == "update":
+        patch: dict[str, Any] = {"limits": _limits_of(args)} if _limits_of(args) else {}
+        if args.name:
+            patch["name"] = args.name
+        if args.projects is not None:
+            patch["projects"] = args.projects
+        if not patch:
+            raise SystemExit("tokenyard: nothing to change: give the options to update (see --help)")
+        _show(_call(args, "PATCH", f"/orgs/{args.org_id}", json=patch), "table")
+    else:
         _show(_call(args, "GET", "/orgs"), "table")
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.noun == "keys":
+        _keys(args)
+    elif args.noun == "orgs":
+        _orgs(args)
     elif args.noun == "usage":
         params: dict[str, Any] = {"format": "csv" if args.format == "csv" else "json"}
         params.update({k: v for k, v in (("since", args.since), ("until", args.until)) if v is not None})

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker_api import admin_keys
 from broker_api.accounting import Accounts
 from broker_api.admin import Admin, admin_router
 from broker_api.admin_console import router as admin_console_router
@@ -325,6 +326,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     app.include_router(admin_console_router)
     app.include_router(console_router)
     app.include_router(nodes_router)
+    app.include_router(admin_keys.router)
 
     return app
 

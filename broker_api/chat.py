@@ -189,7 +189,9 @@ class ChatService:
     async def start(self, s: Session) -> None:
         """Replay an earlier answer, answer from the cache, or admit the job; raises if it is not admitted."""
         if s.idempotency_key and self._idempotency is not None:
-            s.cached = await self._idempotency.claim_or_wait(s.idempotency_key, s.job.id, s.job.deadline)
+            s.cached = await self._idempotency.claim_or_wait(
+                s.idempotency_key, s.job.id, s.job.deadline, digest=self._idempotency.body_digest(s.job.request)
+            )
             if s.cached is not None:
                 s.replayed, s.outcome = True, "cached"
                 return
@@ -257,7 +259,9 @@ class ChatService:
             answer = s.cached
         if s.idempotency_key and self._idempotency is not None:
             if answer is not None:
-                await self._idempotency.complete(s.idempotency_key, answer)
+                await self._idempotency.complete(
+                    s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
+                )
             else:
                 await self._idempotency.release(s.idempotency_key)
         if answer is not None and s.cached is None and s.cache_key and self._cache is not None:

@@ -6,13 +6,20 @@ same key gets that answer replayed (streamed or not, as it asks) without running
 being billed again. A request that arrives while the first still runs waits for it. If the
 first fails, the claim is released, so a retry runs afresh. Claims live in a KV bucket shared
 by every gateway, for `ttl` seconds.
+
+A claim holds a digest of the request body (as validated, without `stream`: a stream and a
+non-stream request ask the same thing). The same key with a different body is refused with
+a 400 `idempotency_key_reused`: replaying the first answer to a different question would be
+wrong, and silently. Entries written before digests were kept (`R`, `D`) match any body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -25,8 +32,10 @@ from schemas.answers import CachedAnswer
 from schemas.errors import DeadlineExceededError, InvalidRequestError
 from schemas.jetstream import open_bucket
 
-RUNNING = b"R"
-DONE = b"D"
+RUNNING = b"r"  # + body digest + job id
+DONE = b"d"  # + body digest + the answer
+LEGACY_RUNNING, LEGACY_DONE = b"R", b"D"  # without a digest
+DIGEST_LENGTH = 32  # hex characters
 POLL = 0.05
 MAX_KEY_LENGTH = 255
 
@@ -47,11 +56,18 @@ class Idempotency:
             )
         return hashlib.sha256(f"{org}\0{header}".encode()).hexdigest()
 
-    async def claim_or_wait(self, key: str, job_id: str, deadline: float) -> CachedAnswer | None:
-        """None: this request owns the key and must run. Otherwise the first request's answer."""
+    @staticmethod
+    def body_digest(body: dict[str, Any]) -> bytes:
+        """What a request asks, as a digest: the same for the same body however its keys are ordered."""
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:DIGEST_LENGTH].encode()
+
+    async def claim_or_wait(self, key: str, job_id: str, deadline: float, *, digest: bytes) -> CachedAnswer | None:
+        """None: this request owns the key and must run. Otherwise the first request's answer.
+        Raises InvalidRequestError when the key was used for a different body."""
         while time.time() < deadline:
             try:
-                await self._kv.create(key, RUNNING + job_id.encode())
+                await self._kv.create(key, RUNNING + digest + job_id.encode())
                 return None
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
@@ -59,16 +75,33 @@ class Idempotency:
                 entry = await self._kv.get(key)
             except nats.js.errors.NotFoundError:
                 continue  # released meanwhile: try to claim it
-            if entry.value and entry.value.startswith(DONE):
-                return CachedAnswer.decode(entry.value[1:])
+            answer = _answer_of(entry.value or b"", digest)
+            if answer is not None:
+                return answer
             await asyncio.sleep(POLL)
         raise DeadlineExceededError("A request with the same Idempotency-Key is still running.")
 
-    async def complete(self, key: str, answer: CachedAnswer) -> None:
-        await self._kv.put(key, DONE + answer.encode())
+    async def complete(self, key: str, answer: CachedAnswer, *, digest: bytes) -> None:
+        await self._kv.put(key, DONE + digest + answer.encode())
 
     async def release(self, key: str) -> None:
         try:
             await self._kv.delete(key)
         except nats.errors.Error:
             pass  # the claim expires with the bucket's TTL
+
+
+def _answer_of(value: bytes, digest: bytes) -> CachedAnswer | None:
+    """The stored answer (None while the first request still runs); refuses another body's key."""
+    state, stored = value[:1], value[1 : 1 + DIGEST_LENGTH]
+    if state in (RUNNING, DONE) and stored != digest:
+        raise InvalidRequestError(
+            "This Idempotency-Key was already used with a different request body; use a new key for a new request.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    if state == DONE:
+        return CachedAnswer.decode(value[1 + DIGEST_LENGTH :])
+    if state == LEGACY_DONE:
+        return CachedAnswer.decode(value[1:])
+    return None

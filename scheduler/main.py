@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 import nats
 import structlog
 
 from scheduler.metrics import SchedulerMetrics
+from scheduler.routing import RoutingTable
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
 from schemas.logs import close_quietly, configure_logging, run
@@ -53,6 +55,12 @@ async def serve(settings: SchedulerSettings) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = SchedulerSettings.from_args(argv)
     configure_logging(settings.log_level, settings.log_json, role="scheduler")
+    try:
+        RoutingTable.load(settings.routing_file)  # a config error is one line and exit code 2, not a traceback
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        print(f"tokenyard scheduler: {settings.routing_file}: {reason}; fix --routing-file", file=sys.stderr)
+        raise SystemExit(2) from None
     run(serve(settings))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import sys
 
 import nats
 import structlog
@@ -18,6 +19,7 @@ from worker.hardware import detect_hardware
 from worker.idle import availability_for
 from worker.metrics import WorkerMetrics
 from worker.node_id import stable_node_id
+from worker.providers import EXIT_CONFIG, ProviderConfigError
 from worker.runtime import Worker
 from worker.settings import WorkerSettings
 
@@ -82,10 +84,14 @@ async def serve(settings: WorkerSettings) -> int:
 def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings.from_args(argv)
     configure_logging(settings.log_level, settings.log_json, role="worker")
-    if settings.node_id:
-        raise SystemExit(run(serve(settings)))
-    with stable_node_id(settings.data_dir) as node_id:
-        code = run(serve(dataclasses.replace(settings, node_id=node_id)))
+    try:
+        if settings.node_id:
+            raise SystemExit(run(serve(settings)))
+        with stable_node_id(settings.data_dir) as node_id:
+            code = run(serve(dataclasses.replace(settings, node_id=node_id)))
+    except ProviderConfigError as e:  # one line naming the file, the field and the fix: no traceback
+        print(f"tokenyard worker: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
     raise SystemExit(code)
 
 

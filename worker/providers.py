@@ -6,6 +6,12 @@ Only the operator writes this file; nothing a client sends can add a base URL or
 anything it does not know, naming the place: a typo must fail at start, not route traffic
 wrongly. `load_providers` reads the YAML file and the secrets, and logs the warnings.
 
+Keys are per provider: one file serves every adapter, and each adapter runs with only its own
+provider's keys in its environment. A provider whose keys cannot be read is still parsed (its
+shape is checked like the rest); the error is raised only by `ProvidersConfig.get` for that
+provider, when an adapter asks for it. Every `ProviderConfigError` from `load_providers` is one
+line naming the file, the field and the fix, fit to print as it is (exit code 2).
+
     providers:
       - name: openai                       # the pool name: ^[a-z0-9][a-z0-9-]{0,62}$
         base_url: https://api.openai.com/v1  # https, or http for a loopback host only
@@ -20,6 +26,7 @@ wrongly. `load_providers` reads the YAML file and the secrets, and logs the warn
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import math
@@ -76,6 +83,9 @@ _MODEL_KEYS = ("id", "context_length")
 
 class ProviderConfigError(ValueError):
     """The provider config is invalid; the message names the place and the fix."""
+
+
+EXIT_CONFIG = 2  # a worker's exit code for a config it cannot run with
 
 
 def fingerprint(key: str) -> str:
@@ -149,6 +159,7 @@ class Provider:
     max_concurrency: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
     probe_interval: float = 30.0
+    key_error: str = ""  # why its keys could not be read (raised by `ProvidersConfig.get`)
 
     def price(self, public_model: str) -> Price | None:
         return self.prices.get(public_model) or self.prices.get(ANY_MODEL)
@@ -158,13 +169,20 @@ class Provider:
 class ProvidersConfig:
     providers: tuple[Provider, ...]
     warnings: tuple[str, ...] = ()
+    source: str = ""  # the file it came from, named in errors
 
     def get(self, name: str) -> Provider:
+        """The provider an adapter forwards to, with its keys; raises if they cannot be read."""
+        where = f"{self.source}: " if self.source else ""
         for p in self.providers:
             if p.name == name:
+                if p.key_error:
+                    raise ProviderConfigError(where + p.key_error)
                 return p
         known = ", ".join(p.name for p in self.providers) or "none"
-        raise ProviderConfigError(f"no provider named {name!r} in the provider config (known: {known})")
+        raise ProviderConfigError(
+            f"{where}no provider named {name!r} in the provider config (known: {known}); fix --provider"
+        )
 
 
 def load_providers(path: str | Path, *, env: Mapping[str, str] | None = None) -> ProvidersConfig:
@@ -173,17 +191,21 @@ def load_providers(path: str | Path, *, env: Mapping[str, str] | None = None) ->
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ProviderConfigError(f"cannot read provider config {str(path)!r}: {e.strerror}") from e
+        raise ProviderConfigError(f"{path}: cannot read the provider config ({e.strerror}); fix --providers") from e
     except yaml.YAMLError as e:
-        raise ProviderConfigError(f"provider config {str(path)!r} is not valid YAML: {e}") from e
+        first = " ".join(str(e).split())
+        raise ProviderConfigError(f"{path}: not valid YAML ({first})") from e
 
     def read_secret(name: str) -> str:
         return (path.parent / name).read_text(encoding="utf-8")
 
-    config = parse_providers(data, env=os.environ if env is None else env, read_secret=read_secret)
+    try:
+        config = parse_providers(data, env=os.environ if env is None else env, read_secret=read_secret)
+    except ProviderConfigError as e:
+        raise ProviderConfigError(f"{path}: {e}") from None
     for warning in config.warnings:
         log.warning("providers.config_warning", path=str(path), warning=warning)
-    return config
+    return dataclasses.replace(config, source=str(path))
 
 
 def parse_providers(data: Any, *, env: Mapping[str, str], read_secret: Callable[[str], str]) -> ProvidersConfig:
@@ -223,10 +245,12 @@ def _provider(
     if max_conc is not None:
         max_conc = _whole(max_conc, f"{where}.max_concurrency", minimum=1)
     probe = _number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
+    keys, key_error = _provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
     return Provider(
         name=name,
         base_url=_base_url(d.get("base_url"), f"{where}.base_url"),
-        keys=_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings),
+        keys=keys,
+        key_error=key_error,
         models=models,
         prices=prices,
         timeouts=_timeouts(d.get("timeouts", {}), f"{where}.timeouts"),
@@ -268,6 +292,31 @@ def _base_url(value: Any, where: str) -> str:
     return value.rstrip("/")
 
 
+def _provider_keys(
+    value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
+) -> tuple[tuple[Secret, ...], str]:
+    """(keys, "") or ((), why not): the shape of the list is checked here (a mistake in it is an
+    error for every adapter); a key that cannot be read only for the adapter that needs it."""
+    _check_key_specs(value, where)
+    try:
+        return _keys(value, where, env, read_secret, warnings), ""
+    except ProviderConfigError as e:
+        return (), str(e)
+
+
+def _check_key_specs(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise ProviderConfigError(f"{where}: needs at least one key, e.g. [{{env: MY_PROVIDER_KEY}}]")
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            continue
+        here = f"{where}[{i}]"
+        d = _mapping(item, here)
+        _only(d, ("env", "file"), here)
+        if len(d) != 1:
+            raise ProviderConfigError(f"{here}: give exactly one of 'env' or 'file'")
+
+
 def _keys(
     value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
 ) -> tuple[Secret, ...]:
@@ -289,7 +338,9 @@ def _keys(
                 if not isinstance(var, str) or not var:
                     raise ProviderConfigError(f"{here}.env: must name an environment variable")
                 if var not in env or not env[var].strip():
-                    raise ProviderConfigError(f"{here}: environment variable {var} is not set or empty")
+                    raise ProviderConfigError(
+                        f"{here}: environment variable {var} is not set or empty; export it for this adapter"
+                    )
                 raw = env[var]
             else:
                 name = d["file"]
