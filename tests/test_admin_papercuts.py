@@ -141,7 +141,8 @@ def test_each_adapter_needs_only_its_own_providers_keys(tmp_path: Path) -> None:
     ("text", "expect"),
     [
         (
-            "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1', api_keys: [{env: NOPE_KEY}], models: {m: m}, prices: {m: {input: 1, output: 1}}}]",
+            "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1', api_keys: [{env: NOPE_KEY}], models: {m: m},"
+            " prices: {m: {input: 1, output: 1}}}]",
             "NOPE_KEY",
         ),
         ("providers: [{name: p, base_url: 'http://10.0.0.1/v1', api_keys: [sk-x], models: {m: m}}]", "base_url"),
