@@ -156,8 +156,10 @@ class Metrics:
         self.duration.labels(model).observe(seconds)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)
-        if attempts > 1:
-            self.failovers.labels(model).inc(attempts - 1)
+        # the rare events' series exist (at 0) once the model ran: a dashboard's query finds
+        # them before the first failover (never earlier: a refused request's model is a client's text)
+        self.failovers.labels(model).inc(max(0, attempts - 1))
+        self.continuations.labels(model)
 
     def opened(self, model: str) -> None:
         """The chat service took the request for `model` (which is known only if it is admitted)."""

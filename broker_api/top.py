@@ -139,21 +139,19 @@ def frame(now: Scrape, before: Scrape | None, *, api: str) -> Group:
 
 
 def _queues(now: Scrape) -> Table:
-    t = Table(title="queues", title_justify="left", expand=False)
-    for col in ("pool", "model", "waiting", "running", "held interactive", "held standard", "held batch"):
-        t.add_column(col, justify="left" if col in ("pool", "model") else "right")
+    t = Table(title="queues (held: interactive/standard/batch)", title_justify="left")
+    t.add_column("pool")
+    t.add_column("model", overflow="fold")
+    for col in ("waiting", "running", "held"):
+        t.add_column(col, justify="right")
     work = now.by("tokenyard_api_work_queue_jobs", "pool", "model", "state") or now.by(
         "tokenyard_scheduler_work_queue_jobs", "pool", "model", "state"
     )
     held = now.by("tokenyard_scheduler_held_jobs", "pool", "model", "priority")
     pairs = sorted({k[:2] for k in work} | {k[:2] for k in held})
     for pool, model in pairs:
-        t.add_row(
-            pool,
-            model,
-            *(f"{work.get((pool, model, s), 0):.0f}" for s in ("waiting", "running")),
-            *(f"{held.get((pool, model, p), 0):.0f}" for p in ("interactive", "standard", "batch")),
-        )
+        tiers = "/".join(f"{held.get((pool, model, p), 0):.0f}" for p in ("interactive", "standard", "batch"))
+        t.add_row(pool, model, *(f"{work.get((pool, model, s), 0):.0f}" for s in ("waiting", "running")), tiers)
     return t
 
 

@@ -42,10 +42,20 @@ from scheduler.release import Releaser
 from schemas.errors import RateLimitError, TokenyardError
 from schemas.jetstream import work_queues
 from schemas.jobs import NODE_KINDS
+from schemas.tenancy import PRIORITY_TIERS
 
 WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BREAKER_STATES = (CLOSED, HALF_OPEN, OPEN)
 NODE_STATES = ("ready", "draining", "unhealthy")
+QUOTA_LIMITS = (
+    "rpm",
+    "tpm",
+    "max_concurrent",
+    "tokens_per_day",
+    "tokens_per_month",
+    "usd_per_day",
+    "usd_per_month",
+)
 # A refused job's model goes into labels only when the refusal says the model exists.
 UNKNOWN_MODEL_STATUSES = frozenset({400, 404})
 
@@ -88,6 +98,8 @@ class SchedulerMetrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        for limit in QUOTA_LIMITS:  # every limit's series exists from the start, at 0
+            self.quota_refusals.labels(limit)
         self._state = _State()
         r.register(self._state)
 
@@ -95,6 +107,7 @@ class SchedulerMetrics:
 
     def admitted(self, model: str, pool: str, priority: str, *, direct: bool, dispatch: int) -> None:
         self.admissions.labels(model, "queued" if direct else "held").inc()
+        self.redispatches.labels(model)  # exists at 0 from the model's first admission
         if direct:
             self.queue_wait.labels(pool, model, priority).observe(0.0)
         if dispatch > 1:
@@ -132,9 +145,13 @@ def snapshot(scheduler: Observed, queues: list[tuple[str, str, int, int]], now: 
     held = GaugeMetricFamily(
         "tokenyard_scheduler_held_jobs", "Admitted jobs held for fair release.", labels=["pool", "model", "priority"]
     )
-    for (pool, model), fq in sorted(scheduler.releaser.queues.items()):
-        for tier, n in fq.waiting().items():
-            held.add_metric([pool, model, tier], n)
+    tiers: dict[tuple[str, str], dict[str, int]] = {
+        pair: fq.waiting() for pair, fq in scheduler.releaser.queues.items()
+    }
+    pairs = set(tiers) | {(q[0], q[1]) for q in queues}  # 0 for a queue that holds none
+    for pool, model in sorted(pairs):
+        for tier in PRIORITY_TIERS:
+            held.add_metric([pool, model, tier], tiers.get((pool, model), {}).get(tier, 0))
     return [work, held, *_fleet(scheduler, now), _breakers(scheduler.health)]
 
 

@@ -21,9 +21,5 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 def names(text: str) -> set[str]:
-    """Every metric family and sample name in an exposition."""
-    out: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        out.add(family.name)
-        out.update(s.name for s in family.samples)
-    return out
+    """Every sample name with at least one series in an exposition."""
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
