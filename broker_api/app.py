@@ -57,6 +57,7 @@ from schemas.errors import (
     TokenyardError,
 )
 from schemas.jetstream import ensure, open_bucket
+from schemas.otel import Tracing
 from schemas.rules import check_max_tokens
 from schemas.settings import replicas_setting
 
@@ -206,12 +207,15 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             await directory.close()
             if own:
                 await the_bus.close()
+            tracing.close()
 
     keys = KeyStore(admin_key)
     metrics = Metrics()
+    tracing = Tracing.start(settings.otlp_endpoint, role="api")
     app = FastAPI(title="Tokenyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(SessionMiddleware)
-    app.add_middleware(ObserveMiddleware, metrics=metrics)  # inside RequestIdMiddleware: it reads the id
+    # inside RequestIdMiddleware: it reads the id
+    app.add_middleware(ObserveMiddleware, metrics=metrics, tracing=tracing)
     app.add_middleware(RequestIdMiddleware)
 
     def authenticate(request: Request) -> Principal:

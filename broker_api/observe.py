@@ -6,7 +6,8 @@ HTTP request it
 
 - binds `request_id` (structlog context variables) and puts the request's W3C `traceparent`
   (the client's trace continued, or a new one: `schemas.trace`) in `scope["state"]`, where the
-  chat route reads both into the job envelope;
+  chat route reads both into the job envelope; with OpenTelemetry on (`schemas.otel`) that is
+  the traceparent of this request's `api.request` span;
 - counts it (`tokenyard_api_http_requests_total`; a chat completion also in
   `tokenyard_api_requests_total` with its model, route and outcome, refusals included);
 - logs `request.done` at info (status, outcome, duration, tokens; never the prompt or the key);
@@ -26,7 +27,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker_api.metrics import METER, MODEL_STATUSES, Meter, Metrics
-from schemas.trace import traceparent
+from schemas.otel import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -50,9 +51,10 @@ def _outcome(status: int, meter: Meter, *, cached: bool, replayed: bool, stream_
 
 
 class ObserveMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, tracing: Tracing) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,8 +62,7 @@ class ObserveMiddleware:
             return
         started = time.monotonic()
         state = scope.setdefault("state", {})
-        headers = dict(scope["headers"])
-        state["traceparent"] = traceparent(headers.get(b"traceparent", b"").decode("latin-1"))
+        parent = dict(scope["headers"]).get(b"traceparent", b"").decode("latin-1")
         path: str = scope["path"]
         chat = path == CHAT_PATH
         meter = Meter()
@@ -93,13 +94,16 @@ class ObserveMiddleware:
 
         if chat:
             self.metrics.inflight.inc()
-        try:
-            await self.app(scope, watched_receive if chat else receive, watched_send)
-        finally:
-            if chat:
-                self.metrics.inflight.dec()
-            METER.reset(token)
-            self._done(scope, meter, status, cached, replayed, stream_error, gone, time.monotonic() - started)
+        with self.tracing.span("api.request", parent, **{"http.method": scope["method"], "http.target": path}) as hop:
+            state["traceparent"] = hop.traceparent
+            try:
+                await self.app(scope, watched_receive if chat else receive, watched_send)
+            finally:
+                if chat:
+                    self.metrics.inflight.dec()
+                METER.reset(token)
+                self._done(scope, meter, status, cached, replayed, stream_error, gone, time.monotonic() - started)
+                hop.annotate(**{"http.status_code": status, "tokenyard.request_id": state.get("request_id", "")})
 
     def _done(
         self,

@@ -47,6 +47,7 @@ class ApiSettings:
     tls_key: str
     reserved_pools: str  # comma-separated pools only the operator's adapters may serve (besides cloud pools)
     join_rate: int  # join attempts per minute one client address may make (guessing tokens is bounded)
+    otlp_endpoint: str = ""  # OpenTelemetry traces go here (schemas.otel); empty: none
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:

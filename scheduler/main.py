@@ -14,6 +14,7 @@ from scheduler.routing import RoutingTable
 from scheduler.service import Scheduler
 from scheduler.settings import SchedulerSettings
 from schemas.logs import close_quietly, configure_logging, run
+from schemas.otel import Tracing
 from schemas.probes import serve_probes
 from schemas.settings import nats_options
 
@@ -27,7 +28,8 @@ async def serve(settings: SchedulerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     nc = await nats.connect(**nats_options(settings.nats, name="tokenyard-scheduler"))
     metrics = SchedulerMetrics()
-    scheduler = await Scheduler.open(nc, nc.jetstream(), settings, metrics=metrics)
+    tracing = Tracing.start(settings.otlp_endpoint, role="scheduler")
+    scheduler = await Scheduler.open(nc, nc.jetstream(), settings, metrics=metrics, tracing=tracing)
     started = asyncio.Event()
 
     async def ready() -> bool:
@@ -49,6 +51,7 @@ async def serve(settings: SchedulerSettings) -> None:
             await probes.close()
         await scheduler.stop()
         await close_quietly(nc)
+        tracing.close()
         log.info("scheduler.stopped")
 
 

@@ -53,6 +53,7 @@ from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityEr
 from schemas.intake import Queued
 from schemas.jetstream import ensure, is_full, open_bucket
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
+from schemas.otel import Tracing
 from schemas.rules import check_max_tokens, lane_eligible
 from schemas.settings import replicas_setting
 from schemas.streams import StreamSpec
@@ -89,6 +90,7 @@ class Scheduler:
         intake: IntakeLimits,
         nodes_kv: KeyValue,
         metrics: SchedulerMetrics,
+        tracing: Tracing,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -105,13 +107,14 @@ class Scheduler:
         self._admitting = asyncio.Semaphore(MAX_ADMITTING)
         self._admissions: set[asyncio.Task[None]] = set()
         self.metrics = metrics
+        self._tracing = tracing
         self.releaser = Releaser(js, intake, buffer=self._buffer, on_release=metrics.released)
         self._warm_until = 0.0  # monotonic: until then, a model with no route may just be unheard yet
         self._heard = asyncio.Event()  # set by every advert
 
     @classmethod
     async def open(
-        cls, nc: NATS, js: JetStreamContext, settings: SchedulerSettings, *, metrics: SchedulerMetrics
+        cls, nc: NATS, js: JetStreamContext, settings: SchedulerSettings, *, metrics: SchedulerMetrics, tracing: Tracing
     ) -> Scheduler:
         replicas = replicas_setting(settings.replicas)
         intake = IntakeLimits(settings.intake_max_jobs, settings.intake_max_per_tenant, settings.intake_ack_wait)
@@ -122,7 +125,15 @@ class Scheduler:
         nodes_kv = await open_bucket(nc, js, streams.NODES, replicas=replicas)
         quota_ = Quota(limits_kv, js)
         return cls(
-            nc, js, settings, quota=quota_, routing_kv=routing_kv, intake=intake, nodes_kv=nodes_kv, metrics=metrics
+            nc,
+            js,
+            settings,
+            quota=quota_,
+            routing_kv=routing_kv,
+            intake=intake,
+            nodes_kv=nodes_kv,
+            metrics=metrics,
+            tracing=tracing,
         )
 
     async def start(self) -> None:
@@ -223,10 +234,15 @@ class Scheduler:
         future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
-            with structlog.contextvars.bound_contextvars(
-                request_id=sub.job.request_id, job_id=sub.job.id, model=sub.job.model
+            job = sub.job
+            with (
+                structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id, model=job.model),
+                self._tracing.span("scheduler.admit", job.traceparent, job_id=job.id, model=job.model) as hop,
             ):
-                answer = await self._admit(sub)
+                # the worker's span is this one's child: the job carries this hop's traceparent
+                answer = await self._admit(
+                    dataclasses.replace(sub, job=dataclasses.replace(job, traceparent=hop.traceparent))
+                )
             future.set_result(answer)
             return answer
         except TokenyardError as e:

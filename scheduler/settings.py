@@ -32,6 +32,7 @@ class SchedulerSettings:
     nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: off; the flag's default is 9464)
+    otlp_endpoint: str = ""  # OpenTelemetry traces go here (schemas.otel); empty: none
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -110,4 +111,5 @@ class SchedulerSettings:
             nats=NatsSettings.of(a, roles=("scheduler",), data_dir=a.data_dir),
             metrics_host=a.metrics_host,
             metrics_port=a.metrics_port,
+            otlp_endpoint=a.otlp_endpoint,
         )

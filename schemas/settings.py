@@ -83,6 +83,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
     add_setting(parser, "--log-level", default="info", help="debug, info, warning or error")
     add_setting(parser, "--log-json", default=False, type=bool, help="log JSON lines instead of text")
+    add_setting(
+        parser,
+        "--otlp-endpoint",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        help="export OpenTelemetry traces to this OTLP/HTTP collector (needs the [otel] extra; empty: off)",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import structlog
 
 from schemas import subjects
 from schemas.logs import close_quietly, configure_logging, run
+from schemas.otel import Tracing
 from schemas.probes import serve_probes
 from schemas.settings import nats_options
 from worker.backends import build_backend
@@ -53,7 +54,10 @@ async def serve(settings: WorkerSettings) -> int:
     options = nats_options(settings.nats, name=f"tokenyard-worker-{settings.node_id}", inbox_prefix=inbox)
     nc = await nats.connect(**options, closed_cb=on_closed)
     metrics = WorkerMetrics(backend=settings.backend)
-    worker = Worker(nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware, metrics=metrics)
+    tracing = Tracing.start(settings.otlp_endpoint, role="worker")
+    worker = Worker(
+        nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware, metrics=metrics, tracing=tracing
+    )
     started = asyncio.Event()
 
     async def ready() -> bool:
@@ -76,6 +80,7 @@ async def serve(settings: WorkerSettings) -> int:
         if probes is not None:
             await probes.close()
         await idle.stop()
+        tracing.close()
         await close_quietly(nc)
         await backend.close()
     return CLOSED_EXIT if closed else 0

@@ -36,6 +36,7 @@ from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
 from schemas.events import CANCELLED, FinishReason, Piece
 from schemas.jobs import STOP, Job, NodeAdvert, Stop
 from schemas.nodes import NOTHING_SERVED, Hardware
+from schemas.otel import Tracing
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
@@ -82,11 +83,14 @@ class Worker:
         idle: Availability | None = None,
         hardware: Hardware | None = None,
         metrics: WorkerMetrics,
+        tracing: Tracing,
     ) -> None:
         """`idle`: idle-time mode (`worker.idle`; default: always available). `hardware`: what
-        the adverts say this machine is (`worker.hardware`). `metrics`: what it counts (`worker.metrics`)."""
+        the adverts say this machine is (`worker.hardware`). `metrics`, `tracing`: what it counts and
+        traces (`worker.metrics`, `schemas.otel`)."""
         self._nc = nc
         self._metrics = metrics
+        self._tracing = tracing
         self._js = js
         self._backend = backend
         self._s = settings
@@ -253,12 +257,6 @@ class Worker:
     async def _run(self, msg: Msg) -> None:
         structlog.contextvars.clear_contextvars()  # this task's own context: its job's ids only
         try:
-            await self._serve(msg)
-        except Exception:  # top of a task: never let one job take the worker down
-            log.exception("job.crashed")
-
-    async def _serve(self, msg: Msg) -> None:
-        try:
             job = Job.decode(msg.data)
         except WireError as e:
             log.error("job.malformed", error=str(e))
@@ -268,6 +266,13 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             request_id=job.request_id, job_id=job.id, model=job.model, attempt=attempt
         )
+        try:
+            with self._tracing.span("worker.job", job.traceparent, job_id=job.id, model=job.model, attempt=attempt):
+                await self._serve(msg, job, attempt)
+        except Exception:  # top of a task: never let one job take the worker down
+            log.exception("job.crashed")
+
+    async def _serve(self, msg: Msg, job: Job, attempt: int) -> None:
         pulled = time.monotonic()
         self._metrics.pulled(job.model, time.time() - msg.metadata.timestamp.timestamp())
         if job.deadline < time.time():

@@ -62,6 +62,7 @@ class WorkerSettings:
     nats: NatsSettings = field(default_factory=NatsSettings)  # how it connects (credentials, TLS)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: off; the flag's default is 9465)
+    otlp_endpoint: str = ""  # OpenTelemetry traces go here (schemas.otel); empty: none
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -176,6 +177,7 @@ class WorkerSettings:
             nats=NatsSettings.of(a, roles=cls.creds_roles(a.backend, a.provider), data_dir=a.data_dir),
             metrics_host=a.metrics_host,
             metrics_port=a.metrics_port,
+            otlp_endpoint=a.otlp_endpoint,
         )
 
     @staticmethod
