@@ -6,11 +6,10 @@ Only the operator writes this file; nothing a client sends can add a base URL or
 anything it does not know, naming the place: a typo must fail at start, not route traffic
 wrongly. `load_providers` reads the YAML file and the secrets, and logs the warnings.
 
-Keys are per provider: one file serves every adapter, and each adapter runs with only its own
-provider's keys in its environment. A provider whose keys cannot be read is still parsed (its
-shape is checked like the rest); the error is raised only by `ProvidersConfig.get` for that
-provider, when an adapter asks for it. Every `ProviderConfigError` from `load_providers` is one
-line naming the file, the field and the fix, fit to print as it is (exit code 2).
+Keys are per provider (`worker.provider_keys`): a key that cannot be read fails only the
+adapter of its provider, when it asks for it (`ProvidersConfig.get`). Every
+`ProviderConfigError` from `load_providers` is one line naming the file, the field and the
+fix, fit to print as it is (exit code 2).
 
     providers:
       - name: openai                       # the pool name: ^[a-z0-9][a-z0-9-]{0,62}$
@@ -27,9 +26,7 @@ line naming the file, the field and the fix, fit to print as it is (exit code 2)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -41,7 +38,26 @@ from urllib.parse import urlsplit
 import structlog
 import yaml
 
+from worker.config_shape import EXIT_CONFIG, ProviderConfigError, mapping, number, only, whole
+from worker.provider_keys import Secret, fingerprint, provider_keys
+
 log = structlog.get_logger(__name__)
+
+# The config's names, for the adapter, the worker's main and tests (some are defined beside it).
+__all__ = [
+    "EXIT_CONFIG",
+    "ModelRoute",
+    "Price",
+    "Provider",
+    "ProviderConfigError",
+    "ProvidersConfig",
+    "Secret",
+    "Timeouts",
+    "fingerprint",
+    "is_loopback",
+    "load_providers",
+    "parse_providers",
+]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -79,43 +95,6 @@ _PROVIDER_KEYS = (
 _PRICE_KEYS = ("input", "output", "cached")
 _TIMEOUT_KEYS = ("connect", "read", "total")
 _MODEL_KEYS = ("id", "context_length")
-
-
-class ProviderConfigError(ValueError):
-    """The provider config is invalid; the message names the place and the fix."""
-
-
-EXIT_CONFIG = 2  # a worker's exit code for a config it cannot run with
-
-
-def fingerprint(key: str) -> str:
-    """A short, stable, non-reversible name for an API key, safe to log."""
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
-
-
-class Secret:
-    """An API key. Its repr and str show only the fingerprint, so logging a config object
-    or an exception that holds one never prints the key."""
-
-    __slots__ = ("_value", "fingerprint")
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-        self.fingerprint = fingerprint(value)
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret({self.fingerprint})"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +189,8 @@ def load_providers(path: str | Path, *, env: Mapping[str, str] | None = None) ->
 
 def parse_providers(data: Any, *, env: Mapping[str, str], read_secret: Callable[[str], str]) -> ProvidersConfig:
     """Validate a decoded config. Pure: secrets come from `env` and `read_secret(path)`."""
-    top = _mapping(data, "the provider config")
-    _only(top, _TOP_KEYS, "the provider config")
+    top = mapping(data, "the provider config")
+    only(top, _TOP_KEYS, "the provider config")
     items = top.get("providers")
     if not isinstance(items, list) or not items:
         raise ProviderConfigError("the provider config needs 'providers': a non-empty list")
@@ -227,8 +206,8 @@ def parse_providers(data: Any, *, env: Mapping[str, str], read_secret: Callable[
 def _provider(
     item: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
 ) -> Provider:
-    d = _mapping(item, where)
-    _only(d, _PROVIDER_KEYS, where)
+    d = mapping(item, where)
+    only(d, _PROVIDER_KEYS, where)
     name = d.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ProviderConfigError(
@@ -243,9 +222,9 @@ def _provider(
         warnings.append(f"{where}: no price for {', '.join(unpriced)}; their cost is not reported")
     max_conc = d.get("max_concurrency")
     if max_conc is not None:
-        max_conc = _whole(max_conc, f"{where}.max_concurrency", minimum=1)
-    probe = _number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
-    keys, key_error = _provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
+        max_conc = whole(max_conc, f"{where}.max_concurrency", minimum=1)
+    probe = number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
+    keys, key_error = provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
     return Provider(
         name=name,
         base_url=_base_url(d.get("base_url"), f"{where}.base_url"),
@@ -292,79 +271,8 @@ def _base_url(value: Any, where: str) -> str:
     return value.rstrip("/")
 
 
-def _provider_keys(
-    value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
-) -> tuple[tuple[Secret, ...], str]:
-    """(keys, "") or ((), why not): the shape of the list is checked here (a mistake in it is an
-    error for every adapter); a key that cannot be read only for the adapter that needs it."""
-    _check_key_specs(value, where)
-    try:
-        return _keys(value, where, env, read_secret, warnings), ""
-    except ProviderConfigError as e:
-        return (), str(e)
-
-
-def _check_key_specs(value: Any, where: str) -> None:
-    if not isinstance(value, list) or not value:
-        raise ProviderConfigError(f"{where}: needs at least one key, e.g. [{{env: MY_PROVIDER_KEY}}]")
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            continue
-        here = f"{where}[{i}]"
-        d = _mapping(item, here)
-        _only(d, ("env", "file"), here)
-        if len(d) != 1:
-            raise ProviderConfigError(f"{here}: give exactly one of 'env' or 'file'")
-
-
-def _keys(
-    value: Any, where: str, env: Mapping[str, str], read_secret: Callable[[str], str], warnings: list[str]
-) -> tuple[Secret, ...]:
-    if not isinstance(value, list) or not value:
-        raise ProviderConfigError(f"{where}: needs at least one key, e.g. [{{env: MY_PROVIDER_KEY}}]")
-    keys: list[Secret] = []
-    for i, item in enumerate(value):
-        here = f"{where}[{i}]"
-        if isinstance(item, str):
-            warnings.append(f"{here}: a literal key in the config file; prefer {{env: VAR}} or {{file: path}}")
-            raw = item
-        else:
-            d = _mapping(item, here)
-            _only(d, ("env", "file"), here)
-            if len(d) != 1:
-                raise ProviderConfigError(f"{here}: give exactly one of 'env' or 'file'")
-            if "env" in d:
-                var = d["env"]
-                if not isinstance(var, str) or not var:
-                    raise ProviderConfigError(f"{here}.env: must name an environment variable")
-                if var not in env or not env[var].strip():
-                    raise ProviderConfigError(
-                        f"{here}: environment variable {var} is not set or empty; export it for this adapter"
-                    )
-                raw = env[var]
-            else:
-                name = d["file"]
-                if not isinstance(name, str) or not name:
-                    raise ProviderConfigError(f"{here}.file: must be a path")
-                try:
-                    raw = read_secret(name)
-                except OSError as e:
-                    raise ProviderConfigError(f"{here}: cannot read key file {name!r}: {e.strerror or e}") from e
-        key = raw.strip()
-        if not key:
-            raise ProviderConfigError(f"{here}: the key is empty")
-        if any(c.isspace() or ord(c) < 32 for c in key):
-            raise ProviderConfigError(f"{here}: the key holds whitespace or control characters")
-        secret = Secret(key)
-        if secret in keys:
-            warnings.append(f"{here}: the same key as an earlier entry (fingerprint {secret.fingerprint})")
-            continue
-        keys.append(secret)
-    return tuple(keys)
-
-
 def _models(value: Any, where: str) -> dict[str, ModelRoute]:
-    d = _mapping(value, where)
+    d = mapping(value, where)
     if not d:
         raise ProviderConfigError(f"{where}: map at least one public model id to a provider model id")
     routes: dict[str, ModelRoute] = {}
@@ -374,8 +282,8 @@ def _models(value: Any, where: str) -> dict[str, ModelRoute]:
             raise ProviderConfigError(f"{where}: {public!r} is not a valid public model id")
         context = 0
         if isinstance(target, Mapping):
-            _only(target, _MODEL_KEYS, here)
-            context = _whole(target.get("context_length", 0), f"{here}.context_length", minimum=0)
+            only(target, _MODEL_KEYS, here)
+            context = whole(target.get("context_length", 0), f"{here}.context_length", minimum=0)
             target = target.get("id")
         if not isinstance(target, str) or not target.strip():
             raise ProviderConfigError(f"{here}: the provider model id must be a non-empty string")
@@ -384,35 +292,35 @@ def _models(value: Any, where: str) -> dict[str, ModelRoute]:
 
 
 def _prices(value: Any, where: str, models: Mapping[str, ModelRoute]) -> dict[str, Price]:
-    d = _mapping(value, where)
+    d = mapping(value, where)
     prices: dict[str, Price] = {}
     for model, spec in d.items():
         here = f"{where}[{model!r}]"
         if model != ANY_MODEL and model not in models:
             raise ProviderConfigError(f"{here}: not a public model id of this provider (nor '*')")
-        s = _mapping(spec, here)
-        _only(s, _PRICE_KEYS, here)
+        s = mapping(spec, here)
+        only(s, _PRICE_KEYS, here)
         if "input" not in s or "output" not in s:
             raise ProviderConfigError(f"{here}: needs 'input' and 'output' (USD per million tokens)")
-        inp = _number(s["input"], f"{here}.input", minimum=0.0)
+        inp = number(s["input"], f"{here}.input", minimum=0.0)
         # Without a cached price, cached tokens cost as much as any other prompt token.
-        cached = _number(s.get("cached", inp), f"{here}.cached", minimum=0.0)
-        prices[model] = Price(inp, _number(s["output"], f"{here}.output", minimum=0.0), cached)
+        cached = number(s.get("cached", inp), f"{here}.cached", minimum=0.0)
+        prices[model] = Price(inp, number(s["output"], f"{here}.output", minimum=0.0), cached)
     return prices
 
 
 def _timeouts(value: Any, where: str) -> Timeouts:
-    d = _mapping(value, where)
-    _only(d, _TIMEOUT_KEYS, where)
+    d = mapping(value, where)
+    only(d, _TIMEOUT_KEYS, where)
     default = Timeouts()
-    t = Timeouts(*(_number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001) for k in _TIMEOUT_KEYS))
+    t = Timeouts(*(number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001) for k in _TIMEOUT_KEYS))
     if t.connect > t.total or t.read > t.total:
         raise ProviderConfigError(f"{where}: connect and read must not exceed total")
     return t
 
 
 def _headers(value: Any, where: str) -> dict[str, str]:
-    d = _mapping(value, where)
+    d = mapping(value, where)
     headers: dict[str, str] = {}
     for name, v in d.items():
         if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
@@ -426,27 +334,3 @@ def _headers(value: Any, where: str) -> dict[str, str]:
             raise ProviderConfigError(f"{where}.{name}: the value holds control characters")
         headers[name] = text
     return headers
-
-
-def _mapping(value: Any, where: str) -> dict[Any, Any]:
-    if not isinstance(value, Mapping):
-        raise ProviderConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return dict(value)
-
-
-def _only(d: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = [k for k in d if k not in allowed]
-    if unknown:
-        raise ProviderConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
-
-
-def _whole(value: Any, where: str, *, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ProviderConfigError(f"{where}: must be a whole number >= {minimum}, not {value!r}")
-    return value
-
-
-def _number(value: Any, where: str, *, minimum: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
-        raise ProviderConfigError(f"{where}: must be a number >= {minimum:g}, not {value!r}")
-    return float(value)
