@@ -81,13 +81,15 @@ def _key_options(k: argparse.ArgumentParser, *, update: bool) -> None:
     _limits(k)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenyard", description="Administer orgs, API keys, usage and audit.")
-    _global(p, top=True)
-    sub = p.add_subparsers(dest="noun", required=True)
-    keys_p = sub.add_parser("keys")
-    _common(keys_p)
-    keys = keys_p.add_subparsers(dest="verb", required=True)
+def _noun(sub: Any, name: str, **kw: Any) -> Any:
+    """A noun's parser (with the global flags) and its verbs' subparsers."""
+    p = sub.add_parser(name, **kw)
+    _common(p)
+    return p.add_subparsers(dest="verb", required=True)
+
+
+def _keys_parser(sub: Any) -> None:
+    keys = _noun(sub, "keys")
     k = keys.add_parser("create", help="create a key (its secret is printed once)")
     _common(k)
     k.add_argument("name")
@@ -108,9 +110,10 @@ def parser() -> argparse.ArgumentParser:
             v.add_argument("--org")
         else:
             v.add_argument("key_id")
-    orgs_p = sub.add_parser("orgs")
-    _common(orgs_p)
-    orgs = orgs_p.add_subparsers(dest="verb", required=True)
+
+
+def _orgs_parser(sub: Any) -> None:
+    orgs = _noun(sub, "orgs")
     o = orgs.add_parser("create")
     _common(o)
     o.add_argument("name")
@@ -123,6 +126,14 @@ def parser() -> argparse.ArgumentParser:
     ou.add_argument("--project", action="append", dest="projects", default=None, help="the org's projects (all)")
     _limits(ou)
     _common(orgs.add_parser("list"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenyard", description="Administer orgs, API keys, usage and audit.")
+    _global(p, top=True)
+    sub = p.add_subparsers(dest="noun", required=True)
+    _keys_parser(sub)
+    _orgs_parser(sub)
     u = sub.add_parser("usage", help="usage and cost report")
     _common(u)
     u.add_argument("--by", default="model", choices=["model", "route", "key", "day", "org", "project"])
@@ -134,9 +145,7 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
     a.add_argument("--since", type=float)
     a.add_argument("--format", default="table", choices=["table", "json", "csv"])
-    routing_p = sub.add_parser("routing", help="routing policies: default, per model, per key")
-    _common(routing_p)
-    r = routing_p.add_subparsers(dest="verb", required=True)
+    r = _noun(sub, "routing", help="routing policies: default, per model, per key")
     _common(r.add_parser("show"))
     for verb in ("set", "delete"):
         v = r.add_parser(verb)
