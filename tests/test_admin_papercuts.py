@@ -162,7 +162,7 @@ def test_a_worker_config_error_is_one_line_and_exit_code_2(tmp_path: Path, text:
             **os.environ,
             "TOKENYARD_NATS_URL": "nats://127.0.0.1:1",
             "TOKENYARD_METRICS_PORT": "0",
-            "TOKENYARD_DATA_DIR": str(tmp_path),  # its own node id: no warning about a shared one
+            "TOKENYARD_NODE_ID": "config-test",  # no node id file made (and logged) for this run
         },
     )
     lines = [line for line in r.stderr.splitlines() if line.strip()]
