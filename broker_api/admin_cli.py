@@ -167,9 +167,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _nodes_parser(sub: Any) -> None:
-    n = sub.add_parser("nodes", help="enrolled nodes: tokens, registry, disable/enable/remove, price")
-    verbs = n.add_subparsers(dest="verb", required=True)
-    t = verbs.add_parser("token", help="enrolment tokens").add_subparsers(dest="token_verb", required=True)
+    verbs = _noun(sub, "nodes", help="enrolled nodes: tokens, registry, disable/enable/remove, price")
+    token = verbs.add_parser("token", help="enrolment tokens")
+    _common(token)
+    t = token.add_subparsers(dest="token_verb", required=True)
     c = t.add_parser("create", help="a token a machine joins with (printed once)")
     _common(c)
     c.add_argument("--pool", default="own", help="the pool the node will serve in")
@@ -239,9 +240,7 @@ def _nodes(args: argparse.Namespace) -> None:
     elif args.verb == "list":
         r = _call(args, "GET", "/nodes")
         print(
-            json.dumps(r.json(), indent=2)
-            if args.format == "json"
-            else _table([_node_row(n) for n in r.json()["data"]])
+            json.dumps(r.json(), indent=2) if args.format == "json" else table([_node_row(n) for n in r.json()["data"]])
         )
     elif args.verb == "show":
         node = _call(args, "GET", f"/nodes/{args.node_id}").json()
@@ -249,17 +248,17 @@ def _nodes(args: argparse.Namespace) -> None:
         if args.format == "json":
             print(json.dumps({**node, "usage": usage}, indent=2))
         else:
-            print(_table([_node_row(node)]))
+            print(table([_node_row(node)]))
             print(f"price (USD per 1M tokens): input {node['price']['input']}, output {node['price']['output']}")
-            print("served:\n" + _table(usage))
+            print("served:\n" + table(usage))
     elif args.verb == "price":
         body = {"price": {"input": args.input, "output": args.output}}
-        print(_table([_node_row(_call(args, "PATCH", f"/nodes/{args.node_id}", json=body).json())]))
+        print(table([_node_row(_call(args, "PATCH", f"/nodes/{args.node_id}", json=body).json())]))
     elif args.verb == "remove":
         _call(args, "DELETE", f"/nodes/{args.node_id}")
         print(f"node {args.node_id} removed; its credentials are revoked")
     else:
-        print(_table([_node_row(_call(args, "POST", f"/nodes/{args.node_id}/{args.verb}").json())]))
+        print(table([_node_row(_call(args, "POST", f"/nodes/{args.node_id}/{args.verb}").json())]))
 
 
 def _routing_path(target: str) -> str:

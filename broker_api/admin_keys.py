@@ -1,17 +1,15 @@
-"""Changing an API key in place: `PATCH /v1/admin/keys/{id}` and `POST /v1/admin/keys/{id}/rotate`.
+"""Changing an API key in place: `PATCH /v1/admin/keys/{id}` (rotating it, a new secret under
+the same id, is `POST /v1/admin/keys/{id}/rotate` in `broker_api.admin_console`).
 
 PATCH merges: only the fields the body gives change, and within `limits` only the limits it
-names (`{"limits": {"rpm": 1000}}` keeps the key's other caps; 0 lifts one). Rotating gives
-the key a new secret under the same id (its usage, routing policy and limits stay with it):
-the old secret is refused by every gateway once their key mirrors see the change, within
-milliseconds. The new secret is shown once. Both are audited; an org admin may change only
-its own org's keys (another org's answer 404), and no PATCH makes a key an admin key.
+names (`{"limits": {"rpm": 1000}}` keeps the key's other caps; 0 lifts one). Every change is
+audited; an org admin may change only its own org's keys (another org's answer 404), and no
+PATCH makes a key an admin key. `merged_limits` is the one merge, for orgs too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -20,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker_api.auth import Principal
 from broker_api.deps import Services, admin_caller, services, visible_key
 from schemas.errors import InvalidRequestError
-from schemas.tenancy import KeyRecord, Limits
+from schemas.tenancy import Limits
 from schemas.validation import parse_body
 
 router = APIRouter(prefix="/v1/admin")
@@ -87,21 +85,3 @@ async def update_key(key_id: str, request: Request, who: Admin, s: Svc) -> dict[
     detail = {**body.model_dump(exclude_none=True, exclude={"limits"}), "limits": limits} if limits else changes
     s.auditor.record(who, request, "key.update", key.id, key.org, **detail)
     return updated.public()
-
-
-async def rotate(s: Services, key: KeyRecord) -> tuple[str, KeyRecord]:
-    """A new secret for `key` (same id): stored as its digest; the secret is returned once."""
-    secret = f"ty_{key.id}_{secrets.token_urlsafe(32)}"
-    rotated = dataclasses.replace(key, digest=s.directory.digest(secret))
-    await s.directory.put_key(rotated)
-    return secret, rotated
-
-
-@router.post("/keys/{key_id}/rotate")
-async def rotate_key(key_id: str, request: Request, who: Admin, s: Svc) -> dict[str, Any]:
-    key = visible_key(s.directory, who, key_id)
-    if key.revoked:
-        raise InvalidRequestError("A revoked key cannot be rotated; create a new one.", param="key_id")
-    secret, rotated = await rotate(s, key)
-    s.auditor.record(who, request, "key.rotate", key.id, key.org, name=key.name)
-    return {"key": secret, **rotated.public()}

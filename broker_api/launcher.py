@@ -10,8 +10,16 @@ child connects with its role's own. To accept remote nodes, NATS listens where `
 says (127.0.0.1 by default) and joiners are told `--nats-public-url`; the API's `--public-url`
 is what `tokenyard nodes token create` tells them to join. `--tls-cert/--tls-key` serve the API
 over HTTPS, `--nats-tls-cert/--nats-tls-key` NATS over TLS. Ctrl-C or SIGTERM stops the children in
-reverse order (the worker first, so it drains), each by its PID; if any child dies, the rest
+reverse order (the workers first, so they drain), each by its PID; if any child dies, the rest
 are stopped too and the exit code says so.
+
+With `--providers FILE` it also starts one cloud adapter per provider in that file, each with
+its own credentials (`adapter-<provider>`). Settings every role shares (log level and format,
+replicas) and the ones only some roles read (the scheduler's routing file, the API's cache)
+are passed on as `TOKENYARD_*` variables: each role reads its own and ignores the rest. `up`
+writes where it listens to the data dir (`api_url`, and `metrics_urls` for the schedulers'
+and workers' metrics), which the admin commands and `tokenyard top` read; it removes them when
+it stops.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from broker_api.auth import load_or_create_admin_key
 from broker_api.embedded_nats import NatsServer
@@ -66,7 +76,51 @@ def parser() -> argparse.ArgumentParser:
     add_setting(p, "--model-path", default="", help="transformers: a local model directory (default SmolLM2)")
     add_setting(p, "--models", default="", help="public model id(s) the worker serves")
     add_setting(p, "--log-level", default="info", help="debug, info, warning or error")
+    add_setting(p, "--log-json", default=False, type=bool, help="every role logs JSON lines")
+    add_setting(p, "--providers", default="", help="a provider config (YAML): one cloud adapter per provider")
+    add_setting(p, "--routing-file", default="", help="the scheduler's routing policies (JSON)")
+    add_setting(p, "--cache", default=True, type=bool, help="the API's response cache")
+    add_setting(p, "--cache-ttl", default=3600.0, type=float, help="seconds a cached answer lives")
+    add_setting(p, "--cache-max-bytes", default=256 << 20, type=int, help="size cap of the response cache")
+    add_setting(p, "--replicas", default=0, type=int, help="JetStream replicas (0: follow the cluster)")
+    add_setting(
+        p, "--metrics-port", default=9464, type=int, help="the scheduler's metrics port; the workers' follow it"
+    )
     return p
+
+
+class ConfigError(Exception):
+    """A setting of `up` that cannot work: one line naming the file or flag and the fix."""
+
+
+def provider_names(path: str) -> list[str]:
+    """The providers a config file names (each adapter validates the rest, with its own keys)."""
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the provider config ({e.strerror}); fix --providers") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+    items = data.get("providers") if isinstance(data, dict) else None
+    names = [p.get("name") for p in items or () if isinstance(p, dict)]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
+    return [str(n) for n in names]
+
+
+def shared_env(a: argparse.Namespace) -> dict[str, str]:
+    """The settings every child gets as TOKENYARD_* variables (each reads those it knows)."""
+    env = {
+        "TOKENYARD_LOG_LEVEL": a.log_level,
+        "TOKENYARD_LOG_JSON": "true" if a.log_json else "false",
+        "TOKENYARD_CACHE": "true" if a.cache else "false",
+        "TOKENYARD_CACHE_TTL": str(a.cache_ttl),
+        "TOKENYARD_CACHE_MAX_BYTES": str(a.cache_max_bytes),
+        "TOKENYARD_REPLICAS": str(a.replicas),
+    }
+    if a.routing_file:
+        env["TOKENYARD_ROUTING_FILE"] = str(Path(a.routing_file).expanduser().resolve())
+    return env
 
 
 class Stack:
@@ -92,7 +146,7 @@ class Stack:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(45 if name == "worker" else 15)
+                    proc.wait(45 if name == "worker" or name.startswith("adapter") else 15)
                 except subprocess.TimeoutExpired:
                     print(f"tokenyard up: {name} did not stop in time; killing it", file=sys.stderr)
                     proc.kill()
@@ -134,10 +188,10 @@ def _public_host(host: str) -> str:
     return socket.getfqdn() if host in {"0.0.0.0", "::", ""} else host
 
 
-def _embedded_nats(a: argparse.Namespace, data: Path) -> tuple[NatsServer, dict[str, str]]:
+def _embedded_nats(a: argparse.Namespace, data: Path, providers: list[str]) -> tuple[NatsServer, dict[str, str]]:
     """Start the embedded, authenticated NATS; returns it and the environment every child
-    shares (each child's own credentials are added per child)."""
-    auth = AuthDir.init(data, local_worker=True, resolver_dir=data / "nats" / "jwt")
+    shares (each child's own credentials are added per child; an adapter's are its provider's)."""
+    auth = AuthDir.init(data, local_worker=True, adapters=tuple(providers), resolver_dir=data / "nats" / "jwt")
     host, port = _listen(a)
     server = NatsServer(
         data / "nats", host=host, port=port, auth=auth.conf_path, tls_cert=a.nats_tls_cert, tls_key=a.nats_tls_key
@@ -156,10 +210,61 @@ def _with_creds(env: dict[str, str], data: Path, role: str, own_nats: bool) -> d
     return {**env, "TOKENYARD_NATS_CREDS": str(creds_path(data, role))} if own_nats else env
 
 
+def _metrics_ports(base: int, providers: list[str]) -> list[str]:
+    """The scheduler's `--metrics-port`, the worker's the next, the adapters' from base + 3 on
+    (base + 2, 9466 by default, is the ledger role's); all "0" (off) when base is 0."""
+    offsets = [0, 1, *(3 + i for i in range(len(providers)))]
+    return [str(base + o) if base > 0 else "0" for o in offsets]
+
+
+def _start_roles(
+    a: argparse.Namespace, stack: Stack, env: dict[str, str], data: Path, own_nats: bool, providers: list[str]
+) -> tuple[str, list[str]]:
+    """Spawn the scheduler, the API, the worker and the adapters. Returns the API's public URL
+    and the metrics URLs of the others."""
+    scheme = "https" if a.tls_cert else "http"
+    public = a.public_url or f"{scheme}://{_public_host(a.host)}:{a.port}"
+    ports = _metrics_ports(a.metrics_port, providers)
+    stack.spawn("scheduler", "scheduler", ["--metrics-port", ports[0]], _with_creds(env, data, "scheduler", own_nats))
+    api_args = ["--host", a.host, "--port", str(a.port), "--public-url", public]
+    if a.tls_cert:
+        api_args += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
+    stack.spawn("api", "broker_api", api_args, _with_creds(env, data, "api", own_nats))
+    worker_args = ["--backend", a.backend, "--metrics-port", ports[1]]
+    if a.model_path:
+        worker_args += ["--model-path", a.model_path]
+    if a.models:
+        worker_args += ["--models", a.models]
+    stack.spawn("worker", "worker", worker_args, _with_creds(env, data, "worker", own_nats))
+    config = str(Path(a.providers).expanduser().resolve()) if providers else ""
+    for name, port in zip(providers, ports[2:]):
+        args = ["--backend", "cloud", "--providers", config, "--provider", name, "--metrics-port", port]
+        stack.spawn(f"adapter {name}", "worker", args, _with_creds(env, data, f"adapter-{name}", own_nats))
+    urls = [f"http://127.0.0.1:{port}/metrics" for port in ports] if a.metrics_port > 0 else []
+    return public, urls
+
+
+def _banner(base: str, admin_key: str, models: list[str], nats_url: str, auth: str, public: str) -> None:
+    print(
+        f"\nTokenyard is up.\n  OpenAI base URL: {base}/v1\n  API key:         {admin_key}\n"
+        f"  models:          {', '.join(models)}\n  NATS:            {nats_url}{auth}\n"
+        f"  remote nodes:    tokenyard nodes token create --pool own, then on the machine:\n"
+        f"                   tokenyard worker join --server {public} --token <token>\n"
+        "  watch it:        tokenyard top\nCtrl-C stops it.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     data = Path(a.data_dir).expanduser()
     data.mkdir(parents=True, exist_ok=True)
+    try:
+        providers = provider_names(a.providers) if a.providers else []
+    except ConfigError as e:
+        print(f"tokenyard up: {e}", file=sys.stderr)
+        return 2
     admin_key, _ = load_or_create_admin_key(str(data), os.environ.get("TOKENYARD_ADMIN_KEY", ""))
     stack = Stack()
     stopping = False
@@ -170,44 +275,28 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    written = (data / "api_url", data / "metrics_urls")
     try:
         own_nats = not a.nats_url
         nats_env = {"TOKENYARD_NATS_URL": a.nats_url}
         if own_nats:
-            stack.nats, nats_env = _embedded_nats(a, data)
+            stack.nats, nats_env = _embedded_nats(a, data, providers)
         env = {
             **os.environ,
             **nats_env,
+            **shared_env(a),
             "TOKENYARD_DATA_DIR": str(data),
             "TOKENYARD_ADMIN_KEY": admin_key,
-            "TOKENYARD_LOG_LEVEL": a.log_level,
         }
-        scheme = "https" if a.tls_cert else "http"
+        public, metrics = _start_roles(a, stack, env, data, own_nats, providers)
         host = "127.0.0.1" if a.host in {"0.0.0.0", "::"} else a.host
-        public = a.public_url or f"{scheme}://{_public_host(a.host)}:{a.port}"
-        stack.spawn("scheduler", "scheduler", [], _with_creds(env, data, "scheduler", own_nats))
-        api_args = ["--host", a.host, "--port", str(a.port), "--public-url", public]
-        if a.tls_cert:
-            api_args += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
-        stack.spawn("api", "broker_api", api_args, _with_creds(env, data, "api", own_nats))
-        worker_args = ["--backend", a.backend]
-        if a.model_path:
-            worker_args += ["--model-path", a.model_path]
-        if a.models:
-            worker_args += ["--models", a.models]
-        stack.spawn("worker", "worker", worker_args, _with_creds(env, data, "worker", own_nats))
-        base = f"{scheme}://{host}:{a.port}"
+        base = f"{'https' if a.tls_cert else 'http'}://{host}:{a.port}"
         models = _wait_ready(base, admin_key, stack, time.monotonic() + READY_TIMEOUT, ca=a.tls_cert)
+        written[0].write_text(base + "\n")
+        written[1].write_text("".join(f"{url}\n" for url in metrics))
         nats_url = nats_env.get("TOKENYARD_NATS_PUBLIC_URL") or nats_env["TOKENYARD_NATS_URL"]
-        print(
-            f"\nTokenyard is up.\n  OpenAI base URL: {base}/v1\n  API key:         {admin_key}\n"
-            f"  models:          {', '.join(models)}\n  NATS:            {nats_url}"
-            f"{' (authenticated; credentials in ' + str(data / 'creds') + ')' if own_nats else ''}\n"
-            f"  remote nodes:    tokenyard nodes token create --pool own, then on the machine:\n"
-            f"                   tokenyard worker join --server {public} --token <token>\nCtrl-C stops it.\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        auth = f" (authenticated; credentials in {data / 'creds'})" if own_nats else ""
+        _banner(base, admin_key, models, nats_url, auth, public)
         while not stopping:
             dead = stack.dead_child()
             if dead:
@@ -219,4 +308,6 @@ def main(argv: list[str]) -> int:
         print(f"tokenyard up: {e}", file=sys.stderr)
         return 1
     finally:
+        for path in written:
+            path.unlink(missing_ok=True)
         stack.stop()
