@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from schemas.jetstream import ensure, open_bucket
 from schemas.otel import Tracing
 from schemas.rules import check_max_tokens
 from schemas.settings import replicas_setting
+from schemas.trace import request_id
 
 log = structlog.get_logger(__name__)
 
@@ -86,15 +86,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if 0 < len(candidate) <= 128 and candidate.isprintable():
-                    rid = candidate
-                break
-        if not rid:
-            rid = "req_" + uuid.uuid4().hex
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = request_id(given)  # the client's when sane, else a new one (schemas.trace)
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode("latin-1"))
 

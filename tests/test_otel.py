@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from schemas.otel import Tracing
-from schemas.trace import trace_id, traceparent
+from schemas.trace import request_id, trace_id, traceparent
 from tests.conftest import ECHO
 from tests.stack import Stack, auth_headers
 
@@ -64,6 +64,17 @@ def collector() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_request_ids_and_traceparents() -> None:
+    assert request_id("my-trace-123") == "my-trace-123"
+    for bad in ("", None, "x" * 129, "tab\there"):
+        assert request_id(bad).startswith("req_") and len(request_id(bad)) == 36
+    continued = traceparent(f"00-{TRACE}-{PARENT}-01")
+    assert continued.startswith(f"00-{TRACE}-") and continued.endswith("-01") and PARENT not in continued
+    for bad in ("", "00-" + "0" * 32 + f"-{PARENT}-01", f"ff-{TRACE}-{PARENT}-01", f"00-{TRACE}-{PARENT}"):
+        fresh = traceparent(bad)
+        assert trace_id(fresh) not in ("", TRACE, "0" * 32) and fresh.endswith("-01")
 
 
 def test_without_an_endpoint_a_span_only_continues_the_trace() -> None:
