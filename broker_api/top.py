@@ -110,7 +110,6 @@ def frame(now: Scrape, before: Scrape | None, *, api: str) -> Group:
     outcomes = ("ok", "cached", "replayed", "cancelled", "refused", "invalid", "error")
     rates = {o: _rate(now, before, "tokenyard_api_requests_total", outcome=o) for o in outcomes}
     total = sum(rates.values())
-    failed = rates["error"] + rates["refused"]
     b = before.buckets("tokenyard_api_time_to_first_token_seconds") if before else []
     ttft = now.buckets("tokenyard_api_time_to_first_token_seconds")
     summary = Table.grid(padding=(0, 2))
@@ -123,7 +122,8 @@ def frame(now: Scrape, before: Scrape | None, *, api: str) -> Group:
     summary.add_row(
         f"requests {total:.1f}/s",
         "  ".join(f"{o} {rates[o]:.1f}" for o in outcomes if rates[o] or o == "ok"),
-        f"errors {100 * failed / total if total else 0:.1f}%",
+        f"errors {100 * rates['error'] / total if total else 0:.1f}%"
+        f"  refused {100 * rates['refused'] / total if total else 0:.1f}%",
         f"tokens {_rate(now, before, 'tokenyard_api_tokens_total', kind='completion'):.0f}/s",
     )
     summary.add_row(
