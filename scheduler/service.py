@@ -54,7 +54,7 @@ from schemas.intake import Queued
 from schemas.jetstream import ensure, is_full, open_bucket
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
 from schemas.otel import Tracing
-from schemas.rules import check_max_tokens, lane_eligible
+from schemas.rules import check_max_tokens, estimate_prompt_tokens, lane_eligible, requested_max_tokens
 from schemas.settings import replicas_setting
 from schemas.streams import StreamSpec
 from schemas.usage import UsageRecord
@@ -269,7 +269,13 @@ class Scheduler:
         payload = job.encode()
         if len(payload) > streams.MAX_JOB_BYTES:
             raise InvalidRequestError("The request is too large to queue.", code="request_too_large")
-        reserved = await self._reserve(sub, choice.route, now)
+        admitted = await self._reserve(sub, choice.route, now)
+        reserved = admitted.entries
+        if admitted.completion_tokens is not None:  # the budget's hard cap: the worker stops there
+            capped = L.cap_completion(job.request, admitted.completion_tokens)
+            if capped != job.request:
+                job = dataclasses.replace(job, request=capped)
+                payload = job.encode()
         pool = choice.route.pool
         direct = self.releaser.take_room(pool, job.model)
         try:
@@ -369,11 +375,28 @@ class Scheduler:
             )
         return out
 
-    async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> list[str]:
+    async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> quota.Admitted:
+        """Reserve the prompt and a completion grant on every limited subject (see
+        `scheduler.limits`): bounded by the request, the route's context and the key's and org's
+        max_tokens, and by what their budgets have left at this route's prices."""
         limited = quota.entries(sub.key_id, sub.tenant, sub.key_limits, sub.org_limits)
         if not limited:
-            return []
-        tokens = max(0, sub.estimated_tokens)
-        usd = tokens * max(route.input_price, route.output_price) / 1e6  # an upper bound of its cost there
-        ask = L.Ask(sub.job.id, tokens, usd, sub.job.deadline + self._s.reservation_margin)
+            return quota.Admitted([], None)
+        request = sub.job.request
+        prompt = estimate_prompt_tokens(request.get("messages") or ())
+        bound = L.completion_bound(
+            requested_max_tokens(request),
+            route.context_length,
+            prompt,
+            sub.key_limits.max_tokens,
+            sub.org_limits.max_tokens,
+        )
+        ask = L.Ask(
+            sub.job.id,
+            prompt,
+            sub.job.deadline + self._s.reservation_margin,
+            completion_tokens=bound,
+            input_price=route.input_price / 1e6,
+            output_price=route.output_price / 1e6,
+        )
         return await quota.admit(self.quota, limited, ask, now)

@@ -91,7 +91,7 @@ class Submission:
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
-    estimated_tokens: int = 0  # prompt estimate + max_tokens: what admission reserves
+    estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
     volunteer_ok: bool = False  # may run on idle-time nodes
 
     def encode(self) -> bytes:
