@@ -39,6 +39,7 @@ ADMIN_KEY = "ty_admin_test-secret-key-0123456789"
 
 FAST_WORKER = {
     "TOKENYARD_BACKEND": "echo",
+    "TOKENYARD_ECHO_DIRECTIVES": "1",  # the fault tests' [[crash]], [[fail]], [[die-after]], [[delay]]
     "TOKENYARD_HEARTBEAT": "0.2",
     "TOKENYARD_ACK_WAIT": "1.5",
     "TOKENYARD_COALESCE_MS": "5",
