@@ -20,9 +20,15 @@ from nats.aio.msg import Msg
 
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
-from schemas import subjects
+from schemas import streams, subjects
 from schemas.codec import WireError
-from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
+from schemas.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoCapacityError,
+    RequestTooLargeError,
+    from_wire,
+)
 from schemas.events import Heartbeat, decode_event
 from schemas.jobs import CONTINUE, STOP, Admission, Job, ModelAdvert, Stop, Submission, decode_model_list
 from schemas.logs import close_quietly
@@ -85,13 +91,14 @@ class Bus:
 
     async def submit(self, sub: Submission, *, timeout: float, deadline: float) -> Admission:
         """Place a job through its lane if a scheduler granted one (`broker_api.lanes`), else
-        hand it to a scheduler; retries a lost answer with the same job (deduplicated)."""
+        hand it to a scheduler; retries a lost answer with the same job (deduplicated). A job
+        too large for one NATS message is refused (413) before anything is queued."""
+        data = encoded_submission(sub, max_payload=self.nc.max_payload)
         lane = self.lanes.key_of(sub)
         if lane is not None:
             placed = await self.lanes.place(lane, sub)
             if placed is not None:
                 return placed
-        data = sub.encode()
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -142,3 +149,21 @@ class Bus:
         gone = run.drop_current()
         if gone is not None and not run.finished:
             await self.stop(gone[1], run.job.id, gone[0], reason)
+
+
+def encoded_submission(sub: Submission, *, max_payload: int) -> bytes:
+    """The submission's bytes: a 400 if the request holds what the envelope cannot (the body
+    reader refuses that first: `broker_api.body`), a 413 naming the limit if it does not fit in
+    one message (the job, and the submission around it, each travel as one)."""
+    try:
+        data = sub.encode()
+    except WireError as e:
+        raise InvalidRequestError(f"The request cannot be queued: {e}.") from e
+    limit = min(max_payload, streams.MAX_JOB_BYTES)
+    if len(data) > limit:
+        raise RequestTooLargeError(
+            f"The request is {len(data)} bytes as a job, more than the {limit} bytes one job may have "
+            "(the message limit of the queue). Shorten the messages.",
+            param="messages",
+        )
+    return data

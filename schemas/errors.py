@@ -9,6 +9,7 @@
     ├── NotFoundError                   404
     │   └── ModelNotFoundError          404 code=model_not_found
     ├── MethodNotAllowedError           405
+    ├── RequestTimeoutError             408 code=request_timeout (the body did not arrive in time)
     ├── RequestTooLargeError            413
     ├── RateLimitError                  429 (retry_after)
     │   └── QueueFullError              429 code=queue_full
@@ -116,6 +117,13 @@ class MethodNotAllowedError(TokenyardError):
     type = "invalid_request_error"
     default_code = "method_not_allowed"
     wire = "method_not_allowed"
+
+
+class RequestTimeoutError(TokenyardError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+    wire = "request_timeout"
 
 
 class RequestTooLargeError(TokenyardError):
