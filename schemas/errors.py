@@ -11,6 +11,7 @@
     ├── MethodNotAllowedError           405
     ├── RequestTimeoutError             408 code=request_timeout (the body did not arrive in time)
     ├── RequestTooLargeError            413
+    ├── HeadersTooLargeError            431 (the request's headers)
     ├── RateLimitError                  429 (retry_after)
     │   └── QueueFullError              429 code=queue_full
     ├── WorkerFailedError               502 (every attempt failed, poison job)
@@ -131,6 +132,13 @@ class RequestTooLargeError(TokenyardError):
     type = "invalid_request_error"
     default_code = "request_too_large"
     wire = "too_large"
+
+
+class HeadersTooLargeError(TokenyardError):
+    status = 431
+    type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+    wire = "headers_too_large"
 
 
 class RateLimitError(TokenyardError):
