@@ -13,7 +13,9 @@ framing (`Framing`: where a request's head ends, how long its body is, chunked o
   sees it;
 - a body must arrive within `body_timeout` + BODY_GRACE seconds of its head. Routes that read
   a body answer 408 at `body_timeout` themselves (`broker_api.body`); this is the backstop for
-  bodies nobody reads (a `GET /healthz` with a Content-Length that never comes).
+  bodies nobody reads (a `GET /healthz` with a Content-Length that never comes);
+- bytes uvicorn's parser refuses (an unknown method, a broken request line) get a 400 error
+  object too, not uvicorn's plain text.
 
 Ordinary requests pay one `find` for the end of the head and a counter per body chunk.
 `guarded_protocol` builds the protocol class to hand to uvicorn (`http=`).
@@ -27,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from schemas.errors import HeadersTooLargeError, RequestTimeoutError, TokenyardError
+from schemas.errors import HeadersTooLargeError, InvalidRequestError, RequestTimeoutError, TokenyardError
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 BODY_GRACE = 2.0  # seconds past the body timeout before an unread body's connection is closed
@@ -170,6 +172,10 @@ class ConnectionGuard:
         self._arm()
         return True
 
+    def malformed(self, why: str) -> None:
+        """The parser refused the bytes of the current request."""
+        self._refuse(InvalidRequestError(f"{why.rstrip('.')}: this is not an HTTP/1.1 request.", code="invalid_http"))
+
     def closed(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -222,7 +228,9 @@ class ConnectionGuard:
 def error_response(error: TokenyardError) -> bytes:
     """A whole HTTP/1.1 response carrying `error`'s OpenAI error object, closing the connection."""
     body = json.dumps(error.body(), separators=(",", ":")).encode()
-    reason = {408: "Request Timeout", 431: "Request Header Fields Too Large"}.get(error.status, "Error")
+    reason = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}.get(
+        error.status, "Error"
+    )
     head = (
         f"HTTP/1.1 {error.status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         f"x-request-id: req_{uuid.uuid4().hex}\r\nconnection: close\r\n\r\n"
@@ -247,6 +255,11 @@ def guarded_protocol(deadlines: Deadlines) -> type[asyncio.Protocol]:
         def data_received(self, data: bytes) -> None:
             if self.tokenyard_guard.received(data):
                 super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            """What uvicorn answers bytes its parser cannot read (a bad method, request line or
+            header): OpenAI's error object, like every other error, not uvicorn's plain text."""
+            self.tokenyard_guard.malformed(msg)
 
         def on_response_complete(self) -> None:
             self.tokenyard_guard.answered += 1

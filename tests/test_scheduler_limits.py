@@ -238,7 +238,7 @@ def _in_any_window(times: list[float], costs: list[int]) -> list[int]:
     return [sum(c for s, c in zip(times, costs) if t - L.WINDOW <= s <= t) for t in times]
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(
     limit=st.integers(1, 40),
     gaps=st.lists(st.floats(0, 7, allow_nan=False), min_size=1, max_size=160),
@@ -440,7 +440,7 @@ def test_cap_completion_lowers_the_fields_the_request_names() -> None:
     assert both == {"max_tokens": 30, "max_completion_tokens": 30}
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(
     caps=st.tuples(st.integers(0, 400), st.integers(0, 2000), st.sampled_from([0.0, 0.0001, 0.001])),
     prices=st.sampled_from([(0.0, 0.0), (1e-6, 3e-6), (0.0, 5e-6), (2e-6, 0.0)]),
