@@ -51,8 +51,8 @@ import nats
 from schemas import subjects
 from schemas.events import Delta, Done, Failed, Piece, Start
 
-async def main(url, gateway, job_id, node, seen_subject):
-    nc = await nats.connect(url)
+async def main(url, creds, gateway, job_id, node, seen_subject):
+    nc = await nats.connect(url, user_credentials=creds or None)  # a node's own credentials
     targets = [
         subjects.reply_subject(gateway, job_id),  # where a job's events went before reply tokens
         subjects.reply_subject(gateway, secrets.token_hex(16)),  # a guessed token
@@ -118,7 +118,16 @@ async def test_events_forged_for_a_running_job_do_not_reach_its_client(stack: St
                     script.write_text(FORGER)
                     job_id = chunk["id"].removeprefix("chatcmpl-")
                     forger = subprocess.Popen(
-                        [sys.executable, str(script), stack.nats_url, gateway, job_id, "victim-node", seen[0]],
+                        [
+                            sys.executable,
+                            str(script),
+                            stack.nats_url,
+                            stack.creds("worker"),
+                            gateway,
+                            job_id,
+                            "victim-node",
+                            seen[0],
+                        ],
                         env={**os.environ},
                     )
                 for choice in chunk["choices"]:

@@ -45,7 +45,7 @@ async def _load(nc: nats.NATS, round_: int, stop: asyncio.Event) -> None:
 async def test_a_scheduler_under_load_exits_within_3_s_of_sigterm(tmp_path: Path) -> None:
     stack = Stack(tmp_path)
     stack.start_nats()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     nodes = await FakeNodes(nc, [node("n1", slots=1000)]).start()
     try:
         for round_ in range(3):
