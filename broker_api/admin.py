@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker_api.admin_keys import merged_limits
 from broker_api.auth import Principal
+from broker_api.body import read_json
 from broker_api.directory import Directory
 from broker_api.ledger import Ledger, to_csv
 from schemas import routing
@@ -75,10 +76,8 @@ class CreateKey(_Body):
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError as e:
-        raise InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json") from e
+    settings = request.app.state.services.settings
+    return await read_json(request, limit=settings.max_body_bytes, timeout=settings.body_timeout)
 
 
 def _since_until(request: Request) -> tuple[float | None, float | None]:

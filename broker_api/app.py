@@ -9,7 +9,6 @@ a 422 or a 500, and never a dropped connection.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ from broker_api.admin import Admin, admin_router
 from broker_api.admin_console import router as admin_console_router
 from broker_api.audit import Auditor
 from broker_api.auth import KeyStore, Principal
+from broker_api.body import read_json
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache
 from broker_api.chat import ChatService
@@ -52,7 +52,6 @@ from schemas.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
-    RequestTooLargeError,
     TokenyardError,
 )
 from schemas.jetstream import ensure, open_bucket
@@ -100,22 +99,7 @@ class RequestIdMiddleware:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLargeError(f"The request body is larger than the {limit}-byte limit.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLargeError(f"The request body is larger than the {limit}-byte limit.")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
-            code="invalid_json",
-        ) from e
+    return await read_json(request, limit=limit, timeout=request.app.state.services.settings.body_timeout)
 
 
 async def _until_disconnect(receive: Receive) -> None:

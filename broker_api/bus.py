@@ -1,9 +1,14 @@
 """The gateway's NATS edge: submit jobs, route their events to their `JobRun`, stop attempts.
 
 One subscription (`reply_inbox(gateway_id)`) receives the events of every job this gateway
-runs; each event goes to its job's `JobRun`. Events of jobs this gateway no longer runs (the
-client left, the job ended, another attempt won) are answered with a stop, so no worker keeps
-generating for nobody.
+runs; each event goes to the `JobRun` its subject's reply token belongs to (a secret in the
+job's envelope: `schemas.subjects.reply_subject`), and only if it speaks of that job and of a
+dispatch the gateway made. So a node that learns another job's id cannot inject events into it:
+events on an unknown token are dropped without a word (answering them with a stop would let a
+forger stop other nodes' jobs). Events of a job this gateway still knows but that lost (the
+client left, another attempt won) are answered with a stop, so no worker keeps generating for
+nobody; a heartbeat on an unknown token is answered "stop" too (the answer goes only to its
+sender).
 """
 
 from __future__ import annotations
@@ -20,11 +25,27 @@ from nats.aio.msg import Msg
 
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
-from schemas import subjects
+from schemas import streams, subjects
 from schemas.codec import WireError
-from schemas.errors import DeadlineExceededError, NoCapacityError, from_wire
+from schemas.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoCapacityError,
+    RequestTooLargeError,
+    from_wire,
+)
 from schemas.events import Heartbeat, decode_event
-from schemas.jobs import CONTINUE, STOP, Admission, Job, ModelAdvert, Stop, Submission, decode_model_list
+from schemas.jobs import (
+    ATTEMPTS_PER_DISPATCH,
+    CONTINUE,
+    STOP,
+    Admission,
+    Job,
+    ModelAdvert,
+    Stop,
+    Submission,
+    decode_model_list,
+)
 from schemas.logs import close_quietly
 from schemas.settings import NatsSettings, nats_options
 
@@ -38,6 +59,7 @@ class Bus:
         self.nc = nc
         self.gateway_id = gateway_id
         self.runs: dict[str, JobRun] = {}
+        self._by_token: dict[str, JobRun] = {}  # reply token -> its job's run
         self.lanes = Lanes(nc.jetstream())
 
     @classmethod
@@ -54,7 +76,8 @@ class Bus:
         await close_quietly(self.nc)
 
     def reply_subject(self, job_id: str) -> str:
-        return subjects.reply_subject(self.gateway_id, job_id)
+        """A fresh reply subject for `job_id`'s events (its token is registered by `open_run`)."""
+        return subjects.reply_subject(self.gateway_id, subjects.new_reply_token())
 
     # --- events -------------------------------------------------------------------------
 
@@ -64,7 +87,10 @@ class Bus:
         except WireError as e:
             log.warning("job.bad_event", subject=msg.subject, error=str(e))
             return
-        run = self.runs.get(ev.job_id)
+        run = self._by_token.get(subjects.reply_token(msg.subject))
+        if run is not None and (ev.job_id != run.job.id or ev.attempt // ATTEMPTS_PER_DISPATCH > run.job.dispatch):
+            log.warning("job.forged_event", job_id=run.job.id, claimed=ev.job_id, attempt=ev.attempt)
+            run = None
         now = time.monotonic()
         if isinstance(ev, Heartbeat):
             go_on = run is not None and run.heartbeat(ev, now)
@@ -72,8 +98,10 @@ class Bus:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.respond(CONTINUE if go_on else STOP)
             return
-        if run is None or not run.offer(ev, now):
-            await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt" if run else "job is gone")
+        if run is None:
+            log.debug("job.unknown_reply", subject=msg.subject)
+        elif not run.offer(ev, now):
+            await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt")
 
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
         if not node:
@@ -85,13 +113,14 @@ class Bus:
 
     async def submit(self, sub: Submission, *, timeout: float, deadline: float) -> Admission:
         """Place a job through its lane if a scheduler granted one (`broker_api.lanes`), else
-        hand it to a scheduler; retries a lost answer with the same job (deduplicated)."""
+        hand it to a scheduler; retries a lost answer with the same job (deduplicated). A job
+        too large for one NATS message is refused (413) before anything is queued."""
+        data = encoded_submission(sub, max_payload=self.nc.max_payload)
         lane = self.lanes.key_of(sub)
         if lane is not None:
             placed = await self.lanes.place(lane, sub)
             if placed is not None:
                 return placed
-        data = sub.encode()
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -133,12 +162,32 @@ class Bus:
     def open_run(self, job: Job, *, silence: float) -> JobRun:
         run = JobRun(job, silence=silence)
         self.runs[job.id] = run
+        self._by_token[subjects.reply_token(job.reply)] = run
         return run
 
     async def close_run(self, run: JobRun, reason: str) -> None:
         """Forget a job; stop its attempt if it is still going."""
         run.closed = True
         self.runs.pop(run.job.id, None)
+        self._by_token.pop(subjects.reply_token(run.job.reply), None)
         gone = run.drop_current()
         if gone is not None and not run.finished:
             await self.stop(gone[1], run.job.id, gone[0], reason)
+
+
+def encoded_submission(sub: Submission, *, max_payload: int) -> bytes:
+    """The submission's bytes: a 400 if the request holds what the envelope cannot (the body
+    reader refuses that first: `broker_api.body`), a 413 naming the limit if it does not fit in
+    one message (the job, and the submission around it, each travel as one)."""
+    try:
+        data = sub.encode()
+    except WireError as e:
+        raise InvalidRequestError(f"The request cannot be queued: {e}.") from e
+    limit = min(max_payload, streams.MAX_JOB_BYTES)
+    if len(data) > limit:
+        raise RequestTooLargeError(
+            f"The request is {len(data)} bytes as a job, more than the {limit} bytes one job may have "
+            "(the message limit of the queue). Shorten the messages.",
+            param="messages",
+        )
+    return data

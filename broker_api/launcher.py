@@ -42,6 +42,7 @@ import yaml
 
 from broker_api.auth import load_or_create_admin_key
 from broker_api.embedded_nats import NatsServer
+from broker_api.lifeline import Lifeline
 from broker_api.nats_auth import AuthDir
 from schemas.settings import add_setting, creds_path
 
@@ -127,9 +128,16 @@ class Stack:
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.nats: NatsServer | None = None
+        self.lifeline = Lifeline()  # the children end when this process does, however it ends
+        self.guarded: subprocess.Popen[bytes] | None = None  # ends the embedded nats-server with us
 
     def spawn(self, name: str, module: str, args: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env)
+        """Start a role, tied to this launcher by its lifeline (`broker_api.lifeline`); the
+        embedded nats-server, started before any role, gets a guard on the first spawn."""
+        keep = (self.lifeline.fd,)
+        if self.guarded is None and self.nats is not None and self.nats.proc is not None:
+            self.guarded = subprocess.Popen(self.lifeline.guard(self.nats.proc.pid), pass_fds=keep)
+        proc = subprocess.Popen(self.lifeline.command(module, args), env=env, pass_fds=keep)
         self.children.append((name, proc))
 
     def dead_child(self) -> tuple[str, int] | None:

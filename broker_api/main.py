@@ -9,6 +9,7 @@ import uvicorn
 
 from broker_api.app import create_app
 from broker_api.auth import load_or_create_admin_key
+from broker_api.connection import Deadlines, guarded_protocol
 from broker_api.settings import ApiSettings
 from schemas.logs import configure_logging
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,  # uvicorn's loggers go through schemas.logs' pipeline, not their own handlers
         access_log=False,
         loop="auto",
-        http="auto",
+        http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
         timeout_graceful_shutdown=10,
         ssl_certfile=settings.tls_cert or None,
         ssl_keyfile=settings.tls_key or None,

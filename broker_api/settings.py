@@ -27,6 +27,8 @@ class ApiSettings:
     attempt_silence: float  # seconds without a word from a running attempt before it counts as dead
     max_dispatches: int  # placements of one job (first + re-dispatches after failed attempts)
     max_body_bytes: int
+    body_timeout: float  # seconds a request body may take to arrive (408 after)
+    header_timeout: float  # seconds a request's headers may take to arrive (the connection is closed after)
     submit_timeout: float  # seconds to wait for the scheduler's answer before asking again
     pepper: str  # mixed into API-key digests; the same on every replica
     ledger: bool  # keep a local copy of the usage ledger and audit log (SQLite in the data dir)
@@ -68,6 +70,8 @@ class ApiSettings:
         )
         add_setting(p, "--max-dispatches", default=3, type=int, help="placements of one job before giving up")
         add_setting(p, "--max-body-bytes", default=4 << 20, type=int, help="largest request body accepted")
+        add_setting(p, "--body-timeout", default=30.0, type=float, help="seconds a request body may take to arrive")
+        add_setting(p, "--header-timeout", default=10.0, type=float, help="seconds request headers may take to arrive")
         add_setting(p, "--submit-timeout", default=2.0, type=float, help="seconds to wait for the scheduler")
         add_setting(p, "--pepper", default="", help="secret mixed into API-key digests (same on every replica)")
         add_setting(p, "--ledger", default=True, type=bool, help="keep the usage ledger and audit log here")

@@ -97,5 +97,6 @@ def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) 
         slots_free=sum(n.slots_free for n, _ in healthy),
         input_price=max((m.input_price for _, m in offers), default=0.0),
         output_price=max((m.output_price for _, m in offers), default=0.0),
+        context_length=min((m.context_length for _, m in offers if m.context_length > 0), default=0),
         healthy=bool(healthy),
     )

@@ -266,10 +266,20 @@ def entries(key_id: str, org: str, key_limits: Limits, org_limits: Limits) -> li
     return out
 
 
-async def admit(quota: Quota, subjects_: list[tuple[str, Limits, str]], ask: L.Ask, now: float) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What `admit` reserved: the entries where it made a new reservation (none for a retried
+    submission: those were reserved before) and the completion grant every subject allows (the
+    smallest of theirs; None: unbounded)."""
+
+    entries: list[str]
+    completion_tokens: int | None
+
+
+async def admit(quota: Quota, subjects_: list[tuple[str, Limits, str]], ask: L.Ask, now: float) -> Admitted:
     """Reserve `ask` on every subject at once (one CAS each, concurrently); if any refuses,
-    give back what the others took and raise. Returns the entries where this call made a new
-    reservation (empty for a retried submission: those were reserved before)."""
+    give back what the others took and raise. A subject whose grant is larger than another's
+    keeps its larger reservation until settlement: the safe side of its budgets."""
     created: dict[str, bool] = {}  # decided by the last (the written) evaluation of each entry
 
     def reserve(key: str, lim: Limits, scope: str) -> Change:
@@ -285,7 +295,8 @@ async def admit(quota: Quota, subjects_: list[tuple[str, Limits, str]], ask: L.A
     new = [key for (key, _, _), r in zip(subjects_, results) if not isinstance(r, BaseException) and created.get(key)]
     failures = [r for r in results if isinstance(r, BaseException)]
     if not failures:
-        return new
+        grants = [g for r in results if isinstance(r, L.Counters) and (g := L.granted(r, ask.job_id)) is not None]
+        return Admitted(new, min(grants) if grants else None)
     await release(quota, new, ask.job_id, now)
     raise failures[0]
 

@@ -48,6 +48,7 @@ class Route:
     slots_free: int = 1
     input_price: float = 0.0  # USD per 1M tokens
     output_price: float = 0.0
+    context_length: int = 0  # the smallest any of its nodes advertises (0: unknown)
     healthy: bool = True  # some node is healthy
     breaker_ok: bool = True  # the pool's breaker lets a job through
     queued: int = 0  # jobs waiting in its work queue

@@ -34,6 +34,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -54,7 +55,7 @@ from schemas.intake import Queued
 from schemas.jetstream import ensure, is_full, open_bucket
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
 from schemas.otel import Tracing
-from schemas.rules import check_max_tokens, lane_eligible
+from schemas.rules import check_max_tokens, estimate_prompt_tokens, lane_eligible, requested_max_tokens
 from schemas.settings import replicas_setting
 from schemas.streams import StreamSpec
 from schemas.usage import UsageRecord
@@ -67,6 +68,8 @@ FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits t
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
 ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
+ADMISSIONS_WAIT = 0.5  # seconds admissions in progress may take to answer once the scheduler stops
+STOP_WAIT = 1.0  # seconds its loops may take to end after that
 
 
 def work_stream(s: SchedulerSettings) -> StreamSpec:
@@ -100,6 +103,7 @@ class Scheduler:
         self.fleet = Fleet(remember=settings.remember_models)
         self.nodes = NodeGate(nodes_kv, on_revoked=self.fleet.forget)  # enrolled nodes keep to their enrolment
         self._tasks: list[asyncio.Task[None]] = []
+        self._serving: list[Subscription] = []  # the request subscriptions, dropped first at stop
         self.routing = RoutingStore(routing.RoutingTable.load(settings.routing_file))
         self.health = Health(BreakerConfig(failures=settings.breaker_failures, cooldown=settings.breaker_cooldown))
         self._answered: OrderedDict[tuple[str, int], Admission] = OrderedDict()
@@ -145,9 +149,12 @@ class Scheduler:
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
         await self._nc.publish(subjects.FLEET_ROLL_CALL, b"")
         self._warm_until = time.monotonic() + FLEET_WARMUP
-        await self._nc.subscribe(subjects.SCHED_SUBMIT, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_submit)
-        await self._nc.subscribe(subjects.SCHED_MODELS, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_models)
-        await self._nc.subscribe(subjects.SCHED_PING, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_ping)
+        for subject, cb in (
+            (subjects.SCHED_SUBMIT, self._on_submit),
+            (subjects.SCHED_MODELS, self._on_models),
+            (subjects.SCHED_PING, self._on_ping),
+        ):
+            self._serving.append(await self._nc.subscribe(subject, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=cb))
         self._tasks.append(asyncio.create_task(self._prune_forever()))
         await self.releaser.start()
         log.info("scheduler.started")
@@ -162,13 +169,22 @@ class Scheduler:
         return max(self._s.min_buffer, math.ceil(slots * BUFFER_SECONDS / seconds))
 
     async def stop(self) -> None:
-        await self.releaser.stop()
-        await self.nodes.stop()
-        await self.quota.stop()
-        await self.routing.stop()
+        """Stop answering (the other schedulers of the queue group take over at once), give the
+        admissions in progress a moment to answer, then stop every loop. Bounded, so a role that
+        was told to stop exits within STOP_WAIT + 2 * ADMISSIONS_WAIT seconds whatever hangs."""
+        for sub in self._serving:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        if self._admissions:
+            await asyncio.wait(set(self._admissions), timeout=ADMISSIONS_WAIT)
+        for t in self._admissions:
+            t.cancel()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        stopping = [asyncio.create_task(part.stop()) for part in (self.releaser, self.nodes, self.quota, self.routing)]
+        _, late = await asyncio.wait([*stopping, *self._tasks], timeout=STOP_WAIT)
+        if late:
+            log.warning("scheduler.stop_late", tasks=sorted(t.get_name() for t in late))
 
     async def _prune_forever(self) -> None:
         while True:
@@ -269,7 +285,13 @@ class Scheduler:
         payload = job.encode()
         if len(payload) > streams.MAX_JOB_BYTES:
             raise InvalidRequestError("The request is too large to queue.", code="request_too_large")
-        reserved = await self._reserve(sub, choice.route, now)
+        admitted = await self._reserve(sub, choice.route, now)
+        reserved = admitted.entries
+        if admitted.completion_tokens is not None:  # the budget's hard cap: the worker stops there
+            capped = L.cap_completion(job.request, admitted.completion_tokens)
+            if capped != job.request:
+                job = dataclasses.replace(job, request=capped)
+                payload = job.encode()
         pool = choice.route.pool
         direct = self.releaser.take_room(pool, job.model)
         try:
@@ -369,11 +391,28 @@ class Scheduler:
             )
         return out
 
-    async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> list[str]:
+    async def _reserve(self, sub: Submission, route: routing.Route, now: float) -> quota.Admitted:
+        """Reserve the prompt and a completion grant on every limited subject (see
+        `scheduler.limits`): bounded by the request, the route's context and the key's and org's
+        max_tokens, and by what their budgets have left at this route's prices."""
         limited = quota.entries(sub.key_id, sub.tenant, sub.key_limits, sub.org_limits)
         if not limited:
-            return []
-        tokens = max(0, sub.estimated_tokens)
-        usd = tokens * max(route.input_price, route.output_price) / 1e6  # an upper bound of its cost there
-        ask = L.Ask(sub.job.id, tokens, usd, sub.job.deadline + self._s.reservation_margin)
+            return quota.Admitted([], None)
+        request = sub.job.request
+        prompt = estimate_prompt_tokens(request.get("messages") or ())
+        bound = L.completion_bound(
+            requested_max_tokens(request),
+            route.context_length,
+            prompt,
+            sub.key_limits.max_tokens,
+            sub.org_limits.max_tokens,
+        )
+        ask = L.Ask(
+            sub.job.id,
+            prompt,
+            sub.job.deadline + self._s.reservation_margin,
+            completion_tokens=bound,
+            input_price=route.input_price / 1e6,
+            output_price=route.output_price / 1e6,
+        )
         return await quota.admit(self.quota, limited, ask, now)

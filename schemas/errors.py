@@ -9,7 +9,9 @@
     ├── NotFoundError                   404
     │   └── ModelNotFoundError          404 code=model_not_found
     ├── MethodNotAllowedError           405
+    ├── RequestTimeoutError             408 code=request_timeout (the body did not arrive in time)
     ├── RequestTooLargeError            413
+    ├── HeadersTooLargeError            431 (the request's headers)
     ├── RateLimitError                  429 (retry_after)
     │   └── QueueFullError              429 code=queue_full
     ├── WorkerFailedError               502 (every attempt failed, poison job)
@@ -118,11 +120,25 @@ class MethodNotAllowedError(TokenyardError):
     wire = "method_not_allowed"
 
 
+class RequestTimeoutError(TokenyardError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+    wire = "request_timeout"
+
+
 class RequestTooLargeError(TokenyardError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
     wire = "too_large"
+
+
+class HeadersTooLargeError(TokenyardError):
+    status = 431
+    type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+    wire = "headers_too_large"
 
 
 class RateLimitError(TokenyardError):

@@ -11,6 +11,12 @@ schemas/ still imports no NATS library, like `schemas.logs.close_quietly`.
   bounded back-off whenever it fails.
 
 JetStream's errors are told apart by their numeric `err_code`, never by their text.
+
+Both loops end when their task is cancelled, even if the cancellation was lost on the way: on
+Python 3.11, `asyncio.wait_for` (which nats-py's `next_msg` uses) returns a message that
+arrives as it is cancelled and drops the cancellation, so a loop that only waited for the
+`CancelledError` ran on for ever under load and its role never exited. Each loop checks after
+every wait whether its task was asked to stop (`stop_if_cancelled`).
 """
 
 from __future__ import annotations
@@ -99,6 +105,14 @@ async def _update(nc: Requester, spec: StreamSpec, config: dict[str, Any], repli
     return int(answer.get("config", {}).get("num_replicas", config["num_replicas"]))
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if the running task was cancelled, even when the cancellation never
+    reached it as an exception (see the module docstring)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 # --- consuming ---------------------------------------------------------------------------
 
 
@@ -136,6 +150,7 @@ async def consume(
         try:
             msgs = await sub.fetch(batch, timeout=wait)
         except TimeoutError:  # nats-py's own TimeoutError is an asyncio.TimeoutError too
+            stop_if_cancelled()
             continue
         except asyncio.CancelledError:
             raise
@@ -143,6 +158,7 @@ async def consume(
             log.warning("consume.fetch_failed", consumer=name, error=repr(e))
             await asyncio.sleep(pause)
             continue
+        stop_if_cancelled()  # unsettled, the batch comes back to whoever consumes next
         try:
             await handle(msgs)
         except asyncio.CancelledError:
@@ -184,6 +200,7 @@ async def follow(
     while True:
         try:
             async for item in open_watch():
+                stop_if_cancelled()
                 pause = backoff[0]
                 try:
                     handle(item)

@@ -4,7 +4,8 @@ Every message is a `schemas.codec` record (a msgpack map with a version; unknown
 a missing required key a `WireError`). A job's life on the wire:
 
     gateway --Submission--> scheduler --Job (JetStream, Nats-Msg-Id=job id)--> worker
-    gateway <--Start, Delta..., Done | Failed-- worker   (core NATS, job.reply: schemas.events)
+    gateway <--Start, Delta..., Done | Failed-- worker   (core NATS, job.reply: schemas.events;
+                                                          its last token is a per-job secret)
     gateway --Stop--> worker                             (node control subject)
     gateway <--Done(finish=cancelled)-- worker           (what the stopped attempt used)
 
@@ -31,7 +32,7 @@ class Job:
     id: str
     model: str
     request: dict[str, Any]  # the validated OpenAI body, as the client sent it
-    reply: str
+    reply: str  # where its events go; holds a secret token (subjects.reply_subject): only who pulled it knows it
     deadline: float  # unix time; a worker drops a job it pulls after this
     dispatch: int = 1  # 1 for the first placement, +1 for each re-dispatch after a failed attempt
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
@@ -91,7 +92,7 @@ class Submission:
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
-    estimated_tokens: int = 0  # prompt estimate + max_tokens: what admission reserves
+    estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
     volunteer_ok: bool = False  # may run on idle-time nodes
 
     def encode(self) -> bytes:

@@ -17,6 +17,7 @@ the token decodes back to exactly one id (`model_id_from_token`). Examples:
 from __future__ import annotations
 
 import re
+import secrets
 
 PREFIX = "ty"
 
@@ -158,11 +159,21 @@ def reply_inbox(gateway_id: str) -> str:
     return f"{PREFIX}.reply.{gateway_id}.*"
 
 
-def reply_subject(gateway_id: str, job_id: str) -> str:
-    return f"{PREFIX}.reply.{gateway_id}.{job_id}"
+def reply_subject(gateway_id: str, token: str) -> str:
+    """Where the events of one job go: its gateway's inbox and the job's reply token, a secret
+    only the job's own `Job.reply` carries (`new_reply_token`). A node that learns another job's
+    id still cannot address its events: the gateway routes events by the token, never by the
+    job id an event claims."""
+    return f"{PREFIX}.reply.{gateway_id}.{token}"
 
 
-def job_id_from_reply(subject: str) -> str:
+def new_reply_token() -> str:
+    """A fresh, unguessable reply token (128 random bits, as a subject token)."""
+    return secrets.token_hex(16)
+
+
+def reply_token(subject: str) -> str:
+    """The token of a `reply_subject`."""
     return subject.rsplit(".", 1)[-1]
 
 

@@ -29,6 +29,7 @@ import uvicorn
 from nats.aio.client import Client as NATS
 
 from broker_api.app import create_app
+from broker_api.connection import Deadlines, guarded_protocol
 from broker_api.embedded_nats import NatsServer
 from broker_api.nats_auth import AuthDir, write_secret
 from broker_api.settings import ApiSettings
@@ -39,6 +40,7 @@ ADMIN_KEY = "ty_admin_test-secret-key-0123456789"
 
 FAST_WORKER = {
     "TOKENYARD_BACKEND": "echo",
+    "TOKENYARD_ECHO_DIRECTIVES": "1",  # the fault tests' [[crash]], [[fail]], [[die-after]], [[delay]]
     "TOKENYARD_HEARTBEAT": "0.2",
     "TOKENYARD_ACK_WAIT": "1.5",
     "TOKENYARD_COALESCE_MS": "5",
@@ -175,7 +177,15 @@ class Stack:
         settings = ApiSettings.build(**values)
         port = free_port()
         app = create_app(settings, admin_key=ADMIN_KEY)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
+        )
         server = uvicorn.Server(config)
         self._servers.append((server, asyncio.create_task(server.serve())))
         for _ in range(200):

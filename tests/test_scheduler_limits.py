@@ -1,9 +1,10 @@
-"""Limits: the pure counters (GCRA, caps, reservations), and exactness across two schedulers
-and two submitting connections on one real nats-server."""
+"""Limits: the pure counters (sliding windows, caps, completion grants, reservations), and
+exactness across two schedulers and two submitting connections on one real nats-server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,13 +14,15 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from scheduler import limits as L
 from scheduler.quota import Quota
 from schemas import streams, subjects
-from schemas.codec import WireError
+from schemas.codec import WireError, pack
 from schemas.errors import RateLimitError, from_wire
 from schemas.jetstream import open_bucket
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
@@ -196,19 +199,101 @@ async def _both_ready(nc: NATS) -> bool:
 
 
 def ask(job_id: str, tokens: int = 10, usd: float = 0.0, expires: float = T0 + 600) -> L.Ask:
-    return L.Ask(job_id, tokens, usd, expires)
+    """An ask of exactly `tokens` and `usd`, with no completion to grant."""
+    return L.Ask(job_id, tokens, expires, completion_tokens=0, input_price=usd / tokens if tokens else 0.0)
 
 
-def test_rpm_admits_exactly_the_limit_in_a_burst_then_one_per_interval() -> None:
+def test_rpm_admits_a_full_burst_then_nothing_until_it_leaves_the_window() -> None:
     c, lim = L.Counters(), Limits(rpm=10)
     for i in range(10):
         c = L.reserve(c, lim, ask(f"j{i}"), T0)
     with pytest.raises(RateLimitError) as e:
         L.reserve(c, lim, ask("j10"), T0)
-    assert e.value.retry_after == pytest.approx(6.0)
-    c = L.reserve(c, lim, ask("j10"), T0 + 6.0)  # one more every 60/rpm seconds
-    with pytest.raises(RateLimitError):
-        L.reserve(c, lim, ask("j11"), T0 + 6.5)
+    assert e.value.retry_after == pytest.approx(61.0)  # the burst's second leaves the window whole
+    with pytest.raises(RateLimitError):  # a leaky bucket would have let one in every 6 s
+        L.reserve(c, lim, ask("j10"), T0 + 6.0)
+    with pytest.raises(RateLimitError) as e:
+        L.reserve(c, lim, ask("j10"), T0 + 60.5)
+    assert e.value.retry_after == pytest.approx(1.0)
+    for i in range(10, 20):
+        c = L.reserve(c, lim, ask(f"j{i}"), T0 + 61.0)
+    assert L.window_used(c.rpm, T0 + 61.0) == 10
+
+
+def test_rpm_admits_the_limit_in_the_first_minute_not_twice_it() -> None:
+    """Issue 11, case 10: one try every 0.5 s at rpm 30 for two minutes."""
+    c, lim, admitted = L.Counters(), Limits(rpm=30), []
+    for i in range(240):
+        now = T0 + 0.25 + i * 0.5
+        with contextlib.suppress(RateLimitError):
+            c = L.reserve(c, lim, ask(f"j{i}"), now)
+            admitted.append(now)
+    assert sum(1 for t in admitted if t < T0 + 60) == 30
+    assert max(_in_any_window(admitted, [1] * len(admitted))) == 30
+
+
+def _in_any_window(times: list[float], costs: list[int]) -> list[int]:
+    """For each admission, what the admissions of the closed 60 s window ending at it add up to
+    (every window's total is at most the largest of these)."""
+    return [sum(c for s, c in zip(times, costs) if t - L.WINDOW <= s <= t) for t in times]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    limit=st.integers(1, 40),
+    gaps=st.lists(st.floats(0, 7, allow_nan=False), min_size=1, max_size=160),
+    costs=st.lists(st.integers(1, 12), min_size=160, max_size=160),
+    start=st.floats(0, 1, allow_nan=False),
+)
+def test_no_60_s_window_ever_holds_more_than_the_limit(
+    limit: int, gaps: list[float], costs: list[int], start: float
+) -> None:
+    """Random arrivals, for rpm (cost 1) and tpm (random costs): every closed 60 s window holds
+    at most the limit; a burst of the limit on an empty window is admitted whole; and a refusal
+    is never more than one bucket early (the admissions since the bucket `now - 60 s` falls in
+    would not have room)."""
+    for kind in ("rpm", "tpm"):
+        c, lim = L.Counters(), Limits(**{kind: limit * (1 if kind == "rpm" else 10)})
+        cap = lim.rpm or lim.tpm
+        now, times, taken = T0 + start, [], []
+        for i, gap in enumerate(gaps):
+            now += gap
+            cost = 1 if kind == "rpm" else costs[i]
+            try:
+                c = L.reserve(c, lim, ask(f"j{i}", tokens=cost), now)
+            except RateLimitError as e:
+                since = (L.bucket_of(now) - L.SPAN) * L.GRANULE
+                assert (
+                    sum(x for t, x in zip(times, taken) if t >= since)
+                    + (0 if kind == "rpm" else cost)
+                    + (1 if kind == "rpm" else 0)
+                    > cap
+                )
+                assert e.retry_after is not None and e.retry_after >= 1.0
+                continue
+            times.append(now)
+            taken.append(1 if kind == "rpm" else cost)
+        assert not times or max(_in_any_window(times, taken)) <= cap
+    burst = L.Counters()
+    for i in range(limit):
+        burst = L.reserve(burst, Limits(rpm=limit), ask(f"b{i}"), T0 + start)
+    assert L.window_used(burst.rpm, T0 + start) == limit
+
+
+def test_windows_round_trip_and_an_old_gcra_entry_starts_empty() -> None:
+    c = L.reserve(L.Counters(), Limits(rpm=5, tpm=50), ask("a", 7), T0)
+    assert c.rpm == ((L.bucket_of(T0), 1),) and c.tpm == ((L.bucket_of(T0), 7),)
+    assert L.Counters.decode(c.encode()) == c
+    old = pack({"rpm": T0 + 12.0, "tpm": T0 + 3.0, "td": 9, "day": L.day_of(T0)})
+    assert L.Counters.decode(old) == L.Counters(day=L.day_of(T0), tokens_day=9)
+
+
+def test_a_window_clock_behind_another_schedulers_counts_in_the_newer_bucket() -> None:
+    w, b = L.window_add((), 3, T0 + 5)
+    w, into = L.window_add(w, 2, T0 + 4.2)  # this scheduler's clock is 0.8 s behind
+    assert into == b and w == ((b, 5),)
+    assert L.window_adjust(w, b, -9, T0 + 5) == ()  # never below zero; empty buckets go
+    assert L.window_adjust(w, b - 100, 4, T0 + 5) == w  # a bucket gone from the window: nothing
 
 
 def test_tpm_reserves_the_estimate_and_settle_refunds_the_rest() -> None:
@@ -280,23 +365,150 @@ def test_counters_round_trip_and_refuse_garbage_loudly() -> None:
         L.Counters.decode(b"\x93\x01\x02\x03")
 
 
+def grant_ask(job_id: str, prompt: int, bound: int | None = None, prices: tuple[float, float] = (0.0, 0.0)) -> L.Ask:
+    return L.Ask(job_id, prompt, T0 + 600, completion_tokens=bound, input_price=prices[0], output_price=prices[1])
+
+
+def test_a_day_cap_holds_for_requests_that_name_no_max_tokens() -> None:
+    """Issue 11, case 9: 100 tokens a day, prompts of 10 that would each generate 40."""
+    c, lim, used = L.Counters(), Limits(tokens_per_day=100), 0
+    grants = []
+    for i in range(10):
+        try:
+            c = L.reserve(c, lim, grant_ask(f"j{i}", 10), T0)
+        except RateLimitError as e:
+            assert e.code == "insufficient_quota"
+            break
+        grant = L.granted(c, f"j{i}")
+        assert grant is not None
+        grants.append(grant)
+        c = L.settle(c, f"j{i}", 10 + min(40, grant), 0.0, T0)
+        used += 10 + min(40, grant)
+    assert grants == [90, 40] and used == c.tokens_day == 100
+
+
+def test_a_money_cap_holds_at_the_routes_prices() -> None:
+    """$0.0001 a day at $0.5 / $1.5 per million prompt / completion tokens."""
+    prices = (0.5e-6, 1.5e-6)
+    c, lim, spent = L.Counters(), Limits(usd_per_day=0.0001), 0.0
+    grants = []
+    for i in range(10):
+        try:
+            c = L.reserve(c, lim, grant_ask(f"j{i}", 10, prices=prices), T0)
+        except RateLimitError:
+            break
+        grant = L.granted(c, f"j{i}")
+        assert grant is not None
+        grants.append(grant)
+        cost = 10 * prices[0] + min(40, grant) * prices[1]
+        c = L.settle(c, f"j{i}", 10 + min(40, grant), cost, T0)
+        spent += cost
+    assert grants == [63, 20]
+    assert spent <= 0.0001 + 1e-12 and c.usd_day == pytest.approx(spent)
+
+
+def test_the_grant_is_the_smallest_bound_and_an_unlimited_budget_grants_no_cap() -> None:
+    assert L.completion_bound(None, 0, 10) is None
+    assert L.completion_bound(None, 4096, 100) == 3996
+    assert L.completion_bound(500, 4096, 100, 200, 0) == 200
+    assert L.completion_bound(None, 50, 100) == 1  # past the context: the worker says so, not the quota
+    c = L.reserve(L.Counters(), Limits(rpm=5), grant_ask("a", 10, bound=None), T0)
+    assert L.granted(c, "a") is None and c.tokens_day == 10  # rpm only: nothing to cap
+    c = L.reserve(L.Counters(), Limits(rpm=5), grant_ask("a", 10, bound=300), T0)
+    assert L.granted(c, "a") == 300 and c.tokens_day == 310
+    c = L.reserve(L.Counters(), Limits(tpm=1000), grant_ask("a", 10), T0)
+    assert L.granted(c, "a") == 990  # a minute's worth at most ...
+    with pytest.raises(RateLimitError):  # ... and the window must have room for all of it
+        L.reserve(c, Limits(tpm=1000), grant_ask("b", 10, bound=5), T0)
+    again = L.reserve(c, Limits(tpm=1000), grant_ask("a", 10), T0 + 1)
+    assert again is c  # a retried submission keeps its grant
+
+
+def test_a_request_asking_for_no_completion_is_not_refused_for_lack_of_one() -> None:
+    today = L.Counters(day=L.day_of(T0), month=L.month_of(T0), tokens_day=90)
+    c = L.reserve(today, Limits(tokens_per_day=100), grant_ask("a", 10, bound=0), T0)
+    assert L.granted(c, "a") == 0 and c.tokens_day == 100
+    with pytest.raises(RateLimitError):
+        L.reserve(c, Limits(tokens_per_day=100), grant_ask("b", 1), T0)
+
+
+def test_cap_completion_lowers_the_fields_the_request_names() -> None:
+    assert L.cap_completion({"model": "m"}, 30) == {"model": "m", "max_completion_tokens": 30}
+    assert L.cap_completion({"max_tokens": 100}, 30) == {"max_tokens": 30}
+    assert L.cap_completion({"max_tokens": 10}, 30) == {"max_tokens": 10}
+    both = L.cap_completion({"max_tokens": 100, "max_completion_tokens": 50}, 30)
+    assert both == {"max_tokens": 30, "max_completion_tokens": 30}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    caps=st.tuples(st.integers(0, 400), st.integers(0, 2000), st.sampled_from([0.0, 0.0001, 0.001])),
+    prices=st.sampled_from([(0.0, 0.0), (1e-6, 3e-6), (0.0, 5e-6), (2e-6, 0.0)]),
+    requests=st.lists(
+        st.tuples(st.integers(1, 60), st.one_of(st.none(), st.integers(1, 150)), st.integers(1, 300)),
+        min_size=1,
+        max_size=25,
+    ),
+)
+def test_no_sequence_of_requests_overruns_a_cap(
+    caps: tuple[int, int, float], prices: tuple[float, float], requests: list[tuple[int, int | None, int]]
+) -> None:
+    """Two subjects (a key with a token cap, its org with token and money caps), requests with
+    or without max_tokens whose model would generate `want` tokens: each is held to the smaller
+    grant, and neither subject's spend ever passes its cap."""
+    key_cap, org_cap, usd_cap = caps
+    key_lim, org_lim = Limits(tokens_per_day=key_cap), Limits(tokens_per_month=org_cap, usd_per_day=usd_cap)
+    key, org = L.Counters(), L.Counters()
+    spent_tokens = [0, 0]
+    spent_usd = 0.0
+    for i, (prompt, asked, want) in enumerate(requests):
+        a = L.Ask(f"j{i}", prompt, T0 + 600, completion_tokens=asked, input_price=prices[0], output_price=prices[1])
+        try:
+            new_key = L.reserve(key, key_lim, a, T0)
+            new_org = L.reserve(org, org_lim, a, T0)
+        except RateLimitError:
+            continue
+        key, org = new_key, new_org
+        grants = [g for g in (L.granted(key, a.job_id), L.granted(org, a.job_id)) if g is not None]
+        completion = min([want, *grants])
+        tokens, usd = prompt + completion, a.usd(completion)
+        key = L.settle(key, a.job_id, tokens, usd, T0)
+        org = L.settle(org, a.job_id, tokens, usd, T0)
+        spent_tokens = [spent_tokens[0] + tokens, spent_tokens[1] + tokens]
+        spent_usd += usd
+    if key_cap:
+        assert spent_tokens[0] <= key_cap
+    if org_cap:
+        assert spent_tokens[1] <= org_cap
+    if usd_cap:
+        assert spent_usd <= usd_cap + 1e-9
+    assert key.tokens_day == spent_tokens[0] and org.tokens_month == spent_tokens[1]
+
+
 # --- real nats-server, two schedulers, two submitters ----------------------------------------
 
 
 async def test_rpm_is_exact_across_two_schedulers_and_two_gateways(two_schedulers: Any) -> None:
     _, _, a, b = two_schedulers
-    limits = Limits(rpm=10)
+    limits = Limits(rpm=20)
     subs = [
         Submission(job=job(f"rpm-{i}"), tenant="org1", key_id="key1", key_limits=limits, estimated_tokens=5)
-        for i in range(40)
+        for i in range(60)
     ]
     answers = await asyncio.gather(*(submit(a if i % 2 else b, s) for i, s in enumerate(subs)))
     admitted = [x for x in answers if x.error is None]
     refused = [from_wire(x.error) for x in answers if x.error is not None]
-    assert len(admitted) == 10
+    assert len(admitted) == 20
     assert all(isinstance(e, RateLimitError) and e.retry_after and e.retry_after >= 1 for e in refused)
     c = await read_counters(a, "k", "key1")
-    assert c.in_flight == 10
+    assert c.in_flight == 20
+    # A leaky bucket lets one more in every 60/rpm = 3 s after the burst, 2x the limit in the
+    # first minute (issue 11, case 10); a window admits nothing until the burst leaves it.
+    await asyncio.sleep(3.5)
+    later = [Submission(job=job(f"rpm-late-{i}"), tenant="org1", key_id="key1", key_limits=limits) for i in range(6)]
+    answers = await asyncio.gather(*(submit(a if i % 2 else b, s) for i, s in enumerate(later)))
+    assert [x.error is None for x in answers] == [False] * 6
+    assert all((from_wire(x.error).retry_after or 0) > 40 for x in answers if x.error is not None)
 
 
 async def test_org_limit_spans_keys_and_a_retry_reserves_once(two_schedulers: Any) -> None:
@@ -327,8 +539,11 @@ async def test_org_limit_spans_keys_and_a_retry_reserves_once(two_schedulers: An
 async def test_usage_records_settle_reservations_once(two_schedulers: Any) -> None:
     _, _, a, b = two_schedulers
     lim = Limits(max_concurrent=2, tokens_per_day=10_000, tpm=5000)
+    request = {"model": MODEL, "messages": [], "max_tokens": 1000}  # no prompt: it reserves 1000
     subs = [
-        Submission(job=job(f"set-{i}"), tenant="org3", key_id="key3", key_limits=lim, estimated_tokens=1000)
+        Submission(
+            job=job(f"set-{i}", request=request), tenant="org3", key_id="key3", key_limits=lim, estimated_tokens=1000
+        )
         for i in range(3)
     ]
     answers = [await submit(a, s) for s in subs]
@@ -350,6 +565,33 @@ async def test_usage_records_settle_reservations_once(two_schedulers: Any) -> No
         return c.in_flight == 1 and c.tokens_day == 1100
 
     assert await eventually(returned)
+
+
+async def test_a_money_cap_caps_the_generation_of_a_job_without_max_tokens(two_schedulers: Any) -> None:
+    """Issue 11, case 9, on the scheduler processes: an org with $0.0001 a day on a route at
+    $1 / $3 per million tokens. The job that reaches the work queue may generate only what the
+    budget has left after its prompt, so the worker stops there."""
+    _, nodes, a, _ = two_schedulers
+    nodes.set(node("n1", slots=1000, price=(1.0, 3.0)))
+    await nodes.publish()
+    await asyncio.sleep(0.5)  # both schedulers have the priced advert
+    js = a.jetstream()
+    work = await js.pull_subscribe(
+        subjects.work_subject("own", MODEL), durable="test-peek", stream=subjects.WORK_STREAM
+    )
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]}  # a prompt of ~6
+    sub = Submission(job=job("usd-0", request=request), tenant="org-usd", org_limits=Limits(usd_per_day=0.0001))
+    assert (await submit(a, sub)).error is None
+    queued = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(j.id == "usd-0" for j in queued):
+        with contextlib.suppress(nats.errors.TimeoutError):
+            for msg in await work.fetch(10, timeout=0.5):
+                queued.append(Job.decode(msg.data))
+                await msg.ack()
+    placed = next(j for j in queued if j.id == "usd-0")
+    prompt = 11 // 4 + 4  # schemas.rules.estimate_prompt_tokens
+    assert placed.request["max_completion_tokens"] == int((0.0001 - prompt * 1e-6) / 3e-6)
 
 
 async def test_a_reservation_never_settled_expires_at_the_deadline(two_schedulers: Any) -> None:

@@ -4,11 +4,13 @@ It answers with the words of the last user message, repeated until `tokens` word
 `max_tokens`) have been sent; one word is one token. Prompt tokens are the words of every
 message plus 3 per message. Stop sequences are honoured on the text, as a real model's are.
 
-For tests of faults and limits, the last user message may carry directives, each in double
-brackets: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s), `[[crash]]` (the worker
+The last user message may shape the answer with directives in double brackets, which are not
+echoed: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s) and `[[script]]` (below). For
+tests of faults, a worker started with `--echo-directives` also obeys `[[crash]]` (the worker
 process exits at once, before any token: a poison job), `[[fail]]` (a retryable error before
-the first token), `[[die-after=N]]` (the process exits after N tokens of a fresh answer), `[[delay=S]]` (wait
-S seconds before the first token, like a long prefill). Directives are not echoed.
+the first token), `[[die-after=N]]` (the process exits after N tokens of a fresh answer) and
+`[[delay=S]]` (wait S seconds before the first token, like a long prefill). Without the flag
+(the default) those are plain text, echoed like any other word: any client may send them.
 
 A trailing assistant message is continued (assistant prefill): the answer goes on from the
 word after the ones it already holds.
@@ -38,6 +40,8 @@ from worker.settings import WorkerSettings
 
 DEFAULT_MODEL = "tokenyard/echo"
 _DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?:=([0-9.]+))?\]\]")
+SHAPES = frozenset({"tokens", "rate", "script"})  # obeyed always: they only shape a test answer
+FAULTS = frozenset({"crash", "fail", "die-after", "delay"})  # obeyed only with --echo-directives
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,7 @@ class EchoBackend:
         context: int,
         script: str = "",
         tool_parser: str = "hermes",
+        faults: bool = False,
     ) -> None:
         self._models = models or (DEFAULT_MODEL,)
         self._slots = slots
@@ -72,6 +77,7 @@ class EchoBackend:
         self._context = context
         self._script = script  # played for every request without a [[script]] of its own
         self._format = echo_script.script_format(tool_parser)
+        self._obeyed = SHAPES | FAULTS if faults else SHAPES
 
     @classmethod
     def from_settings(cls, s: WorkerSettings) -> EchoBackend:
@@ -84,6 +90,7 @@ class EchoBackend:
             context=s.echo_context,
             script=script,
             tool_parser=s.tool_parser,
+            faults=s.echo_directives,
         )
 
     @property
@@ -181,9 +188,9 @@ class EchoBackend:
         messages = chat_messages(request)
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
-        directives = {k: v for k, v in _DIRECTIVE.findall(last_user)}
-        words = _DIRECTIVE.sub(" ", last_user).split() or ["ok"]
-        prompt_tokens = sum(len(_DIRECTIVE.sub(" ", m["content"]).split()) + 3 for m in messages)
+        directives = {k: v for k, v in _DIRECTIVE.findall(last_user) if k in self._obeyed}
+        words = self._strip(last_user).split() or ["ok"]
+        prompt_tokens = sum(len(self._strip(m["content"]).split()) + 3 for m in messages)
         return _Plan(
             words=words,
             prompt_tokens=prompt_tokens,
@@ -195,6 +202,10 @@ class EchoBackend:
             delay=float(directives["delay"]) if directives.get("delay") else 0.0,
             continue_from=len(prefix.split()),
         )
+
+    def _strip(self, text: str) -> str:
+        """The text without the directives this worker obeys."""
+        return _DIRECTIVE.sub(lambda m: " " if m.group(1) in self._obeyed else m.group(0), text)
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

@@ -46,6 +46,7 @@ class WorkerSettings:
     echo_rate: float  # tokens per second per sequence; 0 = as fast as possible
     echo_context: int
     echo_script: str  # a file of model text the echo backend plays back (tool-call parsing tests)
+    echo_directives: bool  # obey the fault directives ([[crash]], [[fail]], ...): tests only
     # transformers backend
     model_path: str  # a local HF model directory; empty = the default SmolLM2 (converted once)
     device: str  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
@@ -96,6 +97,13 @@ class WorkerSettings:
         add_setting(p, "--echo-rate", default=0.0, type=float, help="echo backend: tokens/s per sequence (0 = max)")
         add_setting(p, "--echo-context", default=4096, type=int, help="echo backend: context length")
         add_setting(p, "--echo-script", default="", help="echo backend: play this file's text as model output")
+        add_setting(
+            p,
+            "--echo-directives",
+            default=False,
+            type=bool,
+            help="echo backend: obey [[crash]], [[fail]], [[die-after=N]], [[delay=S]] in prompts (tests only)",
+        )
         add_setting(
             p, "--model-path", default="", help="transformers: local model directory (default SmolLM2-135M-Instruct)"
         )
@@ -164,6 +172,7 @@ class WorkerSettings:
             echo_rate=a.echo_rate,
             echo_context=a.echo_context,
             echo_script=a.echo_script,
+            echo_directives=a.echo_directives,
             model_path=a.model_path,
             device=a.device,
             dtype=a.dtype,
