@@ -69,7 +69,7 @@ class Answers:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": TOKEN * tokens},
+                        "message": {"role": "assistant", "content": TOKEN * tokens, "refusal": None},
                         "finish_reason": "length" if tokens < self.tokens else "stop",
                         "logprobs": None,
                     }

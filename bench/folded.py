@@ -14,7 +14,8 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
 
-# The first area whose pattern is found in a frame's file wins (checked innermost frame first).
+# The first area whose pattern is found in "/" + a frame's file wins (py-spy names files relative
+# to their sys.path entry: `nats/aio/client.py`, `broker_api/chat.py`, `asyncio/streams.py`).
 AREAS = (
     ("nats client", "/nats/"),
     ("httpx/httpcore", "/httpx/"),
@@ -27,17 +28,20 @@ AREAS = (
     ("structlog", "/structlog/"),
     ("msgpack", "/msgpack/"),
     ("json", "/json/"),
-    ("sqlite", "sqlite"),
+    ("sqlite", "/aiosqlite/"),
+    ("sqlite", "/sqlite3/"),
     ("anyio", "/anyio/"),
     ("asyncio", "/asyncio/"),
-    ("ssl/socket", "/ssl.py"),
-    ("ssl/socket", "/socket.py"),
-    ("selectors", "/selectors.py"),
-    ("tokenyard broker_api", "broker_api/"),
-    ("tokenyard scheduler", "scheduler/"),
-    ("tokenyard worker", "worker/"),
-    ("tokenyard schemas", "schemas/"),
+    ("socket", "/socket.py"),
+    ("tokenyard broker_api", "/broker_api/"),
+    ("tokenyard scheduler", "/scheduler/"),
+    ("tokenyard worker", "/worker/"),
+    ("tokenyard schemas", "/schemas/"),
 )
+OWN = ("/broker_api/", "/scheduler/", "/worker/", "/schemas/")
+# Samples whose innermost frame is the loop's runner are inside the event loop's native code
+# (uvloop: polling, socket reads and writes, callbacks written in C).
+LOOP = ("Runner.run", "asyncio/runners.py")
 
 
 def frames(stack: str) -> list[tuple[str, str]]:
@@ -49,11 +53,20 @@ def frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-def area(file: str) -> str:
+def area(func: str, file: str) -> str:
+    if (func, file) == LOOP:
+        return "event loop (native)"
     for name, pattern in AREAS:
-        if pattern in file:
+        if pattern in "/" + file:
             return name
-    return "other" if file else "native"
+    return "other"
+
+
+def _own(func: str, file: str) -> bool:
+    """A frame of Tokenyard's own code, not an entry point (on every stack)."""
+    path = "/" + file
+    entry = path.endswith(("/main.py", "/__main__.py")) or (func, file) == ("run", "schemas/logs.py")
+    return any(p in path for p in OWN) and not entry
 
 
 def read(path: Path) -> list[tuple[list[tuple[str, str]], int]]:
@@ -73,8 +86,9 @@ def short(func: str, file: str) -> str:
 
 
 def summarize(path: Path, top: int = 12) -> dict:
-    """Total samples; top self frames, top inclusive functions and areas (by innermost frame
-    that belongs to a known area), as (share of samples in %, name)."""
+    """Total samples; the top innermost frames (self), Tokenyard's own functions anywhere on the
+    stack (inclusive; entry points left out) and areas (by innermost
+    frame), as (share of samples in %, name)."""
     stacks = read(path)
     total = sum(n for _, n in stacks) or 1
     self_time: Counter[str] = Counter()
@@ -84,9 +98,9 @@ def summarize(path: Path, top: int = 12) -> dict:
         if not fs:
             continue
         self_time[short(*fs[-1])] += n
-        for name in {short(*f) for f in fs}:
+        for name in {short(*f) for f in fs if _own(*f)}:
             inclusive[name] += n
-        areas[next((area(f) for _, f in reversed(fs) if area(f) not in {"other", "native"}), "other")] += n
+        areas[area(*fs[-1])] += n
 
     def ranked(c: Counter[str]) -> list[tuple[float, str]]:
         return [(round(100 * v / total, 1), k) for k, v in c.most_common(top)]
