@@ -29,6 +29,7 @@ class Sample:
     gaps: list[float] = field(default_factory=list)
     error: str = ""
     salt: int = -1  # which request (its prompt's number), to find it in a trace
+    sent: float = 0.0  # perf_counter() when it was sent
 
 
 @dataclass(slots=True)
@@ -38,6 +39,13 @@ class Cell:
     samples: list[Sample]
     wall: float
     client_cpu: float  # this process's CPU seconds during the cell
+    started: float = 0.0  # perf_counter() at the start
+
+    def answering_seconds(self) -> float:
+        """From the start to the end of the last good answer: the wall time without the wait
+        for requests that hung (they end only at the timeout)."""
+        ends = [s.sent + s.latency for s in self.ok]
+        return max(ends) - self.started if ends else self.wall
 
     @property
     def ok(self) -> list[Sample]:
@@ -128,7 +136,7 @@ async def one(
         sample = Sample(time.perf_counter() - started, error="timeout")
     except aiohttp.ClientError as e:
         sample = Sample(time.perf_counter() - started, error=type(e).__name__)
-    sample.salt = salt
+    sample.salt, sample.sent = salt, started
     return sample
 
 
@@ -192,4 +200,4 @@ async def run_cell(
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         cpu = time.process_time() - cpu0
-    return Cell(samples, wall, cpu)
+    return Cell(samples, wall, cpu, started)

@@ -22,6 +22,7 @@ COLUMNS = (
     ("gap_p50_ms", "gap p50 / p99 ms", "{:.2f}"),
     ("cpu_ms_per_req", "CPU ms/req", "{:.2f}"),
     ("error_count", "errors", "{:.0f}"),
+    ("hung", "of which hung", "{:.0f}"),
 )
 
 
@@ -35,8 +36,12 @@ def cell_metrics(cell: Cell) -> dict[str, Any]:
         "ok": len(ok),
         "errors": cell.errors(),
         "error_count": len(cell.samples) - len(ok),
+        "hung": sum(1 for x in cell.samples if x.error == "timeout"),
         "wall_s": cell.wall,
-        "rps": len(ok) / cell.wall if cell.wall else 0.0,
+        # good answers per second until the last one: a hung request holds its client until the
+        # timeout, and waiting for it must not count as serving time
+        "rps": len(ok) / cell.answering_seconds() if ok else 0.0,
+        "rps_wall": len(ok) / cell.wall if cell.wall else 0.0,
         "p50_ms": pct(lat, 0.5),
         "p99_ms": pct(lat, 0.99),
         "ttft_p50_ms": pct(ttft, 0.5),
@@ -143,7 +148,10 @@ def render(
     loads = [r["load"] for systems in runs.values() for rs in systems.values() for r in rs]
     out = [
         f"# {a.repeat} run(s) per cell, at most {a.requests} requests / {a.seconds:g} s each, {a.tokens}-token answers;"
-        f" load average 1 min: {load0[0]:.2f} at start, {min(loads):.2f}-{max(loads):.2f} during the cells",
+        f" load average 1 min: {load0[0]:.2f} at start, {min(loads):.2f}-{max(loads):.2f} during the cells;"
+        f" JetStream fsync on every write: {a.fsync}",
+        "# req/s: good answers per second until the last good one; errors include requests that had not"
+        f" ended {a.timeout:g} s after they were sent (hung); CPU: every process of the system, per request",
     ]
     if info:
         out.append("# " + "; ".join(f"{k}: {v}" for k, v in info.items()))

@@ -82,11 +82,13 @@ class Tokenyard:
 
     name = "tokenyard"
 
-    def __init__(self, tmp: Path, upstream: Upstream, *, slots: int = 0, echo: bool = False, tokens: int = 16) -> None:
+    def __init__(
+        self, tmp: Path, upstream: Upstream, *, slots: int = 0, echo: bool = False, tokens: int = 16, fsync: bool = True
+    ) -> None:
         self.tmp = tmp / "tokenyard"
         self.tmp.mkdir(parents=True, exist_ok=True)
         monitor_port = free_port()
-        self.nats = NatsServer(self.tmp / "nats", sync_always=True, extra_config=f"http: 127.0.0.1:{monitor_port}")
+        self.nats = NatsServer(self.tmp / "nats", sync_always=fsync, extra_config=f"http: 127.0.0.1:{monitor_port}")
         self.nats.start()
         self.monitor = f"http://127.0.0.1:{monitor_port}"
         providers = self.tmp / "providers.yaml"

@@ -136,7 +136,7 @@ def start_targets(tmp: Path, upstream: Upstream, a: argparse.Namespace, stack: l
     if "upstream" in wanted:
         targets.append(Target("upstream", upstream.base_url, upstream.key, upstream.model, upstream.pids))
     if wanted & {"tokenyard", "echo"}:
-        ty = Tokenyard(tmp, upstream, echo="echo" in wanted, tokens=a.tokens)
+        ty = Tokenyard(tmp, upstream, echo="echo" in wanted, tokens=a.tokens, fsync=a.fsync)
         stack.append(ty)
         core = {r: p for r, p in ty.pids.items() if r in {"nats-server", "scheduler", "api"}}
         if "tokenyard" in wanted:
@@ -207,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", choices=SYSTEMS, help="measure only these systems (repeatable)")
     p.add_argument("--litellm", action="store_true", help="also the LiteLLM proxy (installed on first use)")
     p.add_argument("--echo", action="store_true", help="also Tokenyard's echo backend (the path without the adapter)")
+    p.add_argument(
+        "--fsync", action=argparse.BooleanOptionalAction, default=True, help="JetStream fsyncs every write (default)"
+    )
     p.add_argument("--upstream-server", choices=("raw", "aiohttp"), default="raw", help="the fake upstream's server")
     p.add_argument("--profile", type=Path, metavar="DIR", help="then each cell once more under py-spy; stacks to DIR")
     p.add_argument("--json", type=Path, metavar="PATH", help="write every run and the summary here")
