@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,8 +141,9 @@ async def one(
     return sample
 
 
-def session_for(key: str, concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=None)
+def session_for(key: str) -> aiohttp.ClientSession:
+    # no connection limit: a stuck request keeps its connection while its client goes on
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
@@ -162,18 +164,25 @@ async def run_cell(
     seconds: float,
     min_seconds: float = 0.0,
     timeout: float = 60.0,
+    stuck: float = 5.0,
     warmup: int = 50,
     expected: str | None = "",
+    on_lanes_done: Callable[[], None] | None = None,
 ) -> Cell:
     """See the module docstring. `base_url` ends in /v1. A cell goes on past `requests` until
     `min_seconds` have passed (CPU time is counted in 10 ms ticks: a short cell of a fast system
     would measure nothing), and never past `seconds`. `expected`: the answer's text ("": the
-    fast upstream's answer of `tokens` tokens; None: any text will do)."""
+    fast upstream's answer of `tokens` tokens; None: any text will do).
+
+    A request still going after `stuck` seconds is left to finish (or time out) on its own and
+    its client sends the next one, so a hung request does not take its client out of the load:
+    `concurrency` requests stay in flight that are not stuck. `on_lanes_done` is called when the
+    clients stopped, before the wait for stuck requests (where a caller reads CPU counters)."""
     url = f"{base_url}/chat/completions"
     if expected == "":
         expected = "tok " * tokens
     counter = iter(range(10**12))
-    async with session_for(key, concurrency) as session:
+    async with session_for(key) as session:
         await asyncio.gather(
             *(
                 one(session, url, chat_body(model, stream, tokens, i := next(counter)), expected, timeout, i)
@@ -191,13 +200,24 @@ async def run_cell(
             now = time.perf_counter()
             return now < stop_at and (budget[0] > 0 or now < go_on_until)
 
+        left: list[asyncio.Task[Sample]] = []
+
         async def client() -> None:
             while more():
                 budget[0] -= 1
                 i = next(counter)
-                samples.append(await one(session, url, chat_body(model, stream, tokens, i), expected, timeout, i))
+                body = chat_body(model, stream, tokens, i)
+                task = asyncio.ensure_future(one(session, url, body, expected, timeout, i))
+                done, _ = await asyncio.wait({task}, timeout=stuck)
+                if done:
+                    samples.append(task.result())
+                else:
+                    left.append(task)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         cpu = time.process_time() - cpu0
+        if on_lanes_done is not None:
+            on_lanes_done()
+        samples += await asyncio.gather(*left)
     return Cell(samples, wall, cpu, started)

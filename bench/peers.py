@@ -59,6 +59,14 @@ async def measure(t: Target, upstream_pid: int, *, stream: bool, concurrency: in
     cpu0 = cpu_snapshot(watched)
     msgs0 = nats_messages(t.monitor) if t.monitor else {}
     load = os.getloadavg()[0]
+    after: dict[str, Any] = {}
+
+    def lanes_done() -> None:  # before the wait for stuck requests: idle time must not count
+        after["cpu"] = cpu_snapshot(watched)
+        after["rss"] = {role: rss_mb(pid) for role, pid in t.pids.items()}
+        if t.monitor:
+            after["msgs"] = nats_messages(t.monitor)
+
     cell = await run_cell(
         t.base_url,
         t.key,
@@ -70,11 +78,12 @@ async def measure(t: Target, upstream_pid: int, *, stream: bool, concurrency: in
         seconds=a.seconds,
         min_seconds=a.min_seconds,
         timeout=a.timeout,
+        stuck=a.stuck,
         expected=t.expected,
+        on_lanes_done=lanes_done,
     )
-    cpu1 = cpu_snapshot(watched)
     n = max(len(cell.samples), 1)
-    cpu = {role: (cpu1[role] - cpu0[role]) / n * 1e3 for role in watched}
+    cpu = {role: (after["cpu"][role] - cpu0[role]) / n * 1e3 for role in watched}
     upstream_cpu = cpu.pop("_upstream")
     result = peer_report.cell_metrics(cell)
     result.update(
@@ -84,10 +93,10 @@ async def measure(t: Target, upstream_pid: int, *, stream: bool, concurrency: in
         upstream_cpu_ms_per_req=upstream_cpu if t.name != "upstream" else 0.0,
         client_cpu_ms_per_req=cell.client_cpu / n * 1e3,
         client_cpu_share=cell.client_cpu / cell.wall if cell.wall else 0.0,
-        rss_mb={role: rss_mb(pid) for role, pid in t.pids.items()},
+        rss_mb=after["rss"],
     )
     if t.monitor:
-        result["nats_msgs_per_req"] = per_request(nats_messages(t.monitor), msgs0, n)
+        result["nats_msgs_per_req"] = per_request(after["msgs"], msgs0, n)
     return result
 
 
@@ -204,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     p.add_argument("--repeat", type=int, default=1, help="runs of each cell (the table shows median and range)")
     p.add_argument("--timeout", type=float, default=60.0, help="a request not ended by then is an error (hung)")
+    p.add_argument("--stuck", type=float, default=5.0, help="a request going this long no longer holds its client")
     p.add_argument("--only", action="append", choices=SYSTEMS, help="measure only these systems (repeatable)")
     p.add_argument("--litellm", action="store_true", help="also the LiteLLM proxy (installed on first use)")
     p.add_argument("--echo", action="store_true", help="also Tokenyard's echo backend (the path without the adapter)")
