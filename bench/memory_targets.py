@@ -84,7 +84,11 @@ async def open_streams(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     events = a.tokens + 3  # role, tokens, finish, usage ([DONE] rides with the last)
     delay = a.hold / events
     upstream = Upstream(tmp, tokens=a.tokens, chunk_delay=delay)
-    ty = Tokenyard(tmp, upstream, slots=n)
+    try:
+        ty = Tokenyard(tmp, upstream, slots=n)
+    except BaseException:
+        upstream.stop()
+        raise
     samples: list[dict[str, float]] = []
     counts = StreamCounts()
     try:
@@ -135,7 +139,11 @@ async def open_streams(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
 
 async def soak(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     upstream = Upstream(tmp, tokens=a.tokens)
-    ty = Tokenyard(tmp, upstream)
+    try:
+        ty = Tokenyard(tmp, upstream)
+    except BaseException:
+        upstream.stop()
+        raise
     block = max(1000, min(10_000, a.soak // 40))
     samples: list[dict[str, float]] = []
     errors: dict[str, int] = {}

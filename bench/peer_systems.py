@@ -70,7 +70,11 @@ class Upstream:
             self.proc = subprocess.Popen(
                 [sys.executable, str(HERE / "fast_upstream.py"), *args], stdout=out, stderr=subprocess.STDOUT
             )
-        wait_models(self.base_url, self.key, time.monotonic() + 30, [self.proc])
+        try:
+            wait_models(self.base_url, self.key, time.monotonic() + 30, [self.proc])
+        except BaseException:
+            self.stop()
+            raise
         self.pids = {"upstream": self.proc.pid}
 
     def stop(self) -> None:
