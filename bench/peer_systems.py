@@ -2,8 +2,9 @@
 
 - `Upstream`: `bench/fast_upstream.py` in its own process (the baseline, and what the others
   forward to);
-- `Tokenyard`: nats-server (JetStream, fsync on every write: the default), the scheduler, the
-  API and one cloud-adapter worker forwarding to the upstream, each its own process; optionally
+- `Tokenyard`: nats-server (JetStream, fsync on every write, authenticated: the defaults of
+  `tokenyard up`), the scheduler, the API and one cloud-adapter worker forwarding to the
+  upstream, each its own process with its own NATS credentials; optionally
   an echo worker too (to tell the cloud adapter's cost from the rest of the path);
 - `LiteLLM`: the LiteLLM proxy, installed in its own venv (`bench/.peers/litellm-venv`, made on
   first use), configured to forward to the same upstream.
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.procs import free_port, spawn, stop_all, with_children  # noqa: E402
 from broker_api.embedded_nats import NatsServer  # noqa: E402
+from broker_api.nats_auth import LOCAL_WORKER, AuthDir  # noqa: E402
+from schemas.settings import creds_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / ".peers"
@@ -92,7 +95,15 @@ class Tokenyard:
         self.tmp = tmp / "tokenyard"
         self.tmp.mkdir(parents=True, exist_ok=True)
         monitor_port = free_port()
-        self.nats = NatsServer(self.tmp / "nats", sync_always=fsync, extra_config=f"http: 127.0.0.1:{monitor_port}")
+        # NATS with authentication, each role with its own credentials, as `tokenyard up` runs it
+        # (broker_api/launcher.py); the cloud adapter with the credentials of its pool.
+        AuthDir.init(self.tmp, adapters=("fast",), local_worker=echo, resolver_dir=self.tmp / "nats" / "jwt")
+        self.nats = NatsServer(
+            self.tmp / "nats",
+            sync_always=fsync,
+            auth=self.tmp / "nats-auth.conf",
+            extra_config=f"http: 127.0.0.1:{monitor_port}",
+        )
         self.nats.start()
         self.monitor = f"http://127.0.0.1:{monitor_port}"
         providers = self.tmp / "providers.yaml"
@@ -120,23 +131,18 @@ class Tokenyard:
         cloud = ["--backend", "cloud", "--providers", str(providers), "--provider", "fast", "--node-id", "cloud-1"]
         if slots:
             cloud += ["--slots", str(slots)]
+
+        def creds(role: str) -> dict[str, str]:
+            return {**env, "TOKENYARD_NATS_CREDS": str(creds_path(self.tmp, role))}
+
         self.procs: dict[str, subprocess.Popen[bytes]] = {
-            "scheduler": spawn("scheduler", env, log / "scheduler.log"),
-            "api": spawn("broker_api", env, log / "api.log", "--port", str(port)),
-            "worker": spawn("worker", env, log / "worker.log", *cloud),
+            "scheduler": spawn("scheduler", creds("scheduler"), log / "scheduler.log"),
+            "api": spawn("broker_api", creds("api"), log / "api.log", "--port", str(port)),
+            "worker": spawn("worker", creds("adapter-fast"), log / "worker.log", *cloud),
         }
         if echo:
-            self.procs["echo"] = spawn(
-                "worker",
-                env,
-                log / "echo.log",
-                "--backend",
-                "echo",
-                "--echo-tokens",
-                str(tokens),
-                "--node-id",
-                "echo-1",
-            )
+            args = ["--backend", "echo", "--echo-tokens", str(tokens), "--node-id", "echo-1"]
+            self.procs["echo"] = spawn("worker", creds(LOCAL_WORKER), log / "echo.log", *args)
         try:
             wait_models(self.base_url, self.key, time.monotonic() + 60, list(self.procs.values()))
             self._wait_model(TOKENYARD_MODEL, time.monotonic() + 30)
