@@ -17,36 +17,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.procs import Profiler, cpu_seconds, nats_messages, pct, per_request, spawn, stop_all  # noqa: E402
 from broker_api.embedded_nats import NatsServer  # noqa: E402
 from worker.echo import EchoBackend  # noqa: E402
 
 KEY = "ty_admin_bench-key-0123456789abcdef"
 MODEL = "tokenyard/echo"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def body(tokens: int, stream: bool) -> dict:
@@ -68,17 +56,6 @@ async def one(http: httpx.AsyncClient, payload: dict) -> float:
         r = await http.post("/v1/chat/completions", json=payload)
         assert r.status_code == 200, r.text
     return time.perf_counter() - started
-
-
-def nats_messages(monitor: str) -> dict[str, tuple[int, int]]:
-    """Messages each client connection sent to / got from nats-server (its monitoring port)."""
-    conns = json.loads(urllib.request.urlopen(f"{monitor}/connz?limit=1024", timeout=5).read())["connections"]
-    out: dict[str, tuple[int, int]] = {}
-    for c in conns:
-        role = (c.get("name") or "other").removeprefix("tokenyard-").split("-")[0]
-        sent, got = out.get(role, (0, 0))
-        out[role] = (sent + c["in_msgs"], got + c["out_msgs"])  # the server's in is the client's sent
-    return out
 
 
 async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list[int], monitor: str) -> dict:
@@ -103,10 +80,7 @@ async def run_load(url: str, payload: dict, n: int, concurrency: int, pids: list
         wall = time.perf_counter() - started
         cpus = [cpu_seconds(p) - c for p, c in zip(pids, cpu0s)]
         cpu = sum(cpus)
-        msgs = {
-            role: [round((a - msgs0.get(role, (0, 0))[i]) / n, 2) for i, a in enumerate(v)]
-            for role, v in sorted(nats_messages(monitor).items())
-        }
+        msgs = per_request(nats_messages(monitor), msgs0, n)
     return {
         "per_process_ms": [round(c / n * 1e3, 3) for c in cpus],
         "requests": n,
@@ -137,37 +111,6 @@ async def backend_alone(payload: dict, n: int) -> dict:
         "p99_ms": pct(latencies, 0.99) * 1e3,
         "cpu_ms_per_req": cpu / n * 1e3,
     }
-
-
-def spawn(module: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def profile(out: Path, procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
-    """py-spy (a dev dependency) on each process: `out/<role>.folded`, flamegraph-ready."""
-    out.mkdir(parents=True, exist_ok=True)
-    spy = Path(sys.executable).with_name("py-spy")
-    return [
-        subprocess.Popen(
-            [
-                str(spy),
-                "record",
-                "--format",
-                "raw",
-                "--rate",
-                "1000",
-                "--nonblocking",
-                "-o",
-                str(out / f"{role}.folded"),
-                "-p",
-                str(pr.pid),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for role, pr in zip(("scheduler", "worker", "api"), procs)
-    ]
 
 
 async def main() -> None:
@@ -221,18 +164,18 @@ async def main() -> None:
                 except (httpx.HTTPError, ValueError):
                     pass
                 await asyncio.sleep(0.1)
-        spies = profile(a.profile, procs) if a.profile else []
         results = {}
-        for stream in (False, True):
-            kind = "stream" if stream else "plain"
-            payload = body(a.tokens, stream)
-            results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids, monitor)
-            results[f"{kind}, {a.concurrency} at once"] = await run_load(
-                url, payload, a.requests, a.concurrency, pids, monitor
-            )
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            spy.wait(30)
+        with contextlib.ExitStack() as spies:
+            if a.profile:
+                roles = dict(zip(("scheduler", "worker", "api"), (pr.pid for pr in procs)))
+                spies.enter_context(Profiler(a.profile, roles, rate=1000))
+            for stream in (False, True):
+                kind = "stream" if stream else "plain"
+                payload = body(a.tokens, stream)
+                results[f"{kind}, 1 at a time"] = await run_load(url, payload, min(a.requests, 1000), 1, pids, monitor)
+                results[f"{kind}, {a.concurrency} at once"] = await run_load(
+                    url, payload, a.requests, a.concurrency, pids, monitor
+                )
         results["echo backend alone"] = await backend_alone(body(a.tokens, False), a.requests)
         print(f"# {' '.join(sys.argv)}  (sync_always={a.sync_always}, tokens={a.tokens}, ledger={not a.no_ledger})")
         print("# CPU per process (ms/request): nats-server, scheduler, worker, api")
@@ -252,13 +195,7 @@ async def main() -> None:
                 )
         print(json.dumps(results))
     finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        stop_all(procs)
         nats_server.stop()
 
 
