@@ -2,9 +2,9 @@
 
 Token deltas that arrive within `coalesce` seconds of the last message sent are merged and
 sent together (one NATS message per batch); the first delta and every final event go at
-once. Sequence numbers are assigned at the moment a message is handed to the client, and
-nats-py appends to its outgoing buffer without awaiting first, so messages leave in
-sequence order whichever task sends them.
+once. Sequence numbers are assigned at the moment a message is handed to the client (never
+earlier, in another task), and nats-py appends to its outgoing buffer without awaiting first,
+so messages leave in sequence order whichever task sends them.
 """
 
 from __future__ import annotations
@@ -95,8 +95,14 @@ class EventStream:
     def _start_now(self) -> None:
         self._start_timer = None
         if self._seq == 0:
-            ev = Start(self._job_id, self._attempt, self._next_seq(), self._node)
-            asyncio.ensure_future(self._send(ev))
+            asyncio.ensure_future(self._send_start())
+
+    async def _send_start(self) -> None:
+        """Numbered only here, in the same step that hands it to the client: numbered in the
+        timer, a first delta sent before this task ran would leave with 1 ahead of START's 0,
+        and the gateway refuses an attempt whose first event is not 0."""
+        if self._seq == 0:
+            await self._send(Start(self._job_id, self._attempt, self._next_seq(), self._node))
 
     def cancel_start(self) -> None:
         if self._start_timer is not None:
