@@ -94,10 +94,13 @@ class BucketSpec:
         )
 
 
+CLUSTER_REPLICAS = 3  # what a replicated entry has on a cluster that can place it
+
+
 def replicas_for(cluster_size: int) -> int:
     """Replicas of a replicated entry on a cluster of this many servers: 3 where it fits, else
     1 (never 2: two replicas lose availability on either node's loss and buy no durability)."""
-    return 3 if cluster_size >= 3 else 1
+    return CLUSTER_REPLICAS if cluster_size >= CLUSTER_REPLICAS else 1
 
 
 # --- the streams -------------------------------------------------------------------------

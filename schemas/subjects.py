@@ -63,6 +63,7 @@ def kv_prefix(bucket: str) -> str:
 # The JetStream API, for the few calls made without nats-py's JetStream context (shared
 # plumbing in schemas/ and the workers' standing pull requests).
 JS_API = "$JS.API"
+JS_INFO = f"{JS_API}.INFO"  # the account's JetStream usage; answers once JetStream has a leader
 
 
 def js_stream_create(stream: str) -> str:
@@ -71,6 +72,10 @@ def js_stream_create(stream: str) -> str:
 
 def js_stream_update(stream: str) -> str:
     return f"{JS_API}.STREAM.UPDATE.{stream}"
+
+
+def js_stream_info(stream: str) -> str:
+    return f"{JS_API}.STREAM.INFO.{stream}"
 
 
 def js_consumer_info(stream: str, durable: str) -> str:
