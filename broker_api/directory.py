@@ -25,15 +25,17 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from broker_api.unavailable import NATS_ERRORS, unavailable
 from schemas import streams
 from schemas.codec import WireError
 from schemas.errors import NotFoundError
 from schemas.jetstream import follow, open_bucket
-from schemas.tenancy import KeyRecord, OrgRecord
+from schemas.tenancy import ROOT_ORG, KeyRecord, OrgRecord
+
+__all__ = ["ROOT_ORG", "Directory", "Mirror", "parse_key"]
 
 log = structlog.get_logger(__name__)
 
-ROOT_ORG = "default"
 SYNC_TIMEOUT = 10.0
 
 
@@ -139,13 +141,21 @@ class Directory:
         return record
 
     # --- writes (KV; the mirrors catch up through their watches) --------------------------
+    # Both buckets are R3 on a cluster: a write needs a quorum (two nodes of three). Without
+    # one it times out or finds no leader, which the caller sees as a 503 with Retry-After.
 
     async def put_org(self, org: OrgRecord) -> None:
-        await self._orgs.kv.put(org.id, org.encode())
+        try:
+            await self._orgs.kv.put(org.id, org.encode())
+        except NATS_ERRORS as e:
+            raise unavailable(e, what="the org change") from e
         self._orgs.items[org.id] = org
 
     async def put_key(self, record: KeyRecord) -> None:
-        await self._keys.kv.put(record.id, record.encode())
+        try:
+            await self._keys.kv.put(record.id, record.encode())
+        except NATS_ERRORS as e:
+            raise unavailable(e, what="the API key change") from e
         self._keys.items[record.id] = record
 
     async def issue_key(self, template: KeyRecord) -> tuple[str, KeyRecord]:

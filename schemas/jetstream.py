@@ -109,7 +109,9 @@ async def stream_info(nc: Requester, name: str, *, timeout: float = ENSURE_DEADL
         raise
 
 
-async def ensure(nc: Requester, spec: StreamSpec, *, replicas: int | None = None) -> int:
+async def ensure(
+    nc: Requester, spec: StreamSpec, *, replicas: int | None = None, patience: float = ENSURE_DEADLINE
+) -> int:
     """Make the stream match `spec`; returns the replicas it has.
 
     `replicas` None follows the cluster (`schemas.streams.replicas_for` its size). The
@@ -120,10 +122,11 @@ async def ensure(nc: Requester, spec: StreamSpec, *, replicas: int | None = None
     `replicas_for` wants. An existing stream
     is updated to match, replicas included: R1 streams from an older version become R3. It
     never lowers what an existing stream has (an operator's R5 stays R5). An explicit
-    `replicas` is used as given, up or down.
+    `replicas` is used as given, up or down. It keeps asking for `patience` seconds while the
+    JetStream API does not answer, then raises `JetStreamUnavailableError`.
     """
-    deadline = time.monotonic() + ENSURE_DEADLINE
-    current = await stream_info(nc, spec.name, timeout=ENSURE_DEADLINE)
+    deadline = time.monotonic() + patience
+    current = await stream_info(nc, spec.name, timeout=patience)
     have = int(current["config"].get("num_replicas", 1)) if current else 0
     want = replicas if replicas is not None else max(CLUSTER_REPLICAS, have)
     verb = subjects.js_stream_update if current else subjects.js_stream_create
@@ -261,9 +264,11 @@ class BucketOpener(Protocol[KV]):  # type: ignore[misc]
     async def key_value(self, bucket: str) -> KV: ...
 
 
-async def open_bucket(nc: Requester, js: BucketOpener[KV], spec: BucketSpec, *, replicas: int | None) -> KV:
+async def open_bucket(
+    nc: Requester, js: BucketOpener[KV], spec: BucketSpec, *, replicas: int | None, patience: float = ENSURE_DEADLINE
+) -> KV:
     """A KV bucket made to match its entry (`ensure`), bound with the client's KV API."""
-    await ensure(nc, spec.stream, replicas=replicas)
+    await ensure(nc, spec.stream, replicas=replicas, patience=patience)
     return await js.key_value(spec.bucket)
 
 

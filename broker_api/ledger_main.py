@@ -1,0 +1,210 @@
+"""`tokenyard ledger`: the usage ledger and audit log as their own role.
+
+Consumes the usage and audit streams into SQLite (`<data dir>/ledger.sqlite`, the default) or
+PostgreSQL (`--database-url postgresql://...`), exactly once per job id and event id; answers
+the gateways' usage, export and audit queries over NATS (`broker_api.ledger_query`); records
+the fleet's node events in the audit log (`broker_api.fleetwatch`); serves `/metrics`,
+`/healthz` and `/readyz` on `--metrics-port`. It lives in broker_api/ but runs as its own
+process and imports nothing of the gateway's request path.
+
+Ledgers with the same `--ledger-name` share one durable consumer, so they must share one
+database (PostgreSQL: run two for availability); a ledger keeping its own copy (SQLite) needs
+its own name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+
+from broker_api.accounting import Accounts
+from broker_api.fleetwatch import FleetWatch
+from broker_api.ledger import ACK_WAIT, LedgerFeed
+from broker_api.ledger_query import LedgerService
+from broker_api.ledger_store import LedgerStore, open_store
+from broker_api.probe_http import Answer, ProbeServer
+from schemas import streams
+from schemas.jetstream import ensure
+from schemas.logs import close_quietly, configure_logging, run
+from schemas.settings import add_common, add_replicas, add_setting, replicas_setting
+
+log = structlog.get_logger(__name__)
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    nats_url: str
+    log_level: str
+    log_json: bool
+    replicas: int  # of the usage and audit streams, if the ledger is the first to make them
+    data_dir: str  # where SQLite's ledger.sqlite lives (without --database-url)
+    database_url: str  # postgresql://user:password@host:5432/db, or empty for SQLite
+    ledger_name: str  # the durable consumers' name: shared by ledgers on one database
+    metrics_host: str
+    metrics_port: int  # /metrics, /healthz, /readyz (-1: none)
+    fleet_events: bool  # record node join/leave/health events in the audit log
+    ack_wait: float  # seconds before a killed ledger's unstored records go to the next reader
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog="tokenyard ledger", description="Run the Tokenyard usage and audit ledger.")
+        add_common(p)
+        add_replicas(p)
+        add_setting(p, "--data-dir", default=os.path.expanduser("~/.tokenyard"), help="where ledger.sqlite is kept")
+        add_setting(
+            p, "--database-url", default="", help="PostgreSQL URL (postgresql://user:pass@host/db); default SQLite"
+        )
+        add_setting(p, "--ledger-name", default="main", help="ledgers on one database share a name; copies do not")
+        add_setting(p, "--metrics-host", default="0.0.0.0", help="address of /metrics, /healthz and /readyz")
+        add_setting(p, "--metrics-port", default=9466, type=int, help="port of /metrics, /healthz, /readyz (-1: off)")
+        add_setting(p, "--fleet-events", default=True, type=bool, help="record node events in the audit log")
+        add_setting(
+            p,
+            "--ack-wait",
+            default=ACK_WAIT,
+            type=float,
+            help="seconds before records a killed ledger took are delivered again (new consumers only)",
+        )
+        return p
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> LedgerSettings:
+        return cls(**vars(cls.parser().parse_args(argv)))
+
+
+class LedgerRole:
+    """The parts of a running ledger, built by `open` and started and stopped together."""
+
+    def __init__(self, nc: NATS, store: LedgerStore, settings: LedgerSettings) -> None:
+        self._nc = nc
+        self._store = store
+        self._js = nc.jetstream()
+        self.feed = LedgerFeed(self._js, store, name=settings.ledger_name, ack_wait=settings.ack_wait)
+        self.service = LedgerService(nc, store)
+        self._accounts = Accounts(self._js)
+        self._fleet = FleetWatch(nc, self._accounts.audit) if settings.fleet_events else None
+        self._probes = (
+            ProbeServer(
+                {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz},
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+            )
+            if settings.metrics_port >= 0
+            else None
+        )
+
+    @classmethod
+    async def open(cls, nc: NATS, settings: LedgerSettings) -> LedgerRole:
+        replicas = replicas_setting(settings.replicas)
+        for spec in (streams.USAGE, streams.AUDIT):
+            await ensure(nc, spec, replicas=replicas)
+        store = await open_store(settings.database_url, settings.data_dir)
+        return cls(nc, store, settings)
+
+    async def start(self) -> None:
+        if self._probes is not None:  # first, so a slow start is seen as alive but not ready
+            await self._probes.start()
+        await self.feed.start()
+        await self.service.start()
+        if self._fleet is not None:
+            await self._fleet.start()
+        log.info("ledger.started", name=self.feed.name)
+
+    async def stop(self) -> None:
+        if self._fleet is not None:
+            await self._fleet.stop()
+        await self.service.stop()
+        await self.feed.stop()
+        await self._accounts.flush()
+        if self._probes is not None:
+            await self._probes.stop()
+        await self._store.close()
+
+    async def lag(self) -> dict[str, int]:
+        """Records per stream not stored yet: not delivered to this ledger, or delivered and not
+        acked (-1 where the consumer cannot be read now)."""
+        out: dict[str, int] = {}
+        for stream, durable in self.feed.durables.values():
+            try:
+                info = await self._js.consumer_info(stream, durable, timeout=2.0)
+                out[stream] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            except (nats.errors.Error, asyncio.TimeoutError):
+                out[stream] = -1
+        return out
+
+    async def metrics(self) -> Answer:
+        lines = [
+            "# HELP tokenyard_ledger_lag_records Records in the stream this ledger has not stored yet.",
+            "# TYPE tokenyard_ledger_lag_records gauge",
+        ]
+        lines += [f'tokenyard_ledger_lag_records{{stream="{s}"}} {n}' for s, n in (await self.lag()).items()]
+        lines += [
+            "# HELP tokenyard_ledger_rows_stored_total Rows this process stored (new ones; duplicates are not rows).",
+            "# TYPE tokenyard_ledger_rows_stored_total counter",
+        ]
+        lines += [f'tokenyard_ledger_rows_stored_total{{table="{t}"}} {n}' for t, n in self.feed.stored.items()]
+        lines += [
+            "# HELP tokenyard_ledger_queries_total Query pages this process answered.",
+            "# TYPE tokenyard_ledger_queries_total counter",
+            f"tokenyard_ledger_queries_total {self.service.answered}",
+        ]
+        return Answer(200, "\n".join(lines) + "\n", METRICS_TYPE)
+
+    async def healthz(self) -> Answer:
+        return Answer(200, '{"status": "ok"}\n', "application/json")
+
+    async def readyz(self) -> Answer:
+        """Ready: connected to NATS, reading both streams, and the database answers."""
+        try:
+            await asyncio.wait_for(self._store.ping(), 2.0)
+            database = True
+        except Exception as e:  # top of a probe: any failure means not ready
+            log.info("ledger.database_unready", error=repr(e))
+            database = False
+        ready = self._nc.is_connected and self.feed.running and database
+        status = "ready" if ready else "not ready"
+        return Answer(200 if ready else 503, f'{{"status": "{status}"}}\n', "application/json")
+
+
+async def serve(settings: LedgerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await nats.connect(
+        servers=settings.nats_url.split(","),
+        name="tokenyard-ledger",
+        ping_interval=10,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )
+    role = await LedgerRole.open(nc, settings)
+    try:
+        await role.start()
+        await stop.wait()
+    finally:
+        await role.stop()
+        await close_quietly(nc)
+        log.info("ledger.stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = LedgerSettings.from_args(argv)
+    configure_logging(settings.log_level, settings.log_json)
+    run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
