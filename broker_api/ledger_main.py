@@ -54,7 +54,7 @@ class LedgerSettings:
     metrics_host: str
     metrics_port: int  # /metrics, /healthz, /readyz (-1: none)
     fleet_events: bool  # record node join/leave/health events in the audit log
-    ack_wait: float  # seconds before a killed ledger's unstored records go to the next reader
+    ledger_ack_wait: float  # seconds before a killed ledger's unstored records go to the next reader
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -67,11 +67,13 @@ class LedgerSettings:
         )
         add_setting(p, "--ledger-name", default="main", help="ledgers on one database share a name; copies do not")
         add_setting(p, "--metrics-host", default="0.0.0.0", help="address of /metrics, /healthz and /readyz")
-        add_setting(p, "--metrics-port", default=9466, type=int, help="port of /metrics, /healthz, /readyz (-1: off)")
+        add_setting(
+            p, "--metrics-port", default=9466, type=int, help="port of /metrics, /healthz, /readyz (0: any; -1: off)"
+        )
         add_setting(p, "--fleet-events", default=True, type=bool, help="record node events in the audit log")
         add_setting(
             p,
-            "--ack-wait",
+            "--ledger-ack-wait",
             default=ACK_WAIT,
             type=float,
             help="seconds before records a killed ledger took are delivered again (new consumers only)",
@@ -90,7 +92,7 @@ class LedgerRole:
         self._nc = nc
         self._store = store
         self._js = nc.jetstream()
-        self.feed = LedgerFeed(self._js, store, name=settings.ledger_name, ack_wait=settings.ack_wait)
+        self.feed = LedgerFeed(self._js, store, name=settings.ledger_name, ack_wait=settings.ledger_ack_wait)
         self.service = LedgerService(nc, store)
         self._accounts = Accounts(self._js)
         self._fleet = FleetWatch(nc, self._accounts.audit) if settings.fleet_events else None
@@ -119,7 +121,7 @@ class LedgerRole:
         await self.service.start()
         if self._fleet is not None:
             await self._fleet.start()
-        log.info("ledger.started", name=self.feed.name)
+        log.info("ledger.started", name=self.feed.name, metrics_port=self._probes.port if self._probes else None)
 
     async def stop(self) -> None:
         if self._fleet is not None:

@@ -24,7 +24,7 @@ from tests.conftest import ECHO
 from tests.postgres import Postgres
 from tests.stack import Proc, Stack, auth_headers
 
-LEDGER_ENV = {"TOKENYARD_ACK_WAIT": "2", "TOKENYARD_FLEET_EVENTS": "false"}
+LEDGER_ENV = {"TOKENYARD_LEDGER_ACK_WAIT": "2", "TOKENYARD_FLEET_EVENTS": "false"}
 
 
 def record(i: int, *, org: str = "org_load") -> UsageRecord:
