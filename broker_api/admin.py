@@ -21,6 +21,7 @@ from broker_api.admin_keys import merged_limits
 from broker_api.auth import Principal
 from broker_api.directory import Directory
 from broker_api.ledger import LedgerReader, to_csv
+from broker_api.unavailable import retried
 from schemas import routing
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, Limits, OrgRecord
@@ -283,14 +284,14 @@ def admin_router(authenticate: Any) -> APIRouter:
             policy = routing.Policy.from_dict(await _json(request))
         except ValueError as e:
             raise InvalidRequestError(f"Invalid routing policy: {e}.", param="policy") from e
-        await admin.routing.put(entry, policy.encode())
+        await retried(lambda: admin.routing.put(entry, policy.encode()), what="the routing change")
         admin.record(who, request, "routing.set", target, org, policy=policy.to_dict())
         return {"object": "routing.policy", "target": target, "policy": policy.to_dict()}
 
     async def delete_policy(
         request: Request, who: Principal, admin: Admin, entry: str, target: str, org: str
     ) -> dict[str, Any]:
-        await admin.routing.delete(entry)
+        await retried(lambda: admin.routing.delete(entry), what="the routing change")
         admin.record(who, request, "routing.delete", target, org)
         return {"object": "routing.policy", "target": target, "deleted": True}
 

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from broker_api.unavailable import NATS_ERRORS, unavailable
+from broker_api.unavailable import retried
 from schemas import streams
 from schemas.codec import WireError
 from schemas.errors import NotFoundError
@@ -141,21 +141,15 @@ class Directory:
         return record
 
     # --- writes (KV; the mirrors catch up through their watches) --------------------------
-    # Both buckets are R3 on a cluster: a write needs a quorum (two nodes of three). Without
-    # one it times out or finds no leader, which the caller sees as a 503 with Retry-After.
+    # Both buckets are R3 on a cluster: a write needs a quorum (two nodes of three), and waits
+    # out a leader election; without a quorum the caller sees a 503 with Retry-After.
 
     async def put_org(self, org: OrgRecord) -> None:
-        try:
-            await self._orgs.kv.put(org.id, org.encode())
-        except NATS_ERRORS as e:
-            raise unavailable(e, what="the org change") from e
+        await retried(lambda: self._orgs.kv.put(org.id, org.encode()), what="the org change")
         self._orgs.items[org.id] = org
 
     async def put_key(self, record: KeyRecord) -> None:
-        try:
-            await self._keys.kv.put(record.id, record.encode())
-        except NATS_ERRORS as e:
-            raise unavailable(e, what="the API key change") from e
+        await retried(lambda: self._keys.kv.put(record.id, record.encode()), what="the API key change")
         self._keys.items[record.id] = record
 
     async def issue_key(self, template: KeyRecord) -> tuple[str, KeyRecord]:
