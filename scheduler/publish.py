@@ -5,7 +5,8 @@ takes to elect one (4-9 s): a publish then finds no responder or times out. A jo
 carries its message id, so asking again is safe (a copy that did land is a duplicate JetStream
 drops); it is asked again until `PATIENCE` runs out, then the caller gets an UnavailableError
 (503, Retry-After). A refusal by the stream itself (full: `schemas.jetstream.is_full`) is an
-`APIError` and is raised at once.
+`APIError` and is raised at once; "duplicate message id is in process" (10158: the stream is
+still storing an earlier try that timed out here) is asked again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PAUSE = (0.1, 1.0)
 RETRY_AFTER = 2.0
 # No stream leader answered, or its answer did not come: the election is not over yet.
 TRANSIENT = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError, nats.errors.TimeoutError)
+# The stream still works on an earlier publish of this message id (one that timed out here): the
+# next try is answered as that one's duplicate, once it is stored.
+DUPLICATE_IN_PROCESS = 10158
 
 
 async def publish_job(
@@ -39,7 +43,9 @@ async def publish_job(
         try:
             await js.publish(subject, payload, timeout=TIMEOUT, headers={"Nats-Msg-Id": msg_id})
             return
-        except TRANSIENT as e:
+        except (*TRANSIENT, nats.js.errors.APIError) as e:
+            if isinstance(e, nats.js.errors.APIError) and e.err_code != DUPLICATE_IN_PROCESS:
+                raise
             if time.monotonic() + pause >= deadline:
                 raise UnavailableError(
                     "The job queue has no JetStream leader right now. Try again shortly.", retry_after=RETRY_AFTER

@@ -293,6 +293,11 @@ class Scheduler:
                 raise QueueFullError(
                     "The queue for this model is full. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
+            if isinstance(e, nats.js.errors.APIError):  # refused otherwise: the client may try again, not a 500
+                log.warning("job.enqueue_refused", job_id=job.id, error=str(e))
+                raise UnavailableError(
+                    "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
+                ) from e
             raise
         self.health.placed(pool, now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)

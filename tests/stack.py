@@ -183,9 +183,10 @@ class Stack:
         app = create_app(settings, admin_key=ADMIN_KEY)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
         server = uvicorn.Server(config)
-        self._servers.append((server, asyncio.create_task(server.serve())))
-        for _ in range(200):
-            if server.started:
+        task = asyncio.create_task(server.serve())
+        self._servers.append((server, task))
+        for _ in range(1200):  # 30 s: on a cluster the lifespan makes a dozen streams, on a busy machine
+            if server.started or task.done():
                 break
             await asyncio.sleep(0.025)
         if not server.started:
