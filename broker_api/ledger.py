@@ -39,6 +39,8 @@ GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger 
 ACK_WAIT = 30.0  # seconds JetStream waits for a batch's acks before delivering it again (a killed ledger's)
 RETRY = (0.2, 5.0)  # back-off between attempts to store a batch while the database is away
 MAX_GROUPS = 100_000  # rows of a grouped report
+SERIES_ROWS = 50_000  # a usage series' row cap (buckets x groups)
+NODE_ROWS = 10_000  # one node's (day, model) rows
 
 
 class LedgerReader(Protocol):
@@ -56,6 +58,14 @@ class LedgerReader(Protocol):
     async def audit(
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]: ...
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]: ...
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]: ...
 
 
 class Ledger:
@@ -92,6 +102,19 @@ class Ledger:
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
         return await self.store.audit_page(org=org, since=since, until=until, after=None, limit=limit)
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        return await self.store.series_page(
+            org=org, by=by, interval=interval, since=since, until=until, after=None, limit=SERIES_ROWS
+        )
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]:
+        return await self.store.node_usage_page(node=node, after=None, limit=NODE_ROWS)
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        return await self.store.node_totals(nodes)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

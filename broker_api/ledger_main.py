@@ -2,10 +2,10 @@
 
 Consumes the usage and audit streams into SQLite (`<data dir>/ledger.sqlite`, the default) or
 PostgreSQL (`--database-url postgresql://...`), exactly once per job id and event id; answers
-the gateways' usage, export and audit queries over NATS (`broker_api.ledger_query`); records
-the fleet's node events in the audit log (`broker_api.fleetwatch`); serves `/metrics`,
-`/healthz` and `/readyz` on `--metrics-port`. It lives in broker_api/ but runs as its own
-process and imports nothing of the gateway's request path.
+the gateways' usage, export and audit queries over NATS (`broker_api.ledger_query`); serves
+`/metrics`, `/healthz` and `/readyz` on `--metrics-port`. (The fleet's node events reach the
+audit log from the gateways, which watch the fleet for the node registry anyway.) It lives in
+broker_api/ but runs as its own process and imports nothing of the gateway's request path.
 
 Ledgers with the same `--ledger-name` share one durable consumer, so they must share one
 database (PostgreSQL: run two for availability); a ledger keeping its own copy (SQLite) needs
@@ -26,8 +26,6 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from broker_api.accounting import Accounts
-from broker_api.fleetwatch import FleetWatch
 from broker_api.ledger import ACK_WAIT, LedgerFeed
 from broker_api.ledger_query import LedgerService
 from broker_api.ledger_store import LedgerStore, open_store
@@ -35,7 +33,7 @@ from broker_api.probe_http import Answer, ProbeServer
 from schemas import streams
 from schemas.jetstream import ensure
 from schemas.logs import close_quietly, configure_logging, run
-from schemas.settings import add_common, add_replicas, add_setting, replicas_setting
+from schemas.settings import NatsSettings, add_common, add_replicas, add_setting, nats_options, replicas_setting
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +42,7 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 @dataclass(frozen=True, slots=True)
 class LedgerSettings:
-    nats_url: str
+    nats: NatsSettings  # where and how it connects (credentials: <data dir>/creds/ledger.creds when there)
     log_level: str
     log_json: bool
     replicas: int  # of the usage and audit streams, if the ledger is the first to make them
@@ -53,7 +51,6 @@ class LedgerSettings:
     ledger_name: str  # the durable consumers' name: shared by ledgers on one database
     metrics_host: str
     metrics_port: int  # /metrics, /healthz, /readyz (-1: none)
-    fleet_events: bool  # record node join/leave/health events in the audit log
     ledger_ack_wait: float  # seconds before a killed ledger's unstored records go to the next reader
 
     @classmethod
@@ -70,7 +67,6 @@ class LedgerSettings:
         add_setting(
             p, "--metrics-port", default=9466, type=int, help="port of /metrics, /healthz, /readyz (0: any; -1: off)"
         )
-        add_setting(p, "--fleet-events", default=True, type=bool, help="record node events in the audit log")
         add_setting(
             p,
             "--ledger-ack-wait",
@@ -82,7 +78,19 @@ class LedgerSettings:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> LedgerSettings:
-        return cls(**vars(cls.parser().parse_args(argv)))
+        a = cls.parser().parse_args(argv)
+        return cls(
+            nats=NatsSettings.of(a, roles=("ledger",), data_dir=a.data_dir),
+            log_level=a.log_level,
+            log_json=a.log_json,
+            replicas=a.replicas,
+            data_dir=a.data_dir,
+            database_url=a.database_url,
+            ledger_name=a.ledger_name,
+            metrics_host=a.metrics_host,
+            metrics_port=a.metrics_port,
+            ledger_ack_wait=a.ledger_ack_wait,
+        )
 
 
 class LedgerRole:
@@ -94,8 +102,6 @@ class LedgerRole:
         self._js = nc.jetstream()
         self.feed = LedgerFeed(self._js, store, name=settings.ledger_name, ack_wait=settings.ledger_ack_wait)
         self.service = LedgerService(nc, store)
-        self._accounts = Accounts(self._js)
-        self._fleet = FleetWatch(nc, self._accounts.audit) if settings.fleet_events else None
         self._probes = (
             ProbeServer(
                 {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz},
@@ -119,16 +125,11 @@ class LedgerRole:
             await self._probes.start()
         await self.feed.start()
         await self.service.start()
-        if self._fleet is not None:
-            await self._fleet.start()
         log.info("ledger.started", name=self.feed.name, metrics_port=self._probes.port if self._probes else None)
 
     async def stop(self) -> None:
-        if self._fleet is not None:
-            await self._fleet.stop()
         await self.service.stop()
         await self.feed.stop()
-        await self._accounts.flush()
         if self._probes is not None:
             await self._probes.stop()
         await self._store.close()
@@ -184,14 +185,7 @@ async def serve(settings: LedgerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(
-        servers=settings.nats_url.split(","),
-        name="tokenyard-ledger",
-        ping_interval=10,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-    )
+    nc = await nats.connect(**nats_options(settings.nats, name="tokenyard-ledger"))
     role = await LedgerRole.open(nc, settings)
     try:
         await role.start()

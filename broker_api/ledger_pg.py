@@ -47,6 +47,8 @@ def numbered(sql: str) -> str:
 
 
 class PostgresStore(SqlStore):
+    FLOOR = "CAST(FLOOR({}) AS BIGINT)"  # PostgreSQL's cast rounds to the nearest
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

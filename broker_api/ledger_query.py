@@ -9,6 +9,7 @@ a 400; a database that is away a 503), never with silence.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -18,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker_api.ledger import MAX_GROUPS
+from broker_api.ledger import MAX_GROUPS, NODE_ROWS, SERIES_ROWS
 from broker_api.ledger_store import LedgerStore
 from schemas import subjects
 from schemas.codec import WireError
@@ -29,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 QUERY_TIMEOUT = 15.0  # seconds one page may take (a big report on a big database)
 RETRY_AFTER = 2.0
+TOTALS_PER_QUERY = 2000
 
 
 def _cursor(query: LedgerQuery, row: dict[str, Any]) -> list[Any]:
@@ -36,6 +38,10 @@ def _cursor(query: LedgerQuery, row: dict[str, Any]) -> list[Any]:
         return [row["time"], row["job_id"]]
     if query.kind == "audit":
         return [row["time"], row["id"]]
+    if query.kind == "series":
+        return [row["t"], row[query.by]]
+    if query.kind == "node_usage":
+        return [row["day"], row["model"]]
     return [row[query.by]]
 
 
@@ -43,10 +49,19 @@ async def answer_page(store: LedgerStore, query: LedgerQuery) -> LedgerPage:
     """One page of the answer to `query`, cut at `PAGE_BYTES` of packed rows."""
     want = max(0, min(query.limit, PAGE_ROWS))
     q = query
+    if q.kind == "node_totals":  # one row per node asked about: one page
+        totals = await store.node_totals(q.nodes)
+        return LedgerPage(rows=[{"node": node, **counts} for node, counts in totals.items()])
     if q.kind == "usage":
         rows = await store.usage_page(org=q.org, since=q.since, until=q.until, after=q.after, limit=want)
     elif q.kind == "audit":
         rows = await store.audit_page(org=q.org, since=q.since, until=q.until, after=q.after, limit=want)
+    elif q.kind == "series":
+        rows = await store.series_page(
+            org=q.org, by=q.by, interval=q.interval, since=q.since, until=q.until, after=q.after, limit=want
+        )
+    elif q.kind == "node_usage":
+        rows = await store.node_usage_page(node=q.node, after=q.after, limit=want)
     else:
         rows = await store.report_page(org=q.org, by=q.by, since=q.since, until=q.until, after=q.after, limit=want)
     page: list[dict[str, Any]] = []
@@ -116,15 +131,7 @@ class LedgerClient:
         rows: list[dict[str, Any]] = []
         after: list[Any] | None = None
         while len(rows) < query.limit:
-            ask = LedgerQuery(
-                kind=query.kind,
-                org=query.org,
-                since=query.since,
-                until=query.until,
-                by=query.by,
-                limit=query.limit - len(rows),
-                after=after,
-            )
+            ask = dataclasses.replace(query, limit=query.limit - len(rows), after=after)
             page = await self._ask(ask)
             rows += page.rows
             after = page.after
@@ -167,3 +174,21 @@ class LedgerClient:
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
         return await self._collect(LedgerQuery(kind="audit", org=org, since=since, until=until, limit=limit))
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        query = LedgerQuery(
+            kind="series", org=org, by=by, interval=interval, since=since, until=until, limit=SERIES_ROWS
+        )
+        return await self._collect(query)
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]:
+        return await self._collect(LedgerQuery(kind="node_usage", node=node, limit=NODE_ROWS))
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for start in range(0, len(nodes), TOTALS_PER_QUERY):  # a query of node ids stays far below 1 MiB
+            page = await self._ask(LedgerQuery(kind="node_totals", nodes=nodes[start : start + TOTALS_PER_QUERY]))
+            out.update({row["node"]: {"requests": row["requests"], "tokens": row["tokens"]} for row in page.rows})
+        return out

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_org_time ON usage (org, time);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (time, job_id);
+CREATE INDEX IF NOT EXISTS usage_node_time ON usage (node, time);
 CREATE TABLE IF NOT EXISTS audit (
     id TEXT PRIMARY KEY, time DOUBLE PRECISION NOT NULL, org TEXT NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, source TEXT NOT NULL, detail TEXT NOT NULL
@@ -73,6 +74,7 @@ GROUPS = {
     "node": "node",
 }
 INSERT_ROWS = 64  # rows per INSERT statement: few distinct statements, well under either engine's variable cap
+IN_LIST = 500  # ids per `IN (...)` of a look-up
 
 
 class LedgerStore(Protocol):
@@ -96,6 +98,19 @@ class LedgerStore(Protocol):
     async def audit_page(
         self, *, org: str | None, since: float | None, until: float | None, after: list[Any] | None, limit: int
     ) -> list[dict[str, Any]]: ...
+    async def series_page(
+        self,
+        *,
+        org: str | None,
+        by: str,
+        interval: int,
+        since: float | None,
+        until: float | None,
+        after: list[Any] | None,
+        limit: int,
+    ) -> list[dict[str, Any]]: ...
+    async def node_usage_page(self, *, node: str, after: list[Any] | None, limit: int) -> list[dict[str, Any]]: ...
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -137,7 +152,10 @@ def group_column(by: str) -> str:
 
 class SqlStore:
     """The queries, for any engine that runs `_fetch` (rows as maps) and `_insert` (the rows an
-    INSERT ... RETURNING returned, committed)."""
+    INSERT ... RETURNING returned, committed). `FLOOR` is the one expression the engines spell
+    differently: a non-negative number rounded down to an integer."""
+
+    FLOOR = "CAST({} AS INTEGER)"  # SQLite's cast truncates, which for times >= 0 is the floor
 
     async def _fetch(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -242,6 +260,70 @@ class SqlStore:
             if row["avg_ttft_ms"] is not None:
                 row["avg_ttft_ms"] = round(float(row["avg_ttft_ms"]), 3)
         return rows
+
+    async def series_page(
+        self,
+        *,
+        org: str | None,
+        by: str,
+        interval: int,
+        since: float | None,
+        until: float | None,
+        after: list[Any] | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Usage over time: one row per `interval`-second bucket (`t`, its start as unix time)
+        and group, with requests, tokens and cost, in (t, group) order after `after` = [t, group];
+        buckets with no requests are left out."""
+        column = group_column(by)
+        clauses, args = self._where(org, since, until)
+        outer, outer_args = "1=1", []
+        if after is not None:
+            outer = f"(t > ? OR (t = ? AND {column} > ?))"
+            outer_args = [after[0], after[0], after[1]]
+        bucket = self.FLOOR.format("time / ?")
+        sql = (
+            f'SELECT t, {column} AS "{by}", COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, '
+            "SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost, "
+            "SUM(CASE WHEN outcome = 'error' THEN 1 ELSE 0 END) AS errors "
+            f"FROM (SELECT {bucket} * ? AS t, {column}, prompt_tokens, completion_tokens, cost, outcome "
+            f"FROM usage WHERE {' AND '.join(clauses)}) AS u WHERE {outer} "
+            f"GROUP BY t, {column} ORDER BY t, {column} LIMIT ?"
+        )
+        rows = await self._fetch(sql, [float(interval), interval, *args, *outer_args, limit])
+        for row in rows:
+            row["t"] = int(row["t"])
+            row["cost"] = round(float(row["cost"] or 0.0), 10)
+        return rows
+
+    async def node_usage_page(self, *, node: str, after: list[Any] | None, limit: int) -> list[dict[str, Any]]:
+        """What one node served (its winning attempts), by day and model, after `after` = [day, model]."""
+        keyset, args = "", [node]
+        if after is not None:
+            keyset = " AND (day > ? OR (day = ? AND model > ?))"
+            args += [after[0], after[0], after[1]]
+        sql = (
+            "SELECT day, model, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+            "SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
+            f"FROM usage WHERE node = ?{keyset} GROUP BY day, model ORDER BY day, model LIMIT ?"
+        )
+        rows = await self._fetch(sql, [*args, limit])
+        for row in rows:
+            row["cost"] = round(float(row["cost"] or 0.0), 10)
+        return rows
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        """Requests and tokens (prompt + completion) each of these nodes served."""
+        out: dict[str, dict[str, int]] = {}
+        for start in range(0, len(nodes), IN_LIST):
+            chunk = nodes[start : start + IN_LIST]
+            sql = (
+                "SELECT node, COUNT(*) AS requests, SUM(prompt_tokens + completion_tokens) AS tokens "
+                f"FROM usage WHERE node IN ({', '.join('?' * len(chunk))}) GROUP BY node"
+            )
+            for row in await self._fetch(sql, list(chunk)):
+                out[row["node"]] = {"requests": int(row["requests"]), "tokens": int(row["tokens"] or 0)}
+        return out
 
 
 SQLITE_APPEND_ONLY = f"""

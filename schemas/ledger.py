@@ -16,21 +16,26 @@ from typing import Any, Literal
 
 from schemas.codec import WireError, need, pack, unpack
 
-QueryKind = Literal["usage", "report", "audit"]
-KINDS: frozenset[str] = frozenset({"usage", "report", "audit"})
+QueryKind = Literal["usage", "report", "audit", "series", "node_usage", "node_totals"]
+KINDS: frozenset[str] = frozenset({"usage", "report", "audit", "series", "node_usage", "node_totals"})
 PAGE_BYTES = 512 * 1024  # packed rows per page: half of NATS's default max_payload
 PAGE_ROWS = 2000  # rows a ledger reads per page before cutting it at PAGE_BYTES
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerQuery:
-    kind: QueryKind  # usage: the rows (export); report: totals grouped `by`; audit: the audit log
+    # usage: the rows (export); report: totals grouped `by`; audit: the audit log; series: totals
+    # per `interval` and `by`; node_usage: one node's by day and model; node_totals: per node of `nodes`
+    kind: QueryKind
     org: str | None = None  # None: every org (the operator's key)
     since: float | None = None
     until: float | None = None
-    by: str = "model"  # report only: a key of broker_api.ledger_store.GROUPS
+    by: str = "model"  # report and series: a key of broker_api.ledger_store.GROUPS
     limit: int = 10_000  # rows in all, over every page
     after: list[Any] | None = None  # the previous page's `after`
+    interval: int = 3600  # series: seconds per bucket
+    node: str = ""  # node_usage
+    nodes: list[str] = field(default_factory=list)  # node_totals
 
     def encode(self) -> bytes:
         return pack(
@@ -42,6 +47,9 @@ class LedgerQuery:
                 "b": self.by,
                 "l": self.limit,
                 "a": self.after,
+                "i": self.interval,
+                "n": self.node,
+                "ns": self.nodes,
             }
         )
 
@@ -61,6 +69,9 @@ class LedgerQuery:
                 by=str(o.get("b", "model")),
                 limit=int(o.get("l", 10_000)),
                 after=list(after) if after is not None else None,
+                interval=int(o.get("i", 3600)),
+                node=str(o.get("n", "")),
+                nodes=[str(n) for n in o.get("ns", [])],
             )
         except (TypeError, ValueError) as e:
             raise WireError(f"bad ledger query: {e}") from e

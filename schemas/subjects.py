@@ -63,7 +63,6 @@ def kv_prefix(bucket: str) -> str:
 # The JetStream API, for the few calls made without nats-py's JetStream context (shared
 # plumbing in schemas/ and the workers' standing pull requests).
 JS_API = "$JS.API"
-JS_INFO = f"{JS_API}.INFO"  # the account's JetStream usage; answers once JetStream has a leader
 
 
 def js_stream_create(stream: str) -> str:
@@ -260,6 +259,7 @@ def js_consumer_create(stream: str, durable: str, filter_subject: str) -> str:
 
 def kv_entries(bucket: str) -> str:
     return f"{kv_prefix(bucket)}>"
+
 
 # --- the ledger role (issue 14) ------------------------------------------------------------
 

@@ -78,7 +78,7 @@ class NatsCluster:
             try:
                 while True:
                     with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-                        reply = await nc.request(subjects.JS_INFO, b"", timeout=1.0)
+                        reply = await nc.request(subjects.JS_API_INFO, b"", timeout=1.0)
                         if "error" not in json.loads(reply.data):
                             break
                     if time.monotonic() > deadline:

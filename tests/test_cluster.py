@@ -56,7 +56,7 @@ class ClusterStack:
 
 @pytest.fixture
 async def on_cluster(nats_cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[ClusterStack]:
-    stack = Stack(tmp_path, nats_url=nats_cluster.url)
+    stack = Stack(tmp_path, nats_url=nats_cluster.url, auth=False)  # the cluster runs without auth
     try:
         schedulers = [stack.start_scheduler(**ROLE_ENV) for _ in range(2)]
         ledger, _ = stack.start_ledger(TOKENYARD_LEDGER_ACK_WAIT="2", TOKENYARD_FLEET_EVENTS="false")

@@ -238,6 +238,9 @@ async def test_reports_come_from_the_ledger_role(tmp_path: Path, postgres: Postg
             assert time.monotonic() < deadline, report_a
             await asyncio.sleep(0.1)
         assert (await admin_get(b, "/v1/admin/usage", group_by="model")).json()["data"] == report_a
+        series = (await admin_get(b, "/v1/admin/usage/series", group_by="model", interval=60)).json()["data"]
+        assert sum(row["requests"] for row in series) == 5 and all(row["t"] % 60 == 0 for row in series), series
+        assert (await admin_get(a, "/v1/admin/usage/series", group_by="model", interval=60)).json()["data"] == series
         audit_a = (await admin_get(a, "/v1/admin/audit")).json()["data"]
         assert "org.create" in {row["action"] for row in audit_a}
         deadline = time.monotonic() + 10
