@@ -39,8 +39,9 @@ class ProbeServer:
 
     @property
     def port(self) -> int:
-        """The port it listens on (the one chosen, for port 0)."""
-        assert self._server is not None, "not started"
+        """The port it listens on (the one chosen, for port 0); 0 before `start`."""
+        if self._server is None or not self._server.sockets:
+            return 0
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
