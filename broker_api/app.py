@@ -23,8 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker_api import admin_keys
-from broker_api import unavailable
+from broker_api import admin_keys, unavailable
 from broker_api.accounting import Accounts
 from broker_api.admin import Admin, admin_router
 from broker_api.admin_console import router as admin_console_router

@@ -154,14 +154,6 @@ class LedgerFeed:
         """Both consumers subscribed and their loops alive."""
         return self._subscribed == len(self._tasks) > 0 and not any(t.done() for t in self._tasks)
 
-    @property
-    def durables(self) -> dict[str, tuple[str, str]]:
-        """{what: (stream, durable consumer)} this feed reads (its lag is their pending count)."""
-        return {
-            "usage": (subjects.USAGE_STREAM, f"ledger-{self._name}"),
-            "audit": (subjects.AUDIT_STREAM, f"audit-{self._name}"),
-        }
-
     async def start(self) -> None:
         (us, ud), (as_, ad) = self.durables["usage"], self.durables["audit"]
         self._tasks = [

@@ -29,11 +29,19 @@ from nats.aio.client import Client as NATS
 from broker_api.ledger import ACK_WAIT, LedgerFeed
 from broker_api.ledger_query import LedgerService
 from broker_api.ledger_store import LedgerStore, open_store
-from broker_api.probe_http import Answer, ProbeServer
 from schemas import streams
 from schemas.jetstream import ensure
 from schemas.logs import close_quietly, configure_logging, run
-from schemas.settings import NatsSettings, add_common, add_replicas, add_setting, nats_options, replicas_setting
+from schemas.probes import ProbeServer, serve_probes
+from schemas.settings import (
+    NatsSettings,
+    add_common,
+    add_metrics,
+    add_replicas,
+    add_setting,
+    nats_options,
+    replicas_setting,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +58,7 @@ class LedgerSettings:
     database_url: str  # postgresql://user:password@host:5432/db, or empty for SQLite
     ledger_name: str  # the durable consumers' name: shared by ledgers on one database
     metrics_host: str
-    metrics_port: int  # /metrics, /healthz, /readyz (-1: none)
+    metrics_port: int  # /metrics, /healthz, /readyz (0: none)
     ledger_ack_wait: float  # seconds before a killed ledger's unstored records go to the next reader
 
     @classmethod
@@ -63,10 +71,7 @@ class LedgerSettings:
             p, "--database-url", default="", help="PostgreSQL URL (postgresql://user:pass@host/db); default SQLite"
         )
         add_setting(p, "--ledger-name", default="main", help="ledgers on one database share a name; copies do not")
-        add_setting(p, "--metrics-host", default="0.0.0.0", help="address of /metrics, /healthz and /readyz")
-        add_setting(
-            p, "--metrics-port", default=9466, type=int, help="port of /metrics, /healthz, /readyz (0: any; -1: off)"
-        )
+        add_metrics(p, port=9466)
         add_setting(
             p,
             "--ledger-ack-wait",
@@ -102,15 +107,8 @@ class LedgerRole:
         self._js = nc.jetstream()
         self.feed = LedgerFeed(self._js, store, name=settings.ledger_name, ack_wait=settings.ledger_ack_wait)
         self.service = LedgerService(nc, store)
-        self._probes = (
-            ProbeServer(
-                {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz},
-                host=settings.metrics_host,
-                port=settings.metrics_port,
-            )
-            if settings.metrics_port >= 0
-            else None
-        )
+        self._settings = settings
+        self._probes: ProbeServer | None = None  # started in `start`, when everything it reports exists
 
     @classmethod
     async def open(cls, nc: NATS, settings: LedgerSettings) -> LedgerRole:
@@ -121,8 +119,13 @@ class LedgerRole:
         return cls(nc, store, settings)
 
     async def start(self) -> None:
-        if self._probes is not None:  # first, so a slow start is seen as alive but not ready
-            await self._probes.start()
+        self._probes = await serve_probes(
+            self._settings.metrics_host,
+            self._settings.metrics_port,
+            metrics=self.metrics,
+            ready=self.ready,
+            role="ledger",
+        )
         await self.feed.start()
         await self.service.start()
         log.info("ledger.started", name=self.feed.name, metrics_port=self._probes.port if self._probes else None)
@@ -131,7 +134,7 @@ class LedgerRole:
         await self.service.stop()
         await self.feed.stop()
         if self._probes is not None:
-            await self._probes.stop()
+            await self._probes.close()
         await self._store.close()
 
     async def lag(self) -> dict[str, int]:
@@ -146,7 +149,7 @@ class LedgerRole:
                 out[stream] = -1
         return out
 
-    async def metrics(self) -> Answer:
+    async def metrics(self) -> tuple[bytes, str]:
         lines = [
             "# HELP tokenyard_ledger_lag_records Records in the stream this ledger has not stored yet.",
             "# TYPE tokenyard_ledger_lag_records gauge",
@@ -162,12 +165,9 @@ class LedgerRole:
             "# TYPE tokenyard_ledger_queries_total counter",
             f"tokenyard_ledger_queries_total {self.service.answered}",
         ]
-        return Answer(200, "\n".join(lines) + "\n", METRICS_TYPE)
+        return ("\n".join(lines) + "\n").encode(), METRICS_TYPE
 
-    async def healthz(self) -> Answer:
-        return Answer(200, '{"status": "ok"}\n', "application/json")
-
-    async def readyz(self) -> Answer:
+    async def ready(self) -> bool:
         """Ready: connected to NATS, reading both streams, and the database answers."""
         try:
             await asyncio.wait_for(self._store.ping(), 2.0)
@@ -175,9 +175,7 @@ class LedgerRole:
         except Exception as e:  # top of a probe: any failure means not ready
             log.info("ledger.database_unready", error=repr(e))
             database = False
-        ready = self._nc.is_connected and self.feed.running and database
-        status = "ready" if ready else "not ready"
-        return Answer(200 if ready else 503, f'{{"status": "{status}"}}\n', "application/json")
+        return self._nc.is_connected and self.feed.running and database
 
 
 async def serve(settings: LedgerSettings) -> None:
@@ -198,7 +196,7 @@ async def serve(settings: LedgerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = LedgerSettings.from_args(argv)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, role="ledger")
     run(serve(settings))
 
 
