@@ -15,11 +15,16 @@ then plays the rest:
   `--overload` times the fleet's capacity for `--seconds`; then the queues drain;
 - finally a burst of `--burst` submissions as fast as the schedulers answer.
 
+With `--cluster` NATS is a three-node JetStream cluster on loopback (each node its own store,
+routes between them) and every stream and bucket the schedulers make has three replicas, as in
+production; the simulator and each scheduler connect to all three.
+
 Reports scheduler decisions per second, queue wait (admission -> a node pulls it) p50/p99 per
-tier, Jain's fairness index across tenants of a tier, and jobs lost (admitted, never completed)
-and run twice.
+tier, Jain's fairness index across tenants of a tier, jobs lost (admitted, never completed)
+and run twice, and the CPU of each scheduler and each NATS server (also per 1,000 nodes).
 
     .venv/bin/python bench/fleet_sim.py --nodes 1000 --seconds 30
+    .venv/bin/python bench/fleet_sim.py --nodes 1000 --seconds 20 --cluster
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +53,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_api.embedded_nats import NatsServer  # noqa: E402
+from broker_api.embedded_nats import NatsServer, cluster_config  # noqa: E402
 from schemas import subjects  # noqa: E402
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission  # noqa: E402
 from schemas.tenancy import Limits  # noqa: E402
@@ -333,6 +339,43 @@ class Sim:
             task.add_done_callback(tasks.discard)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_nats(a: argparse.Namespace, tmp: Path) -> list[NatsServer]:
+    """One nats-server, or with `--cluster` three clustered ones (fixed loopback ports)."""
+    if not a.cluster:
+        return [NatsServer(tmp / "nats", sync_always=a.sync_always).start()]
+    clients, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    return [
+        NatsServer(
+            tmp / f"n{i + 1}",
+            port=clients[i],
+            sync_always=a.sync_always,
+            extra_config=cluster_config(
+                server_name=f"n{i + 1}", cluster_name="fleet-sim", route_port=routes[i], route_ports=routes
+            ),
+        ).start()
+        for i in range(3)
+    ]
+
+
+async def wait_for_jetstream(nc: NATS, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = await nc.request(subjects.JS_API_INFO, b"", timeout=1.0)
+            if "error" not in json.loads(reply.data):
+                return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("JetStream has no leader")
+
+
 def capacity(nodes: dict[str, Node]) -> float:
     """Jobs per second the fleet can run (mean job: 0.2 s + 120 tokens at the node's speed)."""
     return sum(n.slots / (0.2 + 120 / n.speed) for n in nodes.values())
@@ -340,10 +383,12 @@ def capacity(nodes: dict[str, Node]) -> float:
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
-    server = NatsServer(tmp / "nats", sync_always=a.sync_always).start()
+    servers = start_nats(a, tmp)
+    url = ",".join(server.url for server in servers)
     env = {
         **os.environ,
-        "TOKENYARD_NATS_URL": server.url,
+        "TOKENYARD_NATS_URL": url,
+        "TOKENYARD_REPLICAS": "0",  # follow the cluster: three replicas of everything on --cluster
         "TOKENYARD_LOG_LEVEL": os.environ.get("SIM_SCHED_LOG", "warning"),
     }
     profile = ["-m", "cProfile", "-o", str(tmp / "sched{i}.prof")] if a.profile else []
@@ -360,7 +405,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     background: list[asyncio.Task[Any]] = []
     nc: NATS | None = None
     try:
-        nc = await nats.connect(server.url, pending_size=1 << 27)
+        nc = await nats.connect(url.split(","), pending_size=1 << 27, max_reconnect_attempts=-1)
+        await wait_for_jetstream(nc)
         sim = Sim(nc, a)
         for _ in range(a.nodes):
             sim.add_node()
@@ -389,6 +435,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         gate = asyncio.Semaphore(1024)
         tasks: set[asyncio.Task[None]] = set()
         cpu0 = {p.pid: cpu_seconds(p.pid) for p in scheds}
+        nats_pids = [server.proc.pid for server in servers if server.proc is not None]
+        nats_cpu0 = {pid: cpu_seconds(pid) for pid in nats_pids}
         t0 = time.time()
         until = t0 + a.seconds
         limited = Limits(rpm=100_000, max_concurrent=10_000)
@@ -422,6 +470,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         while time.time() < end_deadline and any(sim.t.done[j] == 0 for j in sim.t.admitted):
             await asyncio.sleep(0.5)
         cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p in scheds}
+        nats_cpu = {pid: cpu_seconds(pid) - nats_cpu0[pid] for pid in nats_pids}
         wall = time.time() - t0
         sequential = {}
         for label, lim in (("unlimited", Limits()), ("limited_key_and_org", Limits(rpm=10**6, max_concurrent=10**5))):
@@ -477,7 +526,15 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
             "refused": dict(t.refused),
             "decisions_per_s_under_load": round(len(decisions) / max(load_end - t0, 1e-9), 1),
             "decisions_per_s_burst": round(a.burst / max(b1 - b0, 1e-9), 1),
+            "nats_servers": len(servers),
             "scheduler_cpu_percent_of_a_core": [round(100 * c / wall, 1) for c in cpu.values()],
+            "nats_cpu_percent_of_a_core": [round(100 * c / wall, 1) for c in nats_cpu.values()],
+            "per_1000_nodes": {
+                "one_scheduler_cpu_percent": round(100 * sum(cpu.values()) / len(cpu) / wall * 1000 / a.nodes, 1),
+                "one_nats_server_cpu_percent": round(
+                    100 * sum(nats_cpu.values()) / len(nats_cpu) / wall * 1000 / a.nodes, 1
+                ),
+            },
             "scheduler_cpu_ms_per_decision_all_included": round(1000 * sum(cpu.values()) / max(len(t.answers), 1), 3),
             "sequential_admission": sequential,
             "queue_wait_s": {
@@ -509,7 +566,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def parse() -> argparse.Namespace:
@@ -528,6 +586,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="run the schedulers under cProfile (files in the tmp dir)")
     p.add_argument("--scheduler-dir", default="", help="run the scheduler of another checkout (for comparisons)")
     p.add_argument("--sync-always", action="store_true", help="nats-server fsyncs every write")
+    p.add_argument("--cluster", action="store_true", help="a three-node NATS cluster, every stream R3")
     return p.parse_args()
 
 

@@ -8,6 +8,7 @@ tasks; `flush` waits for them at shutdown so nothing accepted is dropped on a cl
 from __future__ import annotations
 
 import asyncio
+import time
 
 import nats.errors
 import structlog
@@ -18,7 +19,8 @@ from schemas.usage import AuditEvent, UsageRecord
 
 log = structlog.get_logger(__name__)
 
-ATTEMPTS = 6
+PATIENCE = 90.0  # seconds a record is retried (past a leader election, 4-9 s), inside the 120 s dedupe window
+BACKOFF = (0.2, 2.0)
 
 
 class Accounts:
@@ -38,14 +40,20 @@ class Accounts:
         task.add_done_callback(self._pending.discard)
 
     async def _publish(self, subject: str, data: bytes, msg_id: str) -> None:
-        for attempt in range(ATTEMPTS):
+        # The same message id every time: a publish whose ack was lost is a duplicate JetStream drops.
+        deadline = time.monotonic() + PATIENCE
+        pause, attempt = BACKOFF[0], 0
+        while True:
             try:
                 await self._js.publish(subject, data, timeout=2.0, headers={"Nats-Msg-Id": msg_id})
                 return
             except (nats.errors.Error, asyncio.TimeoutError) as e:
+                if time.monotonic() + pause > deadline:
+                    log.error("accounting.publish_failed", subject=subject, attempts=attempt + 1, error=str(e))
+                    return
                 log.warning("accounting.publish_retry", subject=subject, attempt=attempt, error=str(e))
-                await asyncio.sleep(0.2 * 2**attempt)
-        log.error("accounting.publish_failed", subject=subject)
+            await asyncio.sleep(pause)
+            pause, attempt = min(BACKOFF[1], pause * 2), attempt + 1
 
     async def flush(self, timeout: float = 10.0) -> None:
         if self._pending:

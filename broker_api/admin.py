@@ -21,7 +21,8 @@ from broker_api.admin_keys import merged_limits
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.directory import Directory
-from broker_api.ledger import Ledger, to_csv
+from broker_api.ledger import LedgerReader, to_csv
+from broker_api.unavailable import retried
 from schemas import routing
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, Limits, OrgRecord
@@ -92,7 +93,7 @@ def _since_until(request: Request) -> tuple[float | None, float | None]:
 
 
 class Admin:
-    def __init__(self, directory: Directory, ledger: Ledger | None, audit: Any, routing_kv: KeyValue) -> None:
+    def __init__(self, directory: Directory, ledger: LedgerReader | None, audit: Any, routing_kv: KeyValue) -> None:
         self.directory = directory
         self.ledger = ledger
         self.routing = routing_kv
@@ -132,7 +133,7 @@ class Admin:
             raise NotFoundError(f"No API key with id '{key_id}'.")
         return key
 
-    def need_ledger(self) -> Ledger:
+    def need_ledger(self) -> LedgerReader:
         if self.ledger is None:
             raise NoCapacityError("This gateway keeps no ledger (--no-ledger); ask one that does.")
         return self.ledger
@@ -255,7 +256,7 @@ def admin_router(authenticate: Any) -> APIRouter:
     router.add_api_route("/keys/{key_id}/revoke", revoke, methods=["POST"])
     router.add_api_route("/keys/{key_id}", revoke, methods=["DELETE"])
 
-    def ledger_query(request: Request) -> tuple[Ledger, str | None, float | None, float | None]:
+    def ledger_query(request: Request) -> tuple[LedgerReader, str | None, float | None, float | None]:
         """The ledger, the org scope and the time window of a report request."""
         admin, who = admin_of(request)
         since, until = _since_until(request)
@@ -282,14 +283,14 @@ def admin_router(authenticate: Any) -> APIRouter:
             policy = routing.Policy.from_dict(await _json(request))
         except ValueError as e:
             raise InvalidRequestError(f"Invalid routing policy: {e}.", param="policy") from e
-        await admin.routing.put(entry, policy.encode())
+        await retried(lambda: admin.routing.put(entry, policy.encode()), what="the routing change")
         admin.record(who, request, "routing.set", target, org, policy=policy.to_dict())
         return {"object": "routing.policy", "target": target, "policy": policy.to_dict()}
 
     async def delete_policy(
         request: Request, who: Principal, admin: Admin, entry: str, target: str, org: str
     ) -> dict[str, Any]:
-        await admin.routing.delete(entry)
+        await retried(lambda: admin.routing.delete(entry), what="the routing change")
         admin.record(who, request, "routing.delete", target, org)
         return {"object": "routing.policy", "target": target, "deleted": True}
 

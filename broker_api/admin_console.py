@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from broker_api.auth import Principal
 from broker_api.deps import Services, admin_caller, ledger, services, visible_key
-from broker_api.ledger import Ledger, to_csv
+from broker_api.ledger import LedgerReader, to_csv
 from schemas.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1/admin")
@@ -44,7 +44,7 @@ async def rotate_key(
 @router.get("/usage/series")
 async def usage_series(
     who: Annotated[Principal, Depends(admin_caller)],
-    the_ledger: Annotated[Ledger, Depends(ledger)],
+    the_ledger: Annotated[LedgerReader, Depends(ledger)],
     group_by: str = "model",
     interval: Annotated[int, Query(ge=1, le=31 * 86400)] = 3600,
     since: float | None = None,

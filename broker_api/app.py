@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker_api import admin_keys
+from broker_api import admin_keys, unavailable
 from broker_api.accounting import Accounts
 from broker_api.admin import Admin, admin_router
 from broker_api.admin_console import router as admin_console_router
@@ -38,13 +38,15 @@ from broker_api.deps import Services
 from broker_api.directory import Directory
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
-from broker_api.ledger import Ledger, LedgerFeed
+from broker_api.ledger import Ledger, LedgerFeed, LedgerReader
+from broker_api.ledger_query import LedgerClient
 from broker_api.metrics import Metrics, consumer_lag
 from broker_api.nodes import NodeServices
 from broker_api.nodes import router as nodes_router
 from broker_api.observe import ObserveMiddleware
 from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
+from broker_api.unavailable import NATS_ERRORS
 from schemas import streams
 from schemas.chat import ModelCard, ModelList, parse_chat_request
 from schemas.errors import (
@@ -135,6 +137,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         ledger = await Ledger.open(Path(settings.data_dir) / "ledger.sqlite") if settings.ledger else None
         feed = LedgerFeed(js, ledger, name=settings.ledger_name) if ledger is not None else None
         fleet = FleetWatch(the_bus.nc, accounts.audit)  # also the node registry's live view
+        reports: LedgerReader = ledger if ledger is not None else LedgerClient(nc)  # else: the ledger role
         for part in (feed, fleet):
             if part is not None:
                 await part.start()
@@ -142,7 +145,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         app.state.ledger_feed = feed
         idempotency = await Idempotency.open(nc, js, replicas=replicas)
         app.state.nodes = await NodeServices.open(
-            nc, settings, fleet=fleet, auditor=Auditor(accounts.audit), ledger=ledger, replicas=replicas
+            nc, settings, fleet=fleet, auditor=Auditor(accounts.audit), ledger=reports, replicas=replicas
         )
         app.state.chat = ChatService(
             the_bus,
@@ -154,7 +157,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
         )
         app.state.chat.metrics = metrics
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
-        app.state.admin = Admin(directory, ledger, accounts.audit, routing_kv)
+        app.state.admin = Admin(directory, reports, accounts.audit, routing_kv)
         app.state.services = Services(
             settings=settings,
             bus=the_bus,
@@ -163,7 +166,7 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
             chat=app.state.chat,
             auditor=Auditor(accounts.audit),
             routing=routing_kv,
-            ledger=ledger,
+            ledger=reports,
             metrics=metrics,
             sessions=await SessionStore.open(
                 nc, js, keys, idle=settings.console_idle, lifetime=settings.console_lifetime, replicas=replicas
@@ -201,6 +204,9 @@ def create_app(settings: ApiSettings, *, admin_key: str, bus: Bus | None = None)
     @app.exception_handler(TokenyardError)
     async def _tokenyard_error(request: Request, e: TokenyardError) -> JSONResponse:
         return _error_response(e)
+
+    for kind in NATS_ERRORS:  # NATS's own exceptions: a 503 with Retry-After, never a 500
+        app.add_exception_handler(kind, unavailable.handle)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

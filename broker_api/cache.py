@@ -10,6 +10,7 @@ with the header `x-tokenyard-cache: no`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -25,10 +26,12 @@ from nats.js.kv import KeyValue
 from schemas import streams
 from schemas.answers import CachedAnswer
 from schemas.codec import WireError
-from schemas.jetstream import open_bucket
+from schemas.jetstream import JetStreamError, JetStreamUnavailableError, open_bucket
 
 log = structlog.get_logger(__name__)
 
+TIMEOUT = 1.0  # seconds a look-up or a store may take before it counts as a miss
+OPEN_PATIENCE = 10.0  # seconds to wait for the bucket at start before serving without it
 IRRELEVANT = frozenset({"stream", "stream_options", "user", "metadata", "usage", "n"})
 
 
@@ -45,23 +48,32 @@ def cache_key(request: dict[str, Any]) -> str:
 
 
 class ResponseCache:
+    """Never fails a request: an error or a slow answer from the bucket is a miss (its one
+    replica may be on a node that is down: see `schemas.streams.CACHE`)."""
+
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
     @classmethod
     async def open(
         cls, nc: NATS, js: JetStreamContext, *, ttl: float, max_bytes: int, replicas: int | None
-    ) -> ResponseCache:
+    ) -> ResponseCache | None:
+        """The cache, or None (logged) if its bucket cannot be made now: the gateway serves
+        without a cache rather than not at all."""
         spec = dataclasses.replace(streams.CACHE, ttl=ttl, max_bytes=max_bytes)
-        return cls(await open_bucket(nc, js, spec, replicas=replicas))
+        try:
+            return cls(await open_bucket(nc, js, spec, replicas=replicas, patience=OPEN_PATIENCE))
+        except (nats.errors.Error, JetStreamError, JetStreamUnavailableError) as e:
+            log.warning("cache.unavailable", error=repr(e))
+            return None
 
     async def get(self, key: str) -> CachedAnswer | None:
         try:
-            entry = await self._kv.get(key)
+            entry = await asyncio.wait_for(self._kv.get(key), TIMEOUT)
         except nats.js.errors.NotFoundError:  # missing, deleted or expired
             return None
-        except nats.errors.Error as e:
-            log.warning("cache.get_failed", error=str(e))
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            log.warning("cache.get_failed", error=repr(e))
             return None
         if entry.value is None:
             return None
@@ -73,6 +85,6 @@ class ResponseCache:
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         try:
-            await self._kv.put(key, answer.encode())
-        except nats.errors.Error as e:
-            log.warning("cache.put_failed", error=str(e))
+            await asyncio.wait_for(self._kv.put(key, answer.encode()), TIMEOUT)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            log.warning("cache.put_failed", error=repr(e))

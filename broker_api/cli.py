@@ -4,6 +4,7 @@
     tokenyard api         the OpenAI-compatible gateway
     tokenyard scheduler   admission and placement
     tokenyard worker      a worker (transformers, echo or cloud backend)
+    tokenyard ledger      the usage ledger and audit log (SQLite, or PostgreSQL with --database-url)
 
     tokenyard top         a live view of queues, nodes, throughput, TTFT, errors and breakers
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import os
 import sys
 
-ROLES = {"api": "broker_api", "scheduler": "scheduler", "worker": "worker"}
+ROLES = {"api": "broker_api", "scheduler": "scheduler", "worker": "worker", "ledger": "broker_api.ledger_main"}
 ADMIN = frozenset({"keys", "orgs", "usage", "audit", "routing", "nodes"})
 GLOBAL_FLAGS = ("--api-url", "--admin-key", "--data-dir")  # of the admin commands and top
 USAGE = __doc__ or ""

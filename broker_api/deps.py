@@ -23,11 +23,11 @@ from broker_api.auth import KeyStore, Principal
 from broker_api.bus import Bus
 from broker_api.chat import ChatService
 from broker_api.directory import Directory
-from broker_api.ledger import Ledger
+from broker_api.ledger import LedgerReader
 from broker_api.metrics import Metrics
 from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
-from schemas.errors import NoCapacityError, NotFoundError, PermissionDeniedError
+from schemas.errors import NotFoundError, PermissionDeniedError
 from schemas.tenancy import KeyRecord, OrgRecord
 
 
@@ -40,7 +40,7 @@ class Services:
     chat: ChatService
     auditor: Auditor
     routing: KeyValue  # the routing-policy bucket (schemas.streams.ROUTING)
-    ledger: Ledger | None  # None: this gateway keeps no ledger (--no-ledger)
+    ledger: LedgerReader  # this gateway's own (--ledger), else the ledger role over NATS
     metrics: Metrics
     sessions: SessionStore  # web console sessions (broker_api.sessions)
 
@@ -73,10 +73,9 @@ def operator(who: Annotated[Principal, Depends(admin_caller)]) -> Principal:
     return who
 
 
-def ledger(s: Annotated[Services, Depends(services)]) -> Ledger:
-    """This gateway's ledger (503 where it keeps none)."""
-    if s.ledger is None:
-        raise NoCapacityError("This gateway keeps no ledger (--no-ledger); ask one that does.")
+def ledger(s: Annotated[Services, Depends(services)]) -> LedgerReader:
+    """Where usage and audit reports come from: this gateway's own ledger (`--ledger`), else
+    the ledger role over NATS (a 503 with Retry-After while none answers)."""
     return s.ledger
 
 

@@ -2,6 +2,8 @@
 
 Each gateway watches both buckets, so a key created or revoked through any replica takes
 effect on every replica as soon as the KV update arrives (milliseconds; the promise is 2 s).
+A watch whose consumer died with a NATS node is noticed within seconds (the bucket has moved on
+and the watch brought nothing) and reopened once the bucket has a leader again.
 Authentication is then a dictionary look-up and one HMAC: no round trip per request.
 
 A key is `ty_<id>_<secret>`; only HMAC-SHA256(pepper, key) is stored. The id finds the
@@ -25,16 +27,21 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from broker_api.unavailable import retried
 from schemas import streams
 from schemas.codec import WireError
 from schemas.errors import NotFoundError
 from schemas.jetstream import follow, open_bucket
-from schemas.tenancy import KeyRecord, OrgRecord
+from schemas.streams import BucketSpec
+from schemas.tenancy import ROOT_ORG, KeyRecord, OrgRecord
+
+__all__ = ["ROOT_ORG", "Directory", "Mirror", "parse_key"]
 
 log = structlog.get_logger(__name__)
 
-ROOT_ORG = "default"
 SYNC_TIMEOUT = 10.0
+STALE_CHECK = 1.0  # seconds without an update before the watch is checked against the stream
+STALE_AFTER = 1.0  # seconds the stream may stay ahead of the watch (an update in flight) before it is reopened
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
@@ -46,16 +53,27 @@ def parse_key(key: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-class Mirror:
-    """A KV bucket mirrored into a dict by a watch (reopened whenever it fails)."""
+class StaleWatchError(Exception):
+    """The bucket moved on and the watch brought nothing: its consumer is gone (it lived on a
+    NATS node that died; nats-py notices only after two missed 5 s heartbeats, and gives up
+    if re-creating it fails during the stream's leader election)."""
 
-    def __init__(self, kv: KeyValue, decode: Callable[[bytes], Any], *, name: str) -> None:
+
+class Mirror:
+    """A KV bucket mirrored into a dict by a watch (reopened whenever it fails, or goes stale:
+    when the bucket's stream has writes the watch has not brought for `STALE_AFTER` seconds)."""
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, spec: BucketSpec, decode: Callable[[bytes], Any]) -> None:
         self.kv = kv
+        self._js = js
+        self._stream = spec.stream.name
         self._decode = decode
-        self._name = name
+        self._name = spec.bucket
         self.items: dict[str, Any] = {}
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._seen = 0  # the highest stream sequence (revision) the watch brought
+        self._behind_since: float | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(follow(self._entries, self._apply, name=self._name))
@@ -68,18 +86,47 @@ class Mirror:
                 await self._task
 
     async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
+        opened_at = await self._last_sequence()  # all up to here comes with the watch's first sync
         watcher = await self.kv.watchall()
+        self._behind_since = None
         try:
-            async for entry in watcher:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=STALE_CHECK)
+                except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                    await self._check_stale()
+                    continue
+                if entry is None:  # synced: whatever the stream held at the start is in
+                    self._seen = max(self._seen, opened_at)
                 yield entry
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await watcher.stop()
 
+    async def _last_sequence(self) -> int:
+        try:
+            return int((await self._js.stream_info(self._stream)).state.last_seq)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            log.info("directory.stream_info_failed", bucket=self._name, error=repr(e))
+            return 0
+
+    async def _check_stale(self) -> None:
+        """Raise StaleWatchError (so `follow` reopens the watch) once the stream has stayed
+        ahead of what the watch brought for STALE_AFTER seconds."""
+        if await self._last_sequence() <= self._seen:
+            self._behind_since = None
+            return
+        now = time.monotonic()
+        if self._behind_since is None:
+            self._behind_since = now
+        elif now - self._behind_since >= STALE_AFTER:
+            raise StaleWatchError(f"{self._name}: the stream is past revision {self._seen}")
+
     def _apply(self, entry: KeyValue.Entry | None) -> None:
         if entry is None:  # the current entries are all in
             self._synced.set()
             return
+        self._seen = max(self._seen, entry.revision or 0)
         if entry.operation in ("DEL", "PURGE") or entry.value is None:
             self.items.pop(entry.key, None)
         else:
@@ -92,15 +139,15 @@ class Mirror:
 
 
 class Directory:
-    def __init__(self, keys: KeyValue, orgs: KeyValue, *, pepper: bytes) -> None:
-        self._keys = Mirror(keys, KeyRecord.decode, name=streams.KEYS.bucket)
-        self._orgs = Mirror(orgs, OrgRecord.decode, name=streams.ORGS.bucket)
+    def __init__(self, keys: KeyValue, orgs: KeyValue, js: JetStreamContext, *, pepper: bytes) -> None:
+        self._keys = Mirror(keys, js, streams.KEYS, KeyRecord.decode)
+        self._orgs = Mirror(orgs, js, streams.ORGS, OrgRecord.decode)
         self._pepper = pepper
 
     @classmethod
     async def open(cls, nc: NATS, js: JetStreamContext, *, pepper: bytes, replicas: int | None) -> Directory:
         keys = await open_bucket(nc, js, streams.KEYS, replicas=replicas)
-        d = cls(keys, await open_bucket(nc, js, streams.ORGS, replicas=replicas), pepper=pepper)
+        d = cls(keys, await open_bucket(nc, js, streams.ORGS, replicas=replicas), js, pepper=pepper)
         await d._keys.start()
         await d._orgs.start()
         if ROOT_ORG not in d._orgs.items:
@@ -139,13 +186,15 @@ class Directory:
         return record
 
     # --- writes (KV; the mirrors catch up through their watches) --------------------------
+    # Both buckets are R3 on a cluster: a write needs a quorum (two nodes of three), and waits
+    # out a leader election; without a quorum the caller sees a 503 with Retry-After.
 
     async def put_org(self, org: OrgRecord) -> None:
-        await self._orgs.kv.put(org.id, org.encode())
+        await retried(lambda: self._orgs.kv.put(org.id, org.encode()), what="the org change")
         self._orgs.items[org.id] = org
 
     async def put_key(self, record: KeyRecord) -> None:
-        await self._keys.kv.put(record.id, record.encode())
+        await retried(lambda: self._keys.kv.put(record.id, record.encode()), what="the API key change")
         self._keys.items[record.id] = record
 
     async def issue_key(self, template: KeyRecord) -> tuple[str, KeyRecord]:

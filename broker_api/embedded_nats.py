@@ -145,3 +145,17 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- clustering ------------------------------------------------------------------------------
+
+
+def cluster_config(*, server_name: str, cluster_name: str, route_port: int, route_ports: list[int]) -> str:
+    """The `extra_config` that makes a `NatsServer` one node of a JetStream cluster on loopback:
+    its own server name (JetStream peers are told apart by it), a route listener, and routes to
+    every node's route port (its own included, which the server skips)."""
+    routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in route_ports)
+    return (
+        f'server_name: "{server_name}"\n'
+        f'cluster {{\n  name: "{cluster_name}"\n  listen: 127.0.0.1:{route_port}\n  routes: [{routes}]\n}}\n'
+    )

@@ -1,11 +1,11 @@
 """Node and provider lifecycle in the audit log: a worker joining, draining and leaving the
 fleet, and turning unhealthy or healthy again (a cloud adapter whose provider went down).
 
-Every gateway that keeps a ledger watches the workers' adverts and records `node.join` (with
-the pool, kind, models and, for priced routes, the prices it charges), `node.unhealthy`,
-`node.healthy`, `node.drain` and `node.leave`. Event ids derive from the node, its start time
-and the time its health changed, so the same event seen by several gateways is one row
-(JetStream dedupe, then the ledger's primary key).
+Every ledger (the ledger role, and a gateway that keeps one) watches the workers' adverts and
+records `node.join` (with the pool, kind, models and, for priced routes, the prices it
+charges), `node.unhealthy`, `node.healthy`, `node.drain` and `node.leave`. Event ids derive
+from the node, its start time and the time its health changed, so the same event seen by
+several watchers is one row (JetStream dedupe, then the ledger's primary key).
 
 It also keeps each node's latest advert and when it came (`last`), for the node registry's
 live view (`broker_api.nodes`), and which pools the operator's cloud adapters serve
@@ -24,9 +24,9 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from broker_api.directory import ROOT_ORG
 from schemas import subjects
 from schemas.jobs import NodeAdvert, WireError
+from schemas.tenancy import ROOT_ORG
 from schemas.usage import AuditEvent
 
 log = structlog.get_logger(__name__)

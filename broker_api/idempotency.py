@@ -23,6 +23,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -31,6 +32,8 @@ from schemas import streams
 from schemas.answers import CachedAnswer
 from schemas.errors import DeadlineExceededError, InvalidRequestError
 from schemas.jetstream import open_bucket
+
+log = structlog.get_logger(__name__)
 
 RUNNING = b"r"  # + body digest + job id
 DONE = b"d"  # + body digest + the answer
@@ -82,7 +85,13 @@ class Idempotency:
         raise DeadlineExceededError("A request with the same Idempotency-Key is still running.")
 
     async def complete(self, key: str, answer: CachedAnswer, *, digest: bytes) -> None:
-        await self._kv.put(key, DONE + digest + answer.encode())
+        """Store the answer for repeats. Called after the job ran, so a failure must not stop its
+        accounting: it is logged, and the claim stays (a repeat waits, then times out, until the
+        claim expires) rather than being released, which would run the job a second time."""
+        try:
+            await self._kv.put(key, DONE + digest + answer.encode())
+        except nats.errors.Error as e:
+            log.error("idempotency.complete_failed", error=repr(e))
 
     async def release(self, key: str) -> None:
         try:

@@ -1,7 +1,8 @@
 """`tokenyard up`: the embedded default, every role on this machine.
 
 Starts `nats-server` with JetStream on the data dir (unless `--nats-url` names an existing
-NATS), then the scheduler, the API and one worker, each as its own process. Prints the URL,
+NATS), then the scheduler, the ledger (SQLite in the data dir), the API and one worker, each as its
+own process. Prints the URL,
 the admin key and the model once the API answers.
 
 NATS runs with authentication: on first start the data dir gets NATS credentials
@@ -228,12 +229,16 @@ def _metrics_ports(base: int, providers: list[str]) -> list[str]:
 def _start_roles(
     a: argparse.Namespace, stack: Stack, env: dict[str, str], data: Path, own_nats: bool, providers: list[str]
 ) -> tuple[str, list[str]]:
-    """Spawn the scheduler, the API, the worker and the adapters. Returns the API's public URL
-    and the metrics URLs of the others."""
+    """Spawn the scheduler, the ledger, the API, the worker and the adapters. Returns the API's
+    public URL and the metrics URLs of the scheduler, the worker and the adapters."""
     scheme = "https" if a.tls_cert else "http"
     public = a.public_url or f"{scheme}://{_public_host(a.host)}:{a.port}"
     ports = _metrics_ports(a.metrics_port, providers)
     stack.spawn("scheduler", "scheduler", ["--metrics-port", ports[0]], _with_creds(env, data, "scheduler", own_nats))
+    # the ledger on SQLite in the data dir, its probes on base + 2 (9466 by default)
+    ledger_port = str(a.metrics_port + 2) if a.metrics_port > 0 else "0"
+    ledger_args = ["--metrics-port", ledger_port]
+    stack.spawn("ledger", "broker_api.ledger_main", ledger_args, _with_creds(env, data, "ledger", own_nats))
     api_args = ["--host", a.host, "--port", str(a.port), "--public-url", public]
     if a.tls_cert:
         api_args += ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]

@@ -1,9 +1,16 @@
-"""The ledger: one row per job (usage and cost) and the append-only audit log, in SQLite.
+"""The ledger: one row per job (usage and cost) and the append-only audit log.
 
 Rows arrive through JetStream (`TY_USAGE`, `TY_AUDIT`), published by whichever gateway served
-the job or took the action. Each ledger reads both streams with its own durable consumer and
-inserts by primary key (job id, event id), so a redelivered or republished record is stored
-once: exactly one row per job, however many gateways there are. Reports are SQL over it.
+the job or took the action. `LedgerFeed` reads both streams with a durable consumer per ledger
+name and stores them by primary key (job id, event id), so a redelivered or republished record
+is stored once: exactly one row per job, however many gateways there are. A batch is acked
+only once it is stored; while the database is away the feed keeps retrying the same batch
+(and tells JetStream it is still at it), so the records wait in the stream, in order.
+
+The ledger runs as its own role (`tokenyard ledger`, `broker_api.ledger_main`), on SQLite or
+PostgreSQL (`broker_api.ledger_store`); a gateway started with `--ledger` keeps one in process
+instead. Reports are SQL over it: `Ledger` reads a store directly, `broker_api.ledger_query.
+LedgerClient` asks the ledger role over NATS; both are a `LedgerReader`.
 """
 
 from __future__ import annotations
@@ -11,224 +18,103 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import aiosqlite
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from broker_api.ledger_store import LedgerStore, SqliteStore
 from schemas import subjects
-from schemas.errors import InvalidRequestError
 from schemas.jetstream import consume, decode_batch
 from schemas.usage import AuditEvent, UsageRecord
 
 log = structlog.get_logger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    job_id TEXT PRIMARY KEY, time REAL NOT NULL, day TEXT NOT NULL, org TEXT NOT NULL, project TEXT NOT NULL,
-    key_id TEXT NOT NULL, model TEXT NOT NULL, route TEXT NOT NULL, node TEXT NOT NULL, attempts INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
-    cost REAL NOT NULL, ttft_ms REAL NOT NULL, duration_ms REAL NOT NULL, outcome TEXT NOT NULL,
-    status INTEGER NOT NULL, stream INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_org_time ON usage (org, time);
-CREATE INDEX IF NOT EXISTS usage_node_time ON usage (node, time);
-CREATE TABLE IF NOT EXISTS audit (
-    id TEXT PRIMARY KEY, time REAL NOT NULL, org TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-    target TEXT NOT NULL, source TEXT NOT NULL, detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_org_time ON audit (org, time);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
-
-USAGE_COLUMNS = (
-    "job_id",
-    "time",
-    "day",
-    "org",
-    "project",
-    "key_id",
-    "model",
-    "route",
-    "node",
-    "attempts",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost",
-    "ttft_ms",
-    "duration_ms",
-    "outcome",
-    "status",
-    "stream",
-)
-GROUPS = {"model": "model", "route": "route", "key": "key_id", "day": "day", "org": "org", "project": "project"}
 BATCH = 256
-SERIES_ROWS = 50_000  # a usage series' row cap (buckets x groups)
 GATHER = 0.2  # seconds records gather before a batch is written: fewer, larger transactions
+ACK_WAIT = 30.0  # seconds JetStream waits for a batch's acks before delivering it again (a killed ledger's)
+RETRY = (0.2, 5.0)  # back-off between attempts to store a batch while the database is away
+MAX_GROUPS = 100_000  # rows of a grouped report
+SERIES_ROWS = 50_000  # a usage series' row cap (buckets x groups)
+NODE_ROWS = 10_000  # one node's (day, model) rows
+
+
+class LedgerReader(Protocol):
+    """What the admin API reads: usage rows, grouped totals and the audit log of an org (None:
+    every org), in a time window."""
+
+    async def usage(
+        self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 10_000
+    ) -> list[dict[str, Any]]: ...
+
+    async def report(
+        self, *, org: str | None, by: str, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    async def audit(
+        self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]: ...
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]: ...
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]: ...
 
 
 class Ledger:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    """A store, read directly (the ledger role itself, or a gateway that keeps a ledger)."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
 
     @classmethod
     async def open(cls, path: str | Path) -> Ledger:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(path))
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.executescript(SCHEMA)
-        await db.commit()
-        return cls(db)
+        """A ledger on the SQLite file at `path`."""
+        return cls(await SqliteStore.open(path))
 
     async def close(self) -> None:
-        await self._db.close()
+        await self.store.close()
 
     async def add_usage(self, records: list[UsageRecord]) -> int:
-        rows = [
-            (
-                r.job_id,
-                r.time,
-                time.strftime("%Y-%m-%d", time.gmtime(r.time)),
-                r.org,
-                r.project,
-                r.key_id,
-                r.model,
-                r.route,
-                r.node,
-                r.attempts,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.cached_tokens,
-                r.cost,
-                r.ttft_ms,
-                r.duration_ms,
-                r.outcome,
-                r.status,
-                int(r.stream),
-            )
-            for r in records
-        ]
-        before = self._db.total_changes
-        await self._db.executemany(
-            f"INSERT OR IGNORE INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES ({', '.join('?' * len(USAGE_COLUMNS))})",
-            rows,
-        )
-        await self._db.commit()
-        return self._db.total_changes - before
+        return await self.store.add_usage(records)
 
     async def add_audit(self, events: list[AuditEvent]) -> int:
-        before = self._db.total_changes
-        await self._db.executemany(
-            "INSERT OR IGNORE INTO audit (id, time, org, actor, action, target, source, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (e.id, e.time, e.org, e.actor, e.action, e.target, e.source, json.dumps(e.detail, sort_keys=True))
-                for e in events
-            ],
-        )
-        await self._db.commit()
-        return self._db.total_changes - before
-
-    @staticmethod
-    def _where(org: str | None, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-        clauses: list[str] = ["1=1"]
-        args: list[Any] = []
-        if org is not None:
-            clauses.append("org = ?")
-            args.append(org)
-        if since is not None:
-            clauses.append("time >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("time < ?")
-            args.append(until)
-        return " AND ".join(clauses), args
+        return await self.store.add_audit(events)
 
     async def usage(
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 10_000
     ) -> list[dict[str, Any]]:
-        where, args = self._where(org, since, until)
-        async with self._db.execute(f"SELECT * FROM usage WHERE {where} ORDER BY time LIMIT ?", [*args, limit]) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        return await self.store.usage_page(org=org, since=since, until=until, after=None, limit=limit)
 
     async def report(
         self, *, org: str | None, by: str, since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:
-        if by not in GROUPS:
-            raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
-        column = GROUPS[by]
-        where, args = self._where(org, since, until)
-        sql = (
-            f"SELECT {column} AS {by}, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
-            "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
-            "ROUND(SUM(cost), 10) AS cost, SUM(outcome = 'error') AS errors, SUM(outcome = 'cached') AS cache_hits, "
-            "ROUND(AVG(NULLIF(ttft_ms, 0)), 3) AS avg_ttft_ms "
-            f"FROM usage WHERE {where} GROUP BY {column} ORDER BY {column}"
-        )
-        async with self._db.execute(sql, args) as cur:
-            return [dict(row) for row in await cur.fetchall()]
-
-    async def series(
-        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
-    ) -> list[dict[str, Any]]:
-        """Usage over time: one row per `interval`-second bucket (`t`, its start as unix time) and
-        group, with requests, tokens and cost; buckets with no requests are left out."""
-        if by not in GROUPS:
-            raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}.", param="group_by")
-        column = GROUPS[by]
-        where, args = self._where(org, since, until)
-        sql = (
-            f"SELECT CAST(time / ? AS INTEGER) * ? AS t, {column} AS {by}, COUNT(*) AS requests, "
-            "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
-            "ROUND(SUM(cost), 10) AS cost, SUM(outcome = 'error') AS errors "
-            f"FROM usage WHERE {where} GROUP BY t, {column} ORDER BY t, {column} LIMIT ?"
-        )
-        async with self._db.execute(sql, [interval, interval, *args, SERIES_ROWS]) as cur:
-            return [dict(row) for row in await cur.fetchall()]
-
-    async def node_usage(self, node: str) -> list[dict[str, Any]]:
-        """What one node served (its winning attempts), by model and day."""
-        sql = (
-            "SELECT day, model, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
-            "SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost), 10) AS cost "
-            "FROM usage WHERE node = ? GROUP BY day, model ORDER BY day, model"
-        )
-        async with self._db.execute(sql, [node]) as cur:
-            return [dict(row) for row in await cur.fetchall()]
-
-    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
-        """Requests and tokens (prompt + completion) each of these nodes served."""
-        marks = ", ".join("?" * len(nodes))
-        sql = (
-            "SELECT node, COUNT(*) AS requests, SUM(prompt_tokens + completion_tokens) AS tokens "
-            f"FROM usage WHERE node IN ({marks}) GROUP BY node"
-        )
-        async with self._db.execute(sql, nodes) as cur:
-            return {
-                row["node"]: {"requests": row["requests"], "tokens": row["tokens"] or 0} for row in await cur.fetchall()
-            }
+        return await self.store.report_page(org=org, by=by, since=since, until=until, after=None, limit=MAX_GROUPS)
 
     async def audit(
         self, *, org: str | None, since: float | None = None, until: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        where, args = self._where(org, since, until)
-        async with self._db.execute(f"SELECT * FROM audit WHERE {where} ORDER BY time LIMIT ?", [*args, limit]) as cur:
-            rows = [dict(row) for row in await cur.fetchall()]
-        for row in rows:
-            row["detail"] = json.loads(row["detail"])
-        return rows
+        return await self.store.audit_page(org=org, since=since, until=until, after=None, limit=limit)
+
+    async def series(
+        self, *, org: str | None, by: str, interval: int, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        return await self.store.series_page(
+            org=org, by=by, interval=interval, since=since, until=until, after=None, limit=SERIES_ROWS
+        )
+
+    async def node_usage(self, node: str) -> list[dict[str, Any]]:
+        return await self.store.node_usage_page(node=node, after=None, limit=NODE_ROWS)
+
+    async def node_totals(self, nodes: list[str]) -> dict[str, dict[str, int]]:
+        return await self.store.node_totals(nodes)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -241,27 +127,38 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 class LedgerFeed:
-    """Moves usage and audit records from JetStream into the ledger, exactly once per id."""
+    """Moves usage and audit records from JetStream into a store, exactly once per id."""
 
-    def __init__(self, js: JetStreamContext, ledger: Ledger, *, name: str) -> None:
+    def __init__(
+        self, js: JetStreamContext, store: LedgerStore | Ledger, *, name: str, ack_wait: float = ACK_WAIT
+    ) -> None:
         self._js = js
-        self._ledger = ledger
-        self._name = name
+        self._store = store
+        self.name = name
+        self._ack_wait = ack_wait
+        self._retry_max = min(RETRY[1], ack_wait / 2)  # "still at it" reaches JetStream before the ack wait ends
+        self.stored = {"usage": 0, "audit": 0}  # rows this process stored (new ones, not duplicates)
         self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = 0
 
     @property
     def durables(self) -> dict[str, tuple[str, str]]:
-        """{what: (stream, durable consumer)} this feed reads (its lag is their pending count)."""
+        """{table: (stream, durable consumer)} this feed reads (its lag is their pending count)."""
         return {
-            "usage": (subjects.USAGE_STREAM, f"ledger-{self._name}"),
-            "audit": (subjects.AUDIT_STREAM, f"audit-{self._name}"),
+            "usage": (subjects.USAGE_STREAM, subjects.ledger_consumer(self.name)),
+            "audit": (subjects.AUDIT_STREAM, subjects.ledger_audit_consumer(self.name)),
         }
 
+    @property
+    def running(self) -> bool:
+        """Both consumers subscribed and their loops alive."""
+        return self._subscribed == len(self._tasks) > 0 and not any(t.done() for t in self._tasks)
+
     async def start(self) -> None:
-        (usage_stream, usage), (audit_stream, audit) = self.durables["usage"], self.durables["audit"]
+        (us, ud), (as_, ad) = self.durables["usage"], self.durables["audit"]
         self._tasks = [
-            asyncio.create_task(self._follow(usage_stream, usage, UsageRecord.decode, self._ledger.add_usage)),
-            asyncio.create_task(self._follow(audit_stream, audit, AuditEvent.decode, self._ledger.add_audit)),
+            asyncio.create_task(self._follow(us, ud, UsageRecord.decode, self._store.add_usage, "usage")),
+            asyncio.create_task(self._follow(as_, ad, AuditEvent.decode, self._store.add_audit, "audit")),
         ]
 
     async def stop(self) -> None:
@@ -270,22 +167,46 @@ class LedgerFeed:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _follow(
-        self, stream: str, durable: str, decode: Callable[[bytes], Any], store: Callable[[list[Any]], Awaitable[int]]
+        self,
+        stream: str,
+        durable: str,
+        decode: Callable[[bytes], Any],
+        store: Callable[[list[Any]], Awaitable[int]],
+        table: str,
     ) -> None:
-        # One reader per durable, in order: acknowledging a batch's last message acknowledges all of it.
         config = ConsumerConfig(
             durable_name=durable,
-            ack_policy=AckPolicy.ALL,
-            ack_wait=60,
+            ack_policy=AckPolicy.EXPLICIT,  # each record acked once stored: ledgers may share a durable
+            ack_wait=self._ack_wait,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=BATCH * 4,
         )
         psub = await self._js.pull_subscribe("", durable=durable, stream=stream, config=config)
+        self._subscribed += 1
 
         async def handle(msgs: list[Msg]) -> None:
             records = [record for _, record in await decode_batch(msgs, decode, name=durable)]
-            await store(records)  # if it raises, nothing is acked: JetStream delivers them again
-            if msgs:
-                await msgs[-1].ack()
+            if records:
+                self.stored[table] += await self._store_until_done(records, msgs, store, durable)
+            for msg in msgs:  # every ack a publish, pipelined; an old durable acks ALL, which this also satisfies
+                await msg.ack()
 
         await consume(psub, handle, name=durable, batch=BATCH, wait=0.2, gather=GATHER)
+
+    async def _store_until_done(
+        self, records: list[Any], msgs: list[Msg], store: Callable[[list[Any]], Awaitable[int]], durable: str
+    ) -> int:
+        """Store a batch, retrying while the database is away; until then the messages stay
+        unacked (and kept from redelivery), so nothing is lost and the order holds."""
+        pause = RETRY[0]
+        while True:
+            try:
+                return await store(records)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # top of a retry loop: the database is down or restarting
+                log.warning("ledger.store_failed", consumer=durable, records=len(records), error=repr(e))
+            await asyncio.sleep(pause)
+            pause = min(self._retry_max, pause * 2)
+            for msg in msgs:
+                await msg.in_progress()

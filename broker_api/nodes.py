@@ -31,12 +31,12 @@ from broker_api.auth import Principal
 from broker_api.deps import Services, admin_caller, services, visible_org
 from broker_api.enrolment import Credentials, Enrolment
 from broker_api.fleetwatch import FleetWatch
-from broker_api.ledger import Ledger
+from broker_api.ledger import LedgerReader
 from broker_api.nats_auth import AuthDir
 from broker_api.registry import NodeRegistry
 from broker_api.settings import ApiSettings
 from schemas import subjects
-from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError
+from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, UnavailableError
 from schemas.nodes import Hardware
 from schemas.registry import EnrolledKind, NodeRecord, Price, node_state
 from schemas.validation import parse_body
@@ -54,7 +54,7 @@ class NodeServices:
     enrolment: Enrolment
     fleet: FleetWatch
     auditor: Auditor
-    ledger: Ledger | None
+    ledger: LedgerReader | None  # this gateway's own, or the ledger role over NATS
 
     def price_of(self, node: str, pool: str) -> Price | None:
         """The price of an attempt on `pool` by `node` (the node its events name), from the
@@ -78,7 +78,7 @@ class NodeServices:
         *,
         fleet: FleetWatch,
         auditor: Auditor,
-        ledger: Ledger | None,
+        ledger: LedgerReader | None,
         replicas: int | None,
     ) -> NodeServices:
         """The registry (its buckets made), and the credentials side when this gateway has an
@@ -215,7 +215,12 @@ def _hardware(hw: Hardware) -> dict[str, Any]:
 
 
 async def _totals(n: NodeServices, nodes: list[str]) -> dict[str, dict[str, int]]:
-    return await n.ledger.node_totals(nodes) if n.ledger is not None and nodes else {}
+    if n.ledger is None or not nodes:
+        return {}
+    try:
+        return await n.ledger.node_totals(nodes)
+    except UnavailableError:  # no ledger answers now: the counts from the nodes' adverts instead
+        return {}
 
 
 def _audit(n: NodeServices, who: Principal, request: Request, action: str, record: NodeRecord, **detail: Any) -> None:

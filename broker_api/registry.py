@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from broker_api.directory import Mirror
+from broker_api.unavailable import retried
 from schemas import streams
 from schemas.errors import AuthenticationError, ContentionError
 from schemas.jetstream import open_bucket
@@ -30,15 +31,15 @@ INVALID_TOKEN = "This enrolment token is not valid."
 
 
 class NodeRegistry:
-    def __init__(self, nodes: KeyValue, tokens: KeyValue, *, pepper: bytes) -> None:
-        self._nodes = Mirror(nodes, NodeRecord.decode, name=streams.NODES.bucket)
-        self._tokens = Mirror(tokens, EnrolToken.decode, name=streams.ENROL.bucket)
+    def __init__(self, nodes: KeyValue, tokens: KeyValue, js: JetStreamContext, *, pepper: bytes) -> None:
+        self._nodes = Mirror(nodes, js, streams.NODES, NodeRecord.decode)
+        self._tokens = Mirror(tokens, js, streams.ENROL, EnrolToken.decode)
         self._pepper = pepper
 
     @classmethod
     async def open(cls, nc: NATS, js: JetStreamContext, *, pepper: bytes, replicas: int | None) -> NodeRegistry:
         nodes = await open_bucket(nc, js, streams.NODES, replicas=replicas)
-        registry = cls(nodes, await open_bucket(nc, js, streams.ENROL, replicas=replicas), pepper=pepper)
+        registry = cls(nodes, await open_bucket(nc, js, streams.ENROL, replicas=replicas), js, pepper=pepper)
         await registry._nodes.start()
         await registry._tokens.start()
         return registry
@@ -70,7 +71,7 @@ class NodeRegistry:
         return {n.user_key: int(n.changed or n.created) for n in self._nodes.items.values() if n.revoked}
 
     async def put_node(self, record: NodeRecord) -> None:
-        await self._nodes.kv.put(record.id, record.encode())
+        await retried(lambda: self._nodes.kv.put(record.id, record.encode()), what="the node change")
         self._nodes.items[record.id] = record
 
     @staticmethod

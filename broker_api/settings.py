@@ -31,7 +31,7 @@ class ApiSettings:
     header_timeout: float  # seconds a request's headers may take to arrive (the connection is closed after)
     submit_timeout: float  # seconds to wait for the scheduler's answer before asking again
     pepper: str  # mixed into API-key digests; the same on every replica
-    ledger: bool  # keep a local copy of the usage ledger and audit log (SQLite in the data dir)
+    ledger: bool  # keep the usage ledger and audit log in process (SQLite in the data dir); else the ledger role
     ledger_name: str  # this ledger's durable consumer name: unique per ledger-keeping replica
     cache: bool  # answer identical deterministic requests from the shared response cache
     cache_ttl: float
@@ -74,7 +74,13 @@ class ApiSettings:
         add_setting(p, "--header-timeout", default=10.0, type=float, help="seconds request headers may take to arrive")
         add_setting(p, "--submit-timeout", default=2.0, type=float, help="seconds to wait for the scheduler")
         add_setting(p, "--pepper", default="", help="secret mixed into API-key digests (same on every replica)")
-        add_setting(p, "--ledger", default=True, type=bool, help="keep the usage ledger and audit log here")
+        add_setting(
+            p,
+            "--ledger",
+            default=False,
+            type=bool,
+            help="keep the usage ledger and audit log in this process (one-process setups); else ask the ledger role",
+        )
         add_setting(p, "--ledger-name", default="main", help="unique name per replica that keeps a ledger")
         add_setting(p, "--cache", default=True, type=bool, help="serve identical deterministic requests from cache")
         add_setting(p, "--cache-ttl", default=3600.0, type=float, help="seconds a cached answer lives")

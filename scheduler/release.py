@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from scheduler.fairness import FairQueue, Item
+from scheduler.publish import publish_job
 from schemas import streams, subjects
 from schemas.errors import QueueFullError
 from schemas.intake import Queued
@@ -141,15 +142,11 @@ class Releaser:
             p.since -= 1
 
     async def hold(self, queued: Queued) -> None:
-        """Durably queue an admitted job; raises QueueFullError when the intake is full."""
+        """Durably queue an admitted job; raises QueueFullError when the intake is full, and
+        UnavailableError when the intake stream has no leader in time."""
         job = queued.job
         try:
-            await self._js.publish(
-                subjects.intake_subject(queued.tenant),
-                queued.encode(),
-                timeout=PUBLISH_TIMEOUT,
-                headers={"Nats-Msg-Id": job.message_id},
-            )
+            await publish_job(self._js, subjects.intake_subject(queued.tenant), queued.encode(), msg_id=job.message_id)
         except nats.js.errors.APIError as e:
             if is_full(e):
                 raise QueueFullError(

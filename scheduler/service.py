@@ -44,13 +44,21 @@ from scheduler.fleet import Fleet
 from scheduler.health import BreakerConfig, Health
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeGate
+from scheduler.publish import publish_job
 from scheduler.quota import Quota
 from scheduler.release import IntakeLimits, Releaser
 from scheduler.routing_store import RoutingStore
 from scheduler.settings import SchedulerSettings
 from scheduler.settle import Settler
 from schemas import streams, subjects
-from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, QueueFullError, TokenyardError
+from schemas.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoCapacityError,
+    QueueFullError,
+    TokenyardError,
+    UnavailableError,
+)
 from schemas.intake import Queued
 from schemas.jetstream import ensure, is_full, open_bucket
 from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
@@ -62,7 +70,6 @@ from schemas.usage import UsageRecord
 
 log = structlog.get_logger(__name__)
 
-PUBLISH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 2.0
 FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits to be heard of (roll call)
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
@@ -296,15 +303,10 @@ class Scheduler:
         direct = self.releaser.take_room(pool, job.model)
         try:
             if direct:
-                await self._js.publish(
-                    subjects.work_subject(pool, job.model),
-                    payload,
-                    timeout=PUBLISH_TIMEOUT,
-                    headers={"Nats-Msg-Id": job.message_id},
-                )
+                await publish_job(self._js, subjects.work_subject(pool, job.model), payload, msg_id=job.message_id)
             else:
                 await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
-        except (nats.js.errors.APIError, QueueFullError) as e:  # refused for sure (a timeout may still have landed)
+        except (nats.js.errors.APIError, QueueFullError, UnavailableError) as e:  # refused, or no leader in time
             if direct:
                 self.releaser.give_back(pool, job.model)
             if reserved:
@@ -312,6 +314,11 @@ class Scheduler:
             if is_full(e):
                 raise QueueFullError(
                     "The queue for this model is full. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
+                ) from e
+            if isinstance(e, nats.js.errors.APIError):  # refused otherwise: the client may try again, not a 500
+                log.warning("job.enqueue_refused", job_id=job.id, error=str(e))
+                raise UnavailableError(
+                    "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
             raise
         self.health.placed(pool, now)

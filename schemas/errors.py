@@ -17,6 +17,7 @@
     ├── WorkerFailedError               502 (every attempt failed, poison job)
     ├── NoCapacityError                 503 code=no_capacity (retry_after)
     │   └── ContentionError             503 code=contention (limit counters too contended)
+    ├── UnavailableError                503 code=unavailable (retry_after: NATS/JetStream cannot take it now)
     └── DeadlineExceededError           504 code=timeout
 
 Errors cross the wire as data (`to_wire` / `from_wire`) and reach HTTP clients as OpenAI's
@@ -172,6 +173,17 @@ class ContentionError(NoCapacityError):
 
     default_code = "contention"
     wire = "contention"
+
+
+class UnavailableError(TokenyardError):
+    """The shared state (a JetStream stream or KV bucket) cannot take the operation right now:
+    no quorum, no leader, a timeout. Nothing was changed that the caller must undo; retry
+    after `retry_after` seconds."""
+
+    status = 503
+    type = "server_error"
+    default_code = "unavailable"
+    wire = "unavailable"
 
 
 class DeadlineExceededError(TokenyardError):

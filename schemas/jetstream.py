@@ -3,8 +3,10 @@ following a watch. Written against the NATS client passed in (nats-py's, duck-ty
 schemas/ still imports no NATS library, like `schemas.logs.close_quietly`.
 
 - `ensure(nc, spec, replicas=...)`: create the stream of a `schemas.streams` entry, or bring an
-  existing one to it; one behaviour for every stream and bucket. A change JetStream refuses
-  (a retention change, say) is logged and the stream is used as it is.
+  existing one to it; one behaviour for every stream and bucket, with replicas that follow the
+  cluster's size. A change JetStream refuses (a retention change, say) is logged and the
+  stream is used as it is. While the cluster has no JetStream leader (an election after a
+  node died) it keeps asking, for up to `ENSURE_DEADLINE`.
 - `consume(sub, handle, ...)`: pull batches forever and hand them to `handle`, which settles
   each message; `decode_batch` applies the explicit policy for messages nobody can read.
 - `follow(open_watch, handle, ...)`: run a watch for as long as the role lives, reopened with a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -30,19 +33,25 @@ import structlog
 
 from schemas import subjects
 from schemas.codec import WireError
-from schemas.streams import BucketSpec, StreamSpec
+from schemas.streams import CLUSTER_REPLICAS, BucketSpec, StreamSpec
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 # JetStream API error codes (nats-server's errors.json).
+CLUSTER_NO_PEERS = 10005  # no suitable peers for placement (fewer servers than replicas)
+JETSTREAM_UNAVAILABLE = 10008  # "temporarily unavailable": no meta leader yet (an election)
+INSUFFICIENT_RESOURCES = 10023  # e.g. fewer peers with room than replicas
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists with another configuration
-REPLICAS_NOT_SUPPORTED = 10074  # replicas > 1 on a server that is not clustered
-INSUFFICIENT_RESOURCES = 10023  # e.g. fewer peers than replicas
-STORE_FAILED = 10077  # a publish the stream refused: full (max msgs, bytes, per subject)
 STREAM_NOT_FOUND = 10059
-API_TIMEOUT = 5.0
+REPLICAS_NOT_SUPPORTED = 10074  # replicas > 1 on a server that is not clustered
+STORE_FAILED = 10077  # a publish the stream refused: full (max msgs, bytes, per subject)
+# Answers that mean "this cluster cannot place that many replicas": the cluster is smaller.
+TOO_FEW_PEERS = frozenset({CLUSTER_NO_PEERS, INSUFFICIENT_RESOURCES, REPLICAS_NOT_SUPPORTED})
+API_TIMEOUT = 5.0  # one JetStream API call
+ENSURE_DEADLINE = 60.0  # seconds `ensure` keeps asking while the cluster elects a meta leader
+RETRY_PAUSE = 0.5
 
 
 class JetStreamError(Exception):
@@ -52,6 +61,10 @@ class JetStreamError(Exception):
         super().__init__(f"{description} (err_code {err_code})")
         self.err_code = err_code
         self.description = description
+
+
+class JetStreamUnavailableError(Exception):
+    """The JetStream API did not answer in time (no meta leader, no quorum): try again later."""
 
 
 def is_full(error: BaseException) -> bool:
@@ -64,45 +77,91 @@ class Requester(Protocol):
     async def request(self, subject: str, payload: bytes = b"", timeout: float = ...) -> Any: ...
 
 
-async def _api(nc: Requester, subject: str, body: dict[str, Any]) -> dict[str, Any]:
-    reply = await nc.request(subject, json.dumps(body).encode(), timeout=API_TIMEOUT)
-    answer: dict[str, Any] = json.loads(reply.data)
-    error = answer.get("error")
-    if error:
-        raise JetStreamError(int(error.get("err_code", 0)), str(error.get("description", "")))
-    return answer
-
-
-async def ensure(nc: Requester, spec: StreamSpec, *, replicas: int | None = None) -> int:
-    """Make the stream match `spec`; returns the replicas it has. `replicas` None follows the
-    cluster: three where the server is clustered with room for them, else one."""
-    want = replicas if replicas is not None else 3
-    config = spec.config(want)
-    try:
+async def _api(nc: Requester, subject: str, body: dict[str, Any] | None, *, deadline: float) -> dict[str, Any]:
+    """One JetStream API call, asked again (until `deadline`, monotonic) while the API is not
+    answering: during a meta-leader election requests are lost or answered 10008. Creating
+    and updating a stream with the same configuration twice is harmless, so a retry after a
+    lost answer is too."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    while True:
         try:
-            await _api(nc, subjects.js_stream_create(spec.name), config)
-        except JetStreamError as e:
-            if replicas is None and e.err_code in (REPLICAS_NOT_SUPPORTED, INSUFFICIENT_RESOURCES):
-                config = spec.config(1)
-                await _api(nc, subjects.js_stream_create(spec.name), config)
-            else:
-                raise
-    except JetStreamError as e:
-        if e.err_code != STREAM_NAME_IN_USE:
+            reply = await nc.request(subject, payload, timeout=API_TIMEOUT)
+        except asyncio.CancelledError:
             raise
-        return await _update(nc, spec, config, replicas)
-    return int(config["num_replicas"])
+        except Exception as e:  # top of a retry loop: a timeout, no responders, a reconnect (nats-py's errors)
+            problem: str = repr(e)
+        else:
+            answer: dict[str, Any] = json.loads(reply.data)
+            error = answer.get("error")
+            if not error:
+                return answer
+            code = int(error.get("err_code", 0))
+            if code != JETSTREAM_UNAVAILABLE:
+                raise JetStreamError(code, str(error.get("description", "")))
+            problem = str(error.get("description", ""))
+        if time.monotonic() >= deadline:
+            raise JetStreamUnavailableError(f"the JetStream API did not answer {subject}: {problem}")
+        log.info("jetstream.api_retry", subject=subject, error=problem)
+        await asyncio.sleep(RETRY_PAUSE)
 
 
-async def _update(nc: Requester, spec: StreamSpec, config: dict[str, Any], replicas: int | None) -> int:
+async def stream_info(nc: Requester, name: str, *, timeout: float = ENSURE_DEADLINE) -> dict[str, Any] | None:
+    """The JetStream API's STREAM.INFO answer for a stream, None if there is no such stream."""
     try:
-        answer = await _api(nc, subjects.js_stream_update(spec.name), config)
+        return await _api(nc, subjects.js_stream_info(name), None, deadline=time.monotonic() + timeout)
     except JetStreamError as e:
-        if replicas is None and e.err_code in (REPLICAS_NOT_SUPPORTED, INSUFFICIENT_RESOURCES):
-            return await _update(nc, spec, spec.config(1), 1)
+        if e.err_code == STREAM_NOT_FOUND:
+            return None
+        raise
+
+
+async def ensure(
+    nc: Requester, spec: StreamSpec, *, replicas: int | None = None, patience: float = ENSURE_DEADLINE
+) -> int:
+    """Make the stream match `spec`; returns the replicas it has.
+
+    `replicas` None follows the cluster (`schemas.streams.replicas_for` its size). The
+    JetStream meta leader knows the cluster's peers, so it is asked directly: three replicas
+    are asked for, and an answer that the cluster cannot place them (not clustered; too few
+    peers: a 2-node cluster) means one. A 3-node cluster with one node down still places
+    three (the missing peer catches up when it returns), and on 5 nodes three is what
+    `replicas_for` wants. An existing stream
+    is updated to match, replicas included: R1 streams from an older version become R3. It
+    never lowers what an existing stream has (an operator's R5 stays R5). An explicit
+    `replicas` is used as given, up or down. It keeps asking for `patience` seconds while the
+    JetStream API does not answer, then raises `JetStreamUnavailableError`.
+    """
+    deadline = time.monotonic() + patience
+    current = await stream_info(nc, spec.name, timeout=patience)
+    have = int(current["config"].get("num_replicas", 1)) if current else 0
+    want = replicas if replicas is not None else max(CLUSTER_REPLICAS, have)
+    verb = subjects.js_stream_update if current else subjects.js_stream_create
+    try:
+        answer = await _api(nc, verb(spec.name), spec.config(want), deadline=deadline)
+    except JetStreamError as e:
+        if replicas is None and e.err_code in TOO_FEW_PEERS and want > 1:
+            fits = max(1, have)
+            log.info("stream.replicas_fit", stream=spec.name, asked=want, replicas=fits, err_code=e.err_code)
+            return await _put(nc, spec, fits, current is not None, deadline)
+        if e.err_code == STREAM_NAME_IN_USE:  # made meanwhile by another role: bring it to the entry
+            return await _put(nc, spec, want, True, deadline)
+        if current is not None:
+            log.warning("stream.update_refused", stream=spec.name, error=e.description, err_code=e.err_code)
+            return have
+        raise
+    return int(answer.get("config", {}).get("num_replicas", want))
+
+
+async def _put(nc: Requester, spec: StreamSpec, replicas: int, exists: bool, deadline: float) -> int:
+    verb = subjects.js_stream_update if exists else subjects.js_stream_create
+    try:
+        answer = await _api(nc, verb(spec.name), spec.config(replicas), deadline=deadline)
+    except JetStreamError as e:
+        if not exists:
+            raise
         log.warning("stream.update_refused", stream=spec.name, error=e.description, err_code=e.err_code)
         return -1
-    return int(answer.get("config", {}).get("num_replicas", config["num_replicas"]))
+    return int(answer.get("config", {}).get("num_replicas", replicas))
 
 
 def stop_if_cancelled() -> None:
@@ -222,9 +281,11 @@ class BucketOpener(Protocol[KV]):  # type: ignore[misc]
     async def key_value(self, bucket: str) -> KV: ...
 
 
-async def open_bucket(nc: Requester, js: BucketOpener[KV], spec: BucketSpec, *, replicas: int | None) -> KV:
+async def open_bucket(
+    nc: Requester, js: BucketOpener[KV], spec: BucketSpec, *, replicas: int | None, patience: float = ENSURE_DEADLINE
+) -> KV:
     """A KV bucket made to match its entry (`ensure`), bound with the client's KV API."""
-    await ensure(nc, spec.stream, replicas=replicas)
+    await ensure(nc, spec.stream, replicas=replicas, patience=patience)
     return await js.key_value(spec.bucket)
 
 

@@ -8,8 +8,8 @@ user JWT; the server enforces them. Roles:
   owns the control plane's buckets and the usage and audit streams.
 - `scheduler`: answers submissions, owns the work and intake queues and the limit counters,
   reads routing policies and the node registry, settles usage.
-- `ledger`: reads the usage and audit streams into its database (a gateway with `--ledger`
-  has this inside `api`).
+- `ledger`: reads the usage and audit streams into its database and answers the gateways'
+  report queries (a gateway with `--ledger` has this inside `api`).
 - `adapter(pool)`: an operator's worker (a cloud adapter, or `tokenyard up`'s own worker):
   serves the work queues of its pool, may create only consumers that filter that pool's
   subjects, and advertises under any node id. It may pull from any work consumer: a consumer's
@@ -55,9 +55,11 @@ _JS_BASICS = (subjects.JS_API_INFO, subjects.JS_STREAM_NAMES, subjects.JS_STREAM
 
 
 def ledger() -> Permissions:
+    """Reads the usage and audit streams, and answers the gateways' ledger queries."""
     return Permissions(
         publish=(*_JS_BASICS, *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM)),
-        subscribe=(subjects.INBOX_ALL,),
+        subscribe=(subjects.LEDGER_QUERY, subjects.INBOX_ALL),
+        responses=True,
     )
 
 
@@ -68,6 +70,7 @@ def api() -> Permissions:
         subjects.WORK_ALL,  # lanes: a gateway places a granted key's next jobs itself
         subjects.USAGE_ALL,
         subjects.AUDIT_ALL,
+        subjects.LEDGER_QUERY,  # usage and audit reports, answered by the ledger role
         *_JS_BASICS,
         *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM),
         *_buckets(

@@ -7,8 +7,11 @@ that operators set (the work queue's size, the cache's TTL) are applied to an en
 
 Replication is decided here too (`replicas_for`): every entry that must survive the loss of a
 node follows the cluster (three replicas on a cluster of three or more, one on a single
-server); the response cache stays at one replica, since losing it costs only a recomputation,
-and a replicated cache would triple the write cost of every cacheable answer.
+server; never two: that loses availability with either node and buys no durability); the
+response cache stays at one replica, since losing it costs only a recomputation, and a
+replicated cache would triple the write cost of every cacheable answer. While the node holding
+it is down the gateways treat every cache error as a miss (`broker_api.cache`). How many
+replicas a cluster can place is the JetStream meta leader's answer (`schemas.jetstream.ensure`).
 
 `schemas.jetstream.ensure` makes a stream match its entry. `config` gives the JetStream API's
 own JSON (durations in nanoseconds), so schemas/ needs no NATS client to describe a stream.
@@ -94,10 +97,13 @@ class BucketSpec:
         )
 
 
+CLUSTER_REPLICAS = 3  # what a replicated entry has on a cluster that can place it
+
+
 def replicas_for(cluster_size: int) -> int:
     """Replicas of a replicated entry on a cluster of this many servers: 3 where it fits, else
     1 (never 2: two replicas lose availability on either node's loss and buy no durability)."""
-    return 3 if cluster_size >= 3 else 1
+    return CLUSTER_REPLICAS if cluster_size >= CLUSTER_REPLICAS else 1
 
 
 # --- the streams -------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def js_stream_update(stream: str) -> str:
     return f"{JS_API}.STREAM.UPDATE.{stream}"
 
 
+def js_stream_info(stream: str) -> str:
+    return f"{JS_API}.STREAM.INFO.{stream}"
+
+
 def js_consumer_info(stream: str, durable: str) -> str:
     return f"{JS_API}.CONSUMER.INFO.{stream}.{durable}"
 
@@ -266,3 +270,22 @@ def js_consumer_create(stream: str, durable: str, filter_subject: str) -> str:
 
 def kv_entries(bucket: str) -> str:
     return f"{kv_prefix(bucket)}>"
+
+
+# --- the ledger role (issue 14) ------------------------------------------------------------
+
+# Gateways ask the ledgers for usage reports, exports and the audit log (schemas.ledger);
+# one ledger of the queue group answers each page.
+LEDGER_QUERY = f"{PREFIX}.ledger.query"
+LEDGER_QUEUE_GROUP = "ledgers"
+
+
+def ledger_consumer(name: str) -> str:
+    """The durable consumer of USAGE_STREAM a ledger named `name` reads with. Ledgers of one
+    name share it (and so must share one database); a ledger with its own copy has its own name."""
+    return f"ledger-{name}"
+
+
+def ledger_audit_consumer(name: str) -> str:
+    """The durable consumer of AUDIT_STREAM of the ledger named `name`."""
+    return f"audit-{name}"

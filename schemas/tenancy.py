@@ -16,6 +16,7 @@ from schemas.codec import WireError, need, pack, unpack
 Tier = Literal["interactive", "standard", "batch"]
 PRIORITY_TIERS: tuple[Tier, ...] = ("interactive", "standard", "batch")  # first is served first
 DEFAULT_TIER: Tier = "standard"
+ROOT_ORG = "default"  # the operator's own org: the bootstrap admin key's, and the fleet's events'
 
 
 @dataclass(frozen=True, slots=True)

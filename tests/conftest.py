@@ -9,6 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.cluster import NatsCluster
+from tests.postgres import Postgres, data_dir
 from tests.stack import ADMIN_KEY, Stack
 
 ECHO = "tokenyard/echo"
@@ -49,3 +51,32 @@ def smol_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A data dir where SmolLM2 is converted once per session (or TOKENYARD_TEST_DATA_DIR, to reuse one)."""
     configured = os.environ.get("TOKENYARD_TEST_DATA_DIR")
     yield Path(configured) if configured else tmp_path_factory.mktemp("tokenyard-data")
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A three-node JetStream cluster on loopback (fsync always), with a JetStream leader."""
+    cluster = NatsCluster(tmp_path / "cluster").start()
+    try:
+        await cluster.wait_for_jetstream()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """One PostgreSQL server for the session, on a free loopback port."""
+    server = Postgres(data_dir(tmp_path_factory.mktemp("postgres"))).start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+async def database_url(postgres: Postgres) -> str:
+    """A fresh database on the session's PostgreSQL (started again if a test left it stopped)."""
+    if not postgres.running():
+        postgres.start()
+    return await postgres.create_database()

@@ -94,9 +94,10 @@ class Proc:
 class Stack:
     """Start pieces one by one (`start_nats`, `start_scheduler`, `start_worker`, `start_api`)."""
 
-    def __init__(self, tmp: Path, *, sync_always: bool = False, auth: bool = True) -> None:
+    def __init__(self, tmp: Path, *, sync_always: bool = False, auth: bool = True, nats_url: str = "") -> None:
         self.tmp = tmp
         self.sync_always = sync_always
+        self.external_nats = nats_url  # an existing NATS (a cluster's URLs, comma-separated) instead of start_nats
         self.nats: NatsServer | None = None
         self.procs: list[Proc] = []
         self.api_url = ""  # the first API started
@@ -110,6 +111,8 @@ class Stack:
 
     @property
     def nats_url(self) -> str:
+        if self.external_nats:
+            return self.external_nats
         assert self.nats is not None
         return self.nats.url
 
@@ -134,11 +137,13 @@ class Stack:
         """A NATS connection for the test itself (all permissions in the account)."""
         if self.admin_creds:
             options.setdefault("user_credentials", self.admin_creds)
-        return await nats.connect(self.nats_url, **options)
+        options.setdefault("max_reconnect_attempts", -1)  # a cluster's node may die under the test
+        options.setdefault("reconnect_time_wait", 0.5)
+        return await nats.connect(self.nats_url.split(","), **options)
 
     def spawn(self, name: str, module: str, env: dict[str, str], args: list[str] | None = None) -> Proc:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
-        role = {"broker_api": "api"}.get(module, module)
+        role = {"broker_api": "api", "broker_api.ledger_main": "ledger"}.get(module, module)
         full_env = {
             **os.environ,
             "TOKENYARD_NATS_URL": self.nats_url,
@@ -172,6 +177,7 @@ class Stack:
             "attempt_silence": 1.0,
             "request_timeout": 20.0,
             "log_level": "warning",
+            "ledger": True,  # in process: most tests read usage from the gateway they started
         }
         values.update(overrides)
         settings = ApiSettings.build(**values)
@@ -187,9 +193,10 @@ class Stack:
             http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
         )
         server = uvicorn.Server(config)
-        self._servers.append((server, asyncio.create_task(server.serve())))
-        for _ in range(200):
-            if server.started:
+        task = asyncio.create_task(server.serve())
+        self._servers.append((server, task))
+        for _ in range(1200):  # 30 s: on a cluster the lifespan makes a dozen streams, on a busy machine
+            if server.started or task.done():
                 break
             await asyncio.sleep(0.025)
         if not server.started:
@@ -209,6 +216,7 @@ class Stack:
                 "TOKENYARD_PORT": str(port),
                 "TOKENYARD_ATTEMPT_SILENCE": "1.0",
                 "TOKENYARD_NATS_AUTH_DIR": str(self.auth.path) if self.auth is not None else "",
+                "TOKENYARD_LEDGER": "true",
                 **env,
             },
         )
@@ -220,6 +228,18 @@ class Stack:
                         return proc, url
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"the API process did not start:\n{proc.output()}")
+
+    def start_ledger(self, **env: str) -> tuple[Proc, str]:
+        """The ledger role as its own process (SQLite in the data dir unless
+        TOKENYARD_DATABASE_URL says otherwise). Returns it and the URL of its /metrics."""
+        port = free_port()
+        values = {
+            "TOKENYARD_DATA_DIR": str(self.tmp / "ledger"),
+            "TOKENYARD_METRICS_HOST": "127.0.0.1",
+            "TOKENYARD_METRICS_PORT": str(port),
+            **env,
+        }
+        return self.spawn("ledger", "broker_api.ledger_main", values), f"http://127.0.0.1:{port}"
 
     async def bus(self) -> NATS:
         if self.nc is None:

@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 
 from tests.conftest import ECHO
-from tests.stack import ADMIN_KEY, Stack, free_port
+from tests.stack import ADMIN_KEY, Stack, auth_headers, free_port
 
 CLI = [sys.executable, "-c", "import sys; from broker_api.cli import main; main(sys.argv[1:])"]
 
@@ -60,6 +61,14 @@ async def test_up_serves_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:
                 model=ECHO, messages=[{"role": "user", "content": "s"}], max_tokens=2, stream=True
             )
             assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]) == "s s"
+        # usage reports come from the ledger process `up` started (the API keeps no ledger of its own)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth_headers(key)) as http:
+            while time.monotonic() < deadline + 30:
+                report = await http.get("/v1/admin/usage")
+                if report.status_code == 200 and sum(r["requests"] for r in report.json()["data"]) == 2:
+                    break
+                await asyncio.sleep(0.2)
+            assert report.status_code == 200 and sum(r["requests"] for r in report.json()["data"]) == 2, report.text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
