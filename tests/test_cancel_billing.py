@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from broker_api.chat import CANCEL_REPORT_WAIT
+from broker_api.serving import CANCEL_REPORT_WAIT
 from schemas.rules import estimate_prompt_tokens
 from tests.conftest import ECHO
 from tests.fake_provider import Behaviour, FakeProvider, wait_until
