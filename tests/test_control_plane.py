@@ -17,35 +17,11 @@ import openai
 import pytest
 
 from schemas import subjects
-from tests.conftest import ECHO
+from tests.helpers import ECHO, admin, new_key, sdk, wait_rows, watch_adverts
 from tests.scrape import samples, value
-from tests.stack import ADMIN_KEY, Stack, auth_headers
-from tests.test_faults import sdk, watch_adverts
+from tests.stack import Stack, auth_headers
 
 USER = [{"role": "user", "content": "hello ledger"}]
-
-
-async def admin(http: httpx.AsyncClient, method: str, path: str, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
-    return await http.request(method, f"/v1/admin{path}", headers=auth_headers(key), **kw)
-
-
-async def new_key(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
-    r = await admin(http, "POST", "/keys", json={"name": "test", **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-async def wait_rows(http: httpx.AsyncClient, count: int, timeout: float = 10.0, **params: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    rows: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        r = await admin(http, "GET", "/usage/export", params={"format": "json", **params})
-        assert r.status_code == 200, r.text
-        rows = r.json()["data"]
-        if len(rows) >= count:
-            return rows
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"ledger has {len(rows)} rows, expected {count}: {rows}")
 
 
 @pytest.fixture
