@@ -93,7 +93,7 @@ class Session:
     status: int = 200  # the HTTP status (or the error's) the client got
     done: Done | None = None
     cached: CachedAnswer | None = None
-    _state: State = "opened"
+    _state: State = field(default="opened", init=False)  # changed only through `to`
 
     @property
     def state(self) -> State:
