@@ -12,14 +12,13 @@ from typing import Annotated, Any
 
 import nats.js.errors
 from fastapi import APIRouter, Depends, Request
-from nats.js.kv import KeyValue
 
 from broker_api.admin_bodies import json_body
 from broker_api.auth import Principal
 from broker_api.deps import Services, admin_caller, operator, services, visible_key
 from broker_api.directory import Directory
 from broker_api.unavailable import retried
-from schemas import routing
+from schemas import routing, streams, subjects
 from schemas.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1/admin/routing")
@@ -33,7 +32,7 @@ Svc = Annotated[Services, Depends(services)]
 async def get_routing(who: Admin, s: Svc) -> dict[str, Any]:
     """The policies set here. An org admin sees the default, the models' and its own keys'."""
     out: dict[str, Any] = {"object": "routing", "default": None, "models": {}, "keys": {}}
-    for scope, ident, policy in await _entries(s.routing):
+    for scope, ident, policy in await _entries(s):
         if scope == "default":
             out["default"] = policy
         elif scope == "model":
@@ -96,18 +95,19 @@ def _org_of_key(directory: Directory, key_id: str) -> str | None:
     return key.org if key else None
 
 
-async def _entries(kv: KeyValue) -> list[tuple[str, str, dict[str, Any]]]:
-    """(scope, id, policy) of every entry in the routing bucket."""
-    try:
-        entries = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+async def _entries(s: Services) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scope, id, policy) of every entry in the routing bucket. The entries are listed from
+    the bucket's stream (the subjects that hold a message), not by `KeyValue.keys()`, whose
+    watch can report an empty bucket on a loaded machine (it may signal "no more" before it
+    processed what the server already delivered)."""
+    prefix = subjects.kv_prefix(streams.ROUTING.bucket)
+    info = await s.bus.nc.jetstream().stream_info(streams.ROUTING.stream.name, subjects_filter=f"{prefix}>")
     out = []
-    for entry in sorted(entries):
+    for entry in sorted(subject[len(prefix) :] for subject in info.state.subjects or {}):
         try:
             scope, ident = routing.parse_entry(entry)
-            value = (await kv.get(entry)).value
+            value = (await s.routing.get(entry)).value
             out.append((scope, ident, routing.Policy.decode(value or b"").to_dict()))
-        except (nats.js.errors.KeyNotFoundError, ValueError):  # deleted meanwhile, or not ours
+        except (nats.js.errors.KeyNotFoundError, ValueError):  # deleted, or not ours
             continue
     return out
