@@ -106,7 +106,20 @@ RECORDS: list[tuple[Any, Callable[[bytes], Any]]] = [
     (OrgRecord("o", "Acme", 1.7e9, LIMITS, ("web", "batch")), OrgRecord.decode),
     (Queued(JOB, "own", "org_1", "standard", 1.7e9), Queued.decode),
     (CachedAnswer(["a", "b"], ["stop", "length"], 5, 4, 0.01), CachedAnswer.decode),
-    (Counters(1.5, 2.5, 19000, 10, 0.5, 24300, 99, 1.25, {"j1": [10, 0.0, 1.7e9, 1.0, 0.01, 19000]}), Counters.decode),
+    (
+        Counters(
+            ((1_700_000_000, 2), (1_700_000_001, 1)),
+            ((1_700_000_000, 300),),
+            19000,
+            10,
+            0.5,
+            24300,
+            99,
+            1.25,
+            {"j1": [10, 0.0, 1.7e9, 1_700_000_000, 1_700_000_000, 19000, 64]},
+        ),
+        Counters.decode,
+    ),
 ]
 DECODERS = sorted({decode for _, decode in RECORDS}, key=lambda d: d.__qualname__)
 
@@ -176,6 +189,6 @@ def test_records_read_tolerantly_and_refuse_bad_values() -> None:
     with pytest.raises(WireError):
         UsageRecord.decode(pack({**unpack(RECORDS[12][0].encode()), "outcome": "maybe"}))
     with pytest.raises(WireError):
-        Counters.decode(pack({"rpm": "fast"}))
+        Counters.decode(pack({"rpmw": ["fast", 1]}))
     with pytest.raises(WireError):
         NodeAdvert.decode(pack({"node": "n", "pool": "p", "models": [["m", "many"]]}))

@@ -42,7 +42,8 @@ async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
 
 async def reserve(quota: Quota, job_id: str, tokens: int, usd: float = 0.0) -> None:
     now = time.time()
-    await quota.change(ENTRY, lambda c: L.reserve(c, LIMITED, L.Ask(job_id, tokens, usd, now + 600), now))
+    ask = L.Ask(job_id, tokens, now + 600, completion_tokens=0, input_price=usd / tokens)  # reserves tokens, usd
+    await quota.change(ENTRY, lambda c: L.reserve(c, LIMITED, ask, now))
 
 
 async def test_records_settle_their_reservations_once_and_bad_ones_are_dropped(nc: NATS) -> None:
