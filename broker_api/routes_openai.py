@@ -19,6 +19,7 @@ from broker_api import chat_shape
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services, caller, services
+from broker_api.sessions import signed_in
 from broker_api.web import sse, watch_disconnect
 from schemas.chat import ChatCompletion, ModelCard, ModelList, parse_chat_request
 from schemas.errors import ModelNotFoundError
@@ -37,7 +38,7 @@ router = APIRouter()
 
 async def chat_completions(request: Request) -> Response:
     s = services(request)
-    who = s.keys.authenticate(request.headers.get("authorization"))
+    who = signed_in(request) or s.keys.authenticate(request.headers.get("authorization"))  # a console session, or a key
     limit = min(who.key_limits.max_body_bytes or s.settings.max_body_bytes, s.settings.max_body_bytes)
     req = parse_chat_request(await read_json(request, limit=limit, timeout=s.settings.body_timeout))
     unknown = sorted(set(req.model_extra or ()) - HONOURED_EXTRAS)
