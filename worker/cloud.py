@@ -5,6 +5,14 @@ comes and the final `Usage` carries upstream's exact counts and the price table'
 the operator's config (`worker.providers`) decides the URL and the headers: the client's body
 is forwarded with its model id mapped, nothing else of the client's reaches the wire.
 
+What comes back is relayed structured and exactly: each streamed `delta.tool_calls` entry is
+one `ToolCallDelta` (index, id, name, argument fragment) in the order upstream sent it, never
+merged or reordered, so the arguments a client concatenates are upstream's byte for byte;
+`logprobs` become `TokenLogprob`s. A job's task (`schemas.tasks`) picks the upstream API: chat
+goes to `/chat/completions`, a raw-prompt completion to `/completions` and embeddings to
+`/embeddings` (asked as base64, relayed as float32 vectors), each only where the provider's
+`endpoints` list it.
+
 Upstream answers, translated in one place (`_send` with `_status_error` and `_transport_error`;
 upstream messages passed on are scrubbed of any configured key):
 
@@ -24,9 +32,11 @@ Health: the passive error rate of real requests per provider and per key, and a 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -44,12 +54,14 @@ from schemas.errors import (
     UnsupportedError,
     WorkerFailedError,
 )
-from schemas.events import FINISH_REASONS, FinishReason, Piece
+from schemas.events import FINISH_REASONS, FinishReason, Piece, TokenLogprob, ToolCallDelta, TopLogprob
 from schemas.jobs import ModelAdvert
-from schemas.rules import estimate_prompt_tokens
-from worker.backend import Finish, Output, Sampling, Usage
+from schemas.rules import estimate_request_prompt
+from schemas.tasks import TASK_KEY, Task, choices, task_of
+from worker.backend import Finish, Output, Usage
 from worker.keyring import Clock, HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
+    ENDPOINTS,
     ModelRoute,
     Provider,
     ProviderConfigError,
@@ -62,6 +74,7 @@ log = structlog.get_logger(__name__)
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error body we read
 EVENT_LIMIT = 1024 * 1024  # bytes of one SSE event before the stream counts as malformed
+EMBEDDINGS_LIMIT = 64 * 1024 * 1024  # bytes of an embeddings answer (2048 large vectors as base64 fit)
 MESSAGE_LIMIT = 500  # characters of an upstream error message passed on
 PROBE_TIMEOUT = 10.0  # seconds a health probe may take at most
 DRAIN_SECONDS = 0.25  # how long to wait for the end of a body after its last event
@@ -160,11 +173,15 @@ class CloudBackend:
 
     def check(self, model: str, request: dict[str, Any]) -> None:
         self._route(model)
-        # Everything else goes upstream as is, except what a job's events cannot carry back.
-        if request.get("tools") and request.get("tool_choice") != "none":
-            raise UnsupportedError("Tool calls are not relayed by this route yet.", param="tools")
-        if request.get("logprobs"):
-            raise UnsupportedError("logprobs are not relayed by this route yet.", param="logprobs")
+        # Everything else goes upstream as is (tools, tool_choice, response_format, logprobs...):
+        # the upstream judges it. Only an API the provider does not serve is refused here.
+        endpoint = _ENDPOINT_OF[task_of(request)]
+        if endpoint not in self._provider.endpoints:
+            raise UnsupportedError(
+                f"Provider '{self._provider.name}' does not serve /{ENDPOINTS[endpoint]}.",
+                param="model",
+                code="unsupported_value",
+            )
 
     def healthy(self) -> bool:
         return self._keys.ready_in() == 0 and self._health.healthy()
@@ -182,10 +199,16 @@ class CloudBackend:
         route = self._route(model)
         deadline = time.monotonic() + self._provider.timeouts.total
         self._in_flight += 1
+        task = task_of(request)
         try:
-            key, response = await self._send(upstream_body(request, route.upstream), model)
+            path = ENDPOINTS[_ENDPOINT_OF[task]]
+            key, response = await self._send(upstream_body(request, route.upstream), model, path)
             try:
-                relay = _relay(response, request, deadline, self._provider.name)
+                relay = (
+                    _embeddings(response, request, self._provider.name)
+                    if task == "embedding"
+                    else _relay(response, request, deadline, self._provider.name)
+                )
                 async with contextlib.aclosing(relay):
                     async for item in relay:
                         yield self._priced(model, item) if isinstance(item, Usage) else item
@@ -209,7 +232,7 @@ class CloudBackend:
         """A stream cut short (the client left): upstream still bills the prompt it got and what
         it generated, but reports neither, so this is the best known: the prompt estimated as
         when upstream sends no usage, and the text chunks relayed, at this provider's prices."""
-        return self._priced(model, Usage(estimate_prompt_tokens(request["messages"]), completion_tokens))
+        return self._priced(model, Usage(estimate_request_prompt(request), completion_tokens))
 
     async def probe(self) -> bool:
         """One `GET {base_url}/models`: the provider answers (below 500) within the timeouts."""
@@ -244,7 +267,9 @@ class CloudBackend:
                 self._log.exception("cloud.probe_crashed")
             await asyncio.sleep(self._provider.probe_interval)
 
-    async def _send(self, body: dict[str, Any], model: str) -> tuple[int, httpx.Response]:
+    async def _send(
+        self, body: dict[str, Any], model: str, path: str = "chat/completions"
+    ) -> tuple[int, httpx.Response]:
         """POST with the next usable key; rotate on 429 / 401 / 403 (each key once at most)."""
         client = self._need_client()
         tried: set[int] = set()
@@ -255,9 +280,7 @@ class CloudBackend:
             tried.add(key)
             auth = {"Authorization": f"Bearer {self._provider.keys[key].reveal()}"}
             try:
-                response = await client.send(
-                    client.build_request("POST", "chat/completions", json=body, headers=auth), stream=True
-                )
+                response = await client.send(client.build_request("POST", path, json=body, headers=auth), stream=True)
             except httpx.HTTPError as e:
                 self._keys.failed(key)
                 lost = _transport_error(e, self._provider.name)
@@ -345,10 +368,26 @@ class CloudBackend:
         return self._client
 
 
+_ENDPOINT_OF: dict[Task, str] = {"chat": "chat", "completion": "completions", "embedding": "embeddings"}
+
+
 def upstream_body(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
-    """The client's body for upstream: its model mapped, always streamed with usage."""
-    body = {k: v for k, v in request.items() if k not in {"model", "stream", "stream_options"}}
+    """The client's body for upstream: its model mapped, always streamed with usage (embeddings
+    are one JSON answer, asked as base64: a quarter of the bytes of JSON floats, and exact)."""
+    task = task_of(request)
+    body = {k: v for k, v in request.items() if k not in {"model", "stream", "stream_options", TASK_KEY}}
     body["model"] = upstream_model
+    if task == "embedding":
+        body["encoding_format"] = "base64"
+        return body
+    if task == "completion":
+        # The job asks logprobs as chat does (a flag and how many alternatives); legacy
+        # completions take the number of alternatives as `logprobs` itself.
+        top = body.pop("top_logprobs", None)
+        if body.pop("logprobs", False):
+            body["logprobs"] = int(top or 0)
+        if "max_completion_tokens" in body:
+            body["max_tokens"] = body.pop("max_completion_tokens")
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     return body
@@ -427,7 +466,7 @@ async def _relay(
     response: httpx.Response, request: dict[str, Any], deadline: float, provider: str
 ) -> AsyncGenerator[Output, None]:
     """Upstream's answer as outputs (Usage unpriced). Translates transport errors."""
-    state = StreamState(Sampling.of(request).n)
+    state = StreamState(choices(request))
     chunks = response.aiter_bytes()
     try:
         if response.headers.get("content-type", "").startswith("application/json"):
@@ -527,15 +566,12 @@ class StreamState:
             index = choice.get("index", 0)
             if not isinstance(index, int) or not 0 <= index < self.n:
                 raise _malformed(f"unexpected choice index {index!r}")
-            delta = choice.get("delta") or {}
-            text = (delta.get("content") or delta.get("refusal")) if isinstance(delta, dict) else None
-            if text is not None and not isinstance(text, str):
-                raise _malformed("'content' is not a string")
-            if text:
+            piece = _piece(index, choice)
+            if piece is not None:
                 if index in self.finished:
-                    raise _malformed(f"text for choice {index} after it finished")
-                self.pieces += 1
-                out.append(Piece(index, text, 1))
+                    raise _malformed(f"output for choice {index} after it finished")
+                self.pieces += piece.tokens
+                out.append(piece)
             reason = choice.get("finish_reason")
             if reason is not None and index not in self.finished:
                 self.finished[index] = _finish_reason(reason)
@@ -544,12 +580,10 @@ class StreamState:
         return out
 
     def completion(self, obj: Any) -> list[Output]:
-        """A whole (non-streamed) `chat.completion`."""
+        """A whole (non-streamed) `chat.completion` or `text_completion`: each message read as
+        one delta (its tool calls numbered by their place in the list)."""
         if isinstance(obj, dict) and isinstance(obj.get("choices"), list):
-            obj = {
-                **obj,
-                "choices": [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in obj["choices"]],
-            }
+            obj = {**obj, "choices": [_as_delta(c) for c in obj["choices"]]}
         out = self.chunk(obj)
         self.done = True
         return out
@@ -568,10 +602,152 @@ class StreamState:
         out: list[Output] = [Finish(i, self.finished.get(i, "stop")) for i in range(self.n)]
         if self.usage is None:
             log.warning("cloud.usage_estimated")
-            out.append(Usage(estimate_prompt_tokens(request["messages"]), self.pieces))
+            out.append(Usage(estimate_request_prompt(request), self.pieces))
         else:
             out.append(Usage(*self.usage))
         return out
+
+
+def _piece(index: int, choice: dict[str, Any]) -> Piece | None:
+    """A streamed choice's output: a chat delta's text (or refusal), tool-call fragments and
+    logprobs, or a text completion's `text` and legacy logprobs; None if it holds none."""
+    delta = choice.get("delta")
+    calls: tuple[ToolCallDelta, ...] = ()
+    if delta is None and "text" in choice:  # text_completion
+        text = choice.get("text")
+    else:
+        if delta is not None and not isinstance(delta, dict):
+            raise _malformed("'delta' is not an object")
+        delta = delta or {}
+        text = delta.get("content") or delta.get("refusal")
+        calls = _tool_calls(delta.get("tool_calls"))
+    if text is not None and not isinstance(text, str):
+        raise _malformed("'content' is not a string")
+    logprobs = _logprobs(choice.get("logprobs"))
+    if not (text or calls or logprobs):
+        return None
+    # A chunk is a token, unless its logprobs count them (upstream's usage replaces this at the end).
+    return Piece(index, text or "", max(1, len(logprobs)), calls, logprobs)
+
+
+def _as_delta(choice: Any) -> Any:
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        return choice
+    message = dict(choice["message"])
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message["tool_calls"] = [{**c, "index": i} if isinstance(c, dict) else c for i, c in enumerate(calls)]
+    return {**choice, "delta": message}
+
+
+def _tool_calls(value: Any) -> tuple[ToolCallDelta, ...]:
+    """`delta.tool_calls`, one fragment per entry, in upstream's order."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _malformed("'tool_calls' is not a list")
+    out = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(function or {}, dict):
+            raise _malformed("a tool call is not an object")
+        function = function or {}
+        index, id_, name, arguments = (
+            call.get("index", 0),
+            call.get("id") or "",
+            function.get("name") or "",
+            function.get("arguments") or "",
+        )
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise _malformed(f"unexpected tool call index {index!r}")
+        if not all(isinstance(v, str) for v in (id_, name, arguments)):
+            raise _malformed("a tool call's id, name or arguments is not a string")
+        out.append(ToolCallDelta(index, id_, name, arguments))
+    return tuple(out)
+
+
+def _logprobs(value: Any) -> tuple[TokenLogprob, ...]:
+    """A choice's logprobs: chat's `{content: [...]}` or legacy completions' parallel lists."""
+    if not value:
+        return ()
+    if not isinstance(value, dict):
+        raise _malformed("'logprobs' is not an object")
+    try:
+        if "tokens" in value:  # legacy: tokens, token_logprobs, top_logprobs: [{token: logprob}]
+            tops = value.get("top_logprobs") or [None] * len(value["tokens"])
+            return tuple(
+                TokenLogprob(
+                    str(token),
+                    float(lp if lp is not None else -9999.0),
+                    None,
+                    tuple(TopLogprob(str(t), float(v)) for t, v in (top or {}).items()),
+                )
+                for token, lp, top in zip(value["tokens"], value.get("token_logprobs") or [], tops, strict=True)
+            )
+        return tuple(
+            TokenLogprob(
+                str(e["token"]),
+                float(e["logprob"]),
+                None if e.get("bytes") is None else tuple(int(b) for b in e["bytes"]),
+                tuple(
+                    TopLogprob(
+                        str(t["token"]), float(t["logprob"]), None if t.get("bytes") is None else tuple(t["bytes"])
+                    )
+                    for t in e.get("top_logprobs") or ()
+                ),
+            )
+            for e in value.get("content") or value.get("refusal") or ()
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _malformed(f"'logprobs' is not readable ({type(e).__name__})") from None
+
+
+async def _embeddings(response: httpx.Response, request: dict[str, Any], provider: str) -> AsyncGenerator[Output, None]:
+    """An `/embeddings` answer as one float32 vector per input, then the Usage (unpriced)."""
+    try:
+        data = await _read_limited(response.aiter_bytes(), EMBEDDINGS_LIMIT + 1)
+    except httpx.HTTPError as e:
+        raise _transport_error(e, provider) from e
+    if len(data) > EMBEDDINGS_LIMIT:
+        raise _malformed("the embeddings answer is larger than the limit")
+    obj = _json(data)
+    items = obj.get("data") if isinstance(obj, dict) else None
+    expected = choices(request)
+    if not isinstance(items, list) or len(items) != expected:
+        raise _malformed(f"an embeddings answer needs {expected} vectors")
+    seen: set[int] = set()
+    for position, item in enumerate(items):
+        index = item.get("index", position) if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < expected or index in seen:
+            raise _malformed(f"unexpected embedding index {index!r}")
+        seen.add(index)
+        yield Piece(index, embedding=_vector(item.get("embedding")))
+    usage = obj.get("usage") or {}
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt < 0:
+        log.warning("cloud.usage_estimated")
+        prompt = estimate_request_prompt(request)
+    for i in range(expected):
+        yield Finish(i, "stop")
+    yield Usage(prompt, 0)
+
+
+def _vector(value: Any) -> bytes:
+    """An embedding as float32 little-endian bytes: from base64 as sent, or from JSON floats."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise _malformed("an embedding is not base64") from None
+        if len(raw) % 4:
+            raise _malformed("an embedding is not float32 values")
+        return raw
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        try:
+            return struct.pack(f"<{len(value)}f", *value)
+        except (struct.error, OverflowError):
+            raise _malformed("an embedding value is out of float32 range") from None
+    raise _malformed("an embedding is neither base64 nor a list of numbers")
 
 
 def _usage(u: Any) -> tuple[int, int, int]:
