@@ -477,8 +477,8 @@ class _Shape:
         ]
         return {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": top}
 
-    def legacy_logprobs(self, tokens: list[str]) -> dict[str, Any]:
-        entries = [self.logprob(t, j) for j, t in enumerate(tokens)]
+    def legacy_logprobs(self, tokens: list[str], first: int = 0) -> dict[str, Any]:
+        entries = [self.logprob(t, first + j) for j, t in enumerate(tokens)]
         return {
             "tokens": tokens,
             "token_logprobs": [e["logprob"] for e in entries],
@@ -488,9 +488,7 @@ class _Shape:
 
     def text_choice(self, index: int, token: str, position: int) -> dict[str, Any]:
         if self.legacy:
-            lps = self.legacy_logprobs([token]) if self.logprobs else None
-            if lps is not None:
-                lps["token_logprobs"] = [self.logprob(token, position)["logprob"]]
+            lps = self.legacy_logprobs([token], position) if self.logprobs else None
             return {"index": index, "text": token, "logprobs": lps, "finish_reason": None}
         lps = {"content": [self.logprob(token, position)], "refusal": None} if self.logprobs else None
         return {"index": index, "delta": {"content": token}, "logprobs": lps, "finish_reason": None}
