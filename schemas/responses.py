@@ -276,7 +276,7 @@ class Response(BaseModel):
     tool_choice: Any = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
     truncation: Literal["auto", "disabled"] = "disabled"
-    usage: ResponseUsage | None = None
+    usage: ResponseUsage | None = Field(default=None, exclude_if=_is_none)  # the spec's is not nullable
     user: str | None = Field(default=None, exclude_if=_is_none)
     metadata: dict[str, str] = Field(default_factory=dict)
     provider: str | None = Field(default=None, exclude_if=_is_none)  # the route that served
