@@ -129,7 +129,8 @@ def test_completion_and_embedding_requests() -> None:
             parse_completion_request({"model": "m", **bad})
         assert (e.value.param or "") == param
     assert parse_embedding_request({"model": "m", "input": ["a", "b"]}).inputs == ["a", "b"]
-    for bad in ({"input": [[1, 2]]}, {"input": []}, {"input": "a", "encoding_format": "hex"}):
+    bads: list[dict[str, Any]] = [{"input": [[1, 2]]}, {"input": []}, {"input": "a", "encoding_format": "hex"}]
+    for bad in bads:
         with pytest.raises(InvalidRequestError):
             parse_embedding_request({"model": "m", **bad})
 
