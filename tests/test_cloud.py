@@ -31,7 +31,8 @@ from schemas.events import Piece
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.helpers import wait_until
 from worker.backend import Finish, Output, Usage
-from worker.cloud import CloudBackend, SseDecoder, retry_after_seconds, upstream_body
+from worker.cloud import CloudBackend, retry_after_seconds, upstream_body
+from worker.cloud_answer import SseDecoder
 from worker.keyring import HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
     Price,

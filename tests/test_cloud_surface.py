@@ -17,7 +17,8 @@ from schemas.errors import WorkerFailedError
 from schemas.events import Piece, ToolCallDelta
 from tests.fake_provider import Behaviour, FakeCall, FakeProvider, embedding_of
 from worker.backend import Finish, Output, Usage
-from worker.cloud import CloudBackend, StreamState, upstream_body
+from worker.cloud import CloudBackend, upstream_body
+from worker.cloud_answer import StreamState
 from worker.providers import parse_providers
 
 WEATHER = FakeCall("call_w1", "get_weather", ('{"ci', 'ty": "Pa', "ris", '", "unit"', ': "c"}'))
