@@ -477,3 +477,40 @@ async def test_embeddings_refuse_a_batch_too_large_for_one_message(env: Stacked)
     with pytest.raises(openai.APIStatusError) as e:
         await env.client.embeddings.create(model=ECHO, input=["x" * 1000] * 1100)
     assert e.value.status_code == 413
+
+
+# --- LangChain ---------------------------------------------------------------------------------
+
+
+async def test_langchain_bind_tools_on_a_cloud_route_and_an_own_node(env: Stacked) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "21 degrees"
+
+    def chat(model: str) -> Any:
+        llm = ChatOpenAI(model=model, base_url=f"{env.stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0)  # type: ignore[arg-type]
+        return llm.bind_tools([get_weather])
+
+    env.set(Behaviour(chunks=(), tool_calls=(WEATHER,)))
+    asked = [HumanMessage("Weather in Paris?")]
+    reply = await chat(CLOUD).ainvoke(asked)
+    assert reply.tool_calls == [
+        {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_w1", "type": "tool_call"}
+    ]
+    env.set(Behaviour(chunks=("21 degrees in Paris.",)))
+    answer = await chat(CLOUD).ainvoke([*asked, reply, ToolMessage("21 degrees", tool_call_id="call_w1")])
+    assert answer.content == "21 degrees in Paris."
+    env.set(Behaviour(chunks=(), tool_calls=(WEATHER,)))
+    chunks = [c async for c in chat(CLOUD).astream(asked)]
+    whole = chunks[0]
+    for c in chunks[1:]:
+        whole = whole + c
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Paris"})]
+    script = '[[script]]<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    own = await chat(ECHO).ainvoke([HumanMessage(script)])
+    assert [(c["name"], c["args"]) for c in own.tool_calls] == [("get_weather", {"city": "Oslo"})]
