@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from broker_api import responses
+from broker_api import responses, responses_stream
 from broker_api.answering import answer_json, answer_stream, begin, caller_and_body
 from broker_api.auth import Principal
 from broker_api.deps import Services, caller, services
@@ -46,7 +46,7 @@ async def create_response(request: Request) -> Response:
             await s.responses.put(who.org, final.id, responses.stored(conversation, result, final))
 
     if req.stream:
-        return await answer_stream(s, session, responses.events(s.serving, session, shaper, keep), named=True)
+        return await answer_stream(s, session, responses_stream.events(s.serving, session, shaper, keep), named=True)
 
     async def answer() -> ResponseObject:
         (result,) = await s.serving.results(session)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 
+import nats.errors
 import structlog
 
 from broker_api import billing
@@ -247,11 +248,14 @@ class Serving:
         if not s.idempotency_key:
             return
         if answer is not None:
-            await self._idempotency.complete(
-                s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
-            )
-        else:
-            await self._idempotency.release(s.idempotency_key)
+            try:
+                await self._idempotency.complete(
+                    s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
+                )
+                return
+            except nats.errors.Error as e:  # e.g. an embedding batch's vectors, larger than a message
+                log.warning("idempotency.store_failed", job_id=s.job.id, error=type(e).__name__)
+        await self._idempotency.release(s.idempotency_key)
 
     async def drain(self) -> None:
         """Let cancelled requests that still wait for their worker's count record it (at shutdown,

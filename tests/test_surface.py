@@ -404,6 +404,39 @@ async def test_responses_stream_event_sequence(env: Stacked) -> None:
     assert [i.arguments for i in final.output if i.type == "function_call"] == [WEATHER.arguments]
 
 
+async def test_a_responses_stream_cut_after_its_first_output_ends_with_error_and_failed(env: Stacked) -> None:
+    env.set(Behaviour(chunks=("a", "b", "c"), mode="disconnect", disconnect_after=1))
+    kinds: list[str] = []
+    async with httpx.AsyncClient(base_url=env.stack.api_url, timeout=30) as http:
+        async with http.stream(
+            "POST",
+            "/v1/responses",
+            json={"model": CLOUD, "input": "hi", "stream": True},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    validate(event, "ResponseStreamEvent")
+                    kinds.append(event["type"])
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-2:] == ["error", "response.failed"]
+
+
+async def test_own_node_tool_calls_stream_as_fragments(env: Stacked) -> None:
+    script = '[[script]]<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    stream = await env.client.chat.completions.create(
+        model=ECHO, messages=[{"role": "user", "content": script}], tools=TOOLS, stream=True
+    )
+    chunks = [c async for c in stream]
+    got = fragments_of(chunks)
+    assert got[0][:3] == (0, got[0][1], "get_weather") and got[0][1].startswith("call_")
+    assert json.loads("".join(a for *_, a in got)) == {"city": "Paris"}
+    assert not any(ch.delta.content for c in chunks for ch in c.choices)  # no markup leaks as text
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 async def test_stored_responses_are_per_org_and_store_false_is_honoured(env: Stacked) -> None:
     env.set(Behaviour(chunks=("kept",)))
     kept = await env.client.responses.create(model=CLOUD, input="hi")
