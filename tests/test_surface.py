@@ -92,7 +92,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stacked
                     TOKENYARD_NODE_ID=name,
                     TOKENYARD_SLOTS="4",
                 )
-            await s.start_api()
+            await s.start_api(request_timeout=60.0)  # the tiny torch models share two loaded cores
             for m in (ECHO, CLOUD, CLOUD_EMBED, TINY, TINY_EMBED):
                 await s.wait_for_model(m, timeout=90)
             client = openai.AsyncOpenAI(base_url=f"{s.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
