@@ -17,9 +17,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from broker_api.auth import Principal
+from broker_api.body import read_json
 from broker_api.deps import Services
 from broker_api.session import Ask, Session
-from broker_api.web import read_json, sse, sse_events, watch_disconnect
+from broker_api.web import sse, sse_events, watch_disconnect
 
 CACHE_HEADER = "x-tokenyard-cache"
 ROUTE_HEADER = "x-tokenyard-route"
@@ -32,7 +33,7 @@ async def caller_and_body(request: Request, s: Services) -> tuple[Principal, Any
     """The authenticated caller and the request's JSON body (bounded by its key's limit)."""
     who = s.keys.authenticate(request.headers.get("authorization"))
     limit = min(who.key_limits.max_body_bytes or s.settings.max_body_bytes, s.settings.max_body_bytes)
-    return who, await read_json(request, limit)
+    return who, await read_json(request, limit=limit, timeout=s.settings.body_timeout)
 
 
 async def begin(request: Request, s: Services, who: Principal, ask: Ask) -> Session:
@@ -43,6 +44,8 @@ async def begin(request: Request, s: Services, who: Principal, ask: Ask) -> Sess
         who,
         use_cache=request.headers.get(CACHE_HEADER, "").lower() not in NO_CACHE,
         idempotency_key=request.headers.get("idempotency-key", ""),
+        request_id=request.state.request_id,
+        traceparent=request.state.traceparent,
     )
     try:
         await s.serving.start(session)

@@ -17,7 +17,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
-    s = await services(request)
+    s = services(request)
     who, body = await caller_and_body(request, s)
     req = parse_completion_request(body)
     check_max_tokens({"max_tokens": req.max_tokens}, who.key_limits, who.org_limits)

@@ -16,7 +16,7 @@ router = APIRouter()
 
 @router.post("/v1/embeddings")
 async def create_embeddings(request: Request) -> Response:
-    s = await services(request)
+    s = services(request)
     who, body = await caller_and_body(request, s)
     req = parse_embedding_request(body)
     session = await begin(request, s, who, embeddings_shape.ask(req))

@@ -24,7 +24,7 @@ router = APIRouter()
 
 @router.post("/v1/responses")
 async def create_response(request: Request) -> Response:
-    s = await services(request)
+    s = services(request)
     who, body = await caller_and_body(request, s)
     req = parse_response_request(body)
     check_max_tokens({"max_tokens": req.max_output_tokens}, who.key_limits, who.org_limits)
