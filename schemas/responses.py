@@ -155,7 +155,8 @@ def parse_response_request(body: Any) -> ResponseRequest:
                     )
                 fixed.append(item)
             body = {**body, "input": fixed}
-        for i, tool in enumerate(body.get("tools") or []):
+        tools = body.get("tools")
+        for i, tool in enumerate(tools if isinstance(tools, list) else []):  # not a list: pydantic says so
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind != "function":
                 raise UnsupportedError(
