@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from schemas.errors import ContextLengthError, InvalidRequestError, UnsupportedError
-from schemas.events import Delta, Done, Piece, decode_event
+from schemas.events import Delta, Done, Piece, ToolCallDelta, decode_event
 from schemas.tasks import choices
 from tests import tiny_embedder, tiny_model
 from worker.backend import Finish, Output, Usage
@@ -194,3 +194,16 @@ async def test_many_vectors_go_in_several_deltas_each_far_below_the_payload_limi
     events = [decode_event(m) for m in recorder.messages]
     got = [p for ev in events if isinstance(ev, (Delta, Done)) for p in ev.pieces]
     assert [p.index for p in got] == list(range(300)) and all(p.embedding == vector for p in got)
+
+
+async def test_text_after_a_tool_call_fragment_is_not_merged_before_it() -> None:
+    recorder = Recorder()
+    out = EventStream(recorder, "r", job_id="j", attempt=1, node="n", coalesce=60.0)
+    call = ToolCallDelta(0, "call_1", "f", "{}")
+    for piece in (Piece(0, "A", 1), Piece(0, tokens=1, tool_calls=(call,)), Piece(0, "B", 1)):
+        await out.add(piece)
+    await out.done(["tool_calls"], Usage(1, 3))
+    got = [p for m in recorder.messages for ev in [decode_event(m)] if isinstance(ev, (Delta, Done)) for p in ev.pieces]
+    order = [x for p in got for x in ([p.text] if p.text else []) + list(p.tool_calls)]
+    assert order == ["A", call, "B"]  # a piece's text goes before its fragments: B may not join A
+    assert len(got) == 3

@@ -120,7 +120,10 @@ class EventStream:
             self._start_timer = None
 
     async def add(self, piece: Piece) -> None:
-        if piece.embedding or not (self._pending and self._pending[-1].index == piece.index):
+        last = self._pending[-1] if self._pending else None
+        # A run keeps one choice's text before its tool-call fragments: text after a fragment
+        # (or another input's vector) starts a run of its own, so nothing is reordered.
+        if last is None or last.index != piece.index or piece.embedding or (piece.text and last.tool_calls):
             self._pending.append(_Run(piece.index))
         self._pending[-1].add(piece)
         self._pending_bytes += (
