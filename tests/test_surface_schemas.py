@@ -16,7 +16,7 @@ from schemas.chat import ChatCompletionChunk, ChunkEncoder, parse_chat_request, 
 from schemas.codec import WireError, pack
 from schemas.completions import parse_completion_request
 from schemas.embeddings import parse_embedding_request
-from schemas.errors import InvalidRequestError, UnsupportedError
+from schemas.errors import InvalidRequestError
 from schemas.events import Delta, Piece, TokenLogprob, ToolCallDelta, TopLogprob, decode_event
 from schemas.responses import StoredResponse, parse_response_request
 from schemas.rules import estimate_request_prompt
