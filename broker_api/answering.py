@@ -20,6 +20,7 @@ from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services
 from broker_api.session import Ask, Session
+from broker_api.sessions import signed_in
 from broker_api.web import sse, sse_events, watch_disconnect
 
 CACHE_HEADER = "x-tokenyard-cache"
@@ -30,8 +31,9 @@ B = TypeVar("B", bound=BaseModel)
 
 
 async def caller_and_body(request: Request, s: Services) -> tuple[Principal, Any]:
-    """The authenticated caller and the request's JSON body (bounded by its key's limit)."""
-    who = s.keys.authenticate(request.headers.get("authorization"))
+    """The authenticated caller (a console session, or a key) and the request's JSON body
+    (bounded by its key's limit)."""
+    who = signed_in(request) or s.keys.authenticate(request.headers.get("authorization"))
     limit = min(who.key_limits.max_body_bytes or s.settings.max_body_bytes, s.settings.max_body_bytes)
     return who, await read_json(request, limit=limit, timeout=s.settings.body_timeout)
 
