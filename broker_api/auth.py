@@ -74,11 +74,14 @@ def _masked(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, admin_key: str, directory: Directory | None = None) -> None:
+    """Tells who a request's `Authorization` header belongs to: the bootstrap admin key, or a
+    key issued through the admin API (looked up in the directory's in-memory mirror)."""
+
+    def __init__(self, admin_key: str, directory: Directory) -> None:
         if not admin_key:
             raise ValueError("an admin key is required")
         self._admin = hashlib.sha256(admin_key.encode("utf-8")).digest()
-        self.directory = directory
+        self._directory = directory
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -93,7 +96,7 @@ class KeyStore:
             raise AuthenticationError("The Authorization header must be 'Bearer YOUR_KEY'.", code=None)
         if hmac.compare_digest(hashlib.sha256(key.encode("utf-8")).digest(), self._admin):
             return Principal(org=ROOT_ORG, key_id=BOOTSTRAP_ID, admin=True, root=True)
-        record = self.directory.verify(key) if self.directory is not None else None
+        record = self._directory.verify(key)
         if record is None or not record.usable(time.time()):
             raise AuthenticationError(f"Incorrect API key provided: {_masked(key)}.")
         return self._principal(record)
@@ -104,13 +107,13 @@ class KeyStore:
         How a console session, which holds a key id and never the key, is checked on each use."""
         if key_id == BOOTSTRAP_ID:
             return Principal(org=ROOT_ORG, key_id=BOOTSTRAP_ID, admin=True, root=True), self._admin.hex()[:16]
-        record = self.directory.key(key_id) if self.directory is not None else None
+        record = self._directory.key(key_id)
         if record is None or not record.usable(time.time()):
             return None
         return self._principal(record), record.digest[:16]
 
     def _principal(self, record: KeyRecord) -> Principal:
-        org = self.directory.org(record.org) if self.directory is not None else None
+        org = self._directory.org(record.org)
         return Principal(
             org=record.org,
             key_id=record.id,

@@ -40,7 +40,6 @@ from schemas.jobs import (
     CONTINUE,
     STOP,
     Admission,
-    Job,
     ModelAdvert,
     Stop,
     Submission,
@@ -55,24 +54,25 @@ NO_SCHEDULER_RETRY_AFTER = 5.0
 
 
 class Bus:
-    def __init__(self, nc: NATS, gateway_id: str) -> None:
+    def __init__(self, nc: NATS, gateway_id: str, lanes: Lanes) -> None:
         self.nc = nc
         self.gateway_id = gateway_id
+        self.lanes = lanes
         self.runs: dict[str, JobRun] = {}
         self._by_token: dict[str, JobRun] = {}  # reply token -> its job's run
-        self.lanes = Lanes(nc.jetstream())
 
     @classmethod
-    async def connect(cls, settings: NatsSettings) -> Bus:
+    async def connect(cls, settings: NatsSettings, *, lanes: bool = True) -> Bus:
+        """Connected, and subscribed to this gateway's events; `lanes`: use the lanes schedulers grant."""
         gateway_id = uuid.uuid4().hex[:12]
         nc = await nats.connect(**nats_options(settings, name=f"tokenyard-api-{gateway_id}"))
-        bus = cls(nc, gateway_id)
+        bus = cls(nc, gateway_id, Lanes(nc.jetstream(), enabled=lanes))
         await nc.subscribe(subjects.reply_inbox(gateway_id), cb=bus._on_event)
         return bus
 
     async def close(self) -> None:
         for run in self.runs.values():
-            run.closed = True
+            run.close()
         await close_quietly(self.nc)
 
     def reply_subject(self, job_id: str) -> str:
@@ -159,15 +159,14 @@ class Bus:
 
     # --- runs ---------------------------------------------------------------------------
 
-    def open_run(self, job: Job, *, silence: float) -> JobRun:
-        run = JobRun(job, silence=silence)
-        self.runs[job.id] = run
-        self._by_token[subjects.reply_token(job.reply)] = run
-        return run
+    def open_run(self, run: JobRun) -> None:
+        """Route the job's events to `run` from now on."""
+        self.runs[run.job.id] = run
+        self._by_token[subjects.reply_token(run.job.reply)] = run
 
     async def close_run(self, run: JobRun, reason: str) -> None:
         """Forget a job; stop its attempt if it is still going."""
-        run.closed = True
+        run.close()
         self.runs.pop(run.job.id, None)
         self._by_token.pop(subjects.reply_token(run.job.reply), None)
         gone = run.drop_current()

@@ -10,6 +10,9 @@ Order: every accepted event must carry the next sequence number of its attempt; 
 carries the number the worker will use next, so a lost message shows up as a gap even when
 nothing follows it. A gap fails the attempt (a `Broken` item in the queue) rather than leaving
 a hole in the answer.
+
+A run changes only through its methods: the bus offers events and closes it, the job driver
+(`broker_api.attempts`) records placements and re-dispatches, the serving code commits it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 from dataclasses import dataclass
 
 from schemas.events import Delta, Done, Failed, Heartbeat, Start
-from schemas.jobs import Job
+from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job
 
 # What `offer` takes: every event but heartbeats, which go to `heartbeat`.
 Streamed = Start | Delta | Done | Failed
@@ -35,19 +38,67 @@ class Broken:
 
 class JobRun:
     def __init__(self, job: Job, *, silence: float) -> None:
-        self.job = job
+        self._job = job
         self.silence = silence
         self.current: int | None = None
         self.current_node = ""
         self.heard = 0.0  # monotonic time of the current attempt's last word
-        self.committed = False  # set by the serving code once content reached the client
-        self.closed = False
-        self.finished = False
-        self.pool_of_dispatch: dict[int, str] = {}
-        self.min_attempt = 0  # attempts below this are refused (set when an answer is continued)
+        self._committed = False
+        self._closed = False
+        self._finished = False
+        self._pools: dict[int, str] = {}  # dispatch -> the pool it was placed on
+        self._min_attempt = 0  # attempts below this are refused (set when an answer is continued)
         self._next_seq = 0
         self._refused: set[int] = set()
         self.queue: asyncio.Queue[Streamed | Broken] = asyncio.Queue()
+
+    # --- what the others read -----------------------------------------------------------
+
+    @property
+    def job(self) -> Job:
+        """The job as last placed (a re-dispatch has the next `dispatch`)."""
+        return self._job
+
+    @property
+    def committed(self) -> bool:
+        """Content reached the client: no other attempt may take over from now on."""
+        return self._committed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def finished(self) -> bool:
+        """The current attempt's DONE arrived."""
+        return self._finished
+
+    def pool_of(self, dispatch: int) -> str:
+        return self._pools.get(dispatch, "")
+
+    def route_of(self, attempt: int) -> str:
+        """The pool an attempt ran on."""
+        return self._pools.get(attempt // ATTEMPTS_PER_DISPATCH, "")
+
+    # --- what the others change -----------------------------------------------------------
+
+    def commit(self) -> None:
+        self._committed = True
+
+    def placed(self, dispatch: int, pool: str) -> None:
+        self._pools[dispatch] = pool
+
+    def redispatch(self, job: Job, *, continuing: bool) -> None:
+        """The job placed again (`job.dispatch` one more). A continuation refuses every earlier
+        attempt for good: the new one carries the answer on from what the client has."""
+        self._job = job
+        if continuing:
+            self._min_attempt = job.attempt_id(0)
+
+    def close(self) -> None:
+        self._closed = True
+
+    # --- events -------------------------------------------------------------------------
 
     def _adopt(self, ev: Streamed, now: float) -> bool:
         if ev.seq != 0:  # joined mid-way: its start was lost
@@ -58,10 +109,10 @@ class JobRun:
 
     def offer(self, ev: Streamed, now: float) -> bool:
         """Take an event; False means the sending attempt must stop."""
-        if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
+        if self._closed or ev.attempt in self._refused or ev.attempt < self._min_attempt:
             return False
         if ev.attempt != self.current:
-            if self.current is not None and (self.committed or now - self.heard <= self.silence):
+            if self.current is not None and (self._committed or now - self.heard <= self.silence):
                 self._refused.add(ev.attempt)
                 return False
             if self.current is not None:
@@ -74,13 +125,13 @@ class JobRun:
             return False
         self._next_seq += 1
         if isinstance(ev, Done):
-            self.finished = True
+            self._finished = True
         self.queue.put_nowait(ev)
         return True
 
     def heartbeat(self, ev: Heartbeat, now: float) -> bool:
         """A heartbeat from some attempt; False means it must stop."""
-        if self.closed or ev.attempt in self._refused or ev.attempt < self.min_attempt:
+        if self._closed or ev.attempt in self._refused or ev.attempt < self._min_attempt:
             return False
         if ev.attempt != self.current:
             return self.current is None  # not started as far as we know: let it go on
@@ -91,7 +142,8 @@ class JobRun:
         return True
 
     def _break(self, reason: str) -> None:
-        assert self.current is not None
+        if self.current is None:
+            return
         self.queue.put_nowait(Broken(self.current, self.current_node, reason))
         self._refused.add(self.current)
         self.current = None

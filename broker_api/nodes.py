@@ -48,7 +48,7 @@ MAX_TTL = 365 * 86400.0
 
 @dataclass(frozen=True, slots=True)
 class NodeServices:
-    """What the node routes use, built in the app's lifespan (`app.state.nodes`)."""
+    """What the node routes use, built in the app's lifespan (`deps.Services.nodes`)."""
 
     settings: ApiSettings
     enrolment: Enrolment
@@ -105,9 +105,8 @@ class NodeServices:
         await self.enrolment.registry.close()
 
 
-def node_services(request: Request) -> NodeServices:
-    found: NodeServices = request.app.state.nodes
-    return found
+async def node_services(request: Request) -> NodeServices:
+    return services(request).nodes
 
 
 Admin = Annotated[Principal, Depends(admin_caller)]

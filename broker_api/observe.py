@@ -33,7 +33,7 @@ log = structlog.get_logger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
-STREAM_ERROR = b'data: {"error":'  # an SSE error event, as `broker_api.chat` writes it
+STREAM_ERROR = b'data: {"error":'  # an SSE error event, as `broker_api.chat_shape` writes it
 
 
 def _outcome(status: int, meter: Meter, *, cached: bool, replayed: bool, stream_error: bool, gone: bool) -> str:

@@ -1,4 +1,11 @@
-"""Fixtures: a real nats-server per test, and the stack layered on it."""
+"""Fixtures: a real nats-server per test, and the stack layered on it.
+
+`stack` / `echo_stack` / `client` are fresh for every test: for tests that kill processes, count
+what the ledger holds, or otherwise need a clean slate. `shared_echo_stack` / `shared_client`
+are one stack per test module, for read-only cases (bad input, shapes, scoping checks): such
+tests run in the module's event loop, marked `pytest.mark.asyncio(loop_scope="module")`, since
+the stack's gateway serves from the loop it was started in.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,12 @@ from pathlib import Path
 
 import openai
 import pytest
+import pytest_asyncio
 
 from tests.cluster import NatsCluster
+from tests.helpers import ECHO
 from tests.postgres import Postgres, data_dir
 from tests.stack import ADMIN_KEY, Stack
-
-ECHO = "tokenyard/echo"
 
 
 @pytest.fixture
@@ -40,6 +47,30 @@ async def echo_stack(stack: Stack) -> Stack:
 @pytest.fixture
 async def client(echo_stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
     c = openai.AsyncOpenAI(base_url=f"{echo_stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_echo_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """One whole echo stack for a module's read-only tests (see the module docstring)."""
+    s = Stack(tmp_path_factory.mktemp("shared-stack"))
+    try:
+        s.start_nats()
+        s.start_scheduler()
+        s.start_worker()
+        await s.start_api()
+        await s.wait_for_model(ECHO)
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_client(shared_echo_stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    c = openai.AsyncOpenAI(base_url=f"{shared_echo_stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
     try:
         yield c
     finally:

@@ -37,6 +37,7 @@ from schemas import subjects
 from schemas.jobs import NodeAdvert
 
 ADMIN_KEY = "ty_admin_test-secret-key-0123456789"
+SHUTDOWN_GRACE = 5.0  # seconds a gateway under test waits for open requests when it stops
 
 FAST_WORKER = {
     "TOKENYARD_BACKEND": "echo",
@@ -183,6 +184,8 @@ class Stack:
         settings = ApiSettings.build(**values)
         port = free_port()
         app = create_app(settings, admin_key=ADMIN_KEY)
+        # A bounded graceful shutdown: a request still open at close is cancelled after it, and
+        # the lifespan's shutdown (ledger, directory, NATS) still runs before nats-server stops.
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -191,6 +194,7 @@ class Stack:
             access_log=False,
             lifespan="on",
             http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
@@ -286,7 +290,7 @@ class Stack:
         for server, task in self._servers:
             server.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
+                await asyncio.wait_for(task, SHUTDOWN_GRACE + 20)
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from broker_api.tables import cell, human_time
-from tests.conftest import ECHO
 from tests.fake_provider import FakeProvider
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack, auth_headers, free_port
 from worker.providers import ProviderConfigError, load_providers
 

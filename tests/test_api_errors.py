@@ -4,16 +4,26 @@ dropped connection."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import pytest_asyncio
+from nats.aio.msg import Msg
 
-from tests.conftest import ECHO
+from schemas import subjects
+from schemas.errors import ContentionError
+from schemas.jobs import Admission
+from tests.helpers import ECHO, sdk
 from tests.stack import Stack, auth_headers
 
 USER = [{"role": "user", "content": "hi"}]
+
+# None of these changes anything a later test could see: one stack for the module.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def _error(r: httpx.Response, status: int) -> dict[str, Any]:
@@ -27,9 +37,9 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
     return body["error"]
 
 
-@pytest.fixture
-async def http(echo_stack: Stack) -> httpx.AsyncClient:
-    async with httpx.AsyncClient(base_url=echo_stack.api_url, headers=auth_headers(), timeout=30) as c:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http(shared_echo_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shared_echo_stack.api_url, headers=auth_headers(), timeout=30) as c:
         yield c
 
 
@@ -102,8 +112,8 @@ async def test_context_length_is_400(http: httpx.AsyncClient) -> None:
     assert "4096" in err["message"]
 
 
-async def test_auth(echo_stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=echo_stack.api_url) as http:
+async def test_auth(shared_echo_stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=shared_echo_stack.api_url) as http:
         body = {"model": ECHO, "messages": USER}
         err = _error(await http.post("/v1/chat/completions", json=body), 401)
         assert "API key" in err["message"]
@@ -142,7 +152,8 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
     _error(await http.post("/v1/chat/completions", content=chunks()), 413)
 
 
-async def test_sdk_raises_typed_errors(client: openai.AsyncOpenAI) -> None:
+async def test_sdk_raises_typed_errors(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     with pytest.raises(openai.BadRequestError) as e:
         await client.chat.completions.create(model=ECHO, messages=USER, temperature=7)
     assert e.value.body["param"] == "temperature"
@@ -161,3 +172,27 @@ async def test_unknown_fields_are_accepted(http: httpx.AsyncClient) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "hi"
+
+
+async def test_a_503_from_the_scheduler_reaches_the_client_as_a_503(tmp_path: Path) -> None:
+    """A scheduler refusing with ContentionError (limit counters too contended) is a 503 with
+    its code and retry-after for the client, not a 500 (issue 9)."""
+    stack = Stack(tmp_path)
+    stack.start_nats()
+    try:
+        nc = await stack.bus()
+        contended = ContentionError("The limit counters are too contended; retry shortly.", retry_after=2.0)
+
+        async def refuse(msg: Msg) -> None:  # stands in for the scheduler
+            await msg.respond(Admission(error=contended.to_wire()).encode())
+
+        await nc.subscribe(subjects.SCHED_SUBMIT, cb=refuse)
+        await stack.start_api()
+        async with sdk(stack) as client:
+            with pytest.raises(openai.APIStatusError) as e:
+                await client.chat.completions.create(model=ECHO, messages=USER)
+    finally:
+        await stack.close()
+    assert e.value.status_code == 503
+    assert e.value.body == {"message": contended.message, "type": "server_error", "param": None, "code": "contention"}
+    assert e.value.response.headers["retry-after"] == "2"

@@ -23,9 +23,8 @@ import trustme
 
 from broker_api.nats_auth import AuthDir
 from schemas import subjects
-from tests.conftest import ECHO
+from tests.helpers import CLI, ECHO, tokenyard
 from tests.stack import Stack, free_port
-from tests.test_cli import CLI, tokenyard
 
 
 async def test_no_or_wrong_credentials_are_refused(tmp_path: Path) -> None:

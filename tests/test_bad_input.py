@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Stack, auth_headers
 
 USER = [{"role": "user", "content": "hi"}]

@@ -14,13 +14,11 @@ import openai
 import pytest
 import yaml
 
-from broker_api.chat import CANCEL_REPORT_WAIT
+from broker_api.serving import CANCEL_REPORT_WAIT
 from schemas.rules import estimate_prompt_tokens
-from tests.conftest import ECHO
-from tests.fake_provider import Behaviour, FakeProvider, wait_until
+from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import ECHO, admin, sdk, wait_rows, wait_until
 from tests.stack import Stack
-from tests.test_control_plane import admin, wait_rows
-from tests.test_faults import sdk
 
 LONG = "alpha beta gamma delta epsilon [[tokens=2000]] [[rate=100]]"  # 20 s if nobody stops it
 MODEL = "gpt-test"

@@ -7,23 +7,14 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 
-from tests.conftest import ECHO
+from tests.helpers import CLI, ECHO, tokenyard
 from tests.stack import ADMIN_KEY, Stack, auth_headers, free_port
-
-CLI = [sys.executable, "-c", "import sys; from broker_api.cli import main; main(sys.argv[1:])"]
-
-
-def tokenyard(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
 
 
 def test_help_and_unknown_command() -> None:

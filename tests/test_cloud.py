@@ -28,7 +28,8 @@ from schemas.errors import (
     WorkerFailedError,
 )
 from schemas.events import Piece
-from tests.fake_provider import Behaviour, FakeProvider, wait_until
+from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import wait_until
 from worker.backend import Finish, Output, Usage
 from worker.cloud import CloudBackend, SseDecoder, retry_after_seconds, upstream_body
 from worker.keyring import HealthPolicy, Keyring, ProviderHealth

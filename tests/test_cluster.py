@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from schemas import streams, subjects
 from schemas.jetstream import stream_info
 from tests.cluster import NatsCluster
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Proc, Stack, auth_headers
 
 ROLE_ENV = {"TOKENYARD_INTAKE_ACK_WAIT": "2", "TOKENYARD_REPLICAS": "0"}

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Proc, Stack, auth_headers
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

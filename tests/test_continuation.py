@@ -7,10 +7,8 @@ import time
 
 import httpx
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO, sdk, wait_rows
 from tests.stack import Stack, auth_headers
-from tests.test_control_plane import wait_rows
-from tests.test_faults import sdk
 
 WORDS = "alpha beta gamma delta epsilon".split()
 

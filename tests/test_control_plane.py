@@ -9,43 +9,21 @@ import csv
 import io
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import nats.js.errors
 import openai
 import pytest
+import pytest_asyncio
 
 from schemas import subjects
-from tests.conftest import ECHO
+from tests.helpers import ECHO, admin, new_key, sdk, wait_rows, watch_adverts
 from tests.scrape import samples, value
-from tests.stack import ADMIN_KEY, Stack, auth_headers
-from tests.test_faults import sdk, watch_adverts
+from tests.stack import Stack, auth_headers
 
 USER = [{"role": "user", "content": "hello ledger"}]
-
-
-async def admin(http: httpx.AsyncClient, method: str, path: str, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
-    return await http.request(method, f"/v1/admin{path}", headers=auth_headers(key), **kw)
-
-
-async def new_key(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
-    r = await admin(http, "POST", "/keys", json={"name": "test", **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-async def wait_rows(http: httpx.AsyncClient, count: int, timeout: float = 10.0, **params: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    rows: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        r = await admin(http, "GET", "/usage/export", params={"format": "json", **params})
-        assert r.status_code == 200, r.text
-        rows = r.json()["data"]
-        if len(rows) >= count:
-            return rows
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"ledger has {len(rows)} rows, expected {count}: {rows}")
 
 
 @pytest.fixture
@@ -66,63 +44,6 @@ async def test_keys_are_shown_once_stored_hashed_and_work(echo_stack: Stack, htt
     async with openai.AsyncOpenAI(base_url=f"{echo_stack.api_url}/v1", api_key=secret, max_retries=0) as c:
         r = await c.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
         assert r.choices[0].message.content == "hello ledger"
-
-
-async def test_revocation_reaches_every_gateway_within_two_seconds(echo_stack: Stack, http: httpx.AsyncClient) -> None:
-    other = await echo_stack.start_api()
-    secret = (await new_key(http))["key"]
-    body = {"model": ECHO, "messages": USER, "max_tokens": 1}
-    async with httpx.AsyncClient(base_url=other) as http2:
-        assert (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code == 200
-        key_id = secret.split("_")[1]
-        assert (await admin(http, "POST", f"/keys/{key_id}/revoke")).status_code == 200
-        revoked_at = time.monotonic()
-        status = 200
-        while time.monotonic() - revoked_at < 2.0:
-            status = (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code
-            if status == 401:
-                break
-            await asyncio.sleep(0.01)
-        assert status == 401
-
-
-async def test_tenants_see_only_their_own(echo_stack: Stack, http: httpx.AsyncClient) -> None:
-    orgs = []
-    for name in ("acme", "globex"):
-        r = await admin(http, "POST", "/orgs", json={"name": name, "projects": ["web"]})
-        assert r.status_code == 201, r.text
-        orgs.append(r.json()["id"])
-    acme_admin = (await new_key(http, org=orgs[0], admin=True))["key"]
-    globex_key = await new_key(http, org=orgs[1], project="web")
-    # acme's admin: globex's key and org do not exist for it
-    assert (await admin(http, "GET", f"/keys/{globex_key['id']}", key=acme_admin)).status_code == 404
-    assert (await admin(http, "GET", f"/orgs/{orgs[1]}", key=acme_admin)).status_code == 404
-    assert (await admin(http, "POST", f"/keys/{globex_key['id']}/revoke", key=acme_admin)).status_code == 404
-    r = await admin(http, "POST", "/keys", key=acme_admin, json={"name": "x", "org": orgs[1]})
-    assert r.status_code == 404
-    listed = (await admin(http, "GET", "/keys", key=acme_admin)).json()["data"]
-    assert {k["org"] for k in listed} == {orgs[0]}
-    assert (await admin(http, "GET", "/orgs", key=acme_admin)).json()["data"][0]["id"] == orgs[0]
-    # org admins cannot create orgs or raise their own limits
-    assert (await admin(http, "POST", "/orgs", key=acme_admin, json={"name": "x"})).status_code == 403
-    assert (await admin(http, "PATCH", f"/orgs/{orgs[0]}", key=acme_admin, json={"name": "y"})).status_code == 403
-    # a plain key may not use the admin API at all
-    assert (await admin(http, "GET", "/keys", key=globex_key["key"])).status_code == 403
-    # unknown and privileged fields are refused
-    for bad in ({"name": "x", "digest": "00"}, {"name": "x", "revoked": 0}, {"name": "x", "root": True}):
-        r = await admin(http, "POST", "/keys", key=acme_admin, json=bad)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter", r.text
-
-
-async def test_model_scopes_and_max_tokens_limit(echo_stack: Stack, http: httpx.AsyncClient) -> None:
-    scoped = (await new_key(http, models=["some/other-model"]))["key"]
-    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER}, headers=auth_headers(scoped))
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    capped = (await new_key(http, limits={"max_tokens": 5}))["key"]
-    r = await http.post(
-        "/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 6}, headers=auth_headers(capped)
-    )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
@@ -207,61 +128,6 @@ async def test_usage_reports_and_csv_export(echo_stack: Stack, http: httpx.Async
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
 
 
-async def test_audit_log_records_who_did_what(echo_stack: Stack, http: httpx.AsyncClient) -> None:
-    created = await new_key(http, name="audited")
-    await admin(http, "POST", f"/keys/{created['id']}/revoke")
-    deadline = time.monotonic() + 10
-    actions: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        actions = (await admin(http, "GET", "/audit")).json()["data"]
-        if {"key.create", "key.revoke"} <= {a["action"] for a in actions}:
-            break
-        await asyncio.sleep(0.1)
-    by_action = {a["action"]: a for a in actions}
-    assert by_action["key.create"]["target"] == created["id"] and by_action["key.create"]["actor"] == "admin"
-    assert by_action["key.revoke"]["source"] == "127.0.0.1"
-    assert "admin.signin" in by_action
-    assert all(created["key"] not in str(a) for a in actions)
-
-
-async def test_cache_rules(echo_stack: Stack, http: httpx.AsyncClient) -> None:
-    h = auth_headers()
-    body = {"model": ECHO, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3}
-    first = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
-    second = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
-    assert (first.headers["x-tokenyard-cache"], second.headers["x-tokenyard-cache"]) == ("miss", "hit")
-    assert first.json()["choices"] == second.json()["choices"] and first.json()["id"] != second.json()["id"]
-    # streamed hit
-    async with http.stream(
-        "POST", "/v1/chat/completions", json={**body, "temperature": 0, "stream": True}, headers=h
-    ) as r:
-        assert r.headers["x-tokenyard-cache"] == "hit"
-        raw = (await r.aread()).decode()
-    assert '"content":"cache me cache"' in raw and raw.rstrip().endswith("data: [DONE]")
-    # non-deterministic requests, a bypass header, and opted-out keys are not cached
-    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0.7}, headers=h)
-    assert r.headers["x-tokenyard-cache"] == "bypass"
-    r = await http.post(
-        "/v1/chat/completions", json={**body, "temperature": 0}, headers={**h, "x-tokenyard-cache": "no"}
-    )
-    assert r.headers["x-tokenyard-cache"] == "bypass"
-    opted_out = (await new_key(http, cache=False))["key"]
-    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=auth_headers(opted_out))
-    assert r.headers["x-tokenyard-cache"] == "bypass"
-    # a different request is a miss
-    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0, "max_tokens": 2}, headers=h)
-    assert r.headers["x-tokenyard-cache"] == "miss"
-
-
-async def test_cost_in_usage_when_asked(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(
-        model=ECHO, messages=USER, max_tokens=2, extra_body={"usage": {"include": True}}
-    )
-    assert r.usage.model_extra.get("cost") == 0.0  # own capacity has no price
-    r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
-    assert "cost" not in (r.usage.model_extra or {})
-
-
 async def test_idempotency_key_runs_once(echo_stack: Stack, http: httpx.AsyncClient) -> None:
     other = await echo_stack.start_api()  # a second gateway shares the claims
     body = {"model": ECHO, "messages": [{"role": "user", "content": "exactly once [[tokens=6]] [[rate=20]]"}]}
@@ -335,7 +201,125 @@ async def test_node_lifecycle_is_audited_once(stack: Stack) -> None:
     assert actions == ["node.join", "node.drain", "node.leave"]
 
 
-async def test_a_keys_rate_limit_is_a_429_through_the_gateway(echo_stack: Stack, http: httpx.AsyncClient) -> None:
+# --- on one stack for the module: these only add keys and orgs of their own and read them back,
+# and count nothing another test adds to (they run in the module's event loop: conftest.py) ----
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_http(shared_echo_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=shared_echo_stack.api_url, timeout=30) as c:
+        yield c
+
+
+@MODULE_LOOP
+async def test_tenants_see_only_their_own(shared_http: httpx.AsyncClient) -> None:
+    http = shared_http
+    orgs = []
+    for name in ("acme", "globex"):
+        r = await admin(http, "POST", "/orgs", json={"name": name, "projects": ["web"]})
+        assert r.status_code == 201, r.text
+        orgs.append(r.json()["id"])
+    acme_admin = (await new_key(http, org=orgs[0], admin=True))["key"]
+    globex_key = await new_key(http, org=orgs[1], project="web")
+    # acme's admin: globex's key and org do not exist for it
+    assert (await admin(http, "GET", f"/keys/{globex_key['id']}", key=acme_admin)).status_code == 404
+    assert (await admin(http, "GET", f"/orgs/{orgs[1]}", key=acme_admin)).status_code == 404
+    assert (await admin(http, "POST", f"/keys/{globex_key['id']}/revoke", key=acme_admin)).status_code == 404
+    r = await admin(http, "POST", "/keys", key=acme_admin, json={"name": "x", "org": orgs[1]})
+    assert r.status_code == 404
+    listed = (await admin(http, "GET", "/keys", key=acme_admin)).json()["data"]
+    assert {k["org"] for k in listed} == {orgs[0]}
+    assert (await admin(http, "GET", "/orgs", key=acme_admin)).json()["data"][0]["id"] == orgs[0]
+    # org admins cannot create orgs or raise their own limits
+    assert (await admin(http, "POST", "/orgs", key=acme_admin, json={"name": "x"})).status_code == 403
+    assert (await admin(http, "PATCH", f"/orgs/{orgs[0]}", key=acme_admin, json={"name": "y"})).status_code == 403
+    # a plain key may not use the admin API at all
+    assert (await admin(http, "GET", "/keys", key=globex_key["key"])).status_code == 403
+    # unknown and privileged fields are refused
+    for bad in ({"name": "x", "digest": "00"}, {"name": "x", "revoked": 0}, {"name": "x", "root": True}):
+        r = await admin(http, "POST", "/keys", key=acme_admin, json=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter", r.text
+
+
+@MODULE_LOOP
+async def test_model_scopes_and_max_tokens_limit(shared_http: httpx.AsyncClient) -> None:
+    http = shared_http
+    scoped = (await new_key(http, models=["some/other-model"]))["key"]
+    r = await http.post("/v1/chat/completions", json={"model": ECHO, "messages": USER}, headers=auth_headers(scoped))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    capped = (await new_key(http, limits={"max_tokens": 5}))["key"]
+    r = await http.post(
+        "/v1/chat/completions", json={"model": ECHO, "messages": USER, "max_tokens": 6}, headers=auth_headers(capped)
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+@MODULE_LOOP
+async def test_audit_log_records_who_did_what(shared_http: httpx.AsyncClient) -> None:
+    http = shared_http
+    created = await new_key(http, name="audited")
+    await admin(http, "POST", f"/keys/{created['id']}/revoke")
+    deadline = time.monotonic() + 10
+    actions: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        actions = (await admin(http, "GET", "/audit")).json()["data"]
+        if {"key.create", "key.revoke"} <= {a["action"] for a in actions}:
+            break
+        await asyncio.sleep(0.1)
+    by_action = {a["action"]: a for a in actions}
+    assert by_action["key.create"]["target"] == created["id"] and by_action["key.create"]["actor"] == "admin"
+    assert by_action["key.revoke"]["source"] == "127.0.0.1"
+    assert "admin.signin" in by_action
+    assert all(created["key"] not in str(a) for a in actions)
+
+
+@MODULE_LOOP
+async def test_cache_rules(shared_http: httpx.AsyncClient) -> None:
+    http = shared_http
+    h = auth_headers()
+    body = {"model": ECHO, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3}
+    first = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
+    second = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=h)
+    assert (first.headers["x-tokenyard-cache"], second.headers["x-tokenyard-cache"]) == ("miss", "hit")
+    assert first.json()["choices"] == second.json()["choices"] and first.json()["id"] != second.json()["id"]
+    # streamed hit
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "temperature": 0, "stream": True}, headers=h
+    ) as r:
+        assert r.headers["x-tokenyard-cache"] == "hit"
+        raw = (await r.aread()).decode()
+    assert '"content":"cache me cache"' in raw and raw.rstrip().endswith("data: [DONE]")
+    # non-deterministic requests, a bypass header, and opted-out keys are not cached
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0.7}, headers=h)
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    r = await http.post(
+        "/v1/chat/completions", json={**body, "temperature": 0}, headers={**h, "x-tokenyard-cache": "no"}
+    )
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    opted_out = (await new_key(http, cache=False))["key"]
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0}, headers=auth_headers(opted_out))
+    assert r.headers["x-tokenyard-cache"] == "bypass"
+    # a different request is a miss
+    r = await http.post("/v1/chat/completions", json={**body, "temperature": 0, "max_tokens": 2}, headers=h)
+    assert r.headers["x-tokenyard-cache"] == "miss"
+
+
+@MODULE_LOOP
+async def test_cost_in_usage_when_asked(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
+    r = await client.chat.completions.create(
+        model=ECHO, messages=USER, max_tokens=2, extra_body={"usage": {"include": True}}
+    )
+    assert r.usage.model_extra.get("cost") == 0.0  # own capacity has no price
+    r = await client.chat.completions.create(model=ECHO, messages=USER, max_tokens=2)
+    assert "cost" not in (r.usage.model_extra or {})
+
+
+@MODULE_LOOP
+async def test_a_keys_rate_limit_is_a_429_through_the_gateway(shared_http: httpx.AsyncClient) -> None:
+    http = shared_http
     limited = (await new_key(http, limits={"rpm": 2}))["key"]
     body = {"model": ECHO, "messages": USER, "max_tokens": 1}
     statuses = [(await http.post("/v1/chat/completions", json=body, headers=auth_headers(limited))) for _ in range(3)]
@@ -345,3 +329,25 @@ async def test_a_keys_rate_limit_is_a_429_through_the_gateway(echo_stack: Stack,
     assert int(statuses[2].headers["retry-after"]) >= 1
     # another key is not affected
     assert (await http.post("/v1/chat/completions", json=body, headers=auth_headers())).status_code == 200
+
+
+@MODULE_LOOP
+async def test_revocation_reaches_every_gateway_within_two_seconds(
+    shared_echo_stack: Stack, shared_http: httpx.AsyncClient
+) -> None:
+    http, echo_stack = shared_http, shared_echo_stack
+    other = await echo_stack.start_api()
+    secret = (await new_key(http))["key"]
+    body = {"model": ECHO, "messages": USER, "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=other) as http2:
+        assert (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code == 200
+        key_id = secret.split("_")[1]
+        assert (await admin(http, "POST", f"/keys/{key_id}/revoke")).status_code == 200
+        revoked_at = time.monotonic()
+        status = 200
+        while time.monotonic() - revoked_at < 2.0:
+            status = (await http2.post("/v1/chat/completions", json=body, headers=auth_headers(secret))).status_code
+            if status == 401:
+                break
+            await asyncio.sleep(0.01)
+        assert status == 401

@@ -11,9 +11,8 @@ import openai
 import pytest
 
 from schemas import subjects
-from tests.conftest import ECHO
+from tests.helpers import ECHO, sdk
 from tests.stack import Stack
-from tests.test_faults import sdk
 
 
 async def test_queued_job_survives_a_nats_crash(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import watch_adverts
 from tests.stack import ADMIN_KEY, Stack
-from tests.test_faults import watch_adverts
 from worker.engine_url import NO_KEY, EngineError, engine_base_url, list_models, pick_models
 from worker.settings import WorkerSettings
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ECHO
 from tests.enrol import admin, create_token, join_node, wait_for_node
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack
 
 LAB = "lab"

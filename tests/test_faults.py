@@ -6,45 +6,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from schemas import subjects
-from schemas.jobs import NodeAdvert
-from tests.conftest import ECHO
-from tests.stack import ADMIN_KEY, Stack, auth_headers
-
-
-def sdk(stack: Stack, timeout: float = 30, url: str = "") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url or stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=timeout)
-
-
-class Adverts:
-    """The latest advert of every worker, read off the fleet subject."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, NodeAdvert] = {}
-
-    async def on_advert(self, msg: Any) -> None:
-        advert = NodeAdvert.decode(msg.data)
-        self.latest[advert.node] = advert
-
-    async def wait(self, predicate: Any, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.latest):
-                return True
-            await asyncio.sleep(0.02)
-        return False
-
-
-async def watch_adverts(stack: Stack) -> Adverts:
-    adverts = Adverts()
-    await (await stack.bus()).subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=adverts.on_advert)
-    return adverts
+from tests.helpers import ECHO, sdk, watch_adverts
+from tests.stack import Stack, auth_headers
 
 
 async def test_model_without_workers_is_503_at_once(stack: Stack) -> None:

@@ -13,9 +13,8 @@ import pytest
 
 from schemas import subjects
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
-from tests.conftest import ECHO
+from tests.helpers import ECHO, sdk, watch_adverts
 from tests.stack import Stack
-from tests.test_faults import sdk, watch_adverts
 
 
 async def collect(stream: openai.AsyncStream) -> tuple[str, str | None]:

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack, auth_headers
 
 REQUESTS_PER_RUN = 1000  # at least this many, over the tests below

@@ -14,7 +14,7 @@ import httpx
 from nats.aio.msg import Msg
 
 from schemas import subjects
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Stack, auth_headers
 
 

@@ -23,9 +23,8 @@ import psutil
 import pytest
 
 from schemas.nodes import Gpu, Hardware
-from tests.conftest import ECHO
+from tests.helpers import ECHO, watch_adverts
 from tests.stack import Stack, auth_headers, free_port
-from tests.test_faults import watch_adverts
 from worker.idle import (
     AlwaysAvailable,
     FileSignal,

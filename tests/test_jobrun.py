@@ -56,7 +56,7 @@ def test_a_silent_attempt_is_replaced_before_delivery_only() -> None:
 
     committed = JobRun(JOB, silence=1.0)
     committed.offer(ev(DELTA, 1001, 0), now=0)
-    committed.committed = True
+    committed.commit()
     assert not committed.offer(ev(DELTA, 1002, 0, node="b"), now=5.0)
     assert committed.current == 1001
 
@@ -92,6 +92,6 @@ def test_heartbeats_keep_an_attempt_alive_and_closed_runs_stop_everyone() -> Non
         assert run.heartbeat(ev(HEARTBEAT, 1001, 1), now=t)
     assert not run.silent(now=3.0)
     assert run.heartbeat(ev(HEARTBEAT, 1005, 0, node="c"), now=3.0) is False  # not current, one exists
-    run.closed = True
+    run.close()
     assert not run.heartbeat(ev(HEARTBEAT, 1001, 1), now=3.1)
     assert not run.offer(ev(DELTA, 1001, 1), now=3.1)

@@ -16,12 +16,9 @@ from nats.aio.client import Client as NATS
 
 from schemas.jobs import Admission, Submission
 from schemas.tenancy import Limits
-from tests.conftest import ECHO
+from tests.helpers import ECHO, FakeNodes, eventually, job, new_key, node, sdk, submit, wait_rows
 from tests.scrape import value
 from tests.stack import Stack
-from tests.test_control_plane import new_key, wait_rows
-from tests.test_faults import sdk
-from tests.test_scheduler_limits import FakeNodes, eventually, job, node, submit
 
 ASK = [{"role": "user", "content": "lane"}]
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from schemas import streams, subjects
 from schemas.jetstream import ensure
 from schemas.usage import AuditEvent, UsageRecord
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.postgres import Postgres
 from tests.stack import Proc, Stack, auth_headers
 

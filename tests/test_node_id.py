@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import watch_adverts
 from tests.stack import Stack
-from tests.test_faults import watch_adverts
 from worker.node_id import FILE, stable_node_id, valid_node_id
 
 

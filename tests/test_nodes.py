@@ -16,7 +16,6 @@ import pytest
 
 from schemas import subjects
 from schemas.jobs import ModelAdvert, NodeAdvert
-from tests.conftest import ECHO
 from tests.enrol import (
     admin,
     connection_names,
@@ -27,6 +26,7 @@ from tests.enrol import (
     raw_join,
     wait_for_node,
 )
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack
 
 LAB = "lab"

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.scrape import names, value
 from tests.stack import Stack, auth_headers, free_port
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import httpx
 import openai
+import pytest
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.openai_schema import validate
 from tests.stack import Stack, auth_headers
 
+# Requests that leave nothing a later test could see: one stack for the module.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-async def test_plain_completion(client: openai.AsyncOpenAI) -> None:
+
+async def test_plain_completion(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     r = await client.chat.completions.create(
         model=ECHO,
         messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}],
@@ -25,7 +30,8 @@ async def test_plain_completion(client: openai.AsyncOpenAI) -> None:
     validate(r.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
 
 
-async def test_natural_stop_and_stop_sequences(client: openai.AsyncOpenAI) -> None:
+async def test_natural_stop_and_stop_sequences(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "a b c [[tokens=3]]"}])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("a b c", "stop")
     r = await client.chat.completions.create(
@@ -34,7 +40,8 @@ async def test_natural_stop_and_stop_sequences(client: openai.AsyncOpenAI) -> No
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("a b ", "stop")
 
 
-async def test_streamed_completion(client: openai.AsyncOpenAI) -> None:
+async def test_streamed_completion(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     stream = await client.chat.completions.create(
         model=ECHO,
         messages=[{"role": "user", "content": "hello streaming world [[tokens=40]]"}],
@@ -57,7 +64,8 @@ async def test_streamed_completion(client: openai.AsyncOpenAI) -> None:
     assert len(ids) == 1
 
 
-async def test_n_choices(client: openai.AsyncOpenAI) -> None:
+async def test_n_choices(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     r = await client.chat.completions.create(
         model=ECHO, messages=[{"role": "user", "content": "x y"}], n=3, max_tokens=2
     )
@@ -66,7 +74,8 @@ async def test_n_choices(client: openai.AsyncOpenAI) -> None:
     assert r.usage.completion_tokens == 6
 
 
-async def test_models(client: openai.AsyncOpenAI) -> None:
+async def test_models(shared_client: openai.AsyncOpenAI) -> None:
+    client = shared_client
     models = await client.models.list()
     assert [m.id for m in models.data] == [ECHO]
     validate(models.model_dump(exclude_unset=True), "ListModelsResponse")
@@ -75,9 +84,9 @@ async def test_models(client: openai.AsyncOpenAI) -> None:
     validate(m.model_dump(exclude_unset=True), "Model")
 
 
-async def test_raw_sse_framing(echo_stack: Stack) -> None:
+async def test_raw_sse_framing(shared_echo_stack: Stack) -> None:
     body = {"model": ECHO, "messages": [{"role": "user", "content": "p q [[tokens=2]]"}], "stream": True}
-    async with httpx.AsyncClient(base_url=echo_stack.api_url, headers=auth_headers()) as http:
+    async with httpx.AsyncClient(base_url=shared_echo_stack.api_url, headers=auth_headers()) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")

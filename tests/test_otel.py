@@ -17,7 +17,7 @@ import pytest
 
 from schemas.otel import Tracing
 from schemas.trace import request_id, trace_id, traceparent
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Stack, auth_headers
 
 trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")

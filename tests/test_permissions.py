@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from broker_api.nats_auth import write_secret
 from schemas import permissions, streams, subjects
 from schemas.jetstream import ensure
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Stack
 
 OTHER = "secret/model"

@@ -16,10 +16,8 @@ import openai
 
 from schemas.jobs import Submission
 from schemas.tenancy import Limits
-from tests.conftest import ECHO
+from tests.helpers import CLI, ECHO, FakeNodes, job, node, publish_usage, submit
 from tests.stack import Stack, free_port
-from tests.test_cli import CLI
-from tests.test_scheduler_limits import FakeNodes, job, node, publish_usage, submit
 
 EXIT_WITHIN = 3.0
 

@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import Stack, auth_headers
 
 

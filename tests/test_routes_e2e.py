@@ -13,9 +13,8 @@ import httpx
 import yaml
 
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import admin, sdk, wait_rows
 from tests.stack import Stack
-from tests.test_control_plane import admin, wait_rows
-from tests.test_faults import sdk
 
 MODEL = "gpt-test"
 ASK = [{"role": "user", "content": "hello routes"}]

@@ -15,10 +15,8 @@ import pytest
 from broker_api import admin_cli
 from scheduler.routing import RoutingTable
 from schemas.routing import Policy, key_entry, model_entry, parse_entry
-from tests.conftest import ECHO
+from tests.helpers import ECHO, admin, new_key, sdk, wait_rows
 from tests.stack import ADMIN_KEY, Stack
-from tests.test_control_plane import admin, new_key, wait_rows
-from tests.test_faults import sdk
 
 ASK = [{"role": "user", "content": "route me"}]
 

@@ -19,8 +19,8 @@ from scheduler.fairness import FairQueue, Item
 from schemas import subjects
 from schemas.errors import from_wire
 from schemas.jobs import Job, Submission
+from tests.helpers import MODEL, FakeNodes, job, node, submit
 from tests.stack import Stack
-from tests.test_scheduler_limits import MODEL, FakeNodes, job, node, submit
 
 
 def fill(q: FairQueue[str], tenant: str, tier: str, n: int, since: float = 0.0) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,144 +25,17 @@ from schemas import streams, subjects
 from schemas.codec import WireError, pack
 from schemas.errors import RateLimitError, from_wire
 from schemas.jetstream import open_bucket
-from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
+from schemas.jobs import Job, Submission
 from schemas.tenancy import Limits
-from schemas.usage import UsageRecord
+from tests.helpers import MODEL, FakeNodes, eventually, job, node, publish_usage, submit
 from tests.stack import Stack
 
-MODEL = "lim/model"
 T0 = 1_700_000_000.0  # a fixed clock for the pure tests
-
-
-# --- helpers shared by the scheduler tests ---------------------------------------------------
-
-
-class FakeNodes:
-    """Publishes NodeAdverts for simulated nodes and answers roll calls, like real workers."""
-
-    def __init__(self, nc: NATS, adverts: list[NodeAdvert]) -> None:
-        self.nc = nc
-        self.adverts = {a.node: a for a in adverts}
-        self._task: asyncio.Task[None] | None = None
-
-    async def publish(self) -> None:
-        for a in self.adverts.values():
-            await self.nc.publish(subjects.fleet_heartbeat(a.node), a.encode())
-        await self.nc.flush()
-
-    async def start(self) -> FakeNodes:
-        async def on_roll_call(_: Any) -> None:
-            await self.publish()
-
-        await self.nc.subscribe(subjects.FLEET_ROLL_CALL, cb=on_roll_call)
-        await self.publish()
-
-        async def forever() -> None:
-            while True:
-                await asyncio.sleep(0.2)
-                await self.publish()
-
-        self._task = asyncio.create_task(forever())
-        return self
-
-    def set(self, advert: NodeAdvert) -> None:
-        self.adverts[advert.node] = advert
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-
-
-def node(
-    name: str,
-    pool: str = "own",
-    *,
-    model: str = MODEL,
-    slots: int = 4,
-    free: int | None = None,
-    kind: str = "own",
-    healthy: bool = True,
-    price: tuple[float, float] = (0.0, 0.0),
-) -> NodeAdvert:
-    return NodeAdvert(
-        node=name,
-        pool=pool,
-        models=(ModelAdvert(model, 4096, "t", *price),),
-        slots_total=slots,
-        slots_free=slots if free is None else free,
-        interval=0.2,
-        kind=kind,
-        healthy=healthy,
-    )
-
-
-def job(
-    job_id: str, *, model: str = MODEL, deadline: float = 60.0, dispatch: int = 1, request: dict[str, Any] | None = None
-) -> Job:
-    return Job(
-        id=job_id,
-        model=model,
-        request=request or {"model": model, "messages": []},
-        reply=f"ty.reply.test.{job_id}",
-        deadline=time.time() + deadline,
-        dispatch=dispatch,
-    )
-
-
-async def submit(nc: NATS, sub: Submission, timeout: float = 10.0) -> Admission:
-    return Admission.decode((await nc.request(subjects.SCHED_SUBMIT, sub.encode(), timeout=timeout)).data)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(every)
-    return False
 
 
 async def read_counters(nc: NATS, scope: str, ident: str) -> L.Counters:
     kv = await nc.jetstream().key_value(subjects.LIMITS_BUCKET)
     return L.Counters.decode((await kv.get(subjects.limits_entry(scope, ident))).value or L.Counters().encode())
-
-
-async def publish_usage(
-    nc: NATS,
-    job_id: str,
-    *,
-    key: str = "",
-    org: str = "",
-    tokens: tuple[int, int] = (0, 0),
-    reserved: int = 0,
-    outcome: str = "ok",
-    route: str = "own",
-    status: int = 200,
-    cost: float = 0.0,
-    ttft_ms: float = 0.0,
-    duration_ms: float = 0.0,
-) -> None:
-    record = UsageRecord(
-        job_id=job_id,
-        time=time.time(),
-        org=org,
-        project="",
-        key_id=key,
-        model=MODEL,
-        route=route,
-        node="n",
-        attempts=1,
-        prompt_tokens=tokens[0],
-        completion_tokens=tokens[1],
-        cached_tokens=0,
-        cost=cost,
-        ttft_ms=ttft_ms,
-        duration_ms=duration_ms,
-        outcome=outcome,
-        status=status,
-        reserved_tokens=reserved,
-    )
-    await nc.jetstream().publish(subjects.usage_subject(job_id), record.encode(), headers={"Nats-Msg-Id": job_id})
 
 
 @pytest.fixture

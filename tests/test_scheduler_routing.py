@@ -17,9 +17,9 @@ from scheduler.health import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerConfig, He
 from scheduler.routing import Policy, ProviderPrefs, Route, RoutingTable, candidate_models, choose, rank
 from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, from_wire
 from schemas.jobs import Submission
+from tests.helpers import FakeNodes, eventually, node, publish_usage, submit
+from tests.helpers import job as _job
 from tests.stack import Stack
-from tests.test_scheduler_limits import FakeNodes, eventually, node, publish_usage, submit
-from tests.test_scheduler_limits import job as _job
 
 M = "m/one"
 

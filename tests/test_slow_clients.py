@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import httpx
 
 from broker_api.connection import BODY_GRACE
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack, auth_headers
 
 HEADER_TIMEOUT = 1.0

@@ -1,0 +1,241 @@
+"""Driving one job to its end: what happens when an attempt fails, goes silent, loses events or
+runs out of time.
+
+`decide` is the policy, a pure function: given the run's state, what went wrong and the
+settings, it says run the job again (keeping off the pool that failed, when the attempt itself
+reported the failure), continue from the text the client already has, or fail with this error.
+`JobDriver` is the loop that applies it: it waits for the winning attempt's events, stops the
+attempts it gives up on, resubmits, and yields what the client should get. Neither knows any
+API's JSON: continuing an answer is the API's own `Continuation` (`broker_api.session`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from broker_api.bus import Bus
+from broker_api.jobrun import Broken, JobRun, Streamed
+from broker_api.output import Output
+from broker_api.session import Continuation
+from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
+from schemas.events import Delta, Done, Failed, Start
+from schemas.jobs import Submission
+
+log = structlog.get_logger(__name__)
+
+TICK = 0.25  # seconds between liveness checks while a job is quiet
+
+# --- what went wrong ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Silent:
+    """The current attempt said nothing for longer than the silence allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class LostEvents:
+    """The current attempt's events arrived with a gap."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailed:
+    """The attempt reported a failure; `retryable`: another node may succeed."""
+
+    error: TokenyardError
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    """The request's deadline passed."""
+
+
+Failure = Silent | LostEvents | AttemptFailed | Overdue
+
+# --- what to do about it ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Redispatch:
+    """Run the job again from the start (nothing reached the client); `avoid` a pool if set."""
+
+    why: str
+    avoid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Run the job again, carrying on from the text the client already has."""
+
+    why: str
+    avoid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    error: TokenyardError
+
+
+Decision = Redispatch | Continue | Fail
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    dispatch: int  # placements so far (1 for the first)
+    committed: bool  # content reached the client
+    started: bool  # an attempt is current (a worker took the job)
+    pool: str  # the pool the current placement went to
+    choices: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    max_dispatches: int
+    continues: bool  # this model's answers may be continued elsewhere, and the API can
+
+
+def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
+    if isinstance(failure, Overdue):
+        if not state.started and not state.committed:
+            return Fail(DeadlineExceededError("No worker answered the request before its deadline."))
+        return Fail(DeadlineExceededError("The request did not finish before its deadline."))
+    avoid = ""
+    if isinstance(failure, AttemptFailed):
+        if not failure.retryable:
+            return Fail(failure.error)
+        why, avoid = failure.error.message, state.pool
+    elif isinstance(failure, LostEvents):
+        why = f"the worker's events were lost ({failure.reason})"
+    else:
+        why = "the worker stopped responding"
+    if state.dispatch >= policy.max_dispatches:
+        if state.committed:
+            return Fail(WorkerFailedError(f"The answer was interrupted: {why}."))
+        return Fail(WorkerFailedError(f"The request failed on every attempt ({state.dispatch}); last: {why}."))
+    if not state.committed:
+        return Redispatch(why, avoid)
+    if policy.continues and state.choices == 1:
+        return Continue(why, avoid)
+    return Fail(WorkerFailedError(f"The answer was interrupted: {why}."))
+
+
+# --- the loop that applies it -------------------------------------------------------------
+
+
+class JobDriver:
+    """One admitted job's events up to its DONE. Every Delta and Done it yields has been added
+    to `output` already."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        run: JobRun,
+        sub: Submission,
+        output: Output,
+        *,
+        policy: Policy,
+        continuation: Continuation | None,
+        submit_timeout: float,
+        on_continue: Callable[[], None] = lambda: None,  # counted by the caller's metrics
+        tick: float = TICK,
+    ) -> None:
+        self._on_continue = on_continue
+        self._bus = bus
+        self._run = run
+        self._sub = sub
+        self._request = sub.job.request  # as the client asked: what a continuation extends
+        self._output = output
+        self._policy = policy
+        self._continuation = continuation
+        self._submit_timeout = submit_timeout
+        self._tick = tick
+
+    async def events(self) -> AsyncGenerator[Delta | Done, None]:
+        """The winning attempt's DELTA and DONE events, in order; raises if the job fails."""
+        run = self._run
+        while True:
+            item = await self._next()
+            failure: Failure
+            match item:
+                case Delta() | Done():
+                    self._output.add(item)
+                    yield item
+                    if isinstance(item, Done):
+                        return
+                    continue
+                case Start():
+                    continue
+                case None:
+                    if not run.silent(time.monotonic()):
+                        continue
+                    gone = run.drop_current()
+                    if gone:
+                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent")
+                    failure = Silent()
+                case Overdue():
+                    failure = item
+                case Broken():
+                    await self._bus.stop(item.node, run.job.id, item.attempt, "lost events")
+                    failure = LostEvents(item.reason)
+                case Failed():
+                    run.drop_current()
+                    failure = AttemptFailed(from_wire(item.error or {}), item.retryable)
+            await self._apply(decide(self._state(), failure, self._policy))
+
+    def _state(self) -> RunState:
+        run = self._run
+        return RunState(
+            dispatch=run.job.dispatch,
+            committed=run.committed,
+            started=run.current is not None,
+            pool=run.pool_of(run.job.dispatch),
+            choices=self._output.choices,
+        )
+
+    async def _next(self) -> Streamed | Broken | Overdue | None:
+        """The next item, or None after a quiet tick; Overdue once the deadline passed."""
+        run = self._run
+        if not run.queue.empty():
+            return run.queue.get_nowait()
+        remaining = run.job.deadline - time.time()
+        if remaining <= 0:
+            return Overdue()
+        try:
+            async with asyncio.timeout(min(remaining, self._tick)):
+                return await run.queue.get()
+        except TimeoutError:
+            return None
+
+    async def _apply(self, decision: Decision) -> None:
+        if isinstance(decision, Fail):
+            raise decision.error
+        run, sub = self._run, self._sub
+        job = run.job
+        again = dataclasses.replace(job, dispatch=job.dispatch + 1)
+        continuing = isinstance(decision, Continue)
+        if continuing:
+            again = dataclasses.replace(again, request=self._continued())
+            log.info("job.continue", job_id=job.id, dispatch=job.dispatch, carried_tokens=self._output.tokens)
+            self._output.carry_on()
+            self._on_continue()
+        avoid = sub.avoid + ((decision.avoid,) if decision.avoid else ())
+        self._sub = dataclasses.replace(sub, job=again, avoid=avoid)
+        run.redispatch(again, continuing=continuing)
+        log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
+        admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
+        run.placed(again.dispatch, admission.pool)
+
+    def _continued(self) -> dict[str, Any]:
+        if self._continuation is None:  # decide() continues only where the API can
+            raise WorkerFailedError("The answer was interrupted.")
+        return self._continuation(self._request, self._output.text(0), self._output.tokens)

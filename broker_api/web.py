@@ -1,0 +1,148 @@
+"""HTTP plumbing the gateway's routes share: OpenAI-shaped error responses for everything, a
+request id on every response, a client that leaves, SSE framing (a bounded JSON body is
+`broker_api.body`).
+
+Every error a client can see leaves through `error_response`, as OpenAI's error object with
+the right status: bad input is a 4xx, never a 422 or a 500, and never a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from schemas.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    TokenyardError,
+)
+from schemas.trace import request_id
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def error_response(e: TokenyardError) -> JSONResponse:
+    headers = {}
+    if e.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(e.retry_after)))
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _tokenyard_error(request: Request, e: TokenyardError) -> Response:
+    return error_response(e)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+    if e.status_code == 404:
+        return error_response(NotFoundError(f"Invalid URL ({request.method} {request.url.path})"))
+    if e.status_code == 405:
+        return error_response(MethodNotAllowedError(f"Method not allowed: {request.method} {request.url.path}"))
+    return JSONResponse(
+        {"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None, "code": None}},
+        status_code=e.status_code,
+    )
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> Response:
+    return error_response(InvalidRequestError(str(e.errors()[0].get("msg", "invalid request"))))
+
+
+async def _unexpected(request: Request, e: Exception) -> Response:
+    log.exception("api.unhandled", path=request.url.path)
+    return error_response(TokenyardError("The server had an error while processing your request."))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.exception_handler(TokenyardError)(_tokenyard_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(Exception)(_unexpected)
+
+
+class RequestIdMiddleware:
+    """Gives every response an `x-request-id` (the client's own, when it sent a sane one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = request_id(given)  # the client's when sane, else a new one (schemas.trace)
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def watch_disconnect(
+    request: Request,
+    work: Callable[[], Awaitable[T]],
+    cleanup: Callable[[], Awaitable[None]],
+    render: Callable[[T], Response],
+) -> Response:
+    """Run `work` in this task, cancelling it if the client disconnects first; `cleanup` runs
+    either way."""
+    this = asyncio.current_task()
+    if this is None:
+        raise RuntimeError("watch_disconnect runs inside a task")
+    gone = working = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _until_disconnect(request.receive)
+        if working:  # never interrupt the cleanup below
+            gone = True
+            this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    working = True
+    try:
+        return render(await work())
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        this.uncancel()
+        return Response(status_code=499)
+    finally:
+        working = False
+        watcher.cancel()
+        await cleanup()
+
+
+async def sse(
+    first: str, rest: AsyncGenerator[str, None], cleanup: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """`data:` events: `first` (already produced, so errors before it were HTTP errors), then `rest`."""
+    try:
+        yield f"data: {first}\n\n".encode()
+        async for payload in rest:
+            yield f"data: {payload}\n\n".encode()
+    finally:
+        await rest.aclose()
+        await cleanup()

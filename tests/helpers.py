@@ -1,0 +1,232 @@
+"""Helpers several test modules share: clients for a running stack, the admin API, the
+ledger, the fleet's adverts, simulated nodes and submissions for the scheduler tests, and
+bounded waits. Test modules import from here (and from `tests.stack`), never from each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import openai
+from nats.aio.client import Client as NATS
+
+from schemas import subjects
+from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
+from schemas.usage import UsageRecord
+from tests.stack import ADMIN_KEY, Stack, auth_headers
+
+ECHO = "tokenyard/echo"  # the echo backend's model
+MODEL = "lim/model"  # the model the scheduler tests' simulated nodes serve
+
+# The CLI as a subprocess, on this interpreter.
+CLI = [sys.executable, "-c", "import sys; from broker_api.cli import main; main(sys.argv[1:])"]
+
+
+def tokenyard(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+# --- waiting ----------------------------------------------------------------------------------
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `predicate` every 10 ms for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(every)
+    return False
+
+
+# --- a running stack, from outside ------------------------------------------------------------
+
+
+def sdk(stack: Stack, timeout: float = 30, url: str = "") -> openai.AsyncOpenAI:
+    """The official client on the stack's (or `url`'s) gateway, with the admin key, no retries."""
+    return openai.AsyncOpenAI(base_url=f"{url or stack.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=timeout)
+
+
+async def admin(http: httpx.AsyncClient, method: str, path: str, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
+    return await http.request(method, f"/v1/admin{path}", headers=auth_headers(key), **kw)
+
+
+async def new_key(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    r = await admin(http, "POST", "/keys", json={"name": "test", **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def wait_rows(http: httpx.AsyncClient, count: int, timeout: float = 10.0, **params: str) -> list[dict[str, Any]]:
+    """The ledger's usage rows once it holds at least `count` of them."""
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        r = await admin(http, "GET", "/usage/export", params={"format": "json", **params})
+        assert r.status_code == 200, r.text
+        rows = r.json()["data"]
+        if len(rows) >= count:
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"ledger has {len(rows)} rows, expected {count}: {rows}")
+
+
+class Adverts:
+    """The latest advert of every worker, read off the fleet subject."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, NodeAdvert] = {}
+
+    async def on_advert(self, msg: Any) -> None:
+        advert = NodeAdvert.decode(msg.data)
+        self.latest[advert.node] = advert
+
+    async def wait(self, predicate: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.latest):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+async def watch_adverts(stack: Stack) -> Adverts:
+    adverts = Adverts()
+    await (await stack.bus()).subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=adverts.on_advert)
+    return adverts
+
+
+# --- the scheduler without workers ------------------------------------------------------------
+
+
+class FakeNodes:
+    """Publishes NodeAdverts for simulated nodes and answers roll calls, like real workers."""
+
+    def __init__(self, nc: NATS, adverts: list[NodeAdvert]) -> None:
+        self.nc = nc
+        self.adverts = {a.node: a for a in adverts}
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish(self) -> None:
+        for a in self.adverts.values():
+            await self.nc.publish(subjects.fleet_heartbeat(a.node), a.encode())
+        await self.nc.flush()
+
+    async def start(self) -> FakeNodes:
+        async def on_roll_call(_: Any) -> None:
+            await self.publish()
+
+        await self.nc.subscribe(subjects.FLEET_ROLL_CALL, cb=on_roll_call)
+        await self.publish()
+
+        async def forever() -> None:
+            while True:
+                await asyncio.sleep(0.2)
+                await self.publish()
+
+        self._task = asyncio.create_task(forever())
+        return self
+
+    def set(self, advert: NodeAdvert) -> None:
+        self.adverts[advert.node] = advert
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+def node(
+    name: str,
+    pool: str = "own",
+    *,
+    model: str = MODEL,
+    slots: int = 4,
+    free: int | None = None,
+    kind: str = "own",
+    healthy: bool = True,
+    price: tuple[float, float] = (0.0, 0.0),
+) -> NodeAdvert:
+    return NodeAdvert(
+        node=name,
+        pool=pool,
+        models=(ModelAdvert(model, 4096, "t", *price),),
+        slots_total=slots,
+        slots_free=slots if free is None else free,
+        interval=0.2,
+        kind=kind,  # type: ignore[arg-type]
+        healthy=healthy,
+    )
+
+
+def job(
+    job_id: str, *, model: str = MODEL, deadline: float = 60.0, dispatch: int = 1, request: dict[str, Any] | None = None
+) -> Job:
+    return Job(
+        id=job_id,
+        model=model,
+        request=request or {"model": model, "messages": []},
+        reply=subjects.reply_subject("test", job_id),
+        deadline=time.time() + deadline,
+        dispatch=dispatch,
+    )
+
+
+async def submit(nc: NATS, sub: Submission, timeout: float = 10.0) -> Admission:
+    return Admission.decode((await nc.request(subjects.SCHED_SUBMIT, sub.encode(), timeout=timeout)).data)
+
+
+async def publish_usage(
+    nc: NATS,
+    job_id: str,
+    *,
+    key: str = "",
+    org: str = "",
+    tokens: tuple[int, int] = (0, 0),
+    reserved: int = 0,
+    outcome: str = "ok",
+    route: str = "own",
+    status: int = 200,
+    cost: float = 0.0,
+    ttft_ms: float = 0.0,
+    duration_ms: float = 0.0,
+) -> None:
+    """A usage record on the usage stream, as a gateway publishes it."""
+    record = UsageRecord(
+        job_id=job_id,
+        time=time.time(),
+        org=org,
+        project="",
+        key_id=key,
+        model=MODEL,
+        route=route,
+        node="n",
+        attempts=1,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        cached_tokens=0,
+        cost=cost,
+        ttft_ms=ttft_ms,
+        duration_ms=duration_ms,
+        outcome=outcome,  # type: ignore[arg-type]
+        status=status,
+        reserved_tokens=reserved,
+    )
+    await nc.jetstream().publish(subjects.usage_subject(job_id), record.encode(), headers={"Nats-Msg-Id": job_id})

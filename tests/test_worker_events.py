@@ -1,0 +1,110 @@
+"""An attempt's outgoing events (`worker.events.EventStream`) on a publisher that records what
+it is handed: the first delta goes at once, later ones are merged within the coalescing window
+(text joined, tool-call fragments and logprobs kept in order), sequence numbers have no gaps,
+and the final event carries whatever was still waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from schemas.errors import NoCapacityError
+from schemas.events import (
+    Delta,
+    Done,
+    Event,
+    Failed,
+    Heartbeat,
+    Piece,
+    Start,
+    TokenLogprob,
+    ToolCallDelta,
+    decode_event,
+)
+from worker.backend import Usage
+from worker.events import EventStream
+
+SUBJECT = "ty.reply.gw.j1"
+
+
+class Recorder:
+    """A publisher that keeps every message, decoded."""
+
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+        self.subjects: set[str] = set()
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None:
+        self.subjects.add(subject)
+        self.sent.append(decode_event(payload))
+
+
+def stream(rec: Recorder, coalesce: float = 0.05) -> EventStream:
+    return EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=coalesce)
+
+
+CALL = (ToolCallDelta(0, "call_1", "lookup", '{"q": '), ToolCallDelta(0, arguments='"x"}'))
+LOGPROBS = (TokenLogprob("b", -0.5), TokenLogprob("c", -1.5))
+
+
+async def test_first_delta_at_once_then_merged_and_the_tail_rides_on_done() -> None:
+    rec = Recorder()
+    es = stream(rec, coalesce=10.0)  # nothing but the first delta leaves before done
+    await es.add(Piece(0, "a", 1))
+    assert [type(e) for e in rec.sent] == [Delta]
+    await es.add(Piece(0, "b", 1, tool_calls=CALL[:1], logprobs=LOGPROBS[:1]))
+    await es.add(Piece(0, "c", 1, tool_calls=CALL[1:], logprobs=LOGPROBS[1:]))
+    await es.add(Piece(1, "z", 2))
+    await es.add(Piece(0, "d", 1))
+    assert len(rec.sent) == 1 and es.tokens == 6 and es.tokens_sent == 1
+    await es.done(["stop", "length"], Usage(prompt_tokens=7, completion_tokens=6, cost=0.5))
+    first, done = rec.sent
+    assert isinstance(first, Delta) and first.pieces == (Piece(0, "a", 1),)
+    assert isinstance(done, Done) and (done.finish, done.prompt_tokens, done.completion_tokens, done.cost) == (
+        ("stop", "length"),
+        7,
+        6,
+        0.5,
+    )
+    # consecutive pieces of one choice merge; another choice in between starts a new run
+    assert done.pieces == (
+        Piece(0, "bc", 2, CALL, LOGPROBS),
+        Piece(1, "z", 2),
+        Piece(0, "d", 1),
+    )
+    assert [e.seq for e in rec.sent] == [0, 1] and rec.subjects == {SUBJECT}
+
+
+async def test_the_window_flushes_by_itself_and_sequence_numbers_have_no_gaps() -> None:
+    rec = Recorder()
+    es = stream(rec, coalesce=0.02)
+    for i in range(20):
+        await es.add(Piece(0, f"w{i} ", 1))
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)  # the last batch leaves on its timer, without another add
+    assert sum(p.tokens for e in rec.sent if isinstance(e, Delta) for p in e.pieces) == 20
+    assert "".join(p.text for e in rec.sent if isinstance(e, Delta) for p in e.pieces) == "".join(
+        f"w{i} " for i in range(20)
+    )
+    assert 2 <= len(rec.sent) < 20  # merged, but not all into one
+    await es.fail(NoCapacityError("provider down"), retryable=True)
+    assert isinstance(rec.sent[-1], Failed) and rec.sent[-1].retryable
+    assert rec.sent[-1].error["kind"] == "no_capacity"
+    assert [e.seq for e in rec.sent] == list(range(len(rec.sent)))
+    beat = decode_event(es.heartbeat())
+    assert isinstance(beat, Heartbeat) and beat.seq == len(rec.sent)  # the number the next event would carry
+
+
+async def test_start_is_sent_only_when_nothing_else_came_first() -> None:
+    quick, slow = Recorder(), Recorder()
+    es = stream(quick)
+    es.start(0.05)
+    await es.add(Piece(0, "x", 1))  # the first token beat the start: no START at all
+    await asyncio.sleep(0.1)
+    assert [type(e) for e in quick.sent] == [Delta] and quick.sent[0].seq == 0
+    es = stream(slow, coalesce=0.02)
+    es.start(0.01)
+    await asyncio.sleep(0.05)
+    await es.add(Piece(0, "x", 1))
+    await asyncio.sleep(0.05)  # (within a window of the START it waits for the window, like any delta)
+    assert [(type(e), e.seq) for e in slow.sent] == [(Start, 0), (Delta, 1)]
