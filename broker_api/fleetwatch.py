@@ -116,7 +116,9 @@ class FleetWatch:
             seen = self._nodes[advert.node] = _Seen(advert, now)
         elif advert.healthy != seen.advert.healthy:
             self._event("node.healthy" if advert.healthy else "node.unhealthy", advert, f".{advert.health_since:.6f}")
-        if advert.draining and not seen.draining:
+        # an idle-time node whose owner is back advertises itself draining too (paused): that is
+        # not the node shutting down, and it happens at every return of the owner
+        if advert.draining and not advert.paused and not seen.draining:
             self._event("node.drain", advert)
             seen.draining = True
         seen.advert, seen.last = advert, now

@@ -129,7 +129,7 @@ class Worker:
             kind=self._s.kind,
             healthy=self._backend_healthy(),
             health_since=self._health_since,
-            paused=not self._idle.may_pull(),
+            paused=not self._draining and not self._idle.may_pull(),  # shutting down is not a pause
             hardware=self._hardware,
             served=self._served,
         )
