@@ -18,7 +18,17 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
-from broker_api import admin_keys, routes_admin, routes_openai, routes_ops, routes_routing, unavailable
+from broker_api import (
+    admin_keys,
+    routes_admin,
+    routes_completions,
+    routes_embeddings,
+    routes_openai,
+    routes_ops,
+    routes_responses,
+    routes_routing,
+    unavailable,
+)
 from broker_api.accounting import Accounts
 from broker_api.admin_console import router as admin_console_router
 from broker_api.audit import Auditor
@@ -37,6 +47,7 @@ from broker_api.metrics import Metrics
 from broker_api.nodes import NodeServices
 from broker_api.nodes import router as nodes_router
 from broker_api.observe import ObserveMiddleware
+from broker_api.response_store import ResponseStore
 from broker_api.serving import Serving
 from broker_api.sessions import SessionStore
 from broker_api.settings import ApiSettings
@@ -107,6 +118,7 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
             nc, js, keys, idle=settings.console_idle, lifetime=settings.console_lifetime, replicas=replicas
         ),
         nodes=nodes,
+        responses=await ResponseStore.open(nc, js, ttl=settings.responses_ttl, replicas=replicas),
     )
 
 
@@ -133,6 +145,9 @@ def create_app(settings: ApiSettings, *, admin_key: str) -> FastAPI:
     for kind in NATS_ERRORS:  # NATS's own exceptions: a 503 with Retry-After, never a 500
         app.add_exception_handler(kind, unavailable.handle)
     app.include_router(routes_openai.router)
+    app.include_router(routes_responses.router)
+    app.include_router(routes_completions.router)
+    app.include_router(routes_embeddings.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_routing.router)
     app.include_router(routes_ops.router)

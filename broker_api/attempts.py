@@ -233,7 +233,7 @@ class JobDriver:
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
         admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
-        run.placed(again.dispatch, admission.pool)
+        run.placed(again.dispatch, admission.pool, admission.model)
 
     def _continued(self) -> dict[str, Any]:
         if self._continuation is None:  # decide() continues only where the API can

@@ -79,32 +79,48 @@ def reserved_tokens(sub: Submission) -> int:
     return max(1, sub.estimated_tokens)
 
 
-def stored_answer(output: Output, done: Done, bill: Charge) -> CachedAnswer:
-    """A finished run as the cache and idempotency replays keep it (at its full cost)."""
+def stored_answer(output: Output, done: Done, bill: Charge, *, model: str = "", route: str = "") -> CachedAnswer:
+    """A finished run as the cache and idempotency replays keep it (at its full cost): each
+    choice's text, tool-call fragments and logprobs (an embedding job's vectors), and the model
+    and route that answered."""
+    parts = output.parts
     return CachedAnswer(
         [output.text(i) for i in range(output.choices)],
         list(done.finish),
         bill.prompt_tokens,
         bill.completion_tokens,
         done.cost or 0.0,
+        tool_calls=[tuple(p.tool_calls) for p in parts] if any(p.tool_calls for p in parts) else [],
+        logprobs=[tuple(p.logprobs) for p in parts] if any(p.logprobs for p in parts) else [],
+        vectors=[p.embedding for p in parts] if any(p.embedding for p in parts) else [],
+        model=model,
+        route=route,
     )
+
+
+def served_by(s: Session) -> tuple[str, str]:
+    """(model, route) that answered: with a `models` fallback list the model placed, not the
+    first asked for; a cached answer's own (its route for the client, "cache" in the ledger)."""
+    if s.cached is not None:
+        return s.cached.model or s.ask.model, s.cached.route
+    attempt = s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
+    return s.run.model_of(attempt) or s.ask.model, s.run.route_of(attempt)
 
 
 def usage_record(s: Session, bill: Charge, *, now: float) -> UsageRecord:
     """The session's usage record; `now` (monotonic) ends its duration if the response has not."""
+    model, route = served_by(s)
     if s.cached is not None:
         route, node, attempts = "cache", "", s.job.dispatch
     else:
-        run = s.run
-        attempt = s.output.attempt if s.output.attempt >= 0 else (run.current or 0)
-        route, node, attempts = run.route_of(attempt), run.current_node, run.job.dispatch
+        node, attempts = s.run.current_node, s.run.job.dispatch
     return UsageRecord(
         job_id=s.job.id,
         time=s.arrived,
         org=s.who.org,
         project=s.who.project,
         key_id=s.who.key_id,
-        model=s.ask.model,
+        model=model,
         route=route,
         node=node,
         attempts=attempts,

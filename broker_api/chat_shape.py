@@ -18,7 +18,19 @@ from broker_api.billing import Charge
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
-from schemas.chat import ChatCompletion, ChatCompletionRequest, Choice, ChunkEncoder, ResponseMessage, Usage
+from schemas.chat import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkEncoder,
+    ResponseMessage,
+    TokenLogprobOut,
+    ToolCallOut,
+    Usage,
+    logprob_json,
+    tool_calls_json,
+)
 from schemas.errors import TokenyardError
 from schemas.rules import estimate_prompt_tokens, requested_max_tokens
 
@@ -57,40 +69,78 @@ def usage(req: ChatCompletionRequest, bill: Charge) -> Usage:
     return u.model_copy(update={"cost": bill.cost}) if req.wants_cost else u
 
 
-def completion(req: ChatCompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge) -> ChatCompletion:
+def message(r: ChoiceResult) -> ResponseMessage:
+    """A finished choice's message: its text (null when it only called tools) and its tool
+    calls, each call's fragments joined."""
+    calls = [ToolCallOut.model_validate(c) for c in tool_calls_json(r.tool_calls)]
+    content = r.text if r.text or not calls else None
+    return ResponseMessage(content=content, refusal=None, tool_calls=calls or None)
+
+
+def logprobs(r: ChoiceResult, asked: bool) -> ChoiceLogprobs | None:
+    if not asked:
+        return None
+    return ChoiceLogprobs(content=[TokenLogprobOut.model_validate(logprob_json(lp)) for lp in r.logprobs])
+
+
+def completion(
+    req: ChatCompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge, *, served: tuple[str, str]
+) -> ChatCompletion:
+    """The whole answer; `served` is the (model, route) that answered (`Serving.served_by`)."""
     choices = [
         Choice(
             index=i,
-            message=ResponseMessage(content=r.text, refusal=None),
-            logprobs=None,
+            message=message(r),
+            logprobs=logprobs(r, bool(req.logprobs)),
             finish_reason=r.finish,  # type: ignore[arg-type]
         )
         for i, r in enumerate(results)
     ]
+    model, route = served
     return ChatCompletion(
-        id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=req.model, choices=choices, usage=usage(req, bill)
+        id=f"chatcmpl-{s.job.id}",
+        created=int(s.arrived),
+        model=model,
+        choices=choices,
+        usage=usage(req, bill),
+        provider=route or None,
     )
 
 
 async def payloads(serving: Serving, s: Session, req: ChatCompletionRequest) -> AsyncGenerator[str, None]:
     """SSE `data:` payloads. The first is produced before the HTTP response starts, so any
-    error up to then is still an HTTP error; after it, errors become an error event."""
-    enc = ChunkEncoder(
-        id=f"chatcmpl-{s.job.id}", created=int(s.arrived), model=req.model, include_usage=req.wants_usage_chunk
-    )
+    error up to then is still an HTTP error; after it, errors become an error event. Each
+    tool-call fragment is a chunk of its own, in the order the worker sent them."""
+    enc: ChunkEncoder | None = None
+
+    def encoder() -> ChunkEncoder:  # once the first output came: it names what serves
+        nonlocal enc
+        if enc is None:
+            model, route = serving.served_by(s)
+            enc = ChunkEncoder(
+                id=f"chatcmpl-{s.job.id}",
+                created=int(s.arrived),
+                model=model,
+                include_usage=req.wants_usage_chunk,
+                provider=route,
+            )
+        return enc
+
     if s.cached is not None:
         results = await serving.results(s)
         for i, r in enumerate(results):
-            if r.text:
-                yield enc.content(i, r.text)
+            if r.text or r.logprobs:
+                yield encoder().content(i, r.text, r.logprobs)
+            for fragment in r.tool_calls:
+                yield encoder().tool_call(i, fragment)
     else:
         events = serving.events(s)
         try:
             async for ev in events:
                 s.run.commit()
                 for piece in ev.pieces:
-                    if piece.text:
-                        yield enc.content(piece.index, piece.text)
+                    for chunk in encoder().piece(piece):
+                        yield chunk
         except TokenyardError as e:
             if not s.run.committed:
                 raise
@@ -103,7 +153,7 @@ async def payloads(serving: Serving, s: Session, req: ChatCompletionRequest) -> 
             raise TokenyardError("The job ended without an answer.")
         results = s.output.results(s.done)
     for i, r in enumerate(results):
-        yield enc.finish(i, r.finish)
+        yield encoder().finish(i, r.finish)
     if req.wants_usage_chunk:
-        yield enc.usage(usage(req, serving.charge(s)))
+        yield encoder().usage(usage(req, serving.charge(s)))
     yield "[DONE]"

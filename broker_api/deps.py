@@ -30,6 +30,7 @@ from broker_api.bus import Bus
 from broker_api.directory import Directory
 from broker_api.ledger import LedgerFeed, LedgerReader
 from broker_api.metrics import Metrics
+from broker_api.response_store import ResponseStore
 from broker_api.serving import Serving
 from broker_api.sessions import SessionStore, signed_in
 from broker_api.settings import ApiSettings
@@ -54,6 +55,7 @@ class Services:
     metrics: Metrics
     sessions: SessionStore  # web console sessions (broker_api.sessions)
     nodes: NodeServices  # enrolment and the node registry (broker_api.nodes)
+    responses: ResponseStore  # stored /v1/responses answers (previous_response_id, GET, DELETE)
 
 
 def services(request: Request) -> Services:

@@ -47,6 +47,7 @@ class JobRun:
         self._closed = False
         self._finished = False
         self._pools: dict[int, str] = {}  # dispatch -> the pool it was placed on
+        self._models: dict[int, str] = {}  # dispatch -> the model placed, where a fallback list chose another
         self._min_attempt = 0  # attempts below this are refused (set when an answer is continued)
         self._next_seq = 0
         self._refused: set[int] = set()
@@ -80,13 +81,20 @@ class JobRun:
         """The pool an attempt ran on."""
         return self._pools.get(attempt // ATTEMPTS_PER_DISPATCH, "")
 
+    def model_of(self, attempt: int) -> str:
+        """The model an attempt ran, where a `models` fallback list placed another than the
+        job's; "" otherwise."""
+        return self._models.get(attempt // ATTEMPTS_PER_DISPATCH, "")
+
     # --- what the others change -----------------------------------------------------------
 
     def commit(self) -> None:
         self._committed = True
 
-    def placed(self, dispatch: int, pool: str) -> None:
+    def placed(self, dispatch: int, pool: str, model: str = "") -> None:
         self._pools[dispatch] = pool
+        if model:
+            self._models[dispatch] = model
 
     def redispatch(self, job: Job, *, continuing: bool) -> None:
         """The job placed again (`job.dispatch` one more). A continuation refuses every earlier

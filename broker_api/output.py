@@ -17,13 +17,17 @@ from schemas.events import Delta, Done, Piece, TokenLogprob, ToolCallDelta
 
 @dataclass(slots=True)
 class ChoiceOutput:
-    """One choice as relayed so far, its pieces merged in order."""
+    """One choice as relayed so far, its pieces merged in order (an embedding job's choice is
+    one input's vector)."""
 
     text: list[str] = field(default_factory=list)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    embedding: bytes = b""
 
     def add(self, piece: Piece) -> None:
+        if piece.embedding:
+            self.embedding = piece.embedding
         if piece.text:
             self.text.append(piece.text)
         if piece.tool_calls:
@@ -40,6 +44,7 @@ class ChoiceResult:
     finish: str
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    embedding: bytes = b""
 
 
 @dataclass(slots=True)
@@ -86,6 +91,7 @@ class Output:
                 done.finish[i] if i < len(done.finish) else "stop",
                 tuple(part.tool_calls),
                 tuple(part.logprobs),
+                part.embedding,
             )
             for i, part in enumerate(self.parts)
         ]
@@ -97,6 +103,9 @@ def cached_results(answer: CachedAnswer, choices: int) -> list[ChoiceResult]:
         ChoiceResult(
             answer.texts[i] if i < len(answer.texts) else "",
             answer.finish[i] if i < len(answer.finish) else "stop",
+            answer.calls_of(i),
+            answer.logprobs_of(i),
+            answer.vectors[i] if i < len(answer.vectors) else b"",
         )
         for i in range(choices)
     ]

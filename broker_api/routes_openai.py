@@ -19,6 +19,8 @@ from broker_api import chat_shape
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services, caller, services
+from broker_api.serving import Serving
+from broker_api.session import Session
 from broker_api.sessions import signed_in
 from broker_api.web import sse, watch_disconnect
 from schemas.chat import ChatCompletion, ModelCard, ModelList, parse_chat_request
@@ -29,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 STARTED = int(time.time())  # what /v1/models reports as every model's `created`
 CACHE_HEADER = "x-tokenyard-cache"
+ROUTE_HEADER = "x-tokenyard-route"
 NO_CACHE = frozenset({"no", "bypass", "off"})
 # OpenRouter's fields beyond OpenAI's that the gateway honours (routing, cost): not "unknown".
 HONOURED_EXTRAS = frozenset({"provider", "models", "usage", "transforms"})
@@ -69,13 +72,17 @@ async def chat_completions(request: Request) -> Response:
 
         async def answer() -> ChatCompletion:
             results = await serving.results(session)
-            return chat_shape.completion(req, session, results, serving.charge(session))
+            return chat_shape.completion(
+                req, session, results, serving.charge(session), served=serving.served_by(session)
+            )
 
         return await watch_disconnect(
             request,
             answer,
             lambda: serving.finish(session, "client gone"),
-            lambda body: Response(body.model_dump_json(), media_type="application/json", headers=headers),
+            lambda body: Response(
+                body.model_dump_json(), media_type="application/json", headers=route_header(serving, session, headers)
+            ),
         )
     payloads = chat_shape.payloads(serving, session, req)
     try:
@@ -86,8 +93,15 @@ async def chat_completions(request: Request) -> Response:
     return StreamingResponse(
         sse(first, payloads, lambda: serving.finish(session, "stream closed")),
         media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no", **route_header(serving, session, headers)},
     )
+
+
+def route_header(serving: Serving, session: Session, headers: dict[str, str]) -> dict[str, str]:
+    """The response's headers and `x-tokenyard-route`, the route that answered (`cache` for a
+    cache hit), once it is known (after the answer, or a stream's first chunk)."""
+    _, route = serving.served_by(session)
+    return {**headers, ROUTE_HEADER: "cache" if session.state == "cached" else route or "unknown"}
 
 
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])

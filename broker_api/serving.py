@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 
+import nats.errors
 import structlog
 
 from broker_api import billing
@@ -142,7 +143,7 @@ class Serving:
         except BaseException:
             await self._bus.close_run(s.run, "not admitted")
             raise
-        s.run.placed(s.job.dispatch, admission.pool)
+        s.run.placed(s.job.dispatch, admission.pool, admission.model)
         s.to("admitted")
 
     # --- the answer -----------------------------------------------------------------------
@@ -186,6 +187,10 @@ class Serving:
             raise TokenyardError("The job ended without an answer.")
         return s.output.results(s.done)
 
+    def served_by(self, s: Session) -> tuple[str, str]:
+        """(model, route) that answered (see `billing.served_by`)."""
+        return billing.served_by(s)
+
     def charge(self, s: Session) -> billing.Charge:
         price = None
         if s.cached is None and s.run.current_node:
@@ -217,7 +222,12 @@ class Serving:
                 self._record(s)
             case "done":
                 await self._bus.close_run(s.run, reason)
-                answer = billing.stored_answer(s.output, s.done, self.charge(s)) if s.done is not None else None
+                model, route = billing.served_by(s)
+                answer = (
+                    billing.stored_answer(s.output, s.done, self.charge(s), model=model, route=route)
+                    if s.done is not None
+                    else None
+                )
                 await self._complete_claim(s, answer)
                 if answer is not None and s.cache_key and self._cache is not None:
                     await self._cache.put(s.cache_key, answer)
@@ -247,11 +257,14 @@ class Serving:
         if not s.idempotency_key:
             return
         if answer is not None:
-            await self._idempotency.complete(
-                s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
-            )
-        else:
-            await self._idempotency.release(s.idempotency_key)
+            try:
+                await self._idempotency.complete(
+                    s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
+                )
+                return
+            except nats.errors.Error as e:  # e.g. an embedding batch's vectors, larger than a message
+                log.warning("idempotency.store_failed", job_id=s.job.id, error=type(e).__name__)
+        await self._idempotency.release(s.idempotency_key)
 
     async def drain(self) -> None:
         """Let cancelled requests that still wait for their worker's count record it (at shutdown,

@@ -37,6 +37,7 @@ class ApiSettings:
     cache_ttl: float
     cache_max_bytes: int
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
+    responses_ttl: float  # seconds a stored Responses API answer is kept (previous_response_id, GET)
     continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
     lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
     replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
@@ -85,6 +86,9 @@ class ApiSettings:
         add_setting(p, "--cache", default=True, type=bool, help="serve identical deterministic requests from cache")
         add_setting(p, "--cache-ttl", default=3600.0, type=float, help="seconds a cached answer lives")
         add_setting(p, "--cache-max-bytes", default=256 << 20, type=int, help="size cap of the shared cache")
+        add_setting(
+            p, "--responses-ttl", default=30 * 86400.0, type=float, help="seconds a stored /v1/responses answer is kept"
+        )
         add_setting(
             p, "--cache-hit-cost", default=0.0, type=float, help="fraction of the original cost billed for a cache hit"
         )

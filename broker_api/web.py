@@ -135,6 +135,20 @@ async def watch_disconnect(
         await cleanup()
 
 
+async def sse_events(
+    first: tuple[str, str], rest: AsyncGenerator[tuple[str, str], None], cleanup: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """Named events (`event:` and `data:`, as the Responses API sends them): (type, JSON) pairs,
+    `first` already produced, as in `sse`."""
+    try:
+        yield f"event: {first[0]}\ndata: {first[1]}\n\n".encode()
+        async for kind, payload in rest:
+            yield f"event: {kind}\ndata: {payload}\n\n".encode()
+    finally:
+        await rest.aclose()
+        await cleanup()
+
+
 async def sse(
     first: str, rest: AsyncGenerator[str, None], cleanup: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[bytes]:

@@ -13,10 +13,13 @@ an optional one appears only when we set it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.events import Piece, TokenLogprob, ToolCallDelta
+from schemas.tasks import TASK_KEY
 from schemas.validation import parse_body
 
 
@@ -161,6 +164,14 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_task(cls, data: Any) -> Any:
+        """A job's task is the gateway's to name (`schemas.tasks`), never a client's."""
+        if isinstance(data, dict) and TASK_KEY in data:
+            raise ValueError(f"Unrecognized request argument supplied: {TASK_KEY}")
+        return data
+
     @model_validator(mode="after")
     def _coherent(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
@@ -243,16 +254,46 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=_is_none)
 
 
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -264,18 +305,32 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = Field(default=None, exclude_if=_is_none)
+    provider: str | None = Field(default=None, exclude_if=_is_none)  # the route that served (OpenRouter's field)
+
+
+class ChunkFunction(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class ChunkToolCall(BaseModel):
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: ChunkFunction | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ChunkToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -287,6 +342,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = Field(default=None, exclude_if=_is_none)
+    provider: str | None = Field(default=None, exclude_if=_is_none)
 
 
 class ModelCard(BaseModel):
@@ -301,30 +357,102 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
+    """A token's logprob as OpenAI's `ChatCompletionTokenLogprob`."""
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": None if lp.bytes is None else list(lp.bytes),
+        "top_logprobs": [
+            {"token": t.token, "logprob": t.logprob, "bytes": None if t.bytes is None else list(t.bytes)}
+            for t in lp.top
+        ],
+    }
+
+
+def tool_calls_json(fragments: Sequence[ToolCallDelta]) -> list[dict[str, Any]]:
+    """A choice's tool calls, whole: each call's fragments joined (id and name from the first
+    fragment that has them, the arguments concatenated in order), by call index."""
+    calls: dict[int, dict[str, Any]] = {}
+    for f in fragments:
+        call = calls.setdefault(f.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = call["id"] or f.id
+        call["function"]["name"] = call["function"]["name"] or f.name
+        call["function"]["arguments"] += f.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+def _fragment_json(f: ToolCallDelta) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": f.index}
+    if f.id:
+        out["id"] = f.id
+    if f.id or f.name:
+        out["type"] = "function"
+    function: dict[str, str] = {"name": f.name} if f.name else {}
+    if f.arguments or f.id or f.name:
+        function["arguments"] = f.arguments
+    if function:
+        out["function"] = function
+    return out
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 class ChunkEncoder:
     """Serialises the chunks of one streamed completion, fast.
 
     A stream sends many small chunks, so their JSON is assembled from a per-stream prefix
     instead of building a pydantic model per chunk; the tests check every shape it makes
-    against `ChatCompletionChunk` and OpenAI's published schema.
+    against `ChatCompletionChunk` and OpenAI's published schema. A tool-call fragment is a
+    chunk of its own, in the order it came (`tool_call`), so a client sees each call's id and
+    name first and its arguments piece by piece, exactly as the model (or upstream) wrote them.
     """
 
-    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
-        head = json.dumps(
-            {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}, separators=(",", ":")
-        )
+    def __init__(self, *, id: str, created: int, model: str, include_usage: bool, provider: str = "") -> None:
+        fields: dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}
+        if provider:
+            fields["provider"] = provider
+        head = json.dumps(fields, separators=(",", ":"))
         usage = ',"usage":null' if include_usage else ""
         self._prefix = head[:-1] + usage + ',"choices":['
         self._bare = head[:-1] + ',"choices":[],"usage":'
         self._started: set[int] = set()
 
-    def content(self, index: int, text: str) -> str:
+    def _role(self, index: int) -> str:
         role = "" if index in self._started else '"role":"assistant",'
         self._started.add(index)
+        return role
+
+    @staticmethod
+    def _logprobs(logprobs: Sequence[TokenLogprob]) -> str:
+        if not logprobs:
+            return "null"
+        return '{"content":' + _dumps([logprob_json(lp) for lp in logprobs]) + ',"refusal":null}'
+
+    def content(self, index: int, text: str, logprobs: Sequence[TokenLogprob] = ()) -> str:
         return (
-            f'{self._prefix}{{"index":{index},"delta":{{{role}"content":{json.dumps(text)}}},'
+            f'{self._prefix}{{"index":{index},"delta":{{{self._role(index)}"content":{json.dumps(text)}}},'
+            f'"logprobs":{self._logprobs(logprobs)},"finish_reason":null}}]}}'
+        )
+
+    def tool_call(self, index: int, fragment: ToolCallDelta) -> str:
+        role = self._role(index)
+        if role:
+            role += '"content":null,'
+        return (
+            f'{self._prefix}{{"index":{index},"delta":{{{role}"tool_calls":[{_dumps(_fragment_json(fragment))}]}},'
             f'"logprobs":null,"finish_reason":null}}]}}'
         )
+
+    def piece(self, piece: Piece) -> list[str]:
+        """A piece's chunks: its text (with its logprobs), then each tool-call fragment."""
+        out = []
+        if piece.text or (piece.logprobs and not piece.tool_calls):
+            out.append(self.content(piece.index, piece.text, piece.logprobs))
+        out.extend(self.tool_call(piece.index, f) for f in piece.tool_calls)
+        return out
 
     def finish(self, index: int, reason: str) -> str:
         role = "" if index in self._started else '"role":"assistant","content":""'

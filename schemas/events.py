@@ -7,7 +7,9 @@ attempt (0, 1, 2, ... with no gaps; a heartbeat carries the number the next even
 a lost event shows as a gap even when nothing follows it). `Delta` and `Done` carry `Piece`s:
 one choice's increment of text, tool-call fragments and per-token logprobs. Structured, so a
 tool call streamed by an upstream in fragments reaches the client fragment by fragment, in
-order, exactly as sent.
+order, exactly as sent. An embedding job's pieces carry vectors instead (`Piece.embedding`, one
+piece per input, `index` the input's position), sent in as many deltas as the message size
+limit needs; its `Done` counts the input tokens as `prompt_tokens`.
 
 `decode_event` reads any kind; the type checker narrows the union by `isinstance` or `match`.
 Worker output is untrusted: decoding checks every field's type, and a malformed event is a
@@ -84,30 +86,36 @@ class TokenLogprob:
 @dataclass(frozen=True, slots=True)
 class Piece:
     """One choice's increment. `tokens` counts the generated tokens it holds (text and tool
-    calls alike); `logprobs` has one entry per token where the request asked for them."""
+    calls alike); `logprobs` has one entry per token where the request asked for them.
+    `embedding` is an embedding job's vector for input `index`: float32 values, little-endian
+    (the bytes OpenAI's `encoding_format: base64` encodes)."""
 
     index: int
     text: str = ""
     tokens: int = 0
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    embedding: bytes = b""
 
     def pack(self) -> list[Any]:
         out: list[Any] = [self.index, self.text, self.tokens]
-        if self.tool_calls or self.logprobs:
+        if self.tool_calls or self.logprobs or self.embedding:
             out.append([c.pack() for c in self.tool_calls])
-        if self.logprobs:
+        if self.logprobs or self.embedding:
             out.append([lp.pack() for lp in self.logprobs])
+        if self.embedding:
+            out.append(self.embedding)
         return out
 
     @classmethod
     def unpack(cls, o: Any) -> Piece:
         items = _list(o)
-        if not 3 <= len(items) <= 5:
-            raise WireError("a piece has 3 to 5 items")
+        if not 3 <= len(items) <= 6:
+            raise WireError("a piece has 3 to 6 items")
         calls = tuple(ToolCallDelta.unpack(c) for c in _list(items[3])) if len(items) > 3 else ()
         logprobs = tuple(TokenLogprob.unpack(lp) for lp in _list(items[4])) if len(items) > 4 else ()
-        return cls(_int(items[0]), _str(items[1]), _int(items[2]), calls, logprobs)
+        embedding = _vector(items[5]) if len(items) > 5 else b""
+        return cls(_int(items[0]), _str(items[1]), _int(items[2]), calls, logprobs, embedding)
 
 
 # --- the events --------------------------------------------------------------------------
@@ -289,6 +297,12 @@ def _items(value: Any, n: int, what: str) -> list[Any]:
     if len(items) != n:
         raise WireError(f"a {what} has {n} items, not {len(items)}")
     return items
+
+
+def _vector(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) % 4:
+        raise WireError("an embedding is float32 bytes")
+    return value
 
 
 def _bytes(value: Any) -> tuple[int, ...] | None:

@@ -78,6 +78,7 @@ def api() -> Permissions:
             subjects.ORGS_BUCKET,
             subjects.CACHE_BUCKET,
             subjects.IDEMPOTENCY_BUCKET,
+            subjects.RESPONSES_BUCKET,
             subjects.ROUTING_BUCKET,
             subjects.NODES_BUCKET,
             subjects.ENROL_BUCKET,

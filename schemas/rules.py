@@ -2,6 +2,7 @@
 
 - `estimate_prompt_tokens`: a tokenizer-free estimate of a chat request's prompt (for
   reservations, and for requests that end before a worker counted the prompt);
+  `estimate_request_prompt` the same for a job of any task;
 - `check_max_tokens`: a request may not ask for more completion tokens than its key's or its
   org's cap (the gateway refuses it before admission; the scheduler checks it again);
 - `lane_eligible`: whether a submission could be placed through a lane at all (the scheduler adds
@@ -16,10 +17,12 @@ from typing import Any
 from schemas.chat import message_text
 from schemas.errors import InvalidRequestError
 from schemas.jobs import Submission
+from schemas.tasks import prompts, task_of
 from schemas.tenancy import NO_LIMITS, Limits
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # role and framing tokens a chat template adds around each message
+TOKENS_PER_PROMPT = 1  # a raw prompt has no template framing: a begin-of-text token at most
 
 
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
@@ -29,6 +32,14 @@ def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
         chars += len(message_text(m.get("content")))
         count += 1
     return chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * count
+
+
+def estimate_request_prompt(request: Mapping[str, Any]) -> int:
+    """`estimate_prompt_tokens` for a job's request of any task (`schemas.tasks`): a chat's
+    messages, a completion's prompts or an embedding job's inputs."""
+    if task_of(request) == "chat":
+        return estimate_prompt_tokens(request.get("messages") or ())
+    return sum(len(p) // CHARS_PER_TOKEN + TOKENS_PER_PROMPT for p in prompts(request))
 
 
 def requested_max_tokens(request: Mapping[str, Any]) -> int | None:

@@ -145,6 +145,9 @@ CACHE = BucketSpec(subjects.CACHE_BUCKET, ttl=3600.0, max_bytes=256 << 20, disca
 # Limit counters: an entry untouched for 40 days is gone (a month's cap needs <= 31 days).
 LIMITS = BucketSpec(subjects.LIMITS_BUCKET, ttl=40 * 86400.0)
 IDEMPOTENCY = BucketSpec(subjects.IDEMPOTENCY_BUCKET, ttl=86400.0)
+# Responses API answers kept for `previous_response_id` and GET (store: true), per org; the
+# TTL from the gateway's --responses-ttl (OpenAI keeps them 30 days).
+RESPONSES = BucketSpec(subjects.RESPONSES_BUCKET, ttl=30 * 86400.0, max_bytes=1 << 30)
 ROUTING = BucketSpec(subjects.ROUTING_BUCKET, history=ROUTING_HISTORY)
 # Web console sessions, shared by every gateway (a console behind a load balancer keeps its
 # session on any replica). The TTL is the idle timeout: a session in use is rewritten, so an

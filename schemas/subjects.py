@@ -47,6 +47,7 @@ CACHE_BUCKET = "ty_cache"  # request digest -> cached answer
 LIMITS_BUCKET = "ty_limits"  # counters for rate limits and quotas (scheduler)
 IDEMPOTENCY_BUCKET = "ty_idem"  # Idempotency-Key -> job id
 ROUTING_BUCKET = "ty_routing"  # routing policies: default, per model, per key (schemas.routing)
+RESPONSES_BUCKET = "ty_responses"  # <org>.<response id> -> schemas.responses.StoredResponse (Responses API)
 SESSIONS_BUCKET = "ty_sessions"  # web console sessions: digest of the session id -> schemas.console.ConsoleSession
 NODES_BUCKET = "ty_nodes"  # node id -> NodeRecord: the enrolled nodes (schemas.registry)
 ENROL_BUCKET = "ty_enrol"  # enrolment token id -> EnrolToken (only a digest of its secret)

@@ -15,14 +15,24 @@ Behaviours: normal answers (streamed or whole, `n` choices, usage when asked), `
 `disconnect_after` content chunks). Per key: `rate_limited_keys` get 429, `rejected_keys` 401
 (whose message quotes the key, as real providers partly do, to catch leaks). It records every
 request (`requests`) and whether its client went away mid-answer (`disconnects`).
+
+The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, `/embeddings`):
+`tool_calls` are `FakeCall`s whose arguments stream as the given fragments, one per chunk (with
+`interleave`, the fragments of parallel calls alternate, several in one chunk, as some
+providers send them); with `logprobs` asked, every content chunk carries its token's logprob
+and `top_logprobs` alternatives; `/completions` answers `text_completion`s (legacy logprobs);
+`/embeddings` answers `embedding_of(text)` vectors, as floats or base64 as asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import math
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +43,19 @@ import uvicorn
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class FakeCall:
+    """A tool call the fake answers with: its arguments streamed in these fragments."""
+
+    id: str
+    name: str
+    fragments: tuple[str, ...]
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.fragments)
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,10 @@ class Behaviour:
     rejected_keys: frozenset[str] = frozenset()
     models_status: int = 200
     ignore_stream: bool = False  # answer one whole JSON completion even when asked to stream
+    # --- the OpenAI surface beyond text (tool calls, logprobs, completions, embeddings) ---
+    tool_calls: tuple[FakeCall, ...] = ()  # answered after the text chunks (finish: tool_calls)
+    interleave: bool = False  # parallel calls' fragments alternate, one of each call per chunk
+    embedding_dims: int = 8
 
     @classmethod
     def down(cls) -> Behaviour:
@@ -274,10 +301,14 @@ class FakeProvider:
             await _json(send, b.models_status, data if b.models_status < 400 else _error_body("no", None))
         elif scope["path"].endswith("/chat/completions") and scope["method"] == "POST":
             await self._chat(b, seen, receive, send)
+        elif scope["path"].endswith("/completions") and scope["method"] == "POST":
+            await self._chat(b, seen, receive, send, legacy=True)
+        elif scope["path"].endswith("/embeddings") and scope["method"] == "POST":
+            await _embeddings(b, seen, send)
         else:
             await _json(send, 404, _error_body(f"no route {scope['path']}", "not_found"))
 
-    async def _chat(self, b: Behaviour, seen: Seen, receive: Receive, send: Send) -> None:
+    async def _chat(self, b: Behaviour, seen: Seen, receive: Receive, send: Send, *, legacy: bool = False) -> None:
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -287,11 +318,11 @@ class FakeProvider:
 
         watcher = asyncio.create_task(watch())
         try:
-            await self._answer(b, seen, gone, send)
+            await self._answer(b, seen, gone, send, legacy)
         finally:
             watcher.cancel()
 
-    async def _answer(self, b: Behaviour, seen: Seen, gone: asyncio.Event, send: Send) -> None:
+    async def _answer(self, b: Behaviour, seen: Seen, gone: asyncio.Event, send: Send, legacy: bool) -> None:
         key = seen.key or ""
         if key in b.rejected_keys:
             return await _json(send, 401, _error_body(f"Incorrect API key provided: {key}.", "invalid_api_key"))
@@ -314,9 +345,12 @@ class FakeProvider:
             seen.completed = True
             return
         request = seen.body if isinstance(seen.body, dict) else {}
-        n = int(request.get("n") or 1)
+        prompts = request.get("prompt") if legacy else None
+        n = int(request.get("n") or 1) * (len(prompts) if isinstance(prompts, list) and prompts else 1)
         model = str(request.get("model", "fake"))
         completion = b.completion_tokens if b.completion_tokens is not None else sum(len(b.pieces(i)) for i in range(n))
+        completion += 0 if b.completion_tokens is not None else n * sum(len(c.fragments) + 1 for c in b.tool_calls)
+        shape = _Shape(b, request, legacy)
         usage = {
             "prompt_tokens": b.prompt_tokens,
             "completion_tokens": completion,
@@ -324,21 +358,13 @@ class FakeProvider:
             "prompt_tokens_details": {"cached_tokens": b.cached_tokens},
         }
         if not request.get("stream") or b.ignore_stream:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": b.text(i)},
-                    "finish_reason": b.finish_reason,
-                    "logprobs": None,
-                }
-                for i in range(n)
-            ]
+            choices = [shape.whole(i) for i in range(n)]
             await _json(
                 send,
                 200,
                 {
                     "id": "chatcmpl-fake",
-                    "object": "chat.completion",
+                    "object": "text_completion" if legacy else "chat.completion",
                     "created": 0,
                     "model": model,
                     "choices": choices,
@@ -348,7 +374,15 @@ class FakeProvider:
             seen.completed = True
             return
         await self._stream(
-            b, seen, gone, send, n, model, usage, bool((request.get("stream_options") or {}).get("include_usage"))
+            b,
+            seen,
+            gone,
+            send,
+            n,
+            model,
+            usage,
+            bool((request.get("stream_options") or {}).get("include_usage")),
+            shape,
         )
 
     async def _stream(
@@ -361,6 +395,7 @@ class FakeProvider:
         model: str,
         usage: dict[str, Any],
         include_usage: bool,
+        shape: _Shape,
     ) -> None:
         await send(
             {
@@ -377,18 +412,22 @@ class FakeProvider:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return {
                 "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
+                "object": "text_completion" if shape.legacy else "chat.completion.chunk",
                 "created": 0,
                 "model": model,
                 "choices": choices,
                 **extra,
             }
 
-        await event(
-            chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+        if not shape.legacy:
+            await event(
+                chunk(
+                    [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        for i in range(n)
+                    ]
+                )
             )
-        )
         sent = 0
         longest = max(len(b.pieces(i)) for i in range(n))
         for j in range(longest):
@@ -397,18 +436,135 @@ class FakeProvider:
                 if j < len(pieces):
                     if b.mode == "disconnect" and sent >= b.disconnect_after:
                         raise _Drop("the fake provider drops the connection")
-                    await event(chunk([{"index": i, "delta": {"content": pieces[j]}, "finish_reason": None}]))
+                    await event(chunk([shape.text_choice(i, pieces[j], j)]))
                     sent += 1
             if gone.is_set() or (b.chunk_delay and await _wait(gone, b.chunk_delay)):
                 seen.disconnected = True
                 return
-        await event(chunk([{"index": i, "delta": {}, "finish_reason": b.finish_reason} for i in range(n)]))
+        for i in range(n):
+            for calls in shape.call_chunks():
+                await event(
+                    chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}])
+                )
+                if gone.is_set() or (b.chunk_delay and await _wait(gone, b.chunk_delay)):
+                    seen.disconnected = True
+                    return
+        await event(chunk([shape.end_choice(i) for i in range(n)]))
         if include_usage and b.send_usage:
             await event(chunk([], usage=usage))
         if b.send_done:
             await event("[DONE]")
         await send({"type": "http.response.body", "body": b""})
         seen.completed = True
+
+
+class _Shape:
+    """How one request's answer looks: chat or legacy completions, with logprobs when asked."""
+
+    def __init__(self, b: Behaviour, request: dict[str, Any], legacy: bool) -> None:
+        self.b = b
+        self.legacy = legacy
+        asked = request.get("logprobs")
+        self.logprobs = (asked is not None and asked is not False) if legacy else bool(asked)
+        self.top = int(asked or 0) if legacy else int(request.get("top_logprobs") or 0)
+        self.finish = "tool_calls" if b.tool_calls and b.finish_reason == "stop" else b.finish_reason
+
+    def logprob(self, token: str, position: int) -> dict[str, Any]:
+        lp = -0.25 * (position + 1)
+        top = [
+            {"token": f"{token}~{k}", "logprob": lp - k - 1, "bytes": list(f"{token}~{k}".encode())}
+            for k in range(self.top)
+        ]
+        return {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": top}
+
+    def legacy_logprobs(self, tokens: list[str], first: int = 0) -> dict[str, Any]:
+        entries = [self.logprob(t, first + j) for j, t in enumerate(tokens)]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": [sum(len(t) for t in tokens[:j]) for j in range(len(tokens))],
+        }
+
+    def text_choice(self, index: int, token: str, position: int) -> dict[str, Any]:
+        if self.legacy:
+            lps = self.legacy_logprobs([token], position) if self.logprobs else None
+            return {"index": index, "text": token, "logprobs": lps, "finish_reason": None}
+        lps = {"content": [self.logprob(token, position)], "refusal": None} if self.logprobs else None
+        return {"index": index, "delta": {"content": token}, "logprobs": lps, "finish_reason": None}
+
+    def end_choice(self, index: int) -> dict[str, Any]:
+        if self.legacy:
+            return {"index": index, "text": "", "logprobs": None, "finish_reason": self.finish}
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.finish}
+
+    def call_chunks(self) -> list[list[dict[str, Any]]]:
+        """The tool-call deltas, one list per chunk: each call's head (id, name, empty arguments),
+        then its fragments; with `interleave`, the calls' heads in one chunk, then one fragment
+        of each call per chunk."""
+        if self.legacy or not self.b.tool_calls:
+            return []
+
+        def head(k: int, c: FakeCall) -> dict[str, Any]:
+            return {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+
+        def part(k: int, fragment: str) -> dict[str, Any]:
+            return {"index": k, "function": {"arguments": fragment}}
+
+        calls = list(enumerate(self.b.tool_calls))
+        if not self.b.interleave:
+            return [[d] for k, c in calls for d in (head(k, c), *(part(k, f) for f in c.fragments))]
+        out = [[head(k, c) for k, c in calls]]
+        for j in range(max(len(c.fragments) for c in self.b.tool_calls)):
+            out.append([part(k, c.fragments[j]) for k, c in calls if j < len(c.fragments)])
+        return out
+
+    def whole(self, index: int) -> dict[str, Any]:
+        tokens = list(self.b.pieces(index))
+        text = "".join(tokens)
+        if self.legacy:
+            lps = self.legacy_logprobs(tokens) if self.logprobs else None
+            return {"index": index, "text": text, "logprobs": lps, "finish_reason": self.finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if self.b.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.b.tool_calls
+            ]
+        lps = (
+            {"content": [self.logprob(t, j) for j, t in enumerate(tokens)], "refusal": None} if self.logprobs else None
+        )
+        return {"index": index, "message": message, "finish_reason": self.finish, "logprobs": lps}
+
+
+def embedding_of(text: str, dims: int = 8) -> list[float]:
+    """The fake's embedding of a text: deterministic float32 values from its SHA-256."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[k % 32] - 128) / 128 for k in range(dims)]
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *raw)))
+
+
+async def _embeddings(b: Behaviour, seen: Seen, send: Send) -> None:
+    if b.mode == "status":
+        return await _json(send, b.status, _error_body(b.error_message, b.error_code), _retry_headers(b.retry_after))
+    request = seen.body if isinstance(seen.body, dict) else {}
+    inputs = request.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    as_base64 = request.get("encoding_format") == "base64"
+    data = []
+    for i, text in enumerate(inputs):
+        vector = embedding_of(str(text), b.embedding_dims)
+        value: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(len(str(t).split()) for t in inputs)
+    body = {
+        "object": "list",
+        "data": data,
+        "model": request.get("model", "fake"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    await _json(send, 200, body)
+    seen.completed = True
 
 
 def _bound_socket(port: int) -> socket.socket:
@@ -452,4 +608,4 @@ async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": data})
 
 
-__all__ = ["Behaviour", "FakeProvider", "Seen"]
+__all__ = ["Behaviour", "FakeCall", "FakeProvider", "Seen", "embedding_of"]

@@ -31,7 +31,8 @@ from schemas.events import Piece
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.helpers import wait_until
 from worker.backend import Finish, Output, Usage
-from worker.cloud import CloudBackend, SseDecoder, retry_after_seconds, upstream_body
+from worker.cloud import CloudBackend, retry_after_seconds, upstream_body
+from worker.cloud_answer import SseDecoder
 from worker.keyring import HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
     Price,
@@ -409,15 +410,12 @@ async def test_passive_error_rate_makes_a_provider_unhealthy() -> None:
 # --- check, construction --------------------------------------------------------------------
 
 
-async def test_check_refuses_only_what_events_cannot_carry() -> None:
+async def test_check_refuses_only_an_unknown_model_or_an_api_the_provider_does_not_serve() -> None:
     async with FakeProvider() as fp, backend_for(fp) as backend:
         with pytest.raises(ModelNotFoundError):
             backend.check("other", {**REQUEST, "model": "other"})
         tools = [{"type": "function", "function": {"name": "f"}}]
-        with pytest.raises(UnsupportedError):
-            backend.check("tiny", {**REQUEST, "tools": tools})
-        with pytest.raises(UnsupportedError):
-            backend.check("tiny", {**REQUEST, "logprobs": True})
+        backend.check("tiny", {**REQUEST, "tools": tools, "tool_choice": "required", "logprobs": True})
         backend.check(
             "tiny",
             {
@@ -430,6 +428,10 @@ async def test_check_refuses_only_what_events_cannot_carry() -> None:
                 ],
             },
         )
+        # no `endpoints` in its entry: chat only
+        for task, key in (("completion", "prompt"), ("embedding", "input")):
+            with pytest.raises(UnsupportedError, match="does not serve"):
+                backend.check("tiny", {"model": "tiny", "tokenyard_task": task, key: ["x"]})
 
 
 def test_from_settings_reads_the_file_and_caps_slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,23 @@
 """SmolLM2 served through the whole stack (NATS, scheduler, a transformers worker process, the
-API) to the official SDK: a sensible answer, plain and streamed."""
+API) to the official SDK: a sensible answer, plain and streamed, and `parse` with a pydantic
+model (constrained decoding) giving a valid object."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pydantic
 
 from tests.helpers import sdk
 from tests.stack import Stack
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Capital(pydantic.BaseModel):
+    country: str
+    capital: str
 
 
 async def test_smollm2_through_the_stack(stack: Stack, smol_data_dir: Path) -> None:
@@ -31,3 +39,7 @@ async def test_smollm2_through_the_stack(stack: Stack, smol_data_dir: Path) -> N
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == r.choices[0].message.content  # greedy: the same answer either way
+        parsed = await client.chat.completions.parse(
+            model=MODEL, messages=QUESTION, response_format=Capital, max_tokens=60, temperature=0
+        )
+        assert isinstance(parsed.choices[0].message.parsed, Capital), parsed.choices[0].message.content

@@ -66,9 +66,11 @@ async def test_first_delta_at_once_then_merged_and_the_tail_rides_on_done() -> N
         6,
         0.5,
     )
-    # consecutive pieces of one choice merge; another choice in between starts a new run
+    # consecutive pieces of one choice merge, but text after a tool-call fragment starts a new
+    # run (merged, it would move before the fragment); another choice in between does too
     assert done.pieces == (
-        Piece(0, "bc", 2, CALL, LOGPROBS),
+        Piece(0, "b", 1, CALL[:1], LOGPROBS[:1]),
+        Piece(0, "c", 1, CALL[1:], LOGPROBS[1:]),
         Piece(1, "z", 2),
         Piece(0, "d", 1),
     )

@@ -83,7 +83,7 @@ def _number(value: Any, default: float) -> float:
 
 def chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
     """The request's messages as plain {role, content} text, for a chat template."""
-    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in request["messages"]]
+    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in request.get("messages") or ()]
 
 
 class Backend(Protocol):
@@ -138,7 +138,9 @@ def check_text_only(
         )
     if not logprobs and request.get("logprobs"):
         raise UnsupportedError("logprobs are not supported by this model.", param="logprobs")
-    for i, m in enumerate(request["messages"]):
+    if request.get("suffix"):  # a completion's insertion point: no local model here is trained for it
+        raise UnsupportedError("suffix is not supported by this model.", param="suffix")
+    for i, m in enumerate(request.get("messages") or ()):
         content = m.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):

@@ -5,6 +5,14 @@ comes and the final `Usage` carries upstream's exact counts and the price table'
 the operator's config (`worker.providers`) decides the URL and the headers: the client's body
 is forwarded with its model id mapped, nothing else of the client's reaches the wire.
 
+What comes back is relayed structured and exactly (parsed by `worker.cloud_answer`): each
+streamed `delta.tool_calls` entry is one `ToolCallDelta` in the order upstream sent it, never
+merged or reordered, so the arguments a client concatenates are upstream's byte for byte;
+`logprobs` become `TokenLogprob`s. A job's task (`schemas.tasks`) picks the upstream API: chat
+goes to `/chat/completions`, a raw-prompt completion to `/completions` and embeddings to
+`/embeddings` (asked as base64, relayed as float32 vectors), each only where the provider's
+`endpoints` list it.
+
 Upstream answers, translated in one place (`_send` with `_status_error` and `_transport_error`;
 upstream messages passed on are scrubbed of any configured key):
 
@@ -26,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -44,12 +51,22 @@ from schemas.errors import (
     UnsupportedError,
     WorkerFailedError,
 )
-from schemas.events import FINISH_REASONS, FinishReason, Piece
 from schemas.jobs import ModelAdvert
-from schemas.rules import estimate_prompt_tokens
-from worker.backend import Finish, Output, Sampling, Usage
+from schemas.rules import estimate_request_prompt
+from schemas.tasks import TASK_KEY, Task, choices, task_of
+from worker.backend import Output, Usage
+from worker.cloud_answer import (
+    EVENT_LIMIT,
+    SseDecoder,
+    StreamState,
+    embedding_outputs,
+    malformed,
+    parse_json,
+    upstream_error,
+)
 from worker.keyring import Clock, HealthPolicy, Keyring, ProviderHealth
 from worker.providers import (
+    ENDPOINTS,
     ModelRoute,
     Provider,
     ProviderConfigError,
@@ -61,8 +78,7 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error body we read
-EVENT_LIMIT = 1024 * 1024  # bytes of one SSE event before the stream counts as malformed
-MESSAGE_LIMIT = 500  # characters of an upstream error message passed on
+EMBEDDINGS_LIMIT = 64 * 1024 * 1024  # bytes of an embeddings answer (2048 large vectors as base64 fit)
 PROBE_TIMEOUT = 10.0  # seconds a health probe may take at most
 DRAIN_SECONDS = 0.25  # how long to wait for the end of a body after its last event
 _CLIENT_ERRORS = frozenset({400, 413, 422})
@@ -160,11 +176,15 @@ class CloudBackend:
 
     def check(self, model: str, request: dict[str, Any]) -> None:
         self._route(model)
-        # Everything else goes upstream as is, except what a job's events cannot carry back.
-        if request.get("tools") and request.get("tool_choice") != "none":
-            raise UnsupportedError("Tool calls are not relayed by this route yet.", param="tools")
-        if request.get("logprobs"):
-            raise UnsupportedError("logprobs are not relayed by this route yet.", param="logprobs")
+        # Everything else goes upstream as is (tools, tool_choice, response_format, logprobs...):
+        # the upstream judges it. Only an API the provider does not serve is refused here.
+        endpoint = _ENDPOINT_OF[task_of(request)]
+        if endpoint not in self._provider.endpoints:
+            raise UnsupportedError(
+                f"Provider '{self._provider.name}' does not serve /{ENDPOINTS[endpoint]}.",
+                param="model",
+                code="unsupported_value",
+            )
 
     def healthy(self) -> bool:
         return self._keys.ready_in() == 0 and self._health.healthy()
@@ -182,10 +202,16 @@ class CloudBackend:
         route = self._route(model)
         deadline = time.monotonic() + self._provider.timeouts.total
         self._in_flight += 1
+        task = task_of(request)
         try:
-            key, response = await self._send(upstream_body(request, route.upstream), model)
+            path = ENDPOINTS[_ENDPOINT_OF[task]]
+            key, response = await self._send(upstream_body(request, route.upstream), model, path)
             try:
-                relay = _relay(response, request, deadline, self._provider.name)
+                relay = (
+                    _embeddings(response, request, self._provider.name)
+                    if task == "embedding"
+                    else _relay(response, request, deadline, self._provider.name)
+                )
                 async with contextlib.aclosing(relay):
                     async for item in relay:
                         yield self._priced(model, item) if isinstance(item, Usage) else item
@@ -209,7 +235,7 @@ class CloudBackend:
         """A stream cut short (the client left): upstream still bills the prompt it got and what
         it generated, but reports neither, so this is the best known: the prompt estimated as
         when upstream sends no usage, and the text chunks relayed, at this provider's prices."""
-        return self._priced(model, Usage(estimate_prompt_tokens(request["messages"]), completion_tokens))
+        return self._priced(model, Usage(estimate_request_prompt(request), completion_tokens))
 
     async def probe(self) -> bool:
         """One `GET {base_url}/models`: the provider answers (below 500) within the timeouts."""
@@ -244,7 +270,9 @@ class CloudBackend:
                 self._log.exception("cloud.probe_crashed")
             await asyncio.sleep(self._provider.probe_interval)
 
-    async def _send(self, body: dict[str, Any], model: str) -> tuple[int, httpx.Response]:
+    async def _send(
+        self, body: dict[str, Any], model: str, path: str = "chat/completions"
+    ) -> tuple[int, httpx.Response]:
         """POST with the next usable key; rotate on 429 / 401 / 403 (each key once at most)."""
         client = self._need_client()
         tried: set[int] = set()
@@ -255,9 +283,7 @@ class CloudBackend:
             tried.add(key)
             auth = {"Authorization": f"Bearer {self._provider.keys[key].reveal()}"}
             try:
-                response = await client.send(
-                    client.build_request("POST", "chat/completions", json=body, headers=auth), stream=True
-                )
+                response = await client.send(client.build_request("POST", path, json=body, headers=auth), stream=True)
             except httpx.HTTPError as e:
                 self._keys.failed(key)
                 lost = _transport_error(e, self._provider.name)
@@ -345,10 +371,26 @@ class CloudBackend:
         return self._client
 
 
+_ENDPOINT_OF: dict[Task, str] = {"chat": "chat", "completion": "completions", "embedding": "embeddings"}
+
+
 def upstream_body(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
-    """The client's body for upstream: its model mapped, always streamed with usage."""
-    body = {k: v for k, v in request.items() if k not in {"model", "stream", "stream_options"}}
+    """The client's body for upstream: its model mapped, always streamed with usage (embeddings
+    are one JSON answer, asked as base64: a quarter of the bytes of JSON floats, and exact)."""
+    task = task_of(request)
+    body = {k: v for k, v in request.items() if k not in {"model", "stream", "stream_options", TASK_KEY}}
     body["model"] = upstream_model
+    if task == "embedding":
+        body["encoding_format"] = "base64"
+        return body
+    if task == "completion":
+        # The job asks logprobs as chat does (a flag and how many alternatives); legacy
+        # completions take the number of alternatives as `logprobs` itself.
+        top = body.pop("top_logprobs", None)
+        if body.pop("logprobs", False):
+            body["logprobs"] = int(top or 0)
+        if "max_completion_tokens" in body:
+            body["max_tokens"] = body.pop("max_completion_tokens")
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     return body
@@ -376,7 +418,7 @@ def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> flo
 
 def _status_error(status: int, detail: bytes, provider: str) -> TokenyardError:
     """A non-2xx answer that is not about the key."""
-    message, param, code = _upstream_error(detail)
+    message, param, code = upstream_error(detail)
     if status in _CLIENT_ERRORS:
         text = message or f"The upstream provider rejected the request (HTTP {status})."
         if code == "context_length_exceeded":
@@ -385,23 +427,6 @@ def _status_error(status: int, detail: bytes, provider: str) -> TokenyardError:
             return RequestTooLargeError(text)
         return InvalidRequestError(text, param=param, code=code)
     return WorkerFailedError(f"Provider '{provider}' answered HTTP {status}.", code="upstream_error")
-
-
-def _upstream_error(detail: bytes) -> tuple[str, str | None, str | None]:
-    """(message, param, code) of an OpenAI error body, tolerantly."""
-    try:
-        err = json.loads(detail).get("error")
-    except (ValueError, AttributeError):
-        return "", None, None
-    if isinstance(err, str):
-        return err[:MESSAGE_LIMIT], None, None
-    if not isinstance(err, dict):
-        return "", None, None
-
-    def text(v: Any) -> str | None:
-        return str(v)[:MESSAGE_LIMIT] if isinstance(v, (str, int)) and v != "" else None
-
-    return text(err.get("message")) or "", text(err.get("param")), text(err.get("code"))
 
 
 def _transport_error(e: httpx.HTTPError, provider: str) -> WorkerFailedError:
@@ -427,12 +452,12 @@ async def _relay(
     response: httpx.Response, request: dict[str, Any], deadline: float, provider: str
 ) -> AsyncGenerator[Output, None]:
     """Upstream's answer as outputs (Usage unpriced). Translates transport errors."""
-    state = StreamState(Sampling.of(request).n)
+    state = StreamState(choices(request))
     chunks = response.aiter_bytes()
     try:
         if response.headers.get("content-type", "").startswith("application/json"):
             # An upstream that ignored `stream: true`: one whole completion.
-            for item in state.completion(_json(await _read_limited(chunks, EVENT_LIMIT))):
+            for item in state.completion(parse_json(await _read_limited(chunks, EVENT_LIMIT))):
                 yield item
         else:
             decoder = SseDecoder()
@@ -465,146 +490,13 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
                     return
 
 
-class SseDecoder:
-    """Server-sent events, incrementally: bytes in, each event's `data` out."""
-
-    def __init__(self, limit: int = EVENT_LIMIT) -> None:
-        self._limit = limit
-        self._buffer = b""
-        self._data: list[str] = []
-        self._size = 0
-
-    def feed(self, chunk: bytes) -> list[str]:
-        lines = (self._buffer + chunk).split(b"\n")
-        self._buffer = lines.pop()
-        events: list[str] = []
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                self._data, self._size = [], 0
-            elif line.startswith(b"data:"):
-                value = line[5:].removeprefix(b" ")
-                self._size += len(value)
-                self._data.append(value.decode("utf-8", errors="replace"))
-            # comments (":"), "event:", "id:" and "retry:" lines carry nothing we use
-        if self._size + len(self._buffer) > self._limit:
-            raise _malformed("an event is larger than the limit")
-        return events
-
-
-class StreamState:
-    """Upstream chunks (OpenAI's `chat.completion.chunk`) turned into outputs, with the checks
-    that tell a finished answer from a truncated or malformed one."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.done = False
-        self.finished: dict[int, FinishReason] = {}  # index -> reason, given out once the stream is known complete
-        self.pieces = 0
-        self.usage: tuple[int, int, int] | None = None
-
-    def event(self, data: str) -> list[Output]:
-        if data.strip() == "[DONE]":
-            self.done = True
-            return []
-        return self.chunk(_json(data.encode()))
-
-    def chunk(self, obj: Any) -> list[Output]:
-        if not isinstance(obj, dict):
-            raise _malformed("a chunk is not a JSON object")
-        if obj.get("error"):
-            message, _, _ = _upstream_error(json.dumps({"error": obj["error"]}).encode())
-            raise WorkerFailedError(f"The upstream stream failed: {message or 'unknown error'}", code="upstream_error")
-        choices = obj.get("choices") or []
-        if not isinstance(choices, list):
-            raise _malformed("'choices' is not a list")
-        out: list[Output] = []
-        for choice in choices:
-            if not isinstance(choice, dict):
-                raise _malformed("a choice is not an object")
-            index = choice.get("index", 0)
-            if not isinstance(index, int) or not 0 <= index < self.n:
-                raise _malformed(f"unexpected choice index {index!r}")
-            delta = choice.get("delta") or {}
-            text = (delta.get("content") or delta.get("refusal")) if isinstance(delta, dict) else None
-            if text is not None and not isinstance(text, str):
-                raise _malformed("'content' is not a string")
-            if text:
-                if index in self.finished:
-                    raise _malformed(f"text for choice {index} after it finished")
-                self.pieces += 1
-                out.append(Piece(index, text, 1))
-            reason = choice.get("finish_reason")
-            if reason is not None and index not in self.finished:
-                self.finished[index] = _finish_reason(reason)
-        if obj.get("usage"):
-            self.usage = _usage(obj["usage"])
-        return out
-
-    def completion(self, obj: Any) -> list[Output]:
-        """A whole (non-streamed) `chat.completion`."""
-        if isinstance(obj, dict) and isinstance(obj.get("choices"), list):
-            obj = {
-                **obj,
-                "choices": [{**c, "delta": c.get("message")} if isinstance(c, dict) else c for c in obj["choices"]],
-            }
-        out = self.chunk(obj)
-        self.done = True
-        return out
-
-    def end(self, request: dict[str, Any]) -> list[Output]:
-        """The closing Finish items (if upstream left any out) and the Usage, or an error if the
-        answer was cut short."""
-        complete = len(self.finished) == self.n and self.usage is not None
-        if not self.done and not complete:
-            raise WorkerFailedError(
-                "The upstream stream ended before the answer was complete.", code="upstream_disconnected"
-            )
-        missing = [i for i in range(self.n) if i not in self.finished]
-        if missing:
-            log.warning("cloud.finish_missing", choices=missing)
-        out: list[Output] = [Finish(i, self.finished.get(i, "stop")) for i in range(self.n)]
-        if self.usage is None:
-            log.warning("cloud.usage_estimated")
-            out.append(Usage(estimate_prompt_tokens(request["messages"]), self.pieces))
-        else:
-            out.append(Usage(*self.usage))
-        return out
-
-
-def _usage(u: Any) -> tuple[int, int, int]:
-    if not isinstance(u, dict):
-        raise _malformed("'usage' is not an object")
-    details = u.get("prompt_tokens_details") or {}
-    values = (
-        u.get("prompt_tokens"),
-        u.get("completion_tokens"),
-        (details.get("cached_tokens") if isinstance(details, dict) else 0) or 0,
-    )
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise _malformed("'usage' does not hold token counts")
-    return values  # type: ignore[return-value]
-
-
-def _json(data: bytes) -> Any:
+async def _embeddings(response: httpx.Response, request: dict[str, Any], provider: str) -> AsyncGenerator[Output, None]:
+    """An `/embeddings` answer as one float32 vector per input, then the Usage (unpriced)."""
     try:
-        return json.loads(data)
-    except ValueError:
-        raise _malformed("a chunk is not JSON") from None
-
-
-def _finish_reason(value: Any) -> FinishReason:
-    """Upstream's finish reason as ours: the legacy `function_call` is `tool_calls`; one we do not
-    know (a provider's own) ends the choice as `stop`."""
-    if value == "function_call":
-        return "tool_calls"
-    if value in FINISH_REASONS and value != "cancelled":
-        return value  # type: ignore[no-any-return]
-    log.warning("cloud.unknown_finish_reason", reason=str(value)[:40])
-    return "stop"
-
-
-def _malformed(what: str) -> WorkerFailedError:
-    return WorkerFailedError(f"The upstream answer is malformed: {what}.", code="upstream_malformed")
+        data = await _read_limited(response.aiter_bytes(), EMBEDDINGS_LIMIT + 1)
+    except httpx.HTTPError as e:
+        raise _transport_error(e, provider) from e
+    if len(data) > EMBEDDINGS_LIMIT:
+        raise malformed("the embeddings answer is larger than the limit")
+    for item in embedding_outputs(parse_json(data), request):
+        yield item

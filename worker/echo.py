@@ -18,13 +18,22 @@ word after the ones it already holds.
 Scripted model text (`worker.echo_script`): after a `[[script]]` directive in the last user
 message, or from `--echo-script FILE`, the backend plays that text back as a model's output,
 through the engine's stop and tool-call parsing, so `tools` are accepted then.
+
+Other tasks (`schemas.tasks`): a raw-prompt completion echoes each prompt as a user message
+of its own (choice `p * n + j` for prompt p); embeddings are `echo_vector(text)`, a
+deterministic unit vector of `dimensions` (default 32) float32 values from the text's SHA-256,
+one prompt token per word.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import math
 import os
 import re
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +42,14 @@ from typing import Any
 from schemas.errors import ContextLengthError, WorkerFailedError
 from schemas.events import FinishReason, Piece
 from schemas.jobs import ModelAdvert
+from schemas.tasks import TASK_KEY, prompts, task_of
 from worker import echo_script
 from worker.backend import Finish, Output, Sampling, Usage, chat_messages, check_text_only
 from worker.engine_tools import plan_tools
 from worker.settings import WorkerSettings
 
 DEFAULT_MODEL = "tokenyard/echo"
+DEFAULT_DIMENSIONS = 32
 _DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?:=([0-9.]+))?\]\]")
 SHAPES = frozenset({"tokens", "rate", "script"})  # obeyed always: they only shape a test answer
 FAULTS = frozenset({"crash", "fail", "die-after", "delay"})  # obeyed only with --echo-directives
@@ -107,6 +118,13 @@ class EchoBackend:
         return None
 
     def check(self, model: str, request: dict[str, Any]) -> None:
+        task = task_of(request)
+        if task == "embedding":
+            return
+        if task == "completion":
+            for one in _as_chats(request):
+                self.check(model, one)
+            return
         scripted = echo_script.script_of(request, self._script) is not None
         check_text_only(request, tools=scripted)
         if scripted:
@@ -122,6 +140,30 @@ class EchoBackend:
             )
 
     async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
+        task = task_of(request)
+        if task == "embedding":
+            for item in _embed(request):
+                yield item
+            return
+        if task == "completion":  # each prompt answered as a chat of its own
+            n, prompt_tokens, completion = int(request.get("n") or 1), 0, 0
+            for p, one in enumerate(_as_chats(request)):
+                async for item in self._chat(one):
+                    if isinstance(item, Usage):
+                        prompt_tokens, completion = (
+                            prompt_tokens + item.prompt_tokens,
+                            completion + item.completion_tokens,
+                        )
+                    elif isinstance(item, Piece):
+                        yield dataclasses.replace(item, index=p * n + item.index)
+                    else:
+                        yield Finish(p * n + item.index, item.reason)
+            yield Usage(prompt_tokens, completion)
+            return
+        async for item in self._chat(request):
+            yield item
+
+    async def _chat(self, request: dict[str, Any]) -> AsyncIterator[Output]:
         plan = self._plan(request)
         sampling = Sampling.of(request)
         if plan.crash:
@@ -182,7 +224,7 @@ class EchoBackend:
                 await asyncio.sleep(0)
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
-        return Usage(self._plan(request).prompt_tokens, completion_tokens)
+        return Usage(sum(self._plan(one).prompt_tokens for one in _as_chats(request)), completion_tokens)
 
     def _plan(self, request: dict[str, Any]) -> _Plan:
         messages = chat_messages(request)
@@ -206,6 +248,36 @@ class EchoBackend:
     def _strip(self, text: str) -> str:
         """The text without the directives this worker obeys."""
         return _DIRECTIVE.sub(lambda m: " " if m.group(1) in self._obeyed else m.group(0), text)
+
+
+def _as_chats(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """A completion's prompts as one chat request each (a chat request as itself)."""
+    if task_of(request) != "completion":
+        return [request]
+    rest = {k: v for k, v in request.items() if k not in {TASK_KEY, "prompt"}}
+    return [{**rest, "messages": [{"role": "user", "content": p}]} for p in prompts(request) or [""]]
+
+
+def echo_vector(text: str, dimensions: int = DEFAULT_DIMENSIONS) -> bytes:
+    """The echo backend's embedding of a text: a unit vector, float32 little-endian."""
+    raw: list[float] = []
+    block = 0
+    while len(raw) < dimensions:
+        digest = hashlib.sha256(f"{block}:{text}".encode()).digest()
+        raw.extend((b - 127.5) / 127.5 for b in digest)
+        block += 1
+    raw = raw[:dimensions]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return struct.pack(f"<{dimensions}f", *(v / norm for v in raw))
+
+
+def _embed(request: dict[str, Any]) -> list[Output]:
+    texts = prompts(request)
+    dimensions = int(request.get("dimensions") or DEFAULT_DIMENSIONS)
+    out: list[Output] = [Piece(i, embedding=echo_vector(t, dimensions)) for i, t in enumerate(texts)]
+    out.extend(Finish(i, "stop") for i in range(len(texts)))
+    out.append(Usage(sum(max(1, len(t.split())) for t in texts), 0))
+    return out
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

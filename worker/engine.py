@@ -3,8 +3,9 @@
 `TransformersBackend` adapts the `worker.backend.Backend` interface to the step-loop thread in
 `worker.engine_batch`: it renders the chat template, checks the request against the context
 length, turns each choice into an engine `Sequence`, and relays what the engine thread emits
-through an asyncio queue. Closing the `generate` iterator cancels its sequences, which leave
-the batch at the engine's next step.
+through an asyncio queue. A raw-prompt completion (`schemas.tasks`) skips the template: each
+prompt is tokenized as it is, and choice `p * n + j` is a sequence of prompt p. Closing the
+`generate` iterator cancels its sequences, which leave the batch at the engine's next step.
 
     backend = TransformersBackend.from_settings(settings)   # or .from_model(model, tokenizer, ...)
     await backend.start()                                   # loads (and converts) off the loop
@@ -25,8 +26,9 @@ from typing import Any, cast
 
 import structlog
 
-from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from schemas.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, UnsupportedError
 from schemas.jobs import ModelAdvert
+from schemas.tasks import prompts, task_of
 from worker.backend import Finish, Output, Sampling, Usage, check_text_only
 from worker.engine_batch import BatchEngine, SeqParams, Sequence
 from worker.engine_load import LoadedModel, load, prepare, resolve_device, resolve_dtype, resolve_source
@@ -47,10 +49,12 @@ _SEED_MIX = 0x9E3779B97F4A7C15  # spreads the seeds of a request's choices apart
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A checked request: its prompt, one parameter set per choice, tools and grammar."""
+    """A checked request: its prompts (one, or a completion's several), one parameter set per
+    choice (choice i reads prompt i // n), tools and grammar."""
 
-    prompt: list[int]
+    prompts: list[list[int]]
     params: list[SeqParams]
+    n: int
     tools: ToolPlan
     grammar: str  # empty: unconstrained
 
@@ -170,7 +174,6 @@ class TransformersBackend:
         if engine is None or self._decode is None:
             raise RuntimeError("the transformers backend is not started")
         plan = self._plan(model, request)
-        prompt = plan.prompt
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -181,7 +184,7 @@ class TransformersBackend:
         seqs = [
             Sequence(
                 i,
-                prompt,
+                plan.prompts[i // plan.n],
                 p,
                 emit,
                 TextStream(decode, p.stops, parser=_parser(plan.tools), markup=self._markup),
@@ -199,7 +202,8 @@ class TransformersBackend:
                 if isinstance(item, Finish):
                     running -= 1
                 yield cast(Output, item)
-            yield Usage(prompt_tokens=len(prompt), completion_tokens=sum(len(s.generated) for s in seqs))
+            prompt_tokens = sum(len(prompt) for prompt in plan.prompts)
+            yield Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(len(s.generated) for s in seqs))
         finally:
             engine.cancel(seqs)  # no-op for finished ones; the rest leave the batch at the next step
 
@@ -207,8 +211,11 @@ class TransformersBackend:
         return True
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
-        prompt = self._prompt(request, plan_tools(request, self._format))
-        return Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens)
+        if task_of(request) == "completion":
+            prompt_tokens = sum(len(self._raw_prompt(text)) for text in prompts(request))
+        else:
+            prompt_tokens = len(self._prompt(request, plan_tools(request, self._format)))
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     # -- request planning ---------------------------------------------------------------------
 
@@ -217,12 +224,21 @@ class TransformersBackend:
         it offers and the grammar its output must follow."""
         if model not in self._ids:
             raise ModelNotFoundError(f"The model '{model}' is not served by this worker.", param="model")
+        task = task_of(request)
+        if task == "embedding":
+            raise UnsupportedError(f"The model '{model}' does not produce embeddings.", param="model")
         check_text_only(request, tools=True, response_format=True, logprobs=True)
         s = Sampling.of(request)
         _check_sampling(s)
         tools = plan_tools(request, self._format)
         grammar = request_grammar(self._grammars, request, tools)
-        prompt = self._prompt(request, tools)
+        if task == "completion":
+            all_prompts = [self._raw_prompt(text) for text in prompts(request)]
+            if not all_prompts or not all(all_prompts):
+                raise InvalidRequestError("prompt must not be empty.", param="prompt")
+        else:
+            all_prompts = [self._prompt(request, tools)]
+        prompt = max(all_prompts, key=len)
         limit = self._context
         wanted = s.max_tokens if s.max_tokens is not None else 1
         if limit and len(prompt) + wanted > limit:
@@ -246,9 +262,9 @@ class TransformersBackend:
                 seed=None if s.seed is None else (int(s.seed) ^ (i * _SEED_MIX)) % 2**63,
                 logprobs=s.logprobs,
             )
-            for i in range(s.n)
+            for i in range(s.n * len(all_prompts))
         ]
-        return _Plan(prompt, params, tools, grammar)
+        return _Plan(all_prompts, params, s.n, tools, grammar)
 
     def _describe(self, token: int) -> tuple[str, bytes]:
         """A token's text and bytes, for logprobs (engine thread only)."""
@@ -293,6 +309,13 @@ class TransformersBackend:
                 f"The model's chat template rejected these messages: {e}", param="messages"
             ) from e
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _raw_prompt(self, text: str) -> list[int]:
+        """A completion's prompt as it is: no chat template, the tokenizer's own special tokens
+        (a begin-of-text token, where the model has one)."""
+        if self._loaded is None:
+            raise RuntimeError("the transformers backend is not started")
+        return list(self._loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _template_prefix(self) -> list[int]:
         """The tokens every prompt starts with under this chat template (say a default system

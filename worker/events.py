@@ -2,9 +2,11 @@
 
 Token deltas that arrive within `coalesce` seconds of the last message sent are merged and
 sent together (one NATS message per batch); the first delta and every final event go at
-once. Sequence numbers are assigned at the moment a message is handed to the client (never
-earlier, in another task), and nats-py appends to its outgoing buffer without awaiting first,
-so messages leave in sequence order whichever task sends them.
+once. A batch that grows past `BATCH_BYTES` (an embedding job's vectors) goes at once too, so
+no message nears NATS's 1 MiB payload limit. Sequence numbers are assigned at the moment a
+message is handed to the client (never earlier, in another task), and nats-py appends to its
+outgoing buffer without awaiting first, so messages leave in sequence order whichever task
+sends them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from schemas.events import (
 )
 from worker.backend import Usage
 
+BATCH_BYTES = 256 * 1024  # roughly: what a delta's pieces hold before it is sent without waiting
+
 
 class Publisher(Protocol):
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None: ...
@@ -44,8 +48,11 @@ class _Run:
     tokens: int = 0
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    embedding: bytes = b""
 
     def add(self, piece: Piece) -> None:
+        if piece.embedding:  # one vector per input: a run holds one, never merged
+            self.embedding = piece.embedding
         if piece.text:
             self.text.append(piece.text)
         self.tokens += piece.tokens
@@ -53,7 +60,9 @@ class _Run:
         self.logprobs.extend(piece.logprobs)
 
     def piece(self) -> Piece:
-        return Piece(self.index, "".join(self.text), self.tokens, tuple(self.tool_calls), tuple(self.logprobs))
+        return Piece(
+            self.index, "".join(self.text), self.tokens, tuple(self.tool_calls), tuple(self.logprobs), self.embedding
+        )
 
 
 class EventStream:
@@ -66,6 +75,7 @@ class EventStream:
         self._coalesce = coalesce
         self._seq = 0
         self._pending: list[_Run] = []
+        self._pending_bytes = 0
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._start_timer: asyncio.TimerHandle | None = None
@@ -110,11 +120,17 @@ class EventStream:
             self._start_timer = None
 
     async def add(self, piece: Piece) -> None:
-        if not (self._pending and self._pending[-1].index == piece.index):
+        last = self._pending[-1] if self._pending else None
+        # A run keeps one choice's text before its tool-call fragments: text after a fragment
+        # (or another input's vector) starts a run of its own, so nothing is reordered.
+        if last is None or last.index != piece.index or piece.embedding or (piece.text and last.tool_calls):
             self._pending.append(_Run(piece.index))
         self._pending[-1].add(piece)
+        self._pending_bytes += (
+            len(piece.text) + len(piece.embedding) + 64 * (len(piece.logprobs) + len(piece.tool_calls))
+        )
         waited = time.monotonic() - self._last_sent
-        if waited >= self._coalesce:
+        if waited >= self._coalesce or self._pending_bytes >= BATCH_BYTES:
             await self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
@@ -130,7 +146,7 @@ class EventStream:
             self._timer.cancel()
             self._timer = None
         pieces = tuple(run.piece() for run in self._pending)
-        self._pending = []
+        self._pending, self._pending_bytes = [], 0
         self.tokens_sent += sum(p.tokens for p in pieces)
         return pieces
 

@@ -21,6 +21,7 @@ fix, fit to print as it is (exit code 2).
         max_concurrency: 64
         headers: {OpenAI-Organization: org-123}
         probe_interval: 30                 # seconds between GET {base_url}/models; 0 = off
+        endpoints: [chat, completions, embeddings]  # what it serves (default: chat only)
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ _PROVIDER_KEYS = (
     "max_concurrency",
     "headers",
     "probe_interval",
+    "endpoints",
 )
+# The upstream APIs a provider may serve, by the job task they carry (`schemas.tasks`), and
+# their paths under its base URL.
+ENDPOINTS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 _PRICE_KEYS = ("input", "output", "cached")
 _TIMEOUT_KEYS = ("connect", "read", "total")
 _MODEL_KEYS = ("id", "context_length")
@@ -139,6 +144,7 @@ class Provider:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
     probe_interval: float = 30.0
     key_error: str = ""  # why its keys could not be read (raised by `ProvidersConfig.get`)
+    endpoints: frozenset[str] = frozenset({"chat"})  # of ENDPOINTS: what the upstream serves
 
     def price(self, public_model: str) -> Price | None:
         return self.prices.get(public_model) or self.prices.get(ANY_MODEL)
@@ -225,6 +231,11 @@ def _provider(
         max_conc = whole(max_conc, f"{where}.max_concurrency", minimum=1)
     probe = number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
     keys, key_error = provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
+    endpoints = d.get("endpoints", ["chat"])
+    if not isinstance(endpoints, list) or not endpoints or any(e not in ENDPOINTS for e in endpoints):
+        raise ProviderConfigError(
+            f"{where}.endpoints: {endpoints!r} must be a non-empty list of {', '.join(ENDPOINTS)}"
+        )
     return Provider(
         name=name,
         base_url=_base_url(d.get("base_url"), f"{where}.base_url"),
@@ -236,6 +247,7 @@ def _provider(
         max_concurrency=max_conc,
         headers=_headers(d.get("headers", {}), f"{where}.headers"),
         probe_interval=probe,
+        endpoints=frozenset(endpoints),
     )
 
 

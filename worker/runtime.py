@@ -37,6 +37,7 @@ from schemas.events import CANCELLED, FinishReason, Piece
 from schemas.jobs import STOP, Job, NodeAdvert, Stop
 from schemas.nodes import NOTHING_SERVED, Hardware
 from schemas.otel import Tracing
+from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
@@ -328,7 +329,7 @@ class Worker:
 
     async def _generate(self, job: Job, out: EventStream) -> None:
         self._backend.check(job.model, job.request)
-        n = int(job.request.get("n") or 1)
+        n = choices(job.request)
         finish: list[FinishReason] = ["stop"] * n
         usage: Usage | None = None
         gen = self._backend.generate(job.model, job.request)
@@ -351,7 +352,7 @@ class Worker:
         """The gateway stopped this attempt: send what it used so far (prompt, the tokens
         generated, their cost), so a client that left is billed what ran. If the gateway still
         waits for it, it bills from this; if not, it drops it."""
-        n = int(job.request.get("n") or 1)
+        n = choices(job.request)
         usage = self._backend.partial_usage(job.model, job.request, out.tokens)
         with contextlib.suppress(nats.errors.Error):
             await out.done([CANCELLED] * n, usage)

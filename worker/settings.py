@@ -54,6 +54,7 @@ class WorkerSettings:
     threads: int  # CPU threads for torch; 0 = torch's default
     max_context: int  # prompt + completion tokens per sequence; 0 = the model's own limit
     tool_parser: str  # tool-call markup: auto (from the chat template), hermes, llama3, mistral or none
+    task: str  # transformers: auto (from the model's files), generate or embed (an embedding model)
     # cloud backend
     providers: str  # path of the operator's provider config (YAML)
     provider: str  # which provider of that file this worker forwards to; its pool is its name
@@ -117,6 +118,9 @@ class WorkerSettings:
             default="auto",
             help="tool-call markup: auto (from the chat template), hermes, llama3, mistral or none",
         )
+        add_setting(
+            p, "--task", default="auto", help="transformers: generate, embed, or auto (embed for embedding models)"
+        )
         add_setting(p, "--providers", default="", help="cloud: provider config file (YAML)")
         add_setting(p, "--provider", default="", help="cloud: the provider (of --providers) to forward to")
         add_setting(
@@ -137,6 +141,8 @@ class WorkerSettings:
             raise SystemExit(
                 f"tokenyard worker: --tool-parser must be auto, hermes, llama3, mistral or none, not {a.tool_parser!r}"
             )
+        if a.task not in {"auto", "generate", "embed"}:
+            raise SystemExit(f"tokenyard worker: --task must be auto, generate or embed, not {a.task!r}")
         if a.kind not in {"own", "volunteer"}:
             raise SystemExit(f"tokenyard worker: --kind must be own or volunteer, not {a.kind!r}")
         a.backend = _engine_backend(a)
@@ -179,6 +185,7 @@ class WorkerSettings:
             threads=a.threads,
             max_context=a.max_context,
             tool_parser=a.tool_parser,
+            task=a.task,
             providers=a.providers,
             provider=a.provider,
             engine_url=a.engine_url,
