@@ -151,8 +151,7 @@ class Tokenyard:
         except BaseException:
             self.stop()
             raise
-        assert self.nats.proc is not None
-        self.pids = {"nats-server": self.nats.proc.pid, **{role: pr.pid for role, pr in self.procs.items()}}
+        self.pids = {"nats-server": self.nats.pid, **{role: pr.pid for role, pr in self.procs.items()}}
 
     def _wait_model(self, model: str, deadline: float) -> None:
         while time.monotonic() < deadline:

@@ -152,8 +152,7 @@ async def main() -> None:
         spawn("worker", env, tmp / "worker.log", "--slots", "256", "--echo-tokens", str(a.tokens)),
         spawn("broker_api", env, tmp / "api.log", "--port", str(port), *(["--no-ledger"] if a.no_ledger else [])),
     ]
-    assert nats_server.proc is not None
-    pids = [nats_server.proc.pid] + [pr.pid for pr in procs]
+    pids = [nats_server.pid] + [pr.pid for pr in procs]
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:

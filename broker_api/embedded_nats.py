@@ -62,8 +62,18 @@ class NatsServer:
         self.auth = Path(auth) if auth else None
         self.tls = (tls_cert, tls_key) if tls_cert else None
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # None until started; it may start again
         self._log_lines: list[bytes] = []
+
+    @property
+    def pid(self) -> int:
+        """The running server's process id (a handle that never started has none)."""
+        return self._started().pid
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError("nats-server was not started: call start() first")
+        return self.proc
 
     @property
     def url(self) -> str:
@@ -96,17 +106,18 @@ class NatsServer:
             start_new_session=True,
         )
         found = threading.Event()
-        threading.Thread(target=self._read_log, args=(found,), daemon=True).start()
+        threading.Thread(target=self._read_log, args=(self.proc, found), daemon=True).start()
         if not found.wait(timeout):
             self.stop()
             tail = b"".join(self._log_lines[-20:]).decode(errors="replace")
             raise RuntimeError(f"nats-server did not become ready within {timeout} s:\n{tail}")
         return self
 
-    def _read_log(self, found: threading.Event) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+    def _read_log(self, proc: subprocess.Popen[bytes], found: threading.Event) -> None:
+        if proc.stderr is None:  # started with stderr=PIPE: never, but the type allows it
+            return
         with open(self.log_file, "ab") as out:
-            for line in self.proc.stderr:
+            for line in proc.stderr:
                 out.write(line)
                 out.flush()
                 if len(self._log_lines) < 200:
@@ -118,12 +129,10 @@ class NatsServer:
                     found.set()
 
     def pause(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        os.kill(self.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
+        os.kill(self.pid, signal.SIGCONT)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
