@@ -58,6 +58,11 @@ class NodeRegistry:
         record: NodeRecord | None = self._nodes.items.get(node_id)
         return record if record is not None and not record.removed else None
 
+    def record(self, node_id: str) -> NodeRecord | None:
+        """A node's record, removed or not (a removed node's id still names an enrolment)."""
+        found: NodeRecord | None = self._nodes.items.get(node_id)
+        return found
+
     def nodes(self, org: str | None) -> list[NodeRecord]:
         live = (n for n in self._nodes.items.values() if not n.removed and (org is None or n.org == org))
         return sorted(live, key=lambda n: n.created)
