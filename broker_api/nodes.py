@@ -82,7 +82,7 @@ class NodeServices:
         if registry.revocations():
             try:  # a change another gateway could not push, or a server whose resolver lost it
                 await enrolment.sync()
-            except NoCapacityError as e:
+            except (NoCapacityError, UnavailableError) as e:
                 log.warning("nodes.sync_failed", error=e.message)
         return cls(settings=settings, enrolment=enrolment, fleet=fleet, auditor=auditor, ledger=ledger)
 

@@ -22,11 +22,12 @@ from nats.js.kv import KeyValue
 from broker_api.directory import Mirror
 from broker_api.unavailable import retried
 from schemas import streams
-from schemas.errors import AuthenticationError, ContentionError
+from schemas.errors import AuthenticationError, ContentionError, UnavailableError
 from schemas.jetstream import open_bucket
 from schemas.registry import NODE_PREFIX, TOKEN_PREFIX, EnrolToken, NodeRecord, parse_token
 
 SPEND_TRIES = 8
+CATCH_UP = 5.0  # seconds the mirror may take to bring in changes already made
 INVALID_TOKEN = "This enrolment token is not valid."
 
 
@@ -74,6 +75,13 @@ class NodeRegistry:
     def revocations(self) -> dict[str, int]:
         """Every disabled or removed node's NATS user, with the time its credentials stopped."""
         return {n.user_key: int(n.changed or n.created) for n in self._nodes.items.values() if n.revoked}
+
+    async def current_revocations(self) -> dict[str, int]:
+        """`revocations` once the mirror holds every change made so far, on any gateway.
+        Raises UnavailableError when it cannot catch up."""
+        if not await self._nodes.catch_up(CATCH_UP):
+            raise UnavailableError("The node registry is behind; try again.")
+        return self.revocations()
 
     async def put_node(self, record: NodeRecord) -> None:
         await retried(lambda: self._nodes.kv.put(record.id, record.encode()), what="the node change")
