@@ -24,8 +24,10 @@ user JWT; the server enforces them. Roles:
   enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
   advertise itself under its own id, and hear its own control subject and the roll call. It
   may not read any other queue, any reply subject, KV bucket or the JetStream API beyond its
-  own consumers, nor speak as another node. Its request inbox is its own
-  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either.
+  own consumers, nor advertise as another node. Its request inbox is its own
+  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either. The events
+  it sends may name any node id (a subject cannot check a payload), so the gateway believes a
+  node id only when the node signed it with this identity's key (`broker_api.attribution`).
 
 An empty allow list denies everything in that direction.
 """
