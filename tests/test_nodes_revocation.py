@@ -17,6 +17,7 @@ from schemas import subjects
 from tests.enrol import admin, create_token, creds_file, raw_join
 from tests.helpers import ECHO
 from tests.stack import Stack
+from tests.test_nodes import eventually
 
 LAB = "lab"
 NODES = 8
@@ -33,6 +34,10 @@ async def _connect(url: str, creds: str, node: str) -> NATS:
     )
 
 
+async def _listed(http: httpx.AsyncClient, node: str) -> bool:
+    return (await admin(http, "GET", f"/nodes/{node}")).status_code == 200
+
+
 async def test_nodes_disabled_at_once_through_two_gateways_are_all_refused(stack: Stack, tmp_path: Path) -> None:
     gateways = [await stack.start_api(), await stack.start_api(ledger=False, data_dir=str(tmp_path / "gw2"))]
     clients = [httpx.AsyncClient(base_url=url, timeout=30) for url in gateways]
@@ -43,7 +48,9 @@ async def test_nodes_disabled_at_once_through_two_gateways_are_all_refused(stack
             joined = [await raw_join(clients[0], token["token"], [ECHO]) for _ in range(NODES)]
             files = {j["node_id"]: creds_file(stack, j) for j in joined}
             conns = [await _connect(stack.nats_url, files[node], node) for node in files]
-            await asyncio.sleep(0.3)  # both gateways' registries hold every node
+            for http in clients:  # both gateways' registries hold every node
+                for node in files:
+                    await eventually(lambda: _listed(http, node))
 
             answers = await asyncio.gather(
                 *(admin(clients[i % 2], "POST", f"/nodes/{node}/disable") for i, node in enumerate(files))
