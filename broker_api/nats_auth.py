@@ -263,6 +263,13 @@ def main(argv: list[str]) -> int:
         except ValueError as e:
             print(f"tokenyard auth init: {e}", file=sys.stderr)
             return 2
+    for name, models in adapters.items():
+        if len(models) > permissions.ADAPTER_MODELS_NAMED:
+            print(
+                f"note: adapter-{name} maps {len(models)} models (more than {permissions.ADAPTER_MODELS_NAMED}):"
+                " its credentials allow any model of its pool",
+                file=sys.stderr,
+            )
     auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
     print(f"NATS auth in {auth.path}:")
     print(f"  {auth.conf_path}   (include it from the nats-server config)")

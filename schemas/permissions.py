@@ -57,6 +57,10 @@ def _buckets(*buckets: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Models an adapter's credentials name one by one (four subjects each, ~300 bytes of JWT): more
+# would outgrow the CONNECT line nats-server accepts (`max_control_line` in nats-auth.conf).
+ADAPTER_MODELS_NAMED = 64
+
 _JS_BASICS = (subjects.JS_API_INFO, subjects.JS_STREAM_NAMES, subjects.JS_STREAM_LIST)
 
 
@@ -117,10 +121,11 @@ def scheduler() -> Permissions:
 def adapter(pool: str | None, models: tuple[str, ...] = ()) -> Permissions:
     """`pool` None: an operator's worker for any pool (what `tokenyard up` gives the workers it
     runs on its own machine, so a cloud adapter added to a local stack needs no step).
-    `models`: the only ones it serves in `pool` (empty: any, see the module's note)."""
+    `models`: the only ones it serves in `pool` (empty, or more than `ADAPTER_MODELS_NAMED`:
+    any, see the module's note)."""
     stream = subjects.WORK_STREAM
     publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY)
-    if pool and models:
+    if pool and models and len(models) <= ADAPTER_MODELS_NAMED:
         publish += _consumers(pool, models)
     else:
         publish += (

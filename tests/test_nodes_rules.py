@@ -170,3 +170,13 @@ def test_auth_init_holds_each_adapter_to_its_providers_models(tmp_path: Path) ->
         permissions.adapter("openai", ("gpt-new",)).publish
     )
     assert creds_path(out, "api").read_text() == before["api.creds"]
+
+
+def test_an_adapter_with_very_many_models_falls_back_to_its_whole_pool() -> None:
+    """Named one by one, a few hundred models would outgrow the CONNECT line nats-server takes."""
+    many = tuple(f"m{i}" for i in range(permissions.ADAPTER_MODELS_NAMED + 1))
+    wide = permissions.adapter("openai", many).publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in wide
+    assert f"$JS.API.CONSUMER.CREATE.TY_WORK.*.{subjects.work_pool_all('openai')}" in wide
+    named = permissions.adapter("openai", many[:-1]).publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" not in named and len(named) == 2 + 4 * len(many[:-1])
