@@ -31,6 +31,7 @@ from broker_api import (
 )
 from broker_api.accounting import Accounts
 from broker_api.admin_console import router as admin_console_router
+from broker_api.attribution import Attributor
 from broker_api.audit import Auditor
 from broker_api.auth import KeyStore
 from broker_api.bus import Bus
@@ -100,7 +101,7 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
         idempotency=await Idempotency.open(nc, js, replicas=replicas),
         metrics=metrics,
         cache=cache,
-        price_of=nodes.price_of,
+        attribute=Attributor(nodes.enrolment.registry, accounts.audit).attribute,
     )
     stack.push_async_callback(serving.drain)  # cancelled requests waiting for their worker's count
     return Services(

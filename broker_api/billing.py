@@ -107,13 +107,14 @@ def served_by(s: Session) -> tuple[str, str]:
     return s.run.model_of(attempt) or s.ask.model, s.run.route_of(attempt)
 
 
-def usage_record(s: Session, bill: Charge, *, now: float) -> UsageRecord:
-    """The session's usage record; `now` (monotonic) ends its duration if the response has not."""
+def usage_record(s: Session, bill: Charge, *, node: str, now: float) -> UsageRecord:
+    """The session's usage record; `node`: the node that ran it as its proof shows
+    (`broker_api.attribution`); `now` (monotonic) ends its duration if the response has not."""
     model, route = served_by(s)
     if s.cached is not None:
         route, node, attempts = "cache", "", s.job.dispatch
     else:
-        node, attempts = s.run.current_node, s.run.job.dispatch
+        attempts = s.run.job.dispatch
     return UsageRecord(
         job_id=s.job.id,
         time=s.arrived,

@@ -82,3 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     print(f"tokenyard: unknown command {role!r}\n\n{USAGE.strip()}", file=sys.stderr)
     raise SystemExit(2)
+
+
+if __name__ == "__main__":  # `python -m broker_api.cli ...` as well as the `tokenyard` script
+    main()

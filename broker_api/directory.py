@@ -79,6 +79,17 @@ class Mirror:
         self._task = asyncio.create_task(follow(self._entries, self._apply, name=self._name))
         await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
 
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until the mirror holds every write the bucket had when asked (a change another
+        gateway made a moment ago included); False if it did not within `timeout`."""
+        last = await self._last_sequence()
+        deadline = time.monotonic() + timeout
+        while self._seen < last:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()

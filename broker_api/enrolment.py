@@ -11,6 +11,11 @@
   the servers' resolver (`$SYS.REQ.CLAIMS.UPDATE`, as the system account's user): nats-server
   closes its connections at once and refuses them after. Enabling lifts the revocation, so the
   node's stored credentials work again the next time it connects.
+- A push replaces the whole account JWT, and gateways change nodes concurrently: a push built
+  from a registry read before another gateway's change can land after that gateway's push and
+  undo it. So every push is checked: read back what the servers hold and the registry as of
+  now (its mirror caught up), and push again until they agree. The last gateway to push sees
+  every change made before its push, so the servers end up revoking exactly the registry's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from broker_api.nats_auth import AuthDir
+from broker_api.nats_jwt import decode_claims
 from broker_api.registry import INVALID_TOKEN, NodeRegistry
 from schemas import subjects
 from schemas.errors import AuthenticationError, InvalidRequestError, NoCapacityError, RateLimitError
@@ -38,6 +44,7 @@ from schemas.settings import NatsSettings, nats_options
 log = structlog.get_logger(__name__)
 
 PUSH_TIMEOUT = 2.0
+SYNC_ROUNDS = 20  # pushes one change may take to converge with the other gateways' (each round ~ms)
 RATE_WINDOW = 60.0
 RATE_ADDRESSES = 10_000  # client addresses remembered by the join limiter
 
@@ -68,6 +75,16 @@ class Credentials:
     def issue_node(self, node_id: str, pool: str, models: tuple[str, ...]) -> tuple[str, str]:
         """A node's `.creds` text and its user's public key."""
         return self._auth.issue(f"node-{node_id}", node_permissions(node_id, pool, models))
+
+    async def held(self) -> dict[str, int]:
+        """The revocations in the account JWT the servers hold now."""
+        account = self._auth.keys.account.public
+        try:
+            reply = await self._system.request(subjects.sys_claims_lookup(account), b"", timeout=PUSH_TIMEOUT)
+            revocations = decode_claims(reply.data.decode())["nats"].get("revocations") or {}
+        except (nats.errors.Error, ValueError, KeyError, IndexError) as e:
+            raise NoCapacityError("NATS did not say which credentials it refuses; try again.") from e
+        return {str(k): int(v) for k, v in revocations.items()}
 
     async def push(self, revocations: dict[str, int]) -> None:
         """Replace the account's JWT on the servers with one that revokes these users."""
@@ -214,9 +231,19 @@ class Enrolment:
         return removed
 
     async def sync(self) -> None:
-        """Make the servers' account JWT revoke exactly the registry's disabled and removed nodes."""
-        if self._credentials is not None:
-            await self._credentials.push(self.registry.revocations())
+        """Make the servers' account JWT revoke exactly the registry's disabled and removed nodes
+        (converging with the other gateways' pushes: see the module's note)."""
+        if self._credentials is None:
+            return
+        wanted = await self.registry.current_revocations()
+        for _ in range(SYNC_ROUNDS):
+            await self._credentials.push(wanted)
+            held = await self._credentials.held()
+            wanted = await self.registry.current_revocations()
+            if held == wanted:
+                return
+            log.info("nodes.revocations_raced", held=len(held), wanted=len(wanted))
+        raise NoCapacityError("The credentials change kept racing other changes; try again.")
 
     async def close(self) -> None:
         if self._credentials is not None:

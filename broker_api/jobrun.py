@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from schemas.events import Delta, Done, Failed, Heartbeat, Start
+from schemas.events import Claim, Delta, Done, Failed, Heartbeat, Start
 from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job
 
 # What `offer` takes: every event but heartbeats, which go to `heartbeat`.
@@ -41,7 +41,7 @@ class JobRun:
         self._job = job
         self.silence = silence
         self.current: int | None = None
-        self.current_node = ""
+        self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
         self._committed = False
         self._closed = False
@@ -54,6 +54,11 @@ class JobRun:
         self.queue: asyncio.Queue[Streamed | Broken] = asyncio.Queue()
 
     # --- what the others read -----------------------------------------------------------
+
+    @property
+    def current_node(self) -> str:
+        """The node the current (or last) attempt's events name (proven or not: see `claim`)."""
+        return self.claim.node
 
     @property
     def job(self) -> Job:
@@ -112,7 +117,8 @@ class JobRun:
         if ev.seq != 0:  # joined mid-way: its start was lost
             self._refused.add(ev.attempt)
             return False
-        self.current, self.current_node, self._next_seq, self.heard = ev.attempt, ev.node, 0, now
+        self.current, self._next_seq, self.heard = ev.attempt, 0, now
+        self.claim = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
         return True
 
     def offer(self, ev: Streamed, now: float) -> bool:

@@ -39,12 +39,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 from broker_api.auth import load_or_create_admin_key
 from broker_api.embedded_nats import NatsServer
 from broker_api.lifeline import Lifeline
-from broker_api.nats_auth import AuthDir
+from broker_api.nats_auth import AuthDir, provider_models
 from schemas.settings import add_setting, creds_path
 
 READY_TIMEOUT = 600.0  # the first start converts the default model, which takes a while
@@ -95,19 +93,13 @@ class ConfigError(Exception):
     """A setting of `up` that cannot work: one line naming the file or flag and the fix."""
 
 
-def provider_names(path: str) -> list[str]:
-    """The providers a config file names (each adapter validates the rest, with its own keys)."""
+def provider_names(path: str) -> dict[str, tuple[str, ...]]:
+    """The providers a config file names, each with the models it maps (each adapter validates
+    the rest, with its own keys; its NATS credentials allow only these models' work)."""
     try:
-        data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the provider config ({e.strerror}); fix --providers") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
-    items = data.get("providers") if isinstance(data, dict) else None
-    names = [p.get("name") for p in items or () if isinstance(p, dict)]
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
-    return [str(n) for n in names]
+        return provider_models(path)
+    except ValueError as e:
+        raise ConfigError(f"{e}; fix --providers") from e
 
 
 def shared_env(a: argparse.Namespace) -> dict[str, str]:
@@ -197,10 +189,12 @@ def _public_host(host: str) -> str:
     return socket.getfqdn() if host in {"0.0.0.0", "::", ""} else host
 
 
-def _embedded_nats(a: argparse.Namespace, data: Path, providers: list[str]) -> tuple[NatsServer, dict[str, str]]:
+def _embedded_nats(
+    a: argparse.Namespace, data: Path, providers: dict[str, tuple[str, ...]]
+) -> tuple[NatsServer, dict[str, str]]:
     """Start the embedded, authenticated NATS; returns it and the environment every child
     shares (each child's own credentials are added per child; an adapter's are its provider's)."""
-    auth = AuthDir.init(data, local_worker=True, adapters=tuple(providers), resolver_dir=data / "nats" / "jwt")
+    auth = AuthDir.init(data, local_worker=True, adapters=providers, resolver_dir=data / "nats" / "jwt")
     host, port = _listen(a)
     server = NatsServer(
         data / "nats", host=host, port=port, auth=auth.conf_path, tls_cert=a.nats_tls_cert, tls_key=a.nats_tls_key
@@ -274,7 +268,7 @@ def main(argv: list[str]) -> int:
     data = Path(a.data_dir).expanduser()
     data.mkdir(parents=True, exist_ok=True)
     try:
-        providers = provider_names(a.providers) if a.providers else []
+        providers = provider_names(a.providers) if a.providers else {}
     except ConfigError as e:
         print(f"tokenyard up: {e}", file=sys.stderr)
         return 2
@@ -301,7 +295,7 @@ def main(argv: list[str]) -> int:
             "TOKENYARD_DATA_DIR": str(data),
             "TOKENYARD_ADMIN_KEY": admin_key,
         }
-        public, metrics = _start_roles(a, stack, env, data, own_nats, providers)
+        public, metrics = _start_roles(a, stack, env, data, own_nats, list(providers))
         host = "127.0.0.1" if a.host in {"0.0.0.0", "::"} else a.host
         base = f"{'https' if a.tls_cert else 'http'}://{host}:{a.port}"
         models = _wait_ready(base, admin_key, stack, time.monotonic() + READY_TIMEOUT, ca=a.tls_cert)

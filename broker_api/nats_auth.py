@@ -7,13 +7,16 @@
   account, and NATS's own "full" resolver (account JWTs kept in a directory, updated at run time
   through `$SYS.REQ.CLAIMS.UPDATE`, kept across restarts) preloaded with both accounts;
 - `DIR/creds/<role>.creds` for `api`, `scheduler`, `ledger`, `adapter-<provider>` per
-  `--adapters`, `worker` (the operator's own workers, any pool) with `--local-worker`, and
-  `sys` (the system account's user: the gateway pushes revocations with it);
+  provider (`--providers FILE`: each may pull only its own models' work, as that file names
+  them; `--adapters NAME,...`: any model of its pool), `worker` (the operator's own
+  workers, any pool) with `--local-worker`, and `sys` (the system account's user: the gateway
+  pushes revocations with it);
 - `DIR/nats-keys.json` (mode 0600): the seeds a gateway needs later, to sign enrolled nodes'
   user JWTs (the account's) and to re-sign the account JWT with revocations (the operator's).
 
 Every file with a secret is mode 0600. Running it again keeps the keys and writes only what is
-missing, so credentials already handed out stay valid.
+missing, so credentials already handed out stay valid; an adapter's credentials are issued
+again when its models changed (the old ones keep working until the operator revokes them).
 
 Why JWTs and not auth callout: the server verifies a JWT chain itself, so no Tokenyard process
 sits on the connect path (NATS keeps accepting the scheduler and the workers while every gateway
@@ -26,12 +29,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_api.nats_jwt import ACCOUNT, OPERATOR, USER, Key, account_jwt, creds, operator_jwt, user_jwt
+import yaml
+
+from broker_api.nats_jwt import (
+    ACCOUNT,
+    OPERATOR,
+    USER,
+    Key,
+    account_jwt,
+    creds,
+    decode_claims,
+    operator_jwt,
+    user_jwt,
+)
 from schemas import permissions
 from schemas.permissions import Permissions
 from schemas.settings import creds_path
@@ -42,6 +59,7 @@ ACCOUNT_NAME = "TOKENYARD"
 SYSTEM_NAME = "SYS"
 SYS_ROLE = "sys"
 LOCAL_WORKER = "worker"
+_JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*-+END NATS USER JWT-+")
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -55,15 +73,16 @@ def write_secret(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def role_permissions(role: str) -> Permissions:
-    """The permissions of a role's credentials (`adapter-<pool>` names its pool)."""
+def role_permissions(role: str, models: tuple[str, ...] = ()) -> Permissions:
+    """The permissions of a role's credentials (`adapter-<pool>` names its pool; `models`: the
+    only ones such an adapter serves, empty: any)."""
     fixed = {"api": permissions.api, "scheduler": permissions.scheduler, "ledger": permissions.ledger}
     if role in fixed:
         return fixed[role]()
     if role == LOCAL_WORKER:
         return permissions.adapter(None)
     if role.startswith("adapter-"):
-        return permissions.adapter(role.removeprefix("adapter-"))
+        return permissions.adapter(role.removeprefix("adapter-"), models)
     raise ValueError(f"unknown role {role!r}")
 
 
@@ -106,10 +125,12 @@ class AuthDir:
         cls,
         path: str | Path,
         *,
-        adapters: tuple[str, ...] = (),
+        adapters: Mapping[str, tuple[str, ...]] | tuple[str, ...] = (),
         local_worker: bool = False,
         resolver_dir: str | Path | None = None,
     ) -> AuthDir:
+        """`adapters`: provider names, or provider name -> the models it serves (see
+        `schemas.permissions.adapter`)."""
         p = Path(path).expanduser().resolve()
         found = cls.open(p)
         auth = found or cls(p, AuthKeys.create())
@@ -117,12 +138,15 @@ class AuthDir:
             write_secret(p / KEYS_FILE, auth.keys.to_json())
         conf = auth.server_config(Path(resolver_dir) if resolver_dir else p / "jwt")
         (p / CONF_FILE).write_text(conf)
-        roles = ["api", "scheduler", "ledger", *(f"adapter-{a}" for a in adapters)]
+        served = adapters if isinstance(adapters, Mapping) else dict.fromkeys(adapters, ())
+        roles = {"api": (), "scheduler": (), "ledger": (), **{f"adapter-{a}": tuple(m) for a, m in served.items()}}
         if local_worker:
-            roles.append(LOCAL_WORKER)
-        for role in roles:
-            if not creds_path(p, role).exists():
-                write_secret(creds_path(p, role), auth.issue(role, role_permissions(role))[0])
+            roles[LOCAL_WORKER] = ()
+        for role, models in roles.items():
+            perms = role_permissions(role, models)
+            file = creds_path(p, role)
+            if not file.exists() or (role.startswith("adapter-") and issued_publish(file) != list(perms.publish)):
+                write_secret(file, auth.issue(role, perms)[0])
         if not creds_path(p, SYS_ROLE).exists():
             user = Key.new(USER)
             jwt = user_jwt(auth.keys.system, user.public, name=SYS_ROLE, permissions=None)
@@ -174,12 +198,51 @@ class AuthDir:
         )
 
 
+def issued_publish(path: Path) -> list[str] | None:
+    """What the credentials at `path` may publish, as their user JWT says (None: unreadable)."""
+    found = _JWT.search(path.read_text())
+    if found is None:
+        return None
+    try:
+        allow = decode_claims(found.group(1))["nats"].get("pub", {}).get("allow")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return list(allow) if isinstance(allow, list) else None
+
+
+def provider_models(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """Each provider a provider config names, with the public model ids it maps (the adapter
+    validates the rest when it starts). Raises ValueError saying what is wrong."""
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the provider config ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+    items = data.get("providers") if isinstance(data, dict) else None
+    found: dict[str, tuple[str, ...]] = {}
+    for item in items or ():
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
+        models = item.get("models")
+        found[name] = tuple(str(m) for m in models) if isinstance(models, dict) else ()
+    if not found:
+        raise ValueError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
+    return found
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tokenyard auth init", description="Make NATS credentials for a Tokenyard deployment."
     )
     p.add_argument("--out", required=True, help="directory for nats-auth.conf, creds/ and the signing keys")
-    p.add_argument("--adapters", default="", help="cloud providers, comma-separated: one adapter-<name>.creds each")
+    p.add_argument(
+        "--providers", default="", help="a provider config (YAML): one adapter-<name>.creds each, held to its models"
+    )
+    p.add_argument(
+        "--adapters", default="", help="more cloud providers, comma-separated: adapter-<name>.creds for any model"
+    )
     p.add_argument("--local-worker", action="store_true", help="also creds/worker.creds: the operator's own workers")
     p.add_argument("--resolver-dir", default="", help="where nats-server keeps account JWTs (default DIR/jwt)")
     return p
@@ -187,10 +250,26 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "init":
-        print("usage: tokenyard auth init --out DIR [--adapters openai,azure] [--local-worker]", file=sys.stderr)
+        print(
+            "usage: tokenyard auth init --out DIR [--providers FILE] [--adapters openai,azure] [--local-worker]",
+            file=sys.stderr,
+        )
         return 2
     a = parser().parse_args(argv[1:])
-    adapters = tuple(x.strip() for x in a.adapters.split(",") if x.strip())
+    adapters: dict[str, tuple[str, ...]] = dict.fromkeys((x.strip() for x in a.adapters.split(",") if x.strip()), ())
+    if a.providers:
+        try:
+            adapters.update(provider_models(a.providers))
+        except ValueError as e:
+            print(f"tokenyard auth init: {e}", file=sys.stderr)
+            return 2
+    for name, models in adapters.items():
+        if len(models) > permissions.ADAPTER_MODELS_NAMED:
+            print(
+                f"note: adapter-{name} maps {len(models)} models (more than {permissions.ADAPTER_MODELS_NAMED}):"
+                " its credentials allow any model of its pool",
+                file=sys.stderr,
+            )
     auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
     print(f"NATS auth in {auth.path}:")
     print(f"  {auth.conf_path}   (include it from the nats-server config)")

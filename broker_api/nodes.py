@@ -56,20 +56,6 @@ class NodeServices:
     auditor: Auditor
     ledger: LedgerReader | None  # this gateway's own, or the ledger role over NATS
 
-    def price_of(self, node: str, pool: str) -> Price | None:
-        """The price of an attempt on `pool` by `node` (the node its events name), from the
-        registry: an enrolled node's owner's price. None where the worker's own count of cost
-        stands: a pool no enrolled node serves (the operator's adapters price from the
-        operator's provider file). A worker on an enrolled pool claiming to be a node it is not
-        enrolled as costs nothing."""
-        registry = self.enrolment.registry
-        record = registry.node(node)
-        if record is not None and record.pool == pool:
-            return record.price
-        if pool in registry.pools():
-            return Price()
-        return None
-
     @classmethod
     async def open(
         cls,
@@ -96,7 +82,7 @@ class NodeServices:
         if registry.revocations():
             try:  # a change another gateway could not push, or a server whose resolver lost it
                 await enrolment.sync()
-            except NoCapacityError as e:
+            except (NoCapacityError, UnavailableError) as e:
                 log.warning("nodes.sync_failed", error=e.message)
         return cls(settings=settings, enrolment=enrolment, fleet=fleet, auditor=auditor, ledger=ledger)
 

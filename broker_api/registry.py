@@ -22,11 +22,12 @@ from nats.js.kv import KeyValue
 from broker_api.directory import Mirror
 from broker_api.unavailable import retried
 from schemas import streams
-from schemas.errors import AuthenticationError, ContentionError
+from schemas.errors import AuthenticationError, ContentionError, UnavailableError
 from schemas.jetstream import open_bucket
 from schemas.registry import NODE_PREFIX, TOKEN_PREFIX, EnrolToken, NodeRecord, parse_token
 
 SPEND_TRIES = 8
+CATCH_UP = 5.0  # seconds the mirror may take to bring in changes already made
 INVALID_TOKEN = "This enrolment token is not valid."
 
 
@@ -58,6 +59,11 @@ class NodeRegistry:
         record: NodeRecord | None = self._nodes.items.get(node_id)
         return record if record is not None and not record.removed else None
 
+    def record(self, node_id: str) -> NodeRecord | None:
+        """A node's record, removed or not (a removed node's id still names an enrolment)."""
+        found: NodeRecord | None = self._nodes.items.get(node_id)
+        return found
+
     def nodes(self, org: str | None) -> list[NodeRecord]:
         live = (n for n in self._nodes.items.values() if not n.removed and (org is None or n.org == org))
         return sorted(live, key=lambda n: n.created)
@@ -69,6 +75,13 @@ class NodeRegistry:
     def revocations(self) -> dict[str, int]:
         """Every disabled or removed node's NATS user, with the time its credentials stopped."""
         return {n.user_key: int(n.changed or n.created) for n in self._nodes.items.values() if n.revoked}
+
+    async def current_revocations(self) -> dict[str, int]:
+        """`revocations` once the mirror holds every change made so far, on any gateway.
+        Raises UnavailableError when it cannot catch up."""
+        if not await self._nodes.catch_up(CATCH_UP):
+            raise UnavailableError("The node registry is behind; try again.")
+        return self.revocations()
 
     async def put_node(self, record: NodeRecord) -> None:
         await retried(lambda: self._nodes.kv.put(record.id, record.encode()), what="the node change")

@@ -25,6 +25,7 @@ import structlog
 from broker_api import billing
 from broker_api.accounting import Accounts
 from broker_api.attempts import JobDriver, Policy
+from broker_api.attribution import Attribution
 from broker_api.auth import Principal
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache, cache_key, cacheable
@@ -36,9 +37,8 @@ from broker_api.session import Ask, Session
 from broker_api.settings import ApiSettings
 from schemas.answers import CachedAnswer
 from schemas.errors import TokenyardError
-from schemas.events import Delta, Done, Failed, Start
+from schemas.events import Claim, Delta, Done, Failed, Start
 from schemas.jobs import Job, Submission
-from schemas.registry import Price
 
 log = structlog.get_logger(__name__)
 
@@ -58,9 +58,9 @@ class Serving:
         idempotency: Idempotency,
         metrics: Metrics,
         cache: ResponseCache | None,  # None: the gateway runs without a response cache
-        price_of: Callable[[str, str], Price | None] = lambda node, pool: None,
+        attribute: Callable[[Claim, str], Attribution] = lambda claim, pool: Attribution(claim.node, None),
     ) -> None:
-        self._price_of = price_of  # (node, pool) -> the registry's price for an enrolled node's work
+        self._attribute = attribute  # (claim, pool) -> the node a record names and its price (`attribution`)
         self._bus = bus
         self._s = settings
         self._accounts = accounts
@@ -191,11 +191,15 @@ class Serving:
         """(model, route) that answered (see `billing.served_by`)."""
         return billing.served_by(s)
 
-    def charge(self, s: Session) -> billing.Charge:
-        price = None
-        if s.cached is None and s.run.current_node:
-            attempt = s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
-            price = self._price_of(s.run.current_node, s.run.route_of(attempt))
+    def attribution(self, s: Session) -> Attribution:
+        """Which node ran the answer, as its proof shows (`broker_api.attribution`)."""
+        if s.cached is not None or not s.run.current_node:
+            return Attribution("", None)
+        attempt = s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
+        return self._attribute(s.run.claim, s.run.route_of(attempt))
+
+    def charge(self, s: Session, attribution: Attribution | None = None) -> billing.Charge:
+        price = (attribution or self.attribution(s)).price
         return billing.charge(
             s.output,
             s.done,
@@ -300,7 +304,8 @@ class Serving:
             return None
 
     def _record(self, s: Session) -> None:
-        record = billing.usage_record(s, self.charge(s), now=time.monotonic())
+        attribution = self.attribution(s)
+        record = billing.usage_record(s, self.charge(s, attribution), node=attribution.node, now=time.monotonic())
         s.to("recorded")
         self._metrics.finished(
             model=record.model,

@@ -11,6 +11,12 @@ order, exactly as sent. An embedding job's pieces carry vectors instead (`Piece.
 piece per input, `index` the input's position), sent in as many deltas as the message size
 limit needs; its `Done` counts the input tokens as `prompt_tokens`.
 
+An attempt's first event (sequence 0, whatever its kind) may carry a `proof`: the ed25519
+signature, by the node's own NATS user key, of `claim_message(job, attempt, node)`. The gateway
+checks it against the key the node registry holds for that node id, so a node cannot put
+another node's id (and its owner's price) on the work it did. One signature per attempt, never
+per event.
+
 `decode_event` reads any kind; the type checker narrows the union by `isinstance` or `match`.
 Worker output is untrusted: decoding checks every field's type, and a malformed event is a
 `WireError`, never a half-read object.
@@ -28,6 +34,25 @@ FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "con
 # A Done whose finish reasons are CANCELLED reports what a stopped attempt used until then: the
 # gateway bills a request whose client left from it. Only a gateway still waiting reads it.
 CANCELLED: FinishReason = "cancelled"
+PROOF_BYTES = 64  # an ed25519 signature
+
+
+def claim_message(job_id: str, attempt: int, node: str) -> bytes:
+    """What a node signs to prove it ran an attempt: the job, the attempt and its own id."""
+    return f"tokenyard-attempt-v1\x00{job_id}\x00{attempt}\x00{node}".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who an attempt's first event says ran it, and the proof it sent (b"": none)."""
+
+    job_id: str
+    attempt: int
+    node: str
+    proof: bytes = b""
+
+    def message(self) -> bytes:
+        return claim_message(self.job_id, self.attempt, self.node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +155,10 @@ class Start:
     attempt: int
     seq: int
     node: str
+    proof: bytes = b""  # on sequence 0 only: see `claim_message`
 
     def encode(self) -> bytes:
-        return pack(_head(self))
+        return pack(_head(self, self.proof))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +171,10 @@ class Delta:
     seq: int
     node: str
     pieces: tuple[Piece, ...]
+    proof: bytes = b""
 
     def encode(self) -> bytes:
-        return pack({**_head(self), "p": [p.pack() for p in self.pieces]})
+        return pack({**_head(self, self.proof), "p": [p.pack() for p in self.pieces]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +193,7 @@ class Done:
     cached_tokens: int = 0
     cost: float | None = None
     pieces: tuple[Piece, ...] = ()
+    proof: bytes = b""
 
     @property
     def cancelled(self) -> bool:
@@ -173,7 +201,7 @@ class Done:
 
     def encode(self) -> bytes:
         o: dict[str, Any] = {
-            **_head(self),
+            **_head(self, self.proof),
             "f": list(self.finish),
             "pt": self.prompt_tokens,
             "ct": self.completion_tokens,
@@ -199,9 +227,10 @@ class Failed:
     node: str
     error: dict[str, Any]
     retryable: bool
+    proof: bytes = b""
 
     def encode(self) -> bytes:
-        return pack({**_head(self), "e": self.error, "r": self.retryable})
+        return pack({**_head(self, self.proof), "e": self.error, "r": self.retryable})
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +256,9 @@ def decode_event(data: bytes) -> Event:
     o = unpack(data)
     kind = need(o, "k")
     head = (_str(need(o, "j")), _int(need(o, "a")), _int(need(o, "s")), _str(o.get("n", "")))
+    proof = _proof(o.get("pf", b""))
     if kind == Delta.kind:
-        return Delta(*head, pieces=_pieces(o))
+        return Delta(*head, pieces=_pieces(o), proof=proof)
     if kind == Done.kind:
         finish = tuple(_finish(f) for f in _list(o.get("f", ())))
         cost = o.get("cost")
@@ -240,21 +270,31 @@ def decode_event(data: bytes) -> Event:
             cached_tokens=_int(o.get("cached", 0)),
             cost=None if cost is None else _float(cost),
             pieces=_pieces(o),
+            proof=proof,
         )
     if kind == Failed.kind:
         error = o.get("e")
         if not isinstance(error, dict):
             raise WireError("a failed event needs an error map")
-        return Failed(*head, error=error, retryable=bool(o.get("r", False)))
+        return Failed(*head, error=error, retryable=bool(o.get("r", False)), proof=proof)
     if kind == Start.kind:
-        return Start(*head)
+        return Start(*head, proof=proof)
     if kind == Heartbeat.kind:
         return Heartbeat(*head)
     raise WireError(f"unknown event kind {kind!r}")
 
 
-def _head(ev: Event) -> dict[str, Any]:
-    return {"k": ev.kind, "j": ev.job_id, "a": ev.attempt, "s": ev.seq, "n": ev.node}
+def _head(ev: Event, proof: bytes = b"") -> dict[str, Any]:
+    head = {"k": ev.kind, "j": ev.job_id, "a": ev.attempt, "s": ev.seq, "n": ev.node}
+    if proof:
+        head["pf"] = proof
+    return head
+
+
+def _proof(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) not in (0, PROOF_BYTES):
+        raise WireError("a proof is an ed25519 signature")
+    return value
 
 
 def _pieces(o: dict[str, Any]) -> tuple[Piece, ...]:

@@ -10,18 +10,24 @@ user JWT; the server enforces them. Roles:
   reads routing policies and the node registry, settles usage.
 - `ledger`: reads the usage and audit streams into its database and answers the gateways'
   report queries (a gateway with `--ledger` has this inside `api`).
-- `adapter(pool)`: an operator's worker (a cloud adapter, or `tokenyard up`'s own worker):
-  serves the work queues of its pool, may create only consumers that filter that pool's
-  subjects, and advertises under any node id. It may pull from any work consumer: a consumer's
-  name is one subject token (`work-<pool>-<model>`), which a NATS permission cannot match by
-  prefix, and an adapter's models come from the operator's provider file at run time.
+- `adapter(pool, models)`: an operator's worker (a cloud adapter, or `tokenyard up`'s own
+  worker): serves the work queues of its pool, may create only consumers that filter that
+  pool's subjects, and advertises under any node id. With its models named (a cloud adapter's,
+  from the operator's provider file: `tokenyard up --providers`, `tokenyard auth init
+  --providers`) it may create, read, pull from and ack only those models' consumers of its
+  pool, as a node may. A consumer's name is one subject token (`work-<pool>-<model>`), which a
+  NATS permission cannot match by prefix, so an adapter issued without its models (`auth init
+  --adapters NAME`) may still pull from any work consumer; `tokenyard up`'s own worker
+  (`adapter(None)`) serves every pool by design.
 - `node(node, pool, models)`: an enrolled node, the one identity given to machines the
   operator does not run. It may create, read and pull only the consumers of the models it was
   enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
   advertise itself under its own id, and hear its own control subject and the roll call. It
   may not read any other queue, any reply subject, KV bucket or the JetStream API beyond its
-  own consumers, nor speak as another node. Its request inbox is its own
-  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either.
+  own consumers, nor advertise as another node. Its request inbox is its own
+  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either. The events
+  it sends may name any node id (a subject cannot check a payload), so the gateway believes a
+  node id only when the node signed it with this identity's key (`broker_api.attribution`).
 
 An empty allow list denies everything in that direction.
 """
@@ -50,6 +56,10 @@ def _buckets(*buckets: str) -> tuple[str, ...]:
         out += [*subjects.js_stream_access(f"KV_{bucket}"), subjects.kv_entries(bucket)]
     return tuple(out)
 
+
+# Models an adapter's credentials name one by one (four subjects each, ~300 bytes of JWT): more
+# would outgrow the CONNECT line nats-server accepts (`max_control_line` in nats-auth.conf).
+ADAPTER_MODELS_NAMED = 64
 
 _JS_BASICS = (subjects.JS_API_INFO, subjects.JS_STREAM_NAMES, subjects.JS_STREAM_LIST)
 
@@ -108,33 +118,43 @@ def scheduler() -> Permissions:
     return Permissions(publish=publish, subscribe=subscribe, responses=True)  # answers submissions
 
 
-def adapter(pool: str | None) -> Permissions:
+def adapter(pool: str | None, models: tuple[str, ...] = ()) -> Permissions:
     """`pool` None: an operator's worker for any pool (what `tokenyard up` gives the workers it
-    runs on its own machine, so a cloud adapter added to a local stack needs no step)."""
+    runs on its own machine, so a cloud adapter added to a local stack needs no step).
+    `models`: the only ones it serves in `pool` (empty, or more than `ADAPTER_MODELS_NAMED`:
+    any, see the module's note)."""
     stream = subjects.WORK_STREAM
-    publish = (
-        subjects.FLEET_HEARTBEAT_ALL,
-        subjects.REPLY_ANY,
-        subjects.js_consumer_create(stream, "*", subjects.work_pool_all(pool) if pool else subjects.WORK_ANY_POOL),
-        subjects.js_consumer_info(stream, "*"),
-        subjects.js_consumer_next(stream, "*"),
-        subjects.js_ack(stream, "*"),
-    )
+    publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY)
+    if pool and models and len(models) <= ADAPTER_MODELS_NAMED:
+        publish += _consumers(pool, models)
+    else:
+        publish += (
+            subjects.js_consumer_create(stream, "*", subjects.work_pool_all(pool) if pool else subjects.WORK_ANY_POOL),
+            subjects.js_consumer_info(stream, "*"),
+            subjects.js_consumer_next(stream, "*"),
+            subjects.js_ack(stream, "*"),
+        )
     inboxes = subjects.pool_inboxes(pool) if pool else subjects.ALL_WORKER_INBOXES
     subscribe = (inboxes, subjects.NODE_CONTROL_ANY, subjects.FLEET_ROLL_CALL)
     return Permissions(publish=publish, subscribe=subscribe)
 
 
-def node(node_id: str, pool: str, models: tuple[str, ...] | list[str]) -> Permissions:
+def _consumers(pool: str, models: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Create (filtered to its own subject), read, pull from and ack each model's consumer."""
     stream = subjects.WORK_STREAM
-    publish = [subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY]
+    out: list[str] = []
     for model in models:
         durable = subjects.work_consumer(pool, model)
-        publish += [
+        out += [
             subjects.js_consumer_create(stream, durable, subjects.work_subject(pool, model)),
             subjects.js_consumer_info(stream, durable),
             subjects.js_consumer_next(stream, durable),
             subjects.js_ack(stream, durable),
         ]
+    return tuple(out)
+
+
+def node(node_id: str, pool: str, models: tuple[str, ...] | list[str]) -> Permissions:
+    publish = (subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY, *_consumers(pool, models))
     subscribe = (f"{subjects.worker_inbox(pool, node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL)
-    return Permissions(publish=tuple(publish), subscribe=subscribe)
+    return Permissions(publish=publish, subscribe=subscribe)

@@ -233,6 +233,11 @@ JS_STREAM_LIST = f"{JS_API}.STREAM.LIST"
 SYS_CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 
 
+def sys_claims_lookup(account: str) -> str:
+    """Ask the servers' resolver for the account JWT it holds now (the system account's user)."""
+    return f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP"
+
+
 def worker_inbox(pool: str, node_id: str) -> str:
     """The request-inbox prefix of one worker (nats-py `inbox_prefix`): under the pool, so an
     operator adapter may own every inbox of its pool and an enrolled node only its own. The

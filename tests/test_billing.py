@@ -111,7 +111,8 @@ def test_the_usage_record_of_a_finished_run() -> None:
     s.output.add(fin)
     s.finished(fin)
     s.ended = 101.0
-    record = billing.usage_record(s, billing.charge(s.output, s.done, None, prompt_estimate=9, cache_hit_cost=0), now=0)
+    bill = billing.charge(s.output, s.done, None, prompt_estimate=9, cache_hit_cost=0)
+    record = billing.usage_record(s, bill, node=s.run.current_node, now=0)
     assert (record.job_id, record.org, record.project, record.key_id, record.model) == ("j1", "o", "p", "k", "m")
     assert (record.route, record.node, record.attempts) == ("own", "n1", 1)
     assert (record.prompt_tokens, record.completion_tokens, record.cost) == (4, 2, 0.01)
@@ -123,7 +124,7 @@ def test_the_usage_record_of_a_cache_hit() -> None:
     hit = CachedAnswer(["x"], ["stop"], 7, 3, 0.4)
     s.answered(hit, replay=False)
     record = billing.usage_record(
-        s, billing.charge(s.output, None, hit, prompt_estimate=9, cache_hit_cost=1), now=100.5
+        s, billing.charge(s.output, None, hit, prompt_estimate=9, cache_hit_cost=1), node="", now=100.5
     )
     assert (record.route, record.outcome, record.cached_tokens, record.cost, record.ttft_ms) == (
         "cache",

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def test_help_and_unknown_command() -> None:
     assert r.returncode == 0 and "tokenyard up" in r.stdout
     r = tokenyard("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+    # `python -m broker_api.cli` is the same command (how a checkout without the script runs it)
+    r = subprocess.run([sys.executable, "-m", "broker_api.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "tokenyard up" in r.stdout, r
 
 
 async def test_up_serves_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:

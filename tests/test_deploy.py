@@ -13,6 +13,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -585,3 +586,24 @@ def test_readme_commands_are_ones_that_exist() -> None:
             assert command, f"deploy/README.md runs `tokenyard {call}`, which is not a Tokenyard command"
             seen.add(command)
     assert {"up", "auth init", "nodes token create", "worker join"} <= seen
+
+
+def test_the_k8s_steps_auth_init_writes_every_credential_the_kustomization_mounts(tmp_path: Path) -> None:
+    """deploy/README's Kubernetes step, as written (into a temporary `secrets/`): every
+    credentials file and the auth include kustomization.yaml turns into a Secret exists after it."""
+    readme = (DEPLOY / "README.md").read_text()
+    [line] = [ln for ln in readme.splitlines() if ln.startswith("tokenyard auth init --out deploy/k8s/secrets")]
+    argv = shlex.split(line.split("#", 1)[0])[1:]
+    secrets = tmp_path / "secrets"
+    argv[argv.index("--out") + 1] = str(secrets)
+    made = run([*CLI, *argv], cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    wanted = [
+        f.split("=", 1)[1].removeprefix("secrets/")
+        for g in kustomization()["secretGenerator"]
+        for f in g.get("files", [])
+        if f.split("=", 1)[1].startswith(("secrets/creds/", "secrets/nats-auth.conf"))
+    ]
+    assert "creds/adapter-openai.creds" in wanted  # adapter.yaml's
+    missing = [w for w in wanted if not (secrets / w).is_file()]
+    assert not missing, f"the README's auth init leaves out {missing}"

@@ -10,9 +10,10 @@ import nkeys
 import pytest
 
 from broker_api.enrolment import JoinLimiter
-from broker_api.nats_auth import AuthDir, role_permissions
+from broker_api.nats_auth import AuthDir, issued_publish, provider_models, role_permissions
+from broker_api.nats_auth import main as nats_auth_main
 from broker_api.nats_jwt import decode_claims
-from schemas import permissions
+from schemas import permissions, subjects
 from schemas.codec import WireError, pack
 from schemas.errors import RateLimitError
 from schemas.jobs import ModelAdvert, NodeAdvert
@@ -143,3 +144,39 @@ def test_connect_options_find_credentials_and_tls(tmp_path: Path) -> None:
     )
     assert secured["user_credentials"] == "c.creds" and secured["tls"] is not None
     assert secured["tls_hostname"] == "gw" and secured["inbox_prefix"] == "_I"
+
+
+def test_auth_init_holds_each_adapter_to_its_providers_models(tmp_path: Path) -> None:
+    """`auth init --providers FILE` issues each adapter for its own models' consumers only; run
+    again, it keeps credentials that still fit and issues again those whose models changed."""
+    example = Path(__file__).resolve().parents[1] / "deploy" / "providers.example.yaml"
+    out = tmp_path / "auth"
+    assert nats_auth_main(["init", "--out", str(out), "--providers", str(example), "--adapters", "extra"]) == 0
+    served = provider_models(example)
+    assert served["openai"], served
+    for name, models in served.items():
+        allowed = issued_publish(creds_path(out, f"adapter-{name}"))
+        assert allowed == list(permissions.adapter(name, models).publish)
+        assert not any(a.endswith(".*") and "MSG.NEXT" in a for a in allowed or ())  # no other consumer
+        for model in models:
+            assert f"$JS.API.CONSUMER.MSG.NEXT.TY_WORK.{subjects.work_consumer(name, model)}" in (allowed or [])
+    # named without a provider file: any model of its pool (a consumer name cannot be matched by prefix)
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in (issued_publish(creds_path(out, "adapter-extra")) or [])
+    before = {p.name: p.read_text() for p in (out / "creds").iterdir()}
+    AuthDir.init(out, adapters={**served, "extra": ()})
+    assert {p.name: p.read_text() for p in (out / "creds").iterdir()} == before  # nothing re-issued
+    AuthDir.init(out, adapters={**served, "openai": ("gpt-new",)})
+    assert issued_publish(creds_path(out, "adapter-openai")) == list(
+        permissions.adapter("openai", ("gpt-new",)).publish
+    )
+    assert creds_path(out, "api").read_text() == before["api.creds"]
+
+
+def test_an_adapter_with_very_many_models_falls_back_to_its_whole_pool() -> None:
+    """Named one by one, a few hundred models would outgrow the CONNECT line nats-server takes."""
+    many = tuple(f"m{i}" for i in range(permissions.ADAPTER_MODELS_NAMED + 1))
+    wide = permissions.adapter("openai", many).publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in wide
+    assert f"$JS.API.CONSUMER.CREATE.TY_WORK.*.{subjects.work_pool_all('openai')}" in wide
+    named = permissions.adapter("openai", many[:-1]).publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" not in named and len(named) == 2 + 4 * len(many[:-1])

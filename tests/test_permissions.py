@@ -12,7 +12,7 @@ import nats.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from broker_api.nats_auth import write_secret
+from broker_api.nats_auth import AuthDir, write_secret
 from schemas import permissions, streams, subjects
 from schemas.jetstream import ensure
 from tests.helpers import ECHO
@@ -177,3 +177,55 @@ async def test_a_filter_other_than_the_consumers_own_is_refused_by_the_server(se
         assert subjects.work_consumer(POOL, ECHO) not in {c.name for c in info}
     finally:
         await node.close()
+
+
+async def test_a_cloud_adapter_pulls_only_its_own_models_work(secured: Stack) -> None:
+    """An adapter issued with its provider's models (as `tokenyard up --providers` and `auth init
+    --providers` issue it) may pull its own models' consumers of its pool, and no other pool's or
+    model's work: the jobs queued there stay for their own workers."""
+    assert secured.auth is not None
+    AuthDir.init(secured.auth.path, adapters={"prov-b": (ECHO,)})
+    ops = await secured.bus()
+    ojs = ops.jetstream()
+    await ojs.add_consumer(subjects.WORK_STREAM, consumer("prov-b", OTHER))  # its pool, a model it does not serve
+    for pool, model in ((POOL, OTHER), ("prov-a", ECHO), ("prov-b", OTHER), ("prov-b", ECHO)):
+        await ojs.publish(subjects.work_subject(pool, model), f"{pool}/{model}".encode())
+    violations: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        violations.append(str(e).lower())
+
+    adapter = await nats.connect(
+        secured.nats_url,
+        user_credentials=secured.creds("adapter-prov-b"),
+        inbox_prefix=subjects.worker_inbox("prov-b", "a1"),
+        error_cb=on_error,
+    )
+    try:
+        js = adapter.jetstream()
+        own = await js.pull_subscribe(
+            subjects.work_subject("prov-b", ECHO),
+            durable=subjects.work_consumer("prov-b", ECHO),
+            stream=subjects.WORK_STREAM,
+            config=consumer("prov-b", ECHO),
+        )
+        [msg] = await own.fetch(1, timeout=5)
+        assert msg.data == b"prov-b/" + ECHO.encode()
+        await msg.ack()
+        for pool, model in ((POOL, OTHER), ("prov-a", ECHO), ("prov-b", OTHER)):
+            durable = subjects.work_consumer(pool, model)
+            with pytest.raises(nats.errors.TimeoutError):  # a pull request, as a worker's feed sends it
+                await adapter.request(subjects.js_consumer_next(subjects.WORK_STREAM, durable), b"1", timeout=0.5)
+        await adapter.flush()
+        for _ in range(100):
+            if sum("consumer.msg.next" in v for v in violations) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        for pool, model in ((POOL, OTHER), ("prov-a", ECHO), ("prov-b", OTHER)):
+            durable = subjects.work_consumer(pool, model)
+            next_subject = subjects.js_consumer_next(subjects.WORK_STREAM, durable).lower()
+            assert f'permissions violation for publish to "{next_subject}"' in "\n".join(violations), violations
+            info = await ojs.consumer_info(subjects.WORK_STREAM, durable)
+            assert info.num_pending == 1 and info.num_ack_pending == 0, (durable, info)  # still queued, untouched
+    finally:
+        await adapter.close()

@@ -12,6 +12,7 @@ sends them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,7 +21,6 @@ from schemas.errors import TokenyardError
 from schemas.events import (
     Delta,
     Done,
-    Event,
     Failed,
     FinishReason,
     Heartbeat,
@@ -66,8 +66,21 @@ class _Run:
 
 
 class EventStream:
-    def __init__(self, nc: Publisher, subject: str, *, job_id: str, attempt: int, node: str, coalesce: float) -> None:
+    def __init__(
+        self,
+        nc: Publisher,
+        subject: str,
+        *,
+        job_id: str,
+        attempt: int,
+        node: str,
+        coalesce: float,
+        proof: bytes = b"",
+    ) -> None:
+        """`proof`: the node's signature of this attempt's claim (`worker.identity`), sent on its
+        first event, whatever its kind."""
         self._nc = nc
+        self._proof = proof
         self._subject = subject
         self._job_id = job_id
         self._attempt = attempt
@@ -92,7 +105,9 @@ class EventStream:
         self._seq += 1
         return seq
 
-    async def _send(self, ev: Event) -> None:
+    async def _send(self, ev: Start | Delta | Done | Failed) -> None:
+        if ev.seq == 0 and self._proof:
+            ev = dataclasses.replace(ev, proof=self._proof)
         self._last_sent = time.monotonic()
         await self._nc.publish(self._subject, ev.encode())
 

@@ -17,6 +17,7 @@ from schemas.probes import serve_probes
 from schemas.settings import nats_options
 from worker.backends import build_backend
 from worker.hardware import detect_hardware
+from worker.identity import Signer
 from worker.idle import availability_for
 from worker.metrics import WorkerMetrics
 from worker.node_id import stable_node_id
@@ -56,7 +57,15 @@ async def serve(settings: WorkerSettings) -> int:
     metrics = WorkerMetrics(backend=settings.backend)
     tracing = Tracing.start(settings.otlp_endpoint, role="worker")
     worker = Worker(
-        nc, nc.jetstream(), backend, settings, idle=idle, hardware=hardware, metrics=metrics, tracing=tracing
+        nc,
+        nc.jetstream(),
+        backend,
+        settings,
+        idle=idle,
+        hardware=hardware,
+        metrics=metrics,
+        tracing=tracing,
+        signer=Signer.from_creds(settings.nats.creds),
     )
     started = asyncio.Event()
 

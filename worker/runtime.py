@@ -41,6 +41,7 @@ from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
+from worker.identity import Signer
 from worker.idle import AlwaysAvailable, Availability, hand_back
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
@@ -85,11 +86,14 @@ class Worker:
         hardware: Hardware | None = None,
         metrics: WorkerMetrics,
         tracing: Tracing,
+        signer: Signer,
     ) -> None:
         """`idle`: idle-time mode (`worker.idle`; default: always available). `hardware`: what
         the adverts say this machine is (`worker.hardware`). `metrics`, `tracing`: what it counts and
-        traces (`worker.metrics`, `schemas.otel`)."""
+        traces (`worker.metrics`, `schemas.otel`). `signer`: proves its attempts
+        were this node's (`worker.identity`)."""
         self._nc = nc
+        self._signer = signer
         self._metrics = metrics
         self._tracing = tracing
         self._js = js
@@ -288,6 +292,7 @@ class Worker:
             attempt=attempt,
             node=self._s.node_id,
             coalesce=self._s.coalesce_ms / 1000,
+            proof=self._signer.prove(job.id, attempt, self._s.node_id),
         )
         task = asyncio.current_task()
         assert task is not None
