@@ -89,6 +89,7 @@ class Serving:
             deadline=time.time() + self._s.request_timeout,
             request_id=request_id,
             traceparent=traceparent,
+            streamed=ask.stream,
         )
         sub = Submission(
             job=job,

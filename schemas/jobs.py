@@ -37,6 +37,7 @@ class Job:
     dispatch: int = 1  # 1 for the first placement, +1 for each re-dispatch after a failed attempt
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
     traceparent: str = ""  # W3C trace context of the gateway's span for this request
+    streamed: bool = True  # the client reads a stream; a plain answer's first text may wait to ride with DONE
 
     def attempt_id(self, delivery: int) -> int:
         """An attempt's id: larger for later dispatches, and within one for later deliveries."""
@@ -59,6 +60,7 @@ class Job:
                 "dispatch": self.dispatch,
                 "rid": self.request_id,
                 "tp": self.traceparent,
+                "st": self.streamed,
             }
         )
 
@@ -74,6 +76,7 @@ class Job:
             dispatch=int(o.get("dispatch", 1)),
             request_id=str(o.get("rid", "")),
             traceparent=str(o.get("tp", "")),
+            streamed=bool(o.get("st", True)),  # a gateway from before: every first delta at once
         )
 
 

@@ -296,6 +296,7 @@ class Worker:
             node=self._s.node_id,
             coalesce=self._s.coalesce_ms / 1000,
             proof=self._signer.prove(job.id, attempt, self._s.node_id),
+            first_at_once=job.streamed,
         )
         task = asyncio.current_task()
         assert task is not None
