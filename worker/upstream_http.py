@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+# What a transport can fail with; anything else (a cancellation, a bug) passes through as it is.
+_FAILURES = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 # Set by aiohttp itself (from the URL, the body and HTTP/1.1's keep-alive), so not copied over.
 _OWN_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 
@@ -65,7 +67,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 timeout=_timeout(request.extensions.get("timeout", {})),
             )
-        except BaseException as e:
+        except _FAILURES as e:
             raise _translated(e, request) from e
         return httpx.Response(
             response.status,
@@ -92,7 +94,7 @@ class _Body(httpx.AsyncByteStream):
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except BaseException as e:
+        except _FAILURES as e:
             raise _translated(e, self._request) from e
 
     async def aclose(self) -> None:
@@ -107,8 +109,8 @@ def _timeout(t: dict[str, Any]) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=whole_connect, sock_connect=connect, sock_read=read)
 
 
-def _translated(e: BaseException, request: httpx.Request) -> BaseException:
-    """The httpx error this failure would have been; anything else (a cancellation) as it is."""
+def _translated(e: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx error this failure would have been."""
     message = f"{type(e).__name__}: {e}"
     if isinstance(e, aiohttp.ConnectionTimeoutError):  # connecting, or waiting for a free connection
         return httpx.ConnectTimeout(message, request=request)
@@ -118,6 +120,4 @@ def _translated(e: BaseException, request: httpx.Request) -> BaseException:
         return httpx.ConnectError(message, request=request)
     if isinstance(e, aiohttp.ClientResponseError):  # an answer that is not HTTP
         return httpx.RemoteProtocolError(message, request=request)
-    if isinstance(e, aiohttp.ClientError | OSError):  # disconnected, reset, a truncated body
-        return httpx.ReadError(message, request=request)
-    return e
+    return httpx.ReadError(message, request=request)  # disconnected, reset, a truncated body
