@@ -85,6 +85,7 @@ class Serving:
             id=job_id,
             model=ask.model,
             request=ask.body,
+            streamed=ask.stream,
             reply=self._bus.reply_subject(job_id),
             deadline=time.time() + self._s.request_timeout,
             request_id=request_id,

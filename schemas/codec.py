@@ -54,8 +54,9 @@ def need(obj: dict[str, Any], key: str) -> Any:
 
 
 def pack_fields(record: Any) -> bytes:
-    """A flat dataclass as a record, one map entry per field."""
-    return pack(dataclasses.asdict(record))
+    """A flat dataclass as a record, one map entry per field. Read field by field, not with
+    `dataclasses.asdict`, whose deep copy was 2 % of the gateway's samples (a usage record per request)."""
+    return pack({f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
 
 
 def unpack_fields(cls: type[R], data: bytes) -> R:

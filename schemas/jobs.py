@@ -35,6 +35,7 @@ class Job:
     reply: str  # where its events go; holds a secret token (subjects.reply_subject): only who pulled it knows it
     deadline: float  # unix time; a worker drops a job it pulls after this
     dispatch: int = 1  # 1 for the first placement, +1 for each re-dispatch after a failed attempt
+    streamed: bool = True  # the client reads a stream; a plain answer's first text may wait to ride with DONE
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
     traceparent: str = ""  # W3C trace context of the gateway's span for this request
 
@@ -57,6 +58,7 @@ class Job:
                 "reply": self.reply,
                 "deadline": self.deadline,
                 "dispatch": self.dispatch,
+                "st": self.streamed,
                 "rid": self.request_id,
                 "tp": self.traceparent,
             }
@@ -72,6 +74,7 @@ class Job:
             reply=str(need(o, "reply")),
             deadline=float(need(o, "deadline")),
             dispatch=int(o.get("dispatch", 1)),
+            streamed=bool(o.get("st", True)),  # a gateway from before: every first delta at once
             request_id=str(o.get("rid", "")),
             traceparent=str(o.get("tp", "")),
         )

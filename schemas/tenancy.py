@@ -34,7 +34,8 @@ class Limits:
     max_body_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+        """The limits set (flat values: read field by field, without `asdict`'s deep copy)."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Limits:

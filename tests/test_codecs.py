@@ -36,6 +36,7 @@ JOB = Job(
     reply="ty.reply.g.j1",
     deadline=1.7e9,
     dispatch=2,
+    streamed=False,
 )
 LIMITS = Limits(rpm=10, tpm=1000, usd_per_day=2.5, max_tokens=64)
 PIECE = Piece(
@@ -178,6 +179,8 @@ def test_malformed_events_are_wire_errors(fields: dict[str, Any]) -> None:
 def test_records_read_tolerantly_and_refuse_bad_values() -> None:
     newer = unpack(JOB.encode()) | {"added_later": [1, 2]}
     assert Job.decode(pack({k: v for k, v in newer.items() if k != "v"})) == JOB  # unknown keys ignored
+    older = {k: v for k, v in unpack(JOB.encode()).items() if k not in ("v", "st")}
+    assert Job.decode(pack(older)).streamed  # an older gateway's job: its first delta goes at once, as before
     with pytest.raises(WireError):
         need({}, "id")
     with pytest.raises(WireError):

@@ -1,7 +1,8 @@
 """An attempt's outgoing events (`worker.events.EventStream`) on a publisher that records what
-it is handed: the first delta goes at once, later ones are merged within the coalescing window
-(text joined, tool-call fragments and logprobs kept in order), sequence numbers have no gaps,
-and the final event carries whatever was still waiting."""
+it is handed: a streamed answer's first delta goes at once (a plain answer's waits its window),
+later ones are merged within the coalescing window (text joined, tool-call fragments and
+logprobs kept in order), sequence numbers have no gaps, and the final event carries whatever
+was still waiting."""
 
 from __future__ import annotations
 
@@ -75,6 +76,29 @@ async def test_first_delta_at_once_then_merged_and_the_tail_rides_on_done() -> N
         Piece(0, "d", 1),
     )
     assert [e.seq for e in rec.sent] == [0, 1] and rec.subjects == {SUBJECT}
+
+
+async def test_a_plain_answer_sends_its_text_with_done_alone() -> None:
+    rec = Recorder()
+    es = EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=10.0, first_at_once=False)
+    await es.add(Piece(0, "a", 1))
+    await es.add(Piece(0, "b", 1))
+    assert rec.sent == [] and es.tokens == 2
+    await es.done(["stop"], Usage(prompt_tokens=3, completion_tokens=2))
+    (done,) = rec.sent
+    assert isinstance(done, Done) and done.seq == 0 and done.pieces == (Piece(0, "ab", 2),)
+
+
+async def test_a_plain_answer_still_flushes_when_its_window_ends() -> None:
+    rec = Recorder()
+    es = EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=0.02, first_at_once=False)
+    await es.add(Piece(0, "a", 1))
+    for _ in range(200):  # bounded: the window is 20 ms
+        if rec.sent:
+            break
+        await asyncio.sleep(0.01)
+    (delta,) = rec.sent
+    assert isinstance(delta, Delta) and delta.seq == 0 and delta.pieces == (Piece(0, "a", 1),)
 
 
 async def test_the_window_flushes_by_itself_and_sequence_numbers_have_no_gaps() -> None:

@@ -74,6 +74,7 @@ from worker.providers import (
     load_providers,
 )
 from worker.settings import WorkerSettings
+from worker.upstream_http import AiohttpTransport
 
 log = structlog.get_logger(__name__)
 
@@ -157,7 +158,7 @@ class CloudBackend:
             base_url=p.base_url + "/",
             headers=dict(p.headers),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.total),
-            limits=httpx.Limits(max_connections=self._slots + 1, max_keepalive_connections=self._slots),
+            transport=AiohttpTransport(connections=self._slots + 1),  # not httpx's pool: see worker/upstream_http.py
             follow_redirects=False,  # a redirect could lead anywhere: the config names the host
             trust_env=False,  # no proxy or .netrc credentials picked up from the environment
         )

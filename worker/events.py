@@ -1,9 +1,11 @@
 """One attempt's outgoing event stream: sequence numbers, coalescing, final events.
 
 Token deltas that arrive within `coalesce` seconds of the last message sent are merged and
-sent together (one NATS message per batch); the first delta and every final event go at
-once. A batch that grows past `BATCH_BYTES` (an embedding job's vectors) goes at once too, so
-no message nears NATS's 1 MiB payload limit. Sequence numbers are assigned at the moment a
+sent together (one NATS message per batch); every final event goes at once, and so does the
+first delta of a streamed answer (its client is waiting for it). A plain answer's window opens
+when the attempt starts, so a short answer's text rides with DONE: one message instead of two.
+A batch that grows past `BATCH_BYTES` (an embedding job's vectors) goes at once too, so no
+message nears NATS's 1 MiB payload limit. Sequence numbers are assigned at the moment a
 message is handed to the client (never earlier, in another task), and nats-py appends to its
 outgoing buffer without awaiting first, so messages leave in sequence order whichever task
 sends them.
@@ -76,6 +78,7 @@ class EventStream:
         node: str,
         coalesce: float,
         proof: bytes = b"",
+        first_at_once: bool = True,
     ) -> None:
         """`proof`: the node's signature of this attempt's claim (`worker.identity`), sent on its
         first event, whatever its kind."""
@@ -89,7 +92,8 @@ class EventStream:
         self._seq = 0
         self._pending: list[_Run] = []
         self._pending_bytes = 0
-        self._last_sent = 0.0
+        # A plain answer's first delta waits like the rest: nobody reads it before DONE.
+        self._last_sent = 0.0 if first_at_once else time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._start_timer: asyncio.TimerHandle | None = None
         self.tokens_sent = 0

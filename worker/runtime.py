@@ -206,6 +206,9 @@ class Worker:
             max_deliver=self._s.max_deliver,
             filter_subject=subjects.work_subject(self._s.pool, model),
             max_waiting=4096,
+            # No cap of its own (JetStream's default, 1,000, capped a whole pool's model at 1,000 running
+            # jobs): workers pull only for free slots, and admission bounds what waits.
+            max_ack_pending=-1,
         )
         for attempt in range(10**6):  # until the stream exists (the scheduler creates it)
             try:
@@ -293,6 +296,7 @@ class Worker:
             node=self._s.node_id,
             coalesce=self._s.coalesce_ms / 1000,
             proof=self._signer.prove(job.id, attempt, self._s.node_id),
+            first_at_once=job.streamed,
         )
         task = asyncio.current_task()
         assert task is not None
