@@ -8,20 +8,23 @@ open streams to stall its event loop past the gateway's silence limit. aiohttp's
 idle connections per host in a queue (no scan), parses with llhttp in C, and writes a request's
 headers and body in one go.
 
-What httpx would do is kept: no redirects followed, nothing taken from the environment (proxies,
-.netrc), no cookies kept, the body left encoded (httpx decodes it by its headers), the timeouts of
-each request (connect, read between chunks, waiting for a free connection), and every transport
-failure raised as the httpx error it would have been, so callers tell a timeout from a refused
-connection from a cut one as before.
+What httpx would do is kept: certificates checked against certifi's CA bundle (httpx's default,
+not the host's store, which a slim container may lack), no redirects followed, nothing taken
+from the environment (proxies, .netrc), no cookies kept, the body left encoded (httpx decodes it
+by its headers), the timeouts of each request (connect, read between chunks, waiting for a free
+connection), and every transport failure raised as the httpx error it would have been, so
+callers tell a timeout from a refused connection from a cut one as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import certifi
 import httpx
 
 # What a transport can fail with; anything else (a cancellation, a bug) passes through as it is.
@@ -42,7 +45,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _need_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self._connections, limit_per_host=0, keepalive_timeout=self._keepalive, ttl_dns_cache=300
+                limit=self._connections,
+                limit_per_host=0,
+                keepalive_timeout=self._keepalive,
+                ttl_dns_cache=300,
+                ssl=ssl.create_default_context(cafile=certifi.where()),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
