@@ -81,8 +81,11 @@ class Mirror:
 
     async def catch_up(self, timeout: float) -> bool:
         """Wait until the mirror holds every write the bucket had when asked (a change another
-        gateway made a moment ago included); False if it did not within `timeout`."""
+        gateway made a moment ago included); False if it did not within `timeout`, or if the
+        bucket's last write could not be read (a mirror that cannot tell is not caught up)."""
         last = await self._last_sequence()
+        if last is None:
+            return False
         deadline = time.monotonic() + timeout
         while self._seen < last:
             if time.monotonic() >= deadline:
@@ -97,7 +100,7 @@ class Mirror:
                 await self._task
 
     async def _entries(self) -> AsyncIterator[KeyValue.Entry | None]:
-        opened_at = await self._last_sequence()  # all up to here comes with the watch's first sync
+        opened_at = await self._last_sequence() or 0  # all up to here comes with the watch's first sync
         watcher = await self.kv.watchall()
         self._behind_since = None
         try:
@@ -114,17 +117,21 @@ class Mirror:
             with contextlib.suppress(nats.errors.Error):
                 await watcher.stop()
 
-    async def _last_sequence(self) -> int:
+    async def _last_sequence(self) -> int | None:
+        """The bucket's last stream sequence; None when the server did not say."""
         try:
             return int((await self._js.stream_info(self._stream)).state.last_seq)
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             log.info("directory.stream_info_failed", bucket=self._name, error=repr(e))
-            return 0
+            return None
 
     async def _check_stale(self) -> None:
         """Raise StaleWatchError (so `follow` reopens the watch) once the stream has stayed
         ahead of what the watch brought for STALE_AFTER seconds."""
-        if await self._last_sequence() <= self._seen:
+        last = await self._last_sequence()
+        if last is None:  # cannot tell now; the next check asks again
+            return
+        if last <= self._seen:
             self._behind_since = None
             return
         now = time.monotonic()

@@ -231,10 +231,7 @@ class Shaper:
                 if req.tool_choice is not None and not isinstance(req.tool_choice, str)
                 else req.tool_choice or "auto"
             ),
-            tools=[
-                t.model_dump(exclude_none=True) | {"strict": t.strict, "parameters": t.parameters}
-                for t in req.tools or []
-            ],
+            tools=[_tool_json(t) for t in req.tools or []],
             usage=usage,
             user=req.user,
             metadata=req.metadata or {},

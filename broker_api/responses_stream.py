@@ -160,7 +160,7 @@ class EventWriter:
         yield self._event("response.failed", response=response.model_dump(mode="json"))
 
 
-async def events(serving: Serving, s: Session, shaper: Shaper, on_final: Any) -> AsyncGenerator[Event, None]:
+async def events(serving: Serving, s: Session, shaper: Shaper, on_final: OnFinal) -> AsyncGenerator[Event, None]:
     """The stream's events. The first is produced only once the job's first output came (or its
     stored answer), so an error before it is still an HTTP error. `on_final(result, response)`
     runs once the answer is whole (to store it)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.codec import WireError, need, pack, unpack
-from schemas.events import TokenLogprob, ToolCallDelta
+from schemas.events import TokenLogprob, ToolCallDelta, float32_vector
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +70,9 @@ class CachedAnswer:
                 float(o.get("c", 0.0)),
                 tool_calls=[tuple(ToolCallDelta.unpack(c) for c in calls) for calls in o.get("tc", ())],
                 logprobs=[tuple(TokenLogprob.unpack(lp) for lp in lps) for lps in o.get("lp", ())],
-                vectors=[_vector(v) for v in o.get("vec", ())],
+                vectors=[float32_vector(v) for v in o.get("vec", ())],
                 model=str(o.get("m", "")),
                 route=str(o.get("r", "")),
             )
         except (TypeError, ValueError) as e:
             raise WireError(f"bad cached answer: {e}") from e
-
-
-def _vector(value: Any) -> bytes:
-    if not isinstance(value, bytes) or len(value) % 4:
-        raise WireError("a cached vector is float32 bytes")
-    return value

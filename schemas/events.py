@@ -139,7 +139,7 @@ class Piece:
             raise WireError("a piece has 3 to 6 items")
         calls = tuple(ToolCallDelta.unpack(c) for c in _list(items[3])) if len(items) > 3 else ()
         logprobs = tuple(TokenLogprob.unpack(lp) for lp in _list(items[4])) if len(items) > 4 else ()
-        embedding = _vector(items[5]) if len(items) > 5 else b""
+        embedding = float32_vector(items[5]) if len(items) > 5 else b""
         return cls(_int(items[0]), _str(items[1]), _int(items[2]), calls, logprobs, embedding)
 
 
@@ -339,7 +339,8 @@ def _items(value: Any, n: int, what: str) -> list[Any]:
     return items
 
 
-def _vector(value: Any) -> bytes:
+def float32_vector(value: Any) -> bytes:
+    """An embedding as it travels: float32 bytes (events and cached answers alike)."""
     if not isinstance(value, bytes) or len(value) % 4:
         raise WireError("an embedding is float32 bytes")
     return value

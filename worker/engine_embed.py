@@ -141,11 +141,13 @@ class EmbeddingBackend:
         return True
 
     def check(self, model: str, request: dict[str, Any]) -> None:
-        self._inputs(model, request)
+        """What can be refused without tokenizing (on the worker's loop, so kept cheap); each
+        input's length is checked once, in `generate`, off the loop."""
+        self._dimensions(model, request)
 
     async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
         loaded = self._need()
-        ids, dimensions = self._inputs(model, request)
+        ids, dimensions = await asyncio.to_thread(self._inputs, model, request)
         async with self._lock:
             for start in range(0, len(ids), BATCH):
                 batch = ids[start : start + BATCH]
@@ -160,8 +162,9 @@ class EmbeddingBackend:
         ids, _ = self._inputs(model, request)
         return Usage(sum(len(t) for t in ids), 0)
 
-    def _inputs(self, model: str, request: dict[str, Any]) -> tuple[list[list[int]], int]:
-        """The request's inputs as token ids, and the vector length asked for."""
+    def _dimensions(self, model: str, request: dict[str, Any]) -> int:
+        """The vector length asked for, once the model, the task and the inputs are ones this
+        backend serves."""
         if model not in self._ids:
             raise ModelNotFoundError(f"The model '{model}' is not served by this worker.", param="model")
         if task_of(request) != "embedding":
@@ -175,7 +178,13 @@ class EmbeddingBackend:
             raise InvalidRequestError(
                 f"dimensions must be between 1 and {loaded.dimensions} for this model.", param="dimensions"
             )
-        ids = [list(loaded.tokenizer(t, add_special_tokens=True, truncation=False)["input_ids"]) for t in texts]
+        return dimensions
+
+    def _inputs(self, model: str, request: dict[str, Any]) -> tuple[list[list[int]], int]:
+        """The request's inputs as token ids, and the vector length asked for."""
+        dimensions = self._dimensions(model, request)
+        tokenizer = self._need().tokenizer
+        ids = [list(tokenizer(t, add_special_tokens=True, truncation=False)["input_ids"]) for t in prompts(request)]
         limit = self._context
         for i, tokens in enumerate(ids):
             if not tokens:
