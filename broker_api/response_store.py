@@ -1,9 +1,10 @@
-"""Stored Responses API answers, per org, in the responses bucket (`schemas.streams.RESPONSES`,
+"""Stored Responses API answers, per org and project, in the responses bucket (`schemas.streams.RESPONSES`,
 shared by every gateway): what `previous_response_id` continues from and `GET` / `DELETE
 /v1/responses/{id}` read. Entries expire with the bucket's TTL (`--responses-ttl`).
 
-An entry's key is the org's digest and the response id, so one org can never read, continue or
-delete another's (its ids simply are not there: 404). Ids are ours (`resp_` and 32 hex digits);
+An entry's key is a digest of the org and the project and the response id, so one org (or one
+project, as OpenAI scopes stored responses) can never read, continue or delete another's (its
+ids simply are not there: 404). Ids are ours (`resp_` and 32 hex digits);
 anything else is not looked up at all.
 """
 
@@ -40,14 +41,15 @@ class ResponseStore:
         return cls(await open_bucket(nc, js, spec, replicas=replicas))
 
     @staticmethod
-    def _key(org: str, response_id: str) -> str:
-        return f"{hashlib.sha256(org.encode()).hexdigest()[:32]}.{response_id}"
+    def _key(org: str, project: str, response_id: str) -> str:
+        scope = hashlib.sha256(f"{org}\0{project}".encode()).hexdigest()[:32]
+        return f"{scope}.{response_id}"
 
-    async def get(self, org: str, response_id: str) -> StoredResponse | None:
+    async def get(self, org: str, project: str, response_id: str) -> StoredResponse | None:
         if not ID_RE.match(response_id):
             return None
         try:
-            entry = await self._kv.get(self._key(org, response_id))
+            entry = await self._kv.get(self._key(org, project, response_id))
         except nats.js.errors.KeyNotFoundError:
             return None
         if entry.value is None:
@@ -58,17 +60,17 @@ class ResponseStore:
             log.warning("responses.unreadable", response_id=response_id, error=str(e))
             return None
 
-    async def put(self, org: str, response_id: str, stored: StoredResponse) -> bool:
+    async def put(self, org: str, project: str, response_id: str, stored: StoredResponse) -> bool:
         """Store it; False (logged) if it cannot be kept, e.g. larger than a message may be."""
         try:
-            await self._kv.put(self._key(org, response_id), stored.encode())
+            await self._kv.put(self._key(org, project, response_id), stored.encode())
             return True
         except (nats.errors.Error, WireError) as e:
             log.warning("responses.store_failed", response_id=response_id, error=type(e).__name__)
             return False
 
-    async def delete(self, org: str, response_id: str) -> bool:
-        if await self.get(org, response_id) is None:
+    async def delete(self, org: str, project: str, response_id: str) -> bool:
+        if await self.get(org, project, response_id) is None:
             return False
-        await self._kv.purge(self._key(org, response_id))
+        await self._kv.purge(self._key(org, project, response_id))
         return True

@@ -30,7 +30,7 @@ async def create_response(request: Request) -> Response:
     check_max_tokens({"max_tokens": req.max_output_tokens}, who.key_limits, who.org_limits)
     previous = None
     if req.previous_response_id:
-        previous = await s.responses.get(who.org, req.previous_response_id)
+        previous = await s.responses.get(who.org, who.project, req.previous_response_id)
         if previous is None:
             raise InvalidRequestError(
                 f"Previous response with id '{req.previous_response_id}' not found.",
@@ -43,7 +43,7 @@ async def create_response(request: Request) -> Response:
 
     async def keep(result: ChoiceResult, final: ResponseObject) -> None:
         if req.stores:
-            await s.responses.put(who.org, final.id, responses.stored(conversation, result, final))
+            await s.responses.put(who.org, who.project, final.id, responses.stored(conversation, result, final))
 
     if req.stream:
         return await answer_stream(s, session, responses_stream.events(s.serving, session, shaper, keep), named=True)
@@ -61,7 +61,7 @@ async def create_response(request: Request) -> Response:
 async def get_response(
     response_id: str, who: Annotated[Principal, Depends(caller)], s: Annotated[Services, Depends(services)]
 ) -> dict[str, Any]:
-    found = await s.responses.get(who.org, response_id)
+    found = await s.responses.get(who.org, who.project, response_id)
     if found is None:
         raise NotFoundError(f"No response with id '{response_id}'.", param="response_id")
     return found.response
@@ -71,6 +71,6 @@ async def get_response(
 async def delete_response(
     response_id: str, who: Annotated[Principal, Depends(caller)], s: Annotated[Services, Depends(services)]
 ) -> dict[str, Any]:
-    if not await s.responses.delete(who.org, response_id):
+    if not await s.responses.delete(who.org, who.project, response_id):
         raise NotFoundError(f"No response with id '{response_id}'.", param="response_id")
     return DeletedResponse(id=response_id).model_dump()

@@ -458,6 +458,29 @@ async def test_stored_responses_are_per_org_and_store_false_is_honoured(env: Sta
         await env.client.responses.retrieve(kept.id)
 
 
+async def test_stored_responses_are_per_project_within_an_org(env: Stacked) -> None:
+    """OpenAI scopes stored responses to a project: another project's key of the same org does
+    not find them either."""
+    env.set(Behaviour(chunks=("kept",)))
+    async with httpx.AsyncClient(base_url=env.stack.api_url, timeout=30) as http:
+        org = (await admin(http, "POST", "/orgs", json={"name": "surface-projects", "projects": ["a", "b"]})).json()
+        a = await new_key(http, org=org["id"], project="a")
+        b = await new_key(http, org=org["id"], project="b")
+    url = f"{env.stack.api_url}/v1"
+    async with (
+        openai.AsyncOpenAI(base_url=url, api_key=a["key"], max_retries=0) as in_a,
+        openai.AsyncOpenAI(base_url=url, api_key=b["key"], max_retries=0) as in_b,
+    ):
+        kept = await in_a.responses.create(model=CLOUD, input="hi")
+        assert (await in_a.responses.retrieve(kept.id)).id == kept.id
+        with pytest.raises(openai.NotFoundError):
+            await in_b.responses.retrieve(kept.id)
+        with pytest.raises(openai.BadRequestError):
+            await in_b.responses.create(model=CLOUD, input="x", previous_response_id=kept.id)
+        continued = await in_a.responses.create(model=CLOUD, input="more", previous_response_id=kept.id)
+        assert continued.previous_response_id == kept.id
+
+
 async def test_responses_refuse_what_they_do_not_serve(env: Stacked) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         await env.client.responses.create(model=CLOUD, input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
