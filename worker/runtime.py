@@ -64,9 +64,14 @@ HANDED_BACK = {
 }
 
 
+RunKey = tuple[str, int]  # (job id, attempt): one worker may hold two attempts of one job
+
+
 @dataclass(slots=True)
 class Running:
-    """A job this worker runs now."""
+    """A job's attempt this worker runs now. Attempts are kept apart: after a re-dispatch the
+    same worker may pull the job again while its earlier attempt is still being stopped, and a
+    stop meant for the one must never end the other."""
 
     attempt: int
     task: asyncio.Task[None]
@@ -102,7 +107,7 @@ class Worker:
         self._total = backend.slots
         self._feeds: list[Feed] = []
         self._topping = False
-        self._running: dict[str, Running] = {}
+        self._running: dict[RunKey, Running] = {}
         self._draining = False
         self._started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -169,8 +174,8 @@ class Worker:
         deadline = time.monotonic() + self._s.drain_timeout
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for job_id in list(self._running):
-            self._stop(job_id, SHUTDOWN)
+        for key in list(self._running):
+            self._stop(key, SHUTDOWN)
         while self._running and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
         for t in self._tasks:
@@ -300,8 +305,9 @@ class Worker:
         )
         task = asyncio.current_task()
         assert task is not None
-        running = self._running[job.id] = Running(attempt, task, out)
-        heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
+        key = (job.id, attempt)
+        running = self._running[key] = Running(attempt, task, out)
+        heartbeat = asyncio.create_task(self._heartbeat(msg, job, key, out))
         settle = msg.term
         outcome = "failed"
         try:
@@ -315,7 +321,7 @@ class Worker:
             if not reason:
                 raise
             # forgotten at once: a second stop must not cancel the report or the term below
-            self._running.pop(job.id, None)
+            self._running.pop(key, None)
             if reason in HANDED_BACK:
                 await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
             elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
@@ -331,7 +337,7 @@ class Worker:
         finally:
             out.cancel_start()
             heartbeat.cancel()
-            self._running.pop(job.id, None)
+            self._running.pop(key, None)
             self._metrics.ended(job.model, outcome, tokens=out.tokens, seconds=time.monotonic() - pulled)
             with contextlib.suppress(nats.errors.Error):
                 await settle()
@@ -366,7 +372,7 @@ class Worker:
         with contextlib.suppress(nats.errors.Error):
             await out.done([CANCELLED] * n, usage)
 
-    async def _heartbeat(self, msg: Msg, job: Job, out: EventStream) -> None:
+    async def _heartbeat(self, msg: Msg, job: Job, key: RunKey, out: EventStream) -> None:
         """Keep the JetStream message ours and ask the gateway whether to go on."""
         misses = 0
         while True:
@@ -376,17 +382,17 @@ class Worker:
             try:
                 reply = await self._nc.request(job.reply, out.heartbeat(), timeout=self._s.heartbeat)
             except nats.errors.NoRespondersError:
-                self._stop(job.id, GATEWAY_GONE)
+                self._stop(key, GATEWAY_GONE)
                 return
             except nats.errors.TimeoutError:
                 misses += 1
                 if misses >= GATEWAY_MISSES:
-                    self._stop(job.id, GATEWAY_SILENT)
+                    self._stop(key, GATEWAY_SILENT)
                     return
                 continue
             misses = 0
             if reply.data == STOP:
-                self._stop(job.id, GATEWAY_STOP)
+                self._stop(key, GATEWAY_STOP)
                 return
 
     async def _follow_owner(self) -> None:
@@ -401,8 +407,8 @@ class Worker:
             await self._publish_advert()
             await hand_back(
                 self._idle,
-                lambda: {job_id: r.out.tokens for job_id, r in self._running.items()},
-                lambda job_id: self._stop(job_id, OWNER_BACK),
+                lambda: {_label(key): r.out.tokens for key, r in self._running.items()},
+                lambda label: self._stop(_unlabel(label), OWNER_BACK),
                 grace=self._s.idle_grace,
             )
             await self._idle.wait_for(idle=True)
@@ -412,8 +418,8 @@ class Worker:
             await self._publish_advert()
             await self._top_up()
 
-    def _stop(self, job_id: str, reason: str) -> None:
-        running = self._running.get(job_id)
+    def _stop(self, key: RunKey, reason: str) -> None:
+        running = self._running.get(key)
         if running is None or running.stop_reason:
             return
         running.stop_reason = reason
@@ -425,6 +431,15 @@ class Worker:
         except WireError as e:
             log.warning("worker.bad_control", error=str(e))
             return
-        running = self._running.get(stop.job_id)
-        if running and (stop.attempt == 0 or stop.attempt == running.attempt):
-            self._stop(stop.job_id, stop.reason or "stopped")
+        for job_id, attempt in list(self._running):
+            if job_id == stop.job_id and stop.attempt in (0, attempt):  # 0: every attempt of the job
+                self._stop((job_id, attempt), stop.reason or "stopped")
+
+
+def _label(key: RunKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _unlabel(label: str) -> RunKey:
+    job_id, _, attempt = label.rpartition("/")
+    return job_id, int(attempt)
