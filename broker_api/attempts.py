@@ -229,7 +229,11 @@ class JobDriver:
             self._output.carry_on()
             self._on_continue()
         avoid = sub.avoid + ((decision.avoid,) if decision.avoid else ())
-        self._sub = dataclasses.replace(sub, job=again, avoid=avoid)
+        # the scheduler counts the failure against the node (and model) that had the attempt,
+        # not the whole pool: one node's death never closes a pool with healthy siblings
+        self._sub = dataclasses.replace(
+            sub, job=again, avoid=avoid, failed_pool=run.pool_of(job.dispatch), failed_node=run.current_node
+        )
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
         admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler.routing import Route
+from scheduler.routing import Member, Route
 from schemas.jobs import ModelAdvert, NodeAdvert
 
 MISSED_ADVERTS = 3
@@ -85,7 +85,7 @@ class Fleet:
 
 
 def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) -> Route:
-    healthy = [(n, m) for n, m in offers if n.healthy]
+    healthy = [(n, m) for n, m in offers if n.healthy and m.healthy]
     kinds = {n.kind for n, _ in offers}
     kind = "volunteer" if "volunteer" in kinds else "cloud" if kinds == {"cloud"} else "own"
     return Route(
@@ -99,4 +99,5 @@ def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) 
         output_price=max((m.output_price for _, m in offers), default=0.0),
         context_length=min((m.context_length for _, m in offers if m.context_length > 0), default=0),
         healthy=bool(healthy),
+        members=tuple(Member(n.node, n.slots_total, n.slots_free) for n, _ in healthy),
     )

@@ -15,9 +15,10 @@ get measured), `own_first` (own capacity while its predicted wait stays under `s
 seconds, then the other kinds, cheapest first), `weighted` (a random split by weight, e.g.
 A/B), `failover` (the configured order, first usable wins).
 
-Never eligible: volunteer pools for a tenant that did not allow them, pools with no healthy
-node, pools whose breaker is open. Pools this job already failed on (`avoid`) are used only
-when nothing else is left.
+Never eligible: volunteer pools for a tenant that did not allow them, routes with no live,
+healthy node whose breaker lets a job through (`scheduler.health`: health follows the node, so
+one node's death leaves its siblings serving). Pools this job already failed on (`avoid`) are
+used only when nothing else is left.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ DEFAULT_JOB_SECONDS = 2.0  # a job's duration before any was measured (own_first
 
 
 @dataclass(frozen=True, slots=True)
+class Member:
+    """One live, healthy node of a route and its slots."""
+
+    node: str
+    slots_total: int
+    slots_free: int
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One pool's offer for one model, as the snapshot sees it now."""
 
@@ -50,7 +60,8 @@ class Route:
     output_price: float = 0.0
     context_length: int = 0  # the smallest any of its nodes advertises (0: unknown)
     healthy: bool = True  # some node is healthy
-    breaker_ok: bool = True  # the pool's breaker lets a job through
+    breaker_ok: bool = True  # some node's breaker lets a job through
+    members: tuple[Member, ...] = ()  # the nodes counted in `nodes` and the slots
     queued: int = 0  # jobs waiting in its work queue
     ttft_ms: float = 0.0  # moving averages; 0 = not measured yet
     tokens_per_s: float = 0.0

@@ -284,8 +284,8 @@ class Scheduler:
         job = sub.job
         now = time.time()
         check_max_tokens(job.request, sub.key_limits, sub.org_limits)
-        if job.dispatch > 1 and sub.avoid:
-            self.health.failed(sub.avoid[-1], now)  # the attempt before this one failed there
+        if job.dispatch > 1:  # the attempt before this one failed there: that node's health knows at once
+            self.health.failed(sub.failed_pool, sub.failed_node, job.model, now)
         choice = await self._placement(sub)
         if choice.model != job.model:
             job = dataclasses.replace(job, model=choice.model, request={**job.request, "model": choice.model})
@@ -321,7 +321,7 @@ class Scheduler:
                     "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
             raise
-        self.health.placed(pool, now)
+        self.health.placed(pool, job.model, (m.node for m in choice.route.members), now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
         log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
@@ -347,7 +347,7 @@ class Scheduler:
             and lane_eligible(sub)
             and choice.model == job.model
             and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
-            and self.health.closed(route.pool)
+            and self.health.closed(route.pool, route.model, (m.node for m in route.members))
         ):
             return 0
         return max(0, min(self._s.lane_credits, route.slots_free - route.queued - 1))
@@ -381,15 +381,26 @@ class Scheduler:
         )
 
     def routes(self, model: str, now: float) -> list[routing.Route]:
-        """The fleet's routes for `model` with what health and the queues add."""
+        """The fleet's routes for `model` with what health and the queues add: a route counts
+        only its nodes whose breakers let a job through (none: the route is not usable now)."""
         out = []
         for r in self.fleet.routes(model, now):
             stats = self.health.stats.get((r.pool, model))
             queued = self.releaser.queued(r.pool, model)
+            usable = set(self.health.usable(r.pool, model, (m.node for m in r.members), now))
+            members = tuple(m for m in r.members if m.node in usable)
+            if len(members) != len(r.members) and members:
+                r = dataclasses.replace(
+                    r,
+                    nodes=len(members),
+                    slots_total=sum(m.slots_total for m in members),
+                    slots_free=sum(m.slots_free for m in members),
+                )
             out.append(
                 dataclasses.replace(
                     r,
-                    breaker_ok=self.health.allows(r.pool, now),
+                    breaker_ok=bool(members) or not r.members,  # no members: `healthy` is false already
+                    members=members,
                     queued=queued,
                     ttft_ms=stats.ttft_ms if stats else 0.0,
                     tokens_per_s=stats.tokens_per_s if stats else 0.0,

@@ -93,6 +93,11 @@ class Submission:
     key_id: str = ""
     priority: Tier = DEFAULT_TIER
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
+    # A re-dispatch: where the attempt before this one failed (its pool and node), so that the
+    # scheduler counts the failure against that node's health (and, for a cloud route, the
+    # provider's model) at once; empty when nothing ran or the failure was not the route's.
+    failed_pool: str = ""
+    failed_node: str = ""
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
     estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
@@ -110,12 +115,16 @@ class Submission:
                 "olim": self.org_limits.to_dict(),
                 "est": self.estimated_tokens,
                 "vol": self.volunteer_ok,
+                "fail": [self.failed_pool, self.failed_node],
             }
         )
 
     @classmethod
     def decode(cls, data: bytes) -> Submission:
         o = unpack(data)
+        failed = o.get("fail") or ("", "")
+        if not isinstance(failed, (list, tuple)) or len(failed) != 2:
+            raise WireError(f"bad failed attempt {failed!r}")
         return cls(
             job=Job.decode(need(o, "job")),
             tenant=str(o.get("tenant", "")),
@@ -126,6 +135,8 @@ class Submission:
             org_limits=Limits.from_dict(o.get("olim")),
             estimated_tokens=int(o.get("est", 0)),
             volunteer_ok=bool(o.get("vol", False)),
+            failed_pool=str(failed[0]),
+            failed_node=str(failed[1]),
         )
 
 
@@ -194,19 +205,30 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class ModelAdvert:
+    """One model a node serves. Packed as a list; fields added later go at its end, so an older
+    reader takes the ones it knows and a newer one defaults the ones an older node leaves out."""
+
     id: str
     context_length: int = 0
     owned_by: str = "tokenyard"
     input_price: float = 0.0  # USD per million prompt tokens on this route (0: own capacity)
     output_price: float = 0.0  # USD per million completion tokens
+    # False: the node is up but this model should get no new jobs there (a cloud adapter whose
+    # provider keeps failing or timing out for this model; its other models may be fine).
+    healthy: bool = True
 
     def pack(self) -> list[Any]:
-        return [self.id, self.context_length, self.owned_by, self.input_price, self.output_price]
+        return [self.id, self.context_length, self.owned_by, self.input_price, self.output_price, self.healthy]
 
     @classmethod
     def unpack(cls, m: list[Any]) -> ModelAdvert:
         return cls(
-            str(m[0]), int(m[1]), str(m[2]), float(m[3]) if len(m) > 3 else 0.0, float(m[4]) if len(m) > 4 else 0.0
+            str(m[0]),
+            int(m[1]),
+            str(m[2]),
+            float(m[3]) if len(m) > 3 else 0.0,
+            float(m[4]) if len(m) > 4 else 0.0,
+            bool(m[5]) if len(m) > 5 else True,
         )
 
 
