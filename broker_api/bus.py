@@ -8,7 +8,8 @@ events on an unknown token are dropped without a word (answering them with a sto
 forger stop other nodes' jobs). Events of a job this gateway still knows but that lost (the
 client left, another attempt won) are answered with a stop, so no worker keeps generating for
 nobody; a heartbeat on an unknown token is answered "stop" too (the answer goes only to its
-sender).
+sender). A final DONE comes as a request and is always answered (to its sender alone): a worker
+whose DONE finds no gateway reports the job itself (`schemas.usage.WorkerReport`).
 """
 
 from __future__ import annotations
@@ -98,9 +99,13 @@ class Bus:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.respond(CONTINUE if go_on else STOP)
             return
+        taken = run is not None and run.offer(ev, now)
+        if msg.reply:  # a final DONE asks whether a gateway heard it (else its worker reports the job)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(CONTINUE if taken else STOP)
         if run is None:
             log.debug("job.unknown_reply", subject=msg.subject)
-        elif not run.offer(ev, now):
+        elif not taken:
             await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt")
 
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:

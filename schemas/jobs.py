@@ -10,7 +10,8 @@ a missing required key a `WireError`). A job's life on the wire:
     gateway <--Done(finish=cancelled)-- worker           (what the stopped attempt used)
 
 Volunteer nodes see the `Job`, so it carries no tenant, key or client address: those stay in
-the `Submission`, which only the scheduler reads.
+the `Submission`, which only the scheduler reads. The job's `ticket` names the tenant too, but
+sealed (encrypted and authenticated to the job id) with a key only gateways hold.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Job:
     streamed: bool = True  # the client reads a stream; a plain answer's first text may wait to ride with DONE
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
     traceparent: str = ""  # W3C trace context of the gateway's span for this request
+    # Who asked, sealed by the gateway (`broker_api.tickets`): opaque to workers, carried back in
+    # a `schemas.usage.WorkerReport` if the job's gateway dies, so the job is still billed.
+    ticket: bytes = b""
 
     def attempt_id(self, delivery: int) -> int:
         """An attempt's id: larger for later dispatches, and within one for later deliveries."""
@@ -61,6 +65,7 @@ class Job:
                 "st": self.streamed,
                 "rid": self.request_id,
                 "tp": self.traceparent,
+                "tk": self.ticket,
             }
         )
 
@@ -77,6 +82,7 @@ class Job:
             streamed=bool(o.get("st", True)),  # a gateway from before: every first delta at once
             request_id=str(o.get("rid", "")),
             traceparent=str(o.get("tp", "")),
+            ticket=_bytes(o.get("tk", b""), "ticket"),
         )
 
 
@@ -309,6 +315,12 @@ def encode_model_list(models: list[ModelAdvert]) -> bytes:
 def decode_model_list(data: bytes) -> list[ModelAdvert]:
     o = unpack(data)
     return [ModelAdvert.unpack(m) for m in o.get("models", ())]
+
+
+def _bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise WireError(f"{what} must be bytes")
+    return value
 
 
 def _tier(value: Any) -> Tier:

@@ -10,7 +10,11 @@ Who ends a job, and how its JetStream message is settled:
 - a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
   whose finish reasons are `cancelled` reports what ran until then (the gateway bills a
   cancelled request from it), then `term`;
-- the gateway stops answering heartbeats: the generation is closed, then `term`;
+- the gateway is gone (a heartbeat finds no responder, or `GATEWAY_MISSES` in a row go
+  unanswered): the generation is closed, the worker reports what it generated
+  (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term`;
+- the final DONE (sent as a request) is not answered: the job is acked, and reported the same
+  way, since no gateway may have heard its end;
 - the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
 """
 
@@ -44,6 +48,7 @@ from worker.feed import Feed
 from worker.identity import Signer
 from worker.idle import AlwaysAvailable, Availability, hand_back
 from worker.metrics import WorkerMetrics
+from worker.reports import Reporter
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -116,6 +121,9 @@ class Worker:
         self._idle = idle or AlwaysAvailable()
         self._hardware = hardware
         self._served = NOTHING_SERVED
+        self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
+        # How long a final DONE waits for the gateway's answer before the job counts as orphaned.
+        self._done_wait = max(2 * settings.heartbeat, 1.0)
 
     @property
     def running_jobs(self) -> int:
@@ -183,6 +191,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for feed in self._feeds:
             await feed.stop()
+        await self._reports.drain()
         await self._publish_advert()
         log.info("worker.drained")
 
@@ -305,6 +314,7 @@ class Worker:
         )
         task = asyncio.current_task()
         assert task is not None
+        started = time.time()
         key = (job.id, attempt)
         running = self._running[key] = Running(attempt, task, out)
         heartbeat = asyncio.create_task(self._heartbeat(msg, job, key, out))
@@ -313,7 +323,7 @@ class Worker:
         try:
             out.start(START_DELAY)
             log.debug("job.started")
-            await self._generate(job, out)
+            await self._generate(job, attempt, out, started)
             settle, outcome = msg.ack, "done"
             log.info("job.done", tokens=out.tokens_sent, duration_ms=round((time.monotonic() - pulled) * 1e3, 3))
         except asyncio.CancelledError:
@@ -324,7 +334,10 @@ class Worker:
             self._running.pop(key, None)
             if reason in HANDED_BACK:
                 await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
-            elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
+            elif reason in (GATEWAY_GONE, GATEWAY_SILENT):  # nobody listens: report it for billing
+                usage = self._backend.partial_usage(job.model, job.request, out.tokens)
+                self._reports.report(job, attempt, usage, started=started, finished=False, reason=reason)
+            else:  # someone listens: say what ran
                 await self._report_stopped(job, out)
             outcome = "stopped"
             log.info("job.stopped", reason=reason, tokens=out.tokens)
@@ -342,7 +355,7 @@ class Worker:
             with contextlib.suppress(nats.errors.Error):
                 await settle()
 
-    async def _generate(self, job: Job, out: EventStream) -> None:
+    async def _generate(self, job: Job, attempt: int, out: EventStream, started: float) -> None:
         self._backend.check(job.model, job.request)
         n = choices(job.request)
         finish: list[FinishReason] = ["stop"] * n
@@ -360,7 +373,8 @@ class Worker:
             await gen.aclose()  # type: ignore[attr-defined]
         if usage is None:
             raise WorkerFailedError("the backend ended without reporting usage")
-        await out.done(finish, usage)
+        if not await out.done(finish, usage, heard_within=self._done_wait):
+            self._reports.report(job, attempt, usage, started=started, finished=True, reason="done unanswered")
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
