@@ -229,10 +229,17 @@ class JobDriver:
             self._output.carry_on()
             self._on_continue()
         avoid = sub.avoid + ((decision.avoid,) if decision.avoid else ())
-        # the scheduler counts the failure against the node (and model) that had the attempt,
-        # not the whole pool: one node's death never closes a pool with healthy siblings
+        # A failure the attempt reported counts against its node (and model), never the whole
+        # pool: one node's death never closes a pool with healthy siblings. Silence does not
+        # count (a node that is gone leaves the fleet with its adverts; one that only answered
+        # late would be taken out for nothing).
+        reported = bool(decision.avoid)
         self._sub = dataclasses.replace(
-            sub, job=again, avoid=avoid, failed_pool=run.pool_of(job.dispatch), failed_node=run.current_node
+            sub,
+            job=again,
+            avoid=avoid,
+            failed_pool=run.pool_of(job.dispatch) if reported else "",
+            failed_node=run.current_node if reported else "",
         )
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)

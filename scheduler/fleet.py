@@ -35,9 +35,13 @@ class Fleet:
         self._routes: dict[str, tuple[float, list[Route]]] = {}  # model -> (built at, routes)
 
     def observe(self, advert: NodeAdvert, now: float) -> None:
+        before = self._nodes.get(advert.node)
         self._nodes[advert.node] = NodeState(advert, now)
         for m in advert.models:
             self._models[m.id] = (m, now)
+        if before is not None and _health(before.advert) != _health(advert):
+            for m in advert.models:  # a node or model just went out (or back): no stale routes
+                self._routes.pop(m.id, None)
 
     def forget(self, node: str) -> None:
         """A node that may no longer serve (disabled, removed): no more jobs for it, now."""
@@ -82,6 +86,10 @@ class Fleet:
         """Models some live node serves now, by id."""
         live = {m.id: m for node in self.live_nodes(now) if not node.draining for m in node.models}
         return [live[k] for k in sorted(live)]
+
+
+def _health(advert: NodeAdvert) -> tuple[bool, bool, tuple[bool, ...]]:
+    return advert.healthy, advert.draining, tuple(m.healthy for m in advert.models)
 
 
 def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) -> Route:

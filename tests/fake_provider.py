@@ -22,6 +22,17 @@ The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, 
 providers send them); with `logprobs` asked, every content chunk carries its token's logprob
 and `top_logprobs` alternatives; `/completions` answers `text_completion`s (legacy logprobs);
 `/embeddings` answers `embedding_of(text)` vectors, as floats or base64 as asked.
+
+Scripted: `fp.script = [Behaviour.error(500)]` answers the next chat requests with those
+behaviours, one each, then with `behaviour` again (a provider that fails once); `per_model`
+maps an upstream model id to the behaviour its requests get (one model failing while the
+provider's others work).
+
+As its own process (so a test can SIGSTOP it: a provider that hangs with its port open):
+
+    python -m tests.fake_provider --models m1,m2 [--chunks '["a", "b"]'] [--chunk-delay S]
+
+prints `port N` on its first line, then serves until it is killed.
 """
 
 from __future__ import annotations
@@ -140,6 +151,8 @@ class FakeProvider:
 
     def __init__(self, behaviour: Behaviour | None = None, *, models: tuple[str, ...] = ("fake-model",)) -> None:
         self.behaviour_ = behaviour or Behaviour()
+        self.script: list[Behaviour] = []  # the next chat requests' behaviours, one each
+        self.per_model: dict[str, Behaviour] = {}  # upstream model id -> its requests' behaviour
         self.models = models
         self.requests: list[Seen] = []
         self.port = 0
@@ -300,13 +313,21 @@ class FakeProvider:
             }
             await _json(send, b.models_status, data if b.models_status < 400 else _error_body("no", None))
         elif scope["path"].endswith("/chat/completions") and scope["method"] == "POST":
-            await self._chat(b, seen, receive, send)
+            await self._chat(self._chat_behaviour(b, seen), seen, receive, send)
         elif scope["path"].endswith("/completions") and scope["method"] == "POST":
-            await self._chat(b, seen, receive, send, legacy=True)
+            await self._chat(self._chat_behaviour(b, seen), seen, receive, send, legacy=True)
         elif scope["path"].endswith("/embeddings") and scope["method"] == "POST":
             await _embeddings(b, seen, send)
         else:
             await _json(send, 404, _error_body(f"no route {scope['path']}", "not_found"))
+
+    def _chat_behaviour(self, b: Behaviour, seen: Seen) -> Behaviour:
+        model = seen.body.get("model") if isinstance(seen.body, dict) else None
+        if isinstance(model, str) and model in self.per_model:
+            return self.per_model[model]
+        if self.script:
+            return self.script.pop(0)
+        return b
 
     async def _chat(self, b: Behaviour, seen: Seen, receive: Receive, send: Send, *, legacy: bool = False) -> None:
         gone = asyncio.Event()
@@ -608,4 +629,24 @@ async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": data})
 
 
+def main() -> None:
+    """See the module docstring: serve as a process until killed."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="a fake OpenAI-compatible provider on 127.0.0.1")
+    p.add_argument("--models", default="fake-model")
+    p.add_argument("--chunks", default="", help="a JSON list of the content chunks of every answer")
+    p.add_argument("--chunk-delay", type=float, default=0.0)
+    a = p.parse_args()
+    behaviour = Behaviour(chunk_delay=a.chunk_delay)
+    if a.chunks:
+        behaviour = Behaviour(chunks=tuple(json.loads(a.chunks)), chunk_delay=a.chunk_delay)
+    fp = FakeProvider(behaviour, models=tuple(a.models.split(","))).start()
+    print(f"port {fp.port}", flush=True)
+    threading.Event().wait()
+
+
 __all__ = ["Behaviour", "FakeCall", "FakeProvider", "Seen", "embedding_of"]
+
+if __name__ == "__main__":
+    main()

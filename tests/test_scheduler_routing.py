@@ -17,6 +17,7 @@ from scheduler.health import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerConfig, He
 from scheduler.routing import Policy, ProviderPrefs, Route, RoutingTable, candidate_models, choose, rank
 from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, from_wire
 from schemas.jobs import Submission
+from schemas.usage import UsageRecord
 from tests.helpers import FakeNodes, eventually, node, publish_usage, submit
 from tests.helpers import job as _job
 from tests.stack import Stack

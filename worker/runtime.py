@@ -122,6 +122,7 @@ class Worker:
         self._hardware = hardware
         self._served = NOTHING_SERVED
         self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
+        self._health_told: tuple[bool, tuple[bool, ...]] = (True, ())  # as the last advert said
         # How long a final DONE waits for the gateway's answer before the job counts as orphaned.
         self._done_wait = max(2 * settings.heartbeat, 1.0)
 
@@ -198,8 +199,17 @@ class Worker:
     # --- fleet presence -----------------------------------------------------------------
 
     async def _publish_advert(self) -> None:
+        advert = self.advert()
+        self._health_told = _health_of(advert)
         with contextlib.suppress(nats.errors.Error):
-            await self._nc.publish(subjects.fleet_heartbeat(self._s.node_id), self.advert().encode())
+            await self._nc.publish(subjects.fleet_heartbeat(self._s.node_id), advert.encode())
+
+    async def _tell_health_change(self) -> None:
+        """Advertise at once when the node's or a model's health changed (a cloud adapter whose
+        provider just timed out twice for a model): schedulers avoid it from the next job on,
+        not from the next regular advert."""
+        if _health_of(self.advert()) != self._health_told:
+            await self._publish_advert()
 
     async def _advertise_forever(self) -> None:
         while True:
@@ -272,6 +282,7 @@ class Worker:
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._job_tasks.discard(task)
+        asyncio.ensure_future(self._tell_health_change())
         asyncio.ensure_future(self._top_up())
 
     # --- one job ------------------------------------------------------------------------
@@ -342,6 +353,9 @@ class Worker:
             outcome = "stopped"
             log.info("job.stopped", reason=reason, tokens=out.tokens)
         except TokenyardError as e:
+            # a failure may have taken a model out (a cloud adapter's provider timing out): say
+            # so before the gateway, told of the failure, asks a scheduler to place the job again
+            await self._tell_health_change()
             await out.fail(e, retryable=e.status >= 500)
             log.info("job.failed", status=e.status, error=e.message)
         except Exception as e:
@@ -448,6 +462,10 @@ class Worker:
         for job_id, attempt in list(self._running):
             if job_id == stop.job_id and stop.attempt in (0, attempt):  # 0: every attempt of the job
                 self._stop((job_id, attempt), stop.reason or "stopped")
+
+
+def _health_of(advert: NodeAdvert) -> tuple[bool, tuple[bool, ...]]:
+    return advert.healthy, tuple(m.healthy for m in advert.models)
 
 
 def _label(key: RunKey) -> str:
