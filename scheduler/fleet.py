@@ -108,4 +108,5 @@ def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) 
         context_length=min((m.context_length for _, m in offers if m.context_length > 0), default=0),
         healthy=bool(healthy),
         members=tuple(Member(n.node, n.slots_total, n.slots_free) for n, _ in healthy),
+        prefill=bool(healthy) and all(m.assistant_prefill for _, m in healthy),  # any of them may pull the job
     )

@@ -378,6 +378,7 @@ class Scheduler:
             avoid=sub.avoid,
             volunteer_ok=sub.volunteer_ok,
             draw=random.random(),
+            continuation=sub.continuation,
         )
 
     def routes(self, model: str, now: float) -> list[routing.Route]:

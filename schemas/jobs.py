@@ -104,6 +104,9 @@ class Submission:
     # provider's model) at once; empty when nothing ran or the failure was not the route's.
     failed_pool: str = ""
     failed_node: str = ""
+    # A continuation: the request ends with the assistant text the client already has, to be
+    # carried on. Only routes that declare assistant prefill may take it (`ModelAdvert`).
+    continuation: bool = False
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
     estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
@@ -122,6 +125,7 @@ class Submission:
                 "est": self.estimated_tokens,
                 "vol": self.volunteer_ok,
                 "fail": [self.failed_pool, self.failed_node],
+                "cont": self.continuation,
             }
         )
 
@@ -143,6 +147,7 @@ class Submission:
             volunteer_ok=bool(o.get("vol", False)),
             failed_pool=str(failed[0]),
             failed_node=str(failed[1]),
+            continuation=bool(o.get("cont", False)),
         )
 
 
@@ -222,9 +227,21 @@ class ModelAdvert:
     # False: the node is up but this model should get no new jobs there (a cloud adapter whose
     # provider keeps failing or timing out for this model; its other models may be fine).
     healthy: bool = True
+    # The route continues a trailing assistant message as the start of its answer (assistant
+    # prefill), so an answer cut elsewhere may be carried on here. False for an older node,
+    # which never says: such a route is never given a continuation.
+    assistant_prefill: bool = False
 
     def pack(self) -> list[Any]:
-        return [self.id, self.context_length, self.owned_by, self.input_price, self.output_price, self.healthy]
+        return [
+            self.id,
+            self.context_length,
+            self.owned_by,
+            self.input_price,
+            self.output_price,
+            self.healthy,
+            self.assistant_prefill,
+        ]
 
     @classmethod
     def unpack(cls, m: list[Any]) -> ModelAdvert:
@@ -235,6 +252,7 @@ class ModelAdvert:
             float(m[3]) if len(m) > 3 else 0.0,
             float(m[4]) if len(m) > 4 else 0.0,
             bool(m[5]) if len(m) > 5 else True,
+            bool(m[6]) if len(m) > 6 else False,
         )
 
 

@@ -12,8 +12,12 @@ Behaviours: normal answers (streamed or whole, `n` choices, usage when asked), `
 (connection refused: the port stays reserved by a socket that does not listen), `slow`
 (headers after `delay`), `status` (an HTTP error with an OpenAI error body and Retry-After),
 `garbage` (200 with a body that is not SSE JSON), `disconnect` (the connection drops after
-`disconnect_after` content chunks). Per key: `rate_limited_keys` get 429, `rejected_keys` 401
-(whose message quotes the key, as real providers partly do, to catch leaks). It records every
+`disconnect_after` content chunks), `stall` (after that many chunks nothing more comes, the
+connection stays open), `malformed` (after that many chunks, a chunk that is not JSON). With
+`prefill`, a trailing assistant message is continued as real providers that support assistant
+prefill do: the answer leaves out the chunks that message already holds. Per key:
+`rate_limited_keys` get 429, `rejected_keys` 401 (whose message quotes the key, as real
+providers partly do, to catch leaks). It records every
 request (`requests`) and whether its client went away mid-answer (`disconnects`).
 
 The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, `/embeddings`):
@@ -86,7 +90,8 @@ class Behaviour:
     error_code: str | None = None
     retry_after: float | None = None  # sent as retry-after-ms and Retry-After (whole seconds)
     garbage: bytes = b"data: {this is not json\n\n"
-    disconnect_after: int = 1
+    disconnect_after: int = 1  # content chunks before a disconnect, stall or malformed chunk
+    prefill: bool = False  # continue a trailing assistant message (see the module docstring)
     rate_limited_keys: frozenset[str] = frozenset()
     rejected_keys: frozenset[str] = frozenset()
     models_status: int = 200
@@ -122,6 +127,14 @@ class Behaviour:
     @classmethod
     def dropping(cls, after: int = 1) -> Behaviour:
         return cls(mode="disconnect", disconnect_after=after)
+
+    @classmethod
+    def stalling(cls, after: int = 1) -> Behaviour:
+        return cls(mode="stall", disconnect_after=after)
+
+    @classmethod
+    def malformed(cls, after: int = 1) -> Behaviour:
+        return cls(mode="malformed", disconnect_after=after)
 
     def pieces(self, index: int) -> tuple[str, ...]:
         return self.chunks + ((f" #{index}",) if index else ())
@@ -450,12 +463,20 @@ class FakeProvider:
                 )
             )
         sent = 0
+        skip = _prefilled(b, seen.body) if b.prefill and n == 1 else 0
         longest = max(len(b.pieces(i)) for i in range(n))
-        for j in range(longest):
+        for j in range(skip, longest):
             for i in range(n):
                 pieces = b.pieces(i)
                 if j < len(pieces):
-                    if b.mode == "disconnect" and sent >= b.disconnect_after:
+                    if b.mode in ("disconnect", "stall", "malformed") and sent >= b.disconnect_after:
+                        if b.mode == "stall":
+                            await _wait(gone, 600.0)
+                            seen.disconnected = True
+                            return
+                        if b.mode == "malformed":
+                            await send({"type": "http.response.body", "body": b"data: {not json\n\n"})
+                            return
                         raise _Drop("the fake provider drops the connection")
                     await event(chunk([shape.text_choice(i, pieces[j], j)]))
                     sent += 1
@@ -586,6 +607,19 @@ async def _embeddings(b: Behaviour, seen: Seen, send: Send) -> None:
     }
     await _json(send, 200, body)
     seen.completed = True
+
+
+def _prefilled(b: Behaviour, body: Any) -> int:
+    """How many of the answer's chunks a trailing assistant message already holds."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        return 0
+    held, text = 0, ""
+    for piece in b.pieces(0):
+        if not str(messages[-1].get("content") or "").startswith(text + piece):
+            break
+        text, held = text + piece, held + 1
+    return held
 
 
 def _bound_socket(port: int) -> socket.socket:

@@ -372,3 +372,38 @@ async def test_avoid_and_breaker_steer_away_from_a_failing_pool(fleet: Any) -> N
         return (await submit(nc, Submission(job=job(f"brk-{time.monotonic_ns()}", request=prefs)))).pool == "cloud-b"
 
     assert await eventually(closed, 5.0)
+
+
+def test_a_continuation_goes_only_to_routes_that_take_an_assistant_prefix() -> None:
+    from schemas.errors import ContinuationUnavailableError
+
+    routes = [r("cheap", input_price=0.1), r("prefill", input_price=5.0, prefill=True)]
+    policy = Policy(strategy="cheapest")
+    assert pools(rank(routes, policy)) == ["cheap", "prefill"]
+    assert pools(rank(routes, policy, continuation=True)) == ["prefill"]
+
+    def choose_for(offered: list[Route], continuation: bool) -> Any:
+        return choose(
+            [M], lambda m: offered, lambda m: True, lambda m: policy, ProviderPrefs(), continuation=continuation
+        )
+
+    assert choose_for(routes, True).route.pool == "prefill"
+    with pytest.raises(ContinuationUnavailableError):
+        choose_for(routes[:1], True)  # none accepts the prefix: a code of its own, not a plain 503
+    assert choose_for(routes[:1], False).route.pool == "cheap"
+
+
+def test_a_routes_prefill_is_every_nodes() -> None:
+    from scheduler.fleet import Fleet
+    from schemas.jobs import ModelAdvert, NodeAdvert
+
+    def advert(name: str, prefill: bool) -> NodeAdvert:
+        return NodeAdvert(name, "pool", (ModelAdvert(M, assistant_prefill=prefill),), 4, 4)
+
+    fleet = Fleet()
+    fleet.observe(advert("a", True), 0.0)
+    assert fleet.routes(M, 0.0)[0].prefill
+    fleet.observe(advert("b", False), 0.0)  # any node of the pool may pull the job
+    assert not fleet.routes(M, 1.0)[0].prefill
+    data = ModelAdvert(M, assistant_prefill=True).pack()
+    assert ModelAdvert.unpack(data).assistant_prefill and not ModelAdvert.unpack(data[:5]).assistant_prefill

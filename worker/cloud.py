@@ -171,6 +171,7 @@ class CloudBackend:
                     price.input if price else 0.0,
                     price.output if price else 0.0,
                     healthy=self._health.model(r.public).healthy(),
+                    assistant_prefill=self._provider.prefill(r.public),
                 )
             )
         return adverts

@@ -109,7 +109,7 @@ class EchoBackend:
         return self._slots
 
     def models(self) -> list[ModelAdvert]:
-        return [ModelAdvert(m, self._context, "tokenyard") for m in self._models]
+        return [ModelAdvert(m, self._context, "tokenyard", assistant_prefill=True) for m in self._models]
 
     async def start(self) -> None:
         return None

@@ -19,6 +19,7 @@ fix, fit to print as it is (exit code 2).
         prices: {"*": {input: 0.15, output: 0.60, cached: 0.075}}  # USD per 1M tokens
         timeouts: {connect: 5, first_token: 10, read: 60, total: 600}  # seconds
         max_retry_wait: 2                  # a 429's Retry-After up to this long is waited out here
+        assistant_prefill: false           # continues a trailing assistant message (answers cut elsewhere go on here)
         max_concurrency: 64
         headers: {OpenAI-Organization: org-123}
         probe_interval: 30                 # seconds between GET {base_url}/models; 0 = off
@@ -40,7 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 import yaml
 
-from worker.config_shape import EXIT_CONFIG, ProviderConfigError, mapping, number, only, whole
+from worker.config_shape import EXIT_CONFIG, ProviderConfigError, flag, mapping, number, only, whole
 from worker.provider_keys import Secret, fingerprint, provider_keys
 
 log = structlog.get_logger(__name__)
@@ -95,13 +96,14 @@ _PROVIDER_KEYS = (
     "probe_interval",
     "endpoints",
     "max_retry_wait",
+    "assistant_prefill",
 )
 # The upstream APIs a provider may serve, by the job task they carry (`schemas.tasks`), and
 # their paths under its base URL.
 ENDPOINTS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 _PRICE_KEYS = ("input", "output", "cached")
 _TIMEOUT_KEYS = ("connect", "first_token", "read", "total")
-_MODEL_KEYS = ("id", "context_length", "first_token")
+_MODEL_KEYS = ("id", "context_length", "first_token", "assistant_prefill")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,7 @@ class ModelRoute:
     upstream: str
     context_length: int = 0  # 0 = unknown
     first_token: float = 0.0  # seconds; 0 = the provider's `timeouts.first_token`
+    assistant_prefill: bool | None = None  # None: the provider's `assistant_prefill`
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,17 @@ class Provider:
     # A 429 whose Retry-After is at most this many seconds (and fits the first-token deadline)
     # is waited out on this provider rather than failing the attempt over; 0 = never wait.
     max_retry_wait: float = 2.0
+    # The provider continues a trailing assistant message as the start of its answer (Anthropic's
+    # and most self-hosted servers' chat templates do; OpenAI's API starts a new message after
+    # it). Declared in the adverts: only such routes are given an answer cut elsewhere to
+    # carry on. A model's own `assistant_prefill` wins.
+    assistant_prefill: bool = False
+
+    def prefill(self, public_model: str) -> bool:
+        route = self.models.get(public_model)
+        if route is not None and route.assistant_prefill is not None:
+            return route.assistant_prefill
+        return self.assistant_prefill
 
     def price(self, public_model: str) -> Price | None:
         return self.prices.get(public_model) or self.prices.get(ANY_MODEL)
@@ -251,6 +265,7 @@ def _provider(
         max_conc = whole(max_conc, f"{where}.max_concurrency", minimum=1)
     probe = number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
     retry_wait = number(d.get("max_retry_wait", 2.0), f"{where}.max_retry_wait", minimum=0.0)
+    prefill = flag(d.get("assistant_prefill", False), f"{where}.assistant_prefill")
     keys, key_error = provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
     endpoints = d.get("endpoints", ["chat"])
     if not isinstance(endpoints, list) or not endpoints or any(e not in ENDPOINTS for e in endpoints):
@@ -270,6 +285,7 @@ def _provider(
         probe_interval=probe,
         endpoints=frozenset(endpoints),
         max_retry_wait=retry_wait,
+        assistant_prefill=prefill,
     )
 
 
@@ -314,15 +330,17 @@ def _models(value: Any, where: str) -> dict[str, ModelRoute]:
         here = f"{where}[{public!r}]"
         if not isinstance(public, str) or not public.strip() or len(public) > 256 or public == ANY_MODEL:
             raise ProviderConfigError(f"{where}: {public!r} is not a valid public model id")
-        context, first_token = 0, 0.0
+        context, first_token, prefill = 0, 0.0, None
         if isinstance(target, Mapping):
             only(target, _MODEL_KEYS, here)
             context = whole(target.get("context_length", 0), f"{here}.context_length", minimum=0)
             first_token = number(target.get("first_token", 0.0), f"{here}.first_token", minimum=0.0)
+            if "assistant_prefill" in target:
+                prefill = flag(target["assistant_prefill"], f"{here}.assistant_prefill")
             target = target.get("id")
         if not isinstance(target, str) or not target.strip():
             raise ProviderConfigError(f"{here}: the provider model id must be a non-empty string")
-        routes[public] = ModelRoute(public, target, context, first_token)
+        routes[public] = ModelRoute(public, target, context, first_token, prefill)
     return routes
 
 
