@@ -23,6 +23,15 @@ from tests.postgres import Postgres, data_dir
 from tests.stack import ADMIN_KEY, Stack
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-long",
+        action="store_true",
+        default=False,
+        help="run the long chaos run (tests/test_chaos.py: 10,000+ requests, by hand; bench/RESULTS.md)",
+    )
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """nats-server and a scheduler; tests add workers and the API as they need."""
