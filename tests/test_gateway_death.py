@@ -7,13 +7,18 @@ the gateway alive, each job gets one row counted by the gateway."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 
+from broker_api.ledger_store import TABLES, SqliteStore
+from schemas.usage import UsageRecord
 from tests.conftest import ECHO
 from tests.stack import Stack, auth_headers
 from tests.test_faults import sdk
@@ -113,3 +118,21 @@ async def test_with_its_gateway_alive_each_job_is_billed_once_by_the_gateway(sta
     rows = await rows_of(stack.api_url, jobs)
     assert set(rows) == jobs
     assert all(r["counted_by"] == "gateway" and r["completion_tokens"] == 20 for r in rows.values())
+
+
+async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as db:  # the table as ledgers before `counted_by` made it
+        db.executescript(TABLES.replace(",\n    counted_by TEXT NOT NULL DEFAULT 'gateway'", ""))
+        db.execute(
+            "INSERT INTO usage VALUES ('old', 1.0, '1970-01-01', 'o', '', 'k', 'm', 'r', 'n', 1, 1, 1, 0, 0, 0, 0, "
+            "'ok', 200, 0)"
+        )
+    store = await SqliteStore.open(path)
+    try:
+        record = UsageRecord("new", 2.0, "o", "", "k", "m", "own", "w", 1, 3, 4, 0, 0.0, 0.0, 5.0, "cancelled", 502)
+        await store.add_usage([dataclasses.replace(record, counted_by="worker")])
+        rows = await store.usage_page(org=None, since=None, until=None, after=None, limit=10)
+    finally:
+        await store.close()
+    assert {r["job_id"]: r["counted_by"] for r in rows} == {"old": "gateway", "new": "worker"}
