@@ -71,6 +71,7 @@ from schemas.usage import UsageRecord
 log = structlog.get_logger(__name__)
 
 QUEUE_FULL_RETRY_AFTER = 2.0
+UNAVAILABLE_RETRY_AFTER = 2.0  # seconds: a stream or bucket between leaders has one again in a few
 FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits to be heard of (roll call)
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
@@ -234,6 +235,15 @@ class Scheduler:
             answer = await self._admit_once(msg.data)
         except TokenyardError as e:
             answer = Admission(error=e.to_wire())
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
+            # JetStream cannot take it now (a limits bucket or stream between leaders, after a NATS
+            # node died): the client may try again shortly, it is no server error (it was a 500)
+            log.warning("job.admit_unavailable", error=repr(e))
+            unavailable = UnavailableError(
+                "The scheduler's JetStream cannot take the request right now. Try again shortly.",
+                retry_after=UNAVAILABLE_RETRY_AFTER,
+            )
+            answer = Admission(error=unavailable.to_wire())
         except Exception as e:  # top of a handler: answer, log, keep serving
             log.exception("job.admit_crashed")
             answer = Admission(error=TokenyardError(f"scheduler error: {type(e).__name__}").to_wire())
