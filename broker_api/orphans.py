@@ -12,8 +12,10 @@ and for each:
 3. drops the report if the job already has a usage record;
 4. otherwise publishes the job's record: tenant, key, project and model from the ticket,
    counts from the report held to the ticket's bounds (completion to the request's token
-   limit, prompt to a multiple of the gateway's estimate, cached to the prompt), cost at an
-   enrolled node's registry price where it has one, `counted_by: "worker"`. Its message id is
+   limit, prompt to a multiple of the gateway's estimate, cached to the prompt), the node and
+   price as for any attempt (`broker_api.attribution`: an enrolled node is named, at its
+   owner's price, only if the report carries its signed claim; else `unverified`),
+   `counted_by: "worker"`. Its message id is
    the job id, so JetStream's dedupe and the ledgers' primary key keep one row per job, should
    the gateway's own record arrive after all.
 
@@ -34,11 +36,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from broker_api.attribution import Attribution
 from broker_api.tickets import Tickets
 from schemas import subjects
+from schemas.events import Claim
 from schemas.jetstream import consume, decode_batch
 from schemas.jobs import ATTEMPTS_PER_DISPATCH
-from schemas.registry import Price
 from schemas.usage import Ticket, UsageRecord, WorkerReport
 
 log = structlog.get_logger(__name__)
@@ -50,11 +53,12 @@ PROMPT_BOUND = 4  # a report's prompt may exceed the gateway's estimate this man
 PROMPT_SLACK = 256  # ... plus this many tokens (tokenizers count differently)
 INTERRUPTED = 502  # the status of a record whose gateway died: the client's answer was cut off
 
-PriceOf = Callable[[str, str], Price | None]
+Attribute = Callable[[Claim, str], Attribution]  # (an attempt's claim, its pool) -> its node and price
 
 
-def orphan_record(report: WorkerReport, ticket: Ticket, *, price: Price | None = None) -> UsageRecord:
+def orphan_record(report: WorkerReport, ticket: Ticket, attribution: Attribution) -> UsageRecord:
     """The usage record of a job billed from its worker's report (see the module docstring)."""
+    price = attribution.price
     prompt = min(max(0, int(report.prompt_tokens)), PROMPT_BOUND * ticket.prompt_estimate + PROMPT_SLACK)
     completion = max(0, int(report.completion_tokens))
     if ticket.max_completion > 0:
@@ -74,7 +78,7 @@ def orphan_record(report: WorkerReport, ticket: Ticket, *, price: Price | None =
         key_id=ticket.key_id,
         model=ticket.model,
         route=report.pool,
-        node=report.node,
+        node=attribution.node,
         attempts=max(1, report.attempt // ATTEMPTS_PER_DISPATCH),
         prompt_tokens=prompt,
         completion_tokens=completion,
@@ -94,12 +98,17 @@ class Orphans:
     """The shared consumer of workers' reports; `run` until cancelled."""
 
     def __init__(
-        self, js: JetStreamContext, tickets: Tickets, *, grace: float, price_of: PriceOf = lambda node, pool: None
+        self,
+        js: JetStreamContext,
+        tickets: Tickets,
+        *,
+        grace: float,
+        attribute: Attribute = lambda claim, pool: Attribution(claim.node, None),
     ) -> None:
         self._js = js
         self._tickets = tickets
         self._grace = grace
-        self._price_of = price_of
+        self._attribute = attribute
         self.recorded = 0
 
     async def run(self) -> None:
@@ -134,7 +143,8 @@ class Orphans:
             jlog.info("orphan.already_recorded")
             await msg.ack()
             return
-        record = orphan_record(report, ticket, price=self._price_of(report.node, report.pool))
+        claim = Claim(report.job_id, report.attempt, report.node, report.proof)
+        record = orphan_record(report, ticket, self._attribute(claim, report.pool))
         await self._js.publish(
             subjects.usage_subject(record.job_id), record.encode(), timeout=5.0, headers={"Nats-Msg-Id": record.job_id}
         )

@@ -50,6 +50,9 @@ class ApiSettings:
     tls_key: str
     reserved_pools: str  # comma-separated pools only the operator's adapters may serve (besides cloud pools)
     join_rate: int  # join attempts per minute one client address may make (guessing tokens is bounded)
+    orphan_grace: float  # seconds a worker's report of a job waits for its gateway's own record
+    stream_stall_timeout: float  # seconds one write of a stream may wait on a client that stopped reading
+    stream_idle_timeout: float  # seconds a started answer may go without output before it counts as hung
     otlp_endpoint: str = ""  # OpenTelemetry traces go here (schemas.otel); empty: none
 
     @classmethod
@@ -121,6 +124,27 @@ class ApiSettings:
             help="pools no enrolled node may join (cloud providers' pools always are)",
         )
         add_setting(p, "--join-rate", default=30, type=int, help="join attempts per minute per client address")
+        add_setting(
+            p,
+            "--orphan-grace",
+            default=5.0,
+            type=float,
+            help="seconds a job whose gateway died waits for that gateway's record before its worker's report bills it",
+        )
+        add_setting(
+            p,
+            "--stream-stall-timeout",
+            default=30.0,
+            type=float,
+            help="seconds a stream may wait on a client that stopped reading before its job is stopped",
+        )
+        add_setting(
+            p,
+            "--stream-idle-timeout",
+            default=90.0,
+            type=float,
+            help="seconds a started answer may go without output (heartbeats do not count) before it fails over",
+        )
         return p
 
     @property

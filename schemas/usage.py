@@ -116,6 +116,7 @@ class WorkerReport:
     time: float  # unix time of the report
     finished: bool  # the answer was complete (only its DONE went unheard)
     reason: str  # why the worker decided its gateway was gone
+    proof: bytes = b""  # the node's signature of the attempt's claim (`schemas.events.Claim`); b"": none
 
     def encode(self) -> bytes:
         return _pack(self)
@@ -123,8 +124,8 @@ class WorkerReport:
     @classmethod
     def decode(cls, data: bytes) -> WorkerReport:
         report = _unpack(cls, data)
-        if not isinstance(report.ticket, bytes):
-            raise WireError("a report's ticket must be bytes")
+        if not isinstance(report.ticket, bytes) or not isinstance(report.proof, bytes):
+            raise WireError("a report's ticket and proof must be bytes")
         return report
 
 

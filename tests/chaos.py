@@ -44,7 +44,7 @@ import nats.errors
 
 from schemas import subjects
 from tests.cluster import NatsCluster
-from tests.conftest import ECHO
+from tests.helpers import ECHO
 from tests.stack import FAST_WORKER, Proc, Stack, auth_headers, free_port
 
 RPM = 60  # the rpm key's limit

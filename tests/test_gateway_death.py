@@ -19,9 +19,8 @@ import openai
 
 from broker_api.ledger_store import TABLES, SqliteStore
 from schemas.usage import UsageRecord
-from tests.conftest import ECHO
+from tests.helpers import ECHO, sdk
 from tests.stack import Stack, auth_headers
-from tests.test_faults import sdk
 
 STREAMS = 12
 

@@ -12,10 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO, sdk, wait_rows, watch_adverts
 from tests.stack import Stack, auth_headers
-from tests.test_control_plane import wait_rows
-from tests.test_faults import sdk, watch_adverts
 
 STREAMS = 12
 AFTER = 50

@@ -21,9 +21,8 @@ import httpx
 import yaml
 
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import sdk, wait_rows
 from tests.stack import Proc, Stack, auth_headers
-from tests.test_control_plane import wait_rows
-from tests.test_faults import sdk
 
 MODEL = "fake-model"
 FIRST_TOKEN = 1.0

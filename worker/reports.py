@@ -37,8 +37,12 @@ class Reporter:
         self._pool = pool
         self._pending: set[asyncio.Task[None]] = set()
 
-    def report(self, job: Job, attempt: int, usage: Usage, *, started: float, finished: bool, reason: str) -> None:
-        """Publish what `attempt` of `job` used, off the caller's path."""
+    def report(
+        self, job: Job, attempt: int, usage: Usage, *, started: float, finished: bool, reason: str, proof: bytes = b""
+    ) -> None:
+        """Publish what `attempt` of `job` used, off the caller's path; `proof`: the node's
+        signature of the attempt's claim (`worker.identity`), so that an enrolled node is named
+        on the record it leads to."""
         if not job.ticket:  # a gateway too old to seal tickets: nobody could bill the report
             log.warning("job.orphan_unbillable", job_id=job.id, attempt=attempt, reason=reason)
             return
@@ -57,6 +61,7 @@ class Reporter:
             time=time.time(),
             finished=finished,
             reason=reason,
+            proof=proof,
         )
         task = asyncio.create_task(self._publish(report))
         self._pending.add(task)

@@ -347,7 +347,8 @@ class Worker:
                 await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
             elif reason in (GATEWAY_GONE, GATEWAY_SILENT):  # nobody listens: report it for billing
                 usage = self._backend.partial_usage(job.model, job.request, out.tokens)
-                self._reports.report(job, attempt, usage, started=started, finished=False, reason=reason)
+                proof = self._signer.prove(job.id, attempt, self._s.node_id)
+                self._reports.report(job, attempt, usage, started=started, finished=False, reason=reason, proof=proof)
             else:  # someone listens: say what ran
                 await self._report_stopped(job, out)
             outcome = "stopped"
@@ -388,7 +389,10 @@ class Worker:
         if usage is None:
             raise WorkerFailedError("the backend ended without reporting usage")
         if not await out.done(finish, usage, heard_within=self._done_wait):
-            self._reports.report(job, attempt, usage, started=started, finished=True, reason="done unanswered")
+            proof = self._signer.prove(job.id, attempt, self._s.node_id)
+            self._reports.report(
+                job, attempt, usage, started=started, finished=True, reason="done unanswered", proof=proof
+            )
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
