@@ -52,6 +52,10 @@ log = structlog.get_logger(__name__)
 # worker answers a stop within milliseconds; a dead one never does, and then the gateway's
 # estimate stands. It delays only the record (in the background), never a response.
 CANCEL_REPORT_WAIT = 1.5
+# `finish`'s reason for a stream whose client stopped reading (`broker_api.web.BoundedStream`):
+# its job is stopped and it is billed for what was written, never for what the worker produced
+# after the client stopped taking it.
+STALLED = "client stopped reading"
 
 
 class Serving:
@@ -269,7 +273,9 @@ class Serving:
             case "admitted" | "running":  # the client left while an attempt ran
                 s.to("cancelled")
                 cut = s.run.current
-                if cut is None:
+                if cut is None or reason == STALLED:
+                    if cut is not None and not s.run.finished:
+                        await self._bus.stop(s.run.current_node, s.job.id, cut, reason)
                     await self._bus.close_run(s.run, reason)
                     await self._complete_claim(s, None)
                     self._record(s)

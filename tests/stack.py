@@ -193,7 +193,9 @@ class Stack:
             log_level="warning",
             access_log=False,
             lifespan="on",
-            http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
+            http=guarded_protocol(
+                Deadlines(settings.header_timeout, settings.body_timeout, write_stall=settings.stream_stall_timeout)
+            ),
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
         )
         server = uvicorn.Server(config)

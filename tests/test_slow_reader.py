@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ECHO
+from tests.helpers import ECHO, watch_adverts
 from tests.stack import ADMIN_KEY, Stack, auth_headers
-from tests.test_faults import watch_adverts
 
 STALL = 2.0
 TOKENS = 4000
@@ -52,7 +51,10 @@ def stuck_reader(port: int, body: bytes, *, read: int) -> socket.socket:
 
 async def test_a_reader_that_stops_reading_is_cut_and_billed_for_what_was_written(stack: Stack) -> None:
     stack.start_worker(TOKENYARD_SLOTS="2")
-    api, url = await stack.spawn_api(TOKENYARD_STREAM_STALL_TIMEOUT=str(STALL))
+    # a data dir of its own: its ledger holds this test's rows only
+    api, url = await stack.spawn_api(
+        TOKENYARD_STREAM_STALL_TIMEOUT=str(STALL), TOKENYARD_DATA_DIR=str(stack.tmp / "gw")
+    )
     stack.api_url = url
     await stack.wait_for_model(ECHO)
     adverts = await watch_adverts(stack)
