@@ -41,6 +41,14 @@ class Silent:
 
 
 @dataclass(frozen=True, slots=True)
+class Idle:
+    """The current attempt still heartbeats, but sent no output for longer than the idle
+    bound after the answer reached the client (a hung backend, a lost upstream read)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LostEvents:
     """The current attempt's events arrived with a gap."""
 
@@ -60,7 +68,7 @@ class Overdue:
     """The request's deadline passed."""
 
 
-Failure = Silent | LostEvents | AttemptFailed | Overdue
+Failure = Silent | Idle | LostEvents | AttemptFailed | Overdue
 
 # --- what to do about it ------------------------------------------------------------------
 
@@ -116,6 +124,8 @@ def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
         why, avoid = failure.error.message, state.pool
     elif isinstance(failure, LostEvents):
         why = f"the worker's events were lost ({failure.reason})"
+    elif isinstance(failure, Idle):
+        why = f"the worker sent no output for {failure.seconds:g} s"
     else:
         why = "the worker stopped responding"
     if state.dispatch >= policy.max_dispatches:
@@ -147,8 +157,10 @@ class JobDriver:
         continuation: Continuation | None,
         submit_timeout: float,
         on_continue: Callable[[], None] = lambda: None,  # counted by the caller's metrics
+        idle: float = 0.0,  # seconds a started answer may go without output (0: no bound)
         tick: float = TICK,
     ) -> None:
+        self._idle = idle
         self._on_continue = on_continue
         self._bus = bus
         self._run = run
@@ -176,12 +188,16 @@ class JobDriver:
                 case Start():
                     continue
                 case None:
-                    if not run.silent(time.monotonic()):
+                    now = time.monotonic()
+                    silent, idle = run.silent(now), run.idle(now, self._idle)
+                    if not silent and not idle:
                         continue
                     gone = run.drop_current()
                     if gone:
-                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent")
-                    failure = Silent()
+                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent" if silent else "idle")
+                    failure = Silent() if silent else Idle(self._idle)
+                    if idle and not silent:
+                        log.warning("job.idle", job_id=run.job.id, attempt=gone[0] if gone else -1, seconds=self._idle)
                 case Overdue():
                     failure = item
                 case Broken():

@@ -43,6 +43,7 @@ class JobRun:
         self.current: int | None = None
         self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
+        self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
         self._committed = False
         self._closed = False
         self._finished = False
@@ -119,6 +120,7 @@ class JobRun:
             return False
         self.current, self._next_seq, self.heard = ev.attempt, 0, now
         self.claim = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
+        self.progressed = now
         return True
 
     def offer(self, ev: Streamed, now: float) -> bool:
@@ -133,7 +135,7 @@ class JobRun:
                 self._refused.add(self.current)
             if not self._adopt(ev, now):
                 return False
-        self.heard = now
+        self.heard = self.progressed = now
         if ev.seq != self._next_seq:
             self._break(f"event {self._next_seq} of the attempt never arrived")
             return False
@@ -164,6 +166,11 @@ class JobRun:
 
     def silent(self, now: float) -> bool:
         return self.current is not None and now - self.heard > self.silence
+
+    def idle(self, now: float, limit: float) -> bool:
+        """The answer reached the client, and the current attempt, alive or not, has sent no
+        output for `limit` seconds (0: no limit)."""
+        return limit > 0 and self._committed and self.current is not None and now - self.progressed > limit
 
     def drop_current(self) -> tuple[int, str] | None:
         """Give up on the current attempt (dead or failed); returns (attempt, node) to stop."""

@@ -193,6 +193,7 @@ class Serving:
             continuation=s.ask.continuation,
             submit_timeout=self._s.submit_timeout,
             on_continue=lambda: self._metrics.continued(s.ask.model),
+            idle=self._s.stream_idle_timeout,
         )
         events = driver.events()
         try:

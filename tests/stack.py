@@ -223,6 +223,7 @@ class Stack:
                 "TOKENYARD_ATTEMPT_SILENCE": "1.0",
                 "TOKENYARD_NATS_AUTH_DIR": str(self.auth.path) if self.auth is not None else "",
                 "TOKENYARD_LEDGER": "true",
+                "TOKENYARD_DATA_DIR": str(self.tmp / "data"),  # never the user's ~/.tokenyard
                 **env,
             },
         )

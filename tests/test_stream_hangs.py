@@ -8,6 +8,10 @@ for dead and re-dispatched while they run: the same worker then holds two attemp
 Every stream must end with the whole answer well within the request's deadline.
 
 `TOKENYARD_TEST_STREAMS=4000` runs the long version by hand (bench/RESULTS.md).
+
+And whatever a worker does, no accepted stream goes quiet without an error event: a worker that
+stays alive and heartbeats but sends nothing more (a hung backend) is given up on after the
+gateway's `--stream-idle-timeout`, and the stream ends with an error event.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import httpx
 import yaml
 
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.helpers import ECHO, watch_adverts
 from tests.stack import Stack, auth_headers
 
 MODEL = "fake-model"
@@ -99,3 +104,38 @@ async def test_cloud_streams_under_load_all_end(stack: Stack, tmp_path: Path) ->
     wrong = [(i, t, e) for i, (t, _, e) in enumerate(results) if t != expected or e]
     assert not slow, f"{len(slow)} of {STREAMS} streams took over 10 s: {slow[:5]}"
     assert not wrong, f"{len(wrong)} of {STREAMS} streams did not end with the whole answer: {wrong[:5]}"
+
+
+async def test_a_stream_whose_worker_hangs_ends_with_an_error_event(stack: Stack) -> None:
+    stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_HEARTBEAT="0.3")
+    _, url = await stack.spawn_api(TOKENYARD_STREAM_IDLE_TIMEOUT="2", TOKENYARD_REQUEST_TIMEOUT="60")
+    stack.api_url = url
+    await stack.wait_for_model(ECHO)
+    adverts = await watch_adverts(stack)
+    body = {
+        "model": ECHO,
+        "messages": [{"role": "user", "content": "one two three [[tokens=50]] [[rate=50]] [[hang-after=5]]"}],
+        "stream": True,
+    }
+    text, error, last = "", "", 0.0
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, headers=auth_headers(), timeout=70) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    error = obj["error"]["message"]
+                    break
+                for c in obj.get("choices", []):
+                    text += c["delta"].get("content") or ""
+                last = time.monotonic()
+    took = time.monotonic() - started
+    # the worker heartbeats all along, so only the idle bound ends it: well before the 60 s deadline
+    assert text.split() == ["one", "two", "three", "one", "two"], text
+    assert "no output for 2 s" in error, error
+    assert took - (last - started) < 2 + 4.0 and took < 15, took
+    # and the hung attempt was stopped on its worker
+    assert await adverts.wait(lambda a: a and all(n.slots_free == 4 for n in a.values()), 5.0)
