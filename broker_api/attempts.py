@@ -1,5 +1,5 @@
-"""Driving one job to its end: what happens when an attempt fails, goes silent, loses events or
-runs out of time.
+"""Driving one job to its end: what happens when an attempt fails, goes silent or idle, loses
+events or runs out of time.
 
 `decide` is the policy, a pure function: given the run's state, what went wrong and the
 settings, it says run the job again (keeping off the pool that failed, when the attempt itself
@@ -24,7 +24,13 @@ from broker_api.bus import Bus
 from broker_api.jobrun import Broken, JobRun, Streamed
 from broker_api.output import Output
 from broker_api.session import Continuation
-from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
+from schemas.errors import (
+    DeadlineExceededError,
+    NoCapacityError,
+    TokenyardError,
+    WorkerFailedError,
+    from_wire,
+)
 from schemas.events import Delta, Done, Failed, Start
 from schemas.jobs import Submission
 
@@ -121,7 +127,7 @@ def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
     if isinstance(failure, AttemptFailed):
         if not failure.retryable:
             return Fail(failure.error)
-        why, avoid = failure.error.message, state.pool
+        why, avoid = failure.error.message.rstrip("."), state.pool
     elif isinstance(failure, LostEvents):
         why = f"the worker's events were lost ({failure.reason})"
     elif isinstance(failure, Idle):
@@ -256,10 +262,20 @@ class JobDriver:
             avoid=avoid,
             failed_pool=run.pool_of(job.dispatch) if reported else "",
             failed_node=run.current_node if reported else "",
+            continuation=continuing,  # placed only on a route that carries the text on
+            left_node=run.current_node if continuing else "",  # ... on another node than this one
         )
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
-        admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
+        try:
+            admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
+        except NoCapacityError:
+            if not continuing:
+                raise
+            # No route takes the text as a prefix (ContinuationUnavailableError), or none is up:
+            # the client is told what really failed, never the refusal of the continuation.
+            log.info("job.continuation_unavailable", job_id=job.id, why=decision.why)
+            raise WorkerFailedError(f"The answer was interrupted: {decision.why}.") from None
         run.placed(again.dispatch, admission.pool, admission.model)
 
     def _continued(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class ApiSettings:
     cache_max_bytes: int
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
     responses_ttl: float  # seconds a stored Responses API answer is kept (previous_response_id, GET)
-    continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
+    continuation_models: str  # model ids (comma-separated; * all, the default; "" none) whose answers may be continued
     lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
     replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
     console_idle: float  # seconds a web console session lives unused (the same on every replica)
@@ -98,8 +98,9 @@ class ApiSettings:
         add_setting(
             p,
             "--continuation-models",
-            default="",
-            help="models (comma-separated, or *) whose interrupted answers continue on another node",
+            default="*",
+            help="models (comma-separated, * for all, empty for none) whose interrupted answers continue on "
+            "another route that accepts the delivered text as an assistant prefix",
         )
         add_setting(
             p,

@@ -381,7 +381,7 @@ class Scheduler:
         prefs = routing.ProviderPrefs.from_request(request)
         return routing.choose(
             routing.candidate_models(sub.job.model, request),
-            lambda m: self.routes(m, now),
+            lambda m: self.routes(m, now, without=sub.left_node if sub.continuation else ""),
             self.fleet.known,
             lambda m: self.routing.table.policy_for(m, sub.key_id),
             prefs,
@@ -391,14 +391,15 @@ class Scheduler:
             continuation=sub.continuation,
         )
 
-    def routes(self, model: str, now: float) -> list[routing.Route]:
+    def routes(self, model: str, now: float, *, without: str = "") -> list[routing.Route]:
         """The fleet's routes for `model` with what health and the queues add: a route counts
-        only its nodes whose breakers let a job through (none: the route is not usable now)."""
+        only its nodes whose breakers let a job through (none: the route is not usable now), and
+        never the node `without` (a continuation's: the node its answer was given up on)."""
         out = []
         for r in self.fleet.routes(model, now):
             stats = self.health.stats.get((r.pool, model))
             queued = self.releaser.queued(r.pool, model)
-            usable = set(self.health.usable(r.pool, model, (m.node for m in r.members), now))
+            usable = set(self.health.usable(r.pool, model, (m.node for m in r.members), now)) - {without}
             members = tuple(m for m in r.members if m.node in usable)
             if len(members) != len(r.members) and members:
                 r = dataclasses.replace(

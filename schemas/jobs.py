@@ -107,6 +107,10 @@ class Submission:
     # A continuation: the request ends with the assistant text the client already has, to be
     # carried on. Only routes that declare assistant prefill may take it (`ModelAdvert`).
     continuation: bool = False
+    # A continuation: the node whose attempt was given up on (failed, silent or idle). It is
+    # placed only where another node can take it: a pool whose only node that is (dead, or
+    # stopped) refuses it at once instead of queueing it for nobody.
+    left_node: str = ""
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
     estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
@@ -126,6 +130,7 @@ class Submission:
                 "vol": self.volunteer_ok,
                 "fail": [self.failed_pool, self.failed_node],
                 "cont": self.continuation,
+                "left": self.left_node,
             }
         )
 
@@ -148,6 +153,7 @@ class Submission:
             failed_pool=str(failed[0]),
             failed_node=str(failed[1]),
             continuation=bool(o.get("cont", False)),
+            left_node=str(o.get("left", "")),
         )
 
 

@@ -384,6 +384,8 @@ class FakeProvider:
         model = str(request.get("model", "fake"))
         completion = b.completion_tokens if b.completion_tokens is not None else sum(len(b.pieces(i)) for i in range(n))
         completion += 0 if b.completion_tokens is not None else n * sum(len(c.fragments) + 1 for c in b.tool_calls)
+        if b.prefill and n == 1 and b.completion_tokens is None:
+            completion -= _prefilled(b, request)  # what the assistant message held was not generated here
         shape = _Shape(b, request, legacy)
         usage = {
             "prompt_tokens": b.prompt_tokens,
