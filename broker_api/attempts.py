@@ -175,6 +175,7 @@ class JobDriver:
         self._output = output
         self._policy = policy
         self._continuation = continuation
+        self._interrupted = ""  # why the answer was first interrupted, once it is being continued
         self._submit_timeout = submit_timeout
         self._tick = tick
 
@@ -212,6 +213,11 @@ class JobDriver:
                 case Failed():
                     run.drop_current()
                     failure = AttemptFailed(from_wire(item.error or {}), item.retryable)
+                    if self._interrupted and not item.retryable:
+                        # the continuation's own refusal (of the prefix, of its length): the client
+                        # is told what interrupted its answer instead
+                        log.info("job.continuation_refused", job_id=run.job.id, error=failure.error.message)
+                        raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.")
             await self._apply(decide(self._state(), failure, self._policy))
 
     def _state(self) -> RunState:
@@ -246,6 +252,7 @@ class JobDriver:
         again = dataclasses.replace(job, dispatch=job.dispatch + 1)
         continuing = isinstance(decision, Continue)
         if continuing:
+            self._interrupted = self._interrupted or decision.why
             again = dataclasses.replace(again, request=self._continued())
             log.info("job.continue", job_id=job.id, dispatch=job.dispatch, carried_tokens=self._output.tokens)
             self._output.carry_on()
@@ -275,7 +282,7 @@ class JobDriver:
             # No route takes the text as a prefix (ContinuationUnavailableError), or none is up:
             # the client is told what really failed, never the refusal of the continuation.
             log.info("job.continuation_unavailable", job_id=job.id, why=decision.why)
-            raise WorkerFailedError(f"The answer was interrupted: {decision.why}.") from None
+            raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.") from None
         run.placed(again.dispatch, admission.pool, admission.model)
 
     def _continued(self) -> dict[str, Any]:
