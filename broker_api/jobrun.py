@@ -44,6 +44,7 @@ class JobRun:
         self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
         self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
+        self._refused_at: float | None = None  # monotonic time an attempt was refused while none was current
         self._committed = False
         self._closed = False
         self._finished = False
@@ -106,6 +107,7 @@ class JobRun:
         """The job placed again (`job.dispatch` one more). A continuation refuses every earlier
         attempt for good: the new one carries the answer on from what the client has."""
         self._job = job
+        self._refused_at = None
         if continuing:
             self._min_attempt = job.attempt_id(0)
 
@@ -117,9 +119,12 @@ class JobRun:
     def _adopt(self, ev: Streamed, now: float) -> bool:
         if ev.seq != 0:  # joined mid-way: its start was lost
             self._refused.add(ev.attempt)
+            if self._refused_at is None:  # nothing else may come: see `silent`
+                self._refused_at = now
             return False
         self.current, self._next_seq, self.heard = ev.attempt, 0, now
         self.claim = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
+        self._refused_at = None
         self.progressed = now
         return True
 
@@ -165,7 +170,12 @@ class JobRun:
         self.current = None
 
     def silent(self, now: float) -> bool:
-        return self.current is not None and now - self.heard > self.silence
+        """The current attempt said nothing for longer than the silence allows; or none is
+        current and the only one heard from was refused that long ago (it was told to stop: the
+        job would otherwise wait out its deadline for nobody)."""
+        if self.current is None:
+            return self._refused_at is not None and now - self._refused_at > self.silence
+        return now - self.heard > self.silence
 
     def idle(self, now: float, limit: float) -> bool:
         """The answer reached the client, and the current attempt, alive or not, has sent no
