@@ -110,6 +110,7 @@ class RunState:
     started: bool  # an attempt is current (a worker took the job)
     pool: str  # the pool the current placement went to
     choices: int
+    text_only: bool = True  # what reached the client is text (no tool-call fragments): a prefix can carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,7 @@ def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
         return Fail(WorkerFailedError(f"The request failed on every attempt ({state.dispatch}); last: {why}."))
     if not state.committed:
         return Redispatch(why, avoid)
-    if policy.continues and state.choices == 1:
+    if policy.continues and state.choices == 1 and state.text_only:
         return Continue(why, avoid)
     return Fail(WorkerFailedError(f"The answer was interrupted: {why}."))
 
@@ -228,6 +229,7 @@ class JobDriver:
             started=run.current is not None,
             pool=run.pool_of(run.job.dispatch),
             choices=self._output.choices,
+            text_only=not any(p.tool_calls for p in self._output.parts),
         )
 
     async def _next(self) -> Streamed | Broken | Overdue | None:
