@@ -13,11 +13,14 @@ a hole in the answer.
 
 A run changes only through its methods: the bus offers events and closes it, the job driver
 (`broker_api.attempts`) records placements and re-dispatches, the serving code commits it.
+The winning attempt's final DONE comes as a request; its answer is held until the job's usage
+record is stored (`answer_when_recorded`, `recorded`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from schemas.events import Claim, Delta, Done, Failed, Heartbeat, Start
@@ -44,6 +47,7 @@ class JobRun:
         self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
         self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
+        self._held: Callable[[], Awaitable[None]] | None = None  # the final DONE's answer, sent once billed
         self._refused_at: float | None = None  # monotonic time an attempt was refused while none was current
         self._committed = False
         self._closed = False
@@ -113,6 +117,17 @@ class JobRun:
 
     def close(self) -> None:
         self._closed = True
+
+    def answer_when_recorded(self, answer: Callable[[], Awaitable[None]]) -> None:
+        """Hold the answer to the winning attempt's final DONE until the job's usage record is
+        stored (`recorded`): a worker not answered reports the job itself (`worker.reports`)."""
+        self._held = answer
+
+    async def recorded(self) -> None:
+        """The job's usage record is stored: answer the final DONE, if one waits."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held()
 
     # --- events -------------------------------------------------------------------------
 

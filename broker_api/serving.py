@@ -351,4 +351,4 @@ class Serving:
             route=record.route,
             attempts=record.attempts,
         )
-        self._accounts.usage(record)
+        self._accounts.usage(record, stored=s.run.recorded)  # then the worker need not report the job

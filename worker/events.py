@@ -185,7 +185,8 @@ class EventStream:
     async def done(self, finish: list[FinishReason], usage: Usage, *, heard_within: float = 0.0) -> bool:
         """The last output (if any) travels with the done event: one message fewer. With
         `heard_within` > 0 it goes as a request: True if a gateway answered within that many
-        seconds, False if none did (no responder, or no answer in time)."""
+        seconds, False if none did (no responder, or no answer in time). The gateway answers
+        once the job's usage record is stored, so the wait is best left to `billed`."""
         pieces = self._take_pieces()
         ev = Done(
             self._job_id,
@@ -208,6 +209,12 @@ class EventStream:
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return False
         return True
+
+    def billed(self, finish: list[FinishReason], usage: Usage, *, within: float) -> asyncio.Task[bool]:
+        """The done event as a request, waited on in the background: the task is True once the
+        gateway answers that the job's usage record is stored, False if no gateway did within
+        `within` seconds. Nothing of the attempt is sent after it, so its order holds."""
+        return asyncio.ensure_future(self.done(finish, usage, heard_within=within))
 
     async def fail(self, error: TokenyardError, *, retryable: bool) -> None:
         await self.flush()

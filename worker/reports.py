@@ -37,6 +37,32 @@ class Reporter:
         self._pool = pool
         self._pending: set[asyncio.Task[None]] = set()
 
+    def unless(
+        self,
+        heard: asyncio.Task[bool],
+        job: Job,
+        attempt: int,
+        usage: Usage,
+        *,
+        started: float,
+        reason: str,
+        proof: bytes = b"",
+    ) -> None:
+        """Report a finished attempt if `heard` (its DONE's answer) comes back False: no gateway
+        said the job's usage record is stored."""
+
+        async def wait() -> None:
+            try:
+                billed = await heard
+            except nats.errors.Error:
+                billed = False
+            if not billed:
+                self.report(job, attempt, usage, started=started, finished=True, reason=reason, proof=proof)
+
+        task = asyncio.create_task(wait())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def report(
         self, job: Job, attempt: int, usage: Usage, *, started: float, finished: bool, reason: str, proof: bytes = b""
     ) -> None:

@@ -13,8 +13,10 @@ Who ends a job, and how its JetStream message is settled:
 - the gateway is gone (a heartbeat finds no responder, or `GATEWAY_MISSES` in a row go
   unanswered): the generation is closed, the worker reports what it generated
   (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term`;
-- the final DONE (sent as a request) is not answered: the job is acked, and reported the same
-  way, since no gateway may have heard its end;
+- the final DONE (sent as a request, which the gateway answers once the job's usage record is
+  stored) is not answered within `BILLED_WAIT`: the job was acked already, and is reported the
+  same way (waited for in the background: the slot is free at once), since a gateway killed
+  after the answer but before its record was stored leaves nobody else to bill it;
 - the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
 """
 
@@ -52,6 +54,8 @@ from worker.reports import Reporter
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+BILLED_WAIT = 10.0  # seconds at least a final DONE waits for the gateway to say the job is billed
 
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
 GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
@@ -123,8 +127,9 @@ class Worker:
         self._served = NOTHING_SERVED
         self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
         self._health_told: tuple[bool, tuple[bool, ...]] = (True, ())  # as the last advert said
-        # How long a final DONE waits for the gateway's answer before the job counts as orphaned.
-        self._done_wait = max(2 * settings.heartbeat, 1.0)
+        # How long a final DONE waits (in the background, its slot free) for the gateway's word
+        # that the job's usage record is stored, before the worker reports the job itself.
+        self._done_wait = max(10 * settings.heartbeat, BILLED_WAIT)
 
     @property
     def running_jobs(self) -> int:
@@ -388,11 +393,9 @@ class Worker:
             await gen.aclose()  # type: ignore[attr-defined]
         if usage is None:
             raise WorkerFailedError("the backend ended without reporting usage")
-        if not await out.done(finish, usage, heard_within=self._done_wait):
-            proof = self._signer.prove(job.id, attempt, self._s.node_id)
-            self._reports.report(
-                job, attempt, usage, started=started, finished=True, reason="done unanswered", proof=proof
-            )
+        heard = out.billed(finish, usage, within=self._done_wait)
+        proof = self._signer.prove(job.id, attempt, self._s.node_id)
+        self._reports.unless(heard, job, attempt, usage, started=started, reason="done unanswered", proof=proof)
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
