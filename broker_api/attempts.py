@@ -24,6 +24,7 @@ from broker_api.bus import Bus
 from broker_api.jobrun import Broken, JobRun, Streamed
 from broker_api.output import Output
 from broker_api.session import Continuation
+from broker_api.unavailable import NATS_ERRORS, unavailable
 from schemas.errors import (
     DeadlineExceededError,
     NoCapacityError,
@@ -37,6 +38,8 @@ from schemas.jobs import Submission
 log = structlog.get_logger(__name__)
 
 TICK = 0.25  # seconds between liveness checks while a job is quiet
+# What placing a job again may fail with: no route can take it, or NATS could not take it.
+REFUSED: tuple[type[Exception], ...] = (NoCapacityError, *NATS_ERRORS)
 
 # --- what went wrong ----------------------------------------------------------------------
 
@@ -278,11 +281,14 @@ class JobDriver:
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
         try:
             admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
-        except NoCapacityError:
+        except REFUSED as e:
             if not continuing:
-                raise
-            # No route takes the text as a prefix (ContinuationUnavailableError), or none is up:
-            # the client is told what really failed, never the refusal of the continuation.
+                if isinstance(e, TokenyardError):
+                    raise
+                raise unavailable(e, what="placing the job again") from e
+            # No route takes the text as a prefix (ContinuationUnavailableError), none is up, or
+            # NATS could not take the job (mid-stream: never an exception that cuts the
+            # connection): the client is told what really failed, never the refusal.
             log.info("job.continuation_unavailable", job_id=job.id, why=decision.why)
             raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.") from None
         run.placed(again.dispatch, admission.pool, admission.model)

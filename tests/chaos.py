@@ -16,8 +16,9 @@ The history check (`check`), over every request:
 - exactly one terminal outcome, within its deadline: a whole answer; an HTTP error with an
   OpenAI error body; for a stream, an error event then the end; or, only for a request whose
   gateway was killed while it ran, the connection cut. Never a hang.
-- the text received is the echo answer or, for a stream cut by an error, a prefix of it on a
-  word boundary: tokens in order, no gap, no duplicate;
+- the text received is the echo answer or, for a stream cut by an error (or an answer of the
+  tokens key cut at what its daily budget had left: finish "length"), a prefix of it on a word
+  boundary: tokens in order, no gap, no duplicate;
 - at most one usage record per job (JetStream's per-subject count and the ledger's rows), and
   one for every job the client saw run;
 - limits held: the rpm key never got more than its rpm admitted in any 60 s, the tokens key
@@ -116,6 +117,7 @@ class Report:
     answered: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     cut_by_gateway: int = 0
+    capped: int = 0  # answers of the tokens key cut at what its daily budget had left (finish "length")
     streams_interrupted: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     jobs_billed: int = 0
@@ -125,12 +127,18 @@ class Report:
     def lines(self) -> list[str]:
         return [
             f"requests {self.requests}, answered whole {self.answered}, streams ended by an error event "
-            f"{self.streams_interrupted}, cut with their gateway {self.cut_by_gateway}",
+            f"{self.streams_interrupted}, cut with their gateway {self.cut_by_gateway}, capped by the token budget "
+            f"{self.capped}",
             f"errors by status/code: {dict(sorted(self.errors.items()))}",
             f"faults: {dict(sorted(self.faults.items()))}",
             f"jobs billed {self.jobs_billed}, counted by: {dict(sorted(self.counted_by.items()))}",
             f"{self.seconds:.1f} s",
         ]
+
+
+def word_prefix(text: str, whole: str) -> bool:
+    """`text` is `whole` or a part of it from its start that ends on a word boundary."""
+    return whole.startswith(text) and whole[len(text) : len(text) + 1] in (" ", "")
 
 
 def expected_text(i: int, tokens: int) -> str:
@@ -441,7 +449,10 @@ class Chaos:
                 out.append(f"HTTP 500: {o.error}")
             return out
         if not o.stream or (o.done and not o.error):
-            if o.text != o.expected or o.finish != "stop":
+            capped = o.key == "tokens" and o.finish == "length" and word_prefix(o.text, o.expected)
+            if capped:  # the daily budget had less left than the answer: the worker stopped at the grant
+                report.capped += 1
+            elif o.text != o.expected or o.finish != "stop":
                 out.append(f"answer {o.text!r} ({o.finish}), expected {o.expected!r}")
             elif o.stream and not o.done:
                 out.append("stream without [DONE]")
@@ -451,9 +462,7 @@ class Chaos:
         if o.error:  # a stream that ended with an error event: what it got must be a clean prefix
             report.streams_interrupted += 1
             report.errors[o.error.split(":")[0]] += 1
-            if o.text and not (
-                o.expected.startswith(o.text) and o.expected[len(o.text) : len(o.text) + 1] in (" ", "")
-            ):
+            if o.text and not word_prefix(o.text, o.expected):
                 out.append(f"interrupted text {o.text!r} is not a word prefix of {o.expected!r}")
             return out
         return [*out, f"stream ended without [DONE] or an error event ({o.text!r})"]
@@ -506,9 +515,16 @@ class Chaos:
         by_key: dict[str, list[dict[str, Any]]] = {}
         for row in rows.values():
             by_key.setdefault(row["key_id"], []).append(row)
-        times = sorted(r["time"] for r in by_key.get(self.key_ids["rpm"], []))
-        for j, t in enumerate(times):
-            within = sum(1 for u in times[j:] if u < t + 60)
+        # A row's admission happened between its arrival and its first token (or its end): only
+        # rows whose whole span lies inside one 60 s window were surely admitted within it. (The
+        # arrival alone is not the admission: a request that waited out a NATS fault in its
+        # gateway's retries was admitted seconds later.)
+        spans = sorted(
+            (r["time"], r["time"] + (r["ttft_ms"] or r["duration_ms"]) / 1e3)
+            for r in by_key.get(self.key_ids["rpm"], [])
+        )
+        for j, (t, _) in enumerate(spans):
+            within = sum(1 for lo, hi in spans[j:] if hi < t + 60)
             if within > RPM:
                 problems.append(f"the rpm key had {within} requests admitted within 60 s of {t:.1f} (limit {RPM})")
                 break
