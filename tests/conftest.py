@@ -32,6 +32,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long chaos run takes up to ~20 minutes a variant: past the suite's per-test timeout."""
+    if config.getoption("--chaos-long"):
+        for item in items:
+            if "test_chaos" in item.nodeid:
+                item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """nats-server and a scheduler; tests add workers and the API as they need."""
