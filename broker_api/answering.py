@@ -13,15 +13,16 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services
+from broker_api.serving import STALLED
 from broker_api.session import Ask, Session
 from broker_api.sessions import signed_in
-from broker_api.web import sse, sse_events, watch_disconnect
+from broker_api.web import BoundedStream, sse, sse_events, watch_disconnect
 
 CACHE_HEADER = "x-tokenyard-cache"
 ROUTE_HEADER = "x-tokenyard-route"
@@ -91,8 +92,9 @@ async def answer_stream(
         raise
     close = lambda: s.serving.finish(session, "stream closed")  # noqa: E731
     body = sse_events(first, payloads, close) if named else sse(first, payloads, close)
-    return StreamingResponse(
+    return BoundedStream(
         body,
-        media_type="text/event-stream",
+        stall=s.settings.stream_stall_timeout,
+        on_stall=lambda: s.serving.finish(session, STALLED),
         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers(s, session)},
     )

@@ -10,6 +10,7 @@ one `include_router` line below.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -48,10 +49,12 @@ from broker_api.metrics import Metrics
 from broker_api.nodes import NodeServices
 from broker_api.nodes import router as nodes_router
 from broker_api.observe import ObserveMiddleware
+from broker_api.orphans import Orphans
 from broker_api.response_store import ResponseStore
 from broker_api.serving import Serving
 from broker_api.sessions import SessionStore
 from broker_api.settings import ApiSettings
+from broker_api.tickets import Tickets
 from broker_api.unavailable import NATS_ERRORS
 from broker_api.web import RequestIdMiddleware, add_error_handlers
 from schemas import streams
@@ -71,8 +74,10 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
     directory = await Directory.open(nc, js, pepper=settings.pepper.encode(), replicas=replicas)
     stack.push_async_callback(directory.close)
     keys = KeyStore(admin_key, directory)
-    for spec in (streams.USAGE, streams.AUDIT):
+    for spec in (streams.USAGE, streams.AUDIT, streams.ORPHANS):
         await ensure(nc, spec, replicas=replicas)
+    # every gateway seals who asked into its jobs, and bills the jobs of a gateway that died
+    tickets = await Tickets.open_shared(await open_bucket(nc, js, streams.SECRETS, replicas=replicas))
     accounts = Accounts(js)
     auditor = Auditor(accounts.audit)
     cache = (
@@ -94,6 +99,7 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
     stack.push_async_callback(fleet.stop)
     nodes = await NodeServices.open(nc, settings, fleet=fleet, auditor=auditor, ledger=reports, replicas=replicas)
     stack.push_async_callback(nodes.close)
+    attributor = Attributor(nodes.enrolment.registry, accounts.audit)  # which node a record names
     serving = Serving(
         bus,
         settings,
@@ -101,9 +107,12 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
         idempotency=await Idempotency.open(nc, js, replicas=replicas),
         metrics=metrics,
         cache=cache,
-        attribute=Attributor(nodes.enrolment.registry, accounts.audit).attribute,
+        tickets=tickets,
+        attribute=attributor.attribute,
     )
     stack.push_async_callback(serving.drain)  # cancelled requests waiting for their worker's count
+    orphans = Orphans(js, tickets, grace=settings.orphan_grace, attribute=attributor.attribute)
+    stack.push_async_callback(_cancelled, asyncio.create_task(orphans.run(), name="orphans"))
     return Services(
         settings=settings,
         bus=bus,
@@ -121,6 +130,17 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
         nodes=nodes,
         responses=await ResponseStore.open(nc, js, ttl=settings.responses_ttl, replicas=replicas),
     )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Stop a background loop; one that had died already says why."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # noqa: BLE001 - shutting down: the loop's death is logged, the rest still closes
+        log.exception("api.background_failed", task=task.get_name())
 
 
 def create_app(settings: ApiSettings, *, admin_key: str) -> FastAPI:

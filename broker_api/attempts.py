@@ -1,5 +1,5 @@
-"""Driving one job to its end: what happens when an attempt fails, goes silent, loses events or
-runs out of time.
+"""Driving one job to its end: what happens when an attempt fails, goes silent or idle, loses
+events or runs out of time.
 
 `decide` is the policy, a pure function: given the run's state, what went wrong and the
 settings, it says run the job again (keeping off the pool that failed, when the attempt itself
@@ -24,13 +24,22 @@ from broker_api.bus import Bus
 from broker_api.jobrun import Broken, JobRun, Streamed
 from broker_api.output import Output
 from broker_api.session import Continuation
-from schemas.errors import DeadlineExceededError, TokenyardError, WorkerFailedError, from_wire
+from broker_api.unavailable import NATS_ERRORS, unavailable
+from schemas.errors import (
+    DeadlineExceededError,
+    NoCapacityError,
+    TokenyardError,
+    WorkerFailedError,
+    from_wire,
+)
 from schemas.events import Delta, Done, Failed, Start
 from schemas.jobs import Submission
 
 log = structlog.get_logger(__name__)
 
 TICK = 0.25  # seconds between liveness checks while a job is quiet
+# What placing a job again may fail with: no route can take it, or NATS could not take it.
+REFUSED: tuple[type[Exception], ...] = (NoCapacityError, *NATS_ERRORS)
 
 # --- what went wrong ----------------------------------------------------------------------
 
@@ -38,6 +47,14 @@ TICK = 0.25  # seconds between liveness checks while a job is quiet
 @dataclass(frozen=True, slots=True)
 class Silent:
     """The current attempt said nothing for longer than the silence allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """The current attempt still heartbeats, but sent no output for longer than the idle
+    bound after the answer reached the client (a hung backend, a lost upstream read)."""
+
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +77,7 @@ class Overdue:
     """The request's deadline passed."""
 
 
-Failure = Silent | LostEvents | AttemptFailed | Overdue
+Failure = Silent | Idle | LostEvents | AttemptFailed | Overdue
 
 # --- what to do about it ------------------------------------------------------------------
 
@@ -96,6 +113,7 @@ class RunState:
     started: bool  # an attempt is current (a worker took the job)
     pool: str  # the pool the current placement went to
     choices: int
+    text_only: bool = True  # what reached the client is text (no tool-call fragments): a prefix can carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +131,11 @@ def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
     if isinstance(failure, AttemptFailed):
         if not failure.retryable:
             return Fail(failure.error)
-        why, avoid = failure.error.message, state.pool
+        why, avoid = failure.error.message.rstrip("."), state.pool
     elif isinstance(failure, LostEvents):
         why = f"the worker's events were lost ({failure.reason})"
+    elif isinstance(failure, Idle):
+        why = f"the worker sent no output for {failure.seconds:g} s"
     else:
         why = "the worker stopped responding"
     if state.dispatch >= policy.max_dispatches:
@@ -124,7 +144,7 @@ def decide(state: RunState, failure: Failure, policy: Policy) -> Decision:
         return Fail(WorkerFailedError(f"The request failed on every attempt ({state.dispatch}); last: {why}."))
     if not state.committed:
         return Redispatch(why, avoid)
-    if policy.continues and state.choices == 1:
+    if policy.continues and state.choices == 1 and state.text_only:
         return Continue(why, avoid)
     return Fail(WorkerFailedError(f"The answer was interrupted: {why}."))
 
@@ -147,8 +167,10 @@ class JobDriver:
         continuation: Continuation | None,
         submit_timeout: float,
         on_continue: Callable[[], None] = lambda: None,  # counted by the caller's metrics
+        idle: float = 0.0,  # seconds a started answer may go without output (0: no bound)
         tick: float = TICK,
     ) -> None:
+        self._idle = idle
         self._on_continue = on_continue
         self._bus = bus
         self._run = run
@@ -157,6 +179,7 @@ class JobDriver:
         self._output = output
         self._policy = policy
         self._continuation = continuation
+        self._interrupted = ""  # why the answer was first interrupted, once it is being continued
         self._submit_timeout = submit_timeout
         self._tick = tick
 
@@ -176,12 +199,16 @@ class JobDriver:
                 case Start():
                     continue
                 case None:
-                    if not run.silent(time.monotonic()):
+                    now = time.monotonic()
+                    silent, idle = run.silent(now), run.idle(now, self._idle)
+                    if not silent and not idle:
                         continue
                     gone = run.drop_current()
                     if gone:
-                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent")
-                    failure = Silent()
+                        await self._bus.stop(gone[1], run.job.id, gone[0], "silent" if silent else "idle")
+                    failure = Silent() if silent else Idle(self._idle)
+                    if idle and not silent:
+                        log.warning("job.idle", job_id=run.job.id, attempt=gone[0] if gone else -1, seconds=self._idle)
                 case Overdue():
                     failure = item
                 case Broken():
@@ -190,6 +217,11 @@ class JobDriver:
                 case Failed():
                     run.drop_current()
                     failure = AttemptFailed(from_wire(item.error or {}), item.retryable)
+                    if self._interrupted and not item.retryable:
+                        # the continuation's own refusal (of the prefix, of its length): the client
+                        # is told what interrupted its answer instead
+                        log.info("job.continuation_refused", job_id=run.job.id, error=failure.error.message)
+                        raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.")
             await self._apply(decide(self._state(), failure, self._policy))
 
     def _state(self) -> RunState:
@@ -200,6 +232,7 @@ class JobDriver:
             started=run.current is not None,
             pool=run.pool_of(run.job.dispatch),
             choices=self._output.choices,
+            text_only=not any(p.tool_calls for p in self._output.parts),
         )
 
     async def _next(self) -> Streamed | Broken | Overdue | None:
@@ -224,15 +257,40 @@ class JobDriver:
         again = dataclasses.replace(job, dispatch=job.dispatch + 1)
         continuing = isinstance(decision, Continue)
         if continuing:
+            self._interrupted = self._interrupted or decision.why
             again = dataclasses.replace(again, request=self._continued())
             log.info("job.continue", job_id=job.id, dispatch=job.dispatch, carried_tokens=self._output.tokens)
             self._output.carry_on()
             self._on_continue()
         avoid = sub.avoid + ((decision.avoid,) if decision.avoid else ())
-        self._sub = dataclasses.replace(sub, job=again, avoid=avoid)
+        # A failure the attempt reported counts against its node (and model), never the whole
+        # pool: one node's death never closes a pool with healthy siblings. Silence does not
+        # count (a node that is gone leaves the fleet with its adverts; one that only answered
+        # late would be taken out for nothing).
+        reported = bool(decision.avoid)
+        self._sub = dataclasses.replace(
+            sub,
+            job=again,
+            avoid=avoid,
+            failed_pool=run.pool_of(job.dispatch) if reported else "",
+            failed_node=run.current_node if reported else "",
+            continuation=continuing,  # placed only on a route that carries the text on
+            left_node=run.current_node if continuing else "",  # ... on another node than this one
+        )
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
-        admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
+        try:
+            admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline)
+        except REFUSED as e:
+            if not continuing:
+                if isinstance(e, TokenyardError):
+                    raise
+                raise unavailable(e, what="placing the job again") from e
+            # No route takes the text as a prefix (ContinuationUnavailableError), none is up, or
+            # NATS could not take the job (mid-stream: never an exception that cuts the
+            # connection): the client is told what really failed, never the refusal.
+            log.info("job.continuation_unavailable", job_id=job.id, why=decision.why)
+            raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.") from None
         run.placed(again.dispatch, admission.pool, admission.model)
 
     def _continued(self) -> dict[str, Any]:

@@ -6,6 +6,10 @@ of the `usage` its client is shown), and the record itself.
   relayed, taken from the worker's count when the relayed text can hold that many.
 - A request whose client left: the stopped worker's own final count when it came (a DONE whose
   finish is `cancelled`), else the gateway's estimate of the prompt and what it relayed.
+- A stream whose client stopped reading (cut after `--stream-stall-timeout`): what was written
+  to the client, never the worker's count of what it produced meanwhile (`counted_by:
+  "estimate"`).
+- A job whose gateway died: not here; its worker's report (`broker_api.orphans`).
 - A cache hit or a replay: the stored answer's numbers, at the configured fraction of its cost.
 
 Nothing here does I/O or knows an API's JSON.
@@ -135,4 +139,7 @@ def usage_record(s: Session, bill: Charge, *, node: str, now: float) -> UsageRec
         status=s.status,
         stream=s.ask.stream,
         reserved_tokens=reserved_tokens(s.sub),
+        # a worker's final count, checked against what was relayed, or a stored answer's: the
+        # gateway counted; without either, the prompt is the gateway's own estimate
+        counted_by="gateway" if s.done is not None or s.cached is not None else "estimate",
     )

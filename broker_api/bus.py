@@ -8,7 +8,10 @@ events on an unknown token are dropped without a word (answering them with a sto
 forger stop other nodes' jobs). Events of a job this gateway still knows but that lost (the
 client left, another attempt won) are answered with a stop, so no worker keeps generating for
 nobody; a heartbeat on an unknown token is answered "stop" too (the answer goes only to its
-sender).
+sender). A final DONE comes as a request and is always answered (to its sender alone): at once
+if it lost, else once the job's usage record is stored. A worker whose DONE is not answered in
+time reports the job itself (`schemas.usage.WorkerReport`), so a gateway that dies between the
+answer and its record leaves no job unbilled.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from schemas.errors import (
     RequestTooLargeError,
     from_wire,
 )
-from schemas.events import Heartbeat, decode_event
+from schemas.events import Done, Heartbeat, decode_event
 from schemas.jobs import (
     ATTEMPTS_PER_DISPATCH,
     CONTINUE,
@@ -98,9 +101,15 @@ class Bus:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.respond(CONTINUE if go_on else STOP)
             return
+        taken = run is not None and run.offer(ev, now)
+        if msg.reply:  # a final DONE asks whether the job is billed (else its worker reports it)
+            if run is not None and taken and isinstance(ev, Done):
+                run.answer_when_recorded(lambda: _answer(msg, CONTINUE))
+            else:
+                await _answer(msg, STOP)
         if run is None:
             log.debug("job.unknown_reply", subject=msg.subject)
-        elif not run.offer(ev, now):
+        elif not taken:
             await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt")
 
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
@@ -190,3 +199,8 @@ def encoded_submission(sub: Submission, *, max_payload: int) -> bytes:
             param="messages",
         )
     return data
+
+
+async def _answer(msg: Msg, word: bytes) -> None:
+    with contextlib.suppress(nats.errors.Error):
+        await msg.respond(word)

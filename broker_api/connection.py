@@ -17,6 +17,14 @@ framing (`Framing`: where a request's head ends, how long its body is, chunked o
 - bytes uvicorn's parser refuses (an unknown method, a broken request line) get a 400 error
   object too, not uvicorn's plain text.
 
+- a response whose writes stay paused (the client stopped reading: the connection's buffer is
+  full) for `write_stall` + STALL_GRACE seconds is aborted. The stream's own bound
+  (`broker_api.web.BoundedStream`) has stopped its job and billed it `STALL_GRACE` seconds
+  earlier; this frees the connection and what it buffered (a close would wait for the client).
+  So that "paused" means "the client is not reading" and not "the kernel took a few MB more",
+  every connection's unsent bytes in the kernel are bounded (TCP_NOTSENT_LOWAT, NOTSENT_BYTES:
+  what is in flight to a reading client is not, so a fast link is as fast as before).
+
 Ordinary requests pay one `find` for the end of the head and a counter per body chunk.
 `guarded_protocol` builds the protocol class to hand to uvicorn (`http=`).
 """
@@ -24,7 +32,9 @@ Ordinary requests pay one `find` for the end of the head and a counter per body 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +44,8 @@ from schemas.errors import HeadersTooLargeError, InvalidRequestError, RequestTim
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 BODY_GRACE = 2.0  # seconds past the body timeout before an unread body's connection is closed
 LINGER = 1.0  # seconds a refused connection is still read (and discarded) after the answer
+NOTSENT_BYTES = 64 * 1024  # unsent bytes a connection's socket may hold (beyond what is in flight)
+STALL_GRACE = 1.0  # seconds past the stream's stall bound before its connection is aborted
 MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions) longer than this is not followed
 
 Phase = Literal["idle", "head", "body", "lost", "too_large"]
@@ -143,6 +155,7 @@ class Deadlines:
     header_timeout: float
     body_timeout: float
     max_header_bytes: int = MAX_HEADER_BYTES
+    write_stall: float = 0.0  # seconds writes may stay paused on a client that stopped reading; 0: no bound
 
 
 class ConnectionGuard:
@@ -153,6 +166,7 @@ class ConnectionGuard:
         self._deadlines = deadlines
         self._framing = Framing(max_head=deadlines.max_header_bytes)
         self._timer: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None  # armed while writes are paused
         self._armed: tuple[Phase, int] = ("idle", 0)
         self.answered = 0  # responses the protocol completed on this connection
         self._refused = False
@@ -180,6 +194,23 @@ class ConnectionGuard:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.resumed()
+
+    def paused(self) -> None:
+        """The connection's buffer is full: the client is not reading what it is sent."""
+        if self._deadlines.write_stall > 0 and self._stall is None:
+            delay = self._deadlines.write_stall + STALL_GRACE
+            self._stall = asyncio.get_running_loop().call_later(delay, self._stalled)
+
+    def resumed(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if not self._transport.is_closing() or self._transport.get_write_buffer_size():
+            self._transport.abort()  # the buffered answer is dropped: the client was not taking it
 
     def _arm(self) -> None:
         now = (self._framing.phase, self._framing.heads)
@@ -250,6 +281,10 @@ def guarded_protocol(deadlines: Deadlines) -> type[asyncio.Protocol]:
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self.tokenyard_guard = ConnectionGuard(transport, deadlines)
+            sock = transport.get_extra_info("socket")
+            if deadlines.write_stall > 0 and sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                with contextlib.suppress(OSError):  # not TCP (a test's socket pair): no bound needed
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_BYTES)
             super().connection_made(transport)
 
         def data_received(self, data: bytes) -> None:
@@ -264,6 +299,14 @@ def guarded_protocol(deadlines: Deadlines) -> type[asyncio.Protocol]:
         def on_response_complete(self) -> None:
             self.tokenyard_guard.answered += 1
             super().on_response_complete()
+
+        def pause_writing(self) -> None:
+            self.tokenyard_guard.paused()
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            self.tokenyard_guard.resumed()
+            super().resume_writing()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.tokenyard_guard.closed()

@@ -13,11 +13,14 @@ a hole in the answer.
 
 A run changes only through its methods: the bus offers events and closes it, the job driver
 (`broker_api.attempts`) records placements and re-dispatches, the serving code commits it.
+The winning attempt's final DONE comes as a request; its answer is held until the job's usage
+record is stored (`answer_when_recorded`, `recorded`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from schemas.events import Claim, Delta, Done, Failed, Heartbeat, Start
@@ -43,6 +46,9 @@ class JobRun:
         self.current: int | None = None
         self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
+        self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
+        self._held: Callable[[], Awaitable[None]] | None = None  # the final DONE's answer, sent once billed
+        self._refused_at: float | None = None  # monotonic time an attempt was refused while none was current
         self._committed = False
         self._closed = False
         self._finished = False
@@ -105,20 +111,36 @@ class JobRun:
         """The job placed again (`job.dispatch` one more). A continuation refuses every earlier
         attempt for good: the new one carries the answer on from what the client has."""
         self._job = job
+        self._refused_at = None
         if continuing:
             self._min_attempt = job.attempt_id(0)
 
     def close(self) -> None:
         self._closed = True
 
+    def answer_when_recorded(self, answer: Callable[[], Awaitable[None]]) -> None:
+        """Hold the answer to the winning attempt's final DONE until the job's usage record is
+        stored (`recorded`): a worker not answered reports the job itself (`worker.reports`)."""
+        self._held = answer
+
+    async def recorded(self) -> None:
+        """The job's usage record is stored: answer the final DONE, if one waits."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held()
+
     # --- events -------------------------------------------------------------------------
 
     def _adopt(self, ev: Streamed, now: float) -> bool:
         if ev.seq != 0:  # joined mid-way: its start was lost
             self._refused.add(ev.attempt)
+            if self._refused_at is None:  # nothing else may come: see `silent`
+                self._refused_at = now
             return False
         self.current, self._next_seq, self.heard = ev.attempt, 0, now
         self.claim = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
+        self._refused_at = None
+        self.progressed = now
         return True
 
     def offer(self, ev: Streamed, now: float) -> bool:
@@ -133,7 +155,7 @@ class JobRun:
                 self._refused.add(self.current)
             if not self._adopt(ev, now):
                 return False
-        self.heard = now
+        self.heard = self.progressed = now
         if ev.seq != self._next_seq:
             self._break(f"event {self._next_seq} of the attempt never arrived")
             return False
@@ -163,7 +185,17 @@ class JobRun:
         self.current = None
 
     def silent(self, now: float) -> bool:
-        return self.current is not None and now - self.heard > self.silence
+        """The current attempt said nothing for longer than the silence allows; or none is
+        current and the only one heard from was refused that long ago (it was told to stop: the
+        job would otherwise wait out its deadline for nobody)."""
+        if self.current is None:
+            return self._refused_at is not None and now - self._refused_at > self.silence
+        return now - self.heard > self.silence
+
+    def idle(self, now: float, limit: float) -> bool:
+        """The answer reached the client, and the current attempt, alive or not, has sent no
+        output for `limit` seconds (0: no limit)."""
+        return limit > 0 and self._committed and self.current is not None and now - self.progressed > limit
 
     def drop_current(self) -> tuple[int, str] | None:
         """Give up on the current attempt (dead or failed); returns (attempt, node) to stop."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from broker_api.ledger_store import APPEND_ONLY, TABLES, SqlStore
+from broker_api.ledger_store import ADDED_COLUMNS, APPEND_ONLY, TABLES, SqlStore
 
 SCHEMA_LOCK = 0x7479_6C65_6467  # pg_advisory_xact_lock key: "tyledg"
 PG_APPEND_ONLY = f"""
@@ -60,6 +60,8 @@ class PostgresStore(SqlStore):
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
             await conn.execute(TABLES + PG_APPEND_ONLY)
+            for column, kind in ADDED_COLUMNS.items():
+                await conn.execute(f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {column} {kind}")
         return cls(pool)
 
     async def _fetch(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:

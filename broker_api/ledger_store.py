@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS usage (
     project TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, route TEXT NOT NULL, node TEXT NOT NULL,
     attempts INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, cost DOUBLE PRECISION NOT NULL, ttft_ms DOUBLE PRECISION NOT NULL,
-    duration_ms DOUBLE PRECISION NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL, stream INTEGER NOT NULL
+    duration_ms DOUBLE PRECISION NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL, stream INTEGER NOT NULL,
+    counted_by TEXT NOT NULL DEFAULT 'gateway'
 );
 CREATE INDEX IF NOT EXISTS usage_org_time ON usage (org, time);
 CREATE INDEX IF NOT EXISTS usage_time ON usage (time, job_id);
@@ -62,7 +63,11 @@ USAGE_COLUMNS = (
     "outcome",
     "status",
     "stream",
+    "counted_by",
 )
+# Columns added after a ledger's first release, each with its default: an older database gains
+# them on open (`ALTER TABLE ... ADD COLUMN`), its old rows taking the default.
+ADDED_COLUMNS = {"counted_by": "TEXT NOT NULL DEFAULT 'gateway'"}
 AUDIT_COLUMNS = ("id", "time", "org", "actor", "action", "target", "source", "detail")
 GROUPS = {
     "model": "model",
@@ -137,6 +142,7 @@ def usage_row(r: UsageRecord) -> tuple[Any, ...]:
         r.outcome,
         r.status,
         int(r.stream),
+        r.counted_by,
     )
 
 
@@ -347,6 +353,11 @@ class SqliteStore(SqlStore):
         db.row_factory = aiosqlite.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.executescript(TABLES + SQLITE_APPEND_ONLY)
+        async with db.execute("PRAGMA table_info(usage)") as cur:
+            have = {row["name"] for row in await cur.fetchall()}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                await db.execute(f"ALTER TABLE usage ADD COLUMN {column} {kind}")
         await db.commit()
         return cls(db)
 

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,  # uvicorn's loggers go through schemas.logs' pipeline, not their own handlers
         access_log=False,
         loop="auto",
-        http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
+        http=guarded_protocol(
+            Deadlines(settings.header_timeout, settings.body_timeout, write_stall=settings.stream_stall_timeout)
+        ),
         timeout_graceful_shutdown=10,
         ssl_certfile=settings.tls_cert or None,
         ssl_keyfile=settings.tls_key or None,

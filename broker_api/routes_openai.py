@@ -13,16 +13,16 @@ from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from broker_api import chat_shape
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services, caller, services
-from broker_api.serving import Serving
+from broker_api.serving import STALLED, Serving
 from broker_api.session import Session
 from broker_api.sessions import signed_in
-from broker_api.web import sse, watch_disconnect
+from broker_api.web import BoundedStream, sse, watch_disconnect
 from schemas.chat import ChatCompletion, ModelCard, ModelList, parse_chat_request
 from schemas.errors import ModelNotFoundError
 from schemas.rules import check_max_tokens
@@ -90,9 +90,10 @@ async def chat_completions(request: Request) -> Response:
     except BaseException:
         await serving.finish(session, "failed")
         raise
-    return StreamingResponse(
+    return BoundedStream(
         sse(first, payloads, lambda: serving.finish(session, "stream closed")),
-        media_type="text/event-stream",
+        stall=s.settings.stream_stall_timeout,
+        on_stall=lambda: serving.finish(session, STALLED),
         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **route_header(serving, session, headers)},
     )
 

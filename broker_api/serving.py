@@ -10,6 +10,10 @@ A request whose client left mid-answer is billed from the stopped worker's own f
 (a DONE whose finish is `cancelled`): `finish` stops the attempt and a background task waits a
 bounded moment for that count before recording usage, falling back to the gateway's estimate
 when none comes (a dead worker).
+
+Every job carries a ticket (`broker_api.tickets`): who asked, sealed so that only gateways can
+read it. If this gateway dies mid-answer, the job's worker sends the ticket back with its counts
+and another gateway bills the job from them (`broker_api.orphans`, `counted_by: "worker"`).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from broker_api.metrics import Metrics
 from broker_api.output import ChoiceResult, Output, cached_results
 from broker_api.session import Ask, Session
 from broker_api.settings import ApiSettings
+from broker_api.tickets import Tickets
 from schemas.answers import CachedAnswer
 from schemas.errors import TokenyardError
 from schemas.events import Claim, Delta, Done, Failed, Start
 from schemas.jobs import Job, Submission
+from schemas.usage import Ticket
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +52,10 @@ log = structlog.get_logger(__name__)
 # worker answers a stop within milliseconds; a dead one never does, and then the gateway's
 # estimate stands. It delays only the record (in the background), never a response.
 CANCEL_REPORT_WAIT = 1.5
+# `finish`'s reason for a stream whose client stopped reading (`broker_api.web.BoundedStream`):
+# its job is stopped and it is billed for what was written, never for what the worker produced
+# after the client stopped taking it.
+STALLED = "client stopped reading"
 
 
 class Serving:
@@ -58,6 +68,7 @@ class Serving:
         idempotency: Idempotency,
         metrics: Metrics,
         cache: ResponseCache | None,  # None: the gateway runs without a response cache
+        tickets: Tickets,
         attribute: Callable[[Claim, str], Attribution] = lambda claim, pool: Attribution(claim.node, None),
     ) -> None:
         self._attribute = attribute  # (claim, pool) -> the node a record names and its price (`attribution`)
@@ -67,6 +78,7 @@ class Serving:
         self._idempotency = idempotency
         self._metrics = metrics
         self._cache = cache
+        self._tickets = tickets
         self._settling: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
 
     def open(
@@ -81,15 +93,31 @@ class Serving:
     ) -> Session:
         job_id = uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(job_id=job_id, model=ask.model)
+        arrived = time.time()
+        estimated = max(1, ask.prompt_estimate + (ask.token_limit or 0))
+        limited = not (who.key_limits.empty and who.org_limits.empty)
+        # who asked, sealed for any gateway to bill the job from its worker's report if this one dies
+        ticket = Ticket(
+            org=who.org,
+            project=who.project,
+            key_id=who.key_id,
+            model=ask.model,
+            arrived=arrived,
+            stream=ask.stream,
+            reserved_tokens=estimated if limited else 0,  # as `billing.reserved_tokens`
+            prompt_estimate=ask.prompt_estimate,
+            max_completion=(ask.token_limit or 0) * ask.choices,
+        )
         job = Job(
             id=job_id,
             model=ask.model,
             request=ask.body,
             streamed=ask.stream,
             reply=self._bus.reply_subject(job_id),
-            deadline=time.time() + self._s.request_timeout,
+            deadline=arrived + self._s.request_timeout,
             request_id=request_id,
             traceparent=traceparent,
+            ticket=self._tickets.seal(job_id, ticket),
         )
         sub = Submission(
             job=job,
@@ -98,7 +126,7 @@ class Serving:
             priority=who.priority,
             key_limits=who.key_limits,
             org_limits=who.org_limits,
-            estimated_tokens=max(1, ask.prompt_estimate + (ask.token_limit or 0)),
+            estimated_tokens=estimated,
             volunteer_ok=who.volunteer_ok,
         )
         claim = self._idempotency.key_for(who.org, idempotency_key) if idempotency_key else ""
@@ -112,6 +140,7 @@ class Serving:
             output=Output(ask.choices),
             cache_key=key,
             idempotency_key=claim,
+            arrived=arrived,
         )
         self._metrics.opened(ask.model)
         return session
@@ -164,6 +193,7 @@ class Serving:
             continuation=s.ask.continuation,
             submit_timeout=self._s.submit_timeout,
             on_continue=lambda: self._metrics.continued(s.ask.model),
+            idle=self._s.stream_idle_timeout,
         )
         events = driver.events()
         try:
@@ -244,7 +274,9 @@ class Serving:
             case "admitted" | "running":  # the client left while an attempt ran
                 s.to("cancelled")
                 cut = s.run.current
-                if cut is None:
+                if cut is None or reason == STALLED:
+                    if cut is not None and not s.run.finished:
+                        await self._bus.stop(s.run.current_node, s.job.id, cut, reason)
                     await self._bus.close_run(s.run, reason)
                     await self._complete_claim(s, None)
                     self._record(s)
@@ -319,4 +351,4 @@ class Serving:
             route=record.route,
             attempts=record.attempts,
         )
-        self._accounts.usage(record)
+        self._accounts.usage(record, stored=s.run.recorded)  # then the worker need not report the job

@@ -38,7 +38,7 @@ class ApiSettings:
     cache_max_bytes: int
     cache_hit_cost: float  # fraction of the original cost a cache hit is billed at
     responses_ttl: float  # seconds a stored Responses API answer is kept (previous_response_id, GET)
-    continuation_models: str  # comma-separated model ids (or *) whose streams continue on another node mid-way
+    continuation_models: str  # model ids (comma-separated; * all, the default; "" none) whose answers may be continued
     lanes: bool  # use the lanes schedulers grant (place an unlimited key's next jobs without asking)
     replicas: int  # JetStream replicas of the streams and buckets it makes (0: follow the cluster)
     console_idle: float  # seconds a web console session lives unused (the same on every replica)
@@ -50,6 +50,9 @@ class ApiSettings:
     tls_key: str
     reserved_pools: str  # comma-separated pools only the operator's adapters may serve (besides cloud pools)
     join_rate: int  # join attempts per minute one client address may make (guessing tokens is bounded)
+    orphan_grace: float  # seconds a worker's report of a job waits for its gateway's own record
+    stream_stall_timeout: float  # seconds one write of a stream may wait on a client that stopped reading
+    stream_idle_timeout: float  # seconds a started answer may go without output before it counts as hung
     otlp_endpoint: str = ""  # OpenTelemetry traces go here (schemas.otel); empty: none
 
     @classmethod
@@ -95,8 +98,9 @@ class ApiSettings:
         add_setting(
             p,
             "--continuation-models",
-            default="",
-            help="models (comma-separated, or *) whose interrupted answers continue on another node",
+            default="*",
+            help="models (comma-separated, * for all, empty for none) whose interrupted answers continue on "
+            "another route that accepts the delivered text as an assistant prefix",
         )
         add_setting(
             p,
@@ -121,6 +125,27 @@ class ApiSettings:
             help="pools no enrolled node may join (cloud providers' pools always are)",
         )
         add_setting(p, "--join-rate", default=30, type=int, help="join attempts per minute per client address")
+        add_setting(
+            p,
+            "--orphan-grace",
+            default=5.0,
+            type=float,
+            help="seconds a job whose gateway died waits for that gateway's record before its worker's report bills it",
+        )
+        add_setting(
+            p,
+            "--stream-stall-timeout",
+            default=30.0,
+            type=float,
+            help="seconds a stream may wait on a client that stopped reading before its job is stopped",
+        )
+        add_setting(
+            p,
+            "--stream-idle-timeout",
+            default=90.0,
+            type=float,
+            help="seconds a started answer may go without output (heartbeats do not count) before it fails over",
+        )
         return p
 
     @property

@@ -1,21 +1,28 @@
 """HTTP plumbing the gateway's routes share: OpenAI-shaped error responses for everything, a
-request id on every response, a client that leaves, SSE framing (a bounded JSON body is
-`broker_api.body`).
+request id on every response, a client that leaves, SSE framing and a stream that stops for a
+client that stopped reading (a bounded JSON body is `broker_api.body`).
 
 Every error a client can see leaves through `error_response`, as OpenAI's error object with
 the right status: bad input is a 4xx, never a 422 or a 500, and never a dropped connection.
+
+A stream is pulled event by event by the writes to its client (uvicorn's flow control makes a
+write wait while the connection's buffer is full), so a client that stops reading stops the
+answer at the gateway. `BoundedStream` gives each write `stall` seconds: past that, the job is
+stopped and billed for what was written (`on_stall`), and the connection is aborted by its guard
+(`broker_api.connection`) instead of holding the answer's events while the worker goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +37,10 @@ from schemas.trace import request_id
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# Seconds a stalled stream's last write still waits, after its job was stopped, for the
+# connection's guard to abort the connection (or the client to read again), before it returns.
+STALL_CLOSE = 5.0
 
 
 def error_response(e: TokenyardError) -> JSONResponse:
@@ -160,3 +171,40 @@ async def sse(
     finally:
         await rest.aclose()
         await cleanup()
+
+
+class BoundedStream(StreamingResponse):
+    """An SSE response whose every write must leave within `stall` seconds (0: no bound); past
+    that the client has stopped reading: `on_stall` ends the request (the job stopped, billed for
+    what was written), and the connection is left to its guard to abort."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        stall: float,
+        on_stall: Callable[[], Awaitable[None]],
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._stall = stall
+        self._on_stall = on_stall
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+            if self._stall <= 0:
+                await send(message)
+                continue
+            try:
+                async with asyncio.timeout(self._stall):
+                    await send(message)
+            except TimeoutError:
+                log.warning("api.stream_stalled", stall=self._stall)
+                await self._on_stall()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STALL_CLOSE):
+                        await send(message)  # returns once the guard aborted the connection
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler.routing import Route
+from scheduler.routing import Member, Route
 from schemas.jobs import ModelAdvert, NodeAdvert
 
 MISSED_ADVERTS = 3
@@ -35,9 +35,13 @@ class Fleet:
         self._routes: dict[str, tuple[float, list[Route]]] = {}  # model -> (built at, routes)
 
     def observe(self, advert: NodeAdvert, now: float) -> None:
+        before = self._nodes.get(advert.node)
         self._nodes[advert.node] = NodeState(advert, now)
         for m in advert.models:
             self._models[m.id] = (m, now)
+        if before is not None and _health(before.advert) != _health(advert):
+            for m in advert.models:  # a node or model just went out (or back): no stale routes
+                self._routes.pop(m.id, None)
 
     def forget(self, node: str) -> None:
         """A node that may no longer serve (disabled, removed): no more jobs for it, now."""
@@ -84,8 +88,12 @@ class Fleet:
         return [live[k] for k in sorted(live)]
 
 
+def _health(advert: NodeAdvert) -> tuple[bool, bool, tuple[bool, ...]]:
+    return advert.healthy, advert.draining, tuple(m.healthy for m in advert.models)
+
+
 def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) -> Route:
-    healthy = [(n, m) for n, m in offers if n.healthy]
+    healthy = [(n, m) for n, m in offers if n.healthy and m.healthy]
     kinds = {n.kind for n, _ in offers}
     kind = "volunteer" if "volunteer" in kinds else "cloud" if kinds == {"cloud"} else "own"
     return Route(
@@ -99,4 +107,6 @@ def _route(pool: str, model: str, offers: list[tuple[NodeAdvert, ModelAdvert]]) 
         output_price=max((m.output_price for _, m in offers), default=0.0),
         context_length=min((m.context_length for _, m in offers if m.context_length > 0), default=0),
         healthy=bool(healthy),
+        members=tuple(Member(n.node, n.slots_total, n.slots_free) for n, _ in healthy),
+        prefill=bool(healthy) and all(m.assistant_prefill for _, m in healthy),  # any of them may pull the job
     )

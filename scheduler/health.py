@@ -1,26 +1,41 @@
-"""Health of the routes: moving averages per (pool, model) and a circuit breaker per pool.
+"""Health of the routes: moving averages per (pool, model) and a circuit breaker per node and
+model, (pool, node, model).
 
-Fed by usage records (outcome, route, TTFT, duration) and by re-dispatches (a submission
-that avoids a pool says that pool just failed an attempt). Pure: time is passed in.
+Health follows the node. A job is placed on a (pool, model) work queue that every node of the
+pool serving the model pulls from; the scheduler can never aim it at one node. So a route is
+usable while some live, healthy node of it has a breaker that lets a job through, and one
+node's failures (its jobs died with it, went silent, lost events, or its backend failed them)
+open that node's breaker only: its siblings keep the route open, and its share of the route's
+slots is no longer counted. For a cloud route the node is the adapter of one provider, so its
+breaker per model is the (provider, model)'s health: one model's errors never take the
+provider's other models out with it.
 
-The breaker of a pool:
+Fed by usage records (outcome, route, node, TTFT, duration) and by re-dispatches (a submission
+names the pool and node the attempt before it failed on). Pure: time is passed in.
+
+A breaker:
 
     closed --(N failures in a row, or error rate >= R over >= M samples)--> open
-    open --(cooldown passed; the next job placed there is a probe)--> half-open
-    half-open --(probe succeeded)--> closed;  --(probe failed)--> open (cooldown again)
+    open --(cooldown passed; the next job placed on its route is a probe)--> half-open
+    half-open --(a success)--> closed;  --(a failure)--> open (cooldown again)
 
-An open pool gets no new jobs; a half-open pool gets one probe at a time (another if the
+An open breaker's node gets no share of new jobs; a route whose nodes are all open gets none at
+all, and one whose usable nodes are all half-open gets one probe at a time (another if the
 probe's result does not come within `probe_timeout`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas.usage import UsageRecord
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 ALPHA = 0.2  # weight of the newest sample in the moving averages
+MAX_BREAKERS = 65_536  # (pool, node, model) triples remembered; nodes come and go
+
+BreakerKey = tuple[str, str, str]  # (pool, node, model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +65,7 @@ class Breaker:
         return self.probe_at is None or now - self.probe_at >= self.config.probe_timeout
 
     def placed(self, now: float) -> None:
-        """A job was placed on this pool: if it is not closed, that job is the probe."""
+        """A job was placed on this breaker's route: if it is not closed, that job is the probe."""
         if self.state != CLOSED and self.allows(now):
             self.state = HALF_OPEN
             self.probe_at = now
@@ -104,37 +119,57 @@ def is_failure(record: UsageRecord) -> bool | None:
 class Health:
     def __init__(self, config: BreakerConfig | None = None) -> None:
         self._config = config or BreakerConfig()
-        self.breakers: dict[str, Breaker] = {}
+        self.breakers: dict[BreakerKey, Breaker] = {}
         self.stats: dict[tuple[str, str], RouteStats] = {}
 
-    def breaker(self, pool: str) -> Breaker:
-        b = self.breakers.get(pool)
+    def breaker(self, pool: str, node: str, model: str) -> Breaker:
+        key = (pool, node, model)
+        b = self.breakers.get(key)
         if b is None:
-            b = self.breakers[pool] = Breaker(self._config)
+            if len(self.breakers) >= MAX_BREAKERS:
+                self._forget_closed()
+            b = self.breakers[key] = Breaker(self._config)
         return b
 
-    def allows(self, pool: str, now: float) -> bool:
-        b = self.breakers.get(pool)
+    def _forget_closed(self) -> None:
+        """Closed breakers hold nothing an empty one would not, bar their moving error rate."""
+        for key in [k for k, b in self.breakers.items() if b.state == CLOSED]:
+            del self.breakers[key]
+
+    def allows(self, pool: str, node: str, model: str, now: float) -> bool:
+        b = self.breakers.get((pool, node, model))
         return b is None or b.allows(now)
 
-    def closed(self, pool: str) -> bool:
-        b = self.breakers.get(pool)
-        return b is None or b.state == CLOSED
+    def usable(self, pool: str, model: str, nodes: Iterable[str], now: float) -> list[str]:
+        """The nodes of a route whose breakers let a job through now."""
+        return [n for n in nodes if self.allows(pool, n, model, now)]
 
-    def placed(self, pool: str, now: float) -> None:
-        b = self.breakers.get(pool)
-        if b is not None:
-            b.placed(now)
+    def closed(self, pool: str, model: str, nodes: Iterable[str]) -> bool:
+        """Every node of the route is closed: nothing is on probation there."""
+        for n in nodes:
+            b = self.breakers.get((pool, n, model))
+            if b is not None and b.state != CLOSED:
+                return False
+        return True
 
-    def failed(self, pool: str, now: float) -> None:
-        self.breaker(pool).record(False, now)
+    def placed(self, pool: str, model: str, nodes: Iterable[str], now: float) -> None:
+        """A job went to the route: every breaker of it due for a probe now has one."""
+        for n in nodes:
+            b = self.breakers.get((pool, n, model))
+            if b is not None:
+                b.placed(now)
+
+    def failed(self, pool: str, node: str, model: str, now: float) -> None:
+        """An attempt failed there (a re-dispatch says so before the job's record comes)."""
+        if pool and node:
+            self.breaker(pool, node, model).record(False, now)
 
     def observe(self, record: UsageRecord, now: float) -> None:
         if not record.route or record.route == "cache":
             return
         verdict = is_failure(record)
-        if verdict is not None:
-            self.breaker(record.route).record(not verdict, now)
+        if verdict is not None and record.node:
+            self.breaker(record.route, record.node, record.model).record(not verdict, now)
         if record.outcome == "ok" and record.duration_ms > 0:
             key = (record.route, record.model)
             s = self.stats.get(key)

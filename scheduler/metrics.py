@@ -19,7 +19,8 @@ when scraped (the fleet it heard, its breakers, its fair queues) and from JetStr
     tokenyard_scheduler_route_healthy{pool,model}            1 if some healthy node serves it
     tokenyard_scheduler_route_ttft_seconds{pool,model}       moving average of time to first token
     tokenyard_scheduler_route_tokens_per_second{pool,model}  moving average of generation speed
-    tokenyard_scheduler_breaker_state{pool,state}            1 for the breaker's state: closed|half_open|open
+    tokenyard_scheduler_breaker_state{pool,node,model,state} 1 for the state of each node's breaker for a
+        model (health follows the node: `scheduler.health`): closed|half_open|open
     tokenyard_scheduler_models                                models some live node serves
 """
 
@@ -196,9 +197,11 @@ def _fleet(scheduler: Observed, now: float) -> list[Metric]:
 
 def _breakers(health: Health) -> Metric:
     family = GaugeMetricFamily(
-        "tokenyard_scheduler_breaker_state", "1 for the state each pool's breaker is in.", labels=["pool", "state"]
+        "tokenyard_scheduler_breaker_state",
+        "1 for the state each node's breaker for a model is in.",
+        labels=["pool", "node", "model", "state"],
     )
-    for pool, breaker in sorted(health.breakers.items()):
+    for (pool, node, model), breaker in sorted(health.breakers.items()):
         for state in BREAKER_STATES:
-            family.add_metric([pool, state], 1.0 if breaker.state == state else 0.0)
+            family.add_metric([pool, node, model, state], 1.0 if breaker.state == state else 0.0)
     return family

@@ -15,9 +15,10 @@ get measured), `own_first` (own capacity while its predicted wait stays under `s
 seconds, then the other kinds, cheapest first), `weighted` (a random split by weight, e.g.
 A/B), `failover` (the configured order, first usable wins).
 
-Never eligible: volunteer pools for a tenant that did not allow them, pools with no healthy
-node, pools whose breaker is open. Pools this job already failed on (`avoid`) are used only
-when nothing else is left.
+Never eligible: volunteer pools for a tenant that did not allow them, routes with no live,
+healthy node whose breaker lets a job through (`scheduler.health`: health follows the node, so
+one node's death leaves its siblings serving). Pools this job already failed on (`avoid`) are
+used only when nothing else is left.
 """
 
 from __future__ import annotations
@@ -28,12 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError
+from schemas.errors import ContinuationUnavailableError, InvalidRequestError, ModelNotFoundError, NoCapacityError
 from schemas.routing import Policy
 
 NO_CAPACITY_RETRY_AFTER = 5.0
 SORTS = {"price": "cheapest", "throughput": "throughput", "latency": "latency"}
 DEFAULT_JOB_SECONDS = 2.0  # a job's duration before any was measured (own_first's wait estimate)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One live, healthy node of a route and its slots."""
+
+    node: str
+    slots_total: int
+    slots_free: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +60,9 @@ class Route:
     output_price: float = 0.0
     context_length: int = 0  # the smallest any of its nodes advertises (0: unknown)
     healthy: bool = True  # some node is healthy
-    breaker_ok: bool = True  # the pool's breaker lets a job through
+    breaker_ok: bool = True  # some node's breaker lets a job through
+    members: tuple[Member, ...] = ()  # the nodes counted in `nodes` and the slots
+    prefill: bool = False  # every node of it continues a trailing assistant message (`ModelAdvert`)
     queued: int = 0  # jobs waiting in its work queue
     ttft_ms: float = 0.0  # moving averages; 0 = not measured yet
     tokens_per_s: float = 0.0
@@ -141,10 +153,14 @@ def _names(value: Any, what: str) -> list[str]:
     return [v.lower() for v in value]
 
 
-def eligible(routes: Iterable[Route], prefs: ProviderPrefs, *, volunteer_ok: bool) -> list[Route]:
+def eligible(
+    routes: Iterable[Route], prefs: ProviderPrefs, *, volunteer_ok: bool, continuation: bool = False
+) -> list[Route]:
     out = []
     for r in routes:
         if not r.healthy or not r.breaker_ok or r.nodes <= 0:
+            continue
+        if continuation and not r.prefill:  # it would start a new answer after the text, not go on with it
             continue
         if r.kind == "volunteer" and not volunteer_ok:
             continue
@@ -213,9 +229,10 @@ def rank(
     avoid: Collection[str] = (),
     volunteer_ok: bool = False,
     draw: float = 0.0,
+    continuation: bool = False,
 ) -> list[Route]:
     """Every usable route, best first. Empty: nothing may serve this job now."""
-    usable = sorted(eligible(routes, prefs, volunteer_ok=volunteer_ok), key=lambda r: r.pool)
+    usable = sorted(eligible(routes, prefs, volunteer_ok=volunteer_ok, continuation=continuation), key=lambda r: r.pool)
     strategy = SORTS[prefs.sort] if prefs.sort else policy.strategy
     if strategy == "weighted":
         ranked = _weighted(usable, policy, draw)
@@ -258,18 +275,33 @@ def choose(
     avoid: Collection[str] = (),
     volunteer_ok: bool = False,
     draw: float = 0.0,
+    continuation: bool = False,
 ) -> Choice:
     """The first model of `models` with a usable route, on its best route; else the error
     the client should see: 404 when no model is known at all, 503 when they are but nothing
-    can take the job now."""
+    can take the job now (for a continuation: `continuation_unavailable` when no usable route
+    accepts the delivered text as an assistant prefix)."""
     for model in models:
         routes = routes_of(model)
-        ranked = rank(routes, policy_of(model), prefs, avoid=avoid, volunteer_ok=volunteer_ok, draw=draw)
+        ranked = rank(
+            routes,
+            policy_of(model),
+            prefs,
+            avoid=avoid,
+            volunteer_ok=volunteer_ok,
+            draw=draw,
+            continuation=continuation,
+        )
         if ranked:
             return Choice(model, ranked[0], sum(r.nodes for r in routes))
     if not any(known(m) for m in models):
         raise ModelNotFoundError(
             f"The model `{models[0]}` does not exist or you do not have access to it.", param="model"
+        )
+    if continuation:
+        raise ContinuationUnavailableError(
+            f"No route can continue an answer of `{models[0]}` from the text already delivered.",
+            retry_after=NO_CAPACITY_RETRY_AFTER,
         )
     raise NoCapacityError(
         f"No worker can serve `{models[0]}` right now"

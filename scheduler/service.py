@@ -71,6 +71,7 @@ from schemas.usage import UsageRecord
 log = structlog.get_logger(__name__)
 
 QUEUE_FULL_RETRY_AFTER = 2.0
+UNAVAILABLE_RETRY_AFTER = 2.0  # seconds: a stream or bucket between leaders has one again in a few
 FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits to be heard of (roll call)
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
@@ -234,6 +235,15 @@ class Scheduler:
             answer = await self._admit_once(msg.data)
         except TokenyardError as e:
             answer = Admission(error=e.to_wire())
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
+            # JetStream cannot take it now (a limits bucket or stream between leaders, after a NATS
+            # node died): the client may try again shortly, it is no server error (it was a 500)
+            log.warning("job.admit_unavailable", error=repr(e))
+            unavailable = UnavailableError(
+                "The scheduler's JetStream cannot take the request right now. Try again shortly.",
+                retry_after=UNAVAILABLE_RETRY_AFTER,
+            )
+            answer = Admission(error=unavailable.to_wire())
         except Exception as e:  # top of a handler: answer, log, keep serving
             log.exception("job.admit_crashed")
             answer = Admission(error=TokenyardError(f"scheduler error: {type(e).__name__}").to_wire())
@@ -284,8 +294,8 @@ class Scheduler:
         job = sub.job
         now = time.time()
         check_max_tokens(job.request, sub.key_limits, sub.org_limits)
-        if job.dispatch > 1 and sub.avoid:
-            self.health.failed(sub.avoid[-1], now)  # the attempt before this one failed there
+        if job.dispatch > 1:  # the attempt before this one failed there: that node's health knows at once
+            self.health.failed(sub.failed_pool, sub.failed_node, job.model, now)
         choice = await self._placement(sub)
         if choice.model != job.model:
             job = dataclasses.replace(job, model=choice.model, request={**job.request, "model": choice.model})
@@ -321,7 +331,7 @@ class Scheduler:
                     "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
             raise
-        self.health.placed(pool, now)
+        self.health.placed(pool, job.model, (m.node for m in choice.route.members), now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
         log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
@@ -347,7 +357,7 @@ class Scheduler:
             and lane_eligible(sub)
             and choice.model == job.model
             and self.routing.table.policy_for(job.model, sub.key_id).strategy != "weighted"
-            and self.health.closed(route.pool)
+            and self.health.closed(route.pool, route.model, (m.node for m in route.members))
         ):
             return 0
         return max(0, min(self._s.lane_credits, route.slots_free - route.queued - 1))
@@ -371,25 +381,38 @@ class Scheduler:
         prefs = routing.ProviderPrefs.from_request(request)
         return routing.choose(
             routing.candidate_models(sub.job.model, request),
-            lambda m: self.routes(m, now),
+            lambda m: self.routes(m, now, without=sub.left_node if sub.continuation else ""),
             self.fleet.known,
             lambda m: self.routing.table.policy_for(m, sub.key_id),
             prefs,
             avoid=sub.avoid,
             volunteer_ok=sub.volunteer_ok,
             draw=random.random(),
+            continuation=sub.continuation,
         )
 
-    def routes(self, model: str, now: float) -> list[routing.Route]:
-        """The fleet's routes for `model` with what health and the queues add."""
+    def routes(self, model: str, now: float, *, without: str = "") -> list[routing.Route]:
+        """The fleet's routes for `model` with what health and the queues add: a route counts
+        only its nodes whose breakers let a job through (none: the route is not usable now), and
+        never the node `without` (a continuation's: the node its answer was given up on)."""
         out = []
         for r in self.fleet.routes(model, now):
             stats = self.health.stats.get((r.pool, model))
             queued = self.releaser.queued(r.pool, model)
+            usable = set(self.health.usable(r.pool, model, (m.node for m in r.members), now)) - {without}
+            members = tuple(m for m in r.members if m.node in usable)
+            if len(members) != len(r.members) and members:
+                r = dataclasses.replace(
+                    r,
+                    nodes=len(members),
+                    slots_total=sum(m.slots_total for m in members),
+                    slots_free=sum(m.slots_free for m in members),
+                )
             out.append(
                 dataclasses.replace(
                     r,
-                    breaker_ok=self.health.allows(r.pool, now),
+                    breaker_ok=bool(members) or not r.members,  # no members: `healthy` is false already
+                    members=members,
                     queued=queued,
                     ttft_ms=stats.ttft_ms if stats else 0.0,
                     tokens_per_s=stats.tokens_per_s if stats else 0.0,

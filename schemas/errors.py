@@ -16,7 +16,8 @@
     │   └── QueueFullError              429 code=queue_full
     ├── WorkerFailedError               502 (every attempt failed, poison job)
     ├── NoCapacityError                 503 code=no_capacity (retry_after)
-    │   └── ContentionError             503 code=contention (limit counters too contended)
+    │   ├── ContentionError             503 code=contention (limit counters too contended)
+    │   └── ContinuationUnavailableError 503 code=continuation_unavailable (no route takes the prefix)
     ├── UnavailableError                503 code=unavailable (retry_after: NATS/JetStream cannot take it now)
     └── DeadlineExceededError           504 code=timeout
 
@@ -173,6 +174,14 @@ class ContentionError(NoCapacityError):
 
     default_code = "contention"
     wire = "contention"
+
+
+class ContinuationUnavailableError(NoCapacityError):
+    """No usable route accepts an interrupted answer's text as an assistant prefix. The gateway
+    never shows this to the client: it ends the stream with what really failed."""
+
+    default_code = "continuation_unavailable"
+    wire = "continuation_unavailable"
 
 
 class UnavailableError(TokenyardError):

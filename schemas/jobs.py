@@ -10,7 +10,8 @@ a missing required key a `WireError`). A job's life on the wire:
     gateway <--Done(finish=cancelled)-- worker           (what the stopped attempt used)
 
 Volunteer nodes see the `Job`, so it carries no tenant, key or client address: those stay in
-the `Submission`, which only the scheduler reads.
+the `Submission`, which only the scheduler reads. The job's `ticket` names the tenant too, but
+sealed (encrypted and authenticated to the job id) with a key only gateways hold.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Job:
     streamed: bool = True  # the client reads a stream; a plain answer's first text may wait to ride with DONE
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
     traceparent: str = ""  # W3C trace context of the gateway's span for this request
+    # Who asked, sealed by the gateway (`broker_api.tickets`): opaque to workers, carried back in
+    # a `schemas.usage.WorkerReport` if the job's gateway dies, so the job is still billed.
+    ticket: bytes = b""
 
     def attempt_id(self, delivery: int) -> int:
         """An attempt's id: larger for later dispatches, and within one for later deliveries."""
@@ -61,6 +65,7 @@ class Job:
                 "st": self.streamed,
                 "rid": self.request_id,
                 "tp": self.traceparent,
+                "tk": self.ticket,
             }
         )
 
@@ -77,6 +82,7 @@ class Job:
             streamed=bool(o.get("st", True)),  # a gateway from before: every first delta at once
             request_id=str(o.get("rid", "")),
             traceparent=str(o.get("tp", "")),
+            ticket=_bytes(o.get("tk", b""), "ticket"),
         )
 
 
@@ -93,6 +99,18 @@ class Submission:
     key_id: str = ""
     priority: Tier = DEFAULT_TIER
     avoid: tuple[str, ...] = ()  # pools an earlier attempt of this job failed on
+    # A re-dispatch: where the attempt before this one failed (its pool and node), so that the
+    # scheduler counts the failure against that node's health (and, for a cloud route, the
+    # provider's model) at once; empty when nothing ran or the failure was not the route's.
+    failed_pool: str = ""
+    failed_node: str = ""
+    # A continuation: the request ends with the assistant text the client already has, to be
+    # carried on. Only routes that declare assistant prefill may take it (`ModelAdvert`).
+    continuation: bool = False
+    # A continuation: the node whose attempt was given up on (failed, silent or idle). It is
+    # placed only where another node can take it: a pool whose only node that is (dead, or
+    # stopped) refuses it at once instead of queueing it for nobody.
+    left_node: str = ""
     key_limits: Limits = Limits()
     org_limits: Limits = Limits()
     estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
@@ -110,12 +128,18 @@ class Submission:
                 "olim": self.org_limits.to_dict(),
                 "est": self.estimated_tokens,
                 "vol": self.volunteer_ok,
+                "fail": [self.failed_pool, self.failed_node],
+                "cont": self.continuation,
+                "left": self.left_node,
             }
         )
 
     @classmethod
     def decode(cls, data: bytes) -> Submission:
         o = unpack(data)
+        failed = o.get("fail") or ("", "")
+        if not isinstance(failed, (list, tuple)) or len(failed) != 2:
+            raise WireError(f"bad failed attempt {failed!r}")
         return cls(
             job=Job.decode(need(o, "job")),
             tenant=str(o.get("tenant", "")),
@@ -126,6 +150,10 @@ class Submission:
             org_limits=Limits.from_dict(o.get("olim")),
             estimated_tokens=int(o.get("est", 0)),
             volunteer_ok=bool(o.get("vol", False)),
+            failed_pool=str(failed[0]),
+            failed_node=str(failed[1]),
+            continuation=bool(o.get("cont", False)),
+            left_node=str(o.get("left", "")),
         )
 
 
@@ -194,19 +222,43 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class ModelAdvert:
+    """One model a node serves. Packed as a list; fields added later go at its end, so an older
+    reader takes the ones it knows and a newer one defaults the ones an older node leaves out."""
+
     id: str
     context_length: int = 0
     owned_by: str = "tokenyard"
     input_price: float = 0.0  # USD per million prompt tokens on this route (0: own capacity)
     output_price: float = 0.0  # USD per million completion tokens
+    # False: the node is up but this model should get no new jobs there (a cloud adapter whose
+    # provider keeps failing or timing out for this model; its other models may be fine).
+    healthy: bool = True
+    # The route continues a trailing assistant message as the start of its answer (assistant
+    # prefill), so an answer cut elsewhere may be carried on here. False for an older node,
+    # which never says: such a route is never given a continuation.
+    assistant_prefill: bool = False
 
     def pack(self) -> list[Any]:
-        return [self.id, self.context_length, self.owned_by, self.input_price, self.output_price]
+        return [
+            self.id,
+            self.context_length,
+            self.owned_by,
+            self.input_price,
+            self.output_price,
+            self.healthy,
+            self.assistant_prefill,
+        ]
 
     @classmethod
     def unpack(cls, m: list[Any]) -> ModelAdvert:
         return cls(
-            str(m[0]), int(m[1]), str(m[2]), float(m[3]) if len(m) > 3 else 0.0, float(m[4]) if len(m) > 4 else 0.0
+            str(m[0]),
+            int(m[1]),
+            str(m[2]),
+            float(m[3]) if len(m) > 3 else 0.0,
+            float(m[4]) if len(m) > 4 else 0.0,
+            bool(m[5]) if len(m) > 5 else True,
+            bool(m[6]) if len(m) > 6 else False,
         )
 
 
@@ -287,6 +339,12 @@ def encode_model_list(models: list[ModelAdvert]) -> bytes:
 def decode_model_list(data: bytes) -> list[ModelAdvert]:
     o = unpack(data)
     return [ModelAdvert.unpack(m) for m in o.get("models", ())]
+
+
+def _bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise WireError(f"{what} must be bytes")
+    return value
 
 
 def _tier(value: Any) -> Tier:

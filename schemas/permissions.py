@@ -22,12 +22,14 @@ user JWT; the server enforces them. Roles:
 - `node(node, pool, models)`: an enrolled node, the one identity given to machines the
   operator does not run. It may create, read and pull only the consumers of the models it was
   enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
-  advertise itself under its own id, and hear its own control subject and the roll call. It
-  may not read any other queue, any reply subject, KV bucket or the JetStream API beyond its
-  own consumers, nor advertise as another node. Its request inbox is its own
-  (`subjects.worker_inbox`), so it cannot listen to other clients' replies either. The events
-  it sends may name any node id (a subject cannot check a payload), so the gateway believes a
-  node id only when the node signed it with this identity's key (`broker_api.attribution`).
+  report a job whose gateway is gone (`schemas.usage.WorkerReport`: the report is billed only
+  through a gateway that opens its sealed ticket), advertise itself under its own id, and hear
+  its own control subject and the roll call. It may not read any other queue, any reply
+  subject, KV bucket or the JetStream API beyond its own consumers, nor advertise as another
+  node. Its request inbox is its own (`subjects.worker_inbox`), so it cannot listen to other
+  clients' replies either. The events it sends may name any node id (a subject cannot check a
+  payload), so the gateway believes a node id only when the node signed it with this
+  identity's key (`broker_api.attribution`).
 
 An empty allow list denies everything in that direction.
 """
@@ -82,7 +84,7 @@ def api() -> Permissions:
         subjects.AUDIT_ALL,
         subjects.LEDGER_QUERY,  # usage and audit reports, answered by the ledger role
         *_JS_BASICS,
-        *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM),
+        *_streams(subjects.USAGE_STREAM, subjects.AUDIT_STREAM, subjects.WORK_STREAM, subjects.ORPHANS_STREAM),
         *_buckets(
             subjects.KEYS_BUCKET,
             subjects.ORGS_BUCKET,
@@ -93,6 +95,7 @@ def api() -> Permissions:
             subjects.NODES_BUCKET,
             subjects.ENROL_BUCKET,
             subjects.SESSIONS_BUCKET,
+            subjects.SECRETS_BUCKET,
         ),
     )
     subscribe = (subjects.REPLY_ANY, subjects.FLEET_HEARTBEAT_ALL, subjects.INBOX_ALL)
@@ -124,7 +127,7 @@ def adapter(pool: str | None, models: tuple[str, ...] = ()) -> Permissions:
     `models`: the only ones it serves in `pool` (empty, or more than `ADAPTER_MODELS_NAMED`:
     any, see the module's note)."""
     stream = subjects.WORK_STREAM
-    publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY)
+    publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY, subjects.ORPHAN_ANY)
     if pool and models and len(models) <= ADAPTER_MODELS_NAMED:
         publish += _consumers(pool, models)
     else:
@@ -155,6 +158,6 @@ def _consumers(pool: str, models: tuple[str, ...] | list[str]) -> tuple[str, ...
 
 
 def node(node_id: str, pool: str, models: tuple[str, ...] | list[str]) -> Permissions:
-    publish = (subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY, *_consumers(pool, models))
+    publish = (subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY, subjects.ORPHAN_ANY, *_consumers(pool, models))
     subscribe = (f"{subjects.worker_inbox(pool, node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL)
     return Permissions(publish=publish, subscribe=subscribe)

@@ -135,6 +135,19 @@ INTAKE = StreamSpec(
 USAGE = StreamSpec(name=subjects.USAGE_STREAM, subjects=(subjects.USAGE_ALL,), max_age=30 * 86400.0)
 # The audit log: kept until an operator's limit removes it.
 AUDIT = StreamSpec(name=subjects.AUDIT_STREAM, subjects=(subjects.AUDIT_ALL,))
+# Workers' reports of jobs whose gateway was gone, until a gateway turns each into its usage
+# record (work-queue retention: a report leaves once handled). One per job (message id and
+# subject = job id); kept a week, so a deployment whose every gateway was down still bills them.
+ORPHANS = StreamSpec(
+    name=subjects.ORPHANS_STREAM,
+    subjects=(subjects.ORPHAN_ALL,),
+    retention="workqueue",
+    max_age=7 * 86400.0,
+    max_msgs=1_000_000,
+    max_bytes=1 << 30,
+    max_msgs_per_subject=1,
+    max_msg_size=64 * 1024,
+)
 
 # --- the buckets -------------------------------------------------------------------------
 
@@ -157,3 +170,6 @@ SESSIONS = BucketSpec(subjects.SESSIONS_BUCKET, ttl=1800.0)
 # EnrolToken: a digest, never the secret). Removed nodes stay as records: their credentials stay revoked.
 NODES = BucketSpec(subjects.NODES_BUCKET, history=5)
 ENROL = BucketSpec(subjects.ENROL_BUCKET, history=1)
+# Gateway secrets (`subjects.TICKET_KEY`): written once, by compare-and-set, by the first
+# gateway; no role but `api` may read the bucket.
+SECRETS = BucketSpec(subjects.SECRETS_BUCKET, history=1)

@@ -51,6 +51,8 @@ RESPONSES_BUCKET = "ty_responses"  # <org>.<response id> -> schemas.responses.St
 SESSIONS_BUCKET = "ty_sessions"  # web console sessions: digest of the session id -> schemas.console.ConsoleSession
 NODES_BUCKET = "ty_nodes"  # node id -> NodeRecord: the enrolled nodes (schemas.registry)
 ENROL_BUCKET = "ty_enrol"  # enrolment token id -> EnrolToken (only a digest of its secret)
+SECRETS_BUCKET = "ty_secrets"  # what only gateways read: the key that seals job tickets
+TICKET_KEY = "ticket-key"  # its entry: 32 random bytes, made by the first gateway to start
 
 _POOL_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -193,6 +195,19 @@ def usage_subject(job_id: str) -> str:
 
 def audit_subject(event_id: str) -> str:
     return f"{PREFIX}.audit.{event_id}"
+
+
+# A worker's report of a job whose gateway was gone (`schemas.usage.WorkerReport`): one subject
+# per job, so a report is found, and deduplicated, by job id. Gateways read them with one shared
+# consumer and turn each into the job's usage record (`broker_api.orphans`).
+ORPHANS_STREAM = "TY_ORPHANS"
+ORPHAN_ALL = f"{PREFIX}.orphan.>"
+ORPHAN_ANY = f"{PREFIX}.orphan.*"
+ORPHANS_CONSUMER = "gateway-orphans"  # shared by every gateway
+
+
+def orphan_subject(job_id: str) -> str:
+    return f"{PREFIX}.orphan.{job_id}"
 
 
 # --- scheduler additions (issue 5) ---------------------------------------------------------

@@ -23,6 +23,23 @@ from tests.postgres import Postgres, data_dir
 from tests.stack import ADMIN_KEY, Stack
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-long",
+        action="store_true",
+        default=False,
+        help="run the long chaos run (tests/test_chaos.py: 10,000+ requests, by hand; bench/RESULTS.md)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long chaos run takes up to ~20 minutes a variant: past the suite's per-test timeout."""
+    if config.getoption("--chaos-long"):
+        for item in items:
+            if "test_chaos" in item.nodeid:
+                item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """nats-server and a scheduler; tests add workers and the API as they need."""

@@ -12,8 +12,12 @@ Behaviours: normal answers (streamed or whole, `n` choices, usage when asked), `
 (connection refused: the port stays reserved by a socket that does not listen), `slow`
 (headers after `delay`), `status` (an HTTP error with an OpenAI error body and Retry-After),
 `garbage` (200 with a body that is not SSE JSON), `disconnect` (the connection drops after
-`disconnect_after` content chunks). Per key: `rate_limited_keys` get 429, `rejected_keys` 401
-(whose message quotes the key, as real providers partly do, to catch leaks). It records every
+`disconnect_after` content chunks), `stall` (after that many chunks nothing more comes, the
+connection stays open), `malformed` (after that many chunks, a chunk that is not JSON). With
+`prefill`, a trailing assistant message is continued as real providers that support assistant
+prefill do: the answer leaves out the chunks that message already holds. Per key:
+`rate_limited_keys` get 429, `rejected_keys` 401 (whose message quotes the key, as real
+providers partly do, to catch leaks). It records every
 request (`requests`) and whether its client went away mid-answer (`disconnects`).
 
 The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, `/embeddings`):
@@ -22,6 +26,17 @@ The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, 
 providers send them); with `logprobs` asked, every content chunk carries its token's logprob
 and `top_logprobs` alternatives; `/completions` answers `text_completion`s (legacy logprobs);
 `/embeddings` answers `embedding_of(text)` vectors, as floats or base64 as asked.
+
+Scripted: `fp.script = [Behaviour.error(500)]` answers the next chat requests with those
+behaviours, one each, then with `behaviour` again (a provider that fails once); `per_model`
+maps an upstream model id to the behaviour its requests get (one model failing while the
+provider's others work).
+
+As its own process (so a test can SIGSTOP it: a provider that hangs with its port open):
+
+    python -m tests.fake_provider --models m1,m2 [--chunks '["a", "b"]'] [--chunk-delay S]
+
+prints `port N` on its first line, then serves until it is killed.
 """
 
 from __future__ import annotations
@@ -75,7 +90,8 @@ class Behaviour:
     error_code: str | None = None
     retry_after: float | None = None  # sent as retry-after-ms and Retry-After (whole seconds)
     garbage: bytes = b"data: {this is not json\n\n"
-    disconnect_after: int = 1
+    disconnect_after: int = 1  # content chunks before a disconnect, stall or malformed chunk
+    prefill: bool = False  # continue a trailing assistant message (see the module docstring)
     rate_limited_keys: frozenset[str] = frozenset()
     rejected_keys: frozenset[str] = frozenset()
     models_status: int = 200
@@ -112,6 +128,14 @@ class Behaviour:
     def dropping(cls, after: int = 1) -> Behaviour:
         return cls(mode="disconnect", disconnect_after=after)
 
+    @classmethod
+    def stalling(cls, after: int = 1) -> Behaviour:
+        return cls(mode="stall", disconnect_after=after)
+
+    @classmethod
+    def malformed(cls, after: int = 1) -> Behaviour:
+        return cls(mode="malformed", disconnect_after=after)
+
     def pieces(self, index: int) -> tuple[str, ...]:
         return self.chunks + ((f" #{index}",) if index else ())
 
@@ -140,6 +164,8 @@ class FakeProvider:
 
     def __init__(self, behaviour: Behaviour | None = None, *, models: tuple[str, ...] = ("fake-model",)) -> None:
         self.behaviour_ = behaviour or Behaviour()
+        self.script: list[Behaviour] = []  # the next chat requests' behaviours, one each
+        self.per_model: dict[str, Behaviour] = {}  # upstream model id -> its requests' behaviour
         self.models = models
         self.requests: list[Seen] = []
         self.port = 0
@@ -300,13 +326,21 @@ class FakeProvider:
             }
             await _json(send, b.models_status, data if b.models_status < 400 else _error_body("no", None))
         elif scope["path"].endswith("/chat/completions") and scope["method"] == "POST":
-            await self._chat(b, seen, receive, send)
+            await self._chat(self._chat_behaviour(b, seen), seen, receive, send)
         elif scope["path"].endswith("/completions") and scope["method"] == "POST":
-            await self._chat(b, seen, receive, send, legacy=True)
+            await self._chat(self._chat_behaviour(b, seen), seen, receive, send, legacy=True)
         elif scope["path"].endswith("/embeddings") and scope["method"] == "POST":
             await _embeddings(b, seen, send)
         else:
             await _json(send, 404, _error_body(f"no route {scope['path']}", "not_found"))
+
+    def _chat_behaviour(self, b: Behaviour, seen: Seen) -> Behaviour:
+        model = seen.body.get("model") if isinstance(seen.body, dict) else None
+        if isinstance(model, str) and model in self.per_model:
+            return self.per_model[model]
+        if self.script:
+            return self.script.pop(0)
+        return b
 
     async def _chat(self, b: Behaviour, seen: Seen, receive: Receive, send: Send, *, legacy: bool = False) -> None:
         gone = asyncio.Event()
@@ -350,6 +384,8 @@ class FakeProvider:
         model = str(request.get("model", "fake"))
         completion = b.completion_tokens if b.completion_tokens is not None else sum(len(b.pieces(i)) for i in range(n))
         completion += 0 if b.completion_tokens is not None else n * sum(len(c.fragments) + 1 for c in b.tool_calls)
+        if b.prefill and n == 1 and b.completion_tokens is None:
+            completion -= _prefilled(b, request)  # what the assistant message held was not generated here
         shape = _Shape(b, request, legacy)
         usage = {
             "prompt_tokens": b.prompt_tokens,
@@ -429,12 +465,20 @@ class FakeProvider:
                 )
             )
         sent = 0
+        skip = _prefilled(b, seen.body) if b.prefill and n == 1 else 0
         longest = max(len(b.pieces(i)) for i in range(n))
-        for j in range(longest):
+        for j in range(skip, longest):
             for i in range(n):
                 pieces = b.pieces(i)
                 if j < len(pieces):
-                    if b.mode == "disconnect" and sent >= b.disconnect_after:
+                    if b.mode in ("disconnect", "stall", "malformed") and sent >= b.disconnect_after:
+                        if b.mode == "stall":
+                            await _wait(gone, 600.0)
+                            seen.disconnected = True
+                            return
+                        if b.mode == "malformed":
+                            await send({"type": "http.response.body", "body": b"data: {not json\n\n"})
+                            return
                         raise _Drop("the fake provider drops the connection")
                     await event(chunk([shape.text_choice(i, pieces[j], j)]))
                     sent += 1
@@ -567,6 +611,19 @@ async def _embeddings(b: Behaviour, seen: Seen, send: Send) -> None:
     seen.completed = True
 
 
+def _prefilled(b: Behaviour, body: Any) -> int:
+    """How many of the answer's chunks a trailing assistant message already holds."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        return 0
+    held, text = 0, ""
+    for piece in b.pieces(0):
+        if not str(messages[-1].get("content") or "").startswith(text + piece):
+            break
+        text, held = text + piece, held + 1
+    return held
+
+
 def _bound_socket(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -608,4 +665,24 @@ async def _json(send: Send, status: int, body: Any, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": data})
 
 
+def main() -> None:
+    """See the module docstring: serve as a process until killed."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="a fake OpenAI-compatible provider on 127.0.0.1")
+    p.add_argument("--models", default="fake-model")
+    p.add_argument("--chunks", default="", help="a JSON list of the content chunks of every answer")
+    p.add_argument("--chunk-delay", type=float, default=0.0)
+    a = p.parse_args()
+    behaviour = Behaviour(chunk_delay=a.chunk_delay)
+    if a.chunks:
+        behaviour = Behaviour(chunks=tuple(json.loads(a.chunks)), chunk_delay=a.chunk_delay)
+    fp = FakeProvider(behaviour, models=tuple(a.models.split(","))).start()
+    print(f"port {fp.port}", flush=True)
+    threading.Event().wait()
+
+
 __all__ = ["Behaviour", "FakeCall", "FakeProvider", "Seen", "embedding_of"]
+
+if __name__ == "__main__":
+    main()

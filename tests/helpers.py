@@ -207,6 +207,8 @@ async def publish_usage(
     cost: float = 0.0,
     ttft_ms: float = 0.0,
     duration_ms: float = 0.0,
+    node: str = "n",
+    model: str = MODEL,
 ) -> None:
     """A usage record on the usage stream, as a gateway publishes it."""
     record = UsageRecord(
@@ -215,9 +217,9 @@ async def publish_usage(
         org=org,
         project="",
         key_id=key,
-        model=MODEL,
+        model=model,
         route=route,
-        node="n",
+        node=node,
         attempts=1,
         prompt_tokens=tokens[0],
         completion_tokens=tokens[1],

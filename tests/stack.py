@@ -193,7 +193,9 @@ class Stack:
             log_level="warning",
             access_log=False,
             lifespan="on",
-            http=guarded_protocol(Deadlines(settings.header_timeout, settings.body_timeout)),
+            http=guarded_protocol(
+                Deadlines(settings.header_timeout, settings.body_timeout, write_stall=settings.stream_stall_timeout)
+            ),
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
         )
         server = uvicorn.Server(config)
@@ -221,6 +223,7 @@ class Stack:
                 "TOKENYARD_ATTEMPT_SILENCE": "1.0",
                 "TOKENYARD_NATS_AUTH_DIR": str(self.auth.path) if self.auth is not None else "",
                 "TOKENYARD_LEDGER": "true",
+                "TOKENYARD_DATA_DIR": str(self.tmp / "data"),  # never the user's ~/.tokenyard
                 **env,
             },
         )

@@ -109,3 +109,9 @@ def test_every_combination_keeps_the_rules(failure: Failure, policy: Policy) -> 
             # only a failure the attempt reported names a pool to avoid, and only a real one
             assert decision.avoid == (st.pool if isinstance(failure, AttemptFailed) else "")
             assert decision.why
+
+
+def test_an_answer_with_tool_calls_delivered_is_not_continued_as_text() -> None:
+    state = RunState(dispatch=1, committed=True, started=True, pool="p", choices=1, text_only=False)
+    decision = decide(state, Silent(), Policy(max_dispatches=3, continues=True))
+    assert isinstance(decision, Fail) and "interrupted" in decision.error.message

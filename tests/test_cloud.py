@@ -60,13 +60,11 @@ class FakeClock:
 
 
 def config_for(fp: FakeProvider, *, name: str = "prov-a", keys: tuple[str, ...] = KEYS, **extra: Any) -> dict[str, Any]:
-    entry = fp.config_entry(
-        name,
-        keys=keys,
-        models={"tiny": "upstream-tiny-v1"},
-        prices={"tiny": {"input": 1.0, "output": 2.0, "cached": 0.5}},
-        **extra,
-    )
+    extra = {
+        "models": {"tiny": "upstream-tiny-v1"},
+        "prices": {"tiny": {"input": 1.0, "output": 2.0, "cached": 0.5}},
+    } | extra
+    entry = fp.config_entry(name, keys=keys, **extra)
     entry.setdefault("timeouts", {"connect": 1, "read": 2, "total": 5})
     return {"providers": [entry]}
 
@@ -95,6 +93,10 @@ async def run(
     async for item in backend.generate(request["model"], request):
         out.append(item)
     return out
+
+
+def model_health(backend: CloudBackend, model: str = "tiny") -> dict[str, Any]:
+    return backend.health()["models"][model]  # type: ignore[no-any-return]
 
 
 def text_of(items: list[Output], index: int = 0) -> str:
@@ -128,7 +130,7 @@ async def test_streamed_answer_is_relayed_exactly_with_upstream_usage_and_cost()
         assert seen.body["temperature"] == 0.3 and seen.body["response_format"] == {"type": "json_object"}
         assert seen.headers["x-org"] == "org-7"
         assert seen.path == "/v1/chat/completions"
-        assert backend.health()["samples"] == 1 and backend.healthy()
+        assert model_health(backend)["samples"] == 1 and backend.healthy()
 
 
 async def test_n_choices_pass_through() -> None:
@@ -249,22 +251,24 @@ async def test_401_revokes_the_key_with_an_alert_and_the_next_key_serves() -> No
 
 
 @pytest.mark.parametrize(
-    ("behaviour", "code"),
+    ("behaviour", "code", "tries"),
     [
-        (Behaviour.down(), "upstream_unreachable"),
-        (Behaviour.error(500), "upstream_error"),
-        (Behaviour.error(503, retry_after=1), "upstream_error"),
-        (Behaviour.error(404, "no such model"), "upstream_error"),
-        (Behaviour.garbled(), "upstream_malformed"),
-        (Behaviour.garbled(b"<html>502 Bad Gateway</html>"), "upstream_disconnected"),
-        (Behaviour.garbled(b'data: {"choices": "nope"}\n\n'), "upstream_malformed"),
-        (Behaviour.garbled(b'data: {"error": {"message": "overloaded"}}\n\n'), "upstream_error"),
-        (Behaviour(send_done=False, send_usage=False, finish_reason="stop", chunks=()), "upstream_disconnected"),
-        (Behaviour.slow(5.0), "upstream_timeout"),
+        (Behaviour.down(), "upstream_unreachable", 2),  # refused and 5xx: tried once more here
+        (Behaviour.error(500), "upstream_error", 2),
+        (Behaviour.error(503, retry_after=1), "upstream_error", 2),
+        (Behaviour.error(404, "no such model"), "upstream_error", 1),
+        (Behaviour.garbled(), "upstream_malformed", 1),
+        (Behaviour.garbled(b"<html>502 Bad Gateway</html>"), "upstream_disconnected", 1),
+        (Behaviour.garbled(b'data: {"choices": "nope"}\n\n'), "upstream_malformed", 1),
+        (Behaviour.garbled(b'data: {"error": {"message": "overloaded"}}\n\n'), "upstream_error", 1),
+        (Behaviour(send_done=False, send_usage=False, finish_reason="stop", chunks=()), "upstream_disconnected", 1),
+        (Behaviour.slow(5.0), "upstream_timeout", 1),  # a hang is not tried again: it moves
     ],
     ids=["down", "500", "503", "404", "garbage", "html", "bad-choices", "error-event", "no-end", "slow"],
 )
-async def test_upstream_failure_before_any_text_is_a_retryable_error(behaviour: Behaviour, code: str) -> None:
+async def test_upstream_failure_before_any_text_is_a_retryable_error(
+    behaviour: Behaviour, code: str, tries: int
+) -> None:
     async with (
         FakeProvider(behaviour) as fp,
         backend_for(fp, timeouts={"connect": 1, "read": 0.3, "total": 5}) as backend,
@@ -276,7 +280,9 @@ async def test_upstream_failure_before_any_text_is_a_retryable_error(behaviour: 
         assert time.monotonic() - started < 2.0
         assert items == []
         assert type(e.value) is WorkerFailedError and e.value.status == 502 and e.value.code == code
-        assert backend.health()["errors"] == 1
+        assert model_health(backend)["errors"] == tries
+        if behaviour.mode != "down":
+            assert len(fp.chat_requests()) == tries
 
 
 async def test_mid_stream_disconnect_fails_after_the_text_already_relayed() -> None:
@@ -313,7 +319,7 @@ async def test_upstream_400_is_the_clients_error_with_upstreams_message() -> Non
         with pytest.raises(ContextLengthError):
             await run(backend)
         assert fp.chat_keys() == [KEYS[0], KEYS[1]]  # no other key is tried for a bad request
-        assert backend.healthy() and backend.health()["errors"] == 0
+        assert backend.healthy() and model_health(backend)["errors"] == 0
 
 
 async def test_closing_the_iterator_closes_the_upstream_request() -> None:
@@ -349,7 +355,7 @@ async def test_cancelling_the_consuming_task_closes_the_upstream_request() -> No
         with pytest.raises(asyncio.CancelledError):
             await task
         assert await wait_until(lambda: fp.disconnects == 1, 3)
-        assert backend.health()["in_flight"] == 0 and backend.health()["errors"] == 0
+        assert backend.health()["in_flight"] == 0 and model_health(backend)["errors"] == 0
 
 
 async def test_several_fakes_at_once_a_failing_one_and_a_serving_one() -> None:
@@ -398,13 +404,16 @@ async def test_probe_marks_a_5xx_provider_unhealthy() -> None:
         assert await backend.probe() is True and backend.healthy()
 
 
-async def test_passive_error_rate_makes_a_provider_unhealthy() -> None:
+async def test_passive_error_rate_takes_the_model_out_not_the_provider() -> None:
     async with FakeProvider(Behaviour.error(502)) as fp, backend_for(fp) as backend:
-        for _ in range(4):
+        for _ in range(2):  # each tried twice: four failures
             with pytest.raises(WorkerFailedError):
                 await run(backend)
-        snapshot = backend.health()
-        assert not backend.healthy() and snapshot["error_rate"] == 1.0 and snapshot["samples"] == 4
+        assert not model_health(backend)["healthy"] and [m.healthy for m in backend.models()] == [False]
+        assert backend.healthy()  # the provider answers: only this model is out
+        with pytest.raises(NoCapacityError) as e:  # a job already on its way is handed back at once
+            backend.check("tiny", REQUEST)
+        assert e.value.code == "upstream_unhealthy" and len(fp.chat_requests()) == 4
 
 
 # --- check, construction --------------------------------------------------------------------
@@ -650,18 +659,38 @@ def test_keyring_rotates_cools_recovers_and_revokes() -> None:
     assert ring.ready_in() is None and not ring.usable()
 
 
-def test_provider_health_window_and_probe() -> None:
+def test_model_health_is_a_breaker_per_model_and_the_probe_is_the_providers() -> None:
     clock = FakeClock()
-    health = ProviderHealth(clock=clock, policy=HealthPolicy(window=10.0, max_error_rate=0.5, min_samples=4))
+    policy = HealthPolicy(window=10.0, max_error_rate=0.5, min_samples=4, timeouts=2, cooldown=5.0, max_cooldown=12.0)
+    health = ProviderHealth(clock=clock, policy=policy)
+    tiny, other = health.model("tiny"), health.model("other")
     for ok in (False, False, True):
-        health.record(ok)
-    assert health.healthy()  # too few samples to judge
-    health.record(True)
-    assert health.healthy()  # 2 of 4 failed: not above 0.5
-    health.record(False)
-    assert not health.healthy()  # 3 of 5
-    clock.advance(11.0)
-    assert health.healthy() and health.snapshot()["samples"] == 0
+        tiny.record(ok)
+    assert tiny.healthy()  # too few samples to judge
+    tiny.record(True)
+    assert tiny.healthy()  # 2 of 4 failed: not above 0.5
+    tiny.record(False)
+    assert not tiny.healthy() and other.healthy()  # 3 of 5: out; the other model is not
+    clock.advance(5.0)
+    assert tiny.healthy() and tiny.snapshot()["on_trial"]  # the cooldown passed: the next job is the probe
+    tiny.record(False)  # the probe failed: out for twice as long
+    clock.advance(9.9)
+    assert not tiny.healthy()
+    clock.advance(0.2)
+    assert tiny.healthy()
+    tiny.record(False)
+    clock.advance(11.9)
+    assert not tiny.healthy()  # 20 s, capped at 12
+    clock.advance(0.2)
+    assert tiny.healthy()
+    tiny.record(True)  # recovered: in, and the cooldown back to 5 s
+    assert tiny.healthy() and not tiny.snapshot()["on_trial"]
+    other.record(False, timeout=True)
+    assert other.healthy()
+    other.record(False, timeout=True)  # two first-token timeouts in a row: out at once
+    assert not other.healthy() and tiny.healthy()
+    clock.advance(5.0)
+    assert other.healthy()
     health.probed(False, 0.01)
     assert not health.healthy()
     health.probed(True, 0.01)

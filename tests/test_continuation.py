@@ -16,7 +16,7 @@ WORDS = "alpha beta gamma delta epsilon".split()
 async def test_a_dead_node_is_continued_by_another(stack: Stack) -> None:
     for i in range(2):
         stack.start_worker(TOKENYARD_NODE_ID=f"w{i}")
-    await stack.start_api(continuation_models=ECHO)
+    await stack.start_api()  # continuation is the default
     await stack.wait_for_model(ECHO, nodes=2)
     prompt = " ".join(WORDS) + " [[tokens=30]] [[rate=25]] [[die-after=10]]"
     expected = " ".join(WORDS[i % len(WORDS)] for i in range(30))
@@ -44,10 +44,10 @@ async def test_a_dead_node_is_continued_by_another(stack: Stack) -> None:
     assert rows[0]["completion_tokens"] == 30 and rows[0]["attempts"] == 2 and rows[0]["outcome"] == "ok"
 
 
-async def test_without_opt_in_the_stream_ends_with_an_error(stack: Stack) -> None:
+async def test_with_continuation_turned_off_the_stream_ends_with_an_error(stack: Stack) -> None:
     for i in range(2):
         stack.start_worker(TOKENYARD_NODE_ID=f"w{i}")
-    await stack.start_api()
+    await stack.start_api(continuation_models="")
     await stack.wait_for_model(ECHO, nodes=2)
     async with sdk(stack) as client:
         stream = await client.chat.completions.create(

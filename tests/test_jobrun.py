@@ -95,3 +95,12 @@ def test_heartbeats_keep_an_attempt_alive_and_closed_runs_stop_everyone() -> Non
     run.close()
     assert not run.heartbeat(ev(HEARTBEAT, 1001, 1), now=3.1)
     assert not run.offer(ev(DELTA, 1001, 1), now=3.1)
+
+
+def test_a_refused_only_attempt_counts_as_silent_so_the_job_is_placed_again() -> None:
+    run = JobRun(JOB, silence=1.0)
+    assert not run.offer(ev(DELTA, 1001, 1), now=0.0)  # its start was lost: refused, told to stop
+    assert not run.silent(0.5)
+    assert run.silent(1.5)  # nothing else came: not waited out until the deadline
+    run.redispatch(JOB, continuing=False)
+    assert not run.silent(5.0)  # the new placement gets its own time

@@ -184,4 +184,5 @@ def test_an_adapter_with_very_many_models_falls_back_to_its_whole_pool() -> None
     assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in wide
     assert f"$JS.API.CONSUMER.CREATE.TY_WORK.*.{subjects.work_pool_all('openai')}" in wide
     named = permissions.adapter("openai", many[:-1]).publish
-    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" not in named and len(named) == 2 + 4 * len(many[:-1])
+    # heartbeats, replies and orphan reports, then each model's four consumer subjects
+    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" not in named and len(named) == 3 + 4 * len(many[:-1])

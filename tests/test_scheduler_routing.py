@@ -17,6 +17,7 @@ from scheduler.health import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerConfig, He
 from scheduler.routing import Policy, ProviderPrefs, Route, RoutingTable, candidate_models, choose, rank
 from schemas.errors import InvalidRequestError, ModelNotFoundError, NoCapacityError, from_wire
 from schemas.jobs import Submission
+from schemas.usage import UsageRecord
 from tests.helpers import FakeNodes, eventually, node, publish_usage, submit
 from tests.helpers import job as _job
 from tests.stack import Stack
@@ -234,13 +235,35 @@ def test_health_reads_usage_records() -> None:
     h.observe(rec("error", 400), 0)  # the request's fault: not the route's
     h.observe(rec("cancelled", 499), 0)
     h.observe(rec("ok", 200, route="cache"), 0)
-    assert h.allows("p", 1) and "p" not in h.breakers
+    assert h.allows("p", "n", M, 1) and not h.breakers
     h.observe(rec("ok", 200), 0)
     stats = h.stats[("p", M)]
     assert stats.ttft_ms == 200 and stats.tokens_per_s == pytest.approx(50.0) and stats.duration_s == 1.2
     h.observe(rec("error", 502), 1)
     h.observe(rec("error", 503), 2)
-    assert not h.allows("p", 3)
+    assert not h.allows("p", "n", M, 3)
+    assert h.allows("p", "sibling", M, 3) and h.allows("p", "n", "m/other", 3)  # that node, that model only
+    assert h.usable("p", M, ["n", "sibling"], 3) == ["sibling"]
+
+
+def test_health_follows_the_node_and_the_model() -> None:
+    h = Health(BreakerConfig(failures=3, cooldown=10.0))
+    for t in range(3):
+        h.failed("pool", "dead", M, float(t))  # re-dispatches away from a dead node
+    assert h.usable("pool", M, ["dead", "alive"], 3.0) == ["alive"]  # its sibling keeps the route
+    assert not h.closed("pool", M, ["dead", "alive"]) and h.closed("pool", M, ["alive"])
+    for t in range(3):
+        h.failed("cloud", "adapter", "m/broken", float(t))  # a provider's model failing
+    assert h.usable("cloud", "m/broken", ["adapter"], 3.0) == []
+    assert h.usable("cloud", M, ["adapter"], 3.0) == ["adapter"]  # its other models are fine
+    h.failed("", "", M, 3.0)  # a re-dispatch that names no attempt: nothing to count
+    assert list(h.breakers) == [("pool", "dead", M), ("cloud", "adapter", "m/broken")]
+    # after the cooldown one job is the probe; its success closes the node's breaker
+    assert h.usable("pool", M, ["dead", "alive"], 13.0) == ["dead", "alive"]
+    h.placed("pool", M, ["dead", "alive"], 13.0)
+    assert h.usable("pool", M, ["dead", "alive"], 13.5) == ["alive"]  # one probe at a time
+    h.observe(UsageRecord("j", 0, "o", "", "k", M, "pool", "dead", 1, 1, 1, 0, 0.0, 1.0, 2.0, "ok", 200), 14.0)
+    assert h.closed("pool", M, ["dead", "alive"])
 
 
 # --- end to end: one scheduler, simulated nodes --------------------------------------------------
@@ -326,9 +349,11 @@ async def test_avoid_and_breaker_steer_away_from_a_failing_pool(fleet: Any) -> N
     prefs = {"model": M, "provider": {"only": ["cloud-a", "cloud-b"], "sort": "price"}}
     first = await submit(nc, Submission(job=job("brk-0", request=prefs)))
     assert first.pool == "cloud-b"
-    again = await submit(nc, Submission(job=job("brk-0", request=prefs, dispatch=2), avoid=("cloud-b",)))
+    failed = {"avoid": ("cloud-b",), "failed_pool": "cloud-b", "failed_node": "cloud-b-1"}
+    again = await submit(nc, Submission(job=job("brk-0", request=prefs, dispatch=2), **failed))  # type: ignore[arg-type]
     assert again.pool == "cloud-a"  # the re-dispatch avoids the pool that failed
-    await publish_usage(nc, "brk-x", route="cloud-b", outcome="error", status=502)  # 2nd failure: opens
+    # the 2nd failure of the pool's only node opens its breaker: the route has no usable node
+    await publish_usage(nc, "brk-x", route="cloud-b", outcome="error", status=502, node="cloud-b-1", model=M)
 
     async def tripped() -> bool:
         return (await submit(nc, Submission(job=job(f"brk-{time.monotonic_ns()}", request=prefs)))).pool == "cloud-a"
@@ -340,9 +365,45 @@ async def test_avoid_and_breaker_steer_away_from_a_failing_pool(fleet: Any) -> N
 
     assert await eventually(probed, 5.0, every=0.1)
     assert (await submit(nc, Submission(job=job("brk-after-probe", request=prefs)))).pool == "cloud-a"
-    await publish_usage(nc, "brk-ok", route="cloud-b", outcome="ok", ttft_ms=100, duration_ms=500, tokens=(5, 10))
+    ok = {"ttft_ms": 100, "duration_ms": 500, "tokens": (5, 10), "node": "cloud-b-1", "model": M}
+    await publish_usage(nc, "brk-ok", route="cloud-b", outcome="ok", **ok)  # type: ignore[arg-type]
 
     async def closed() -> bool:  # ... and its success closes the breaker
         return (await submit(nc, Submission(job=job(f"brk-{time.monotonic_ns()}", request=prefs)))).pool == "cloud-b"
 
     assert await eventually(closed, 5.0)
+
+
+def test_a_continuation_goes_only_to_routes_that_take_an_assistant_prefix() -> None:
+    from schemas.errors import ContinuationUnavailableError
+
+    routes = [r("cheap", input_price=0.1), r("prefill", input_price=5.0, prefill=True)]
+    policy = Policy(strategy="cheapest")
+    assert pools(rank(routes, policy)) == ["cheap", "prefill"]
+    assert pools(rank(routes, policy, continuation=True)) == ["prefill"]
+
+    def choose_for(offered: list[Route], continuation: bool) -> Any:
+        return choose(
+            [M], lambda m: offered, lambda m: True, lambda m: policy, ProviderPrefs(), continuation=continuation
+        )
+
+    assert choose_for(routes, True).route.pool == "prefill"
+    with pytest.raises(ContinuationUnavailableError):
+        choose_for(routes[:1], True)  # none accepts the prefix: a code of its own, not a plain 503
+    assert choose_for(routes[:1], False).route.pool == "cheap"
+
+
+def test_a_routes_prefill_is_every_nodes() -> None:
+    from scheduler.fleet import Fleet
+    from schemas.jobs import ModelAdvert, NodeAdvert
+
+    def advert(name: str, prefill: bool) -> NodeAdvert:
+        return NodeAdvert(name, "pool", (ModelAdvert(M, assistant_prefill=prefill),), 4, 4)
+
+    fleet = Fleet()
+    fleet.observe(advert("a", True), 0.0)
+    assert fleet.routes(M, 0.0)[0].prefill
+    fleet.observe(advert("b", False), 0.0)  # any node of the pool may pull the job
+    assert not fleet.routes(M, 1.0)[0].prefill
+    data = ModelAdvert(M, assistant_prefill=True).pack()
+    assert ModelAdvert.unpack(data).assistant_prefill and not ModelAdvert.unpack(data[:5]).assistant_prefill

@@ -18,15 +18,30 @@ upstream messages passed on are scrubbed of any configured key):
 
     2xx                      relayed
     429                      that key cools down (Retry-After or a backoff), the next key is tried;
-                             none left -> NoCapacityError (503, retry_after)
+                             none left: waited out here if the soonest key is back within
+                             `max_retry_wait` and the first-token deadline, else
+                             NoCapacityError (503, retry_after)
     401, 403                 that key is revoked (an alert is logged), the next key is tried
     402                      that key cools down for the longest cooldown (credit exhausted)
     400, 413, 422            InvalidRequestError with upstream's message (the client's fault)
-    other, timeouts, resets,
-    malformed bodies         WorkerFailedError (502): the scheduler fails over to another pool
+    5xx, a reset or refused
+    connection               retried once on this provider after 100-200 ms (a transient error
+                             should not cost a failover), then WorkerFailedError (502)
+    nothing within the
+    first-token deadline     WorkerFailedError (502, upstream_first_token_timeout), long before
+                             the read timeout: the gateway runs the job elsewhere
+    other timeouts,
+    malformed bodies         WorkerFailedError (502): the gateway fails over to another pool
 
-Health: the passive error rate of real requests per provider and per key, and a periodic
-`GET {base_url}/models` probe (`healthy()`, `health()`).
+Each of these is before the first output, so the attempt fails as retryable and the gateway
+re-dispatches it, avoiding this pool. After the first output the stream ends with an error.
+
+Health is scoped to (provider, model) (`worker.keyring.ModelHealth`): a model is taken out after
+two first-token timeouts in a row or a high error rate, advertised unhealthy (so schedulers
+place none of its jobs here, while the provider's other models keep serving), refuses jobs
+already on their way with a retryable 503, and is tried again after a cooldown. The provider
+as a whole: a periodic `GET {base_url}/models` probe, more often while it fails, and its keys
+(`healthy()`, `health()`).
 """
 
 from __future__ import annotations
@@ -34,9 +49,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 import structlog
@@ -77,11 +94,17 @@ from worker.settings import WorkerSettings
 from worker.upstream_http import AiohttpTransport
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an upstream error body we read
 EMBEDDINGS_LIMIT = 64 * 1024 * 1024  # bytes of an embeddings answer (2048 large vectors as base64 fit)
 PROBE_TIMEOUT = 10.0  # seconds a health probe may take at most
+RECOVERY_PROBE = 5.0  # seconds between probes while the provider fails them
+TRANSIENT_RETRIES = 1  # retries on this provider of a 5xx or a lost connection before the first output
+TRANSIENT_DELAY = (0.1, 0.2)  # seconds before such a retry (uniformly in this range)
+RATE_WAITS = 3  # 429s of every key waited out on this provider, at most, per request
 DRAIN_SECONDS = 0.25  # how long to wait for the end of a body after its last event
+FIRST_TOKEN_TIMEOUT = "upstream_first_token_timeout"
 _CLIENT_ERRORS = frozenset({400, 413, 422})
 _KEY_REJECTED = frozenset({401, 403})
 
@@ -147,6 +170,8 @@ class CloudBackend:
                     self._provider.name,
                     price.input if price else 0.0,
                     price.output if price else 0.0,
+                    healthy=self._health.model(r.public).healthy(),
+                    assistant_prefill=self._provider.prefill(r.public),
                 )
             )
         return adverts
@@ -177,6 +202,12 @@ class CloudBackend:
 
     def check(self, model: str, request: dict[str, Any]) -> None:
         self._route(model)
+        if not self._health.model(model).healthy():  # a job placed before the advert said so
+            raise NoCapacityError(
+                f"Provider '{self._provider.name}' is failing for '{model}' right now.",
+                code="upstream_unhealthy",
+                retry_after=1.0,
+            )
         # Everything else goes upstream as is (tools, tool_choice, response_format, logprobs...):
         # the upstream judges it. Only an API the provider does not serve is refused here.
         endpoint = _ENDPOINT_OF[task_of(request)]
@@ -196,24 +227,22 @@ class CloudBackend:
             "healthy": self.healthy(),
             "in_flight": self._in_flight,
             **self._health.snapshot(),
+            "models": {m: self._health.model(m).snapshot() for m in self._provider.models},
             "keys": self._keys.snapshot(),
         }
 
     async def generate(self, model: str, request: dict[str, Any]) -> AsyncIterator[Output]:
         route = self._route(model)
         deadline = time.monotonic() + self._provider.timeouts.total
+        budget = _Budget(time.monotonic() + self._provider.first_token(model))
         self._in_flight += 1
         task = task_of(request)
         try:
-            path = ENDPOINTS[_ENDPOINT_OF[task]]
-            key, response = await self._send(upstream_body(request, route.upstream), model, path)
+            body = upstream_body(request, route.upstream)
+            key, response, relay, first = await self._open(body, request, model, deadline, budget, task)
             try:
-                relay = (
-                    _embeddings(response, request, self._provider.name)
-                    if task == "embedding"
-                    else _relay(response, request, deadline, self._provider.name)
-                )
                 async with contextlib.aclosing(relay):
+                    yield self._priced(model, first) if isinstance(first, Usage) else first
                     async for item in relay:
                         yield self._priced(model, item) if isinstance(item, Usage) else item
             except TokenyardError as e:
@@ -223,7 +252,7 @@ class CloudBackend:
             finally:
                 await response.aclose()  # mid-stream (cancelled): closes the upstream connection
             self._keys.succeeded(key)
-            self._health.record(True)
+            self._health.model(model).record(True)
         except TokenyardError as e:
             clean = self._scrubbed(e)
             if clean is e:
@@ -231,6 +260,59 @@ class CloudBackend:
             raise clean from None
         finally:
             self._in_flight -= 1
+
+    async def _open(
+        self, body: dict[str, Any], request: dict[str, Any], model: str, deadline: float, budget: _Budget, task: Task
+    ) -> tuple[int, httpx.Response, AsyncGenerator[Output, None], Output]:
+        """Send, and read up to the first output, within the first-token deadline: the key, the
+        answer, its relay and the relay's first item. A connection lost before that is tried once
+        more here, like a 5xx (`_send`)."""
+        while True:
+            path = ENDPOINTS[_ENDPOINT_OF[task]]
+            key, response = await self._before_first(budget.first_by, self._send(body, model, budget, path), model)
+            relay = (
+                _embeddings(response, request, self._provider.name)
+                if task == "embedding"
+                else _relay(response, request, deadline, self._provider.name)
+            )
+            opened = False
+            try:
+                first = await self._before_first(budget.first_by, anext(relay), model)
+                opened = True
+                return key, response, relay, first
+            except TokenyardError as e:
+                self._keys.failed(key)
+                if e.code != FIRST_TOKEN_TIMEOUT:  # that one `_before_first` counted already
+                    self._failed(model, e)
+                delay = random.uniform(*TRANSIENT_DELAY)
+                lost = isinstance(e.__cause__, httpx.TransportError) and not isinstance(
+                    e.__cause__, httpx.TimeoutException
+                )  # a reset, not a malformed or a silent answer
+                if not lost or not budget.transient(delay):
+                    raise
+                self._log.info("cloud.retry", model=model, code=e.code, delay=round(delay, 3))
+            finally:
+                if not opened:  # failed or cancelled before the first output
+                    await relay.aclose()
+                    await response.aclose()
+            await asyncio.sleep(delay)
+
+    async def _before_first(self, first_by: float, step: Awaitable[T], model: str) -> T:
+        """`step` (sending the request, or reading up to the first output) within the first-token
+        deadline; past it, a retryable error that counts as a timeout of this model."""
+        try:
+            async with asyncio.timeout(max(first_by - time.monotonic(), 0.0)):
+                return await step
+        except TimeoutError:
+            error = WorkerFailedError(
+                f"Provider '{self._provider.name}' sent nothing within its first-token deadline "
+                f"({self._provider.first_token(model):g} s).",
+                code=FIRST_TOKEN_TIMEOUT,
+            )
+        except StopAsyncIteration:
+            error = malformed("the answer ended before any output")
+        self._failed(model, error)
+        raise error
 
     def partial_usage(self, model: str, request: dict[str, Any], completion_tokens: int) -> Usage:
         """A stream cut short (the client left): upstream still bills the prompt it got and what
@@ -269,12 +351,31 @@ class CloudBackend:
                 await self.probe()
             except Exception:  # noqa: BLE001 - the top of a loop: logged, and the loop goes on
                 self._log.exception("cloud.probe_crashed")
-            await asyncio.sleep(self._provider.probe_interval)
+            interval = self._provider.probe_interval
+            # a provider that failed its probe is looked at more often, so it is back soon after it is
+            await asyncio.sleep(interval if self._health.healthy() else min(interval, RECOVERY_PROBE))
 
-    async def _send(
-        self, body: dict[str, Any], model: str, path: str = "chat/completions"
-    ) -> tuple[int, httpx.Response]:
-        """POST with the next usable key; rotate on 429 / 401 / 403 (each key once at most)."""
+    async def _send(self, body: dict[str, Any], model: str, budget: _Budget, path: str) -> tuple[int, httpx.Response]:
+        """`_send_once`, again on this provider where that beats a failover: once after a 5xx or
+        a lost connection (100-200 ms later), and after a 429 of every key when the soonest key
+        is back within `max_retry_wait` (up to RATE_WAITS times). Never past the first-token
+        deadline."""
+        while True:
+            try:
+                return await self._send_once(body, model, path)
+            except _Again as again:
+                if again.rate_limited:
+                    ok = again.delay <= self._provider.max_retry_wait and budget.rate_wait(again.delay)
+                else:
+                    ok = budget.transient(again.delay)
+                if not ok:
+                    raise again.error from None
+                self._log.info("cloud.retry", model=model, code=again.error.code, delay=round(again.delay, 3))
+                await asyncio.sleep(again.delay)
+
+    async def _send_once(self, body: dict[str, Any], model: str, path: str) -> tuple[int, httpx.Response]:
+        """POST with the next usable key; rotate on 429 / 401 / 403 (each key once at most).
+        Raises `_Again` for what another try here may fix, a TokenyardError for the rest."""
         client = self._need_client()
         tried: set[int] = set()
         for _ in range(len(self._keys)):
@@ -289,7 +390,9 @@ class CloudBackend:
                 self._keys.failed(key)
                 lost = _transport_error(e, self._provider.name)
                 self._failed(model, lost)
-                raise lost from e
+                if isinstance(e, httpx.TimeoutException):
+                    raise lost from e  # a hung provider: waiting on it again would double the cost
+                raise _Again(lost, random.uniform(*TRANSIENT_DELAY)) from e
             if response.status_code < 300:
                 return key, response
             try:
@@ -301,26 +404,30 @@ class CloudBackend:
             if self._key_status(key, response.status_code, retry_after_seconds(response.headers)):
                 continue
             refused = _status_error(response.status_code, detail, self._provider.name)
-            if refused.status >= 500:
-                self._keys.failed(key)
-                self._failed(model, refused)
-            else:
-                self._health.record(True)  # upstream works; the request was bad
+            if refused.status < 500:
+                self._health.model(model).record(True)  # upstream works; the request was bad
+                raise refused
+            self._keys.failed(key)
+            self._failed(model, refused)
+            if response.status_code >= 500:  # a 404 or a 3xx would only come again
+                raise _Again(refused, random.uniform(*TRANSIENT_DELAY))
             raise refused
         wait = self._keys.ready_in()
-        error: TokenyardError
         if wait is None:
-            error = WorkerFailedError(
+            revoked = WorkerFailedError(
                 f"Provider '{self._provider.name}' has no usable API key.", code="upstream_keys_revoked"
             )
-        else:
-            error = NoCapacityError(
-                f"Provider '{self._provider.name}' is rate-limiting every key.",
-                code="upstream_rate_limited",
-                retry_after=round(max(wait, 0.1), 3),
-            )
-        self._failed(model, error)
-        raise error
+            self._failed(model, revoked)
+            raise revoked
+        # Every key rests: the provider's state, not this model's fault (the node advertises
+        # itself unhealthy while no key is ready, `healthy()`).
+        self._log.warning("cloud.rate_limited", model=model, ready_in=round(wait, 3))
+        limited = NoCapacityError(
+            f"Provider '{self._provider.name}' is rate-limiting every key.",
+            code="upstream_rate_limited",
+            retry_after=round(max(wait, 0.1), 3),
+        )
+        raise _Again(limited, wait, rate_limited=True)
 
     def _key_status(self, key: int, status: int, retry_after: float | None) -> bool:
         """Apply what an answer's status says about the key; True if another key may do better."""
@@ -340,8 +447,12 @@ class CloudBackend:
         return False
 
     def _failed(self, model: str, error: TokenyardError) -> None:
-        self._health.record(False)
+        health = self._health.model(model)
+        was = health.healthy()
+        health.record(False, timeout=error.code == FIRST_TOKEN_TIMEOUT)
         self._log.warning("cloud.upstream_failed", model=model, code=error.code, error=error.message)
+        if was and not health.healthy():
+            self._log.warning("cloud.model_unhealthy", model=model, **health.snapshot())
 
     def _scrubbed(self, error: TokenyardError) -> TokenyardError:
         """The error, or a copy without any API key in its message: upstream messages are passed
@@ -373,6 +484,40 @@ class CloudBackend:
 
 
 _ENDPOINT_OF: dict[Task, str] = {"chat": "chat", "completion": "completions", "embedding": "embeddings"}
+
+
+@dataclass(slots=True)
+class _Budget:
+    """What one request may still spend on tries on this provider before its first output."""
+
+    first_by: float  # monotonic: the first-token deadline
+    transients: int = TRANSIENT_RETRIES
+    waits: int = RATE_WAITS
+
+    def _fits(self, delay: float) -> bool:
+        return time.monotonic() + delay < self.first_by
+
+    def transient(self, delay: float) -> bool:
+        """May a transient failure be tried again after `delay`? (Spends a try if so.)"""
+        ok = self.transients > 0 and self._fits(delay)
+        self.transients -= ok
+        return ok
+
+    def rate_wait(self, delay: float) -> bool:
+        ok = self.waits > 0 and self._fits(delay)
+        self.waits -= ok
+        return ok
+
+
+class _Again(Exception):
+    """What `_send_once` could not do, and a retry on this provider might: `error` is what the
+    attempt fails with if it does not get one, `delay` how long to wait before it."""
+
+    def __init__(self, error: TokenyardError, delay: float, *, rate_limited: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.delay = delay
+        self.rate_limited = rate_limited
 
 
 def upstream_body(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:

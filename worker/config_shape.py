@@ -40,3 +40,9 @@ def number(value: Any, where: str, *, minimum: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < minimum:
         raise ProviderConfigError(f"{where}: must be a number >= {minimum:g}, not {value!r}")
     return float(value)
+
+
+def flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProviderConfigError(f"{where}: must be true or false, not {value!r}")
+    return value

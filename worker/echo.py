@@ -8,8 +8,10 @@ The last user message may shape the answer with directives in double brackets, w
 echoed: `[[tokens=N]]` (answer length), `[[rate=R]]` (tokens/s) and `[[script]]` (below). For
 tests of faults, a worker started with `--echo-directives` also obeys `[[crash]]` (the worker
 process exits at once, before any token: a poison job), `[[fail]]` (a retryable error before
-the first token), `[[die-after=N]]` (the process exits after N tokens of a fresh answer) and
-`[[delay=S]]` (wait S seconds before the first token, like a long prefill). Without the flag
+the first token), `[[die-after=N]]` (the process exits after N tokens of a fresh answer),
+`[[hang-after=N]]` (after N tokens of a fresh answer nothing more comes while the worker stays
+alive and heartbeats, like a hung upstream read) and `[[delay=S]]` (wait S seconds before the
+first token, like a long prefill). Without the flag
 (the default) those are plain text, echoed like any other word: any client may send them.
 
 A trailing assistant message is continued (assistant prefill): the answer goes on from the
@@ -52,7 +54,7 @@ DEFAULT_MODEL = "tokenyard/echo"
 DEFAULT_DIMENSIONS = 32
 _DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?:=([0-9.]+))?\]\]")
 SHAPES = frozenset({"tokens", "rate", "script"})  # obeyed always: they only shape a test answer
-FAULTS = frozenset({"crash", "fail", "die-after", "delay"})  # obeyed only with --echo-directives
+FAULTS = frozenset({"crash", "fail", "die-after", "hang-after", "delay"})  # obeyed only with --echo-directives
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class _Plan:
     crash: bool
     fail: bool
     die_after: int | None
+    hang_after: int | None
     delay: float
     continue_from: int  # words of a trailing assistant message already given
 
@@ -109,7 +112,7 @@ class EchoBackend:
         return self._slots
 
     def models(self) -> list[ModelAdvert]:
-        return [ModelAdvert(m, self._context, "tokenyard") for m in self._models]
+        return [ModelAdvert(m, self._context, "tokenyard", assistant_prefill=True) for m in self._models]
 
     async def start(self) -> None:
         return None
@@ -194,6 +197,8 @@ class EchoBackend:
             for i, text in enumerate(texts):
                 if plan.die_after is not None and not start and i >= plan.die_after:
                     os._exit(71)
+                if plan.hang_after is not None and not start and i >= plan.hang_after:
+                    await asyncio.Event().wait()  # until the job is stopped
                 if cut is not None and sent + len(text) > cut:
                     if cut > sent:
                         completion += 1
@@ -241,6 +246,7 @@ class EchoBackend:
             crash="crash" in directives,
             fail="fail" in directives,
             die_after=int(directives["die-after"]) if directives.get("die-after") else None,
+            hang_after=int(directives["hang-after"]) if directives.get("hang-after") else None,
             delay=float(directives["delay"]) if directives.get("delay") else 0.0,
             continue_from=len(prefix.split()),
         )

@@ -126,7 +126,11 @@ class TransformersBackend:
         return self._context
 
     def models(self) -> list[ModelAdvert]:
-        return [ModelAdvert(id=i, context_length=self._context, owned_by="tokenyard") for i in self._ids]
+        # a trailing assistant message is continued (`_prompt`): an answer cut elsewhere can go on here
+        return [
+            ModelAdvert(id=i, context_length=self._context, owned_by="tokenyard", assistant_prefill=True)
+            for i in self._ids
+        ]
 
     async def start(self) -> None:
         if self._engine is not None:

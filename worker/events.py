@@ -9,6 +9,10 @@ message nears NATS's 1 MiB payload limit. Sequence numbers are assigned at the m
 message is handed to the client (never earlier, in another task), and nats-py appends to its
 outgoing buffer without awaiting first, so messages leave in sequence order whichever task
 sends them.
+
+The final DONE goes as a request: the gateway answers it, so the worker learns whether any
+gateway heard the end of the job (no answer: the worker reports the job itself, see
+`worker.runtime` and `schemas.usage.WorkerReport`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import nats.errors
 
 from schemas.errors import TokenyardError
 from schemas.events import (
@@ -38,6 +44,8 @@ BATCH_BYTES = 256 * 1024  # roughly: what a delta's pieces hold before it is sen
 
 class Publisher(Protocol):
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None: ...
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 1.0) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -174,23 +182,39 @@ class EventStream:
         if pieces:
             await self._send(Delta(self._job_id, self._attempt, self._next_seq(), self._node, pieces))
 
-    async def done(self, finish: list[FinishReason], usage: Usage) -> None:
-        """The last output (if any) travels with the done event: one message fewer."""
+    async def done(self, finish: list[FinishReason], usage: Usage, *, heard_within: float = 0.0) -> bool:
+        """The last output (if any) travels with the done event: one message fewer. With
+        `heard_within` > 0 it goes as a request: True if a gateway answered within that many
+        seconds, False if none did (no responder, or no answer in time). The gateway answers
+        once the job's usage record is stored, so the wait is best left to `billed`."""
         pieces = self._take_pieces()
-        await self._send(
-            Done(
-                self._job_id,
-                self._attempt,
-                self._next_seq(),
-                self._node,
-                finish=tuple(finish),
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                cost=usage.cost,
-                pieces=pieces,
-            )
+        ev = Done(
+            self._job_id,
+            self._attempt,
+            self._next_seq(),
+            self._node,
+            finish=tuple(finish),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost=usage.cost,
+            pieces=pieces,
         )
+        self._last_sent = time.monotonic()
+        if heard_within <= 0:
+            await self._nc.publish(self._subject, ev.encode())
+            return True
+        try:
+            await self._nc.request(self._subject, ev.encode(), timeout=heard_within)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        return True
+
+    def billed(self, finish: list[FinishReason], usage: Usage, *, within: float) -> asyncio.Task[bool]:
+        """The done event as a request, waited on in the background: the task is True once the
+        gateway answers that the job's usage record is stored, False if no gateway did within
+        `within` seconds. Nothing of the attempt is sent after it, so its order holds."""
+        return asyncio.ensure_future(self.done(finish, usage, heard_within=within))
 
     async def fail(self, error: TokenyardError, *, retryable: bool) -> None:
         await self.flush()

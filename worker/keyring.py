@@ -2,8 +2,10 @@
 
 A `Keyring` hands out a provider's keys round-robin, skipping keys that are cooling down
 (after a 429) or revoked (after a 401/403, until the worker restarts). `ProviderHealth`
-keeps the passive error rate of real traffic and the result of the last probe. Keys are
-named by index and fingerprint here; the secrets stay with the caller.
+keeps the result of the last probe and, per model, a `ModelHealth` breaker fed by real
+traffic: health is scoped to (provider, model), so one model's errors never take the
+provider's other models out. Keys are named by index and fingerprint here; the secrets stay
+with the caller.
 """
 
 from __future__ import annotations
@@ -163,23 +165,89 @@ class Keyring:
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
     window: float = 60.0  # seconds of traffic the error rate looks at
-    max_error_rate: float = 0.5  # unhealthy above this ...
+    max_error_rate: float = 0.5  # out above this ...
     min_samples: int = 4  # ... once at least this many requests were seen
+    timeouts: int = 2  # first-token timeouts in a row that take a model out at once
+    cooldown: float = 5.0  # seconds out before the model is tried again ...
+    max_cooldown: float = 60.0  # ... doubling up to this while its tries keep failing
+
+
+class ModelHealth:
+    """One (provider, model)'s health from its real requests: a circuit breaker.
+
+        in --(an error rate above `max_error_rate` over >= `min_samples`, or `timeouts`
+              first-token timeouts in a row)--> out for `cooldown`
+        out --(cooldown passed)--> on trial: healthy again, its next result decides
+        on trial --(a success)--> in;  --(a failure)--> out for twice as long (at most `max_cooldown`)
+
+    Out, the adapter advertises the model unhealthy and schedulers place none of its jobs
+    there; its other models are not affected. After the cooldown the next job placed is the
+    probe that brings a recovered model back.
+    """
+
+    def __init__(self, *, clock: Clock, policy: HealthPolicy) -> None:
+        self._clock = clock
+        self._policy = policy
+        self._errors = ErrorWindow(clock=clock, window=policy.window)
+        self._timeouts = 0
+        self._out_until = 0.0
+        self._cooldown = policy.cooldown
+        self._on_trial = False
+
+    def record(self, ok: bool, *, timeout: bool = False) -> None:
+        self._errors.record(ok)
+        if ok:
+            self._timeouts = 0
+            if self._on_trial:
+                self._on_trial, self._cooldown = False, self._policy.cooldown
+            return
+        self._timeouts = self._timeouts + 1 if timeout else 0
+        failures, samples = self._errors.counts()
+        p = self._policy
+        too_many = samples >= p.min_samples and failures / samples > p.max_error_rate
+        if self._on_trial or self._timeouts >= p.timeouts or too_many:
+            if self._on_trial:
+                self._cooldown = min(self._cooldown * 2, p.max_cooldown)
+            self._out_until = self._clock() + self._cooldown
+            self._on_trial, self._timeouts = False, 0
+            self._errors = ErrorWindow(clock=self._clock, window=p.window)  # judged afresh once back
+
+    def healthy(self) -> bool:
+        if self._out_until:
+            if self._clock() < self._out_until:
+                return False
+            self._out_until, self._on_trial = 0.0, True
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        failures, samples = self._errors.counts()
+        left = max(self._out_until - self._clock(), 0.0) if self._out_until else 0.0
+        return {
+            "healthy": self.healthy(),
+            "on_trial": self._on_trial,
+            "out_for": round(left, 3),
+            "error_rate": round(failures / samples, 3) if samples else 0.0,
+            "errors": failures,
+            "samples": samples,
+        }
 
 
 class ProviderHealth:
-    """Passive error rate of real requests plus the last probe's result."""
+    """The provider's last probe (is it there at all?) and each model's `ModelHealth`."""
 
     def __init__(self, *, clock: Clock = time.monotonic, policy: HealthPolicy = HealthPolicy()) -> None:
         self._clock = clock
         self._policy = policy
-        self._errors = ErrorWindow(clock=clock, window=policy.window)
+        self._models: dict[str, ModelHealth] = {}
         self._probe_ok: bool | None = None
         self._probe_at: float | None = None
         self._probe_latency: float | None = None
 
-    def record(self, ok: bool) -> None:
-        self._errors.record(ok)
+    def model(self, name: str) -> ModelHealth:
+        health = self._models.get(name)
+        if health is None:
+            health = self._models[name] = ModelHealth(clock=self._clock, policy=self._policy)
+        return health
 
     def probed(self, ok: bool, latency: float) -> None:
         self._probe_ok = ok
@@ -187,17 +255,10 @@ class ProviderHealth:
         self._probe_latency = latency
 
     def healthy(self) -> bool:
-        failures, samples = self._errors.counts()
-        too_many = samples >= self._policy.min_samples and failures / samples > self._policy.max_error_rate
-        return self._probe_ok is not False and not too_many
+        """The provider answers (its last probe did, or none ran yet)."""
+        return self._probe_ok is not False
 
     def snapshot(self) -> dict[str, Any]:
-        failures, samples = self._errors.counts()
         age = None if self._probe_at is None else round(self._clock() - self._probe_at, 3)
         latency = None if self._probe_latency is None else round(self._probe_latency * 1000, 1)
-        return {
-            "error_rate": round(failures / samples, 3) if samples else 0.0,
-            "errors": failures,
-            "samples": samples,
-            "probe": {"ok": self._probe_ok, "age": age, "latency_ms": latency},
-        }
+        return {"probe": {"ok": self._probe_ok, "age": age, "latency_ms": latency}}

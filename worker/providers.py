@@ -17,7 +17,9 @@ fix, fit to print as it is (exit code 2).
         api_keys: [{env: OPENAI_KEY_1}, {file: /run/secrets/openai_2}]
         models: {gpt-4o-mini: gpt-4o-mini-2024-07-18}     # public id -> provider id
         prices: {"*": {input: 0.15, output: 0.60, cached: 0.075}}  # USD per 1M tokens
-        timeouts: {connect: 5, read: 60, total: 600}     # seconds
+        timeouts: {connect: 5, first_token: 10, read: 60, total: 600}  # seconds
+        max_retry_wait: 2                  # a 429's Retry-After up to this long is waited out here
+        assistant_prefill: false           # continues a trailing assistant message (answers cut elsewhere go on here)
         max_concurrency: 64
         headers: {OpenAI-Organization: org-123}
         probe_interval: 30                 # seconds between GET {base_url}/models; 0 = off
@@ -39,7 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 import yaml
 
-from worker.config_shape import EXIT_CONFIG, ProviderConfigError, mapping, number, only, whole
+from worker.config_shape import EXIT_CONFIG, ProviderConfigError, flag, mapping, number, only, whole
 from worker.provider_keys import Secret, fingerprint, provider_keys
 
 log = structlog.get_logger(__name__)
@@ -93,13 +95,15 @@ _PROVIDER_KEYS = (
     "headers",
     "probe_interval",
     "endpoints",
+    "max_retry_wait",
+    "assistant_prefill",
 )
 # The upstream APIs a provider may serve, by the job task they carry (`schemas.tasks`), and
 # their paths under its base URL.
 ENDPOINTS = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 _PRICE_KEYS = ("input", "output", "cached")
-_TIMEOUT_KEYS = ("connect", "read", "total")
-_MODEL_KEYS = ("id", "context_length")
+_TIMEOUT_KEYS = ("connect", "first_token", "read", "total")
+_MODEL_KEYS = ("id", "context_length", "first_token", "assistant_prefill")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +124,17 @@ class Price:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """Seconds. `first_token` is how long a request may take to bring its first output (the
+    headers and the first chunk with text): past it the attempt fails as retryable, so the
+    gateway runs the job elsewhere instead of waiting out `read`. Ten seconds is several times
+    what non-reasoning chat models take to their first token on the public providers (well under
+    a second typically, a few seconds at worst under load or with long prompts), so a healthy
+    provider is almost never cut off, while a hung one costs ten seconds, not the minute of
+    `read`. Reasoning models (which think before their first text) and very long prompts take
+    longer: give such a provider, or model, its own `first_token` (a model's wins)."""
+
     connect: float = 5.0  # TCP + TLS
+    first_token: float = 10.0  # the request's start to its first output
     read: float = 60.0  # the longest silence: before the headers, and between two chunks
     total: float = 600.0  # one whole request
 
@@ -130,6 +144,8 @@ class ModelRoute:
     public: str
     upstream: str
     context_length: int = 0  # 0 = unknown
+    first_token: float = 0.0  # seconds; 0 = the provider's `timeouts.first_token`
+    assistant_prefill: bool | None = None  # None: the provider's `assistant_prefill`
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +161,27 @@ class Provider:
     probe_interval: float = 30.0
     key_error: str = ""  # why its keys could not be read (raised by `ProvidersConfig.get`)
     endpoints: frozenset[str] = frozenset({"chat"})  # of ENDPOINTS: what the upstream serves
+    # A 429 whose Retry-After is at most this many seconds (and fits the first-token deadline)
+    # is waited out on this provider rather than failing the attempt over; 0 = never wait.
+    max_retry_wait: float = 2.0
+    # The provider continues a trailing assistant message as the start of its answer (Anthropic's
+    # and most self-hosted servers' chat templates do; OpenAI's API starts a new message after
+    # it). Declared in the adverts: only such routes are given an answer cut elsewhere to
+    # carry on. A model's own `assistant_prefill` wins.
+    assistant_prefill: bool = False
+
+    def prefill(self, public_model: str) -> bool:
+        route = self.models.get(public_model)
+        if route is not None and route.assistant_prefill is not None:
+            return route.assistant_prefill
+        return self.assistant_prefill
 
     def price(self, public_model: str) -> Price | None:
         return self.prices.get(public_model) or self.prices.get(ANY_MODEL)
+
+    def first_token(self, public_model: str) -> float:
+        route = self.models.get(public_model)
+        return route.first_token if route is not None and route.first_token > 0 else self.timeouts.first_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +264,8 @@ def _provider(
     if max_conc is not None:
         max_conc = whole(max_conc, f"{where}.max_concurrency", minimum=1)
     probe = number(d.get("probe_interval", 30.0), f"{where}.probe_interval", minimum=0.0)
+    retry_wait = number(d.get("max_retry_wait", 2.0), f"{where}.max_retry_wait", minimum=0.0)
+    prefill = flag(d.get("assistant_prefill", False), f"{where}.assistant_prefill")
     keys, key_error = provider_keys(d.get("api_keys"), f"{where}.api_keys", env, read_secret, warnings)
     endpoints = d.get("endpoints", ["chat"])
     if not isinstance(endpoints, list) or not endpoints or any(e not in ENDPOINTS for e in endpoints):
@@ -248,6 +284,8 @@ def _provider(
         headers=_headers(d.get("headers", {}), f"{where}.headers"),
         probe_interval=probe,
         endpoints=frozenset(endpoints),
+        max_retry_wait=retry_wait,
+        assistant_prefill=prefill,
     )
 
 
@@ -292,14 +330,17 @@ def _models(value: Any, where: str) -> dict[str, ModelRoute]:
         here = f"{where}[{public!r}]"
         if not isinstance(public, str) or not public.strip() or len(public) > 256 or public == ANY_MODEL:
             raise ProviderConfigError(f"{where}: {public!r} is not a valid public model id")
-        context = 0
+        context, first_token, prefill = 0, 0.0, None
         if isinstance(target, Mapping):
             only(target, _MODEL_KEYS, here)
             context = whole(target.get("context_length", 0), f"{here}.context_length", minimum=0)
+            first_token = number(target.get("first_token", 0.0), f"{here}.first_token", minimum=0.0)
+            if "assistant_prefill" in target:
+                prefill = flag(target["assistant_prefill"], f"{here}.assistant_prefill")
             target = target.get("id")
         if not isinstance(target, str) or not target.strip():
             raise ProviderConfigError(f"{here}: the provider model id must be a non-empty string")
-        routes[public] = ModelRoute(public, target, context)
+        routes[public] = ModelRoute(public, target, context, first_token, prefill)
     return routes
 
 
@@ -326,8 +367,10 @@ def _timeouts(value: Any, where: str) -> Timeouts:
     only(d, _TIMEOUT_KEYS, where)
     default = Timeouts()
     t = Timeouts(*(number(d.get(k, getattr(default, k)), f"{where}.{k}", minimum=0.001) for k in _TIMEOUT_KEYS))
-    if t.connect > t.total or t.read > t.total:
-        raise ProviderConfigError(f"{where}: connect and read must not exceed total")
+    if "first_token" not in d:  # the default never outlasts a shorter total
+        t = dataclasses.replace(t, first_token=min(t.first_token, t.total))
+    if t.connect > t.total or t.read > t.total or t.first_token > t.total:
+        raise ProviderConfigError(f"{where}: connect, first_token and read must not exceed total")
     return t
 
 

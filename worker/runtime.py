@@ -10,7 +10,13 @@ Who ends a job, and how its JetStream message is settled:
 - a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
   whose finish reasons are `cancelled` reports what ran until then (the gateway bills a
   cancelled request from it), then `term`;
-- the gateway stops answering heartbeats: the generation is closed, then `term`;
+- the gateway is gone (a heartbeat finds no responder, or `GATEWAY_MISSES` in a row go
+  unanswered): the generation is closed, the worker reports what it generated
+  (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term`;
+- the final DONE (sent as a request, which the gateway answers once the job's usage record is
+  stored) is not answered within `BILLED_WAIT`: the job was acked already, and is reported the
+  same way (waited for in the background: the slot is free at once), since a gateway killed
+  after the answer but before its record was stored leaves nobody else to bill it;
 - the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
 """
 
@@ -44,9 +50,12 @@ from worker.feed import Feed
 from worker.identity import Signer
 from worker.idle import AlwaysAvailable, Availability, hand_back
 from worker.metrics import WorkerMetrics
+from worker.reports import Reporter
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+BILLED_WAIT = 10.0  # seconds at least a final DONE waits for the gateway to say the job is billed
 
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
 GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
@@ -64,9 +73,14 @@ HANDED_BACK = {
 }
 
 
+RunKey = tuple[str, int]  # (job id, attempt): one worker may hold two attempts of one job
+
+
 @dataclass(slots=True)
 class Running:
-    """A job this worker runs now."""
+    """A job's attempt this worker runs now. Attempts are kept apart: after a re-dispatch the
+    same worker may pull the job again while its earlier attempt is still being stopped, and a
+    stop meant for the one must never end the other."""
 
     attempt: int
     task: asyncio.Task[None]
@@ -102,7 +116,7 @@ class Worker:
         self._total = backend.slots
         self._feeds: list[Feed] = []
         self._topping = False
-        self._running: dict[str, Running] = {}
+        self._running: dict[RunKey, Running] = {}
         self._draining = False
         self._started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -111,6 +125,11 @@ class Worker:
         self._idle = idle or AlwaysAvailable()
         self._hardware = hardware
         self._served = NOTHING_SERVED
+        self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
+        self._health_told: tuple[bool, tuple[bool, ...]] = (True, ())  # as the last advert said
+        # How long a final DONE waits (in the background, its slot free) for the gateway's word
+        # that the job's usage record is stored, before the worker reports the job itself.
+        self._done_wait = max(10 * settings.heartbeat, BILLED_WAIT)
 
     @property
     def running_jobs(self) -> int:
@@ -169,8 +188,8 @@ class Worker:
         deadline = time.monotonic() + self._s.drain_timeout
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for job_id in list(self._running):
-            self._stop(job_id, SHUTDOWN)
+        for key in list(self._running):
+            self._stop(key, SHUTDOWN)
         while self._running and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
         for t in self._tasks:
@@ -178,14 +197,24 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for feed in self._feeds:
             await feed.stop()
+        await self._reports.drain()
         await self._publish_advert()
         log.info("worker.drained")
 
     # --- fleet presence -----------------------------------------------------------------
 
     async def _publish_advert(self) -> None:
+        advert = self.advert()
+        self._health_told = _health_of(advert)
         with contextlib.suppress(nats.errors.Error):
-            await self._nc.publish(subjects.fleet_heartbeat(self._s.node_id), self.advert().encode())
+            await self._nc.publish(subjects.fleet_heartbeat(self._s.node_id), advert.encode())
+
+    async def _tell_health_change(self) -> None:
+        """Advertise at once when the node's or a model's health changed (a cloud adapter whose
+        provider just timed out twice for a model): schedulers avoid it from the next job on,
+        not from the next regular advert."""
+        if _health_of(self.advert()) != self._health_told:
+            await self._publish_advert()
 
     async def _advertise_forever(self) -> None:
         while True:
@@ -258,6 +287,7 @@ class Worker:
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._job_tasks.discard(task)
+        asyncio.ensure_future(self._tell_health_change())
         asyncio.ensure_future(self._top_up())
 
     # --- one job ------------------------------------------------------------------------
@@ -300,14 +330,16 @@ class Worker:
         )
         task = asyncio.current_task()
         assert task is not None
-        running = self._running[job.id] = Running(attempt, task, out)
-        heartbeat = asyncio.create_task(self._heartbeat(msg, job, out))
+        started = time.time()
+        key = (job.id, attempt)
+        running = self._running[key] = Running(attempt, task, out)
+        heartbeat = asyncio.create_task(self._heartbeat(msg, job, key, out))
         settle = msg.term
         outcome = "failed"
         try:
             out.start(START_DELAY)
             log.debug("job.started")
-            await self._generate(job, out)
+            await self._generate(job, attempt, out, started)
             settle, outcome = msg.ack, "done"
             log.info("job.done", tokens=out.tokens_sent, duration_ms=round((time.monotonic() - pulled) * 1e3, 3))
         except asyncio.CancelledError:
@@ -315,14 +347,21 @@ class Worker:
             if not reason:
                 raise
             # forgotten at once: a second stop must not cancel the report or the term below
-            self._running.pop(job.id, None)
+            self._running.pop(key, None)
             if reason in HANDED_BACK:
                 await out.fail(NoCapacityError(HANDED_BACK[reason]), retryable=True)
-            elif reason not in (GATEWAY_GONE, GATEWAY_SILENT):  # someone listens: say what ran
+            elif reason in (GATEWAY_GONE, GATEWAY_SILENT):  # nobody listens: report it for billing
+                usage = self._backend.partial_usage(job.model, job.request, out.tokens)
+                proof = self._signer.prove(job.id, attempt, self._s.node_id)
+                self._reports.report(job, attempt, usage, started=started, finished=False, reason=reason, proof=proof)
+            else:  # someone listens: say what ran
                 await self._report_stopped(job, out)
             outcome = "stopped"
             log.info("job.stopped", reason=reason, tokens=out.tokens)
         except TokenyardError as e:
+            # a failure may have taken a model out (a cloud adapter's provider timing out): say
+            # so before the gateway, told of the failure, asks a scheduler to place the job again
+            await self._tell_health_change()
             await out.fail(e, retryable=e.status >= 500)
             log.info("job.failed", status=e.status, error=e.message)
         except Exception as e:
@@ -331,12 +370,12 @@ class Worker:
         finally:
             out.cancel_start()
             heartbeat.cancel()
-            self._running.pop(job.id, None)
+            self._running.pop(key, None)
             self._metrics.ended(job.model, outcome, tokens=out.tokens, seconds=time.monotonic() - pulled)
             with contextlib.suppress(nats.errors.Error):
                 await settle()
 
-    async def _generate(self, job: Job, out: EventStream) -> None:
+    async def _generate(self, job: Job, attempt: int, out: EventStream, started: float) -> None:
         self._backend.check(job.model, job.request)
         n = choices(job.request)
         finish: list[FinishReason] = ["stop"] * n
@@ -354,7 +393,9 @@ class Worker:
             await gen.aclose()  # type: ignore[attr-defined]
         if usage is None:
             raise WorkerFailedError("the backend ended without reporting usage")
-        await out.done(finish, usage)
+        heard = out.billed(finish, usage, within=self._done_wait)
+        proof = self._signer.prove(job.id, attempt, self._s.node_id)
+        self._reports.unless(heard, job, attempt, usage, started=started, reason="done unanswered", proof=proof)
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
@@ -366,7 +407,7 @@ class Worker:
         with contextlib.suppress(nats.errors.Error):
             await out.done([CANCELLED] * n, usage)
 
-    async def _heartbeat(self, msg: Msg, job: Job, out: EventStream) -> None:
+    async def _heartbeat(self, msg: Msg, job: Job, key: RunKey, out: EventStream) -> None:
         """Keep the JetStream message ours and ask the gateway whether to go on."""
         misses = 0
         while True:
@@ -376,17 +417,17 @@ class Worker:
             try:
                 reply = await self._nc.request(job.reply, out.heartbeat(), timeout=self._s.heartbeat)
             except nats.errors.NoRespondersError:
-                self._stop(job.id, GATEWAY_GONE)
+                self._stop(key, GATEWAY_GONE)
                 return
             except nats.errors.TimeoutError:
                 misses += 1
                 if misses >= GATEWAY_MISSES:
-                    self._stop(job.id, GATEWAY_SILENT)
+                    self._stop(key, GATEWAY_SILENT)
                     return
                 continue
             misses = 0
             if reply.data == STOP:
-                self._stop(job.id, GATEWAY_STOP)
+                self._stop(key, GATEWAY_STOP)
                 return
 
     async def _follow_owner(self) -> None:
@@ -401,8 +442,8 @@ class Worker:
             await self._publish_advert()
             await hand_back(
                 self._idle,
-                lambda: {job_id: r.out.tokens for job_id, r in self._running.items()},
-                lambda job_id: self._stop(job_id, OWNER_BACK),
+                lambda: {_label(key): r.out.tokens for key, r in self._running.items()},
+                lambda label: self._stop(_unlabel(label), OWNER_BACK),
                 grace=self._s.idle_grace,
             )
             await self._idle.wait_for(idle=True)
@@ -412,8 +453,8 @@ class Worker:
             await self._publish_advert()
             await self._top_up()
 
-    def _stop(self, job_id: str, reason: str) -> None:
-        running = self._running.get(job_id)
+    def _stop(self, key: RunKey, reason: str) -> None:
+        running = self._running.get(key)
         if running is None or running.stop_reason:
             return
         running.stop_reason = reason
@@ -425,6 +466,19 @@ class Worker:
         except WireError as e:
             log.warning("worker.bad_control", error=str(e))
             return
-        running = self._running.get(stop.job_id)
-        if running and (stop.attempt == 0 or stop.attempt == running.attempt):
-            self._stop(stop.job_id, stop.reason or "stopped")
+        for job_id, attempt in list(self._running):
+            if job_id == stop.job_id and stop.attempt in (0, attempt):  # 0: every attempt of the job
+                self._stop((job_id, attempt), stop.reason or "stopped")
+
+
+def _health_of(advert: NodeAdvert) -> tuple[bool, tuple[bool, ...]]:
+    return advert.healthy, tuple(m.healthy for m in advert.models)
+
+
+def _label(key: RunKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _unlabel(label: str) -> RunKey:
+    job_id, _, attempt = label.rpartition("/")
+    return job_id, int(attempt)
