@@ -89,6 +89,19 @@ async def test_a_plain_answer_sends_its_text_with_done_alone() -> None:
     assert isinstance(done, Done) and done.seq == 0 and done.pieces == (Piece(0, "ab", 2),)
 
 
+async def test_the_node_s_proof_rides_on_the_first_event_even_a_plain_answer_s_done() -> None:
+    proof = bytes(range(64))
+    for first_at_once in (False, True):
+        rec = Recorder()
+        es = EventStream(
+            rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=10.0, proof=proof, first_at_once=first_at_once
+        )
+        await es.add(Piece(0, "a", 1))
+        await es.done(["stop"], Usage(prompt_tokens=3, completion_tokens=1))
+        assert [e.proof for e in rec.sent] == [proof] + [b""] * (len(rec.sent) - 1), first_at_once
+        assert rec.sent[0].seq == 0
+
+
 async def test_a_plain_answer_still_flushes_when_its_window_ends() -> None:
     rec = Recorder()
     es = EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=0.02, first_at_once=False)

@@ -117,11 +117,16 @@ class EventStream:
         self._seq += 1
         return seq
 
-    async def _send(self, ev: Start | Delta | Done | Failed) -> None:
+    def _stamped(self, ev: Start | Delta | Done | Failed) -> bytes:
+        """The event as it goes out: the attempt's first, whatever its kind (a plain answer's
+        DONE may be it), carries the node's proof."""
         if ev.seq == 0 and self._proof:
             ev = dataclasses.replace(ev, proof=self._proof)
         self._last_sent = time.monotonic()
-        await self._nc.publish(self._subject, ev.encode())
+        return ev.encode()
+
+    async def _send(self, ev: Start | Delta | Done | Failed) -> None:
+        await self._nc.publish(self._subject, self._stamped(ev))
 
     def start(self, delay: float) -> None:
         """Tell the gateway the attempt began, unless another event does it first: a job whose
@@ -200,12 +205,12 @@ class EventStream:
             cost=usage.cost,
             pieces=pieces,
         )
-        self._last_sent = time.monotonic()
+        data = self._stamped(ev)
         if heard_within <= 0:
-            await self._nc.publish(self._subject, ev.encode())
+            await self._nc.publish(self._subject, data)
             return True
         try:
-            await self._nc.request(self._subject, ev.encode(), timeout=heard_within)
+            await self._nc.request(self._subject, data, timeout=heard_within)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return False
         return True
