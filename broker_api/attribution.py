@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 UNVERIFIED = "unverified"  # the node a usage record names when the claimed node did not prove it
 FLAGGED_KEPT = 4096  # (job, attempt) pairs remembered so a claim is audited once, not per charge
 KEYS_KEPT = 65536  # nodes' decoded public keys kept
+VERDICTS_KEPT = 4096  # recent claims' checks kept: a request is charged up to three times (answer, store, record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class Attributor:
         self._audit = audit
         self._flagged: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._keys: dict[str, nacl.signing.VerifyKey | None] = {}  # decoding a key costs as much as a check
+        self._verdicts: OrderedDict[tuple[str, int, str, bytes, str], bool] = OrderedDict()
 
     def _key(self, public_key: str) -> nacl.signing.VerifyKey | None:
         if public_key not in self._keys:
@@ -97,12 +99,22 @@ class Attributor:
             flaw = "the attempt ran in another pool"
         elif not claim.proof:
             flaw = "no proof"
-        elif not verifies(self._key(record.user_key), claim.message(), claim.proof):
+        elif not self._proven(claim, record.user_key):
             flaw = "the proof does not verify"
         else:
             return Attribution(record.id, record.price)
         self._flag(claim, pool, record.org, flaw)
         return Attribution(UNVERIFIED, Price() if enrolled_pool else None, flaw)
+
+    def _proven(self, claim: Claim, public_key: str) -> bool:
+        """Whether the claim's proof verifies against the node's key, checked once per claim."""
+        memo = (claim.job_id, claim.attempt, claim.node, claim.proof, public_key)
+        verdict = self._verdicts.get(memo)
+        if verdict is None:
+            verdict = self._verdicts[memo] = verifies(self._key(public_key), claim.message(), claim.proof)
+            if len(self._verdicts) > VERDICTS_KEPT:
+                self._verdicts.popitem(last=False)
+        return verdict
 
     def _flag(self, claim: Claim, pool: str, org: str, flaw: str) -> None:
         key = (claim.job_id, claim.attempt)

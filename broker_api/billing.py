@@ -102,12 +102,17 @@ def stored_answer(output: Output, done: Done, bill: Charge, *, model: str = "", 
     )
 
 
+def answering_attempt(s: Session) -> int:
+    """The attempt whose output the answer holds (else the current one): what served it."""
+    return s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
+
+
 def served_by(s: Session) -> tuple[str, str]:
     """(model, route) that answered: with a `models` fallback list the model placed, not the
     first asked for; a cached answer's own (its route for the client, "cache" in the ledger)."""
     if s.cached is not None:
         return s.cached.model or s.ask.model, s.cached.route
-    attempt = s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
+    attempt = answering_attempt(s)
     return s.run.model_of(attempt) or s.ask.model, s.run.route_of(attempt)
 
 

@@ -87,9 +87,14 @@ class Idempotency:
     async def complete(self, key: str, answer: CachedAnswer, *, digest: bytes) -> None:
         """Store the answer for repeats. Called after the job ran, so a failure must not stop its
         accounting: it is logged, and the claim stays (a repeat waits, then times out, until the
-        claim expires) rather than being released, which would run the job a second time."""
+        claim expires) rather than being released, which would run the job a second time. An
+        answer larger than a NATS message (an embedding batch's vectors) can never be stored:
+        its key is freed at once, so a repeat runs again instead of waiting out the claim."""
         try:
             await self._kv.put(key, DONE + digest + answer.encode())
+        except nats.errors.MaxPayloadError:
+            log.warning("idempotency.answer_too_large", size=len(answer.encode()))
+            await self.release(key)
         except nats.errors.Error as e:
             log.error("idempotency.complete_failed", error=repr(e))
 

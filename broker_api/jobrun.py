@@ -45,6 +45,7 @@ class JobRun:
         self.silence = silence
         self.current: int | None = None
         self.claim = Claim(job.id, -1, "")  # who the current (or last) attempt's first event named
+        self._claims: dict[int, Claim] = {}  # attempt -> who its first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
         self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
         self._held: Callable[[], Awaitable[None]] | None = None  # the final DONE's answer, sent once billed
@@ -92,6 +93,10 @@ class JobRun:
         """The pool an attempt ran on."""
         return self._pools.get(attempt // ATTEMPTS_PER_DISPATCH, "")
 
+    def claim_of(self, attempt: int) -> Claim:
+        """Who an attempt's first event named (no node: it never started)."""
+        return self._claims.get(attempt) or Claim(self._job.id, attempt, "")
+
     def model_of(self, attempt: int) -> str:
         """The model an attempt ran, where a `models` fallback list placed another than the
         job's; "" otherwise."""
@@ -138,7 +143,7 @@ class JobRun:
                 self._refused_at = now
             return False
         self.current, self._next_seq, self.heard = ev.attempt, 0, now
-        self.claim = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
+        self.claim = self._claims[ev.attempt] = Claim(ev.job_id, ev.attempt, ev.node, ev.proof)
         self._refused_at = None
         self.progressed = now
         return True

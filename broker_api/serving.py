@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 
-import nats.errors
 import structlog
 
 from broker_api import billing
@@ -224,10 +223,11 @@ class Serving:
 
     def attribution(self, s: Session) -> Attribution:
         """Which node ran the answer, as its proof shows (`broker_api.attribution`)."""
-        if s.cached is not None or not s.run.current_node:
+        # the attempt whose output the answer holds; with no output, the last one heard from
+        claim = s.run.claim_of(s.output.attempt) if s.output.attempt >= 0 else s.run.claim
+        if s.cached is not None or not claim.node:
             return Attribution("", None)
-        attempt = s.output.attempt if s.output.attempt >= 0 else (s.run.current or 0)
-        return self._attribute(s.run.claim, s.run.route_of(attempt))
+        return self._attribute(claim, s.run.route_of(claim.attempt))
 
     def charge(self, s: Session, attribution: Attribution | None = None) -> billing.Charge:
         price = (attribution or self.attribution(s)).price
@@ -294,13 +294,9 @@ class Serving:
         if not s.idempotency_key:
             return
         if answer is not None:
-            try:
-                await self._idempotency.complete(
-                    s.idempotency_key, answer, digest=self._idempotency.body_digest(s.job.request)
-                )
-                return
-            except nats.errors.Error as e:  # e.g. an embedding batch's vectors, larger than a message
-                log.warning("idempotency.store_failed", job_id=s.job.id, error=type(e).__name__)
+            digest = self._idempotency.body_digest(s.job.request)
+            await self._idempotency.complete(s.idempotency_key, answer, digest=digest)
+            return
         await self._idempotency.release(s.idempotency_key)
 
     async def drain(self) -> None:

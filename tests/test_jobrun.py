@@ -104,3 +104,15 @@ def test_a_refused_only_attempt_counts_as_silent_so_the_job_is_placed_again() ->
     assert run.silent(1.5)  # nothing else came: not waited out until the deadline
     run.redispatch(JOB, continuing=False)
     assert not run.silent(5.0)  # the new placement gets its own time
+
+
+def test_each_attempt_keeps_the_claim_its_first_event_made() -> None:
+    """Billing names the node of the attempt whose output the answer holds, not the latest one
+    heard from (a replacement that started but sent nothing must not take its place)."""
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(DELTA, 1001, 0, node="a"), now=0)
+    assert run.silent(now=1.5)
+    run.offer(ev(START, 2001, 0, node="b"), now=1.5)
+    assert run.claim.node == "b" and run.claim_of(2001).node == "b"
+    assert run.claim_of(1001).node == "a" and run.claim_of(1001).attempt == 1001
+    assert run.claim_of(3001).node == ""  # never started
