@@ -2,7 +2,7 @@
 start the session, then answer with JSON or an SSE stream, with the headers that say how it was
 answered (`x-tokenyard-cache`, `x-tokenyard-route`, `idempotent-replayed`).
 
-`broker_api.routes_openai` (chat, the hot path, kept as it is), `routes_completions`,
+`broker_api.routes_openai` (chat), `routes_completions`,
 `routes_embeddings` and `routes_responses` share the same steps; only their translation
 (`*_shape.py`, `responses.py`) differs.
 """
