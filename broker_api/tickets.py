@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js.kv import KeyValue
 
+from broker_api.unavailable import retried
 from schemas import subjects
 from schemas.codec import WireError
 from schemas.usage import Ticket
@@ -46,12 +47,18 @@ class Tickets:
 
     @classmethod
     async def open_shared(cls, kv: KeyValue) -> Tickets:
-        """With the key of the secrets bucket, made by whichever gateway asks first."""
-        try:
-            await kv.create(subjects.TICKET_KEY, os.urandom(32))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # another gateway made it first: read that one
-        entry = await kv.get(subjects.TICKET_KEY)
+        """With the key of the secrets bucket, made by whichever gateway asks first. On a
+        cluster that just formed (or lost a node) the bucket may have no leader yet: both steps
+        ride that out (`unavailable.retried`) rather than failing the gateway's start."""
+
+        async def make() -> None:
+            try:
+                await kv.create(subjects.TICKET_KEY, os.urandom(32))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # another gateway made it first (or our first try did): read that one
+
+        await retried(make, what="making the ticket key")
+        entry = await retried(lambda: kv.get(subjects.TICKET_KEY), what="reading the ticket key")
         if entry.value is None:
             raise RuntimeError("the ticket key in the secrets bucket is empty")
         return cls(entry.value)
