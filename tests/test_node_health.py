@@ -50,7 +50,11 @@ async def test_one_nodes_death_moves_traffic_to_its_sibling(stack: Stack, sig: i
         ]
         firsts = [await s.__anext__() for s in streams]  # every stream has started
         assert all(f.choices[0].delta.content for f in firsts)
-        assert await adverts.wait(lambda a: sum(64 - n.slots_free for n in a.values()) == STREAMS, 5.0)
+        # both nodes' adverts, not only the sum: a heartbeat watch that started after the streams
+        # may have heard only the busier node so far
+        assert await adverts.wait(
+            lambda a: set(a) == set(workers) and sum(64 - n.slots_free for n in a.values()) == STREAMS, 10.0
+        )
         busy = {node: 64 - a.slots_free for node, a in adverts.latest.items()}
         victim_id = max(busy, key=lambda n: busy[n])
         sibling_id = next(n for n in busy if n != victim_id)
