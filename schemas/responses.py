@@ -11,7 +11,8 @@ items), `instructions`, function tools, `tool_choice`, `parallel_tool_calls`, `t
 
 `StoredResponse` is what the gateway keeps per org in the responses bucket: the `Response` as
 sent, and the conversation as chat messages (its input items and its output, without its
-instructions, which do not carry over), so a follow-up continues from it.
+instructions, which do not carry over), so a follow-up continues from it. One too large for a
+NATS message is kept in parts beside a `StoredParts` head (`broker_api.response_store`).
 """
 
 from __future__ import annotations
@@ -309,3 +310,32 @@ class StoredResponse:
         if not isinstance(response, dict) or not isinstance(messages, list):
             raise WireError("a stored response holds a response map and a message list")
         return cls(response, messages)
+
+
+MAX_PARTS = 64  # parts of one stored response (32 MiB of 512 KiB parts: far beyond what a job may carry)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredParts:
+    """The head of a stored response too large for one message: its encoded `StoredResponse`
+    is `size` bytes, whose SHA-256 is `digest`, in `parts` entries beside the head."""
+
+    parts: int
+    size: int
+    digest: str
+
+    def encode(self) -> bytes:
+        return pack({"parts": self.parts, "size": self.size, "sha256": self.digest})
+
+
+def decode_stored(data: bytes) -> StoredResponse | StoredParts:
+    """A responses-bucket head: the stored response itself, or the head of one kept in parts."""
+    o = unpack(data)
+    if "parts" not in o:
+        return StoredResponse.decode(data)
+    parts, size, digest = need(o, "parts"), need(o, "size"), need(o, "sha256")
+    if not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS or not isinstance(size, int) or size < 0:
+        raise WireError(f"a stored response's head names {parts!r} parts of {size!r} bytes")
+    if not isinstance(digest, str):
+        raise WireError("a stored response's head holds no digest")
+    return StoredParts(parts, size, digest)

@@ -18,7 +18,7 @@ from schemas.completions import parse_completion_request
 from schemas.embeddings import parse_embedding_request
 from schemas.errors import InvalidRequestError
 from schemas.events import Delta, Piece, TokenLogprob, ToolCallDelta, TopLogprob, decode_event
-from schemas.responses import StoredResponse, parse_response_request
+from schemas.responses import MAX_PARTS, StoredParts, StoredResponse, decode_stored, parse_response_request
 from schemas.rules import estimate_request_prompt
 from schemas.tasks import choices, prompts, task_of
 from tests.openai_schema import validate
@@ -167,3 +167,16 @@ def test_stored_responses_round_trip() -> None:
     assert StoredResponse.decode(stored.encode()) == stored
     with pytest.raises(WireError):
         StoredResponse.decode(pack({"resp": [], "msgs": []}))
+    # a bucket's head is either the response itself or the head of one kept in parts
+    assert decode_stored(stored.encode()) == stored
+    head = StoredParts(3, 1_300_000, "ab" * 32)
+    assert decode_stored(head.encode()) == head
+    for bad in (
+        {"parts": 0, "size": 1, "sha256": "x"},
+        {"parts": MAX_PARTS + 1, "size": 1, "sha256": "x"},
+        {"parts": 2, "size": -1, "sha256": "x"},
+        {"parts": 2, "size": 1, "sha256": None},
+        {"parts": 2, "size": 1},
+    ):
+        with pytest.raises(WireError):
+            decode_stored(pack(bad))
