@@ -6,7 +6,9 @@
 - A machine joins with it (`POST /v1/nodes/join`, no API key: the token is the credential;
   attempts per client address are rate-limited): it gets a stable node id and its own NATS user
   credentials, scoped by `schemas.permissions.node` to its pool, models and kind, signed with
-  the account key from the auth dir (`broker_api.nats_auth`). The registry records it.
+  the account key from the auth dir (`broker_api.nats_auth`). The registry records it. A node
+  whose models would make credentials too long for a NATS connect is refused (400) before its
+  token is spent.
 - Disabling or removing a node revokes its NATS user in the account JWT and pushes that JWT to
   the servers' resolver (`$SYS.REQ.CLAIMS.UPDATE`, as the system account's user): nats-server
   closes its connections at once and refuses them after. Enabling lifts the revocation, so the
@@ -31,7 +33,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from broker_api.nats_auth import AuthDir
+from broker_api.nats_auth import MAX_USER_JWT, AuthDir, CredentialsTooLargeError
 from broker_api.nats_jwt import decode_claims
 from broker_api.registry import INVALID_TOKEN, NodeRegistry
 from schemas import subjects
@@ -101,6 +103,15 @@ class Credentials:
         log.info("nodes.revocations_pushed", revoked=len(revocations))
 
 
+def _too_many_models(count: int, e: CredentialsTooLargeError) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"A node with these {count} models would need NATS credentials of {e.size} bytes, more than NATS accepts "
+        f"when a node connects ({MAX_USER_JWT}). Enrol it for fewer models, or with shorter model ids.",
+        param="models",
+        code="too_many_models",
+    )
+
+
 class JoinLimiter:
     """At most `rate` join attempts per client address per minute (a token's secret is 256
     bits, so guessing is hopeless anyway; this keeps a scan from costing us)."""
@@ -164,8 +175,12 @@ class Enrolment:
     async def create_token(
         self, *, org: str, pool: str, kind: EnrolledKind, models: tuple[str, ...], ttl: float, uses: int, creator: str
     ) -> tuple[str, EnrolToken]:
-        self._need_credentials()
+        credentials = self._need_credentials()
         self.check_pool(pool)
+        try:  # a token whose models no node could connect with is refused now, not at each join
+            credentials.issue_node(self.registry.new_node_id(), pool, models)
+        except CredentialsTooLargeError as e:
+            raise _too_many_models(len(models), e) from e
         now = time.time()
         template = EnrolToken(
             id="",
@@ -198,9 +213,12 @@ class Enrolment:
                 else "Say which models this node serves (the token names none): the worker's --models.",
                 param="models",
             )
-        await self.registry.spend(token)
         node_id = self.registry.new_node_id()
-        creds, user_key = credentials.issue_node(node_id, token.pool, allowed)
+        try:  # before the token is spent: a node refused here may join again with fewer models
+            creds, user_key = credentials.issue_node(node_id, token.pool, allowed)
+        except CredentialsTooLargeError as e:
+            raise _too_many_models(len(allowed), e) from e
+        await self.registry.spend(token)
         record = NodeRecord(
             id=node_id,
             org=token.org,

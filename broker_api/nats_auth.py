@@ -18,6 +18,13 @@ Every file with a secret is mode 0600. Running it again keeps the keys and write
 missing, so credentials already handed out stay valid; an adapter's credentials are issued
 again when its models changed (the old ones keep working until the operator revokes them).
 
+A user JWT travels in the client's CONNECT line, and an enrolled node's names each of its
+models' consumers (`schemas.permissions.node`: four subjects per model, which no NATS wildcard
+can narrow to one model), so hundreds of long model ids make a JWT of hundreds of KiB. The
+config raises nats-server's `max_control_line` to `MAX_CONTROL_LINE`, and `issue` refuses
+credentials whose JWT would not fit it (`CredentialsTooLargeError`, before anything is handed
+out): 256 models of 100 characters make ~230 KB, about a quarter of `MAX_USER_JWT`.
+
 Why JWTs and not auth callout: the server verifies a JWT chain itself, so no Tokenyard process
 sits on the connect path (NATS keeps accepting the scheduler and the workers while every gateway
 is down), and revoking a user in the account JWT makes the server close that user's connections
@@ -59,7 +66,23 @@ ACCOUNT_NAME = "TOKENYARD"
 SYSTEM_NAME = "SYS"
 SYS_ROLE = "sys"
 LOCAL_WORKER = "worker"
+MAX_CONTROL_LINE = 1 << 20  # nats-server's longest protocol line, as nats-auth.conf sets it (its default is 4 KiB)
+# The longest user JWT issued: the CONNECT line around it (signature, name, versions) must fit
+# MAX_CONTROL_LINE, and nats-io/jwt refuses any JWT past 1 MB (nats-server 2.15 took one of
+# 973 KB and refused one of 991 KB).
+MAX_USER_JWT = 900_000
 _JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*-+END NATS USER JWT-+")
+
+
+class CredentialsTooLargeError(ValueError):
+    """Permissions whose user JWT would not fit the CONNECT line nats-server accepts."""
+
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__(
+            f"the NATS credentials of {name} would carry a {size}-byte user JWT, more than the {MAX_USER_JWT} bytes "
+            "a NATS CONNECT line may hold"
+        )
+        self.size = size
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -162,9 +185,12 @@ class AuthDir:
         return creds_path(self.path, SYS_ROLE)
 
     def issue(self, name: str, perms: Permissions, *, issued_at: int = 0) -> tuple[str, str]:
-        """A new identity in the TOKENYARD account: its `.creds` text and public key."""
+        """A new identity in the TOKENYARD account: its `.creds` text and public key. Raises
+        `CredentialsTooLargeError` where its JWT would not fit a CONNECT line."""
         user = Key.new(USER)
         jwt = user_jwt(self.keys.account, user.public, name=name, permissions=perms, issued_at=issued_at)
+        if len(jwt) > MAX_USER_JWT:
+            raise CredentialsTooLargeError(name, len(jwt))
         return creds(jwt, user.seed), user.public
 
     def account_jwt(self, revocations: dict[str, int] | None = None) -> str:
@@ -189,7 +215,7 @@ class AuthDir:
             "# from a nats-server config. Account updates (revocations) arrive at run time and are kept\n"
             "# in the resolver's directory, which must be this server's own.\n"
             "# A user JWT travels in the CONNECT line: a node enrolled for many models has a long one.\n"
-            "max_control_line: 65536\n"
+            f"max_control_line: {MAX_CONTROL_LINE}\n"
             f'operator: "{operator}"\n'
             f"system_account: {k.system.public}\n"
             f'resolver: {{\n  type: full\n  dir: "{store}"\n  allow_delete: false\n  interval: "2m"\n'

@@ -134,3 +134,41 @@ async def test_operator_pools_take_no_enrolled_nodes(stack: Stack) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "pool", r.text
         r = await admin(http, "POST", "/nodes/tokens", json={"pool": "Not A Pool"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "pool"
+
+
+async def test_a_node_enrolled_for_256_long_model_ids_connects_and_serves_them(gateway: Stack, tmp_path: Path) -> None:
+    """256 models of 100 characters give a node a ~230 KB user JWT: more than the 64 KiB CONNECT
+    line the NATS config used to allow. Far longer ones are refused at enrolment, clearly, and
+    the token is still good."""
+    many = [f"org-{i:03d}/" + "m" * 92 for i in range(256)]
+    assert {len(m) for m in many} == {100}
+    async with httpx.AsyncClient(base_url=gateway.api_url, timeout=60) as http:
+        named = await admin(http, "POST", "/nodes/tokens", json={"pool": LAB, "models": [m * 12 for m in many]})
+        assert named.status_code == 400 and named.json()["error"]["code"] == "too_many_models", named.text[:300]
+        token = await create_token(http, pool=LAB, kind="own", ttl=600, uses=1)
+        huge = await _join(http, token["token"], [m * 12 for m in many])
+        assert huge.status_code == 400, huge.text[:300]
+        error = huge.json()["error"]
+        assert (error["param"], error["code"]) == ("models", "too_many_models") and "fewer models" in error["message"]
+        proc = join_node(
+            gateway,
+            gateway.api_url,
+            tmp_path / "node",
+            "--models",
+            ",".join(many),
+            token=token["token"],
+            TOKENYARD_SLOTS="256",
+        )
+        node = await wait_for_node(http, timeout=90)
+        assert node["models"] == many, proc.output()
+        # (a slot per model: with fewer slots than models the worker keeps pulls standing for
+        # only as many models as it has slots, and the rest wait)
+        await gateway.wait_for_model(many[200], timeout=60)
+        async with openai.AsyncOpenAI(
+            base_url=f"{gateway.api_url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30
+        ) as client:
+            r = await client.chat.completions.create(
+                model=many[200], messages=[{"role": "user", "content": "from the long list"}], max_tokens=4
+            )
+        assert r.choices[0].message.content == "from the long list"
+        assert "Maximum Control Line" not in proc.output()

@@ -11,7 +11,15 @@ import nkeys
 import pytest
 
 from broker_api.enrolment import JoinLimiter
-from broker_api.nats_auth import AuthDir, issued_publish, provider_models, role_permissions
+from broker_api.nats_auth import (
+    MAX_CONTROL_LINE,
+    MAX_USER_JWT,
+    AuthDir,
+    CredentialsTooLargeError,
+    issued_publish,
+    provider_models,
+    role_permissions,
+)
 from broker_api.nats_auth import main as nats_auth_main
 from broker_api.nats_jwt import decode_claims
 from schemas import permissions, subjects
@@ -114,15 +122,27 @@ def test_jwts_chain_to_the_operator_and_stay_small(tmp_path: Path) -> None:
     assert account["iss"] == auth.keys.operator.public and account["nats"]["revocations"] == {"UABC": 5}
     assert account["nats"]["limits"]["disk_storage"] == -1  # JetStream on for the account
     # A user JWT travels in the CONNECT line. The server config that comes with every credential
-    # raises nats-server's 4 KiB default; each fixed role stays at an eighth of that, so a grown
-    # permission list shows up here long before a connect is refused.
+    # raises nats-server's 4 KiB default to what issuing allows; each fixed role stays at 8 KiB,
+    # so a grown permission list shows up here long before it matters.
     limit = int(re.search(r"max_control_line: (\d+)", auth.server_config(tmp_path / "jwt")).group(1))  # type: ignore[union-attr]
+    assert limit == MAX_CONTROL_LINE > MAX_USER_JWT + 64 * 1024
     for role in ("api", "scheduler", "ledger", "worker", "adapter-openai"):
         issued = auth.issue(role, role_permissions(role))[0].split("\n")[1]
-        assert len(issued) < limit // 8, (role, len(issued))
+        assert len(issued) < 8192, (role, len(issued))
     assert AuthDir.open(tmp_path) is not None and AuthDir.open(tmp_path / "nothing") is None
     again = AuthDir.init(tmp_path)  # keeps its keys: credentials already handed out stay valid
     assert again.keys == auth.keys and creds_path(tmp_path, "api").read_text() == text
+
+
+def test_credentials_too_long_for_a_connect_are_refused_when_issued(tmp_path: Path) -> None:
+    """256 models of 100 characters fit (about a quarter of the room); ten times as long do not."""
+    auth = AuthDir.init(tmp_path)
+    many = [f"org-{i:03d}/" + "m" * 92 for i in range(256)]
+    fits = auth.issue("node-a", permissions.node("nd-a", "lab", many))[0].split("\n")[1]
+    assert 200_000 < len(fits) < MAX_USER_JWT // 3
+    with pytest.raises(CredentialsTooLargeError) as e:
+        auth.issue("node-b", permissions.node("nd-b", "lab", [m * 10 for m in many]))
+    assert e.value.size > MAX_USER_JWT and "node-b" in str(e.value)
 
 
 def test_node_permissions_name_only_its_own_consumers() -> None:
