@@ -97,7 +97,9 @@ class Tokenyard:
         monitor_port = free_port()
         # NATS with authentication, each role with its own credentials, as `tokenyard up` runs it
         # (broker_api/launcher.py); the cloud adapter with the credentials of its pool.
-        AuthDir.init(self.tmp, adapters=("fast",), local_worker=echo, resolver_dir=self.tmp / "nats" / "jwt")
+        AuthDir.init(
+            self.tmp, adapters={"fast": (TOKENYARD_MODEL,)}, local_worker=echo, resolver_dir=self.tmp / "nats" / "jwt"
+        )
         self.nats = NatsServer(
             self.tmp / "nats",
             sync_always=fsync,

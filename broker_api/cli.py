@@ -16,7 +16,7 @@
     tokenyard nodes token create --pool P --kind own|volunteer [--models a,b] [--ttl 24h] [--uses N]
     tokenyard nodes list|show|disable|enable|remove|price   enrolled nodes
     tokenyard worker join --server URL --token T [worker flags]   enrol this machine, then serve
-    tokenyard auth init --out DIR [--adapters openai,azure]   NATS credentials for a deployment
+    tokenyard auth init --out DIR [--providers FILE]   NATS credentials for a deployment
 
 The admin commands and `top` talk to a running gateway: a local `tokenyard up` by default, or
 `--api-url URL` (with `--admin-key`, `--data-dir`), before or after the command.

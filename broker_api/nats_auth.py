@@ -7,10 +7,10 @@
   account, and NATS's own "full" resolver (account JWTs kept in a directory, updated at run time
   through `$SYS.REQ.CLAIMS.UPDATE`, kept across restarts) preloaded with both accounts;
 - `DIR/creds/<role>.creds` for `api`, `scheduler`, `ledger`, `adapter-<provider>` per
-  provider (`--providers FILE`: each may pull only its own models' work, as that file names
-  them; `--adapters NAME,...`: any model of its pool), `worker` (the operator's own
-  workers, any pool) with `--local-worker`, and `sys` (the system account's user: the gateway
-  pushes revocations with it);
+  provider (`--providers FILE`, or `--adapter NAME=MODEL,...`: each may pull only its own
+  models' work, as that file or flag names them), `worker` (the operator's own workers, any
+  pool) with `--local-worker`, and `sys` (the system account's user: the gateway pushes
+  revocations with it);
 - `DIR/nats-keys.json` (mode 0600): the seeds a gateway needs later, to sign enrolled nodes'
   user JWTs (the account's) and to re-sign the account JWT with revocations (the operator's).
 
@@ -148,12 +148,13 @@ class AuthDir:
         cls,
         path: str | Path,
         *,
-        adapters: Mapping[str, tuple[str, ...]] | tuple[str, ...] = (),
+        adapters: Mapping[str, tuple[str, ...]] | None = None,
         local_worker: bool = False,
         resolver_dir: str | Path | None = None,
     ) -> AuthDir:
-        """`adapters`: provider names, or provider name -> the models it serves (see
-        `schemas.permissions.adapter`)."""
+        """`adapters`: provider name -> the models it serves, the only work its credentials
+        may pull (`schemas.permissions.adapter`). Raises `CredentialsTooLargeError` for an
+        adapter with more models than its credentials can name."""
         p = Path(path).expanduser().resolve()
         found = cls.open(p)
         auth = found or cls(p, AuthKeys.create())
@@ -161,7 +162,7 @@ class AuthDir:
             write_secret(p / KEYS_FILE, auth.keys.to_json())
         conf = auth.server_config(Path(resolver_dir) if resolver_dir else p / "jwt")
         (p / CONF_FILE).write_text(conf)
-        served = adapters if isinstance(adapters, Mapping) else dict.fromkeys(adapters, ())
+        served = adapters or {}
         roles = {"api": (), "scheduler": (), "ledger": (), **{f"adapter-{a}": tuple(m) for a, m in served.items()}}
         if local_worker:
             roles[LOCAL_WORKER] = ()
@@ -267,36 +268,54 @@ def parser() -> argparse.ArgumentParser:
         "--providers", default="", help="a provider config (YAML): one adapter-<name>.creds each, held to its models"
     )
     p.add_argument(
-        "--adapters", default="", help="more cloud providers, comma-separated: adapter-<name>.creds for any model"
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL,...",
+        help="one more cloud provider (repeatable): adapter-<name>.creds for exactly these models of its pool",
     )
+    p.add_argument("--adapters", default="", help=argparse.SUPPRESS)  # refused: see main
     p.add_argument("--local-worker", action="store_true", help="also creds/worker.creds: the operator's own workers")
     p.add_argument("--resolver-dir", default="", help="where nats-server keeps account JWTs (default DIR/jwt)")
     return p
 
 
+def adapter_flags(values: list[str]) -> dict[str, tuple[str, ...]]:
+    """`--adapter NAME=MODEL,...` values as provider name -> models; ValueError saying what is wrong."""
+    found: dict[str, tuple[str, ...]] = {}
+    for value in values:
+        name, _, listed = value.partition("=")
+        models = tuple(m.strip() for m in listed.split(",") if m.strip())
+        if not name.strip() or not models:
+            raise ValueError(f"--adapter {value!r}: give a provider and the models it serves: --adapter NAME=MODEL,...")
+        found[name.strip()] = models
+    return found
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "init":
         print(
-            "usage: tokenyard auth init --out DIR [--providers FILE] [--adapters openai,azure] [--local-worker]",
+            "usage: tokenyard auth init --out DIR [--providers FILE] [--adapter openai=gpt-4o,gpt-4o-mini] "
+            "[--local-worker]",
             file=sys.stderr,
         )
         return 2
     a = parser().parse_args(argv[1:])
-    adapters: dict[str, tuple[str, ...]] = dict.fromkeys((x.strip() for x in a.adapters.split(",") if x.strip()), ())
-    if a.providers:
-        try:
-            adapters.update(provider_models(a.providers))
-        except ValueError as e:
-            print(f"tokenyard auth init: {e}", file=sys.stderr)
-            return 2
-    for name, models in adapters.items():
-        if len(models) > permissions.ADAPTER_MODELS_NAMED:
-            print(
-                f"note: adapter-{name} maps {len(models)} models (more than {permissions.ADAPTER_MODELS_NAMED}):"
-                " its credentials allow any model of its pool",
-                file=sys.stderr,
-            )
-    auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
+    if a.adapters:
+        print(
+            "tokenyard auth init: --adapters NAME is no longer accepted: credentials for any model of a pool could "
+            "pull every pool's work (a consumer name cannot be matched in part). Name each adapter's models: "
+            "--providers FILE (its provider config) or --adapter NAME=MODEL,...",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        adapters = provider_models(a.providers) if a.providers else {}
+        adapters.update(adapter_flags(a.adapter))
+        auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
+    except ValueError as e:  # a bad provider file or flag, or an adapter with more models than credentials hold
+        print(f"tokenyard auth init: {e}", file=sys.stderr)
+        return 2
     print(f"NATS auth in {auth.path}:")
     print(f"  {auth.conf_path}   (include it from the nats-server config)")
     for creds_file in sorted((auth.path / "creds").glob("*.creds")):

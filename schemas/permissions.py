@@ -10,15 +10,14 @@ user JWT; the server enforces them. Roles:
   reads routing policies and the node registry, settles usage.
 - `ledger`: reads the usage and audit streams into its database and answers the gateways'
   report queries (a gateway with `--ledger` has this inside `api`).
-- `adapter(pool, models)`: an operator's worker (a cloud adapter, or `tokenyard up`'s own
-  worker): serves the work queues of its pool, may create only consumers that filter that
-  pool's subjects, and advertises under any node id. With its models named (a cloud adapter's,
-  from the operator's provider file: `tokenyard up --providers`, `tokenyard auth init
-  --providers`) it may create, read, pull from and ack only those models' consumers of its
-  pool, as a node may. A consumer's name is one subject token (`work-<pool>-<model>`), which a
-  NATS permission cannot match by prefix, so an adapter issued without its models (`auth init
-  --adapters NAME`) may still pull from any work consumer; `tokenyard up`'s own worker
-  (`adapter(None)`) serves every pool by design.
+- `adapter(pool, models)`: an operator's cloud adapter: serves the work queues of its pool,
+  advertises under any node id, and may create, read, pull from and ack exactly its models'
+  consumers of that pool (the models its provider file maps: `tokenyard up --providers`,
+  `tokenyard auth init --providers` or `--adapter NAME=MODEL,...`), as a node may; none named,
+  none at all. A consumer's name is one subject token (`work-<pool>-<model>`), which a NATS
+  permission cannot match by prefix, so a wildcard over consumer names would reach every
+  pool's consumers, enrolled nodes' included: no pool is granted so. `adapter(None)` is
+  `tokenyard up`'s own worker on the operator's machine, which serves every pool by design.
 - `node(node, pool, models)`: an enrolled node, the one identity given to machines the
   operator does not run. It may create, read and pull only the consumers of the models it was
   enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
@@ -58,10 +57,6 @@ def _buckets(*buckets: str) -> tuple[str, ...]:
         out += [*subjects.js_stream_access(f"KV_{bucket}"), subjects.kv_entries(bucket)]
     return tuple(out)
 
-
-# Models an adapter's credentials name one by one (four subjects each, ~300 bytes of JWT): more
-# would outgrow the CONNECT line nats-server accepts (`max_control_line` in nats-auth.conf).
-ADAPTER_MODELS_NAMED = 64
 
 _JS_BASICS = (subjects.JS_API_INFO, subjects.JS_STREAM_NAMES, subjects.JS_STREAM_LIST)
 
@@ -124,15 +119,14 @@ def scheduler() -> Permissions:
 def adapter(pool: str | None, models: tuple[str, ...] = ()) -> Permissions:
     """`pool` None: an operator's worker for any pool (what `tokenyard up` gives the workers it
     runs on its own machine, so a cloud adapter added to a local stack needs no step).
-    `models`: the only ones it serves in `pool` (empty, or more than `ADAPTER_MODELS_NAMED`:
-    any, see the module's note)."""
+    Otherwise the work of exactly `models` in `pool` (none: no work at all)."""
     stream = subjects.WORK_STREAM
     publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY, subjects.ORPHAN_ANY)
-    if pool and models and len(models) <= ADAPTER_MODELS_NAMED:
+    if pool:
         publish += _consumers(pool, models)
     else:
         publish += (
-            subjects.js_consumer_create(stream, "*", subjects.work_pool_all(pool) if pool else subjects.WORK_ANY_POOL),
+            subjects.js_consumer_create(stream, "*", subjects.WORK_ANY_POOL),
             subjects.js_consumer_info(stream, "*"),
             subjects.js_consumer_next(stream, "*"),
             subjects.js_ack(stream, "*"),

@@ -136,11 +136,6 @@ def work_subject(pool: str, model_id: str) -> str:
     return f"{PREFIX}.work.{check_pool(pool)}.{model_token(model_id)}"
 
 
-def work_pool_all(pool: str) -> str:
-    """Every work subject of one pool (a wildcard, for permissions)."""
-    return f"{PREFIX}.work.{check_pool(pool)}.*"
-
-
 def parse_work_subject(subject: str) -> tuple[str, str] | None:
     """(pool, model id) of a `work_subject`, or None for any other subject."""
     parts = subject.split(".")

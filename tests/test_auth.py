@@ -73,7 +73,7 @@ async def _violations(url: str, creds: str, *, publish: list[str], subscribe: li
 async def test_each_operator_role_is_held_to_its_own_subjects(tmp_path: Path) -> None:
     stack = Stack(tmp_path)
     assert stack.auth is not None
-    AuthDir.init(stack.auth.path, adapters=("openai",))  # adds adapter-openai.creds
+    AuthDir.init(stack.auth.path, adapters={"openai": ("gpt-4o",)})  # adds adapter-openai.creds
     stack.start_nats()
     try:
         denied: dict[str, tuple[list[str], list[str]]] = {

@@ -110,7 +110,7 @@ def test_the_join_limiter_counts_per_address_within_a_minute() -> None:
 
 
 def test_jwts_chain_to_the_operator_and_stay_small(tmp_path: Path) -> None:
-    auth = AuthDir.init(tmp_path, adapters=("openai",), local_worker=True)
+    auth = AuthDir.init(tmp_path, adapters={"openai": ("gpt-4o",)}, local_worker=True)
     text = creds_path(tmp_path, "api").read_text()
     jwt = text.split("-----BEGIN NATS USER JWT-----\n")[1].split("\n")[0]
     head, body, sig = jwt.split(".")
@@ -176,19 +176,18 @@ def test_auth_init_holds_each_adapter_to_its_providers_models(tmp_path: Path) ->
     again, it keeps credentials that still fit and issues again those whose models changed."""
     example = Path(__file__).resolve().parents[1] / "deploy" / "providers.example.yaml"
     out = tmp_path / "auth"
-    assert nats_auth_main(["init", "--out", str(out), "--providers", str(example), "--adapters", "extra"]) == 0
+    extra = "--adapter", "extra=m-1,m-2"
+    assert nats_auth_main(["init", "--out", str(out), "--providers", str(example), *extra]) == 0
     served = provider_models(example)
     assert served["openai"], served
-    for name, models in served.items():
+    for name, models in {**served, "extra": ("m-1", "m-2")}.items():
         allowed = issued_publish(creds_path(out, f"adapter-{name}"))
         assert allowed == list(permissions.adapter(name, models).publish)
         assert not any(a.endswith(".*") and "MSG.NEXT" in a for a in allowed or ())  # no other consumer
         for model in models:
             assert f"$JS.API.CONSUMER.MSG.NEXT.TY_WORK.{subjects.work_consumer(name, model)}" in (allowed or [])
-    # named without a provider file: any model of its pool (a consumer name cannot be matched by prefix)
-    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in (issued_publish(creds_path(out, "adapter-extra")) or [])
     before = {p.name: p.read_text() for p in (out / "creds").iterdir()}
-    AuthDir.init(out, adapters={**served, "extra": ()})
+    AuthDir.init(out, adapters={**served, "extra": ("m-1", "m-2")})
     assert {p.name: p.read_text() for p in (out / "creds").iterdir()} == before  # nothing re-issued
     AuthDir.init(out, adapters={**served, "openai": ("gpt-new",)})
     assert issued_publish(creds_path(out, "adapter-openai")) == list(
@@ -197,12 +196,22 @@ def test_auth_init_holds_each_adapter_to_its_providers_models(tmp_path: Path) ->
     assert creds_path(out, "api").read_text() == before["api.creds"]
 
 
-def test_an_adapter_with_very_many_models_falls_back_to_its_whole_pool() -> None:
-    """Named one by one, a few hundred models would outgrow the CONNECT line nats-server takes."""
-    many = tuple(f"m{i}" for i in range(permissions.ADAPTER_MODELS_NAMED + 1))
-    wide = permissions.adapter("openai", many).publish
-    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" in wide
-    assert f"$JS.API.CONSUMER.CREATE.TY_WORK.*.{subjects.work_pool_all('openai')}" in wide
-    named = permissions.adapter("openai", many[:-1]).publish
+def test_an_adapter_is_never_issued_any_pools_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """However many models, an adapter's credentials name each one (a wildcard over consumer
+    names would reach every pool's); none named, no work at all; `--adapters NAME`, which gave
+    the wildcard, is refused, and so are more models than credentials can hold."""
+    many = tuple(f"m{i}" for i in range(300))
+    named = permissions.adapter("openai", many).publish
     # heartbeats, replies and orphan reports, then each model's four consumer subjects
-    assert "$JS.API.CONSUMER.MSG.NEXT.TY_WORK.*" not in named and len(named) == 3 + 4 * len(many[:-1])
+    assert len(named) == 3 + 4 * len(many) and not any("TY_WORK.*" in p for p in named)
+    assert not any("TY_WORK" in p for p in permissions.adapter("openai", ()).publish)
+    out = str(tmp_path / "auth")
+    assert nats_auth_main(["init", "--out", out, "--adapter", "openai=" + ",".join(many)]) == 0
+    assert issued_publish(creds_path(out, "adapter-openai")) == list(named)
+    assert nats_auth_main(["init", "--out", out, "--adapters", "openai"]) == 2
+    assert "--adapter NAME=MODEL" in capsys.readouterr().err
+    assert nats_auth_main(["init", "--out", out, "--adapter", "azure"]) == 2
+    too_many = ",".join(f"{i:04d}-" + "m" * 200 for i in range(1000))
+    assert nats_auth_main(["init", "--out", out, "--adapter", f"azure={too_many}"]) == 2
+    assert "a NATS CONNECT line may hold" in capsys.readouterr().err
+    assert not creds_path(out, "adapter-azure").exists()

@@ -179,12 +179,15 @@ async def test_a_filter_other_than_the_consumers_own_is_refused_by_the_server(se
         await node.close()
 
 
-async def test_a_cloud_adapter_pulls_only_its_own_models_work(secured: Stack) -> None:
+@pytest.mark.parametrize("served", [1, 100], ids=["one-model", "100-models"])
+async def test_a_cloud_adapter_pulls_only_its_own_models_work(secured: Stack, served: int) -> None:
     """An adapter issued with its provider's models (as `tokenyard up --providers` and `auth init
     --providers` issue it) may pull its own models' consumers of its pool, and no other pool's or
-    model's work: the jobs queued there stay for their own workers."""
+    model's work: the jobs queued there stay for their own workers. However many models it has
+    (more than 64 used to fall back to a wildcard over every consumer name: any pool's work)."""
     assert secured.auth is not None
-    AuthDir.init(secured.auth.path, adapters={"prov-b": (ECHO,)})
+    models = (ECHO, *(f"prov-model-{i}" for i in range(served - 1)))
+    AuthDir.init(secured.auth.path, adapters={"prov-b": models})
     ops = await secured.bus()
     ojs = ops.jetstream()
     await ojs.add_consumer(subjects.WORK_STREAM, consumer("prov-b", OTHER))  # its pool, a model it does not serve

@@ -199,7 +199,7 @@ class WorkerSettings:
     @staticmethod
     def creds_roles(backend: str, provider: str) -> tuple[str, ...]:
         """Whose credentials in the data dir a worker uses when not given `--nats-creds`: a
-        cloud adapter's own (`tokenyard auth init --adapters`), else the operator's worker's
+        cloud adapter's own (`tokenyard auth init --providers`), else the operator's worker's
         (what `tokenyard up` writes). An enrolled node is given its own (`tokenyard worker join`)."""
         own = (f"adapter-{provider}",) if backend == "cloud" and provider else ()
         return (*own, "worker")
