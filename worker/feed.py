@@ -7,7 +7,10 @@ again. So a worker below capacity sends no request per job at all, and one at ca
 one small request each time a slot frees, off the job's critical path.
 
 Invariant: `running + outstanding <= slots` (a job arrives only against a request made when a
-slot was free), so a worker never holds a job it has no room for.
+slot was free), so a worker never holds a job it has no room for. A worker with more models than
+free slots cannot keep a request standing on every model: it asks on the models asked least
+recently first, with requests short enough (`expiry`) that every model's turn comes round within
+`ROTATION` seconds, so a model late in the list is not starved by the ones before it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ log = structlog.get_logger(__name__)
 
 EXPIRES = 5.0  # seconds a pull request stands before the server retires it (and says so)
 STALE = EXPIRES + 3.0  # no word on a feed for this long: forget its requests (lost on a reconnect)
+ROTATION = 2.0  # seconds for every model's turn to come round when models outnumber free slots
+SHORTEST = 0.25  # seconds: the shortest request, which bounds the pull traffic that rotation costs
+
+
+def expiry(slots: int, feeds: int) -> float:
+    """How long a pull request stands: the full EXPIRES while every model can keep one standing,
+    shorter as models outnumber slots, so the requests rotate through them within ROTATION."""
+    if feeds <= slots:
+        return EXPIRES
+    return min(EXPIRES, max(SHORTEST, ROTATION * slots / feeds))
 
 
 class Feed:
@@ -45,6 +58,7 @@ class Feed:
         self._then = then
         self.outstanding = 0
         self.heard = time.monotonic()
+        self.asked = 0.0  # when this feed last made a request: the least recent asks first
         self._inbox = ""
         self._sub: Subscription | None = None
 
@@ -61,9 +75,10 @@ class Feed:
             self._sub = None
         self.outstanding = 0
 
-    async def request(self, batch: int) -> None:
+    async def request(self, batch: int, expires: float = EXPIRES) -> None:
         self.outstanding += batch
-        body = json.dumps({"batch": batch, "expires": int(EXPIRES * 1e9)}).encode()
+        self.asked = time.monotonic()
+        body = json.dumps({"batch": batch, "expires": int(expires * 1e9)}).encode()
         try:
             await self._nc.publish(self._api, body, reply=self._inbox)
         except nats.errors.Error as e:

@@ -47,6 +47,7 @@ from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
 from worker.events import EventStream
 from worker.feed import Feed
+from worker.feed import expiry as feed_expiry
 from worker.identity import Signer
 from worker.idle import AlwaysAvailable, Availability, hand_back
 from worker.metrics import WorkerMetrics
@@ -259,11 +260,12 @@ class Worker:
         try:
             free = self._total - len(self._job_tasks) - sum(f.outstanding for f in self._feeds)
             share = max(1, self._total // max(1, len(self._feeds)))
-            for feed in sorted(self._feeds, key=lambda f: f.outstanding):
+            expires = feed_expiry(self._total, len(self._feeds))
+            for feed in sorted(self._feeds, key=lambda f: (f.outstanding, f.asked)):
                 want = min(free, share - feed.outstanding)
                 # ask in batches, not per slot, unless the feed has nothing standing at all
                 if want > 0 and (feed.outstanding == 0 or want >= max(1, share // 4)):
-                    await feed.request(want)
+                    await feed.request(want, expires)
                     free -= want
         finally:
             self._topping = False
