@@ -4,14 +4,19 @@ answered (`x-tokenyard-cache`, `x-tokenyard-route`, `idempotent-replayed`).
 
 `broker_api.routes_openai` (chat), `routes_completions`,
 `routes_embeddings` and `routes_responses` share the same steps; only their translation
-(`*_shape.py`, `responses.py`) differs.
+(`*_shape.py`, `responses.py`) differs. A stream is one loop (`stream`) for every API: each
+route's `Encoder` says what its frames are (chat chunks, legacy completion chunks, Responses
+events), the loop when they are sent, what an error after the first frame becomes, and how the
+stream ends; `answer_stream` bounds its writes and bills what was written.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
+import structlog
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -19,10 +24,15 @@ from pydantic import BaseModel
 from broker_api.auth import Principal
 from broker_api.body import read_json
 from broker_api.deps import Services
-from broker_api.serving import STALLED
+from broker_api.output import ChoiceResult
+from broker_api.serving import STALLED, Serving
 from broker_api.session import Ask, Session
 from broker_api.sessions import signed_in
-from broker_api.web import BoundedStream, sse, sse_events, watch_disconnect
+from broker_api.web import BoundedStream, data_frame, sse, watch_disconnect
+from schemas.errors import TokenyardError
+from schemas.events import Piece
+
+log = structlog.get_logger(__name__)
 
 CACHE_HEADER = "x-tokenyard-cache"
 ROUTE_HEADER = "x-tokenyard-route"
@@ -80,20 +90,86 @@ async def answer_json(request: Request, s: Services, session: Session, work: Cal
     )
 
 
-async def answer_stream(
-    s: Services, session: Session, payloads: AsyncGenerator[Any, None], *, named: bool = False
-) -> Response:
-    """The answer as SSE: the first payload is produced before the response starts (an error
-    up to then is an HTTP error). `named`: payloads are (event, JSON) pairs."""
+class Encoder(Protocol):
+    """One API's SSE stream of a run, as framed bytes (`web.data_frame`, `web.event_frame`)."""
+
+    def start(self) -> Iterator[bytes]:
+        """What opens the stream, once the first output (or the stored answer) is there."""
+        ...
+
+    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
+        """A stored answer's output (a cache hit)."""
+        ...
+
+    def piece(self, piece: Piece) -> Iterator[bytes]:
+        """One piece of the running answer."""
+        ...
+
+    def failed(self, e: TokenyardError) -> Iterator[bytes]:
+        """What tells the client of an error once streaming (the stream then ends)."""
+        ...
+
+    def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
+        """The whole answer's last frames: finish reasons, usage, the terminal event."""
+        ...
+
+
+def error_frame(e: TokenyardError) -> bytes:
+    """An error once streaming, as chat and legacy completions send it: the error object as data."""
+    return data_frame(json.dumps(e.body(), separators=(",", ":")))
+
+
+async def stream(serving: Serving, s: Session, enc: Encoder) -> AsyncGenerator[bytes, None]:
+    """A run's SSE frames in `enc`'s API. The first is produced only once the job's first output
+    came (or its stored answer), so an error up to then is still an HTTP error; after it, an
+    error becomes the API's error frames and ends the stream."""
+    if s.cached is not None:
+        results = await serving.results(s)
+        for frame in enc.start():
+            yield frame
+        for frame in enc.stored(results):
+            yield frame
+    else:
+        events = serving.events(s)
+        started = False
+        try:
+            async for ev in events:
+                s.run.commit()
+                if not started:
+                    started = True
+                    for frame in enc.start():
+                        yield frame
+                for piece in ev.pieces:
+                    for frame in enc.piece(piece):
+                        yield frame
+        except TokenyardError as e:
+            if not s.run.committed:
+                raise
+            log.warning("job.stream_failed", job_id=s.job.id, error=e.message)
+            for frame in enc.failed(e):
+                yield frame
+            return
+        finally:
+            await events.aclose()
+        if s.done is None:  # events() ends only at a DONE or by raising
+            raise TokenyardError("The job ended without an answer.")
+        results = s.output.results(s.done)
+    async for frame in enc.end(results):
+        yield frame
+
+
+async def answer_stream(s: Services, session: Session, enc: Encoder) -> Response:
+    """The answer as SSE: the first frame is produced before the response starts (an error up to
+    then is an HTTP error). A client that stops reading ends the request, billed for what was
+    written (`web.BoundedStream`)."""
+    frames = stream(s.serving, session, enc)
     try:
-        first = await payloads.__anext__()
+        first = await frames.__anext__()
     except BaseException:
         await s.serving.finish(session, "failed")
         raise
-    close = lambda: s.serving.finish(session, "stream closed")  # noqa: E731
-    body = sse_events(first, payloads, close) if named else sse(first, payloads, close)
     return BoundedStream(
-        body,
+        sse(first, frames, lambda: s.serving.finish(session, "stream closed")),
         stall=s.settings.stream_stall_timeout,
         on_stall=lambda: s.serving.finish(session, STALLED),
         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers(s, session)},

@@ -1,5 +1,5 @@
 """Chat completions, translated: a request into a job (`ask`), and a run's outcome into
-chat-completions JSON (`completion`) or SSE chunks (`payloads`).
+chat-completions JSON (`completion`) or SSE chunks (`ChatStream`).
 
 The one place that knows this API's JSON on the gateway: serving, the job driver and billing
 deal in `Ask`, events and `Output`. Another API (Responses, legacy completions) gets a module
@@ -8,16 +8,15 @@ like this one and shares everything else: routing, limits, cache, idempotency, t
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import structlog
-
+from broker_api.answering import error_frame
 from broker_api.billing import Charge
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
+from broker_api.web import data_frame
 from schemas.chat import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -32,9 +31,8 @@ from schemas.chat import (
     tool_calls_json,
 )
 from schemas.errors import TokenyardError
+from schemas.events import Piece
 from schemas.rules import estimate_prompt_tokens, requested_max_tokens
-
-log = structlog.get_logger(__name__)
 
 
 def ask(req: ChatCompletionRequest) -> Ask:
@@ -107,53 +105,47 @@ def completion(
     )
 
 
-async def payloads(serving: Serving, s: Session, req: ChatCompletionRequest) -> AsyncGenerator[str, None]:
-    """SSE `data:` payloads. The first is produced before the HTTP response starts, so any
-    error up to then is still an HTTP error; after it, errors become an error event. Each
-    tool-call fragment is a chunk of its own, in the order the worker sent them."""
-    enc: ChunkEncoder | None = None
+class ChatStream:
+    """Chat completions as SSE (an `answering.Encoder`): each piece's chunks (each tool-call
+    fragment a chunk of its own, in the order the worker sent them), each choice's finish, the
+    usage chunk when asked, then `[DONE]`."""
 
-    def encoder() -> ChunkEncoder:  # once the first output came: it names what serves
-        nonlocal enc
-        if enc is None:
-            model, route = serving.served_by(s)
-            enc = ChunkEncoder(
-                id=f"chatcmpl-{s.job.id}",
-                created=int(s.arrived),
+    def __init__(self, serving: Serving, s: Session, req: ChatCompletionRequest) -> None:
+        self._serving, self._s, self._req = serving, s, req
+        self._enc: ChunkEncoder | None = None
+
+    def _chunks(self) -> ChunkEncoder:  # once the first chunk is due: it names what serves
+        if self._enc is None:
+            model, route = self._serving.served_by(self._s)
+            self._enc = ChunkEncoder(
+                id=f"chatcmpl-{self._s.job.id}",
+                created=int(self._s.arrived),
                 model=model,
-                include_usage=req.wants_usage_chunk,
+                include_usage=self._req.wants_usage_chunk,
                 provider=route,
             )
-        return enc
+        return self._enc
 
-    if s.cached is not None:
-        results = await serving.results(s)
+    def start(self) -> Iterator[bytes]:
+        return iter(())  # every chunk names what serves: nothing opens the stream
+
+    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
         for i, r in enumerate(results):
             if r.text or r.logprobs:
-                yield encoder().content(i, r.text, r.logprobs)
+                yield data_frame(self._chunks().content(i, r.text, r.logprobs))
             for fragment in r.tool_calls:
-                yield encoder().tool_call(i, fragment)
-    else:
-        events = serving.events(s)
-        try:
-            async for ev in events:
-                s.run.commit()
-                for piece in ev.pieces:
-                    for chunk in encoder().piece(piece):
-                        yield chunk
-        except TokenyardError as e:
-            if not s.run.committed:
-                raise
-            log.warning("job.stream_failed", job_id=s.job.id, error=e.message)
-            yield json.dumps(e.body(), separators=(",", ":"))
-            return
-        finally:
-            await events.aclose()
-        if s.done is None:  # events() ends only at a DONE or by raising
-            raise TokenyardError("The job ended without an answer.")
-        results = s.output.results(s.done)
-    for i, r in enumerate(results):
-        yield encoder().finish(i, r.finish)
-    if req.wants_usage_chunk:
-        yield encoder().usage(usage(req, serving.charge(s)))
-    yield "[DONE]"
+                yield data_frame(self._chunks().tool_call(i, fragment))
+
+    def piece(self, piece: Piece) -> Iterator[bytes]:
+        for chunk in self._chunks().piece(piece):
+            yield data_frame(chunk)
+
+    def failed(self, e: TokenyardError) -> Iterator[bytes]:
+        yield error_frame(e)
+
+    async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
+        for i, r in enumerate(results):
+            yield data_frame(self._chunks().finish(i, r.finish))
+        if self._req.wants_usage_chunk:
+            yield data_frame(self._chunks().usage(usage(self._req, self._serving.charge(self._s))))
+        yield data_frame("[DONE]")

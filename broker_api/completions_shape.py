@@ -13,23 +13,21 @@ once can be continued on another node: the prompt is extended by the text alread
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-import structlog
-
+from broker_api.answering import error_frame
 from broker_api.billing import Charge
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
+from broker_api.web import data_frame
 from schemas.chat import Usage
 from schemas.completions import DEFAULT_MAX_TOKENS, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from schemas.errors import TokenyardError, UnsupportedError
-from schemas.events import TokenLogprob
+from schemas.events import Piece, TokenLogprob
 from schemas.rules import estimate_request_prompt, requested_max_tokens
 from schemas.tasks import TASK_KEY
-
-log = structlog.get_logger(__name__)
 
 _SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias")
 
@@ -160,43 +158,37 @@ class _Chunks:
         return json.dumps({**self._head, "choices": [], "usage": u.model_dump()}, separators=(",", ":"))
 
 
-async def payloads(serving: Serving, s: Session, req: CompletionRequest) -> AsyncGenerator[str, None]:
-    """SSE `data:` payloads, as `chat_shape.payloads` makes them (errors after the first
-    become an error event)."""
-    chunks: _Chunks | None = None
+class CompletionStream:
+    """Legacy completions as SSE (an `answering.Encoder`): a chunk per piece of text, each
+    choice's finish, the usage chunk when asked, then `[DONE]`."""
 
-    def enc() -> _Chunks:
-        nonlocal chunks
-        if chunks is None:
-            chunks = _Chunks(req, s, serving.served_by(s))
-        return chunks
+    def __init__(self, serving: Serving, s: Session, req: CompletionRequest) -> None:
+        self._serving, self._s, self._req = serving, s, req
+        self._made: _Chunks | None = None
 
-    if s.cached is not None:
-        results = await serving.results(s)
+    def _chunks(self) -> _Chunks:  # once the first chunk is due: it names what serves
+        if self._made is None:
+            self._made = _Chunks(self._req, self._s, self._serving.served_by(self._s))
+        return self._made
+
+    def start(self) -> Iterator[bytes]:
+        return iter(())  # every chunk names what serves: nothing opens the stream
+
+    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
         for i, r in enumerate(results):
             if r.text:
-                yield enc().text(i, r.text, r.logprobs)
-    else:
-        events = serving.events(s)
-        try:
-            async for ev in events:
-                s.run.commit()
-                for piece in ev.pieces:
-                    if piece.text or piece.logprobs:
-                        yield enc().text(piece.index, piece.text, piece.logprobs)
-        except TokenyardError as e:
-            if not s.run.committed:
-                raise
-            log.warning("job.stream_failed", job_id=s.job.id, error=e.message)
-            yield json.dumps(e.body(), separators=(",", ":"))
-            return
-        finally:
-            await events.aclose()
-        if s.done is None:
-            raise TokenyardError("The job ended without an answer.")
-        results = s.output.results(s.done)
-    for i, r in enumerate(results):
-        yield enc().finish(i, r.finish)
-    if req.wants_usage_chunk:
-        yield enc().usage(usage(serving.charge(s), req))
-    yield "[DONE]"
+                yield data_frame(self._chunks().text(i, r.text, r.logprobs))
+
+    def piece(self, piece: Piece) -> Iterator[bytes]:
+        if piece.text or piece.logprobs:
+            yield data_frame(self._chunks().text(piece.index, piece.text, piece.logprobs))
+
+    def failed(self, e: TokenyardError) -> Iterator[bytes]:
+        yield error_frame(e)
+
+    async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
+        for i, r in enumerate(results):
+            yield data_frame(self._chunks().finish(i, r.finish))
+        if self._req.wants_usage_chunk:
+            yield data_frame(self._chunks().usage(usage(self._serving.charge(self._s), self._req)))
+        yield data_frame("[DONE]")

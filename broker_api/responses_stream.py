@@ -15,21 +15,18 @@ function_call item of its own, whose argument fragments are relayed as they came
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import structlog
 
 from broker_api.output import ChoiceResult
 from broker_api.responses import Shaper, logprobs_out
 from broker_api.serving import Serving
 from broker_api.session import Session
+from broker_api.web import event_frame
 from schemas.errors import TokenyardError
 from schemas.events import Piece, TokenLogprob
 from schemas.responses import Response, ResponseError
-
-log = structlog.get_logger(__name__)
 
 Event = tuple[str, str]  # (type, JSON): one SSE event
 OnFinal = Callable[[ChoiceResult, Response], Awaitable[None]]
@@ -160,44 +157,34 @@ class EventWriter:
         yield self._event("response.failed", response=response.model_dump(mode="json"))
 
 
-async def events(serving: Serving, s: Session, shaper: Shaper, on_final: OnFinal) -> AsyncGenerator[Event, None]:
-    """The stream's events. The first is produced only once the job's first output came (or its
-    stored answer), so an error before it is still an HTTP error. `on_final(result, response)`
-    runs once the answer is whole (to store it)."""
-    writer = EventWriter(shaper)
-    started = False
-    if s.cached is not None:
-        (result,) = await serving.results(s)
-        for event in writer.start(serving.served_by(s)):
-            yield event
-        for piece in (Piece(0, result.text, 0, result.tool_calls, result.logprobs),):
-            for event in writer.piece(piece):
-                yield event
-    else:
-        stream = serving.events(s)
-        try:
-            async for ev in stream:
-                s.run.commit()
-                if not started:
-                    started = True
-                    for event in writer.start(serving.served_by(s)):
-                        yield event
-                for piece in ev.pieces:
-                    for event in writer.piece(piece):
-                        yield event
-        except TokenyardError as e:
-            if not s.run.committed:
-                raise
-            log.warning("job.stream_failed", job_id=s.job.id, error=e.message)
-            for event in writer.failed(e, serving.served_by(s)):
-                yield event
-            return
-        finally:
-            await stream.aclose()
-        if s.done is None:
-            raise TokenyardError("The job ended without an answer.")
-        (result,) = s.output.results(s.done)
-    final = shaper.final(result, serving.charge(s), serving.served_by(s))
-    await on_final(result, final)
-    for event in writer.end(final):
-        yield event
+class ResponseStream:
+    """The Responses API as SSE (an `answering.Encoder`): `EventWriter`'s events, framed.
+    `on_final(result, response)` runs once the answer is whole (to store it)."""
+
+    def __init__(self, serving: Serving, s: Session, shaper: Shaper, on_final: OnFinal) -> None:
+        self._serving, self._s, self._shaper, self._on_final = serving, s, shaper, on_final
+        self._writer = EventWriter(shaper)
+
+    def start(self) -> Iterator[bytes]:
+        return _framed(self._writer.start(self._serving.served_by(self._s)))
+
+    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
+        (result,) = results
+        return self.piece(Piece(0, result.text, 0, result.tool_calls, result.logprobs))
+
+    def piece(self, piece: Piece) -> Iterator[bytes]:
+        return _framed(self._writer.piece(piece))
+
+    def failed(self, e: TokenyardError) -> Iterator[bytes]:
+        return _framed(self._writer.failed(e, self._serving.served_by(self._s)))
+
+    async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
+        (result,) = results
+        final = self._shaper.final(result, self._serving.charge(self._s), self._serving.served_by(self._s))
+        await self._on_final(result, final)
+        for frame in _framed(self._writer.end(final)):
+            yield frame
+
+
+def _framed(events: Iterator[Event]) -> Iterator[bytes]:
+    return (event_frame(kind, payload) for kind, payload in events)

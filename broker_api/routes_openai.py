@@ -52,7 +52,7 @@ async def chat_completions(request: Request) -> Response:
             )
 
         return await answering.answer_json(request, s, session, answer)
-    return await answering.answer_stream(s, session, chat_shape.payloads(serving, session, req))
+    return await answering.answer_stream(s, session, chat_shape.ChatStream(serving, session, req))
 
 
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])

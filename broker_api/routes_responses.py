@@ -46,7 +46,7 @@ async def create_response(request: Request) -> Response:
             await s.responses.put(who.org, who.project, final.id, responses.stored(conversation, result, final))
 
     if req.stream:
-        return await answer_stream(s, session, responses_stream.events(s.serving, session, shaper, keep), named=True)
+        return await answer_stream(s, session, responses_stream.ResponseStream(s.serving, session, shaper, keep))
 
     async def answer() -> ResponseObject:
         (result,) = await s.serving.results(session)

@@ -146,28 +146,24 @@ async def watch_disconnect(
         await cleanup()
 
 
-async def sse_events(
-    first: tuple[str, str], rest: AsyncGenerator[tuple[str, str], None], cleanup: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """Named events (`event:` and `data:`, as the Responses API sends them): (type, JSON) pairs,
-    `first` already produced, as in `sse`."""
-    try:
-        yield f"event: {first[0]}\ndata: {first[1]}\n\n".encode()
-        async for kind, payload in rest:
-            yield f"event: {kind}\ndata: {payload}\n\n".encode()
-    finally:
-        await rest.aclose()
-        await cleanup()
+def data_frame(payload: str) -> bytes:
+    """An SSE `data:` event (chat and legacy completions chunks, their `[DONE]`)."""
+    return f"data: {payload}\n\n".encode()
+
+
+def event_frame(kind: str, payload: str) -> bytes:
+    """A named SSE event (`event:` and `data:`), as the Responses API sends them."""
+    return f"event: {kind}\ndata: {payload}\n\n".encode()
 
 
 async def sse(
-    first: str, rest: AsyncGenerator[str, None], cleanup: Callable[[], Awaitable[None]]
+    first: bytes, rest: AsyncGenerator[bytes, None], cleanup: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[bytes]:
-    """`data:` events: `first` (already produced, so errors before it were HTTP errors), then `rest`."""
+    """SSE frames: `first` (already produced, so errors before it were HTTP errors), then `rest`."""
     try:
-        yield f"data: {first}\n\n".encode()
-        async for payload in rest:
-            yield f"data: {payload}\n\n".encode()
+        yield first
+        async for frame in rest:
+            yield frame
     finally:
         await rest.aclose()
         await cleanup()
