@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from broker_api.auth import Principal
+from broker_api.billing import served_by
 from broker_api.body import read_json
 from broker_api.deps import Services
 from broker_api.output import ChoiceResult
@@ -75,7 +76,7 @@ def headers(s: Services, session: Session) -> dict[str, str]:
         out = {"idempotent-replayed": "true"}
     else:
         out = {CACHE_HEADER: "hit" if session.cached else ("miss" if session.cache_key else "bypass")}
-    _, route = s.serving.served_by(session)
+    _, route = served_by(session)
     out[ROUTE_HEADER] = "cache" if session.state == "cached" else route or "unknown"
     return out
 

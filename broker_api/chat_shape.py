@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from pydantic import BaseModel
+
 from broker_api.answering import error_frame
-from broker_api.billing import Charge
+from broker_api.billing import Charge, served_by
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
@@ -29,6 +31,7 @@ from schemas.chat import (
     Usage,
     logprob_json,
     tool_calls_json,
+    wants_cost,
 )
 from schemas.errors import TokenyardError
 from schemas.events import Piece
@@ -62,9 +65,10 @@ def continue_answer(request: dict[str, Any], delivered: str, tokens: int) -> dic
     return out
 
 
-def usage(req: ChatCompletionRequest, bill: Charge) -> Usage:
+def usage(req: BaseModel, bill: Charge) -> Usage:
+    """The usage object of a chat or legacy completion (with its cost, where the request asked)."""
     u = Usage.of(bill.prompt_tokens, bill.completion_tokens)
-    return u.model_copy(update={"cost": bill.cost}) if req.wants_cost else u
+    return u.model_copy(update={"cost": bill.cost}) if wants_cost(req) else u
 
 
 def message(r: ChoiceResult) -> ResponseMessage:
@@ -81,10 +85,8 @@ def logprobs(r: ChoiceResult, asked: bool) -> ChoiceLogprobs | None:
     return ChoiceLogprobs(content=[TokenLogprobOut.model_validate(logprob_json(lp)) for lp in r.logprobs])
 
 
-def completion(
-    req: ChatCompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge, *, served: tuple[str, str]
-) -> ChatCompletion:
-    """The whole answer; `served` is the (model, route) that answered (`Serving.served_by`)."""
+def completion(req: ChatCompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge) -> ChatCompletion:
+    """The whole answer, naming the model and route that answered (`billing.served_by`)."""
     choices = [
         Choice(
             index=i,
@@ -94,7 +96,7 @@ def completion(
         )
         for i, r in enumerate(results)
     ]
-    model, route = served
+    model, route = served_by(s)
     return ChatCompletion(
         id=f"chatcmpl-{s.job.id}",
         created=int(s.arrived),
@@ -116,7 +118,7 @@ class ChatStream:
 
     def _chunks(self) -> ChunkEncoder:  # once the first chunk is due: it names what serves
         if self._enc is None:
-            model, route = self._serving.served_by(self._s)
+            model, route = served_by(self._s)
             self._enc = ChunkEncoder(
                 id=f"chatcmpl-{self._s.job.id}",
                 created=int(self._s.arrived),

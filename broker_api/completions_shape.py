@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from broker_api.answering import error_frame
-from broker_api.billing import Charge
+from broker_api.billing import Charge, served_by
+from broker_api.chat_shape import usage
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
@@ -88,19 +89,7 @@ def _finish(reason: str) -> str:
     return reason if reason in ("stop", "length", "content_filter") else "stop"
 
 
-def usage(bill: Charge, req: CompletionRequest) -> Usage:
-    u = Usage.of(bill.prompt_tokens, bill.completion_tokens)
-    return u.model_copy(update={"cost": bill.cost}) if _wants_cost(req) else u
-
-
-def _wants_cost(req: CompletionRequest) -> bool:
-    extra = (req.model_extra or {}).get("usage")
-    return isinstance(extra, dict) and bool(extra.get("include"))
-
-
-def completion(
-    req: CompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge, *, served: tuple[str, str]
-) -> Completion:
+def completion(req: CompletionRequest, s: Session, results: list[ChoiceResult], bill: Charge) -> Completion:
     choices = []
     for i, r in enumerate(results):
         prompt = _prompt_of(req, i)
@@ -113,20 +102,20 @@ def completion(
                 finish_reason=_finish(r.finish),  # type: ignore[arg-type]
             )
         )
-    model, route = served
+    model, route = served_by(s)
     return Completion(
         id=f"cmpl-{s.job.id}",
         created=int(s.arrived),
         model=model,
         choices=choices,
-        usage=usage(bill, req),
+        usage=usage(req, bill),
         provider=route or None,
     )
 
 
 class _Chunks:
-    def __init__(self, req: CompletionRequest, s: Session, served: tuple[str, str]) -> None:
-        model, route = served
+    def __init__(self, req: CompletionRequest, s: Session) -> None:
+        model, route = served_by(s)
         head: dict[str, Any] = {"id": f"cmpl-{s.job.id}", "object": "text_completion", "created": int(s.arrived)}
         head["model"] = model
         if route:
@@ -168,7 +157,7 @@ class CompletionStream:
 
     def _chunks(self) -> _Chunks:  # once the first chunk is due: it names what serves
         if self._made is None:
-            self._made = _Chunks(self._req, self._s, self._serving.served_by(self._s))
+            self._made = _Chunks(self._req, self._s)
         return self._made
 
     def start(self) -> Iterator[bytes]:
@@ -190,5 +179,5 @@ class CompletionStream:
         for i, r in enumerate(results):
             yield data_frame(self._chunks().finish(i, r.finish))
         if self._req.wants_usage_chunk:
-            yield data_frame(self._chunks().usage(usage(self._serving.charge(self._s), self._req)))
+            yield data_frame(self._chunks().usage(usage(self._req, self._serving.charge(self._s))))
         yield data_frame("[DONE]")

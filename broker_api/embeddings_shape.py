@@ -14,9 +14,9 @@ import json
 import struct
 from typing import Any
 
-from broker_api.billing import Charge
+from broker_api.billing import Charge, served_by
 from broker_api.output import ChoiceResult
-from broker_api.session import Ask
+from broker_api.session import Ask, Session
 from schemas.embeddings import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from schemas.errors import RequestTooLargeError, WorkerFailedError
 from schemas.rules import estimate_request_prompt
@@ -50,9 +50,7 @@ def ask(req: EmbeddingRequest) -> Ask:
     )
 
 
-def embedding_list(
-    req: EmbeddingRequest, results: list[ChoiceResult], bill: Charge, *, served: tuple[str, str]
-) -> EmbeddingList:
+def embedding_list(req: EmbeddingRequest, s: Session, results: list[ChoiceResult], bill: Charge) -> EmbeddingList:
     data = []
     for i, r in enumerate(results):
         if not r.embedding or len(r.embedding) % 4:
@@ -62,7 +60,7 @@ def embedding_list(
         else:
             value = list(struct.unpack(f"<{len(r.embedding) // 4}f", r.embedding))
         data.append(EmbeddingData(index=i, embedding=value))
-    model, route = served
+    model, route = served_by(s)
     return EmbeddingList(
         data=data,
         model=model,

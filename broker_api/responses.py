@@ -25,10 +25,10 @@ from typing import Any
 
 import structlog
 
-from broker_api.billing import Charge
+from broker_api.billing import Charge, served_by
 from broker_api.output import ChoiceResult
 from broker_api.session import Ask, Session
-from schemas.chat import logprob_json, tool_calls_json
+from schemas.chat import logprob_json, tool_calls_json, wants_cost
 from schemas.errors import InvalidRequestError
 from schemas.events import TokenLogprob
 from schemas.responses import (
@@ -199,12 +199,11 @@ class Shaper:
         *,
         status: str,
         output: list[OutputItem],
-        served: tuple[str, str] = ("", ""),
         usage: ResponseUsage | None = None,
         error: ResponseError | None = None,
         finish: str = "stop",
     ) -> Response:
-        model, route = served
+        model, route = served_by(self.s)
         req = self.req
         return Response(
             id=response_id(self.s),
@@ -238,11 +237,10 @@ class Shaper:
             provider=route or None,
         )
 
-    def final(self, r: ChoiceResult, bill: Charge, served: tuple[str, str]) -> Response:
+    def final(self, r: ChoiceResult, bill: Charge) -> Response:
         return self.response(
             status="incomplete" if r.finish == "length" else "completed",
             output=output_items(self.s, r),
-            served=served,
             usage=usage(self.req, bill),
         )
 
@@ -254,8 +252,7 @@ def _tool_json(tool: FunctionTool) -> dict[str, Any]:
 
 def usage(req: ResponseRequest, bill: Charge) -> ResponseUsage:
     u = ResponseUsage.of(bill.prompt_tokens, bill.completion_tokens, bill.cached_tokens)
-    extra = (req.model_extra or {}).get("usage")
-    return u.model_copy(update={"cost": bill.cost}) if isinstance(extra, dict) and extra.get("include") else u
+    return u.model_copy(update={"cost": bill.cost}) if wants_cost(req) else u
 
 
 def stored(conversation: list[dict[str, Any]], r: ChoiceResult, response: Response) -> StoredResponse:

@@ -59,8 +59,8 @@ class EventWriter:
         self._seq += 1
         return kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
-    def start(self, served: tuple[str, str]) -> Iterator[Event]:
-        pending = self._shaper.response(status="in_progress", output=[], served=served).model_dump(mode="json")
+    def start(self) -> Iterator[Event]:
+        pending = self._shaper.response(status="in_progress", output=[]).model_dump(mode="json")
         yield self._event("response.created", response=pending)
         yield self._event("response.in_progress", response=pending)
 
@@ -147,13 +147,11 @@ class EventWriter:
         kind = "response.incomplete" if final.status == "incomplete" else "response.completed"
         yield self._event(kind, response=final.model_dump(mode="json"))
 
-    def failed(self, e: TokenyardError, served: tuple[str, str]) -> Iterator[Event]:
+    def failed(self, e: TokenyardError) -> Iterator[Event]:
         yield from self._close("incomplete")
         yield self._event("error", code=e.code or e.type, message=e.message, param=e.param)
         code = "rate_limit_exceeded" if e.status == 429 else "server_error"
-        response = self._shaper.response(
-            status="failed", output=[], served=served, error=ResponseError(code=code, message=e.message)
-        )
+        response = self._shaper.response(status="failed", output=[], error=ResponseError(code=code, message=e.message))
         yield self._event("response.failed", response=response.model_dump(mode="json"))
 
 
@@ -166,7 +164,7 @@ class ResponseStream:
         self._writer = EventWriter(shaper)
 
     def start(self) -> Iterator[bytes]:
-        return _framed(self._writer.start(self._serving.served_by(self._s)))
+        return _framed(self._writer.start())
 
     def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
         (result,) = results
@@ -176,11 +174,11 @@ class ResponseStream:
         return _framed(self._writer.piece(piece))
 
     def failed(self, e: TokenyardError) -> Iterator[bytes]:
-        return _framed(self._writer.failed(e, self._serving.served_by(self._s)))
+        return _framed(self._writer.failed(e))
 
     async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
         (result,) = results
-        final = self._shaper.final(result, self._serving.charge(self._s), self._serving.served_by(self._s))
+        final = self._shaper.final(result, self._serving.charge(self._s))
         await self._on_final(result, final)
         for frame in _framed(self._writer.end(final)):
             yield frame

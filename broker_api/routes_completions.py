@@ -28,6 +28,6 @@ async def create_completion(request: Request) -> Response:
     async def answer() -> Completion:
         results = await s.serving.results(session)
         bill = s.serving.charge(session)
-        return completions_shape.completion(req, session, results, bill, served=s.serving.served_by(session))
+        return completions_shape.completion(req, session, results, bill)
 
     return await answer_json(request, s, session, answer)

@@ -24,6 +24,6 @@ async def create_embeddings(request: Request) -> Response:
     async def answer() -> EmbeddingList:
         results = await s.serving.results(session)
         bill = s.serving.charge(session)
-        return embeddings_shape.embedding_list(req, results, bill, served=s.serving.served_by(session))
+        return embeddings_shape.embedding_list(req, session, results, bill)
 
     return await answer_json(request, s, session, answer)

@@ -47,9 +47,7 @@ async def chat_completions(request: Request) -> Response:
 
         async def answer() -> ChatCompletion:
             results = await serving.results(session)
-            return chat_shape.completion(
-                req, session, results, serving.charge(session), served=serving.served_by(session)
-            )
+            return chat_shape.completion(req, session, results, serving.charge(session))
 
         return await answering.answer_json(request, s, session, answer)
     return await answering.answer_stream(s, session, chat_shape.ChatStream(serving, session, req))

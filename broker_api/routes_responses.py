@@ -50,7 +50,7 @@ async def create_response(request: Request) -> Response:
 
     async def answer() -> ResponseObject:
         (result,) = await s.serving.results(session)
-        final = shaper.final(result, s.serving.charge(session), s.serving.served_by(session))
+        final = shaper.final(result, s.serving.charge(session))
         await keep(result, final)
         return final
 

@@ -217,10 +217,6 @@ class Serving:
             raise TokenyardError("The job ended without an answer.")
         return s.output.results(s.done)
 
-    def served_by(self, s: Session) -> tuple[str, str]:
-        """(model, route) that answered (see `billing.served_by`)."""
-        return billing.served_by(s)
-
     def attribution(self, s: Session) -> Attribution:
         """Which node ran the answer, as its proof shows (`broker_api.attribution`)."""
         # the attempt whose output the answer holds; with no output, the last one heard from

@@ -191,15 +191,16 @@ class ChatCompletionRequest(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
-    def wants_cost(self) -> bool:
-        """OpenRouter's `usage: {"include": true}` asks for the cost in the usage object."""
-        extra = self.model_extra or {}
-        usage = extra.get("usage")
-        return isinstance(usage, dict) and bool(usage.get("include"))
-
-    @property
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def wants_cost(request: BaseModel) -> bool:
+    """OpenRouter's `usage: {"include": true}` asks for the cost in the usage object (of a chat,
+    legacy completions or Responses request: each keeps the fields beyond OpenAI's in
+    `model_extra`)."""
+    usage = (request.model_extra or {}).get("usage")
+    return isinstance(usage, dict) and bool(usage.get("include"))
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

@@ -24,16 +24,17 @@ from tests.openai_schema import validate
 CALL = (ToolCallDelta(0, "call_1", "f", ""), ToolCallDelta(0, arguments='{"a": '), ToolCallDelta(0, arguments="1}"))
 
 
-def session(ask: Any) -> Session:
+def session(ask: Any, route: str = "") -> Session:
+    """A session whose job was placed on `route` (what `billing.served_by` names)."""
     from broker_api.auth import Principal
     from broker_api.jobrun import JobRun
     from schemas.jobs import Job, Submission
 
     job = Job(id="ab" * 16, model=ask.model, request=ask.body, reply="r", deadline=0.0)
     who = Principal(org="org", key_id="key", admin=False)
-    return Session(
-        ask=ask, who=who, job=job, sub=Submission(job=job), run=JobRun(job, silence=1.0), output=Output(ask.choices)
-    )
+    run = JobRun(job, silence=1.0)
+    run.placed(0, route)
+    return Session(ask=ask, who=who, job=job, sub=Submission(job=job), run=run, output=Output(ask.choices))
 
 
 def test_responses_history_becomes_chat_messages() -> None:
@@ -75,16 +76,17 @@ def test_responses_history_becomes_chat_messages() -> None:
 def test_a_response_with_text_and_a_call_is_valid_and_its_stream_is_in_order() -> None:
     req = parse_response_request({"model": "m", "input": "hi", "tools": [{"type": "function", "name": "f"}]})
     ask, _ = responses.ask(req, None)
-    s = session(ask)
+    s = session(ask, "prov")
     lp = TokenLogprob("Hi", -0.1, None, (TopLogprob("Hi", -0.1),))
     result = ChoiceResult("Hi", "tool_calls", CALL, (lp,))
-    final = responses.Shaper(req, s).final(result, Charge(3, 4), ("m", "prov"))
+    final = responses.Shaper(req, s).final(result, Charge(3, 4))
     body = final.model_dump(mode="json")
     validate(body, "Response")
+    assert (body["model"], body["provider"]) == ("m", "prov")
     assert [o["type"] for o in body["output"]] == ["message", "function_call"]
     assert body["output"][1]["arguments"] == '{"a": 1}' and body["usage"]["total_tokens"] == 7
     writer = responses_stream.EventWriter(responses.Shaper(req, s))
-    events = [*writer.start(("m", "prov")), *writer.piece(Piece(0, "Hi", 1, CALL, (lp,))), *writer.end(final)]
+    events = [*writer.start(), *writer.piece(Piece(0, "Hi", 1, CALL, (lp,))), *writer.end(final)]
     for _, data in events:
         validate(json.loads(data), "ResponseStreamEvent")
     assert [json.loads(d)["sequence_number"] for _, d in events] == list(range(len(events)))
@@ -116,7 +118,7 @@ def test_completions_translate_to_a_raw_prompt_job_and_back() -> None:
     assert ask.choices == 4 and ask.continuation is None and ask.body["provider"] == {"only": ["x"]}
     lps = (TokenLogprob("x", -1.0, None, (TopLogprob("x", -1.0),)), TokenLogprob("yz", -2.0))
     results = [ChoiceResult("xyz", "length", (), lps)] * 4
-    body = completions_shape.completion(req, session(ask), results, Charge(2, 8), served=("m", "")).model_dump()
+    body = completions_shape.completion(req, session(ask), results, Charge(2, 8)).model_dump()
     validate(body, "CreateCompletionResponse")
     assert body["choices"][2]["logprobs"]["text_offset"] == [2, 3]  # after the prompt "cd"
     assert body["choices"][0]["logprobs"]["top_logprobs"] == [{"x": -1.0}, {}]
@@ -133,11 +135,14 @@ def test_embeddings_translate_and_refuse_a_batch_too_large() -> None:
     assert ask.body == {"tokenyard_task": "embedding", "model": "e", "input": ["a", "b"]} and ask.choices == 2
     vector = struct.pack("<2f", 0.5, -0.25)
     results = [ChoiceResult("", "stop", embedding=vector)] * 2
-    body = embeddings_shape.embedding_list(req, results, Charge(5, 0), served=("e", "p")).model_dump()
+    body = embeddings_shape.embedding_list(req, session(ask, "p"), results, Charge(5, 0)).model_dump()
     assert body["data"][0]["embedding"] == "AAAAPwAAgL4=" and body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    assert (body["model"], body["provider"]) == ("e", "p")
     floats = parse_embedding_request({"model": "e", "input": ["a", "b"]})
     validate(
-        embeddings_shape.embedding_list(floats, results, Charge(5, 0), served=("e", "")).model_dump(exclude_none=True),
+        embeddings_shape.embedding_list(
+            floats, session(embeddings_shape.ask(floats)), results, Charge(5, 0)
+        ).model_dump(exclude_none=True),
         "CreateEmbeddingResponse",
     )
     with pytest.raises(RequestTooLargeError):
