@@ -246,8 +246,9 @@ class Shaper:
 
 
 def _tool_json(tool: FunctionTool) -> dict[str, Any]:
-    """A function tool as a Response echoes it (`strict` and `parameters` always present)."""
-    return {**tool.model_dump(exclude_none=True), "strict": tool.strict, "parameters": tool.parameters}
+    """A function tool as a Response echoes it (`type` first, `strict` and `parameters` always present)."""
+    given = tool.model_dump(exclude_none=True, exclude={"type"})
+    return {"type": tool.type, **given, "strict": tool.strict, "parameters": tool.parameters}
 
 
 def usage(req: ResponseRequest, bill: Charge) -> ResponseUsage:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.chat import FunctionDefinition
 from schemas.codec import WireError, need, pack, unpack
 from schemas.errors import InvalidRequestError, UnsupportedError
 from schemas.tasks import TASK_KEY
@@ -72,12 +73,11 @@ class FunctionCallOutputItem(_Lenient):
 InputItem = Annotated[Union[MessageItem, FunctionCallItem, FunctionCallOutputItem], Field(discriminator="type")]
 
 
-class FunctionTool(_Lenient):
+class FunctionTool(FunctionDefinition):
+    """A function tool as the Responses API takes it: chat's function definition, flat, with
+    its `type` beside it (chat nests it: `{"type": "function", "function": {...}}`)."""
+
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ToolChoiceFunction(_Lenient):

@@ -83,6 +83,7 @@ def test_a_response_with_text_and_a_call_is_valid_and_its_stream_is_in_order() -
     body = final.model_dump(mode="json")
     validate(body, "Response")
     assert (body["model"], body["provider"]) == ("m", "prov")
+    assert json.dumps(body["tools"]) == '[{"type": "function", "name": "f", "strict": null, "parameters": null}]'
     assert [o["type"] for o in body["output"]] == ["message", "function_call"]
     assert body["output"][1]["arguments"] == '{"a": 1}' and body["usage"]["total_tokens"] == 7
     writer = responses_stream.EventWriter(responses.Shaper(req, s))
