@@ -25,7 +25,7 @@ from broker_api.auth import Principal
 from broker_api.billing import served_by
 from broker_api.body import read_json
 from broker_api.deps import Services
-from broker_api.output import ChoiceResult
+from broker_api.output import ChoiceResult, answer_pieces
 from broker_api.serving import STALLED, Serving
 from broker_api.session import Ask, Session
 from broker_api.sessions import signed_in
@@ -98,12 +98,8 @@ class Encoder(Protocol):
         """What opens the stream, once the first output (or the stored answer) is there."""
         ...
 
-    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
-        """A stored answer's output (a cache hit)."""
-        ...
-
     def piece(self, piece: Piece) -> Iterator[bytes]:
-        """One piece of the running answer."""
+        """One piece of the answer (a stored answer's: `output.answer_pieces`)."""
         ...
 
     def failed(self, e: TokenyardError) -> Iterator[bytes]:
@@ -128,8 +124,9 @@ async def stream(serving: Serving, s: Session, enc: Encoder) -> AsyncGenerator[b
         results = await serving.results(s)
         for frame in enc.start():
             yield frame
-        for frame in enc.stored(results):
-            yield frame
+        for piece in answer_pieces(results):
+            for frame in enc.piece(piece):
+                yield frame
     else:
         events = serving.events(s)
         started = False

@@ -131,13 +131,6 @@ class ChatStream:
     def start(self) -> Iterator[bytes]:
         return iter(())  # every chunk names what serves: nothing opens the stream
 
-    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
-        for i, r in enumerate(results):
-            if r.text or r.logprobs:
-                yield data_frame(self._chunks().content(i, r.text, r.logprobs))
-            for fragment in r.tool_calls:
-                yield data_frame(self._chunks().tool_call(i, fragment))
-
     def piece(self, piece: Piece) -> Iterator[bytes]:
         for chunk in self._chunks().piece(piece):
             yield data_frame(chunk)

@@ -163,14 +163,9 @@ class CompletionStream:
     def start(self) -> Iterator[bytes]:
         return iter(())  # every chunk names what serves: nothing opens the stream
 
-    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
-        for i, r in enumerate(results):
-            if r.text:
-                yield data_frame(self._chunks().text(i, r.text, r.logprobs))
-
     def piece(self, piece: Piece) -> Iterator[bytes]:
-        if piece.text or piece.logprobs:
-            yield data_frame(self._chunks().text(piece.index, piece.text, piece.logprobs))
+        if piece.text or piece.text_logprobs:
+            yield data_frame(self._chunks().text(piece.index, piece.text, piece.text_logprobs))
 
     def failed(self, e: TokenyardError) -> Iterator[bytes]:
         yield error_frame(e)

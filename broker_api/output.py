@@ -32,8 +32,7 @@ class ChoiceOutput:
             self.text.append(piece.text)
         if piece.tool_calls:
             self.tool_calls.extend(piece.tool_calls)
-        if piece.logprobs:
-            self.logprobs.extend(piece.logprobs)
+        self.logprobs.extend(piece.text_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +94,18 @@ class Output:
             )
             for i, part in enumerate(self.parts)
         ]
+
+
+def answer_pieces(results: list[ChoiceResult]) -> list[Piece]:
+    """A finished answer as the pieces a stream relays: each choice's text with its logprobs,
+    then its tool-call fragments (so a stored answer streams through the same encoding as a
+    running one)."""
+    out = []
+    for i, r in enumerate(results):
+        out.append(Piece(i, r.text, 0, (), r.logprobs))
+        if r.tool_calls:
+            out.append(Piece(i, "", 0, r.tool_calls))
+    return out
 
 
 def cached_results(answer: CachedAnswer, choices: int) -> list[ChoiceResult]:

@@ -69,14 +69,14 @@ class EventWriter:
             yield from self._ensure_message()
             assert self._open is not None
             self._open.text.append(piece.text)
-            self._open.logprobs.extend(piece.logprobs)
+            self._open.logprobs.extend(piece.text_logprobs)
             yield self._event(
                 "response.output_text.delta",
                 item_id=self._open.item["id"],
                 output_index=self._open.index,
                 content_index=0,
                 delta=piece.text,
-                logprobs=[lp.model_dump() for lp in logprobs_out(piece.logprobs)],
+                logprobs=[lp.model_dump() for lp in logprobs_out(piece.text_logprobs)],
             )
         for f in piece.tool_calls:
             if self._open is None or self._open.kind != "function_call" or self._open.call != f.index:
@@ -165,10 +165,6 @@ class ResponseStream:
 
     def start(self) -> Iterator[bytes]:
         return _framed(self._writer.start())
-
-    def stored(self, results: list[ChoiceResult]) -> Iterator[bytes]:
-        (result,) = results
-        return self.piece(Piece(0, result.text, 0, result.tool_calls, result.logprobs))
 
     def piece(self, piece: Piece) -> Iterator[bytes]:
         return _framed(self._writer.piece(piece))

@@ -450,8 +450,8 @@ class ChunkEncoder:
     def piece(self, piece: Piece) -> list[str]:
         """A piece's chunks: its text (with its logprobs), then each tool-call fragment."""
         out = []
-        if piece.text or (piece.logprobs and not piece.tool_calls):
-            out.append(self.content(piece.index, piece.text, piece.logprobs))
+        if piece.text or piece.text_logprobs:
+            out.append(self.content(piece.index, piece.text, piece.text_logprobs))
         out.extend(self.tool_call(piece.index, f) for f in piece.tool_calls)
         return out
 

@@ -122,6 +122,14 @@ class Piece:
     logprobs: tuple[TokenLogprob, ...] = ()
     embedding: bytes = b""
 
+    @property
+    def text_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs a client is shown: its text's. A piece of tool-call fragments and no
+        text holds its call's tokens, which OpenAI's `logprobs.content` ("message content
+        tokens") does not list, nor does a Responses `output_text`. Every place that merges or
+        relays pieces (the worker's coalescing, the gateway's output and its chunks) keeps these."""
+        return () if self.tool_calls and not self.text else self.logprobs
+
     def pack(self) -> list[Any]:
         out: list[Any] = [self.index, self.text, self.tokens]
         if self.tool_calls or self.logprobs or self.embedding:

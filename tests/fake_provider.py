@@ -24,8 +24,9 @@ The OpenAI surface beyond plain text (`tool_calls`, `logprobs`, `/completions`, 
 `tool_calls` are `FakeCall`s whose arguments stream as the given fragments, one per chunk (with
 `interleave`, the fragments of parallel calls alternate, several in one chunk, as some
 providers send them); with `logprobs` asked, every content chunk carries its token's logprob
-and `top_logprobs` alternatives; `/completions` answers `text_completion`s (legacy logprobs);
-`/embeddings` answers `embedding_of(text)` vectors, as floats or base64 as asked.
+and `top_logprobs` alternatives (with `call_logprobs`, every tool-call chunk too);
+`/completions` answers `text_completion`s (legacy logprobs); `/embeddings` answers
+`embedding_of(text)` vectors, as floats or base64 as asked.
 
 Scripted: `fp.script = [Behaviour.error(500)]` answers the next chat requests with those
 behaviours, one each, then with `behaviour` again (a provider that fails once); `per_model`
@@ -99,6 +100,7 @@ class Behaviour:
     # --- the OpenAI surface beyond text (tool calls, logprobs, completions, embeddings) ---
     tool_calls: tuple[FakeCall, ...] = ()  # answered after the text chunks (finish: tool_calls)
     interleave: bool = False  # parallel calls' fragments alternate, one of each call per chunk
+    call_logprobs: bool = False  # with logprobs asked, tool-call chunks carry their tokens' too
     embedding_dims: int = 8
 
     @classmethod
@@ -488,7 +490,16 @@ class FakeProvider:
         for i in range(n):
             for calls in shape.call_chunks():
                 await event(
-                    chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}])
+                    chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"tool_calls": calls},
+                                "logprobs": shape.call_logprobs(calls),
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 )
                 if gone.is_set() or (b.chunk_delay and await _wait(gone, b.chunk_delay)):
                     seen.disconnected = True
@@ -536,6 +547,14 @@ class _Shape:
             return {"index": index, "text": token, "logprobs": lps, "finish_reason": None}
         lps = {"content": [self.logprob(token, position)], "refusal": None} if self.logprobs else None
         return {"index": index, "delta": {"content": token}, "logprobs": lps, "finish_reason": None}
+
+    def call_logprobs(self, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A tool-call chunk's logprobs: none, unless `call_logprobs` (an upstream that reports
+        the logprobs of a call's tokens too, a token for each fragment)."""
+        if not (self.logprobs and self.b.call_logprobs):
+            return None
+        tokens = [c["function"]["arguments"] or c["function"].get("name", "") for c in calls]
+        return {"content": [self.logprob(t, j) for j, t in enumerate(tokens)], "refusal": None}
 
     def end_choice(self, index: int) -> dict[str, Any]:
         if self.legacy:

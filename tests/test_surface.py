@@ -268,6 +268,37 @@ async def test_parse_with_a_pydantic_model_on_the_tiny_model_and_a_cloud_route(e
     assert env.fp.chat_requests()[-1].body["response_format"]["type"] == "json_schema"
 
 
+async def streamed(env: Stacked, asks: dict[str, Any]) -> tuple[str, list[Any]]:
+    """A streamed chat answer's chunks, and whether it came from the cache."""
+    raw = await env.client.chat.completions.with_raw_response.create(**asks, stream=True)
+    return raw.headers["x-tokenyard-cache"], [c async for c in raw.parse()]
+
+
+async def test_logprobs_beside_tool_calls_are_the_same_live_and_from_the_cache(env: Stacked) -> None:
+    """Logprobs list the message's content tokens (OpenAI's `logprobs.content`), never a tool
+    call's, though the upstream sent those too: the same streamed live, streamed from the cache
+    and whole from the cache."""
+    env.set(Behaviour(chunks=("Let", " me"), tool_calls=(WEATHER,), call_logprobs=True))
+    messages = [{"role": "user", "content": "Weather in Lyon, with logprobs?"}]
+    asks = {"model": CLOUD, "messages": messages, "tools": TOOLS, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+
+    def shape(chunks: list[Any]) -> tuple[list[str], str]:
+        tokens = [lp.token for c in chunks for ch in c.choices if ch.logprobs for lp in ch.logprobs.content or []]
+        return tokens, "".join(a for *_, a in fragments_of(chunks))
+
+    hit, live = await streamed(env, asks)
+    again, replayed = await streamed(env, asks)
+    assert (hit, again) == ("miss", "hit")
+    for c in live + replayed:
+        validate(c.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+    assert shape(live) == shape(replayed) == (["Let", " me"], WEATHER.arguments)
+    raw = await env.client.chat.completions.with_raw_response.create(**asks)  # type: ignore[call-overload]
+    assert raw.headers["x-tokenyard-cache"] == "hit"
+    choice = raw.parse().choices[0]
+    assert [lp.token for lp in choice.logprobs.content or []] == ["Let", " me"]
+    assert [c.function.arguments for c in choice.message.tool_calls or []] == [WEATHER.arguments]
+
+
 async def test_cached_answers_replay_tool_calls_and_idempotency_too(env: Stacked) -> None:
     env.set(Behaviour(chunks=(), tool_calls=(WEATHER,)))
     asks = {"model": CLOUD, "messages": ASK, "tools": TOOLS, "temperature": 0}

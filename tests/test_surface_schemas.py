@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
+from broker_api.output import Output
 from schemas.answers import CachedAnswer
 from schemas.chat import ChatCompletionChunk, ChunkEncoder, parse_chat_request, tool_calls_json
 from schemas.codec import WireError, pack
 from schemas.completions import parse_completion_request
 from schemas.embeddings import parse_embedding_request
 from schemas.errors import InvalidRequestError
-from schemas.events import Delta, Piece, TokenLogprob, ToolCallDelta, TopLogprob, decode_event
+from schemas.events import Delta, Done, Piece, TokenLogprob, ToolCallDelta, TopLogprob, decode_event
 from schemas.responses import MAX_PARTS, StoredParts, StoredResponse, decode_stored, parse_response_request
 from schemas.rules import estimate_request_prompt
 from schemas.tasks import choices, prompts, task_of
@@ -57,6 +58,19 @@ def test_a_piece_makes_one_chunk_per_fragment_after_its_text() -> None:
     enc = ChunkEncoder(id="c", created=1, model="m", include_usage=False)
     out = enc.piece(Piece(0, "Let me look.", 3, CALLS))
     assert len(out) == 1 + len(CALLS) and '"content":"Let me look."' in out[0]
+
+
+def test_a_call_s_logprobs_are_shown_neither_streamed_nor_in_the_whole_answer() -> None:
+    """`Piece.text_logprobs`: the one rule the chunks and the gateway's output (whole answers,
+    the cache) follow, so a cached and a live answer show the same logprobs."""
+    enc = ChunkEncoder(id="c", created=1, model="m", include_usage=False)
+    call = Piece(0, "", 2, CALLS, (LP, LP))
+    assert all('"logprobs":null' in c for c in enc.piece(call)) and len(enc.piece(call)) == len(CALLS)
+    assert '"token":"Hi"' in enc.piece(Piece(0, "Hi", 1, CALLS, (LP,)))[0]  # with text: the text's
+    output = Output(1)
+    output.add(Delta("j", 0, 0, "n", (Piece(0, "Hi", 1, (), (LP,)), call)))
+    (result,) = output.results(Done("j", 0, 1, "n", ("tool_calls",), 1, 3))
+    assert result.logprobs == (LP,) and result.tool_calls == CALLS
 
 
 def test_tool_calls_json_joins_each_call_s_fragments_in_order() -> None:

@@ -78,6 +78,20 @@ async def test_first_delta_at_once_then_merged_and_the_tail_rides_on_done() -> N
     assert [e.seq for e in rec.sent] == [0, 1] and rec.subjects == {SUBJECT}
 
 
+async def test_a_call_s_logprobs_never_merge_into_the_text_s() -> None:
+    """Merged with text, a tool call's token logprobs would read as the text's
+    (`Piece.text_logprobs`): the merged piece keeps the text's only."""
+    rec = Recorder()
+    es = stream(rec, coalesce=10.0)
+    await es.add(Piece(0, "a", 1, logprobs=LOGPROBS[:1]))
+    await es.add(Piece(0, "b", 1, logprobs=LOGPROBS[1:]))
+    await es.add(Piece(0, "", 2, CALL, (TokenLogprob("{", -0.1), TokenLogprob("}", -0.2))))
+    await es.done(["tool_calls"], Usage(prompt_tokens=3, completion_tokens=4))
+    first, done = rec.sent
+    assert isinstance(first, Delta) and isinstance(done, Done)
+    assert done.pieces == (Piece(0, "b", 3, CALL, LOGPROBS[1:]),)
+
+
 async def test_a_plain_answer_sends_its_text_with_done_alone() -> None:
     rec = Recorder()
     es = EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=10.0, first_at_once=False)

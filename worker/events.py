@@ -67,7 +67,7 @@ class _Run:
             self.text.append(piece.text)
         self.tokens += piece.tokens
         self.tool_calls.extend(piece.tool_calls)
-        self.logprobs.extend(piece.logprobs)
+        self.logprobs.extend(piece.text_logprobs)  # merged with text, a call's would read as the text's
 
     def piece(self) -> Piece:
         return Piece(
