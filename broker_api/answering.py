@@ -12,7 +12,6 @@ stream ends; `answer_stream` bounds its writes and bills what was written.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -29,7 +28,7 @@ from broker_api.output import ChoiceResult, answer_pieces
 from broker_api.serving import STALLED, Serving
 from broker_api.session import Ask, Session
 from broker_api.sessions import signed_in
-from broker_api.web import BoundedStream, data_frame, sse, watch_disconnect
+from broker_api.web import BoundedStream, sse, watch_disconnect
 from schemas.errors import TokenyardError
 from schemas.events import Piece
 
@@ -109,11 +108,6 @@ class Encoder(Protocol):
     def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
         """The whole answer's last frames: finish reasons, usage, the terminal event."""
         ...
-
-
-def error_frame(e: TokenyardError) -> bytes:
-    """An error once streaming, as chat and legacy completions send it: the error object as data."""
-    return data_frame(json.dumps(e.body(), separators=(",", ":")))
 
 
 async def stream(serving: Serving, s: Session, enc: Encoder) -> AsyncGenerator[bytes, None]:

@@ -1,5 +1,5 @@
 """Chat completions, translated: a request into a job (`ask`), and a run's outcome into
-chat-completions JSON (`completion`) or SSE chunks (`ChatStream`).
+chat-completions JSON (`completion`) or SSE chunks (`stream`).
 
 The one place that knows this API's JSON on the gateway: serving, the job driver and billing
 deal in `Ask`, events and `Output`. Another API (Responses, legacy completions) gets a module
@@ -8,12 +8,12 @@ like this one and shares everything else: routing, limits, cache, idempotency, t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from broker_api.answering import error_frame
 from broker_api.billing import Charge, served_by
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
@@ -96,37 +96,55 @@ def completion(req: ChatCompletionRequest, s: Session, results: list[ChoiceResul
         )
         for i, r in enumerate(results)
     ]
+    return ChatCompletion(choices=choices, **answer_fields(req, s, bill, "chatcmpl"))
+
+
+def answer_fields(req: BaseModel, s: Session, bill: Charge, prefix: str) -> dict[str, Any]:
+    """What a whole chat or legacy completion says beside its choices: its id, when it was
+    asked, the model and route that answered (`billing.served_by`) and its usage."""
     model, route = served_by(s)
-    return ChatCompletion(
-        id=f"chatcmpl-{s.job.id}",
-        created=int(s.arrived),
-        model=model,
-        choices=choices,
-        usage=usage(req, bill),
-        provider=route or None,
-    )
+    return {
+        "id": f"{prefix}-{s.job.id}",
+        "created": int(s.arrived),
+        "model": model,
+        "usage": usage(req, bill),
+        "provider": route or None,
+    }
 
 
-class ChatStream:
-    """Chat completions as SSE (an `answering.Encoder`): each piece's chunks (each tool-call
-    fragment a chunk of its own, in the order the worker sent them), each choice's finish, the
-    usage chunk when asked, then `[DONE]`."""
+class Chunks(Protocol):
+    """One API's chunk JSON, as `ChunkStream` sends it."""
 
-    def __init__(self, serving: Serving, s: Session, req: ChatCompletionRequest) -> None:
+    def piece(self, piece: Piece) -> list[str]: ...
+
+    def finish(self, index: int, reason: str) -> str: ...
+
+    def usage(self, usage: Usage) -> str: ...
+
+
+def error_frame(e: TokenyardError) -> bytes:
+    """An error once streaming, as a chunk: the error object as data."""
+    return data_frame(json.dumps(e.body(), separators=(",", ":")))
+
+
+class ChunkStream:
+    """A stream of `data:` chunks ending in `[DONE]` (an `answering.Encoder`), as chat
+    completions send it and legacy completions too: each piece's chunks, each choice's finish,
+    the usage chunk when asked; an error once streaming is its error object as a chunk.
+    `chunks` makes the API's chunk JSON when the first chunk is due (each chunk names what
+    serves, known once the first output came)."""
+
+    def __init__(
+        self, serving: Serving, s: Session, req: BaseModel, chunks: Callable[[], Chunks], *, usage_chunk: bool
+    ) -> None:
         self._serving, self._s, self._req = serving, s, req
-        self._enc: ChunkEncoder | None = None
+        self._make, self._usage_chunk = chunks, usage_chunk
+        self._made: Chunks | None = None
 
-    def _chunks(self) -> ChunkEncoder:  # once the first chunk is due: it names what serves
-        if self._enc is None:
-            model, route = served_by(self._s)
-            self._enc = ChunkEncoder(
-                id=f"chatcmpl-{self._s.job.id}",
-                created=int(self._s.arrived),
-                model=model,
-                include_usage=self._req.wants_usage_chunk,
-                provider=route,
-            )
-        return self._enc
+    def _chunks(self) -> Chunks:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
 
     def start(self) -> Iterator[bytes]:
         return iter(())  # every chunk names what serves: nothing opens the stream
@@ -141,6 +159,23 @@ class ChatStream:
     async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
         for i, r in enumerate(results):
             yield data_frame(self._chunks().finish(i, r.finish))
-        if self._req.wants_usage_chunk:
+        if self._usage_chunk:
             yield data_frame(self._chunks().usage(usage(self._req, self._serving.charge(self._s))))
         yield data_frame("[DONE]")
+
+
+def stream(serving: Serving, s: Session, req: ChatCompletionRequest) -> ChunkStream:
+    """Chat completions as SSE: each tool-call fragment a chunk of its own, in the order the
+    worker sent them."""
+
+    def chunks() -> ChunkEncoder:
+        model, route = served_by(s)
+        return ChunkEncoder(
+            id=f"chatcmpl-{s.job.id}",
+            created=int(s.arrived),
+            model=model,
+            include_usage=req.wants_usage_chunk,
+            provider=route,
+        )
+
+    return ChunkStream(serving, s, req, chunks, usage_chunk=req.wants_usage_chunk)

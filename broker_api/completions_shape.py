@@ -13,19 +13,17 @@ once can be continued on another node: the prompt is extended by the text alread
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from broker_api.answering import error_frame
 from broker_api.billing import Charge, served_by
-from broker_api.chat_shape import usage
+from broker_api.chat_shape import ChunkStream, answer_fields
 from broker_api.output import ChoiceResult
 from broker_api.serving import Serving
 from broker_api.session import Ask, Session
-from broker_api.web import data_frame
 from schemas.chat import Usage
 from schemas.completions import DEFAULT_MAX_TOKENS, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from schemas.errors import TokenyardError, UnsupportedError
+from schemas.errors import UnsupportedError
 from schemas.events import Piece, TokenLogprob
 from schemas.rules import estimate_request_prompt, requested_max_tokens
 from schemas.tasks import TASK_KEY
@@ -102,18 +100,12 @@ def completion(req: CompletionRequest, s: Session, results: list[ChoiceResult], 
                 finish_reason=_finish(r.finish),  # type: ignore[arg-type]
             )
         )
-    model, route = served_by(s)
-    return Completion(
-        id=f"cmpl-{s.job.id}",
-        created=int(s.arrived),
-        model=model,
-        choices=choices,
-        usage=usage(req, bill),
-        provider=route or None,
-    )
+    return Completion(choices=choices, **answer_fields(req, s, bill, "cmpl"))
 
 
 class _Chunks:
+    """Legacy completion chunks (`chat_shape.Chunks`)."""
+
     def __init__(self, req: CompletionRequest, s: Session) -> None:
         model, route = served_by(s)
         head: dict[str, Any] = {"id": f"cmpl-{s.job.id}", "object": "text_completion", "created": int(s.arrived)}
@@ -138,6 +130,9 @@ class _Chunks:
         choice = {"text": text, "index": index, "logprobs": lps, "finish_reason": None}
         return json.dumps({**self._head, "choices": [choice]}, separators=(",", ":"))
 
+    def piece(self, piece: Piece) -> list[str]:
+        return [self.text(piece.index, piece.text, piece.text_logprobs)] if piece.text or piece.text_logprobs else []
+
     def finish(self, index: int, reason: str) -> str:
         prefix = _prompt_of(self._req, index) if self._req.echo and index not in self._echoed else ""
         choice = {"text": prefix, "index": index, "logprobs": None, "finish_reason": _finish(reason)}
@@ -147,32 +142,6 @@ class _Chunks:
         return json.dumps({**self._head, "choices": [], "usage": u.model_dump()}, separators=(",", ":"))
 
 
-class CompletionStream:
-    """Legacy completions as SSE (an `answering.Encoder`): a chunk per piece of text, each
-    choice's finish, the usage chunk when asked, then `[DONE]`."""
-
-    def __init__(self, serving: Serving, s: Session, req: CompletionRequest) -> None:
-        self._serving, self._s, self._req = serving, s, req
-        self._made: _Chunks | None = None
-
-    def _chunks(self) -> _Chunks:  # once the first chunk is due: it names what serves
-        if self._made is None:
-            self._made = _Chunks(self._req, self._s)
-        return self._made
-
-    def start(self) -> Iterator[bytes]:
-        return iter(())  # every chunk names what serves: nothing opens the stream
-
-    def piece(self, piece: Piece) -> Iterator[bytes]:
-        if piece.text or piece.text_logprobs:
-            yield data_frame(self._chunks().text(piece.index, piece.text, piece.text_logprobs))
-
-    def failed(self, e: TokenyardError) -> Iterator[bytes]:
-        yield error_frame(e)
-
-    async def end(self, results: list[ChoiceResult]) -> AsyncIterator[bytes]:
-        for i, r in enumerate(results):
-            yield data_frame(self._chunks().finish(i, r.finish))
-        if self._req.wants_usage_chunk:
-            yield data_frame(self._chunks().usage(usage(self._req, self._serving.charge(self._s))))
-        yield data_frame("[DONE]")
+def stream(serving: Serving, s: Session, req: CompletionRequest) -> ChunkStream:
+    """Legacy completions as SSE: a chunk per piece of text (with its legacy logprobs)."""
+    return ChunkStream(serving, s, req, lambda: _Chunks(req, s), usage_chunk=req.wants_usage_chunk)

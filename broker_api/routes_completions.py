@@ -23,7 +23,7 @@ async def create_completion(request: Request) -> Response:
     check_max_tokens({"max_tokens": req.max_tokens}, who.key_limits, who.org_limits)
     session = await begin(request, s, who, completions_shape.ask(req))
     if req.stream:
-        return await answer_stream(s, session, completions_shape.CompletionStream(s.serving, session, req))
+        return await answer_stream(s, session, completions_shape.stream(s.serving, session, req))
 
     async def answer() -> Completion:
         results = await s.serving.results(session)

@@ -50,7 +50,7 @@ async def chat_completions(request: Request) -> Response:
             return chat_shape.completion(req, session, results, serving.charge(session))
 
         return await answering.answer_json(request, s, session, answer)
-    return await answering.answer_stream(s, session, chat_shape.ChatStream(serving, session, req))
+    return await answering.answer_stream(s, session, chat_shape.stream(serving, session, req))
 
 
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])

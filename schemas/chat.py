@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.events import Piece, TokenLogprob, ToolCallDelta
 from schemas.tasks import TASK_KEY
@@ -124,6 +124,15 @@ class ResponseFormat(_Lenient):
     json_schema: dict[str, Any] | None = None
 
 
+def _metadata_limits(v: dict[str, str]) -> dict[str, str]:
+    if len(v) > 16 or any(len(k) > 64 or len(s) > 512 for k, s in v.items()):
+        raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+    return v
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_metadata_limits)]  # OpenAI's limits, chat's and Responses'
+
+
 class ChatCompletionRequest(_Lenient):
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1)
@@ -137,7 +146,7 @@ class ChatCompletionRequest(_Lenient):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, int] | None = None
@@ -155,13 +164,6 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("at most 4 stop sequences are allowed")
         if isinstance(v, list) and any(s == "" for s in v):
             raise ValueError("stop sequences must not be empty")
-        return v
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(s) > 512 for k, s in v.items())):
-            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
         return v
 
     @model_validator(mode="before")

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.chat import FunctionDefinition
+from schemas.chat import FunctionDefinition, Metadata
 from schemas.codec import WireError, need, pack, unpack
 from schemas.errors import InvalidRequestError, UnsupportedError
 from schemas.tasks import TASK_KEY
@@ -113,18 +113,11 @@ class ResponseRequest(_Lenient):
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = Field(default=None, max_length=256)
     text: TextParam | None = None
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(s) > 512 for k, s in v.items())):
-            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
-        return v
 
     @property
     def stores(self) -> bool:
