@@ -24,7 +24,6 @@ from schemas.chat import (
     ChatCompletionRequest,
     Choice,
     ChoiceLogprobs,
-    ChunkEncoder,
     ResponseMessage,
     TokenLogprobOut,
     ToolCallOut,
@@ -33,6 +32,7 @@ from schemas.chat import (
     tool_calls_json,
     wants_cost,
 )
+from schemas.chunks import ChunkEncoder
 from schemas.errors import TokenyardError
 from schemas.events import Piece
 from schemas.rules import estimate_prompt_tokens, requested_max_tokens

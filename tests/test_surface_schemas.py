@@ -13,7 +13,8 @@ import pytest
 
 from broker_api.output import Output
 from schemas.answers import CachedAnswer
-from schemas.chat import ChatCompletionChunk, ChunkEncoder, parse_chat_request, tool_calls_json
+from schemas.chat import ChatCompletionChunk, parse_chat_request, tool_calls_json
+from schemas.chunks import ChunkEncoder
 from schemas.codec import WireError, pack
 from schemas.completions import parse_completion_request
 from schemas.embeddings import parse_embedding_request
