@@ -98,7 +98,7 @@ def write_secret(path: Path, text: str) -> None:
 
 def role_permissions(role: str, models: tuple[str, ...] = ()) -> Permissions:
     """The permissions of a role's credentials (`adapter-<pool>` names its pool; `models`: the
-    only ones such an adapter serves, empty: any)."""
+    only ones such an adapter serves, empty: no work at all)."""
     fixed = {"api": permissions.api, "scheduler": permissions.scheduler, "ledger": permissions.ledger}
     if role in fixed:
         return fixed[role]()
@@ -288,6 +288,8 @@ def adapter_flags(values: list[str]) -> dict[str, tuple[str, ...]]:
         models = tuple(m.strip() for m in listed.split(",") if m.strip())
         if not name.strip() or not models:
             raise ValueError(f"--adapter {value!r}: give a provider and the models it serves: --adapter NAME=MODEL,...")
+        if name.strip() in found:
+            raise ValueError(f"--adapter {name.strip()!r} is given twice: list all its models in one --adapter")
         found[name.strip()] = models
     return found
 

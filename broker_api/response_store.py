@@ -126,8 +126,11 @@ class ResponseStore:
         try:
             await _bounded(self._put_part, [(f"{key}.{n}", p) for n, p in enumerate(parts)])
             await self._kv.put(key, StoredParts(len(parts), len(data), hashlib.sha256(data).hexdigest()).encode())
-        except nats.errors.Error:
-            await self._purge_parts(key, len(parts))  # no head names them: do not keep them until the TTL
+        except BaseException:
+            # NATS failed, or the request was cancelled (its client left) while the parts were
+            # written: no head names them, so do not keep them until the TTL. Shielded, so a
+            # cancellation does not cut the purge itself short.
+            await asyncio.shield(self._purge_parts(key, len(parts)))
             raise
 
     async def _put_part(self, part: tuple[str, bytes]) -> None:

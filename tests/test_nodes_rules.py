@@ -211,6 +211,9 @@ def test_an_adapter_is_never_issued_any_pools_work(tmp_path: Path, capsys: pytes
     assert nats_auth_main(["init", "--out", out, "--adapters", "openai"]) == 2
     assert "--adapter NAME=MODEL" in capsys.readouterr().err
     assert nats_auth_main(["init", "--out", out, "--adapter", "azure"]) == 2
+    # one provider given twice would silently keep only its last models
+    assert nats_auth_main(["init", "--out", out, "--adapter", "azure=a", "--adapter", "azure=b"]) == 2
+    assert "given twice" in capsys.readouterr().err
     too_many = ",".join(f"{i:04d}-" + "m" * 200 for i in range(1000))
     assert nats_auth_main(["init", "--out", out, "--adapter", f"azure={too_many}"]) == 2
     assert "a NATS CONNECT line may hold" in capsys.readouterr().err

@@ -5,10 +5,17 @@ against a real stack (echo worker, nats-server)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 import openai
 import pytest
 
-from schemas import subjects
+from broker_api.response_store import ResponseStore
+from schemas import streams, subjects
+from schemas.jetstream import open_bucket
+from schemas.responses import StoredResponse
 from tests.helpers import ECHO, eventually, sdk
 from tests.stack import Stack
 
@@ -102,3 +109,35 @@ async def test_a_large_response_the_bucket_cannot_hold_leaves_no_parts_behind(
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(big.id)
     assert await _bucket_bytes(echo_stack) < 64 * 1024
+
+
+async def test_a_store_cancelled_while_its_parts_are_written_leaves_none(stack: Stack) -> None:
+    """The client of a non-streamed request leaves while its large response is being stored in
+    parts: the request (and the store) is cancelled, and the parts already written, which no head
+    names, are purged rather than kept until the TTL."""
+    nc = await stack.connect()
+    try:
+        kv = await open_bucket(nc, nc.jetstream(), streams.RESPONSES, replicas=None)
+        store = ResponseStore(kv, max_payload=lambda: 44_096)  # 60 parts of 40,000, 8 at a time
+        stored = StoredResponse({"id": "resp_cancelled"}, [{"role": "user", "content": "x" * 2_399_900}])
+        cancelled = False
+        for attempt in range(5):  # bounded: a put that finished before the cancel proves nothing
+            put = asyncio.create_task(store.put("org", "proj", f"resp_c{attempt}", stored))
+            assert await eventually(lambda: _bucket_holds(nc, lambda b: b > 0), timeout=10, every=0)
+            put.cancel()
+            try:
+                await put
+            except asyncio.CancelledError:
+                cancelled = True
+                break
+            await store.delete("org", "proj", f"resp_c{attempt}")
+        assert cancelled, "every put finished before it could be cancelled"
+        # what stays is the purge markers (~100 bytes a key), not the parts (>= 8 x 40,000 bytes)
+        assert await eventually(lambda: _bucket_holds(nc, lambda b: b < 64 * 1024), timeout=10)
+    finally:
+        await nc.close()
+
+
+async def _bucket_holds(nc: Any, ok: Callable[[int], bool]) -> bool:
+    info = await nc.jetstream().stream_info(f"KV_{subjects.RESPONSES_BUCKET}")
+    return ok(int(info.state.bytes))

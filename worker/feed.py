@@ -77,10 +77,10 @@ class Feed:
 
     async def request(self, batch: int, expires: float = EXPIRES) -> None:
         self.outstanding += batch
-        self.asked = time.monotonic()
         body = json.dumps({"batch": batch, "expires": int(expires * 1e9)}).encode()
         try:
             await self._nc.publish(self._api, body, reply=self._inbox)
+            self.asked = time.monotonic()  # only a request made: one that failed keeps its turn
         except nats.errors.Error as e:
             self.outstanding -= batch
             log.warning("worker.pull_failed", error=str(e))

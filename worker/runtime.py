@@ -260,7 +260,8 @@ class Worker:
         try:
             free = self._total - len(self._job_tasks) - sum(f.outstanding for f in self._feeds)
             share = max(1, self._total // max(1, len(self._feeds)))
-            expires = feed_expiry(self._total, len(self._feeds))
+            # sized by the slots free to ask with: those are what rotate through the models
+            expires = feed_expiry(max(1, self._total - len(self._job_tasks)), len(self._feeds))
             for feed in sorted(self._feeds, key=lambda f: (f.outstanding, f.asked)):
                 want = min(free, share - feed.outstanding)
                 # ask in batches, not per slot, unless the feed has nothing standing at all
