@@ -18,6 +18,10 @@
   undo it. So every push is checked: read back what the servers hold and the registry as of
   now (its mirror caught up), and push again until they agree. The last gateway to push sees
   every change made before its push, so the servers end up revoking exactly the registry's.
+- Every push also carries the operator's own revocations (`AuthDir.revoked`: credentials that
+  `tokenyard auth init` replaced, such as an adapter's whose models changed), read from the auth
+  dir at each push; a gateway starts by pushing when there is anything to revoke, so credentials
+  replaced while it was down are refused once it is up.
 """
 
 from __future__ import annotations
@@ -73,6 +77,14 @@ class Credentials:
 
     async def close(self) -> None:
         await close_quietly(self._system)
+
+    def revoking(self, nodes: dict[str, int]) -> dict[str, int]:
+        """Every user the servers must refuse: these nodes' and the operator's own revocations."""
+        try:
+            return {**self._auth.revoked(), **nodes}
+        except ValueError as e:
+            log.error("nodes.revocations_unreadable", error=str(e))
+            raise NoCapacityError("The auth dir's revocations cannot be read; see the gateway's log.") from e
 
     def issue_node(self, node_id: str, pool: str, models: tuple[str, ...]) -> tuple[str, str]:
         """A node's `.creds` text and its user's public key."""
@@ -248,16 +260,22 @@ class Enrolment:
         await self.sync()
         return removed
 
+    def revokes_any(self) -> bool:
+        """Whether the servers must refuse anyone (as far as this gateway's registry knows yet)."""
+        credentials = self._credentials
+        return credentials is not None and bool(credentials.revoking(self.registry.revocations()))
+
     async def sync(self) -> None:
         """Make the servers' account JWT revoke exactly the registry's disabled and removed nodes
-        (converging with the other gateways' pushes: see the module's note)."""
+        and the operator's revocations (converging with the other gateways' pushes: see the
+        module's note)."""
         if self._credentials is None:
             return
-        wanted = await self.registry.current_revocations()
+        wanted = self._credentials.revoking(await self.registry.current_revocations())
         for _ in range(SYNC_ROUNDS):
             await self._credentials.push(wanted)
             held = await self._credentials.held()
-            wanted = await self.registry.current_revocations()
+            wanted = self._credentials.revoking(await self.registry.current_revocations())
             if held == wanted:
                 return
             log.info("nodes.revocations_raced", held=len(held), wanted=len(wanted))

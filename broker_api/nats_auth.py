@@ -12,11 +12,18 @@
   pool) with `--local-worker`, and `sys` (the system account's user: the gateway pushes
   revocations with it);
 - `DIR/nats-keys.json` (mode 0600): the seeds a gateway needs later, to sign enrolled nodes'
-  user JWTs (the account's) and to re-sign the account JWT with revocations (the operator's).
+  user JWTs (the account's) and to re-sign the account JWT with revocations (the operator's);
+- `DIR/nats-revocations.json`: the operator's own revocations, the users of credentials this
+  directory issued and later replaced (node revocations live in the node registry instead).
 
 Every file with a secret is mode 0600. Running it again keeps the keys and writes only what is
 missing, so credentials already handed out stay valid; an adapter's credentials are issued
-again when its models changed (the old ones keep working until the operator revokes them).
+again when its models changed, and the user of the file they replace is revoked: its grant may
+have been wider (an adapter from `--adapters NAME` could pull every pool's work), and nothing
+else would ever revoke it (adapters are not in the node registry). The account JWT preloaded in
+`nats-auth.conf` carries those revocations, and a gateway pushes them with the nodes' to the
+running servers (`broker_api.enrolment`: at its start and at every node change), so the old
+file is refused from then on.
 
 A user JWT travels in the client's CONNECT line, and an enrolled node's names each of its
 models' consumers (`schemas.permissions.node`: four subjects per model, which no NATS wildcard
@@ -62,6 +69,7 @@ from schemas.settings import creds_path
 
 KEYS_FILE = "nats-keys.json"
 CONF_FILE = "nats-auth.conf"
+REVOKED_FILE = "nats-revocations.json"
 ACCOUNT_NAME = "TOKENYARD"
 SYSTEM_NAME = "SYS"
 SYS_ROLE = "sys"
@@ -160,17 +168,24 @@ class AuthDir:
         auth = found or cls(p, AuthKeys.create())
         if found is None:
             write_secret(p / KEYS_FILE, auth.keys.to_json())
-        conf = auth.server_config(Path(resolver_dir) if resolver_dir else p / "jwt")
-        (p / CONF_FILE).write_text(conf)
+        store = Path(resolver_dir) if resolver_dir else p / "jwt"
+        (p / CONF_FILE).write_text(auth.server_config(store))  # first: what it allows bounds what is issued
         served = adapters or {}
         roles = {"api": (), "scheduler": (), "ledger": (), **{f"adapter-{a}": tuple(m) for a, m in served.items()}}
         if local_worker:
             roles[LOCAL_WORKER] = ()
+        replaced: dict[str, int] = {}
         for role, models in roles.items():
             perms = role_permissions(role, models)
             file = creds_path(p, role)
             if not file.exists() or (role.startswith("adapter-") and issued_publish(file) != list(perms.publish)):
+                earlier = issued_user(file) if file.exists() else None
                 write_secret(file, auth.issue(role, perms)[0])
+                if earlier is not None:
+                    replaced[earlier] = int(time.time())
+        if replaced:
+            auth.revoke(replaced)
+            (p / CONF_FILE).write_text(auth.server_config(store))
         if not creds_path(p, SYS_ROLE).exists():
             user = Key.new(USER)
             jwt = user_jwt(auth.keys.system, user.public, name=SYS_ROLE, permissions=None)
@@ -184,6 +199,24 @@ class AuthDir:
     @property
     def sys_creds(self) -> Path:
         return creds_path(self.path, SYS_ROLE)
+
+    def revoked(self) -> dict[str, int]:
+        """The operator's revocations (user public key -> the time its credentials stopped), read
+        now: `auth init` may add some while a gateway runs. Raises ValueError for a damaged file."""
+        path = self.path / REVOKED_FILE
+        if not path.is_file():
+            return {}
+        try:
+            found = json.loads(path.read_text())["revoked"]
+            return {str(k): int(v) for k, v in found.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a revocations file ({e})") from e
+
+    def revoke(self, users: Mapping[str, int]) -> None:
+        """Add these users to the operator's revocations (kept for good: a revoked key is never
+        issued again, and its old file must stay refused)."""
+        merged = {**self.revoked(), **users}
+        write_secret(self.path / REVOKED_FILE, json.dumps({"version": 1, "revoked": merged}, indent=2) + "\n")
 
     def issue(self, name: str, perms: Permissions, *, issued_at: int = 0) -> tuple[str, str]:
         """A new identity in the TOKENYARD account: its `.creds` text and public key. Raises
@@ -209,7 +242,7 @@ class AuthDir:
         k = self.keys
         operator = operator_jwt(k.operator, name="tokenyard", system_account=k.system.public)
         system = account_jwt(k.operator, k.system.public, name=SYSTEM_NAME, jetstream=False)
-        account = account_jwt(k.operator, k.account.public, name=ACCOUNT_NAME, jetstream=True)
+        account = self.account_jwt(self.revoked())  # the servers refuse replaced credentials from their start
         store = str(resolver_dir).replace("\\", "/")
         return (
             "# NATS decentralized JWT auth for Tokenyard (written by `tokenyard auth init`): include it\n"
@@ -223,6 +256,18 @@ class AuthDir:
             '  timeout: "1.9s"\n}\n'
             f'resolver_preload: {{\n  {k.system.public}: "{system}"\n  {k.account.public}: "{account}"\n}}\n'
         )
+
+
+def issued_user(path: Path) -> str | None:
+    """The user public key of the credentials at `path` (None: unreadable)."""
+    found = _JWT.search(path.read_text())
+    if found is None:
+        return None
+    try:
+        sub = decode_claims(found.group(1))["sub"]
+    except (ValueError, KeyError, IndexError):
+        return None
+    return sub if isinstance(sub, str) and sub.startswith("U") else None
 
 
 def issued_publish(path: Path) -> list[str] | None:
@@ -314,10 +359,17 @@ def main(argv: list[str]) -> int:
     try:
         adapters = provider_models(a.providers) if a.providers else {}
         adapters.update(adapter_flags(a.adapter))
+        earlier = AuthDir.open(a.out)
+        revoked = set(earlier.revoked()) if earlier is not None else set()
         auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
     except ValueError as e:  # a bad provider file or flag, or an adapter with more models than credentials hold
         print(f"tokenyard auth init: {e}", file=sys.stderr)
         return 2
+    if replaced := len(set(auth.revoked()) - revoked):
+        print(
+            f"Revoked the {replaced} credentials issued again here: running NATS refuses them once a gateway starts "
+            "or a node changes (a gateway pushes them), and a nats-server started with this nats-auth.conf at once."
+        )
     print(f"NATS auth in {auth.path}:")
     print(f"  {auth.conf_path}   (include it from the nats-server config)")
     for creds_file in sorted((auth.path / "creds").glob("*.creds")):

@@ -79,11 +79,11 @@ class NodeServices:
             cloud_pools=fleet.cloud_pools,
             join_rate=settings.join_rate,
         )
-        if registry.revocations():
-            try:  # a change another gateway could not push, or a server whose resolver lost it
+        try:  # a change another gateway could not push, a server whose resolver lost it, replaced credentials
+            if enrolment.revokes_any():
                 await enrolment.sync()
-            except (NoCapacityError, UnavailableError) as e:
-                log.warning("nodes.sync_failed", error=e.message)
+        except (NoCapacityError, UnavailableError) as e:
+            log.warning("nodes.sync_failed", error=e.message)
         return cls(settings=settings, enrolment=enrolment, fleet=fleet, auditor=auditor, ledger=ledger)
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -23,6 +24,7 @@ import trustme
 
 from broker_api.nats_auth import AuthDir
 from schemas import subjects
+from tests.enrol import admin, create_token, raw_join
 from tests.helpers import CLI, ECHO, tokenyard
 from tests.stack import Stack, free_port
 
@@ -108,6 +110,50 @@ async def test_each_operator_role_is_held_to_its_own_subjects(tmp_path: Path) ->
             for subject in subscribe:
                 assert f'permissions violation for subscription to "{subject.lower()}"' in text, (role, subject, text)
     finally:
+        await stack.close()
+
+
+async def _refused(url: str, creds: str) -> bool:
+    try:
+        nc = await nats.connect(url, user_credentials=creds, allow_reconnect=False, connect_timeout=2)
+    except nats.errors.Error as e:
+        return "authorization violation" in str(e).lower()
+    await nc.close()
+    return False
+
+
+async def test_credentials_auth_init_replaces_are_refused_on_the_running_server(tmp_path: Path) -> None:
+    """Run again with other models, `auth init` issues the adapter new credentials and revokes
+    the user of the old file (its grant may be wider: `--adapters NAME` reached every pool), and
+    a gateway pushes that with the nodes' revocations: the old file's connection is closed and
+    refused, the new file connects, and a node change later does not lift it."""
+    stack = Stack(tmp_path)
+    assert stack.auth is not None
+    AuthDir.init(stack.auth.path, adapters={"prov-b": (ECHO,)})
+    stack.start_nats()
+    old = tmp_path / "adapter-prov-b.old.creds"
+    shutil.copy(stack.creds("adapter-prov-b"), old)
+    held = await nats.connect(stack.nats_url, user_credentials=str(old), allow_reconnect=False, connect_timeout=2)
+    try:
+        AuthDir.init(stack.auth.path, adapters={"prov-b": ("prov-model",)})
+        assert old.read_text() != Path(stack.creds("adapter-prov-b")).read_text()
+        url = await stack.start_api()  # pushes what the auth dir revokes when it starts
+        deadline = time.monotonic() + 10
+        while not held.is_closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert held.is_closed, "the replaced credentials' connection is still open"
+        assert await _refused(stack.nats_url, str(old))
+        assert not await _refused(stack.nats_url, stack.creds("adapter-prov-b"))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:  # a node's revocation keeps it
+            token = await create_token(http, pool="lab", models=[ECHO])
+            node = await raw_join(http, token["token"], [ECHO])
+            r = await admin(http, "POST", f"/nodes/{node['node_id']}/disable")
+            assert r.status_code == 200, r.text
+        assert await _refused(stack.nats_url, str(old))
+        assert not await _refused(stack.nats_url, stack.creds("adapter-prov-b"))
+    finally:
+        if not held.is_closed:
+            await held.close()
         await stack.close()
 
 

@@ -17,6 +17,7 @@ from broker_api.nats_auth import (
     AuthDir,
     CredentialsTooLargeError,
     issued_publish,
+    issued_user,
     provider_models,
     role_permissions,
 )
@@ -189,11 +190,19 @@ def test_auth_init_holds_each_adapter_to_its_providers_models(tmp_path: Path) ->
     before = {p.name: p.read_text() for p in (out / "creds").iterdir()}
     AuthDir.init(out, adapters={**served, "extra": ("m-1", "m-2")})
     assert {p.name: p.read_text() for p in (out / "creds").iterdir()} == before  # nothing re-issued
-    AuthDir.init(out, adapters={**served, "openai": ("gpt-new",)})
+    assert AuthDir.init(out).revoked() == {}  # nothing replaced, nothing revoked
+    earlier = issued_user(creds_path(out, "adapter-openai"))
+    auth = AuthDir.init(out, adapters={**served, "openai": ("gpt-new",)})
     assert issued_publish(creds_path(out, "adapter-openai")) == list(
         permissions.adapter("openai", ("gpt-new",)).publish
     )
     assert creds_path(out, "api").read_text() == before["api.creds"]
+    # the replaced file's user is revoked, for the gateway's pushes and in the preloaded account
+    assert earlier is not None and list(auth.revoked()) == [earlier]
+    assert issued_user(creds_path(out, "adapter-openai")) not in auth.revoked()
+    preloaded = re.findall(r'"(eyJ[^"]+)"', auth.conf_path.read_text())
+    accounts = [decode_claims(j)["nats"] for j in preloaded if decode_claims(j)["sub"] == auth.keys.account.public]
+    assert [a.get("revocations") for a in accounts] == [auth.revoked()]
 
 
 def test_an_adapter_is_never_issued_any_pools_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
