@@ -8,7 +8,8 @@
   credentials, scoped by `schemas.permissions.node` to its pool, models and kind, signed with
   the account key from the auth dir (`broker_api.nats_auth`). The registry records it. A node
   whose models would make credentials too long for a NATS connect is refused (400) before its
-  token is spent.
+  token is spent: too long for the `max_control_line` of the auth dir's `nats-auth.conf`, so
+  servers still on an older config's 64 KiB never get a node they would refuse.
 - Disabling or removing a node revokes its NATS user in the account JWT and pushes that JWT to
   the servers' resolver (`$SYS.REQ.CLAIMS.UPDATE`, as the system account's user): nats-server
   closes its connections at once and refuses them after. Enabling lifts the revocation, so the
@@ -37,7 +38,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
-from broker_api.nats_auth import MAX_USER_JWT, AuthDir, CredentialsTooLargeError
+from broker_api.nats_auth import AuthDir, CredentialsTooLargeError
 from broker_api.nats_jwt import decode_claims
 from broker_api.registry import INVALID_TOKEN, NodeRegistry
 from schemas import subjects
@@ -118,7 +119,7 @@ class Credentials:
 def _too_many_models(count: int, e: CredentialsTooLargeError) -> InvalidRequestError:
     return InvalidRequestError(
         f"A node with these {count} models would need NATS credentials of {e.size} bytes, more than NATS accepts "
-        f"when a node connects ({MAX_USER_JWT}). Enrol it for fewer models, or with shorter model ids.",
+        f"when a node connects ({e.limit}). Enrol it for fewer models, or with shorter model ids.",
         param="models",
         code="too_many_models",
     )

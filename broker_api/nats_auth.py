@@ -30,7 +30,9 @@ models' consumers (`schemas.permissions.node`: four subjects per model, which no
 can narrow to one model), so hundreds of long model ids make a JWT of hundreds of KiB. The
 config raises nats-server's `max_control_line` to `MAX_CONTROL_LINE`, and `issue` refuses
 credentials whose JWT would not fit it (`CredentialsTooLargeError`, before anything is handed
-out): 256 models of 100 characters make ~230 KB, about a quarter of `MAX_USER_JWT`.
+out): 256 models of 100 characters make ~230 KB, about a quarter of `MAX_USER_JWT`. The limit
+is read from the directory's `nats-auth.conf` at each issue, since servers still configured by
+an older `auth init` allow 64 KiB: a gateway must not hand a node credentials they refuse.
 
 Why JWTs and not auth callout: the server verifies a JWT chain itself, so no Tokenyard process
 sits on the connect path (NATS keeps accepting the scheduler and the workers while every gateway
@@ -79,18 +81,23 @@ MAX_CONTROL_LINE = 1 << 20  # nats-server's longest protocol line, as nats-auth.
 # MAX_CONTROL_LINE, and nats-io/jwt refuses any JWT past 1 MB (nats-server 2.15 took one of
 # 973 KB and refused one of 991 KB).
 MAX_USER_JWT = 900_000
+OLD_CONTROL_LINE = 64 * 1024  # what a nats-auth.conf that names no max_control_line is taken to allow (older auth init)
+CONNECT_MARGIN = 4096  # the rest of a CONNECT line: the nonce's signature, the client's name and versions
 _JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*-+END NATS USER JWT-+")
+_CONTROL_LINE = re.compile(r"^\s*max_control_line\s*[:=]?\s*(\d+)\s*(kb|k|mb|m)?\s*$", re.MULTILINE | re.IGNORECASE)
+_UNITS = {"": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2}  # as nats-server's config reads sizes
 
 
 class CredentialsTooLargeError(ValueError):
     """Permissions whose user JWT would not fit the CONNECT line nats-server accepts."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, limit: int) -> None:
         super().__init__(
-            f"the NATS credentials of {name} would carry a {size}-byte user JWT, more than the {MAX_USER_JWT} bytes "
+            f"the NATS credentials of {name} would carry a {size}-byte user JWT, more than the {limit} bytes "
             "a NATS CONNECT line may hold"
         )
         self.size = size
+        self.limit = limit
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -218,13 +225,24 @@ class AuthDir:
         merged = {**self.revoked(), **users}
         write_secret(self.path / REVOKED_FILE, json.dumps({"version": 1, "revoked": merged}, indent=2) + "\n")
 
+    def max_user_jwt(self) -> int:
+        """The longest user JWT servers configured by this directory's `nats-auth.conf` accept:
+        its `max_control_line` (`OLD_CONTROL_LINE` where it names none) less a CONNECT line's
+        other fields, and never more than `MAX_USER_JWT`."""
+        try:
+            found = _CONTROL_LINE.search(self.conf_path.read_text())
+        except OSError:
+            found = None
+        line = int(found.group(1)) * _UNITS[(found.group(2) or "").lower()] if found else OLD_CONTROL_LINE
+        return min(MAX_USER_JWT, line - CONNECT_MARGIN)
+
     def issue(self, name: str, perms: Permissions, *, issued_at: int = 0) -> tuple[str, str]:
         """A new identity in the TOKENYARD account: its `.creds` text and public key. Raises
         `CredentialsTooLargeError` where its JWT would not fit a CONNECT line."""
         user = Key.new(USER)
         jwt = user_jwt(self.keys.account, user.public, name=name, permissions=perms, issued_at=issued_at)
-        if len(jwt) > MAX_USER_JWT:
-            raise CredentialsTooLargeError(name, len(jwt))
+        if len(jwt) > (limit := self.max_user_jwt()):
+            raise CredentialsTooLargeError(name, len(jwt), limit)
         return creds(jwt, user.seed), user.public
 
     def account_jwt(self, revocations: dict[str, int] | None = None) -> str:

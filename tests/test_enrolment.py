@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from pathlib import Path
 
 import httpx
+import nats
 import openai
 import pytest
 
+from broker_api.nats_auth import AuthDir, write_secret
+from broker_api.nats_jwt import USER, Key, creds, user_jwt
+from schemas import subjects
+from schemas.permissions import node
 from tests.enrol import admin, create_token, join_node, wait_for_node
 from tests.helpers import ECHO
 from tests.stack import ADMIN_KEY, Stack
@@ -171,4 +177,62 @@ async def test_a_node_enrolled_for_256_long_model_ids_connects_and_serves_them(g
                 model=many[200], messages=[{"role": "user", "content": "from the long list"}], max_tokens=4
             )
         assert r.choices[0].message.content == "from the long list"
-        assert "Maximum Control Line" not in proc.output()
+        assert "maximum control line" not in proc.output().lower()  # nats-server says it in lower case
+
+
+async def test_a_nats_on_an_older_config_gets_no_node_it_would_refuse(tmp_path: Path) -> None:
+    """An auth dir whose nats-auth.conf still allows an older `auth init`'s 64 KiB: a join whose
+    credentials would pass it is refused before its token is spent, one that fits connects to that
+    server, and a worker holding credentials the server refuses says why once, not only 'Connection lost'."""
+    stack = Stack(tmp_path)
+    assert stack.auth is not None
+    conf = stack.auth.conf_path.read_text()
+    assert "max_control_line: 1048576" in conf
+    stack.auth.conf_path.write_text(conf.replace("max_control_line: 1048576", "max_control_line: 65536"))
+    stack.start_nats()
+    models = [f"org-{i:03d}/" + "m" * 92 for i in range(80)]  # ~70 KB of credentials: fine for 1 MiB, not 64 KiB
+    try:
+        url = await stack.start_api()
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            token = await create_token(http, pool=LAB, kind="own", ttl=600, uses=1)
+            too_long = await _join(http, token["token"], models)
+            assert too_long.status_code == 400, too_long.text[:300]
+            error = too_long.json()["error"]
+            assert error["code"] == "too_many_models" and "61440" in error["message"], error
+            fits = await _join(http, token["token"], models[:66])  # the token is still good
+            assert fits.status_code == 200, fits.text[:300]
+        joined = fits.json()
+        path = tmp_path / "fits.creds"
+        write_secret(path, joined["creds"])
+        assert len(joined["creds"]) > 55_000  # close to the limit: the margin is enough for a real connect
+        nc = await nats.connect(
+            stack.nats_url,
+            user_credentials=str(path),
+            inbox_prefix=subjects.worker_inbox(LAB, joined["node_id"]),
+            allow_reconnect=False,
+            connect_timeout=5,
+        )
+        await nc.close()
+
+        user = Key.new(USER)  # what a gateway without the cap handed out: the server refuses its connect
+        jwt = user_jwt(stack.auth.keys.account, user.public, name="node-x", permissions=node("nd-x", LAB, models))
+        write_secret(tmp_path / "long.creds", creds(jwt, user.seed))
+        stranger = AuthDir.init(tmp_path / "another-operator", local_worker=True)  # and credentials it never trusts
+        workers = {
+            "maximum control line exceeded": stack.start_worker(
+                TOKENYARD_NATS_CREDS=str(tmp_path / "long.creds"), TOKENYARD_POOL=LAB
+            ),
+            "authorization violation": stack.start_worker(
+                TOKENYARD_NATS_CREDS=str(stranger.path / "creds" / "worker.creds"),
+                TOKENYARD_DATA_DIR=str(tmp_path / "w2"),
+            ),
+        }
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(w in p.output().lower() for w, p in workers.items()):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)  # they retry every 0.5 s: several more refusals each
+        for why, worker in workers.items():
+            lines = [ln for ln in worker.output().splitlines() if "worker.connect_refused" in ln]
+            assert len(lines) == 1 and why in lines[0].lower(), worker.output()[-2000:]
+    finally:
+        await stack.close()

@@ -12,8 +12,10 @@ import pytest
 
 from broker_api.enrolment import JoinLimiter
 from broker_api.nats_auth import (
+    CONNECT_MARGIN,
     MAX_CONTROL_LINE,
     MAX_USER_JWT,
+    OLD_CONTROL_LINE,
     AuthDir,
     CredentialsTooLargeError,
     issued_publish,
@@ -144,6 +146,28 @@ def test_credentials_too_long_for_a_connect_are_refused_when_issued(tmp_path: Pa
     with pytest.raises(CredentialsTooLargeError) as e:
         auth.issue("node-b", permissions.node("nd-b", "lab", [m * 10 for m in many]))
     assert e.value.size > MAX_USER_JWT and "node-b" in str(e.value)
+
+
+def test_credentials_are_held_to_the_connect_line_the_auth_dirs_config_sets(tmp_path: Path) -> None:
+    """The limit follows nats-auth.conf: an older `auth init`'s 64 KiB (or none named) leaves
+    64 KiB less a CONNECT line's other fields; 1 MiB or more, MAX_USER_JWT."""
+    auth = AuthDir.init(tmp_path)
+    assert auth.max_user_jwt() == MAX_USER_JWT
+    conf = auth.conf_path.read_text()
+    for line, limit in (
+        ("max_control_line: 65536", 65536 - CONNECT_MARGIN),
+        ("", OLD_CONTROL_LINE - CONNECT_MARGIN),
+        ("max_control_line = 128KB", 128 * 1024 - CONNECT_MARGIN),
+        ("max_control_line: 4MB", MAX_USER_JWT),
+    ):
+        auth.conf_path.write_text(conf.replace(f"max_control_line: {MAX_CONTROL_LINE}", line))
+        assert auth.max_user_jwt() == limit, line
+    models = [f"org-{i:03d}/" + "m" * 92 for i in range(80)]  # ~74 KB of credentials
+    auth.issue("node-a", permissions.node("nd-a", "lab", models))
+    auth.conf_path.write_text(conf.replace(f"max_control_line: {MAX_CONTROL_LINE}", "max_control_line: 65536"))
+    with pytest.raises(CredentialsTooLargeError) as e:
+        auth.issue("node-a", permissions.node("nd-a", "lab", models))
+    assert e.value.limit == 65536 - CONNECT_MARGIN and str(e.value.limit) in str(e.value)
 
 
 def test_node_permissions_name_only_its_own_consumers() -> None:

@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import nats
+import nats.errors
 import structlog
 
 from schemas import subjects
@@ -28,6 +30,30 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 CLOSED_EXIT = 3  # NATS closed the connection for good (e.g. this node's credentials were revoked)
+REFUSALS = {  # what nats-server answers a connect it refuses, and what to do about it
+    "authorization violation": "credentials revoked, or not for this NATS",
+    "maximum control line": "credentials longer than this NATS accepts: its nats-auth.conf predates the gateway's "
+    "(run `tokenyard auth init` again and reload it), or enrol with fewer models",
+}
+
+
+def connect_errors(node_id: str) -> Callable[[Exception], Awaitable[None]]:
+    """nats-py's error callback: a connect NATS refuses (retried for ever, else seen only as
+    "Connection lost") is logged once per reason, with what to do; other errors as warnings."""
+    refusals: set[str] = set()
+
+    async def on_error(e: Exception) -> None:
+        reason = str(e)
+        hints = [hint for why, hint in REFUSALS.items() if why in reason.lower()]
+        if isinstance(e, nats.errors.AuthorizationError) or hints:
+            if reason not in refusals:
+                refusals.add(reason)
+                hint = hints[0] if hints else REFUSALS["authorization violation"]
+                log.error("worker.connect_refused", node=node_id, reason=reason, hint=hint)
+        else:
+            log.warning("worker.nats_error", node=node_id, error=reason or type(e).__name__)
+
+    return on_error
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -53,7 +79,7 @@ async def serve(settings: WorkerSettings) -> int:
     idle = availability_for(settings, hardware)
     inbox = subjects.worker_inbox(settings.pool, settings.node_id)  # its own inbox: see schemas/permissions.py
     options = nats_options(settings.nats, name=f"tokenyard-worker-{settings.node_id}", inbox_prefix=inbox)
-    nc = await nats.connect(**options, closed_cb=on_closed)
+    nc = await nats.connect(**options, closed_cb=on_closed, error_cb=connect_errors(settings.node_id))
     metrics = WorkerMetrics(backend=settings.backend)
     tracing = Tracing.start(settings.otlp_endpoint, role="worker")
     worker = Worker(
