@@ -81,6 +81,7 @@ MAX_CONTROL_LINE = 1 << 20  # nats-server's longest protocol line, as nats-auth.
 # MAX_CONTROL_LINE, and nats-io/jwt refuses any JWT past 1 MB (nats-server 2.15 took one of
 # 973 KB and refused one of 991 KB).
 MAX_USER_JWT = 900_000
+PRELOAD_ISSUED = 1  # the preloaded account JWT's date while the operator revokes nothing: older than any push
 OLD_CONTROL_LINE = 64 * 1024  # what a nats-auth.conf that names no max_control_line is taken to allow (older auth init)
 CONNECT_MARGIN = 4096  # the rest of a CONNECT line: the nonce's signature, the client's name and versions
 _JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*-+END NATS USER JWT-+")
@@ -245,22 +246,26 @@ class AuthDir:
             raise CredentialsTooLargeError(name, len(jwt), limit)
         return creds(jwt, user.seed), user.public
 
-    def account_jwt(self, revocations: dict[str, int] | None = None) -> str:
-        """The TOKENYARD account's JWT, issued now, with these users revoked."""
+    def account_jwt(self, revocations: dict[str, int] | None = None, *, issued_at: int = 0) -> str:
+        """The TOKENYARD account's JWT, issued at `issued_at` (0: now), with these users revoked."""
         return account_jwt(
             self.keys.operator,
             self.keys.account.public,
             name=ACCOUNT_NAME,
             jetstream=True,
             revocations=revocations,
-            issued_at=int(time.time()),
+            issued_at=issued_at or int(time.time()),
         )
 
     def server_config(self, resolver_dir: Path) -> str:
         k = self.keys
         operator = operator_jwt(k.operator, name="tokenyard", system_account=k.system.public)
         system = account_jwt(k.operator, k.system.public, name=SYSTEM_NAME, jetstream=False)
-        account = self.account_jwt(self.revoked())  # the servers refuse replaced credentials from their start
+        # A server's resolver keeps the newer of its stored account JWT and this one: dated by the
+        # last operator revocation (not by now), it never displaces what a gateway pushed since
+        # (the nodes' revocations too) when auth init merely runs again and the servers restart.
+        revoked = self.revoked()
+        account = self.account_jwt(revoked, issued_at=max(revoked.values(), default=PRELOAD_ISSUED))
         store = str(resolver_dir).replace("\\", "/")
         return (
             "# NATS decentralized JWT auth for Tokenyard (written by `tokenyard auth init`): include it\n"

@@ -13,6 +13,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
+from broker_api.nats_auth import AuthDir
 from schemas import subjects
 from tests.enrol import admin, create_token, creds_file, raw_join
 from tests.helpers import ECHO
@@ -73,3 +74,26 @@ async def test_nodes_disabled_at_once_through_two_gateways_are_all_refused(stack
                 await nc.close()
         for http in clients:
             await http.aclose()
+
+
+async def test_a_disabled_node_stays_refused_when_nats_restarts_on_a_rewritten_config(stack: Stack) -> None:
+    """`auth init` run again (as every `tokenyard up` start does) rewrites nats-auth.conf; a
+    nats-server restarted with it keeps the account JWT a gateway pushed since, so the nodes
+    it revoked stay refused."""
+    assert stack.auth is not None
+    url = await stack.start_api()
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        token = await create_token(http, pool=LAB, models=[ECHO])
+        joined = await raw_join(http, token["token"], [ECHO])
+        assert (await admin(http, "POST", f"/nodes/{joined['node_id']}/disable")).status_code == 200
+    path = creds_file(stack, joined)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await _connect(stack.nats_url, path, joined["node_id"])
+    AuthDir.init(stack.auth.path, adapters={"prov-b": (ECHO,)})  # nothing replaced: the same preload as before
+    assert stack.nats is not None
+    port = stack.nats.port
+    stack.nats.stop()
+    stack.nats = stack.nats_server(port=port).start()
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        refused = await _connect(stack.nats_url, path, joined["node_id"])
+        await refused.close()
