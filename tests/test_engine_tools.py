@@ -174,6 +174,23 @@ async def test_required_forces_valid_calls(tools_model: TransformersBackend) -> 
     assert usage.completion_tokens == sum(i.tokens for i in items if isinstance(i, Piece))
 
 
+async def test_logprobs_beside_forced_calls_are_the_content_s_only(tools_model: TransformersBackend) -> None:
+    """A forced call's markup (`<tool_call>`, its JSON, `</tool_call>`, one byte a token) never
+    reaches the logprobs a client is shown (`Piece.text_logprobs`): those are the content's
+    tokens, in order (the newline between parallel calls is content), once each."""
+    req = _request(
+        tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=120, temperature=1.0, seed=3, n=2, logprobs=True
+    )
+    items = await _collect(tools_model, req)
+    for index in range(2):
+        assert _calls(items, index)
+        pieces = [i for i in items if isinstance(i, Piece) and i.index == index]
+        shown = b"".join(bytes(lp.bytes or ()) for p in pieces for lp in p.text_logprobs)
+        assert shown.decode() == _content(items, index)
+        sent = [lp for p in pieces for lp in p.logprobs]
+        assert len(sent) <= sum(p.tokens for p in pieces)
+
+
 async def test_a_named_function_is_called_once(tools_model: TransformersBackend) -> None:
     choice = {"type": "function", "function": {"name": "get_time"}}
     items = await _collect(

@@ -252,6 +252,49 @@ async def test_own_node_logprobs_and_tool_calls_from_the_tiny_tools_model(env: S
     assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_own_node_logprobs_beside_tool_calls_are_the_content_s_tokens(env: Stacked, stream: bool) -> None:
+    """On the transformers engine: a forced call's markup (`<tool_call>`, its JSON, the closing
+    tag) is never in `logprobs.content`; the tokens listed join to the message's content (the
+    newline between parallel calls), streamed and whole."""
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"utc": {"type": "boolean"}},
+                "required": ["utc"],
+                "additionalProperties": False,
+            },
+            "strict": True,  # a call the grammar bounds: it ends well within max_tokens
+        },
+    }
+    asks: dict[str, Any] = {
+        "model": TINY,
+        "messages": ASK,
+        "tools": [clock],
+        "tool_choice": "required",
+        "max_tokens": 120,  # a call is 71 tokens: a second one is cut in its arguments, or none comes
+        "temperature": 1.0,
+        "seed": 7,
+        "logprobs": True,
+    }
+    if stream:
+        chunks = [c async for c in await env.client.chat.completions.create(**asks, stream=True)]
+        text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+        tokens = [lp for c in chunks for ch in c.choices if ch.logprobs for lp in ch.logprobs.content or []]
+        assert fragments_of(chunks)
+    else:
+        r = await env.client.chat.completions.create(**asks)
+        validate(r.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+        message = r.choices[0].message
+        assert message.tool_calls
+        text = message.content or ""
+        tokens = list(r.choices[0].logprobs.content or []) if r.choices[0].logprobs else []
+    assert bytes(b for lp in tokens for b in lp.bytes or ()).decode() == text
+
+
 class Weather(pydantic.BaseModel):
     city: str
     celsius: int

@@ -92,6 +92,22 @@ async def test_a_call_s_logprobs_never_merge_into_the_text_s() -> None:
     assert done.pieces == (Piece(0, "b", 3, CALL, LOGPROBS[1:]),)
 
 
+async def test_text_logprobs_of_a_piece_without_text_never_merge_into_a_call_s() -> None:
+    """A piece with no text may carry text logprobs (the engine's stop sequence tokens): merged
+    into a run of call fragments they would read as the call's, so they keep a run of their own."""
+    rec = Recorder()
+    es = stream(rec, coalesce=10.0)
+    await es.add(Piece(0, "a", 1, logprobs=LOGPROBS[:1]))
+    await es.add(Piece(0, "", 2, CALL, (TokenLogprob("{", -0.1),)))
+    await es.add(Piece(0, "", 1, logprobs=LOGPROBS[1:]))
+    await es.add(Piece(0, "", 1, CALL[1:]))
+    await es.done(["tool_calls"], Usage(prompt_tokens=3, completion_tokens=5))
+    done = rec.sent[-1]
+    assert isinstance(done, Done)
+    assert [lp for p in done.pieces for lp in p.text_logprobs] == list(LOGPROBS[1:])
+    assert [d for p in done.pieces for d in p.tool_calls] == [*CALL, *CALL[1:]]
+
+
 async def test_a_plain_answer_sends_its_text_with_done_alone() -> None:
     rec = Recorder()
     es = EventStream(rec, SUBJECT, job_id="j1", attempt=1001, node="n1", coalesce=10.0, first_at_once=False)

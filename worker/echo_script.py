@@ -21,7 +21,8 @@ from schemas.events import FinishReason, Piece
 from worker.backend import Finish, Sampling
 from worker.engine_text import TextPipeline
 from worker.engine_tools import plan_tools
-from worker.toolcalls import FORMATS, Format, Output, ToolCallParser, pieces
+from worker.pieces import pieces
+from worker.toolcalls import FORMATS, Format, Output, ToolCallParser
 
 DIRECTIVE = "[[script]]"
 # Tokens as a BPE tokenizer would cut them: words of up to 6 letters, single punctuation, runs of

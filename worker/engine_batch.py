@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from schemas.events import FinishReason, TokenLogprob
+from schemas.events import FinishReason
 from worker.backend import Finish
 from worker.engine_cache import SlabCache, merge, repeat, select
 from worker.engine_sampling import apply_penalties, penalty_index, sample, token_logprobs
 from worker.engine_text import Describe, Found, TextStream, token_logprob
 from worker.grammar import Constraint, constrain
-from worker.toolcalls import Output, pieces
+from worker.toolcalls import Output
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,6 @@ class Sequence:
         "constraint",
         "generated",
         "counts",
-        "logprobs",
         "cancelled",
         "done",
         "_generator",
@@ -83,7 +82,6 @@ class Sequence:
         self.text = text
         self.constraint = constraint
         self.generated: list[int] = []
-        self.logprobs: list[TokenLogprob] = []  # of tokens whose output has not gone out yet
         self.counts: dict[int, int] = {}  # token -> occurrences in `generated`, for penalties
         self.cancelled = False
         self.done = False
@@ -393,13 +391,11 @@ class BatchEngine:
                 seq.text.count_only()
                 self._finish(seq, "stop", [])
             else:
-                if logprob is not None:
-                    seq.logprobs.append(token_logprob(logprob, self._describe))
                 if seq.constraint is not None and not seq.constraint.accept(token):
                     self._fail([seq], GrammarViolationError(seq.constraint.error or "a token outside the grammar"))
                     finished.add(row)
                     continue
-                out = seq.text.push(token)
+                out = seq.text.push(token, None if logprob is None else token_logprob(logprob, self._describe))
                 if seq.text.stopped:
                     self._finish(seq, "stop", out)
                 elif seq.text.spent:
@@ -421,8 +417,7 @@ class BatchEngine:
         seq.done = True
 
     def _send_output(self, seq: Sequence, out: Output) -> None:
-        logprobs, seq.logprobs = tuple(seq.logprobs), []
-        for piece in pieces(seq.index, out, seq.text.take_tokens(), logprobs):
+        for piece in seq.text.pieces(seq.index, out):
             self._send(seq, piece)
 
     def _send(self, seq: Sequence, item: object) -> None:

@@ -4,14 +4,16 @@ Decoding tokens one by one breaks multi-byte characters (a UTF-8 character split
 byte-level tokens) and drops the leading spaces some tokenizers attach to word pieces. So, as in
 vLLM and TGI, each new token is decoded together with a few tokens before it, and text is only
 released once it no longer ends in a replacement character. Then stop sequences are cut and
-tool-call markup parsed (`TextPipeline`): what comes out is text and tool-call fragments.
+tool-call markup parsed (`TextPipeline`): what comes out is text and tool-call fragments, as
+pieces with each token's logprob on the piece its token became (`worker.pieces`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from schemas.events import TokenLogprob, TopLogprob
+from schemas.events import Piece, TokenLogprob, TopLogprob
+from worker.pieces import Places, Span
 from worker.stops import StopScanner
 from worker.toolcalls import Output, ToolCallParser
 
@@ -59,11 +61,26 @@ class TextPipeline:
     markup is parsed (where the request has tools). Pure: the echo backend's scripted text runs
     through it as well as the engine's."""
 
-    __slots__ = ("_stops", "_parser")
+    __slots__ = ("_stops", "_parser", "_passed", "_runs")
 
     def __init__(self, stops: tuple[str, ...], parser: ToolCallParser | None = None) -> None:
         self._stops = StopScanner(stops)
         self._parser = parser
+        self._passed = 0  # characters past the stop scanner (without a parser: all text)
+        self._runs: list[Span] = []
+
+    @property
+    def settled(self) -> int:
+        """The input before this is text or markup for good (see `ToolCallParser.settled`); the
+        stop scanner's output is its input's prefix, so the positions are the same."""
+        return self._parser.settled if self._parser is not None else self._passed
+
+    def take_runs(self) -> list[Span]:
+        """The input spans that went out as text since the last call."""
+        if self._parser is not None:
+            return self._parser.take_runs()
+        runs, self._runs = self._runs, []
+        return runs
 
     @property
     def stopped(self) -> bool:
@@ -90,18 +107,23 @@ class TextPipeline:
     def _parse(self, text: str) -> Output:
         if self._parser is not None:
             return self._parser.push(text) if text else []
-        return [text] if text else []
+        if not text:
+            return []
+        self._runs.append((self._passed, self._passed + len(text)))
+        self._passed += len(text)
+        return [text]
 
 
 class TextStream:
     """A sequence's text pipeline: detokenize, then `TextPipeline` (stops, tool calls).
 
     Also counts the tokens whose output has not gone out yet, so every token is accounted for in
-    exactly one piece. `markup` maps special tokens that are tool-call markup to their text:
-    decoding skips special tokens, so these reach the parser this way.
+    exactly one piece, and places their logprobs (`worker.pieces.Places`). `markup` maps special
+    tokens that are tool-call markup to their text: decoding skips special tokens, so these
+    reach the parser this way.
     """
 
-    __slots__ = ("_decoder", "_pipeline", "_markup", "pending_tokens")
+    __slots__ = ("_decoder", "_pipeline", "_markup", "_places", "_final", "pending_tokens")
 
     def __init__(
         self,
@@ -114,6 +136,8 @@ class TextStream:
         self._decoder = IncrementalDecoder(decode)
         self._pipeline = TextPipeline(stops, parser)
         self._markup = markup or {}
+        self._places = Places()
+        self._final = False
         self.pending_tokens = 0
 
     @property
@@ -128,22 +152,37 @@ class TextStream:
     def calls(self) -> int:
         return self._pipeline.calls
 
-    def push(self, token: int) -> Output:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> Output:
         self.pending_tokens += 1
         if token in self._markup:
-            return self._pipeline.push(self._decoder.flush() + self._markup[token])
-        return self._pipeline.push(self._decoder.push(token))
+            held, marker = self._decoder.flush(), self._markup[token]
+            self._places.fed(len(held))  # the bytes before it are theirs, not the marker's
+            self._places.fed(len(marker), logprob)
+            return self._pipeline.push(held + marker)
+        text = self._decoder.push(token)
+        self._places.fed(len(text), logprob)
+        return self._pipeline.push(text)
 
     def count_only(self) -> None:
         """A token that produces no text (end of sequence) but is still generated."""
         self.pending_tokens += 1
 
     def finish(self) -> Output:
-        return self._pipeline.finish(self._decoder.flush())
+        held = self._decoder.flush()
+        self._places.fed(len(held))
+        self._final = True
+        return self._pipeline.finish(held)
 
     def take_tokens(self) -> int:
         n, self.pending_tokens = self.pending_tokens, 0
         return n
+
+    def pieces(self, index: int, out: Output) -> list[Piece]:
+        """`out` (what `push` and `finish` returned since the last call) as choice `index`'s
+        pieces: the pending token count on the first, each logprob on its own token's piece."""
+        pipeline = self._pipeline
+        runs = pipeline.take_runs()
+        return self._places.pieces(index, out, self.take_tokens(), runs, pipeline.settled, final=self._final)
 
 
 def token_logprob(found: Found, describe: Describe) -> TokenLogprob:

@@ -69,6 +69,13 @@ class _Run:
         self.tool_calls.extend(piece.tool_calls)
         self.logprobs.extend(piece.text_logprobs)  # merged with text, a call's would read as the text's
 
+    def hides(self, piece: Piece) -> bool:
+        """Merged, would `piece` and this run make call fragments without text beside text
+        logprobs (a piece of no text carries those: a stop sequence's tokens), which would then
+        read as the call's?"""
+        calls, text = self.tool_calls or piece.tool_calls, self.text or piece.text
+        return bool(calls and not text and (self.logprobs or piece.text_logprobs))
+
     def piece(self) -> Piece:
         return Piece(
             self.index, "".join(self.text), self.tokens, tuple(self.tool_calls), tuple(self.logprobs), self.embedding
@@ -155,7 +162,13 @@ class EventStream:
         last = self._pending[-1] if self._pending else None
         # A run keeps one choice's text before its tool-call fragments: text after a fragment
         # (or another input's vector) starts a run of its own, so nothing is reordered.
-        if last is None or last.index != piece.index or piece.embedding or (piece.text and last.tool_calls):
+        if (
+            last is None
+            or last.index != piece.index
+            or piece.embedding
+            or (piece.text and last.tool_calls)
+            or last.hides(piece)
+        ):
             self._pending.append(_Run(piece.index))
         self._pending[-1].add(piece)
         self._pending_bytes += (

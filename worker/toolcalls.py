@@ -19,6 +19,10 @@ breaks off after a call's name went out (the model stopped, or wrote invalid JSO
 arguments sent so far are closed so they still parse (`JsonScanner.closing`) and the rest of
 that markup is dropped. So a client always gets valid JSON arguments.
 
+Every character pushed is, in the end, text or markup, decided in the order they came:
+`settled` says how many are, `take_runs` where the text ones went out (input positions), so
+the engine can put each token's logprob with the piece its token became (`worker.pieces`).
+
 Pure string logic, no I/O.
 """
 
@@ -30,7 +34,7 @@ import string
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from schemas.events import Piece, TokenLogprob, ToolCallDelta
+from schemas.events import ToolCallDelta
 from worker.jsonscan import JsonScanner, JsonSyntaxError
 
 Output = list[str | ToolCallDelta]
@@ -108,6 +112,10 @@ class ToolCallParser:
         self._state = _OPEN if forced else _START if fmt.at_start else _TEXT
         self._held = ""  # text that may be the start of a marker (or, at the start, of a call)
         self._region = ""  # raw text of the current region, for falling back to plain text
+        self._region_at = 0  # the input position of the region's first character
+        self._pos = 0  # characters pushed
+        self._at = 0  # the input position of the character being read (read again, when text)
+        self._runs: list[tuple[int, int]] = []  # input spans that went out as text, in order
         self._region_sent = False  # something of the current region has gone out
         self._in_array = False
         self._tag = ""  # the part of the end tag read so far
@@ -120,8 +128,35 @@ class ToolCallParser:
         """The request's limit of calls is reached: the caller may stop generating."""
         return self._state == _SPENT
 
+    @property
+    def seen(self) -> int:
+        """Characters pushed."""
+        return self._pos
+
+    @property
+    def settled(self) -> int:
+        """The pushed characters before this one are decided: text (`take_runs`) or markup (a
+        call's, or dropped). Those after it are held: they may still go either way."""
+        state = self._state
+        if state in (_START, _TEXT):
+            return self._pos - len(self._held)
+        if state in (_OPEN, _CALL, _BETWEEN, _END_TAG):
+            named = self._call is not None and self._call.name is not None
+            if not (self._region_sent or named):
+                return self._pos - len(self._region)  # the region may still turn out to be text
+            if state == _END_TAG:
+                return self._pos - len(self._tag)  # may not be the end tag after all
+        return self._pos
+
+    def take_runs(self) -> list[tuple[int, int]]:
+        """The input spans (start, end) that went out as text since the last call, in order."""
+        runs, self._runs = self._runs, []
+        return runs
+
     def push(self, text: str) -> Output:
         for ch in text:
+            self._at = self._pos
+            self._pos += 1
             self._step(ch)
         self._send_arguments()
         return self._drain()
@@ -129,7 +164,7 @@ class ToolCallParser:
     def finish(self) -> Output:
         """The model stopped: release held text, close a call that broke off."""
         if self._state in (_START, _TEXT):
-            self._text(self._held)
+            self._text(self._held, self._pos - len(self._held))
             self._held = ""
         elif self._state in (_OPEN, _CALL):
             self._break_off()
@@ -162,6 +197,7 @@ class ToolCallParser:
             return
         if ch == "{":
             self._region, self._held = self._held, ""
+            self._region_at = self._at - len(self._region)
             self._state = _OPEN
             self._region += ch
             self._between(ch)
@@ -171,15 +207,17 @@ class ToolCallParser:
 
     def _in_text(self, ch: str) -> None:
         held = self._held + ch
+        start = self._at - len(self._held)
         marker = self._fmt.marker
         if held.endswith(marker):
-            self._text(held[: -len(marker)])
+            self._text(held[: -len(marker)], start)
             self._held = ""
             self._region, self._region_sent, self._in_array = marker, False, False
+            self._region_at = self._at - len(marker) + 1
             self._state = _OPEN
             return
         keep = _partial_len(held, marker)
-        self._text(held[: len(held) - keep])
+        self._text(held[: len(held) - keep], start)
         self._held = held[len(held) - keep :]
 
     def _between(self, ch: str) -> None:
@@ -247,7 +285,9 @@ class ToolCallParser:
                 self._end_region()
             return
         self._end_region()  # not the end tag after all: text
-        for c in tag:
+        at = self._at
+        for i, c in enumerate(tag):
+            self._at = at - len(tag) + 1 + i
             self._in_text(c)
 
     def _skip(self, ch: str) -> None:
@@ -311,7 +351,7 @@ class ToolCallParser:
         call = self._call
         if call is None or call.name is None:
             if not self._region_sent:
-                self._text(self._region)
+                self._text(self._region, self._region_at)
             self._call = None
             return
         self._head(call)
@@ -328,14 +368,15 @@ class ToolCallParser:
             if self._state != _SPENT:
                 self._state, self._tag = _SKIP, ""
             return
-        region = self._region
+        region, at = self._region, self._region_at
         self._call, self._region, self._state, self._held = None, "", _TEXT, ""
         # The marker (or the opening brace, for a bare call) is text; the rest is read again, as
-        # text that may hold another marker.
+        # text that may hold another marker (and, after one, another region: so read by `_step`).
         head = len(self._fmt.marker) if region.startswith(self._fmt.marker) else len(region) - len(region.lstrip()) + 1
-        self._text(region[:head])
-        for c in region[head:]:
-            self._in_text(c)
+        self._text(region[:head], at)
+        for i, c in enumerate(region[head:]):
+            self._at = at + head + i
+            self._step(c)
 
     def _bare(self) -> bool:
         """The current call came without a marker (llama3's bare JSON at the start)."""
@@ -347,9 +388,14 @@ class ToolCallParser:
 
     # -- output -------------------------------------------------------------------------------
 
-    def _text(self, text: str) -> None:
+    def _text(self, text: str, start: int) -> None:
+        """`text` goes out; it was read from input position `start` on."""
         if not text or self._state == _SPENT:
             return
+        if self._runs and self._runs[-1][1] == start:
+            self._runs[-1] = (self._runs[-1][0], start + len(text))
+        else:
+            self._runs.append((start, start + len(text)))
         if self._out and isinstance(self._out[-1], str):
             self._out[-1] += text
         else:
@@ -365,31 +411,6 @@ class ToolCallParser:
     def _drain(self) -> Output:
         out, self._out = self._out, []
         return out
-
-
-def pieces(index: int, out: Output, tokens: int, logprobs: tuple[TokenLogprob, ...] = ()) -> list[Piece]:
-    """A choice's output as Pieces, in order: runs of text, runs of call fragments. The first
-    carries the token count and logprobs (of the tokens that produced all of it)."""
-    result: list[Piece] = []
-    for item in out:
-        if isinstance(item, str):
-            if result and not result[-1].tool_calls:
-                last = result[-1]
-                result[-1] = Piece(index, last.text + item, last.tokens, (), last.logprobs)
-            else:
-                result.append(Piece(index, item))
-        elif result and result[-1].tool_calls and not result[-1].text:
-            last = result[-1]
-            result[-1] = Piece(index, "", last.tokens, (*last.tool_calls, item), last.logprobs)
-        else:
-            result.append(Piece(index, tool_calls=(item,)))
-    if not result:
-        if not tokens:
-            return []
-        result.append(Piece(index))
-    first = result[0]
-    result[0] = Piece(index, first.text, tokens, first.tool_calls, logprobs)
-    return result
 
 
 def _partial_len(text: str, marker: str) -> int:
