@@ -70,7 +70,10 @@ async def _serve_one(
     raise AssertionError("no lab job reached the node")
 
 
-async def _ask(client: Any, jobs: asyncio.Task[str]) -> tuple[str, str]:
+async def _ask(stack: Stack, client: Any, jobs: asyncio.Task[str]) -> tuple[str, str]:
+    # the rogue node's adverts have only just started: asked before the gateway heard one, the
+    # model does not exist yet (a 404 seen under load)
+    await stack.wait_for_model(ECHO)
     answer = await client.chat.completions.create(
         model=ECHO, messages=[{"role": "user", "content": "hello"}], extra_body={"provider": {"only": [LAB]}}
     )
@@ -99,12 +102,12 @@ async def test_a_node_cannot_bill_its_work_as_another_node(stack: Stack) -> None
             forged: list[str] = []
             for proof_by in (None, signer):
                 serving = asyncio.create_task(_serve_one(rogue, js, me=me, claimed=other, signer=proof_by, text="x"))
-                job_id, text = await _ask(client, serving)
+                job_id, text = await _ask(stack, client, serving)
                 assert text == "x"  # the answer is relayed: only its attribution is refused
                 forged.append(job_id)
             # its own id, with its own proof: its owner is credited at its price
             serving = asyncio.create_task(_serve_one(rogue, js, me=me, claimed=me, signer=signer, text="mine"))
-            honest, _ = await _ask(client, serving)
+            honest, _ = await _ask(stack, client, serving)
         finally:
             await rogue.close()
 
