@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(up(rest))
     if role == "auth":
-        from broker_api.nats_auth import main as auth
+        from broker_api.auth_cli import main as auth
 
         raise SystemExit(auth(rest))
     if role in ADMIN:

@@ -40,9 +40,10 @@ import urllib.request
 from pathlib import Path
 
 from broker_api.auth import load_or_create_admin_key
+from broker_api.auth_cli import provider_models
 from broker_api.embedded_nats import NatsServer
 from broker_api.lifeline import Lifeline
-from broker_api.nats_auth import AuthDir, provider_models
+from broker_api.nats_auth import AuthDir
 from schemas.settings import add_setting, creds_path
 
 READY_TIMEOUT = 600.0  # the first start converts the default model, which takes a while

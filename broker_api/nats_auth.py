@@ -1,7 +1,8 @@
 """NATS authentication for a Tokenyard deployment: decentralized JWT auth, as NATS defines it.
 
-`tokenyard auth init --out DIR` makes an operator, a system account and the TOKENYARD account
-(every role's streams live in one account: JetStream is per account), and writes:
+`tokenyard auth init --out DIR` (its command line: `broker_api.auth_cli`) makes an operator, a
+system account and the TOKENYARD account (every role's streams live in one account: JetStream
+is per account), and writes:
 
 - `DIR/nats-auth.conf`, to be `include`d by a nats-server config: the operator JWT, the system
   account, and NATS's own "full" resolver (account JWTs kept in a directory, updated at run time
@@ -42,17 +43,13 @@ at once and refuse them after (`Authorization Violation`), which is exactly "dis
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from broker_api.nats_jwt import (
     ACCOUNT,
@@ -303,99 +300,3 @@ def issued_publish(path: Path) -> list[str] | None:
     except (ValueError, KeyError, AttributeError):
         return None
     return list(allow) if isinstance(allow, list) else None
-
-
-def provider_models(path: str | Path) -> dict[str, tuple[str, ...]]:
-    """Each provider a provider config names, with the public model ids it maps (the adapter
-    validates the rest when it starts). Raises ValueError saying what is wrong."""
-    try:
-        data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the provider config ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
-    items = data.get("providers") if isinstance(data, dict) else None
-    found: dict[str, tuple[str, ...]] = {}
-    for item in items or ():
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
-        models = item.get("models")
-        found[name] = tuple(str(m) for m in models) if isinstance(models, dict) else ()
-    if not found:
-        raise ValueError(f"{path}: 'providers' must be a list of providers, each with a 'name'")
-    return found
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tokenyard auth init", description="Make NATS credentials for a Tokenyard deployment."
-    )
-    p.add_argument("--out", required=True, help="directory for nats-auth.conf, creds/ and the signing keys")
-    p.add_argument(
-        "--providers", default="", help="a provider config (YAML): one adapter-<name>.creds each, held to its models"
-    )
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=MODEL,...",
-        help="one more cloud provider (repeatable): adapter-<name>.creds for exactly these models of its pool",
-    )
-    p.add_argument("--adapters", default="", help=argparse.SUPPRESS)  # refused: see main
-    p.add_argument("--local-worker", action="store_true", help="also creds/worker.creds: the operator's own workers")
-    p.add_argument("--resolver-dir", default="", help="where nats-server keeps account JWTs (default DIR/jwt)")
-    return p
-
-
-def adapter_flags(values: list[str]) -> dict[str, tuple[str, ...]]:
-    """`--adapter NAME=MODEL,...` values as provider name -> models; ValueError saying what is wrong."""
-    found: dict[str, tuple[str, ...]] = {}
-    for value in values:
-        name, _, listed = value.partition("=")
-        models = tuple(m.strip() for m in listed.split(",") if m.strip())
-        if not name.strip() or not models:
-            raise ValueError(f"--adapter {value!r}: give a provider and the models it serves: --adapter NAME=MODEL,...")
-        if name.strip() in found:
-            raise ValueError(f"--adapter {name.strip()!r} is given twice: list all its models in one --adapter")
-        found[name.strip()] = models
-    return found
-
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "init":
-        print(
-            "usage: tokenyard auth init --out DIR [--providers FILE] [--adapter openai=gpt-4o,gpt-4o-mini] "
-            "[--local-worker]",
-            file=sys.stderr,
-        )
-        return 2
-    a = parser().parse_args(argv[1:])
-    if a.adapters:
-        print(
-            "tokenyard auth init: --adapters NAME is no longer accepted: credentials for any model of a pool could "
-            "pull every pool's work (a consumer name cannot be matched in part). Name each adapter's models: "
-            "--providers FILE (its provider config) or --adapter NAME=MODEL,...",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        adapters = provider_models(a.providers) if a.providers else {}
-        adapters.update(adapter_flags(a.adapter))
-        earlier = AuthDir.open(a.out)
-        revoked = set(earlier.revoked()) if earlier is not None else set()
-        auth = AuthDir.init(a.out, adapters=adapters, local_worker=a.local_worker, resolver_dir=a.resolver_dir or None)
-    except ValueError as e:  # a bad provider file or flag, or an adapter with more models than credentials hold
-        print(f"tokenyard auth init: {e}", file=sys.stderr)
-        return 2
-    if replaced := len(set(auth.revoked()) - revoked):
-        print(
-            f"Revoked the {replaced} credentials issued again here: running NATS refuses them once a gateway starts "
-            "or a node changes (a gateway pushes them), and a nats-server started with this nats-auth.conf at once."
-        )
-    print(f"NATS auth in {auth.path}:")
-    print(f"  {auth.conf_path}   (include it from the nats-server config)")
-    for creds_file in sorted((auth.path / "creds").glob("*.creds")):
-        print(f"  {creds_file}")
-    print(f"  {auth.path / KEYS_FILE}   (signing keys: the gateway issues node credentials with them; keep secret)")
-    return 0

@@ -10,6 +10,8 @@ from pathlib import Path
 import nkeys
 import pytest
 
+from broker_api.auth_cli import main as nats_auth_main
+from broker_api.auth_cli import provider_models
 from broker_api.enrolment import JoinLimiter
 from broker_api.nats_auth import (
     CONNECT_MARGIN,
@@ -20,10 +22,8 @@ from broker_api.nats_auth import (
     CredentialsTooLargeError,
     issued_publish,
     issued_user,
-    provider_models,
     role_permissions,
 )
-from broker_api.nats_auth import main as nats_auth_main
 from broker_api.nats_jwt import decode_claims
 from schemas import permissions, subjects
 from schemas.codec import WireError, pack
