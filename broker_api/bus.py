@@ -8,7 +8,9 @@ events on an unknown token are dropped without a word (answering them with a sto
 forger stop other nodes' jobs). Events of a job this gateway still knows but that lost (the
 client left, another attempt won) are answered with a stop, so no worker keeps generating for
 nobody; a heartbeat on an unknown token is answered "stop" too (the answer goes only to its
-sender). A final DONE comes as a request and is always answered (to its sender alone): at once
+sender). Heartbeats come once per worker and interval for all of this gateway's jobs it runs
+(`schemas.beats`, on the same inbox), each attempt named by its job's reply token; the answer
+lists the attempts that must stop. A final DONE comes as a request and is always answered (to its sender alone): at once
 if it lost, else once the job's usage record is stored. A worker whose DONE is not answered in
 time reports the job itself (`schemas.usage.WorkerReport`), so a gateway that dies between the
 answer and its record leaves no job unbilled.
@@ -29,6 +31,7 @@ from nats.aio.msg import Msg
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import streams, subjects
+from schemas.beats import Beat, BeatAnswer, Beating
 from schemas.codec import WireError
 from schemas.errors import (
     DeadlineExceededError,
@@ -85,12 +88,16 @@ class Bus:
     # --- events -------------------------------------------------------------------------
 
     async def _on_event(self, msg: Msg) -> None:
+        token = subjects.reply_token(msg.subject)
+        if token == subjects.BEAT_TOKEN:
+            await self._on_beat(msg)
+            return
         try:
             ev = decode_event(msg.data)
         except WireError as e:
             log.warning("job.bad_event", subject=msg.subject, error=str(e))
             return
-        run = self._by_token.get(subjects.reply_token(msg.subject))
+        run = self._by_token.get(token)
         if run is not None and (ev.job_id != run.job.id or ev.attempt // ATTEMPTS_PER_DISPATCH > run.job.dispatch):
             log.warning("job.forged_event", job_id=run.job.id, claimed=ev.job_id, attempt=ev.attempt)
             run = None
@@ -111,6 +118,29 @@ class Bus:
             log.debug("job.unknown_reply", subject=msg.subject)
         elif not taken:
             await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt")
+
+    async def _on_beat(self, msg: Msg) -> None:
+        """A worker's heartbeat for every attempt of this gateway's jobs it runs: each goes to
+        its run as a heartbeat would; the answer names those that must stop."""
+        try:
+            beat = Beat.decode(msg.data)
+        except WireError as e:
+            log.warning("job.bad_beat", error=str(e))
+            return
+        now = time.monotonic()
+        stop = tuple(i for i, b in enumerate(beat.attempts) if not self._beats_on(b, beat.node, now))
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(BeatAnswer(stop).encode())
+
+    def _beats_on(self, b: Beating, node: str, now: float) -> bool:
+        run = self._by_token.get(b.token)
+        if run is None:
+            return False
+        if b.attempt // ATTEMPTS_PER_DISPATCH > run.job.dispatch:
+            log.warning("job.forged_beat", job_id=run.job.id, node=node, attempt=b.attempt)
+            return False
+        return run.beat(b.attempt, b.seq, now)
 
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
         if not node:

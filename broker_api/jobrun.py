@@ -172,13 +172,18 @@ class JobRun:
 
     def heartbeat(self, ev: Heartbeat, now: float) -> bool:
         """A heartbeat from some attempt; False means it must stop."""
-        if self._closed or ev.attempt in self._refused or ev.attempt < self._min_attempt:
+        return self.beat(ev.attempt, ev.seq, now)
+
+    def beat(self, attempt: int, seq: int, now: float) -> bool:
+        """`attempt` is alive and its next event will carry `seq` (a heartbeat, or one entry of
+        a worker's beat); False means it must stop."""
+        if self._closed or attempt in self._refused or attempt < self._min_attempt:
             return False
-        if ev.attempt != self.current:
+        if attempt != self.current:
             return self.current is None  # not started as far as we know: let it go on
         self.heard = now
-        if ev.seq > self._next_seq:
-            self._break(f"events {self._next_seq}..{ev.seq - 1} of the attempt never arrived")
+        if seq > self._next_seq:
+            self._break(f"events {self._next_seq}..{seq - 1} of the attempt never arrived")
             return False
         return True
 

@@ -39,6 +39,9 @@ class Job:
     streamed: bool = True  # the client reads a stream; a plain answer's first text may wait to ride with DONE
     request_id: str = ""  # the client's x-request-id (or the gateway's): every role logs it (schemas.trace)
     traceparent: str = ""  # W3C trace context of the gateway's span for this request
+    # The gateway reads one heartbeat per worker for all its jobs (`schemas.beats`); a job from a
+    # gateway before that (False) gets a heartbeat request of its own, as that gateway expects.
+    beats: bool = True
     # Who asked, sealed by the gateway (`broker_api.tickets`): opaque to workers, carried back in
     # a `schemas.usage.WorkerReport` if the job's gateway dies, so the job is still billed.
     ticket: bytes = b""
@@ -66,6 +69,7 @@ class Job:
                 "rid": self.request_id,
                 "tp": self.traceparent,
                 "tk": self.ticket,
+                "bt": self.beats,
             }
         )
 
@@ -83,6 +87,7 @@ class Job:
             request_id=str(o.get("rid", "")),
             traceparent=str(o.get("tp", "")),
             ticket=_bytes(o.get("tk", b""), "ticket"),
+            beats=bool(o.get("bt", False)),  # a gateway from before: one heartbeat request per job
         )
 
 

@@ -179,6 +179,22 @@ def reply_token(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
+# The last token of a gateway's beat subject: never a reply token (those are 32 hex digits).
+BEAT_TOKEN = "beat"
+
+
+def reply_beat(gateway_id: str) -> str:
+    """Where workers send one gateway their heartbeats for all its jobs (`schemas.beats`): on
+    its event inbox, so a beat arrives in order with the events of the attempts it names."""
+    return f"{PREFIX}.reply.{gateway_id}.{BEAT_TOKEN}"
+
+
+def reply_gateway(subject: str) -> str:
+    """The gateway id of a `reply_subject` (whose inbox a job's events go to); "" if it is none."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 and parts[:2] == [PREFIX, "reply"] and all(parts) else ""
+
+
 def node_control(node_id: str) -> str:
     """Where a gateway tells one worker to stop a job (cancel, fenced-out attempt)."""
     return f"{PREFIX}.node.{node_id}.ctl"

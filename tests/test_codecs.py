@@ -11,6 +11,7 @@ import pytest
 
 from scheduler.limits import Counters
 from schemas.answers import CachedAnswer
+from schemas.beats import Beat, BeatAnswer, Beating
 from schemas.codec import VERSION, WireError, need, pack, unpack
 from schemas.events import (
     Delta,
@@ -121,6 +122,8 @@ RECORDS: list[tuple[Any, Callable[[bytes], Any]]] = [
         ),
         Counters.decode,
     ),
+    (Beat("n1", (Beating("ab" * 16, 1001, 4), Beating("cd" * 16, 2000, 0))), Beat.decode),
+    (BeatAnswer((1, 3)), BeatAnswer.decode),
 ]
 DECODERS = sorted({decode for _, decode in RECORDS}, key=lambda d: d.__qualname__)
 
@@ -179,8 +182,13 @@ def test_malformed_events_are_wire_errors(fields: dict[str, Any]) -> None:
 def test_records_read_tolerantly_and_refuse_bad_values() -> None:
     newer = unpack(JOB.encode()) | {"added_later": [1, 2]}
     assert Job.decode(pack({k: v for k, v in newer.items() if k != "v"})) == JOB  # unknown keys ignored
-    older = {k: v for k, v in unpack(JOB.encode()).items() if k not in ("v", "st")}
+    older = {k: v for k, v in unpack(JOB.encode()).items() if k not in ("v", "st", "bt")}
     assert Job.decode(pack(older)).streamed  # an older gateway's job: its first delta goes at once, as before
+    assert JOB.beats and not Job.decode(pack(older)).beats  # ... and it gets a heartbeat request per job
+    with pytest.raises(WireError):
+        Beat.decode(pack({"n": "n1", "b": [["tok", True, 0]]}))  # an attempt is an integer
+    with pytest.raises(WireError):
+        BeatAnswer.decode(pack({"stop": ["0"]}))
     with pytest.raises(WireError):
         need({}, "id")
     with pytest.raises(WireError):

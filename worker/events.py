@@ -241,6 +241,11 @@ class EventStream:
         )
         await self._send(ev)
 
+    @property
+    def seq(self) -> int:
+        """The number the attempt's next event will carry (what a heartbeat tells the gateway)."""
+        return self._seq
+
     def heartbeat(self) -> bytes:
         """A heartbeat carries the next sequence number, so the gateway can tell a lost message
         (its expected sequence is behind) from a quiet one. It is not itself in the sequence."""

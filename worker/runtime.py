@@ -10,8 +10,8 @@ Who ends a job, and how its JetStream message is settled:
 - a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
   whose finish reasons are `cancelled` reports what ran until then (the gateway bills a
   cancelled request from it), then `term`;
-- the gateway is gone (a heartbeat finds no responder, or `GATEWAY_MISSES` in a row go
-  unanswered): the generation is closed, the worker reports what it generated
+- the gateway is gone (its beat finds no responder, or `GATEWAY_MISSES` in a row go
+  unanswered: `worker.beats`): the generation is closed, the worker reports what it generated
   (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term`;
 - the final DONE (sent as a request, which the gateway answers once the job's usage record is
   stored) is not answered within `BILLED_WAIT`: the job was acked already, and is reported the
@@ -40,11 +40,12 @@ from schemas import subjects
 from schemas.codec import WireError
 from schemas.errors import NoCapacityError, TokenyardError, WorkerFailedError
 from schemas.events import CANCELLED, FinishReason, Piece
-from schemas.jobs import STOP, Job, NodeAdvert, Stop
+from schemas.jobs import Job, NodeAdvert, Stop
 from schemas.nodes import NOTHING_SERVED, Hardware
 from schemas.otel import Tracing
 from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
+from worker.beats import GATEWAY_GONE, GATEWAY_SILENT, Beats, RunKey, beat_alone
 from worker.events import EventStream
 from worker.feed import Feed
 from worker.feed import expiry as feed_expiry
@@ -59,22 +60,15 @@ log = structlog.get_logger(__name__)
 BILLED_WAIT = 10.0  # seconds at least a final DONE waits for the gateway to say the job is billed
 
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
-GATEWAY_MISSES = 3  # heartbeats unanswered before the worker decides its gateway is gone
 
 # Why a job stopped early, besides the gateway's own reasons (which it sends with its stop).
 SHUTDOWN = "shutdown"
-GATEWAY_GONE = "gateway gone"
-GATEWAY_SILENT = "gateway silent"
-GATEWAY_STOP = "gateway said stop"
 OWNER_BACK = "owner back"  # idle-time mode: the machine's owner is using it again
 # Stops that give the job back: a retryable error, re-dispatched if no token reached the client.
 HANDED_BACK = {
     SHUTDOWN: "the worker shut down before this job finished",
     OWNER_BACK: "the node's owner needed the machine back before this job finished",
 }
-
-
-RunKey = tuple[str, int]  # (job id, attempt): one worker may hold two attempts of one job
 
 
 @dataclass(slots=True)
@@ -127,6 +121,9 @@ class Worker:
         self._hardware = hardware
         self._served = NOTHING_SERVED
         self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
+        self._beats = Beats(
+            nc, node=settings.node_id, interval=settings.heartbeat, ack_wait=settings.ack_wait, stop=self._stop
+        )
         self._health_told: tuple[bool, tuple[bool, ...]] = (True, ())  # as the last advert said
         # How long a final DONE waits (in the background, its slot free) for the gateway's word
         # that the job's usage record is stored, before the worker reports the job itself.
@@ -170,6 +167,7 @@ class Worker:
         await self._nc.subscribe(subjects.node_control(self._s.node_id), cb=self._on_control)
         await self._nc.subscribe(subjects.FLEET_ROLL_CALL, cb=self._on_roll_call)
         self._tasks.append(asyncio.create_task(self._advertise_forever()))
+        self._tasks.append(asyncio.create_task(self._beats.run()))
         models = sorted({m.id for m in self._backend.models()})
         for model in models:
             await self._ensure_consumer(model)
@@ -336,7 +334,12 @@ class Worker:
         started = time.time()
         key = (job.id, attempt)
         running = self._running[key] = Running(attempt, task, out)
-        heartbeat = asyncio.create_task(self._heartbeat(msg, job, key, out))
+        alone: asyncio.Task[None] | None = None  # the heartbeat of a job whose gateway reads no beats
+        if job.beats and subjects.reply_gateway(job.reply):
+            self._beats.add(key, msg, job.reply, out)
+        else:
+            beating = beat_alone(self._nc, msg, job.reply, key, out, interval=self._s.heartbeat, stop=self._stop)
+            alone = asyncio.create_task(beating)
         settle = msg.term
         outcome = "failed"
         try:
@@ -372,7 +375,9 @@ class Worker:
             await out.fail(WorkerFailedError(f"the worker failed: {type(e).__name__}"), retryable=True)
         finally:
             out.cancel_start()
-            heartbeat.cancel()
+            self._beats.discard(key)
+            if alone is not None:
+                alone.cancel()
             self._running.pop(key, None)
             self._metrics.ended(job.model, outcome, tokens=out.tokens, seconds=time.monotonic() - pulled)
             with contextlib.suppress(nats.errors.Error):
@@ -409,29 +414,6 @@ class Worker:
         usage = self._backend.partial_usage(job.model, job.request, out.tokens)
         with contextlib.suppress(nats.errors.Error):
             await out.done([CANCELLED] * n, usage)
-
-    async def _heartbeat(self, msg: Msg, job: Job, key: RunKey, out: EventStream) -> None:
-        """Keep the JetStream message ours and ask the gateway whether to go on."""
-        misses = 0
-        while True:
-            await asyncio.sleep(self._s.heartbeat)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
-            try:
-                reply = await self._nc.request(job.reply, out.heartbeat(), timeout=self._s.heartbeat)
-            except nats.errors.NoRespondersError:
-                self._stop(key, GATEWAY_GONE)
-                return
-            except nats.errors.TimeoutError:
-                misses += 1
-                if misses >= GATEWAY_MISSES:
-                    self._stop(key, GATEWAY_SILENT)
-                    return
-                continue
-            misses = 0
-            if reply.data == STOP:
-                self._stop(key, GATEWAY_STOP)
-                return
 
     async def _follow_owner(self) -> None:
         """Idle-time mode: when the owner is back, stop pulling at once (the standing pull
