@@ -202,6 +202,17 @@ class JobRun:
             return self._refused_at is not None and now - self._refused_at > self.silence
         return now - self.heard > self.silence
 
+    def next_check(self, limit: float) -> float | None:
+        """The earliest monotonic time `silent` or `idle(limit)` could turn true with no event
+        queued meanwhile (heartbeats only push it later); None while no attempt is current, when
+        a refusal may start the silence clock without an event."""
+        if self.current is None:
+            return None
+        due = self.heard + self.silence
+        if limit > 0 and self._committed:
+            due = min(due, self.progressed + limit)
+        return due
+
     def idle(self, now: float, limit: float) -> bool:
         """The answer reached the client, and the current attempt, alive or not, has sent no
         output for `limit` seconds (0: no limit)."""

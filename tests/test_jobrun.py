@@ -97,6 +97,22 @@ def test_heartbeats_keep_an_attempt_alive_and_closed_runs_stop_everyone() -> Non
     assert not run.offer(ev(DELTA, 1001, 1), now=3.1)
 
 
+def test_the_next_check_is_when_silence_or_idleness_could_first_run_out() -> None:
+    run = JobRun(JOB, silence=1.0)
+    assert run.next_check(limit=3.0) is None  # nothing current: a refusal may start the clock unannounced
+    run.offer(ev(START, 1001, 0), now=0)
+    assert run.next_check(limit=3.0) == 1.0  # the silence bound; idleness counts only once committed
+    assert run.beat(1001, 1, now=0.8)
+    assert run.next_check(limit=3.0) == 1.8  # a heartbeat pushes it later, no event needed
+    assert not run.silent(now=1.7) and run.silent(now=1.81)
+    run.offer(ev(DELTA, 1001, 1), now=1.0)
+    run.commit()
+    for t in (1.5, 2.5, 3.5):
+        run.beat(1001, 2, now=t)
+    assert run.next_check(limit=3.0) == 4.0  # output last at 1.0: idle from 4.0 although heard at 3.5
+    assert run.idle(now=4.01, limit=3.0)
+
+
 def test_a_refused_only_attempt_counts_as_silent_so_the_job_is_placed_again() -> None:
     run = JobRun(JOB, silence=1.0)
     assert not run.offer(ev(DELTA, 1001, 1), now=0.0)  # its start was lost: refused, told to stop
