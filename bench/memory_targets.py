@@ -17,8 +17,10 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,36 @@ import aiohttp
 from bench.loadgen import chat_body, run_cell
 from bench.peer_systems import Tokenyard, Upstream
 from bench.procs import rss_mb
+from bench.traced import growth
 
 SOAK_TIMEOUT = 10.0  # seconds after which a soak request counts as hung
+
+
+def nats_memory(monitor: str) -> dict[str, float]:
+    """What nats-server says it holds: its own memory (MB), and JetStream's messages and bytes
+    in memory and on disk (`/varz`, `/jsz`)."""
+    with urllib.request.urlopen(f"{monitor}/varz", timeout=5) as r:
+        varz = json.loads(r.read())
+    with urllib.request.urlopen(f"{monitor}/jsz", timeout=5) as r:
+        jsz = json.loads(r.read())
+    return {
+        "nats_mem_mb": varz.get("mem", 0) / 1e6,
+        "js_messages": jsz.get("messages", 0),
+        "js_store_mb": jsz.get("storage", 0) / 1e6,
+        "js_memory_mb": jsz.get("memory", 0) / 1e6,
+    }
+
+
+async def snapshot(pid: int, folder: Path, n: int, timeout: float = 60.0) -> Path:
+    """Ask a role run under `bench/traced.py` for its `n`-th snapshot; its path once written."""
+    path = folder / f"{n:03d}.snap"
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no tracemalloc snapshot {path} within {timeout} s")
+        await asyncio.sleep(0.2)
+    return path
 
 
 def _raise_fd_limit() -> int:
@@ -143,11 +173,12 @@ async def open_streams(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
 async def soak(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     upstream = Upstream(tmp, tokens=a.tokens)
     try:
-        ty = Tokenyard(tmp, upstream)
+        ty = Tokenyard(tmp, upstream, traced=a.trace_memory or "")
     except BaseException:
         upstream.stop()
         raise
     block = max(1000, min(20_000, a.soak // 20))
+    snaps: list[Path] = []
     samples: list[dict[str, float]] = []
     errors: dict[str, int] = {}
     done = 0
@@ -173,7 +204,10 @@ async def soak(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
             samples.append(
                 {"requests": done, "rps": len(cell.samples) / cell.wall, "load": os.getloadavg()[0]}
                 | {role: rss_mb(pid) for role, pid in ty.pids.items()}
+                | nats_memory(ty.monitor)
             )
+            if a.trace_memory:
+                snaps.append(await snapshot(ty.pids[a.trace_memory], ty.trace_dir, len(snaps)))
             print(f"# soak: {samples[-1]}", file=sys.stderr, flush=True)
         first, last = samples[0], samples[-1]
         roles = {
@@ -191,7 +225,11 @@ async def soak(tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
                 f"drift {r['drift_pct']:+.1f} %"
             )
         print(f"# {done} requests in blocks of {block}; errors {errors or 0}")
-        return {"soak": a.soak, "requests": done, "block": block, "roles": roles, "errors": errors, "samples": samples}
+        grown = growth(snaps[0], snaps[-1]) if len(snaps) > 1 else []
+        if grown:
+            print(f"# what grew in the {a.trace_memory} (tracemalloc):", *grown, sep="\n")
+        report = {"soak": a.soak, "requests": done, "block": block, "roles": roles, "errors": errors}
+        return report | {"samples": samples, "traced": {"role": a.trace_memory, "growth": grown}}
     finally:
         ty.stop()
         upstream.stop()

@@ -90,8 +90,18 @@ class Tokenyard:
     name = "tokenyard"
 
     def __init__(
-        self, tmp: Path, upstream: Upstream, *, slots: int = 0, echo: bool = False, tokens: int = 16, fsync: bool = True
+        self,
+        tmp: Path,
+        upstream: Upstream,
+        *,
+        slots: int = 0,
+        echo: bool = False,
+        tokens: int = 16,
+        fsync: bool = True,
+        traced: str = "",
     ) -> None:
+        """`traced`: the role (scheduler, api, worker) run under tracemalloc (`bench/traced.py`),
+        its snapshots in `trace_dir`."""
         self.tmp = tmp / "tokenyard"
         self.tmp.mkdir(parents=True, exist_ok=True)
         monitor_port = free_port()
@@ -134,13 +144,21 @@ class Tokenyard:
         if slots:
             cloud += ["--slots", str(slots)]
 
+        self.trace_dir = self.tmp / "tracemalloc"
+
         def creds(role: str) -> dict[str, str]:
             return {**env, "TOKENYARD_NATS_CREDS": str(creds_path(self.tmp, role))}
 
+        def role(name: str, module: str, nats_user: str, *args: str) -> subprocess.Popen[bytes]:
+            if name != traced:
+                return spawn(module, creds(nats_user), log / f"{name}.log", *args)
+            traced_env = {**creds(nats_user), "TOKENYARD_TRACE_DIR": str(self.trace_dir)}
+            return spawn("bench.traced", traced_env, log / f"{name}.log", module, *args)
+
         self.procs: dict[str, subprocess.Popen[bytes]] = {
-            "scheduler": spawn("scheduler", creds("scheduler"), log / "scheduler.log"),
-            "api": spawn("broker_api", creds("api"), log / "api.log", "--port", str(port)),
-            "worker": spawn("worker", creds("adapter-fast"), log / "worker.log", *cloud),
+            "scheduler": role("scheduler", "scheduler", "scheduler"),
+            "api": role("api", "broker_api", "api", "--port", str(port)),
+            "worker": role("worker", "worker", "adapter-fast", *cloud),
         }
         if echo:
             args = ["--backend", "echo", "--echo-tokens", str(tokens), "--node-id", "echo-1"]

@@ -228,6 +228,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--open-rate", type=float, default=400.0, help="--open-streams: new streams per second")
     p.add_argument("--soak", type=int, default=0, metavar="N", help="only: RSS of each role over N requests")
     p.add_argument("--soak-seconds", type=float, default=3600.0, help="--soak: at most this long")
+    p.add_argument(
+        "--trace-memory",
+        choices=("scheduler", "api", "worker"),
+        help="--soak: run this role under tracemalloc and print what grew (bench/traced.py)",
+    )
     return p
 
 
