@@ -16,6 +16,7 @@ Tokenyard), RSS per process, and NATS messages per request per Tokenyard role.
     .venv/bin/python bench/peers.py --only tokenyard --profile /tmp/peers-profile
     .venv/bin/python bench/peers.py --open-streams 10000     # gateway RSS with 10,000 open streams
     .venv/bin/python bench/peers.py --soak 200000            # RSS drift over 200,000 requests
+    .venv/bin/python bench/peers.py --soak 60000 --trace-memory scheduler   # ... and what grew (tracemalloc)
 
 Numbers move with whatever else runs on the machine: the load average is recorded with each cell.
 """
