@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import openai
-from nats.js.api import DiscardPolicy
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, StreamConfig
 
 from broker_api.ledger_store import TABLES, SqliteStore
 from schemas import subjects
 from schemas.usage import UsageRecord
+from tests.cluster import NatsCluster
 from tests.helpers import ECHO, sdk
 from tests.stack import Stack, auth_headers
+from tests.test_cluster import usage_messages
 
 STREAMS = 12
 
@@ -130,26 +134,89 @@ async def test_a_gateway_killed_before_its_record_was_stored_leaves_the_job_to_i
     api, url = await stack.spawn_api(**env)
     stack.api_url = url
     await stack.wait_for_model(ECHO)
-    js = (await stack.bus()).jetstream()
-    usage = await js.stream_info(subjects.USAGE_STREAM)
-    held = usage.config
-    # the usage stream takes nothing more for now (as during a leader election, but for longer)
-    await js.update_stream(dataclasses.replace(held, max_msgs=max(1, usage.state.messages), discard=DiscardPolicy.NEW))
-    if usage.state.messages == 0:  # max_msgs=1 still takes one: fill it with a record of no job
-        await js.publish(subjects.usage_subject("filler"), b"", headers={"Nats-Msg-Id": "filler"})
+    nc = await stack.bus()
+    held = await hold_usage_shut(nc)
     async with sdk(stack, url=url) as client:
         answer = await client.chat.completions.create(
             model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
         )
     job = answer.id.removeprefix("chatcmpl-")
     api.kill()  # its record still waits for the stream
-    await js.update_stream(held)  # the stream takes records again
-    await js.purge_stream(subjects.USAGE_STREAM, subject=subjects.usage_subject("filler"))
+    await reopen_usage(nc, held)  # the stream takes records again
     _, again = await stack.spawn_api(**env)
     rows = await rows_of(again, {job}, timeout=40.0)
     assert set(rows) == {job}
     row = rows[job]
     assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+
+
+async def hold_usage_shut(nc: NATS) -> StreamConfig:
+    """Make the usage stream take nothing more for now (as during a leader election, but for
+    longer); returns its config, to reopen it with `reopen_usage`."""
+    js = nc.jetstream()
+    usage = await js.stream_info(subjects.USAGE_STREAM)
+    held = usage.config
+    await js.update_stream(dataclasses.replace(held, max_msgs=max(1, usage.state.messages), discard=DiscardPolicy.NEW))
+    if usage.state.messages == 0:  # max_msgs=1 still takes one: fill it with a record of no job
+        await js.publish(subjects.usage_subject("filler"), b"", headers={"Nats-Msg-Id": "filler"})
+    return held
+
+
+async def reopen_usage(nc: NATS, held: StreamConfig, timeout: float = 30.0) -> None:
+    """Let the usage stream take records again; retried while a killed node's streams elect new
+    leaders (and the test's own connection finds another node)."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await js.update_stream(held)
+            await js.purge_stream(subjects.USAGE_STREAM, subject=subjects.usage_subject("filler"))
+            return
+        except (nats.errors.Error, asyncio.TimeoutError):
+            assert time.monotonic() < deadline, "the usage stream could not be reopened"
+            await asyncio.sleep(0.5)
+
+
+async def test_a_gateway_and_its_worker_killed_together_after_the_answer_leave_the_job_billed_once(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Two faults in one window, on a cluster: the client has its whole answer, the gateway's
+    record cannot be stored yet, and the gateway and the job's worker are SIGKILLed together,
+    with a NATS node down across that window. Nobody holds the job's count in memory any more:
+    the job's work message, acked only once its billing is settled, is delivered again, and the
+    worker that takes it finds the gateway gone and reports it. One row, counted by the worker."""
+    stack = Stack(tmp_path, nats_url=nats_cluster.url, auth=False)
+    try:
+        stack.start_scheduler(TOKENYARD_REPLICAS="0")
+        worker = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="first")
+        env = {"TOKENYARD_ORPHAN_GRACE": "1", "TOKENYARD_DATA_DIR": str(tmp_path / "gw"), "TOKENYARD_REPLICAS": "0"}
+        api, url = await stack.spawn_api(**env)
+        stack.api_url = url
+        await stack.wait_for_model(ECHO, timeout=60)
+        nc = await stack.bus()
+        held = await hold_usage_shut(nc)
+        async with sdk(stack, url=url) as client:
+            answer = await client.chat.completions.create(
+                model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
+            )
+        job = answer.id.removeprefix("chatcmpl-")
+        api.kill()  # its record still waits for the stream
+        worker.kill()  # and the worker that waited for the gateway's word on it
+        nats_cluster.kill(0)
+        await asyncio.sleep(1.0)
+        await reopen_usage(nc, held)
+        stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="second")
+        await asyncio.sleep(5.0)  # the job's message comes back to it with the node still down
+        await asyncio.to_thread(nats_cluster.restart, 0)
+        await nats_cluster.wait_for_jetstream()
+        _, again = await stack.spawn_api(**env)
+        rows = await rows_of(again, {job}, timeout=60.0)
+        assert set(rows) == {job}
+        row = rows[job]
+        assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+        assert (await usage_messages(nc)).get(job) == 1
+    finally:
+        await stack.close()
 
 
 async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ One `Worker` per process. I/O with NATS lives here; what a job produces comes fr
 backend (`worker.backend`), how it is framed from `worker.events`.
 
 Who ends a job, and how its JetStream message is settled:
-- the backend finishes: DONE event, then `ack`;
+- the backend finishes: DONE event, then `ack` once the job's usage record or the worker's
+  own report of it is stored (`worker.reports`: the message is the job's record till then);
 - the backend fails: ERROR event (retryable unless it was the request's fault), then `term`:
   the gateway, not JetStream, decides whether to dispatch it again;
 - a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
@@ -12,12 +13,15 @@ Who ends a job, and how its JetStream message is settled:
   cancelled request from it), then `term`;
 - the gateway is gone (its beat finds no responder, or `GATEWAY_MISSES` in a row go
   unanswered: `worker.beats`): the generation is closed, the worker reports what it generated
-  (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term`;
+  (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term` once
+  the report is stored;
 - the final DONE (sent as a request, which the gateway answers once the job's usage record is
-  stored) is not answered within `BILLED_WAIT`: the job was acked already, and is reported the
-  same way (waited for in the background: the slot is free at once), since a gateway killed
-  after the answer but before its record was stored leaves nobody else to bill it;
-- the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt).
+  stored) is not answered within `BILLED_WAIT`: the job is reported the same way (waited for
+  in the background: the slot is free at once), since a gateway killed after the answer but
+  before its record was stored leaves nobody else to bill it;
+- the worker dies: nothing is sent; JetStream redelivers after `ack_wait` (a new attempt),
+  also a job that finished but whose billing was not settled yet: its new attempt finds the
+  gateway gone and reports it, or is told to stop by a gateway that bills it.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ class Worker:
         self._idle = idle or AlwaysAvailable()
         self._hardware = hardware
         self._served = NOTHING_SERVED
-        self._reports = Reporter(js, node=settings.node_id, pool=settings.pool)
+        self._reports = Reporter(js, node=settings.node_id, pool=settings.pool, ack_wait=settings.ack_wait)
         self._beats = Beats(
             nc, node=settings.node_id, interval=settings.heartbeat, ack_wait=settings.ack_wait, stop=self._stop
         )
@@ -345,8 +349,8 @@ class Worker:
         try:
             out.start(START_DELAY)
             log.debug("job.started")
-            await self._generate(job, attempt, out, started)
-            settle, outcome = msg.ack, "done"
+            await self._generate(job, attempt, out, started, msg)
+            settle, outcome = _settled_by_reporter, "done"
             log.info("job.done", tokens=out.tokens_sent, duration_ms=round((time.monotonic() - pulled) * 1e3, 3))
         except asyncio.CancelledError:
             reason = running.stop_reason
@@ -359,7 +363,10 @@ class Worker:
             elif reason in (GATEWAY_GONE, GATEWAY_SILENT):  # nobody listens: report it for billing
                 usage = self._backend.partial_usage(job.model, job.request, out.tokens)
                 proof = self._signer.prove(job.id, attempt, self._s.node_id)
-                self._reports.report(job, attempt, usage, started=started, finished=False, reason=reason, proof=proof)
+                self._reports.report(
+                    job, attempt, usage, msg=msg, started=started, finished=False, reason=reason, proof=proof
+                )
+                settle = _settled_by_reporter  # once the report is stored
             else:  # someone listens: say what ran
                 await self._report_stopped(job, out)
             outcome = "stopped"
@@ -383,7 +390,7 @@ class Worker:
             with contextlib.suppress(nats.errors.Error):
                 await settle()
 
-    async def _generate(self, job: Job, attempt: int, out: EventStream, started: float) -> None:
+    async def _generate(self, job: Job, attempt: int, out: EventStream, started: float, msg: Msg) -> None:
         self._backend.check(job.model, job.request)
         n = choices(job.request)
         finish: list[FinishReason] = ["stop"] * n
@@ -403,7 +410,8 @@ class Worker:
             raise WorkerFailedError("the backend ended without reporting usage")
         heard = out.billed(finish, usage, within=self._done_wait)
         proof = self._signer.prove(job.id, attempt, self._s.node_id)
-        self._reports.unless(heard, job, attempt, usage, started=started, reason="done unanswered", proof=proof)
+        reason = "done unanswered"
+        self._reports.unless(heard, job, attempt, usage, msg=msg, started=started, reason=reason, proof=proof)
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
     async def _report_stopped(self, job: Job, out: EventStream) -> None:
@@ -454,6 +462,11 @@ class Worker:
         for job_id, attempt in list(self._running):
             if job_id == stop.job_id and stop.attempt in (0, attempt):  # 0: every attempt of the job
                 self._stop((job_id, attempt), stop.reason or "stopped")
+
+
+async def _settled_by_reporter() -> None:
+    """The work message of a job whose billing is not settled yet: the reporter acks it once
+    it is (`worker.reports`), so it stays JetStream's record of the job meanwhile."""
 
 
 def _health_of(advert: NodeAdvert) -> tuple[bool, tuple[bool, ...]]:
