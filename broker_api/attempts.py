@@ -32,7 +32,7 @@ from schemas.errors import (
     WorkerFailedError,
     from_wire,
 )
-from schemas.events import Delta, Done, Failed, Start
+from schemas.events import Claim, Delta, Done, Failed, Start
 from schemas.jobs import Submission
 
 log = structlog.get_logger(__name__)
@@ -168,10 +168,12 @@ class JobDriver:
         continuation: Continuation | None,
         submit_timeout: float,
         on_continue: Callable[[], None] = lambda: None,  # counted by the caller's metrics
+        proven: Callable[[Claim, str], str] = lambda claim, pool: claim.node,  # see `_failed_node`
         idle: float = 0.0,  # seconds a started answer may go without output (0: no bound)
         tick: float = TICK,
     ) -> None:
         self._idle = idle
+        self._proven = proven
         self._on_continue = on_continue
         self._bus = bus
         self._run = run
@@ -274,14 +276,15 @@ class JobDriver:
         # count (a node that is gone leaves the fleet with its adverts; one that only answered
         # late would be taken out for nothing).
         reported = bool(decision.avoid)
+        node = self._failed_node() if reported or continuing else ""
         self._sub = dataclasses.replace(
             sub,
             job=again,
             avoid=avoid,
             failed_pool=run.pool_of(job.dispatch) if reported else "",
-            failed_node=run.current_node if reported else "",
+            failed_node=node if reported else "",
             continuation=continuing,  # placed only on a route that carries the text on
-            left_node=run.current_node if continuing else "",  # ... on another node than this one
+            left_node=node if continuing else "",  # ... on another node than this one
         )
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
@@ -298,6 +301,13 @@ class JobDriver:
             log.info("job.continuation_unavailable", job_id=job.id, why=decision.why)
             raise WorkerFailedError(f"The answer was interrupted: {self._interrupted}.") from None
         run.placed(again.dispatch, admission.pool, admission.model)
+
+    def _failed_node(self) -> str:
+        """The node the attempt given up on proves it is (`proven`: its claim checked as for
+        its usage record, `broker_api.attribution`), "" if it proves none. A claim alone must
+        never put another node's health at stake: any node may write any id into its events."""
+        claim = self._run.claim
+        return self._proven(claim, self._run.route_of(claim.attempt)) if claim.node else ""
 
     def _continued(self) -> dict[str, Any]:
         if self._continuation is None:  # decide() continues only where the API can

@@ -28,7 +28,7 @@ import structlog
 from broker_api import billing
 from broker_api.accounting import Accounts
 from broker_api.attempts import JobDriver, Policy
-from broker_api.attribution import Attribution
+from broker_api.attribution import UNVERIFIED, Attribution
 from broker_api.auth import Principal
 from broker_api.bus import Bus
 from broker_api.cache import ResponseCache, cache_key, cacheable
@@ -192,6 +192,7 @@ class Serving:
             continuation=s.ask.continuation,
             submit_timeout=self._s.submit_timeout,
             on_continue=lambda: self._metrics.continued(s.ask.model),
+            proven=self._proven_node,
             idle=self._s.stream_idle_timeout,
         )
         events = driver.events()
@@ -224,6 +225,11 @@ class Serving:
         if s.cached is not None or not claim.node:
             return Attribution("", None)
         return self._attribute(claim, s.run.route_of(claim.attempt))
+
+    def _proven_node(self, claim: Claim, pool: str) -> str:
+        """The node an attempt's claim proves, "" if none: what its failure is counted against."""
+        node = self._attribute(claim, pool).node
+        return "" if node == UNVERIFIED else node
 
     def charge(self, s: Session, attribution: Attribution | None = None) -> billing.Charge:
         price = (attribution or self.attribution(s)).price

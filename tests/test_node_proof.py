@@ -7,12 +7,14 @@ an enrolled node's own credentials, doing what a modified worker would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats
+import openai
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
@@ -22,8 +24,9 @@ from broker_api.nats_auth import write_secret
 from broker_api.nats_jwt import ACCOUNT, USER, Key, creds
 from schemas import subjects
 from schemas.codec import WireError
-from schemas.events import Done, Piece, claim_message, decode_event
-from schemas.jobs import Job, ModelAdvert, NodeAdvert
+from schemas.errors import WorkerFailedError
+from schemas.events import Done, Failed, Piece, claim_message, decode_event
+from schemas.jobs import Job, ModelAdvert, NodeAdvert, Submission
 from tests.enrol import admin, create_token, creds_file, raw_join
 from tests.helpers import ECHO
 from tests.stack import Stack
@@ -157,3 +160,82 @@ def test_a_proof_verifies_only_against_the_signers_user_key(tmp_path: Path) -> N
     assert isinstance(event, Done) and event.proof == proof
     with pytest.raises(WireError, match="proof"):
         decode_event(Done("j1", 1001, 0, "nd-a", ("stop",), 1, 1, proof=b"short").encode())
+
+
+async def _fail_all(
+    rogue: NATS, js: JetStreamContext, *, me: str, claim: list[tuple[str, Signer | None]], failed: dict[str, int]
+) -> None:
+    """Advertise as the lab node `me` and fail (retryable) every lab job pulled, each claiming
+    `claim[-1]`'s node with its signer's proof (None: no proof); `failed`: job id -> the index
+    of the claim its first attempt made. Runs until cancelled."""
+    psub = await js.pull_subscribe(
+        subjects.work_subject(LAB, ECHO), durable=subjects.work_consumer(LAB, ECHO), stream=subjects.WORK_STREAM
+    )
+    advert = NodeAdvert(me, LAB, (ModelAdvert(ECHO),), 4, 4, kind="own", interval=0.2)
+    while True:
+        await rogue.publish(subjects.fleet_heartbeat(me), advert.encode())
+        try:
+            msgs = await psub.fetch(4, timeout=0.2)
+        except TimeoutError:
+            continue
+        for msg in msgs:
+            job = Job.decode(msg.data)
+            attempt = job.attempt_id(msg.metadata.num_delivered)
+            claimed, signer = claim[-1]
+            failed.setdefault(job.id, len(claim) - 1)
+            proof = signer.prove(job.id, attempt, claimed) if signer is not None else b""
+            error = WorkerFailedError("the node failed").to_wire()
+            await rogue.publish(job.reply, Failed(job.id, attempt, 0, claimed, error, True, proof=proof).encode())
+            await msg.term()
+
+
+async def test_a_failure_is_counted_against_the_node_its_claim_proves_never_a_claimed_one(stack: Stack) -> None:
+    """The node a re-dispatch names as the failed one (the scheduler counts it against that
+    node's health at once) is the attempt's checked claim: a node failing jobs under a sibling's
+    id names nobody, and one failing under its own proven id names itself."""
+    await stack.start_api(max_dispatches=2)
+    await stack.wait_for_scheduler()
+    watcher = await stack.connect()
+    redispatched: dict[str, Submission] = {}
+
+    async def seen(msg: Any) -> None:
+        with contextlib.suppress(WireError):
+            sub = Submission.decode(msg.data)
+            if sub.job.dispatch > 1:
+                redispatched.setdefault(sub.job.id, sub)
+
+    await watcher.subscribe(subjects.SCHED_SUBMIT, cb=seen)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http, sdk(stack.api_url) as client:
+        token = await create_token(http, pool=LAB, models=[ECHO], uses=2)
+        victim = await raw_join(http, token["token"], [ECHO])
+        joined = await raw_join(http, token["token"], [ECHO])
+        me, other = joined["node_id"], victim["node_id"]
+        path = creds_file(stack, joined)
+        signer = Signer.from_creds(path)
+        rogue = await nats.connect(stack.nats_url, user_credentials=path, inbox_prefix=subjects.worker_inbox(LAB, me))
+        cases = [(other, None, ""), (other, signer, ""), (me, signer, me)]  # claimed, proven by, the node named
+        claim: list[tuple[str, Signer | None]] = []
+        failed: dict[str, int] = {}
+        failing = asyncio.create_task(_fail_all(rogue, rogue.jetstream(), me=me, claim=claim, failed=failed))
+        try:
+            for claimed, proof_by, _ in cases:
+                claim.append((claimed, proof_by))
+                with pytest.raises(openai.APIError):  # each attempt failed: the answer is an error
+                    await client.chat.completions.create(
+                        model=ECHO,
+                        messages=[{"role": "user", "content": "hello"}],
+                        extra_body={"provider": {"only": [LAB]}},
+                    )
+        finally:
+            failing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await failing
+            await rogue.close()
+
+        async def all_seen() -> dict[str, Submission] | None:
+            return redispatched if len(failed) == len(cases) and set(failed) <= set(redispatched) else None
+
+        await eventually(all_seen)
+    await watcher.close()
+    assert {job: redispatched[job].failed_node for job in failed} == {job: cases[i][2] for job, i in failed.items()}
+    assert {redispatched[job].failed_pool for job in failed} == {LAB}
