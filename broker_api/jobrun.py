@@ -191,8 +191,16 @@ class JobRun:
         if self.current is None:
             return
         self.queue.put_nowait(Broken(self.current, self.current_node, reason))
-        self._refused.add(self.current)
+        self._forget(self.current)
+
+    def _forget(self, attempt: int) -> None:
+        """`attempt` is given up for good. Once the answer reached the client, so is every other
+        delivery of its dispatch: it would start over from that dispatch's beginning and repeat
+        what the client has; only a later dispatch (a continuation) may carry the answer on."""
+        self._refused.add(attempt)
         self.current = None
+        if self._committed:
+            self._min_attempt = max(self._min_attempt, (attempt // ATTEMPTS_PER_DISPATCH + 1) * ATTEMPTS_PER_DISPATCH)
 
     def silent(self, now: float) -> bool:
         """The current attempt said nothing for longer than the silence allows; or none is
@@ -223,6 +231,5 @@ class JobRun:
         if self.current is None:
             return None
         gone = (self.current, self.current_node)
-        self._refused.add(self.current)
-        self.current = None
+        self._forget(self.current)
         return gone

@@ -132,3 +132,29 @@ def test_each_attempt_keeps_the_claim_its_first_event_made() -> None:
     assert run.claim.node == "b" and run.claim_of(2001).node == "b"
     assert run.claim_of(1001).node == "a" and run.claim_of(1001).attempt == 1001
     assert run.claim_of(3001).node == ""  # never started
+
+
+def test_once_delivered_no_other_attempt_of_a_dropped_attempts_dispatch_takes_over() -> None:
+    """After the answer reached the client, only a continuation (a later dispatch, carrying the
+    delivered text) may go on with it. A redelivery of the same dispatch starts from that
+    dispatch's beginning: adopted between the drop of its sibling and the continuation's
+    placement, it repeated what the client had (the long chaos run: 11 words for 9)."""
+    for drop in ("given up", "lost events"):
+        run = JobRun(JOB, silence=1.0)
+        assert run.offer(ev(START, 1001, 0), now=0)
+        assert run.offer(ev(DELTA, 1001, 1), now=0.1)
+        run.commit()
+        if drop == "given up":
+            assert run.drop_current() == (1001, "a")
+        else:
+            assert not run.offer(ev(DELTA, 1001, 3), now=0.2)  # event 2 never came
+        assert not run.offer(ev(START, 1002, 0, node="b"), now=2.0), drop
+        assert run.current is None
+        run.redispatch(Job(id="j", model="m", request={}, reply="r", deadline=1e12, dispatch=2), continuing=True)
+        assert run.offer(ev(START, 2001, 0, node="c"), now=2.1)  # the continuation does
+        assert run.current == 2001
+
+    uncommitted = JobRun(JOB, silence=1.0)  # nothing delivered: a fresh start is as good as any
+    uncommitted.offer(ev(START, 1001, 0), now=0)
+    uncommitted.drop_current()
+    assert uncommitted.offer(ev(START, 1002, 0, node="b"), now=2.0)
