@@ -65,6 +65,7 @@ class Plan:
     tokens: tuple[int, int] = (3, 20)  # answer lengths, in tokens
     rate: int = 60  # tokens/s per answer
     request_timeout: float = 30.0
+    log_level: str = "warning"  # every role's (info: each job's path can be traced in the logs kept)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Outcome:
     cut: str = ""  # the transport error that ended it, if any
     job_id: str = ""
     done: bool = False  # a stream's [DONE] came
+    unreadable: str = ""  # a response body that is not a JSON object (its start)
 
     @property
     def seconds(self) -> float:
@@ -134,6 +136,19 @@ class Report:
             f"jobs billed {self.jobs_billed}, counted by: {dict(sorted(self.counted_by.items()))}",
             f"{self.seconds:.1f} s",
         ]
+
+
+def _json_or_error(body: bytes, o: Outcome) -> dict[str, Any]:
+    """An answer's JSON object; {} (noted in `o.unreadable`) if the body is not one: a response
+    the contract does not allow, never to be mistaken for a cut connection."""
+    try:
+        answer = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        answer = None
+    if not isinstance(answer, dict):
+        o.unreadable = body[:200].decode(errors="replace")
+        return {}
+    return answer
 
 
 def word_prefix(text: str, whole: str) -> bool:
@@ -200,6 +215,7 @@ class Chaos:
         await self._make_keys()
 
     def _spawn(self, name: str, module: str, env: dict[str, str], *, port: int = 0) -> Role:
+        env = {**env, "TOKENYARD_LOG_LEVEL": self.plan.log_level}
         return Role(name, module, env, self.stack.spawn(name, module, env), port)
 
     def _respawn(self, role: Role) -> None:
@@ -287,7 +303,7 @@ class Chaos:
                 await self._send(http, body, headers, o)
         except httpx.TimeoutException as e:
             o.cut = f"timeout: {type(e).__name__}"
-        except (httpx.TransportError, json.JSONDecodeError) as e:
+        except (httpx.TransportError, json.JSONDecodeError) as e:  # (an event's JSON cut short)
             o.cut = f"{type(e).__name__}: {e}"
         o.ended = time.monotonic()
         return o
@@ -299,12 +315,12 @@ class Chaos:
             return
         r = await http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
         o.status = r.status_code
-        answer = r.json()
-        if r.status_code == 200:
+        answer = _json_or_error(r.content, o)
+        if r.status_code == 200 and "choices" in answer:
             o.job_id = answer["id"].removeprefix("chatcmpl-")
             o.text = answer["choices"][0]["message"]["content"]
             o.finish = answer["choices"][0]["finish_reason"]
-        else:
+        elif "error" in answer:
             o.error = f"{r.status_code} {answer['error'].get('code')}: {answer['error']['message']}"
 
     async def _stream(
@@ -313,8 +329,9 @@ class Chaos:
         async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
             o.status = r.status_code
             if r.status_code != 200:
-                answer = json.loads(await r.aread())
-                o.error = f"{r.status_code} {answer['error'].get('code')}: {answer['error']['message']}"
+                answer = _json_or_error(await r.aread(), o)
+                if "error" in answer:
+                    o.error = f"{r.status_code} {answer['error'].get('code')}: {answer['error']['message']}"
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -427,15 +444,32 @@ class Chaos:
             )
         return report
 
+    def _trace(self, o: Outcome) -> str:
+        """What to look for in the logs of a request that went wrong: its job, gateway, how far
+        it got, and the faults around it (seconds from the start of the load)."""
+        at = lambda t: f"{t - self.started:.1f}"  # noqa: E731
+        near = [
+            f"{f.kind} {f.victim} {at(f.start)}-{at(f.end) if f.end else '?'}"
+            for f in self.faults
+            if f.start <= o.ended + 3 and (f.end or o.ended) >= o.started - 3
+        ]
+        return (
+            f"job {o.job_id or '?'} on {self.gateways[o.gateway].name}, {len(o.text.split())} words in, "
+            f"[DONE] {'came' if o.done else 'not yet'}, {at(o.started)}-{at(o.ended)} s; faults around: {near}"
+        )
+
     def _check_one(self, o: Outcome, report: Report) -> list[str]:
         out: list[str] = []
         if o.seconds > self.plan.request_timeout + 5:
             out.append(f"took {o.seconds:.1f} s, past its deadline")
         if o.cut.startswith("timeout"):
-            return [*out, f"hung: {o.cut}"]
+            return [*out, f"hung: {o.cut}: {self._trace(o)}"]
+        if o.unreadable:
+            out.append(f"HTTP {o.status} with a body that is not a JSON object: {o.unreadable!r}")
+            return out
         if o.cut:
             if not self.gateway_killed_during(o):
-                out.append(f"connection cut ({o.cut}) with no gateway killed")
+                out.append(f"connection cut ({o.cut}) with no gateway killed: {self._trace(o)}")
             else:
                 report.cut_by_gateway += 1
             if o.text and not o.expected.startswith(o.text):
@@ -453,7 +487,7 @@ class Chaos:
             if capped:  # the daily budget had less left than the answer: the worker stopped at the grant
                 report.capped += 1
             elif o.text != o.expected or o.finish != "stop":
-                out.append(f"answer {o.text!r} ({o.finish}), expected {o.expected!r}")
+                out.append(f"answer {o.text!r} ({o.finish}), expected {o.expected!r}: {self._trace(o)}")
             elif o.stream and not o.done:
                 out.append("stream without [DONE]")
             else:
@@ -465,7 +499,7 @@ class Chaos:
             if o.text and not word_prefix(o.text, o.expected):
                 out.append(f"interrupted text {o.text!r} is not a word prefix of {o.expected!r}")
             return out
-        return [*out, f"stream ended without [DONE] or an error event ({o.text!r})"]
+        return [*out, f"stream ended without [DONE] or an error event ({o.text!r}): {self._trace(o)}"]
 
     async def _billing(self, problems: list[str], report: Report) -> dict[str, dict[str, Any]]:
         """One usage record per job in the stream and one ledger row per job; every job the

@@ -3,6 +3,7 @@ the long version by hand (10,000 requests and more; figures in bench/RESULTS.md)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,12 @@ from tests.chaos import Chaos, Plan
 
 
 def plan_for(config: pytest.Config, *, cluster: bool) -> Plan:
+    # TOKENYARD_CHAOS_LOG_LEVEL=info: every role logs each job's path (to trace a problem found)
+    log_level = os.environ.get("TOKENYARD_CHAOS_LOG_LEVEL", "warning")
     if config.getoption("--chaos-long"):
-        return Plan(seed=7, requests=12_000, concurrency=24, faults=120, seconds=900.0, cluster=cluster)
+        return Plan(
+            seed=7, requests=12_000, concurrency=24, faults=120, seconds=900.0, cluster=cluster, log_level=log_level
+        )
     # bounded for CI: ~18 s of load, then what is in flight ends within its 12 s deadline (both
     # variants together stay under 90 s on a loaded 2-core machine)
     return Plan(
@@ -24,6 +29,7 @@ def plan_for(config: pytest.Config, *, cluster: bool) -> Plan:
         cluster=cluster,
         rate=30,
         request_timeout=12.0,
+        log_level=log_level,
     )
 
 
