@@ -18,6 +18,7 @@ answer and its record leaves no job unbilled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -28,6 +29,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from broker_api.accounting import PATIENCE
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import streams, subjects
@@ -57,6 +59,7 @@ from schemas.settings import NatsSettings, nats_options
 log = structlog.get_logger(__name__)
 
 NO_SCHEDULER_RETRY_AFTER = 5.0
+RECORD_WAIT = PATIENCE + 10.0  # seconds a closed job's events are still heard while its record is retried
 
 
 class Bus:
@@ -207,7 +210,12 @@ class Bus:
         """Forget a job; stop its attempt if it is still going."""
         run.close()
         self.runs.pop(run.job.id, None)
-        self._by_token.pop(subjects.reply_token(run.job.reply), None)
+        token = subjects.reply_token(run.job.reply)
+        if run.awaiting_record:  # until then, a delivery of the job again is answered as its winner
+            run.when_recorded(lambda: self._by_token.pop(token, None))
+            asyncio.get_running_loop().call_later(RECORD_WAIT, self._by_token.pop, token, None)  # if never
+        else:
+            self._by_token.pop(token, None)
         gone = run.drop_current()
         if gone is not None and not run.finished:
             await self.stop(gone[1], run.job.id, gone[0], reason)

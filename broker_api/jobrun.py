@@ -48,7 +48,9 @@ class JobRun:
         self._claims: dict[int, Claim] = {}  # attempt -> who its first event named
         self.heard = 0.0  # monotonic time of the current attempt's last word
         self.progressed = 0.0  # ... of its last output (heartbeats are words, not output)
-        self._held: Callable[[], Awaitable[None]] | None = None  # the final DONE's answer, sent once billed
+        self._held: list[Callable[[], Awaitable[None]]] = []  # final DONEs' answers, sent once billed
+        self._then: list[Callable[[], object]] = []  # what else waits for the record (`when_recorded`)
+        self._recorded = False
         self._refused_at: float | None = None  # monotonic time an attempt was refused while none was current
         self._committed = False
         self._closed = False
@@ -123,16 +125,34 @@ class JobRun:
     def close(self) -> None:
         self._closed = True
 
+    @property
+    def awaiting_record(self) -> bool:
+        """The winning attempt's final DONE waits for the job's usage record to be stored."""
+        return bool(self._held) and not self._recorded
+
     def answer_when_recorded(self, answer: Callable[[], Awaitable[None]]) -> None:
-        """Hold the answer to the winning attempt's final DONE until the job's usage record is
-        stored (`recorded`): a worker not answered reports the job itself (`worker.reports`)."""
-        self._held = answer
+        """Hold the answer to a final DONE until the job's usage record is stored (`recorded`):
+        a worker not answered reports the job itself (`worker.reports`)."""
+        self._held.append(answer)
+
+    def when_recorded(self, then: Callable[[], object]) -> None:
+        self._then.append(then)
 
     async def recorded(self) -> None:
-        """The job's usage record is stored: answer the final DONE, if one waits."""
-        held, self._held = self._held, None
-        if held is not None:
-            await held()
+        """The job's usage record is stored: answer the final DONEs that wait."""
+        self._recorded = True
+        held, self._held = self._held, []
+        for then in self._then:
+            then()
+        for answer in held:
+            await answer()
+
+    def _delivered_again(self, attempt: int) -> bool:
+        """Closed, its record not stored yet: an attempt not seen before is the job delivered
+        again because the worker that finished it died before hearing that it was billed. It
+        runs to its own final DONE, held like the winner's (`answer_when_recorded`), so that if
+        this gateway dies before the record is stored, that worker reports the job."""
+        return self.awaiting_record and attempt not in self._refused and attempt not in self._claims
 
     # --- events -------------------------------------------------------------------------
 
@@ -150,7 +170,9 @@ class JobRun:
 
     def offer(self, ev: Streamed, now: float) -> bool:
         """Take an event; False means the sending attempt must stop."""
-        if self._closed or ev.attempt in self._refused or ev.attempt < self._min_attempt:
+        if self._closed:
+            return self._delivered_again(ev.attempt)  # taken, and nothing more
+        if ev.attempt in self._refused or ev.attempt < self._min_attempt:
             return False
         if ev.attempt != self.current:
             if self.current is not None and (self._committed or now - self.heard <= self.silence):
@@ -177,7 +199,9 @@ class JobRun:
     def beat(self, attempt: int, seq: int, now: float) -> bool:
         """`attempt` is alive and its next event will carry `seq` (a heartbeat, or one entry of
         a worker's beat); False means it must stop."""
-        if self._closed or attempt in self._refused or attempt < self._min_attempt:
+        if self._closed:
+            return self._delivered_again(attempt)
+        if attempt in self._refused or attempt < self._min_attempt:
             return False
         if attempt != self.current:
             return self.current is None  # not started as far as we know: let it go on

@@ -219,6 +219,39 @@ async def test_a_gateway_and_its_worker_killed_together_after_the_answer_leave_t
         await stack.close()
 
 
+async def test_a_job_delivered_again_while_its_record_waits_is_reported_when_the_gateway_dies(stack: Stack) -> None:
+    """Three faults in one window (the long chaos run on a cluster lost 5 of 12,000 jobs so):
+    the gateway's record waits for JetStream, the worker that answered dies before hearing it is
+    stored, the job is delivered again to another worker, and then the gateway dies too. The
+    gateway holds the second worker's final DONE like the first (it does not tell it "stop":
+    the record is not stored), so that worker reports the job once the gateway is gone."""
+    first = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="first")
+    env = {"TOKENYARD_ORPHAN_GRACE": "1", "TOKENYARD_DATA_DIR": str(stack.tmp / "gw")}
+    api, url = await stack.spawn_api(**env)
+    stack.api_url = url
+    await stack.wait_for_model(ECHO)
+    nc = await stack.bus()
+    held = await hold_usage_shut(nc)
+    async with sdk(stack, url=url) as client:
+        answer = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
+        )
+    job = answer.id.removeprefix("chatcmpl-")
+    first.kill()  # before the gateway could say the job is billed
+    second = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="second", TOKENYARD_LOG_LEVEL="info")
+    deadline = time.monotonic() + 30
+    while not re.search(rf"job\.(done|stopped) .*job_id={job}", second.output()):  # it ran the job again
+        assert time.monotonic() < deadline, second.output()[-2000:]
+        await asyncio.sleep(0.1)
+    api.kill()  # and now the gateway, its record still not stored
+    await reopen_usage(nc, held)
+    _, again = await stack.spawn_api(**env)
+    rows = await rows_of(again, {job}, timeout=60.0)
+    assert set(rows) == {job}
+    row = rows[job]
+    assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+
+
 async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with sqlite3.connect(path) as db:  # the table as ledgers before `counted_by` made it

@@ -158,3 +158,34 @@ def test_once_delivered_no_other_attempt_of_a_dropped_attempts_dispatch_takes_ov
     uncommitted.offer(ev(START, 1001, 0), now=0)
     uncommitted.drop_current()
     assert uncommitted.offer(ev(START, 1002, 0, node="b"), now=2.0)
+
+
+async def test_a_closed_job_whose_record_waits_holds_a_delivery_of_it_again_to_its_done() -> None:
+    """The winner's final DONE waits for the usage record; its worker dies, and JetStream
+    delivers the job again: that attempt is told to go on and its DONE is held too (so that if
+    the gateway dies before the record is stored, that worker reports the job). Attempts given
+    up on are still stopped, and once the record is stored nothing more is held."""
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    run.offer(ev(DELTA, 1001, 1), now=0.1)
+    assert not run.offer(ev(START, 1002, 0, node="b"), now=0.2)  # refused while 1001 runs
+    assert run.offer(ev(DONE, 1001, 2), now=0.3)
+    answered: list[str] = []
+
+    async def answer(who: str) -> None:
+        answered.append(who)
+
+    run.answer_when_recorded(lambda: answer("winner"))
+    run.close()
+    assert run.awaiting_record
+    assert run.heartbeat(ev(HEARTBEAT, 1003, 0, node="c"), now=1.0)  # delivered again: go on
+    assert run.offer(ev(START, 1003, 0, node="c"), now=1.0)
+    assert run.offer(ev(DONE, 1003, 1, node="c"), now=1.1)
+    run.answer_when_recorded(lambda: answer("again"))
+    assert not run.heartbeat(ev(HEARTBEAT, 1002, 1, node="b"), now=1.2)  # given up on: stop
+    kept: list[str] = []
+    run.when_recorded(lambda: kept.append("forgotten"))
+    await run.recorded()
+    assert answered == ["winner", "again"] and kept == ["forgotten"]
+    assert not run.awaiting_record and not run.offer(ev(START, 1004, 0, node="d"), now=2.0)
+    assert [e.kind for e in drain(run) if not isinstance(e, Broken)] == [START, DELTA, DONE]  # nothing more queued
