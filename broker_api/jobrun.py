@@ -178,8 +178,9 @@ class JobRun:
             if self.current is not None and (self._committed or now - self.heard <= self.silence):
                 self._refused.add(ev.attempt)
                 return False
-            if self.current is not None:
+            if self.current is not None:  # silent, and nothing of it reached the client
                 self._refused.add(self.current)
+                self._unqueue_all_but_breaks()
             if not self._adopt(ev, now):
                 return False
         self.heard = self.progressed = now
@@ -191,6 +192,18 @@ class JobRun:
             self._finished = True
         self.queue.put_nowait(ev)
         return True
+
+    def _unqueue_all_but_breaks(self) -> None:
+        """Drop the replaced attempt's events that wait unread (a loaded gateway reads them
+        late): read after the takeover, they would reach the client ahead of the new attempt,
+        which starts the answer over."""
+        kept = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, Broken):
+                kept.append(item)
+        for item in kept:
+            self.queue.put_nowait(item)
 
     def heartbeat(self, ev: Heartbeat, now: float) -> bool:
         """A heartbeat from some attempt; False means it must stop."""

@@ -189,3 +189,16 @@ async def test_a_closed_job_whose_record_waits_holds_a_delivery_of_it_again_to_i
     assert answered == ["winner", "again"] and kept == ["forgotten"]
     assert not run.awaiting_record and not run.offer(ev(START, 1004, 0, node="d"), now=2.0)
     assert [e.kind for e in drain(run) if not isinstance(e, Broken)] == [START, DELTA, DONE]  # nothing more queued
+
+
+def test_an_attempt_replaced_before_its_events_were_read_leaves_none_of_them_to_read() -> None:
+    """A takeover is allowed while nothing reached the client; but what the silent attempt sent
+    may still wait unread in the queue (a loaded gateway reads it late). Read after the new
+    attempt's events, it reached the client first and the new attempt repeated it (the long
+    chaos run: 4 words, then the whole answer again). It is dropped at the takeover."""
+    run = JobRun(JOB, silence=1.0)
+    assert run.offer(ev(START, 1001, 0), now=0)
+    assert run.offer(ev(DELTA, 1001, 1), now=0.1)  # not read yet
+    assert run.offer(ev(START, 1002, 0, node="b"), now=1.5)  # 1001 silent, nothing delivered
+    assert run.offer(ev(DELTA, 1002, 1, node="b"), now=1.6)
+    assert [(e.attempt, e.kind) for e in drain(run)] == [(1002, START), (1002, DELTA)]
