@@ -372,7 +372,9 @@ async def test_rpm_is_exact_across_two_schedulers_and_two_gateways(two_scheduler
     admitted = [x for x in answers if x.error is None]
     refused = [from_wire(x.error) for x in answers if x.error is not None]
     assert len(admitted) == 20
-    assert all(isinstance(e, RateLimitError) and e.retry_after and e.retry_after >= 1 for e in refused)
+    assert all(isinstance(e, RateLimitError) and e.retry_after and e.retry_after >= 1 for e in refused), [
+        (type(e).__name__, str(e), getattr(e, "retry_after", None)) for e in refused
+    ]
     c = await read_counters(a, "k", "key1")
     assert c.in_flight == 20
     # A leaky bucket lets one more in every 60/rpm = 3 s after the burst, 2x the limit in the
