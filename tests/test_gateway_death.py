@@ -25,7 +25,7 @@ from schemas import subjects
 from schemas.usage import UsageRecord
 from tests.cluster import NatsCluster
 from tests.helpers import ECHO, sdk
-from tests.stack import Stack, auth_headers
+from tests.stack import Proc, Stack, auth_headers
 from tests.test_cluster import usage_messages
 
 STREAMS = 12
@@ -73,6 +73,34 @@ async def open_streams(client: openai.AsyncOpenAI, n: int) -> list[Any]:
         assert first.choices[0].delta.content
         streams.append((first.id.removeprefix("chatcmpl-"), stream))
     return streams
+
+
+async def answered_with_usage_held(
+    stack: Stack, env: dict[str, str], *, model_timeout: float = 30.0
+) -> tuple[Proc, NATS, StreamConfig, str]:
+    """A gateway of its own (`env`) answers one request whole while the usage stream is held
+    shut (`hold_usage_shut`), so the job's record still waits: the gateway, the test's
+    connection, the stream's config to reopen it with, and the job's id."""
+    api, url = await stack.spawn_api(**env)
+    stack.api_url = url
+    await stack.wait_for_model(ECHO, timeout=model_timeout)
+    nc = await stack.bus()
+    held = await hold_usage_shut(nc)
+    async with sdk(stack, url=url) as client:
+        answer = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
+        )
+    return api, nc, held, answer.id.removeprefix("chatcmpl-")
+
+
+async def billed_once_by_the_worker(stack: Stack, env: dict[str, str], job: str, *, timeout: float) -> None:
+    """A gateway started again (`env`) holds exactly one row for `job`: the worker's report of
+    all 7 tokens, with the key the first gateway sealed into the job."""
+    _, again = await stack.spawn_api(**env)
+    rows = await rows_of(again, {job}, timeout=timeout)
+    assert set(rows) == {job}
+    row = rows[job]
+    assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
 
 
 async def test_a_gateway_killed_mid_stream_leaves_every_job_billed_once_by_its_worker(stack: Stack) -> None:
@@ -131,23 +159,10 @@ async def test_a_gateway_killed_before_its_record_was_stored_leaves_the_job_to_i
     final DONE was answered only once the record is stored, reports the job itself."""
     stack.start_worker(TOKENYARD_SLOTS="4")
     env = {"TOKENYARD_ORPHAN_GRACE": "1", "TOKENYARD_DATA_DIR": str(stack.tmp / "gw")}
-    api, url = await stack.spawn_api(**env)
-    stack.api_url = url
-    await stack.wait_for_model(ECHO)
-    nc = await stack.bus()
-    held = await hold_usage_shut(nc)
-    async with sdk(stack, url=url) as client:
-        answer = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
-        )
-    job = answer.id.removeprefix("chatcmpl-")
+    api, nc, held, job = await answered_with_usage_held(stack, env)
     api.kill()  # its record still waits for the stream
     await reopen_usage(nc, held)  # the stream takes records again
-    _, again = await stack.spawn_api(**env)
-    rows = await rows_of(again, {job}, timeout=40.0)
-    assert set(rows) == {job}
-    row = rows[job]
-    assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+    await billed_once_by_the_worker(stack, env, job, timeout=40.0)
 
 
 async def hold_usage_shut(nc: NATS) -> StreamConfig:
@@ -190,16 +205,7 @@ async def test_a_gateway_and_its_worker_killed_together_after_the_answer_leave_t
         stack.start_scheduler(TOKENYARD_REPLICAS="0")
         worker = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="first")
         env = {"TOKENYARD_ORPHAN_GRACE": "1", "TOKENYARD_DATA_DIR": str(tmp_path / "gw"), "TOKENYARD_REPLICAS": "0"}
-        api, url = await stack.spawn_api(**env)
-        stack.api_url = url
-        await stack.wait_for_model(ECHO, timeout=60)
-        nc = await stack.bus()
-        held = await hold_usage_shut(nc)
-        async with sdk(stack, url=url) as client:
-            answer = await client.chat.completions.create(
-                model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
-            )
-        job = answer.id.removeprefix("chatcmpl-")
+        api, nc, held, job = await answered_with_usage_held(stack, env, model_timeout=60)
         api.kill()  # its record still waits for the stream
         worker.kill()  # and the worker that waited for the gateway's word on it
         nats_cluster.kill(0)
@@ -209,11 +215,7 @@ async def test_a_gateway_and_its_worker_killed_together_after_the_answer_leave_t
         await asyncio.sleep(5.0)  # the job's message comes back to it with the node still down
         await asyncio.to_thread(nats_cluster.restart, 0)
         await nats_cluster.wait_for_jetstream()
-        _, again = await stack.spawn_api(**env)
-        rows = await rows_of(again, {job}, timeout=60.0)
-        assert set(rows) == {job}
-        row = rows[job]
-        assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+        await billed_once_by_the_worker(stack, env, job, timeout=60.0)
         assert (await usage_messages(nc)).get(job) == 1
     finally:
         await stack.close()
@@ -227,16 +229,7 @@ async def test_a_job_delivered_again_while_its_record_waits_is_reported_when_the
     the record is not stored), so that worker reports the job once the gateway is gone."""
     first = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="first")
     env = {"TOKENYARD_ORPHAN_GRACE": "1", "TOKENYARD_DATA_DIR": str(stack.tmp / "gw")}
-    api, url = await stack.spawn_api(**env)
-    stack.api_url = url
-    await stack.wait_for_model(ECHO)
-    nc = await stack.bus()
-    held = await hold_usage_shut(nc)
-    async with sdk(stack, url=url) as client:
-        answer = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "kept [[tokens=7]]"}]
-        )
-    job = answer.id.removeprefix("chatcmpl-")
+    api, nc, held, job = await answered_with_usage_held(stack, env)
     first.kill()  # before the gateway could say the job is billed
     second = stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_NODE_ID="second", TOKENYARD_LOG_LEVEL="info")
     deadline = time.monotonic() + 30
@@ -245,11 +238,7 @@ async def test_a_job_delivered_again_while_its_record_waits_is_reported_when_the
         await asyncio.sleep(0.1)
     api.kill()  # and now the gateway, its record still not stored
     await reopen_usage(nc, held)
-    _, again = await stack.spawn_api(**env)
-    rows = await rows_of(again, {job}, timeout=60.0)
-    assert set(rows) == {job}
-    row = rows[job]
-    assert row["counted_by"] == "worker" and row["completion_tokens"] == 7 and row["key_id"], row
+    await billed_once_by_the_worker(stack, env, job, timeout=60.0)
 
 
 async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) -> None:
