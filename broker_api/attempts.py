@@ -202,6 +202,10 @@ class JobDriver:
                 case Start():
                     continue
                 case None:
+                    if not run.queue.empty():
+                        # an event came between the wait running out and this task resuming: the
+                        # attempt spoke, and a lagging loop read it late (its `heard` may look old)
+                        continue
                     now = time.monotonic()
                     silent, idle = run.silent(now), run.idle(now, self._idle)
                     if not silent and not idle:

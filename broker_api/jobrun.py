@@ -179,8 +179,7 @@ class JobRun:
                 self._refused.add(ev.attempt)
                 return False
             if self.current is not None:  # silent, and nothing of it reached the client
-                self._refused.add(self.current)
-                self._unqueue_all_but_breaks()
+                self._forget(self.current)
             if not self._adopt(ev, now):
                 return False
         self.heard = self.progressed = now
@@ -193,14 +192,15 @@ class JobRun:
         self.queue.put_nowait(ev)
         return True
 
-    def _unqueue_all_but_breaks(self) -> None:
-        """Drop the replaced attempt's events that wait unread (a loaded gateway reads them
-        late): read after the takeover, they would reach the client ahead of the new attempt,
-        which starts the answer over."""
+    def _unqueue(self, attempt: int) -> None:
+        """Drop `attempt`'s events that wait unread (a loaded gateway reads them late): the job
+        gave up on it, and what it sent must not reach the client after that decision. Read
+        after a takeover, they came ahead of the new attempt, which starts the answer over; read
+        after a continuation was placed, they came beyond the text it carries on from."""
         kept = []
         while not self.queue.empty():
             item = self.queue.get_nowait()
-            if isinstance(item, Broken):
+            if isinstance(item, Broken) or item.attempt != attempt:
                 kept.append(item)
         for item in kept:
             self.queue.put_nowait(item)
@@ -233,8 +233,10 @@ class JobRun:
     def _forget(self, attempt: int) -> None:
         """`attempt` is given up for good. Once the answer reached the client, so is every other
         delivery of its dispatch: it would start over from that dispatch's beginning and repeat
-        what the client has; only a later dispatch (a continuation) may carry the answer on."""
+        what the client has; only a later dispatch (a continuation) may carry the answer on.
+        Its events still unread are dropped (`_unqueue`)."""
         self._refused.add(attempt)
+        self._unqueue(attempt)
         self.current = None
         if self._committed:
             self._min_attempt = max(self._min_attempt, (attempt // ATTEMPTS_PER_DISPATCH + 1) * ATTEMPTS_PER_DISPATCH)

@@ -202,3 +202,24 @@ def test_an_attempt_replaced_before_its_events_were_read_leaves_none_of_them_to_
     assert run.offer(ev(START, 1002, 0, node="b"), now=1.5)  # 1001 silent, nothing delivered
     assert run.offer(ev(DELTA, 1002, 1, node="b"), now=1.6)
     assert [(e.attempt, e.kind) for e in drain(run)] == [(1002, START), (1002, DELTA)]
+
+
+def test_an_attempt_given_up_on_leaves_none_of_its_unread_events_to_read() -> None:
+    """Once the driver gives up on an attempt (silent, idle) and continues the answer from the
+    text the client has, what the attempt sent before that but was not read yet must not reach
+    the client: the continuation carries on from the text without it, and the client got a word
+    twice (the long chaos run at load ~13). A gap's `Broken` stays to be read."""
+    run = JobRun(JOB, silence=1.0)
+    assert run.offer(ev(START, 1001, 0), now=0)
+    assert run.offer(ev(DELTA, 1001, 1), now=0.1)
+    assert [e.kind for e in drain(run)] == [START, DELTA]  # read, and delivered
+    run.commit()
+    assert run.offer(ev(DELTA, 1001, 2), now=0.2)  # not read yet
+    assert run.drop_current() == (1001, "a")
+    assert drain(run) == []
+
+    broken = JobRun(JOB, silence=1.0)
+    assert broken.offer(ev(START, 1001, 0), now=0)
+    assert broken.offer(ev(DELTA, 1001, 1), now=0.1)
+    assert not broken.offer(ev(DELTA, 1001, 3), now=0.2)  # event 2 lost
+    assert [type(e).__name__ for e in drain(broken)] == ["Broken"]
