@@ -416,7 +416,8 @@ def test_special_token_markup_reaches_the_parser() -> None:
     """Decoding skips special tokens; one that is tool-call markup (llama3's <|python_tag|>,
     here played by <|im_start|>) still reaches the parser as its text."""
     from worker.engine_tools import markup_tokens
-    from worker.toolcalls import FORMATS, ToolCallParser
+    from worker.toolcalls import ToolCallParser
+    from worker.toolformats import FORMATS
 
     tokenizer = build_tokenizer()
     special = tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -21,7 +21,7 @@ from worker.echo import EchoBackend
 from worker.engine import TransformersBackend
 from worker.engine_tools import detect_format, plan_tools, template_messages
 from worker.settings import WorkerSettings
-from worker.toolcalls import FORMATS
+from worker.toolformats import FORMATS
 
 TINY = "tiny"
 WEATHER = {
@@ -232,6 +232,29 @@ async def test_auto_answers_or_calls_and_never_leaks_markup(tools_model: Transfo
             json.loads(call["arguments"])
 
 
+async def test_a_length_cut_in_a_forced_call_never_answers_with_its_markup(tools_model: TransformersBackend) -> None:
+    """One byte a token, greedy: the whole forced call once, then max_tokens cuts it inside its
+    `<tool_call>` marker, after it, inside the name, and inside the arguments. Never markup as
+    content; once the name is out, the call with its arguments as far as they were generated."""
+    base = _request(tools=[CLOCK], tool_choice="required", parallel_tool_calls=False, temperature=0)
+    whole = await _collect(tools_model, {**base, "max_tokens": 200})
+    [call] = _calls(whole)
+    usage = whole[-1]
+    assert isinstance(usage, Usage) and json.loads(call["arguments"]) in ({"utc": True}, {"utc": False})
+    # The call's JSON ends with its arguments and then its own "}": it is spent there.
+    for cut in (5, 11, 13, 16, 22, usage.completion_tokens - 2, usage.completion_tokens - 4):
+        items = await _collect(tools_model, {**base, "max_tokens": cut})
+        assert [i.reason for i in items if isinstance(i, Finish)] == ["length"], cut
+        assert _content(items) == "", cut
+        got = _calls(items)
+        if cut >= usage.completion_tokens - 4:
+            assert [c["name"] for c in got] == ["get_time"], cut
+            args = got[0]["arguments"]
+            assert args and call["arguments"].startswith(args) and args != call["arguments"], (cut, args)
+        else:
+            assert got == [], cut
+
+
 # -- scripted model text through the echo backend -------------------------------------------------
 
 
@@ -260,14 +283,15 @@ async def test_echo_plays_scripted_tool_calls_through_the_parser() -> None:
     usage = items[-1]
     assert isinstance(usage, Usage) and usage.completion_tokens == sum(i.tokens for i in items if isinstance(i, Piece))
 
-    # Without tools (or with tool_choice none) the same text is plain content; a script the
-    # model breaks off keeps valid arguments; max_tokens cuts it with finish "length".
+    # Without tools (or with tool_choice none) the same text is plain content; max_tokens cuts
+    # it with finish "length", the call keeping its arguments as far as they were generated.
     plain = await _collect(backend, {**req, "tools": None})
     assert _content(plain) == script and not _calls(plain)
-    short = await _collect(backend, {**req, "max_tokens": 20})
-    assert [i.reason for i in short if isinstance(i, Finish)] == ["length"]
-    for call in _calls(short):
-        json.loads(call["arguments"])
+    for cut, arguments in ((20, ""), (30, '{"')):  # just after the name; inside the arguments
+        short = await _collect(backend, {**req, "max_tokens": cut})
+        assert [i.reason for i in short if isinstance(i, Finish)] == ["length"]
+        assert _content(short) == "Checking both."
+        assert [(c["name"], c["arguments"]) for c in _calls(short)] == [("get_weather", arguments)]
 
 
 async def test_echo_script_file_and_tools_refused_without_one(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from schemas.events import Piece, TokenLogprob
 from worker.echo_script import tokens_of
 from worker.engine_text import TextStream
-from worker.toolcalls import FORMATS, ToolCallParser
+from worker.toolcalls import ToolCallParser
+from worker.toolformats import FORMATS
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
 CALL2 = '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'

@@ -26,6 +26,7 @@ from tests.fake_provider import Behaviour, FakeCall, FakeProvider, embedding_of
 from tests.helpers import ECHO, admin, eventually, new_key
 from tests.openai_schema import validate
 from tests.stack import ADMIN_KEY, Stack
+from worker.echo_script import tokens_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -509,6 +510,38 @@ async def test_own_node_tool_calls_stream_as_fragments(env: Stacked) -> None:
     assert json.loads("".join(a for *_, a in got)) == {"city": "Paris"}
     assert not any(ch.delta.content for c in chunks for ch in c.choices)  # no markup leaks as text
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_own_node_tool_call_cut_by_max_tokens(env: Stacked, stream: bool) -> None:
+    """max_tokens cuts scripted model text inside its call's name, then inside its arguments:
+    never the markup as content; the call with its arguments as far as generated, "length"."""
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    cut_in_name = len(tokens_of(text[: text.index("get_we") + len("get_we")]))
+    cut_in_arguments = len(tokens_of(text[: text.index("Paris") + len("Paris")]))
+    for cut, want in ((cut_in_name, []), (cut_in_arguments, [("get_weather", '{"city": "Paris')])):
+        asks: dict[str, Any] = {
+            "model": ECHO,
+            "messages": [{"role": "user", "content": "[[script]]" + text}],
+            "tools": TOOLS,
+            "max_tokens": cut,
+        }
+        if stream:
+            chunks = [c async for c in await env.client.chat.completions.create(**asks, stream=True)]
+            for c in chunks:
+                validate(c.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+            content = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+            fragments = fragments_of(chunks)
+            calls = [(n, "".join(a for i, _, _, a in fragments if i == k)) for k, _, n, _ in fragments if n]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            raw = await env.client.chat.completions.with_raw_response.create(**asks)
+            validate(json.loads(raw.text), "CreateChatCompletionResponse")
+            choice = raw.parse().choices[0]
+            content = choice.message.content or ""
+            calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+            finish = choice.finish_reason
+        assert (content, calls, finish) == ("Let me check.", want, "length"), cut
 
 
 async def test_stored_responses_are_per_org_and_store_false_is_honoured(env: Stacked) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from schemas.events import ToolCallDelta
 from worker.jsonscan import JsonScanner, JsonSyntaxError
-from worker.toolcalls import FORMATS, Output, ToolCallParser
+from worker.toolcalls import Output, ToolCallParser
+from worker.toolformats import FORMATS
 
 MARKUP = ("<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]")
 
@@ -46,12 +47,13 @@ def assemble(outputs: Output) -> tuple[str, list[dict[str, str]]]:
     return text, calls
 
 
-def run(fmt: str, chunks: list[str], **kw: Any) -> tuple[str, list[dict[str, str]]]:
+def run(fmt: str, chunks: list[str], *, length: bool = False, **kw: Any) -> tuple[str, list[dict[str, str]]]:
+    """`length`: max_tokens cut the generation after the last chunk (else the model stopped)."""
     parser = _parser(fmt, **kw)
     out: Output = []
     for chunk in chunks:
         out.extend(parser.push(chunk))
-    out.extend(parser.finish())
+    out.extend(parser.finish(length=length))
     return assemble(out)
 
 
@@ -229,6 +231,99 @@ def test_three_way_splits_of_a_parallel_call() -> None:
         got_text, got = run("hermes", [text[:i], text[i:j], text[j:]])
         assert got_text == "xy"
         assert [(c["name"], json.loads(c["arguments"])) for c in got] == [("a", {"s": "é"}), ("b", {})]
+
+
+# -- cut by max_tokens (finish_reason "length") --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "want_text"),
+    [
+        ("hermes", "<tool_call>", ""),
+        ("hermes", "Let me check.\n<tool_call>\n", "Let me check.\n"),
+        ("hermes", 'Let me check.<tool_call>\n{"na', "Let me check."),
+        ("hermes", '<tool_call>{"name": "get_wea', ""),
+        ("hermes", '<tool_call>{"arguments": {"city": "Par', ""),  # the name would have come last
+        ("llama3", '{"na', ""),
+        ("llama3", '  {"name": "sea', ""),
+        ("llama3", "Sure.<|python_tag|>", "Sure."),
+        ("llama3", 'Sure.<|python_tag|>{"name": "se', "Sure."),
+        ("mistral", "[TOOL_CALLS]", ""),
+        ("mistral", 'Hmm [TOOL_CALLS] [{"name": "a', "Hmm "),
+    ],
+)
+def test_a_length_cut_before_the_name_drops_the_markup(fmt: str, text: str, want_text: str) -> None:
+    """Neither text nor a call: what may still have become a call is dropped (OpenAI never
+    answers with call markup as content, and a call without its name cannot be given)."""
+    for chunks in every_split(text):
+        assert run(fmt, chunks, length=True) == (want_text, []), chunks
+
+
+def test_a_length_cut_keeps_what_was_text_and_drops_what_was_held_as_maybe_markup() -> None:
+    check_cut = [("hermes", "<tool_call>not json"), ("llama3", '{"answer": 4'), ("mistral", "[TOOL_CALLS] nonsense")]
+    for fmt, text in check_cut:
+        for chunks in every_split(text):
+            assert run(fmt, chunks, length=True) == (text, []), chunks
+    for chunks in every_split("a <tool_ca"):  # held back as maybe a marker: dropped, as markup
+        assert run("hermes", chunks, length=True) == ("a ", []), chunks
+        assert run("hermes", chunks) == ("a <tool_ca", []), chunks  # the model stopped: text
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "args"),
+    [
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "unfinished str', '{"a": "unfinished str'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": [1, 2.', '{"a": [1, 2.'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": tru', '{"a": tru'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "x\\', '{"a": "x\\'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "\\u00', '{"a": "\\u00'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1, "b"', '{"a": 1, "b"'),
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {', "{"),
+        ("hermes", '<tool_call>{"name": "f"', ""),
+        ("hermes", '<tool_call>{"name": "f", "argum', ""),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1}', '{"a": 1}'),  # the arguments are whole
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1}}\n</tool', '{"a": 1}'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"x\\": [1', '{"x": [1'),
+        ("llama3", '{"name": "f", "parameters": {"q": "lla', '{"q": "lla'),
+        ("llama3", '<|python_tag|>{"name": "f", "parameters": {"q": ', '{"q": '),
+        ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"n": 1', '{"n": 1'),
+    ],
+)
+def test_a_length_cut_inside_a_call_keeps_what_was_generated_of_its_arguments(fmt: str, text: str, args: str) -> None:
+    """As OpenAI's API does: the call, with its arguments exactly as far as they were generated
+    (not closed: they need not parse, and finish_reason "length" says why)."""
+    for chunks in every_split(text):
+        assert run(fmt, chunks, length=True) == ("", [{"id": "call_0", "name": "f", "arguments": args}]), chunks
+
+
+FIRST = '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "second"),
+    [
+        ("hermes", FIRST + '\n<tool_call>\n{"nam', None),
+        ("hermes", FIRST + '\n<tool_call>{"name": "b", "arguments": {"x', '{"x'),
+        ("llama3", '{"name": "a", "parameters": {}}; {"na', None),
+        ("llama3", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": [', '{"x": ['),
+        ("mistral", '[TOOL_CALLS] [{"name": "a", "arguments": {}}, {"name": "', None),
+        ("mistral", '[TOOL_CALLS] [{"name": "a", "arguments": {}}, {"name": "b"', ""),
+    ],
+)
+def test_a_length_cut_in_a_second_call_keeps_the_first(fmt: str, text: str, second: str | None) -> None:
+    want = [{"id": "call_0", "name": "a", "arguments": "{}"}]
+    if second is not None:
+        want.append({"id": "call_1", "name": "b", "arguments": second})
+    for chunks in every_split(text):
+        got_text, got = run(fmt, chunks, length=True)
+        assert got == want and got_text == ("\n" if fmt == "hermes" else ""), chunks
+
+
+def test_a_stop_inside_a_call_still_closes_its_arguments() -> None:
+    """Only a length cut leaves the arguments as generated: a model that ends its answer inside
+    a call (or a stop sequence) meant to call, so the call goes out whole, its JSON closed."""
+    text = '<tool_call>{"name": "f", "arguments": {"a": "unfinished str'
+    assert run("hermes", [text]) == ("", [{"id": "call_0", "name": "f", "arguments": '{"a": "unfinished str"}'}])
 
 
 # -- the scanner -------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from worker.backend import Finish, Sampling
 from worker.engine_text import TextPipeline
 from worker.engine_tools import plan_tools
 from worker.pieces import pieces
-from worker.toolcalls import FORMATS, Format, Output, ToolCallParser
+from worker.toolcalls import Output, ToolCallParser
+from worker.toolformats import FORMATS, Format
 
 DIRECTIVE = "[[script]]"
 # Tokens as a BPE tokenizer would cut them: words of up to 6 letters, single punctuation, runs of
@@ -73,6 +74,6 @@ def play(script: str, request: dict[str, Any], fmt: Format) -> Iterator[Piece | 
                 pending, out = 0, []
         else:
             reason = "length" if limit < len(tokens) else "stop"
-        yield from pieces(index, [*out, *pipeline.finish()], pending)
+        yield from pieces(index, [*out, *pipeline.finish(length=reason == "length")], pending)
         yield Finish(index, "tool_calls" if reason == "stop" and pipeline.calls else reason)
     yield played

@@ -37,7 +37,8 @@ from worker.engine_tools import ToolPlan, detect_format, markup_tokens, plan_too
 from worker.grammar import Grammars, request_grammar
 from worker.settings import WorkerSettings
 from worker.smollm import MODEL_ID
-from worker.toolcalls import Format, ToolCallParser
+from worker.toolcalls import ToolCallParser
+from worker.toolformats import Format
 
 log = structlog.get_logger(__name__)
 

@@ -409,7 +409,7 @@ class BatchEngine:
         return finished
 
     def _finish(self, seq: Sequence, reason: FinishReason, out: Output) -> None:
-        out = [*out, *seq.text.finish()]
+        out = [*out, *seq.text.finish(length=reason == "length")]
         if reason == "stop" and seq.text.calls:
             reason = "tool_calls"
         self._send_output(seq, out)

@@ -98,10 +98,11 @@ class TextPipeline:
     def push(self, text: str) -> Output:
         return self._parse(self._stops.push(text))
 
-    def finish(self, text: str = "") -> Output:
+    def finish(self, text: str = "", *, length: bool = False) -> Output:
+        """The generation ended; `length`: max_tokens cut it (`ToolCallParser.finish`)."""
         out = self._parse(self._stops.push(text) + self._stops.flush())
         if self._parser is not None:
-            out.extend(self._parser.finish())
+            out.extend(self._parser.finish(length=length))
         return out
 
     def _parse(self, text: str) -> Output:
@@ -167,11 +168,11 @@ class TextStream:
         """A token that produces no text (end of sequence) but is still generated."""
         self.pending_tokens += 1
 
-    def finish(self) -> Output:
+    def finish(self, *, length: bool = False) -> Output:
         held = self._decoder.flush()
         self._places.fed(len(held))
         self._final = True
-        return self._pipeline.finish(held)
+        return self._pipeline.finish(held, length=length)
 
     def take_tokens(self) -> int:
         n, self.pending_tokens = self.pending_tokens, 0

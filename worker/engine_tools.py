@@ -18,7 +18,7 @@ from typing import Any
 
 from schemas.chat import message_text
 from schemas.errors import InvalidRequestError, UnsupportedError
-from worker.toolcalls import FORMATS, Format
+from worker.toolformats import FORMATS, Format
 
 TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "none")
 _BASE62 = string.digits + string.ascii_letters

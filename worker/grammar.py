@@ -24,7 +24,7 @@ import torch
 
 from schemas.errors import InvalidRequestError, UnsupportedError
 from worker.engine_tools import ToolPlan
-from worker.toolcalls import Format
+from worker.toolformats import Format
 
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE = 64  # compiled grammars kept per model (matchers are copied from them)

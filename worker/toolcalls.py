@@ -1,23 +1,44 @@
 """Tool calls in a model's text: an incremental parser from generated text to text and call fragments.
 
-A model whose chat template takes `tools` answers a call with markup in its text. Three formats:
-
-    hermes   (Qwen2.5, Hermes, many fine-tunes)  <tool_call>{"name": "f", "arguments": {...}}</tool_call>
-    llama3   (Llama 3.1-3.3)                     {"name": "f", "parameters": {...}}  at the start of
-                                                 the answer, or after <|python_tag|>; several joined by ';'
-    mistral  (Mistral, Mixtral)                  [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]
-
-`ToolCallParser` is fed decoded text as it comes (`push`) and returns what is safe to send: plain
-text, and `ToolCallDelta` fragments. A call's first fragment carries its id and name (as soon as
-the name is complete); later ones carry pieces of its arguments, streamed as the model writes
-them. Concatenated, a call's arguments are exactly the JSON the model wrote. The markup never
-reaches the text: only as much text is held back as could still be the start of a marker.
+A model whose chat template takes `tools` answers a call with markup in its text, in one of the
+formats of `worker.toolformats`. `ToolCallParser` is fed decoded text as it comes (`push`) and
+returns what is safe to send: plain text, and `ToolCallDelta` fragments. A call's first fragment
+carries its id and name (as soon as the name is complete); later ones carry pieces of its
+arguments, streamed as the model writes them (`worker.callreader`). Concatenated, a call's
+arguments are the JSON the model wrote. The markup never reaches the text: text is held back
+while it could be the start of a marker, and a region of calls while no call in it has a name
+yet (it may still turn out not to be calls).
 
 Malformed markup: if the text after a marker turns out not to be a call before anything of it
 was sent (not JSON, no name, a name the request did not offer), all of it is plain text. If it
-breaks off after a call's name went out (the model stopped, or wrote invalid JSON), the
-arguments sent so far are closed so they still parse (`JsonScanner.closing`) and the rest of
-that markup is dropped. So a client always gets valid JSON arguments.
+breaks off after a call's name went out (invalid JSON, or the model stopped), the arguments
+sent so far are closed so they still parse (`JsonScanner.closing`) and the rest of that markup
+is dropped: the answer's finish_reason is "tool_calls", so the client gets arguments it can run.
+
+How the generation ended decides what was still held (`finish`):
+
+- The model stopped (its end token, or a stop sequence): held text is text, and a region whose
+  call had no name yet is text too. The model's whole answer is there: markup it began and did
+  not finish is not a call.
+- max_tokens cut it (finish_reason "length"): what was held may have been markup, so it is
+  dropped, never given back as text: the start of a marker, a region whose call had no name
+  yet. OpenAI's API never answers with call markup as content, and a call cannot go out without
+  its name. A call whose name went out keeps what was generated of its arguments, exactly: not
+  closed, so they need not parse. That is what OpenAI's API answers for a call cut by
+  max_tokens (the call, its arguments as generated, finish_reason "length"), and it keeps a cut
+  call from looking whole: `{"path": "/etc/pas` closed would be a different, valid path. Calls
+  complete before the cut stay as they were. Where markers are single special tokens (Qwen's
+  `<tool_call>`, llama3's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`) no part of a marker is
+  ever held, so a cut drops no text there; with a tokenizer that spells a marker out, the last
+  few characters of an answer cut in the middle of what may be a marker are lost instead of
+  shown.
+
+  vLLM (hermes_tool_parser.py, read at 00854322) does otherwise: without streaming, when the
+  last call's JSON does not parse it gives back the whole output, markup and all, as content;
+  streaming, it sends nothing of a call before its name, and at the end sends the arguments
+  "autocompleted" by a partial JSON parser, so the two disagree (vllm#9053), and it has labelled
+  such cuts "tool_calls" (vllm#53269, vllm#58228). Here both come from the same fragments, and
+  the finish reason is the engine's ("length" wins over "tool_calls").
 
 Every character pushed is, in the end, text or markup, decided in the order they came:
 `settled` says how many are, `take_runs` where the text ones went out (input positions), so
@@ -28,41 +49,16 @@ Pure string logic, no I/O.
 
 from __future__ import annotations
 
-import json
-import secrets
-import string
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 from schemas.events import ToolCallDelta
-from worker.jsonscan import JsonScanner, JsonSyntaxError
+from worker.callreader import CallReader, NotACall, new_call_id
+from worker.toolformats import Format
 
 Output = list[str | ToolCallDelta]
 
-_ARGUMENT_KEYS = ("arguments", "parameters")
 _WHITESPACE = frozenset(" \t\n\r")
-_ID_ALPHABET = string.ascii_letters + string.digits
 
-
-def new_call_id() -> str:
-    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
-
-
-@dataclass(frozen=True, slots=True)
-class Format:
-    name: str
-    marker: str  # text that opens a region of calls
-    end_tag: str = ""  # text that closes one (hermes)
-    at_start: bool = False  # a bare JSON call may open the answer (llama3)
-    separator: str = ""  # between calls of one region
-    array: bool = False  # a region may hold a JSON array of calls (mistral)
-
-
-FORMATS: dict[str, Format] = {
-    "hermes": Format("hermes", "<tool_call>", end_tag="</tool_call>"),
-    "llama3": Format("llama3", "<|python_tag|>", at_start=True, separator=";"),
-    "mistral": Format("mistral", "[TOOL_CALLS]", separator=",", array=True),
-}
 
 # Parser states.
 _START = "start"  # nothing sent yet (llama3: a bare call may come)
@@ -73,22 +69,6 @@ _BETWEEN = "between"  # after a call, inside its region
 _END_TAG = "end-tag"  # reading a region's closing tag
 _SKIP = "skip"  # dropping the rest of broken markup
 _SPENT = "spent"  # the request's limit of calls is reached: the rest is dropped
-
-
-class _Call:
-    """The call being read: its JSON text so far and what of it has gone out."""
-
-    __slots__ = ("text", "scanner", "name", "id", "sent_head", "sent", "cut", "closer")
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.scanner = JsonScanner()
-        self.name: str | None = None
-        self.id = ""
-        self.sent_head = False
-        self.sent = -1  # index in `text` up to which arguments went out; -1: none yet
-        self.cut = -1  # the arguments may be sent up to here (a `cuttable` point)
-        self.closer = ""  # what closes the arguments at `cut`
 
 
 class ToolCallParser:
@@ -119,7 +99,8 @@ class ToolCallParser:
         self._region_sent = False  # something of the current region has gone out
         self._in_array = False
         self._tag = ""  # the part of the end tag read so far
-        self._call: _Call | None = None
+        self._call: CallReader | None = None
+        self._named = False  # the current call's first fragment (its id and name) went out
         self._out: Output = []
         self.calls = 0  # calls completed (or closed after breaking off)
 
@@ -161,13 +142,19 @@ class ToolCallParser:
         self._send_arguments()
         return self._drain()
 
-    def finish(self) -> Output:
-        """The model stopped: release held text, close a call that broke off."""
+    def finish(self, *, length: bool = False) -> Output:
+        """The generation ended: the model stopped, or (`length`) max_tokens cut it. Decide what
+        was held (see the module docstring): release it as text, or close a call that broke
+        off; after a cut, drop it, or give a named call what was generated of its arguments."""
         if self._state in (_START, _TEXT):
-            self._text(self._held, self._pos - len(self._held))
+            if not length:
+                self._text(self._held, self._pos - len(self._held))
             self._held = ""
         elif self._state in (_OPEN, _CALL):
-            self._break_off()
+            if length:
+                self._cut_off()
+            else:
+                self._break_off()
         self._state = _SPENT if self._state == _SPENT else _TEXT
         return self._drain()
 
@@ -226,7 +213,8 @@ class ToolCallParser:
         if ch in _WHITESPACE:
             return
         if ch == "{":
-            self._call = _Call()
+            self._call = CallReader(names=self._names, bare=self._bare(), new_id=self._new_id)
+            self._named = False
             self._state = _CALL
             self._in_call(ch)
         elif ch == "[" and fmt.array and self._state == _OPEN and not self._in_array:
@@ -247,34 +235,12 @@ class ToolCallParser:
     def _in_call(self, ch: str) -> None:
         call = self._call
         assert call is not None
-        call.text.append(ch)
         try:
-            call.scanner.feed(ch)
-        except JsonSyntaxError:
+            call.feed(ch)
+        except NotACall:
             self._malformed()
             return
-        scanner = call.scanner
-        if call.name is None and self._bare() and scanner.member_key not in ("", "name"):
-            self._malformed()  # a bare JSON answer, not a call: calls name their function first
-            return
-        if call.name is None and scanner.members and scanner.members[-1].key == "name":
-            member = scanner.members[-1]
-            name = json.loads("".join(call.text[member.start : member.end]))
-            if not isinstance(name, str) or (self._names is not None and name not in self._names):
-                self._malformed()
-                return
-            call.name, call.id = name, self._new_id()
-        if scanner.value_open and scanner.member_key in _ARGUMENT_KEYS and call.text[scanner.member_start] in "{[":
-            if call.sent < 0:
-                call.sent = scanner.member_start
-            if scanner.cuttable:
-                call.cut, call.closer = len(call.text), scanner.closing(1)
-        elif (
-            scanner.members and scanner.members[-1].key in _ARGUMENT_KEYS and scanner.members[-1].end == len(call.text)
-        ):
-            if call.sent >= 0:  # the arguments just closed: all of them may go
-                call.cut, call.closer = len(call.text), ""
-        if scanner.complete:
+        if call.complete:
             self._complete_call()
 
     def _in_end_tag(self, ch: str) -> None:
@@ -308,18 +274,8 @@ class ToolCallParser:
         if call.name is None:
             self._malformed()
             return
-        text = "".join(call.text)
-        arguments = next((m for m in reversed(call.scanner.members) if m.key in _ARGUMENT_KEYS), None)
         self._head(call)
-        if arguments is None:
-            rest = "{}"
-        elif text[arguments.start] in "{[":
-            rest = text[call.sent : arguments.end]
-        else:  # a scalar: some models write the arguments as a JSON string holding JSON
-            value = json.loads(text[arguments.start : arguments.end])
-            rest = value if isinstance(value, str) and _is_json(value) else json.dumps(value)
-        if rest:
-            self._emit(ToolCallDelta(self.calls, arguments=rest))
+        self._arguments(call.rest())
         self._state = _BETWEEN
         self._close_call()
 
@@ -329,16 +285,18 @@ class ToolCallParser:
         if call is None or self._state != _CALL or call.name is None:
             return
         self._head(call)
-        if call.sent >= 0 and call.cut > call.sent:
-            self._emit(ToolCallDelta(self.calls, arguments="".join(call.text[call.sent : call.cut])))
-            call.sent = call.cut
+        self._arguments(call.ready())
 
-    def _head(self, call: _Call) -> None:
-        if not call.sent_head:
+    def _head(self, call: CallReader) -> None:
+        if not self._named:
             assert call.name is not None
-            call.sent_head = True
+            self._named = True
             self._region_sent = True
             self._emit(ToolCallDelta(self.calls, id=call.id, name=call.name))
+
+    def _arguments(self, text: str) -> None:
+        if text:
+            self._emit(ToolCallDelta(self.calls, arguments=text))
 
     def _close_call(self) -> None:
         self._call = None
@@ -355,11 +313,18 @@ class ToolCallParser:
             self._call = None
             return
         self._head(call)
-        if call.sent < 0:
-            self._emit(ToolCallDelta(self.calls, arguments="{}"))
-        else:
-            sent = "".join(call.text[call.sent : max(call.sent, call.cut)])
-            self._emit(ToolCallDelta(self.calls, arguments=sent + call.closer))
+        self._arguments(call.closed())
+        self._close_call()
+
+    def _cut_off(self) -> None:
+        """max_tokens cut the region: a named call goes out with its arguments as generated; a
+        call without its name yet, or a region without a call yet, is dropped (it is markup)."""
+        call = self._call
+        if call is None or call.name is None:
+            self._call = None
+            return
+        self._head(call)
+        self._arguments(call.generated())
         self._close_call()
 
     def _malformed(self) -> None:
@@ -419,11 +384,3 @@ def _partial_len(text: str, marker: str) -> int:
         if text.endswith(marker[:k]):
             return k
     return 0
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
