@@ -13,7 +13,7 @@ Malformed markup: if the text after a marker turns out not to be a call before a
 was sent (not JSON, no name, a name the request did not offer), all of it is plain text. If it
 breaks off after a call's name went out (invalid JSON, or the model stopped), the arguments
 sent so far are closed so they still parse (`JsonScanner.closing`) and the rest of that markup
-is dropped: the answer's finish_reason is "tool_calls", so the client gets arguments it can run.
+is dropped: a call the model ended itself has arguments a client can run.
 
 How the generation ended decides what was still held (`finish`):
 
@@ -27,11 +27,11 @@ How the generation ended decides what was still held (`finish`):
   closed, so they need not parse. That is what OpenAI's API answers for a call cut by
   max_tokens (the call, its arguments as generated, finish_reason "length"), and it keeps a cut
   call from looking whole: `{"path": "/etc/pas` closed would be a different, valid path. Calls
-  complete before the cut stay as they were. Where markers are single special tokens (Qwen's
-  `<tool_call>`, llama3's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`) no part of a marker is
-  ever held, so a cut drops no text there; with a tokenizer that spells a marker out, the last
-  few characters of an answer cut in the middle of what may be a marker are lost instead of
-  shown.
+  complete before the cut stay as they were. Of plain text a cut drops at most the last few
+  characters, where they could begin a marker (an answer cut at "x <" loses its "<"): the
+  parser cannot tell them from a marker spelt out a character at a time (as byte-level
+  tokenizers write it, the tests' tiny model among them), and an answer already cut short loses
+  less by them than it would by showing the start of markup.
 
   vLLM (hermes_tool_parser.py, read at 00854322) does otherwise: without streaming, when the
   last call's JSON does not parse it gives back the whole output, markup and all, as content;
@@ -102,7 +102,7 @@ class ToolCallParser:
         self._call: CallReader | None = None
         self._named = False  # the current call's first fragment (its id and name) went out
         self._out: Output = []
-        self.calls = 0  # calls completed (or closed after breaking off)
+        self.calls = 0  # calls completed (or closed after breaking off, or cut)
 
     @property
     def spent(self) -> bool:
