@@ -58,7 +58,8 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """One fragment of a tool call: its first fragment names it (`id`, `name`); the
-    `arguments` of all its fragments, concatenated in order, are the call's JSON arguments."""
+    `arguments` of all its fragments, concatenated in order, are the call's JSON arguments (as
+    far as they were generated, when max_tokens cut the call: finish_reason "length")."""
 
     index: int  # the call's position among the choice's tool calls
     id: str = ""
