@@ -235,8 +235,9 @@ async def test_auto_answers_or_calls_and_never_leaks_markup(tools_model: Transfo
 async def test_a_length_cut_in_a_forced_call_never_answers_with_its_markup(tools_model: TransformersBackend) -> None:
     """One byte a token, greedy: the whole forced call once, then max_tokens cuts it inside its
     `<tool_call>` marker, after it, inside the name, and inside the arguments. Never markup as
-    content; once the name is out, the call with its arguments as far as they were generated."""
-    base = _request(tools=[CLOCK], tool_choice="required", parallel_tool_calls=False, temperature=0)
+    content (nor its tokens' logprobs); once the name is out, the call with its arguments as far
+    as they were generated. Every token generated is counted, markup or not."""
+    base = _request(tools=[CLOCK], tool_choice="required", parallel_tool_calls=False, temperature=0, logprobs=True)
     whole = await _collect(tools_model, {**base, "max_tokens": 200})
     [call] = _calls(whole)
     usage = whole[-1]
@@ -246,6 +247,9 @@ async def test_a_length_cut_in_a_forced_call_never_answers_with_its_markup(tools
         items = await _collect(tools_model, {**base, "max_tokens": cut})
         assert [i.reason for i in items if isinstance(i, Finish)] == ["length"], cut
         assert _content(items) == "", cut
+        pieces = [i for i in items if isinstance(i, Piece)]
+        assert not [lp for p in pieces for lp in p.text_logprobs], cut
+        assert sum(p.tokens for p in pieces) == cut, cut
         got = _calls(items)
         if cut >= usage.completion_tokens - 4:
             assert [c["name"] for c in got] == ["get_time"], cut
