@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 
 from broker_api.nats_auth import KEYS_FILE, AuthDir
+from broker_api.revocations import POLL, PushError, push_operator
+from schemas import logs
+from schemas.settings import DEFAULT_NATS_URL, NatsSettings, add_setting
 
 
 def provider_models(path: str | Path) -> dict[str, tuple[str, ...]]:
@@ -52,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default="", help=argparse.SUPPRESS)  # refused: see main
     p.add_argument("--local-worker", action="store_true", help="also creds/worker.creds: the operator's own workers")
     p.add_argument("--resolver-dir", default="", help="where nats-server keeps account JWTs (default DIR/jwt)")
+    add_setting(p, "--nats-url", default=DEFAULT_NATS_URL, help="running NATS to push revocations to, if any")
+    add_setting(p, "--nats-tls-ca", default="", help="CA bundle that signed the NATS servers' certificates")
+    add_setting(p, "--nats-tls-cert", default="", help="client certificate for NATS (mutual TLS)")
+    add_setting(p, "--nats-tls-key", default="", help="the client certificate's key")
+    add_setting(p, "--nats-tls-hostname", default="", help="name to verify in the NATS server's certificate")
     return p
 
 
@@ -67,6 +75,35 @@ def adapter_flags(values: list[str]) -> dict[str, tuple[str, ...]]:
             raise ValueError(f"--adapter {name.strip()!r} is given twice: list all its models in one --adapter")
         found[name.strip()] = models
     return found
+
+
+def push_revocations(auth: AuthDir, a: argparse.Namespace, *, replaced: int) -> str:
+    """Push the directory's revocations to the running NATS (`broker_api.revocations`), and say
+    whether it now refuses them or what will make it."""
+    server = NatsSettings(
+        url=a.nats_url,
+        tls_ca=a.nats_tls_ca,
+        tls_cert=a.nats_tls_cert,
+        tls_key=a.nats_tls_key,
+        tls_hostname=a.nats_tls_hostname,
+    )
+    what = (
+        f"Revoked the {replaced} credentials issued again here"
+        if replaced
+        else f"The {len(auth.revoked())} credentials revoked here earlier"
+    )
+    logs.configure_logging("warning", role="auth")  # what went wrong is said below, not as log lines
+    try:
+        pushed = logs.run(push_operator(auth, server))
+    except PushError as e:
+        return (
+            f"{what}, but the running NATS may still accept them: {e}. NATS refuses them once a gateway that holds "
+            f"{auth.path} pushes them (it looks for new revocations every {POLL:g} s), once this runs again with "
+            "--nats-url of a server it can reach, or once the servers restart with this nats-auth.conf."
+        )
+    if replaced or pushed.added:
+        return f"{what}: NATS at {server.url} refuses them now (it closed their connections)."
+    return f"{what}: NATS at {server.url} refuses them."
 
 
 def main(argv: list[str]) -> int:
@@ -95,11 +132,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # a bad provider file or flag, or an adapter with more models than credentials hold
         print(f"tokenyard auth init: {e}", file=sys.stderr)
         return 2
-    if replaced := len(set(auth.revoked()) - revoked):
-        print(
-            f"Revoked the {replaced} credentials issued again here: running NATS refuses them once a gateway starts "
-            "or a node changes (a gateway pushes them), and a nats-server started with this nats-auth.conf at once."
-        )
+    if auth.revoked():
+        print(push_revocations(auth, a, replaced=len(set(auth.revoked()) - revoked)))
     print(f"NATS auth in {auth.path}:")
     print(f"  {auth.conf_path}   (include it from the nats-server config)")
     for creds_file in sorted((auth.path / "creds").glob("*.creds")):

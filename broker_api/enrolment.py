@@ -51,6 +51,7 @@ from schemas.settings import NatsSettings, nats_options
 log = structlog.get_logger(__name__)
 
 PUSH_TIMEOUT = 2.0
+CONNECT_ONCE_TIMEOUT = 3.0
 SYNC_ROUNDS = 20  # pushes one change may take to converge with the other gateways' (each round ~ms)
 RATE_WINDOW = 60.0
 RATE_ADDRESSES = 10_000  # client addresses remembered by the join limiter
@@ -64,8 +65,10 @@ class Credentials:
         self._system = system
 
     @classmethod
-    async def open(cls, auth: AuthDir, nats_settings: NatsSettings) -> Credentials:
-        """Connect as the system account's user (the auth dir's `creds/sys.creds`)."""
+    async def open(cls, auth: AuthDir, nats_settings: NatsSettings, *, once: bool = False) -> Credentials:
+        """Connect as the system account's user (the auth dir's `creds/sys.creds`). `once`: try
+        each server once and raise what stopped it (a command line's answer), instead of
+        retrying for ever as a gateway does."""
         settings = NatsSettings(
             url=nats_settings.url,
             creds=str(auth.sys_creds),
@@ -74,7 +77,20 @@ class Credentials:
             tls_key=nats_settings.tls_key,
             tls_hostname=nats_settings.tls_hostname,
         )
-        return cls(auth, await nats.connect(**nats_options(settings, name="tokenyard-api-system")))
+        options = nats_options(settings, name="tokenyard-api-system")
+        if not once:
+            return cls(auth, await nats.connect(**options))
+        seen: list[Exception] = []
+
+        async def note(e: Exception) -> None:  # nats-py's report of each failed attempt, said by the caller instead
+            seen.append(e)
+
+        # max_reconnect_attempts=1: nats-py tries each server twice before it gives up on a first connect
+        options.update(allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=CONNECT_ONCE_TIMEOUT)
+        try:
+            return cls(auth, await nats.connect(**options, error_cb=note))
+        except nats.errors.NoServersError as e:
+            raise (seen[-1] if seen else e) from e
 
     async def close(self) -> None:
         await close_quietly(self._system)

@@ -205,10 +205,14 @@ class AuthDir:
     def sys_creds(self) -> Path:
         return creds_path(self.path, SYS_ROLE)
 
+    @property
+    def revocations_path(self) -> Path:
+        return self.path / REVOKED_FILE
+
     def revoked(self) -> dict[str, int]:
         """The operator's revocations (user public key -> the time its credentials stopped), read
         now: `auth init` may add some while a gateway runs. Raises ValueError for a damaged file."""
-        path = self.path / REVOKED_FILE
+        path = self.revocations_path
         if not path.is_file():
             return {}
         try:
@@ -221,7 +225,7 @@ class AuthDir:
         """Add these users to the operator's revocations (kept for good: a revoked key is never
         issued again, and its old file must stay refused)."""
         merged = {**self.revoked(), **users}
-        write_secret(self.path / REVOKED_FILE, json.dumps({"version": 1, "revoked": merged}, indent=2) + "\n")
+        write_secret(self.revocations_path, json.dumps({"version": 1, "revoked": merged}, indent=2) + "\n")
 
     def max_user_jwt(self) -> int:
         """The longest user JWT servers configured by this directory's `nats-auth.conf` accept:

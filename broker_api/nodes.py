@@ -34,6 +34,7 @@ from broker_api.fleetwatch import FleetWatch
 from broker_api.ledger import LedgerReader
 from broker_api.nats_auth import AuthDir
 from broker_api.registry import NodeRegistry
+from broker_api.revocations import RevocationWatch
 from broker_api.settings import ApiSettings
 from schemas import subjects
 from schemas.errors import InvalidRequestError, NoCapacityError, NotFoundError, UnavailableError
@@ -55,6 +56,7 @@ class NodeServices:
     fleet: FleetWatch
     auditor: Auditor
     ledger: LedgerReader | None  # this gateway's own, or the ledger role over NATS
+    watch: RevocationWatch | None  # pushes the auth dir's revocations when `auth init` adds some (None: no auth dir)
 
     @classmethod
     async def open(
@@ -79,14 +81,12 @@ class NodeServices:
             cloud_pools=fleet.cloud_pools,
             join_rate=settings.join_rate,
         )
-        try:  # a change another gateway could not push, a server whose resolver lost it, replaced credentials
-            if enrolment.revokes_any():
-                await enrolment.sync()
-        except (NoCapacityError, UnavailableError) as e:
-            log.warning("nodes.sync_failed", error=e.message)
-        return cls(settings=settings, enrolment=enrolment, fleet=fleet, auditor=auditor, ledger=ledger)
+        watch = await RevocationWatch.start(enrolment, auth) if auth is not None else None
+        return cls(settings=settings, enrolment=enrolment, fleet=fleet, auditor=auditor, ledger=ledger, watch=watch)
 
     async def close(self) -> None:
+        if self.watch is not None:
+            await self.watch.close()
         await self.enrolment.close()
         await self.enrolment.registry.close()
 
