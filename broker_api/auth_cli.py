@@ -1,5 +1,6 @@
 """`tokenyard auth init`: the command line of `broker_api.nats_auth` (which says what it makes),
-and the provider config and `--adapter` flags it reads each adapter's models from."""
+the provider config and `--adapter` flags it reads each adapter's models from, and the push of
+what it revoked to the running NATS at `--nats-url` (`broker_api.revocations.push_operator`)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@
 - Every push also carries the operator's own revocations (`AuthDir.revoked`: credentials that
   `tokenyard auth init` replaced, such as an adapter's whose models changed), read from the auth
   dir at each push; a gateway starts by pushing when there is anything to revoke, so credentials
-  replaced while it was down are refused once it is up.
+  replaced while it was down are refused once it is up, and pushes again whenever that file
+  changes (`broker_api.revocations.RevocationWatch`).
 """
 
 from __future__ import annotations

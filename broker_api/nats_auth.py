@@ -22,9 +22,10 @@ missing, so credentials already handed out stay valid; an adapter's credentials 
 again when its models changed, and the user of the file they replace is revoked: its grant may
 have been wider (an adapter from `--adapters NAME` could pull every pool's work), and nothing
 else would ever revoke it (adapters are not in the node registry). The account JWT preloaded in
-`nats-auth.conf` carries those revocations, and a gateway pushes them with the nodes' to the
-running servers (`broker_api.enrolment`: at its start and at every node change), so the old
-file is refused from then on.
+`nats-auth.conf` carries those revocations, and they reach running servers at once
+(`broker_api.revocations`): `auth init` pushes them itself when it can reach NATS, and every
+gateway holding the directory pushes them with the nodes' when the revocations file changes
+(and at its start and at every node change), so the old file is refused from then on.
 
 A user JWT travels in the client's CONNECT line, and an enrolled node's names each of its
 models' consumers (`schemas.permissions.node`: four subjects per model, which no NATS wildcard

@@ -90,11 +90,6 @@ async def test_auth_init_pushes_the_revocation_to_the_running_nats_itself(tmp_pa
         assert await _refused(stack.nats_url, str(old))
         assert not await _refused(stack.nats_url, stack.creds("adapter-prov-b"))  # the new file connects
         assert await _refused(stack.nats_url, str(tmp_path / "node.creds"))  # the node's revocation kept
-
-        again = await _auth_init(
-            "--out", str(stack.auth.path), "--adapter", "prov-b=prov-model", "--nats-url", stack.nats_url
-        )
-        assert f"The 1 credentials revoked here earlier: NATS at {stack.nats_url} refuses them." in again, again
     finally:
         await gateway.close()
         if not held.is_closed:
@@ -135,3 +130,32 @@ async def test_a_running_gateway_pushes_a_revocation_auth_init_could_not(stack: 
         finally:
             if not held.is_closed:
                 await held.close()
+
+
+async def test_auth_init_run_again_pushes_what_the_servers_lack(tmp_path: Path) -> None:
+    """No gateway holds the directory and `auth init` could not reach NATS when it revoked: the
+    old file still connects. Run again with the same flags where NATS is reachable, it pushes
+    the earlier revocation, and says so; a third run finds nothing to add."""
+    stack = Stack(tmp_path)
+    assert stack.auth is not None
+    await _auth_init("--out", str(stack.auth.path), "--adapter", f"prov-b={ECHO}")
+    stack.start_nats()
+    old = tmp_path / "adapter-prov-b.old.creds"
+    shutil.copy(stack.creds("adapter-prov-b"), old)
+    held = await _connect(stack.nats_url, str(old))
+    flags = ["--out", str(stack.auth.path), "--adapter", "prov-b=prov-model"]
+    try:
+        out = await _auth_init(*flags, "--nats-url", f"nats://127.0.0.1:{free_port()}")
+        assert "may still accept them" in out and "Connection refused" in out, out
+        assert not held.is_closed and not await _refused(stack.nats_url, str(old))  # nothing reached the server
+
+        out = await _auth_init(*flags, "--nats-url", stack.nats_url)
+        assert f"The 1 credentials revoked here earlier: NATS at {stack.nats_url} refuses them now" in out, out
+        await _closed_within(held, BOUND)
+        assert await _refused(stack.nats_url, str(old))
+        out = await _auth_init(*flags, "--nats-url", stack.nats_url)
+        assert f"The 1 credentials revoked here earlier: NATS at {stack.nats_url} refuses them." in out, out
+    finally:
+        if not held.is_closed:
+            await held.close()
+        await stack.close()
