@@ -95,14 +95,14 @@ def push_revocations(auth: AuthDir, a: argparse.Namespace, *, replaced: int) -> 
     )
     logs.configure_logging("warning", role="auth")  # what went wrong is said below, not as log lines
     try:
-        pushed = logs.run(push_operator(auth, server))
+        added = logs.run(push_operator(auth, server))
     except PushError as e:
         return (
             f"{what}, but the running NATS may still accept them: {e}. NATS refuses them once a gateway that holds "
             f"{auth.path} pushes them (it looks for new revocations every {POLL:g} s), once this runs again with "
             "--nats-url of a server it can reach, or once the servers restart with this nats-auth.conf."
         )
-    if replaced or pushed.added:
+    if replaced or added:
         return f"{what}: NATS at {server.url} refuses them now (it closed their connections)."
     return f"{what}: NATS at {server.url} refuses them."
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats.errors
@@ -108,22 +107,14 @@ class RevocationWatch:
                 raise
 
 
-@dataclass(frozen=True, slots=True)
-class Pushed:
-    """What `push_operator` did: how many operator revocations the servers hold now, and how
-    many of them it added (0: they held them already)."""
-
-    refused: int
-    added: int
-
-
 class PushError(Exception):
     """The servers could not be reached, or did not take the account JWT; says why."""
 
 
-async def push_operator(auth: AuthDir, nats_settings: NatsSettings) -> Pushed:
+async def push_operator(auth: AuthDir, nats_settings: NatsSettings) -> int:
     """Make the servers at `nats_settings.url` refuse every operator revocation of `auth`,
-    keeping the revocations they hold. Raises PushError."""
+    keeping the revocations they hold. Returns how many they lacked (0: nothing was pushed).
+    Raises PushError."""
     wanted = auth.revoked()
     try:
         credentials = await Credentials.open(auth, nats_settings, once=True)
@@ -138,7 +129,7 @@ async def push_operator(auth: AuthDir, nats_settings: NatsSettings) -> Pushed:
         lacking = [user for user, at in wanted.items() if held.get(user, -1) < at]
         if lacking:  # another push replaced ours at once (a gateway's, from an older read of the file)
             raise PushError(f"NATS at {nats_settings.url} still accepts {len(lacking)} of them after the push")
-        return Pushed(refused=len(wanted), added=len(missing))
+        return len(missing)
     except NoCapacityError as e:
         raise PushError(f"NATS at {nats_settings.url}: {e.message}") from e
     finally:
