@@ -19,6 +19,7 @@ import nats
 import nats.errors
 
 from broker_api.embedded_nats import NatsServer, cluster_config
+from broker_api.nats_auth import AuthDir
 from schemas import subjects
 from tests.stack import free_port
 
@@ -26,8 +27,13 @@ CLUSTER_NAME = "ty-test"
 
 
 class NatsCluster:
-    def __init__(self, tmp: Path, *, size: int = 3) -> None:
+    def __init__(self, tmp: Path, *, size: int = 3, auth: AuthDir | None = None, creds: str = "") -> None:
+        """`auth`: every node includes that directory's NATS auth, each with a resolver dir of its
+        own (as each server of a real cluster keeps its own); `creds`: what `wait_for_jetstream`
+        connects with then."""
         self.tmp = tmp
+        self.auth = auth
+        self.creds = creds
         self.client_ports = [free_port() for _ in range(size)]
         self.route_ports = [free_port() for _ in range(size)]
         self.nodes: list[NatsServer] = [self._node(i) for i in range(size)]
@@ -39,7 +45,13 @@ class NatsCluster:
             route_port=self.route_ports[i],
             route_ports=self.route_ports,
         )
-        return NatsServer(self.tmp / f"n{i + 1}", port=self.client_ports[i], sync_always=True, extra_config=extra)
+        store = self.tmp / f"n{i + 1}"
+        conf = None
+        if self.auth is not None:
+            store.mkdir(parents=True, exist_ok=True)
+            conf = store / "nats-auth.conf"
+            conf.write_text(self.auth.server_config(store / "jwt"))
+        return NatsServer(store, port=self.client_ports[i], sync_always=True, extra_config=extra, auth=conf)
 
     @property
     def urls(self) -> list[str]:
@@ -74,7 +86,8 @@ class NatsCluster:
         for node in self.nodes:
             if node.proc is None or node.proc.poll() is not None:
                 continue
-            nc = await nats.connect(node.url, max_reconnect_attempts=0, connect_timeout=2)
+            creds = {"user_credentials": self.creds} if self.creds else {}
+            nc = await nats.connect(node.url, max_reconnect_attempts=0, connect_timeout=2, **creds)
             try:
                 while True:
                     with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):

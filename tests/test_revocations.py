@@ -16,8 +16,10 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from broker_api.enrolment import Credentials
+from broker_api.nats_auth import AuthDir
 from schemas import subjects
-from schemas.settings import NatsSettings
+from schemas.settings import NatsSettings, creds_path
+from tests.cluster import NatsCluster
 from tests.enrol import admin, create_token, creds_file, raw_join
 from tests.helpers import CLI, ECHO
 from tests.stack import Stack, free_port
@@ -159,3 +161,39 @@ async def test_auth_init_run_again_pushes_what_the_servers_lack(tmp_path: Path) 
         if not held.is_closed:
             await held.close()
         await stack.close()
+
+
+async def test_auth_init_pushed_to_one_server_is_refused_on_every_server_of_a_cluster(tmp_path: Path) -> None:
+    """Three servers, each with its own resolver dir: `auth init` pointed at the first closes
+    the replaced credentials' connection on the third and every server refuses them."""
+    auth = await _init_dir(tmp_path / "auth")
+    admin_creds = tmp_path / "admin.creds"
+    admin_creds.write_text(auth.issue("test-admin", None)[0])
+    cluster = NatsCluster(tmp_path / "cluster", auth=auth, creds=str(admin_creds)).start()
+    old = tmp_path / "adapter-prov-b.old.creds"
+    shutil.copy(creds_path(auth.path, "adapter-prov-b"), old)
+    held: NATS | None = None
+    try:
+        await cluster.wait_for_jetstream()  # its meta leader elected: the routes are up
+        held = await _connect(cluster.urls[2], str(old))
+        flags = ["--out", str(auth.path), "--adapter", "prov-b=prov-model"]
+        out = await _auth_init(*flags, "--nats-url", cluster.urls[0])
+        assert f"NATS at {cluster.urls[0]} refuses them now" in out, out
+        await _closed_within(held, BOUND)
+        for url in cluster.urls:
+            deadline = time.monotonic() + BOUND
+            while not await _refused(url, str(old)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert await _refused(url, str(old)), f"{url} still accepts the replaced credentials"
+            assert not await _refused(url, str(creds_path(auth.path, "adapter-prov-b")))
+    finally:
+        if held is not None and not held.is_closed:
+            await held.close()
+        cluster.stop()
+
+
+async def _init_dir(path: Path) -> AuthDir:
+    await _auth_init("--out", str(path), "--adapter", f"prov-b={ECHO}")
+    auth = AuthDir.open(path)
+    assert auth is not None
+    return auth
