@@ -68,8 +68,8 @@ class Credentials:
     @classmethod
     async def open(cls, auth: AuthDir, nats_settings: NatsSettings, *, once: bool = False) -> Credentials:
         """Connect as the system account's user (the auth dir's `creds/sys.creds`). `once`: try
-        each server once and raise what stopped it (a command line's answer), instead of
-        retrying for ever as a gateway does."""
+        each server twice at most and raise what stopped the last try (a command line's
+        answer), instead of retrying for ever as a gateway does."""
         settings = NatsSettings(
             url=nats_settings.url,
             creds=str(auth.sys_creds),

@@ -44,7 +44,7 @@ RETRY_MAX = 60.0  # the longest pause between the retries of a sync that failed
 FileIdentity = tuple[int, int, int] | None  # inode, size, mtime (ns); None: no file
 
 
-def identity(path: Path) -> FileIdentity:
+def identify(path: Path) -> FileIdentity:
     """What tells one version of a file from the next: `write_secret` replaces it (a new inode)."""
     try:
         st = os.stat(path)
@@ -69,7 +69,7 @@ class RevocationWatch:
         """Push what the servers must refuse now, if anything (credentials replaced while no
         gateway ran, a change another gateway could not push, a server whose resolver lost it),
         then watch. A failed push is retried by the watch."""
-        seen = identity(auth.revocations_path)  # before the sync: a change during it is pushed again
+        seen = identify(auth.revocations_path)  # before the sync: a change during it is pushed again
         due = False
         try:
             if enrolment.revokes_any():
@@ -84,7 +84,7 @@ class RevocationWatch:
         while True:
             await asyncio.sleep(pause if self._due else self._every)
             try:
-                now = identity(self._path)
+                now = identify(self._path)
                 if now != self._seen:
                     self._seen, self._due = now, True
                     log.info("nodes.revocations_changed", path=str(self._path))
