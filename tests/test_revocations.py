@@ -33,7 +33,12 @@ async def _auth_init(*args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         *CLI, "auth", "init", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    except TimeoutError:
+        proc.kill()  # the one we started
+        await proc.wait()
+        raise
     assert proc.returncode == 0, out.decode()
     return out.decode()
 
