@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -53,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 PUSH_TIMEOUT = 2.0
 CONNECT_ONCE_TIMEOUT = 3.0
+PRELOAD_WAIT_MAX = 2.0  # the longest a push waits to be dated after the preload (a clock behind the revoker's: go on)
 SYNC_ROUNDS = 20  # pushes one change may take to converge with the other gateways' (each round ~ms)
 RATE_WINDOW = 60.0
 RATE_ADDRESSES = 10_000  # client addresses remembered by the join limiter
@@ -96,13 +98,16 @@ class Credentials:
     async def close(self) -> None:
         await close_quietly(self._system)
 
-    def revoking(self, nodes: dict[str, int]) -> dict[str, int]:
-        """Every user the servers must refuse: these nodes' and the operator's own revocations."""
+    def _operator(self) -> dict[str, int]:
         try:
-            return {**self._auth.revoked(), **nodes}
+            return self._auth.revoked()
         except ValueError as e:
             log.error("nodes.revocations_unreadable", error=str(e))
             raise NoCapacityError("The auth dir's revocations cannot be read; see the gateway's log.") from e
+
+    def revoking(self, nodes: dict[str, int]) -> dict[str, int]:
+        """Every user the servers must refuse: these nodes' and the operator's own revocations."""
+        return {**self._operator(), **nodes}
 
     def issue_node(self, node_id: str, pool: str, models: tuple[str, ...]) -> tuple[str, str]:
         """A node's `.creds` text and its user's public key."""
@@ -120,6 +125,12 @@ class Credentials:
 
     async def push(self, revocations: dict[str, int]) -> None:
         """Replace the account's JWT on the servers with one that revokes these users."""
+        # A server restarted on nats-auth.conf keeps the newer of the account JWT it stored and
+        # the one preloaded there (dated by the operator's last revocation), the preload on a tie:
+        # a push dated that same second would be lost at the restart, the nodes' revocations with it.
+        wait = max(self._operator().values(), default=0) + 1 - time.time()
+        if wait > 0:
+            await asyncio.sleep(min(wait, PRELOAD_WAIT_MAX))
         jwt = self._auth.account_jwt(revocations)
         try:
             reply = await self._system.request(subjects.SYS_CLAIMS_UPDATE, jwt.encode(), timeout=PUSH_TIMEOUT)

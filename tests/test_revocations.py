@@ -74,7 +74,7 @@ async def _closed_within(nc: NATS, bound: float) -> float:
 async def test_auth_init_pushes_the_revocation_to_the_running_nats_itself(tmp_path: Path) -> None:
     """No gateway runs: `auth init`, pointed at the running server, closes the replaced
     credentials' connection and says so, and keeps the revocations the server held already (a
-    node a gateway disabled)."""
+    node a gateway disabled), at a restart too."""
     stack = Stack(tmp_path)
     assert stack.auth is not None
     await _auth_init("--out", str(stack.auth.path), "--adapter", f"prov-b={ECHO}")
@@ -97,6 +97,15 @@ async def test_auth_init_pushes_the_revocation_to_the_running_nats_itself(tmp_pa
         assert await _refused(stack.nats_url, str(old))
         assert not await _refused(stack.nats_url, stack.creds("adapter-prov-b"))  # the new file connects
         assert await _refused(stack.nats_url, str(tmp_path / "node.creds"))  # the node's revocation kept
+
+        # restarted on the nats-auth.conf auth init rewrote, whose preload lists only the operator's
+        # revocations: the server keeps what was pushed (dated after that preload, never tied with it)
+        assert stack.nats is not None
+        port = stack.nats.port
+        stack.nats.stop()
+        stack.nats = stack.nats_server(port=port).start()
+        assert await _refused(stack.nats_url, str(old))
+        assert await _refused(stack.nats_url, str(tmp_path / "node.creds"))
     finally:
         await gateway.close()
         if not held.is_closed:
