@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "init":
         print(
             "usage: tokenyard auth init --out DIR [--providers FILE] [--adapter openai=gpt-4o,gpt-4o-mini] "
-            "[--local-worker]",
+            "[--local-worker] [--nats-url URL]",
             file=sys.stderr,
         )
         return 2
