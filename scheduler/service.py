@@ -72,7 +72,11 @@ log = structlog.get_logger(__name__)
 
 QUEUE_FULL_RETRY_AFTER = 2.0
 UNAVAILABLE_RETRY_AFTER = 2.0  # seconds: a stream or bucket between leaders has one again in a few
-FLEET_WARMUP = 0.5  # seconds after start in which a model with no route waits to be heard of (roll call)
+# Seconds after start (once it serves) in which a model with no route waits to be heard of: the
+# roll call's answers and the nodes' own adverts (every second by default) are on their way. Three
+# of a node's adverts is what it gets before it counts as gone (`scheduler.fleet`). At 0.5 s, a
+# scheduler restarted at load ~20 answered 404 model_not_found for a served model (chaos run 7).
+FLEET_WARMUP = 3.0
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
 ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
@@ -121,7 +125,7 @@ class Scheduler:
         self.metrics = metrics
         self._tracing = tracing
         self.releaser = Releaser(js, intake, buffer=self._buffer, on_release=metrics.released)
-        self._warm_until = 0.0  # monotonic: until then, a model with no route may just be unheard yet
+        self._warm_until = time.monotonic() + FLEET_WARMUP  # monotonic: till then a model with no route may be unheard
         self._heard = asyncio.Event()  # set by every advert
 
     @classmethod
@@ -156,7 +160,6 @@ class Scheduler:
         self._tasks.append(asyncio.create_task(settler.run()))
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
         await self._nc.publish(subjects.FLEET_ROLL_CALL, b"")
-        self._warm_until = time.monotonic() + FLEET_WARMUP
         for subject, cb in (
             (subjects.SCHED_SUBMIT, self._on_submit),
             (subjects.SCHED_MODELS, self._on_models),
@@ -165,6 +168,7 @@ class Scheduler:
             self._serving.append(await self._nc.subscribe(subject, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=cb))
         self._tasks.append(asyncio.create_task(self._prune_forever()))
         await self.releaser.start()
+        self._warm_until = time.monotonic() + FLEET_WARMUP  # from now: a loaded start takes seconds itself
         log.info("scheduler.started")
 
     def _buffer(self, pool: str, model: str) -> int:
