@@ -73,10 +73,14 @@ log = structlog.get_logger(__name__)
 QUEUE_FULL_RETRY_AFTER = 2.0
 UNAVAILABLE_RETRY_AFTER = 2.0  # seconds: a stream or bucket between leaders has one again in a few
 # Seconds after start (once it serves) in which a model with no route waits to be heard of: the
-# roll call's answers and the nodes' own adverts (every second by default) are on their way. Three
-# of a node's adverts is what it gets before it counts as gone (`scheduler.fleet`). At 0.5 s, a
-# scheduler restarted at load ~20 answered 404 model_not_found for a served model (chaos run 7).
-FLEET_WARMUP = 3.0
+# roll call's answers and the nodes' own adverts (every second by default) are on their way. A
+# model heard of already but with no free route waits FLEET_WARMUP (another node may be unheard
+# yet; no capacity is a 503 at once after that). A model not heard of at all waits up to
+# UNKNOWN_WARMUP, three of a node's adverts (what it gets before it counts as gone: see
+# `scheduler.fleet`): at 0.5 s, a scheduler restarted at load ~20 answered 404 model_not_found for
+# a served model (chaos run 7), and a client takes a 404 as final.
+FLEET_WARMUP = 0.5
+UNKNOWN_WARMUP = 3.0
 MAX_ADMITTING = 512  # admissions in progress at once per scheduler
 BUFFER_SECONDS = 0.25  # work a work queue may hold beyond its running jobs, in seconds of its throughput
 ANSWERS_KEPT = 20_000  # answered (job id, dispatch): a retried submission gets the same answer
@@ -125,7 +129,7 @@ class Scheduler:
         self.metrics = metrics
         self._tracing = tracing
         self.releaser = Releaser(js, intake, buffer=self._buffer, on_release=metrics.released)
-        self._warm_until = time.monotonic() + FLEET_WARMUP  # monotonic: till then a model with no route may be unheard
+        self._serving_since = time.monotonic()  # when it began to serve (see FLEET_WARMUP); reset by `start`
         self._heard = asyncio.Event()  # set by every advert
 
     @classmethod
@@ -168,7 +172,7 @@ class Scheduler:
             self._serving.append(await self._nc.subscribe(subject, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=cb))
         self._tasks.append(asyncio.create_task(self._prune_forever()))
         await self.releaser.start()
-        self._warm_until = time.monotonic() + FLEET_WARMUP  # from now: a loaded start takes seconds itself
+        self._serving_since = time.monotonic()  # a loaded start takes seconds itself: its warm-up counts from now
         log.info("scheduler.started")
 
     def _buffer(self, pool: str, model: str) -> int:
@@ -368,12 +372,14 @@ class Scheduler:
 
     async def _placement(self, sub: Submission) -> routing.Choice:
         """Where the job goes. Just after start, a model with no route yet may only be unheard
-        (roll-call answers still on their way): wait for adverts until FLEET_WARMUP is over."""
+        (roll-call answers still on their way): wait for adverts until its warm-up is over
+        (FLEET_WARMUP, or UNKNOWN_WARMUP for a model not heard of at all)."""
         while True:
             try:
                 return self._route(sub, time.time())
-            except (NoCapacityError, ModelNotFoundError):
-                left = self._warm_until - time.monotonic()
+            except (NoCapacityError, ModelNotFoundError) as e:
+                warmup = UNKNOWN_WARMUP if isinstance(e, ModelNotFoundError) else FLEET_WARMUP
+                left = self._serving_since + warmup - time.monotonic()
                 if left <= 0:
                     raise
                 self._heard.clear()
