@@ -113,8 +113,9 @@ class Bus:
             return
         taken = run is not None and run.offer(ev, now)
         if msg.reply:  # a final DONE asks whether the job is billed (else its worker reports it)
-            if run is not None and taken and isinstance(ev, Done):
-                run.answer_when_recorded(lambda: _answer(msg, CONTINUE))
+            if run is not None and isinstance(ev, Done) and (taken or run.holds(ev.attempt)):
+                word = CONTINUE if taken else STOP
+                run.answer_when_recorded(lambda: _answer(msg, word))
             else:
                 await _answer(msg, STOP)
         if run is None:

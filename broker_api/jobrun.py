@@ -14,7 +14,8 @@ a hole in the answer.
 A run changes only through its methods: the bus offers events and closes it, the job driver
 (`broker_api.attempts`) records placements and re-dispatches, the serving code commits it.
 The winning attempt's final DONE comes as a request; its answer is held until the job's usage
-record is stored (`answer_when_recorded`, `recorded`).
+record is stored (`answer_when_recorded`, `recorded`), and so is the final count of an attempt
+given up on after its output reached the client (`holds`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class JobRun:
         self._min_attempt = 0  # attempts below this are refused (set when an answer is continued)
         self._next_seq = 0
         self._refused: set[int] = set()
+        self._delivered: set[int] = set()  # attempts whose output reached the client
         self.queue: asyncio.Queue[Streamed | Broken] = asyncio.Queue()
 
     # --- what the others read -----------------------------------------------------------
@@ -107,7 +109,18 @@ class JobRun:
     # --- what the others change -----------------------------------------------------------
 
     def commit(self) -> None:
+        """Content of the current attempt reached the client."""
         self._committed = True
+        if self.current is not None:
+            self._delivered.add(self.current)
+
+    def holds(self, attempt: int) -> bool:
+        """`attempt`'s output reached the client, and the job's usage record is not stored yet:
+        its final count's answer waits for the record like the winner's, although it was given
+        up on (a continuation carries the answer on). If this gateway dies before the record is
+        stored, that worker reports the job: nobody else might (the continuation may not even
+        be placed yet)."""
+        return attempt in self._delivered and not self._recorded
 
     def placed(self, dispatch: int, pool: str, model: str = "") -> None:
         self._pools[dispatch] = pool

@@ -7,8 +7,10 @@ the gateway alive, each job gets one row counted by the gateway."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -257,3 +259,53 @@ async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) ->
     finally:
         await store.close()
     assert {r["job_id"]: r["counted_by"] for r in rows} == {"old": "gateway", "new": "worker"}
+
+
+async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_the_attempt_it_gave_up_on(
+    stack: Stack,
+) -> None:
+    """The long chaos run at load ~20 (RESULTS section 9, run 7): a gateway gave up on a silent
+    attempt after 4 words reached the client, asked a scheduler to place the continuation, and
+    was SIGKILLed before that was placed. The attempt it gave up on, told to stop, had its count
+    answered "stop" at once and settled its message, so nobody billed the 4 words. Now a gateway
+    answers such an attempt's count only once the job's record is stored, and the worker,
+    unanswered, reports the job. The continuation's placement is held here by a stopped
+    scheduler; the worker is stopped past the silence bound, then let go."""
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    worker = stack.start_worker(TOKENYARD_LOG_LEVEL="info", TOKENYARD_HEARTBEAT="0.2")
+    env = {
+        "TOKENYARD_ORPHAN_GRACE": "1",
+        "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
+        "TOKENYARD_REQUEST_TIMEOUT": "10",
+    }
+    api, url = await stack.spawn_api(**env)
+    stack.api_url = url
+    await stack.wait_for_model(ECHO)
+    async with sdk(stack, url=url) as client:
+        stream = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "g [[tokens=400]] [[rate=20]]"}], stream=True
+        )
+        words = 0
+        async for chunk in stream:
+            words += bool(chunk.choices and chunk.choices[0].delta.content)
+            if words >= 3:
+                break
+        job = chunk.id.removeprefix("chatcmpl-")
+        scheduler.signal(signal.SIGSTOP)  # the continuation's placement waits
+        worker.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.5)  # past the silence: the gateway gives up on the attempt and continues
+        finally:
+            worker.signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while job not in stopped_counts(worker.output()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert job in stopped_counts(worker.output()), "the gateway did not stop the attempt it gave up on"
+        api.kill()  # before the continuation is placed, let alone billed
+        scheduler.signal(signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            await stream.close()
+    _, again = await stack.spawn_api(**env)  # reads the worker's report (the same data dir's ledger)
+    rows = await rows_of(again, {job}, timeout=60)
+    row = rows[job]
+    assert row["counted_by"] == "worker" and row["completion_tokens"] >= words and row["key_id"], row

@@ -66,10 +66,12 @@ class Reporter:
         started: float,
         reason: str,
         proof: bytes = b"",
+        finished: bool = True,
     ) -> None:
-        """Report a finished attempt if `heard` (its DONE's answer) comes back False: no gateway
+        """Report an attempt if `heard` (its final DONE's answer) comes back False: no gateway
         said the job's usage record is stored. `msg`, the job's work message, is acked once the
-        record or the report is stored, and kept until then."""
+        record or the report is stored, and kept until then. `finished`: it ran to its end (not
+        stopped)."""
 
         async def wait() -> None:
             try:
@@ -79,7 +81,7 @@ class Reporter:
             if billed:
                 await _settle(msg.ack)
                 return
-            report = self._report(job, attempt, usage, started=started, finished=True, reason=reason, proof=proof)
+            report = self._report(job, attempt, usage, started=started, finished=finished, reason=reason, proof=proof)
             if report is None:
                 await _settle(msg.ack)
                 return

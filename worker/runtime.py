@@ -8,9 +8,13 @@ Who ends a job, and how its JetStream message is settled:
   own report of it is stored (`worker.reports`: the message is the job's record till then);
 - the backend fails: ERROR event (retryable unless it was the request's fault), then `term`:
   the gateway, not JetStream, decides whether to dispatch it again;
-- a gateway says stop (client gone, another attempt won): the generation is closed, a DONE
-  whose finish reasons are `cancelled` reports what ran until then (the gateway bills a
-  cancelled request from it), then `term`;
+- a gateway says stop (client gone, another attempt won, the attempt given up on): the
+  generation is closed, a DONE whose finish reasons are `cancelled` reports what ran until then
+  (the gateway bills a cancelled request from it), sent as a request like a final DONE, then
+  `ack` once it is answered, or once the worker's own report is stored if no answer comes: a
+  gateway answers an attempt whose output reached its client only once the job's record is
+  stored, so a gateway that dies while a continuation carries the answer on still leaves the
+  job billed;
 - the gateway is gone (its beat finds no responder, or `GATEWAY_MISSES` in a row go
   unanswered: `worker.beats`): the generation is closed, the worker reports what it generated
   (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term` once
@@ -367,8 +371,9 @@ class Worker:
                     job, attempt, usage, msg=msg, started=started, finished=False, reason=reason, proof=proof
                 )
                 settle = _settled_by_reporter  # once the report is stored
-            else:  # someone listens: say what ran
-                await self._report_stopped(job, out)
+            else:  # someone listens: say what ran, and keep the job's record till it is billed
+                self._report_stopped(job, attempt, out, msg=msg, started=started, reason=reason)
+                settle = _settled_by_reporter
             outcome = "stopped"
             log.info("job.stopped", reason=reason, tokens=out.tokens)
         except TokenyardError as e:
@@ -414,14 +419,32 @@ class Worker:
         self._reports.unless(heard, job, attempt, usage, msg=msg, started=started, reason=reason, proof=proof)
         self._served = self._served.plus(usage.prompt_tokens, usage.completion_tokens)
 
-    async def _report_stopped(self, job: Job, out: EventStream) -> None:
+    def _report_stopped(
+        self, job: Job, attempt: int, out: EventStream, *, msg: Msg, started: float, reason: str
+    ) -> None:
         """The gateway stopped this attempt: send what it used so far (prompt, the tokens
-        generated, their cost), so a client that left is billed what ran. If the gateway still
-        waits for it, it bills from this; if not, it drops it."""
+        generated, their cost), so a client that left is billed what ran; if the gateway still
+        waits for it, it bills from this, if not, it drops it. The count goes as a request,
+        like a final DONE's: a gateway that gave up on this attempt after its output reached the
+        client answers only once the job's record is stored (`broker_api.jobrun.JobRun.holds`),
+        which may be as late as the job's deadline; if no answer comes (that gateway died),
+        the worker reports the job, and the message stays its record till then."""
         n = choices(job.request)
         usage = self._backend.partial_usage(job.model, job.request, out.tokens)
-        with contextlib.suppress(nats.errors.Error):
-            await out.done([CANCELLED] * n, usage)
+        within = max(self._done_wait, job.deadline - time.time() + self._done_wait)
+        heard = out.billed([CANCELLED] * n, usage, within=within)
+        proof = self._signer.prove(job.id, attempt, self._s.node_id)
+        self._reports.unless(
+            heard,
+            job,
+            attempt,
+            usage,
+            msg=msg,
+            started=started,
+            reason=f"stopped ({reason}), unanswered",
+            proof=proof,
+            finished=False,
+        )
 
     async def _follow_owner(self) -> None:
         """Idle-time mode: when the owner is back, stop pulling at once (the standing pull
