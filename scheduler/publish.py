@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from schemas.errors import UnavailableError
 
@@ -36,13 +37,13 @@ DUPLICATE_IN_PROCESS = 10158
 
 async def publish_job(
     js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str, patience: float = PATIENCE
-) -> None:
+) -> PubAck:
+    """JetStream's ack of the stored message (`duplicate`: it held this message id already)."""
     deadline = time.monotonic() + patience
     pause = PAUSE[0]
     while True:
         try:
-            await js.publish(subject, payload, timeout=TIMEOUT, headers={"Nats-Msg-Id": msg_id})
-            return
+            return await js.publish(subject, payload, timeout=TIMEOUT, headers={"Nats-Msg-Id": msg_id})
         except (*TRANSIENT, nats.js.errors.APIError) as e:
             if isinstance(e, nats.js.errors.APIError) and e.err_code != DUPLICATE_IN_PROCESS:
                 raise

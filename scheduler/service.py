@@ -44,6 +44,7 @@ from scheduler.fleet import Fleet
 from scheduler.health import BreakerConfig, Health
 from scheduler.metrics import SchedulerMetrics
 from scheduler.nodes import NodeGate
+from scheduler.placements import Claim, Placements
 from scheduler.publish import publish_job
 from scheduler.quota import Quota
 from scheduler.release import IntakeLimits, Releaser
@@ -61,8 +62,9 @@ from schemas.errors import (
 )
 from schemas.intake import Queued
 from schemas.jetstream import ensure, is_full, open_bucket
-from schemas.jobs import Admission, NodeAdvert, Submission, WireError, encode_model_list
+from schemas.jobs import Admission, Job, NodeAdvert, Submission, WireError, encode_model_list
 from schemas.otel import Tracing
+from schemas.placements import PLACING, Placement
 from schemas.rules import check_max_tokens, estimate_prompt_tokens, lane_eligible, requested_max_tokens
 from schemas.settings import replicas_setting
 from schemas.streams import StreamSpec
@@ -108,6 +110,7 @@ class Scheduler:
         routing_kv: KeyValue,
         intake: IntakeLimits,
         nodes_kv: KeyValue,
+        placements: Placements,
         metrics: SchedulerMetrics,
         tracing: Tracing,
     ) -> None:
@@ -115,6 +118,7 @@ class Scheduler:
         self._js = js
         self._s = settings
         self.quota = quota
+        self.placements = placements
         self._routing_kv = routing_kv
         self.fleet = Fleet(remember=settings.remember_models)
         self.nodes = NodeGate(nodes_kv, on_revoked=self.fleet.forget)  # enrolled nodes keep to their enrolment
@@ -143,6 +147,7 @@ class Scheduler:
         limits_kv = await open_bucket(nc, js, streams.LIMITS, replicas=replicas)
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
         nodes_kv = await open_bucket(nc, js, streams.NODES, replicas=replicas)
+        placements = Placements(await open_bucket(nc, js, streams.PLACEMENTS, replicas=replicas))
         quota_ = Quota(limits_kv, js)
         return cls(
             nc,
@@ -152,6 +157,7 @@ class Scheduler:
             routing_kv=routing_kv,
             intake=intake,
             nodes_kv=nodes_kv,
+            placements=placements,
             metrics=metrics,
             tracing=tracing,
         )
@@ -310,6 +316,29 @@ class Scheduler:
         payload = job.encode()
         if len(payload) > streams.MAX_JOB_BYTES:
             raise InvalidRequestError("The request is too large to queue.", code="request_too_large")
+        # One placement per (job, dispatch), whichever scheduler is asked (scheduler.placements)
+        placing = Placement(
+            PLACING,
+            now,
+            pool=choice.route.pool,
+            live_workers=choice.live_nodes,
+            model=choice.model if choice.model != sub.job.model else "",
+        )
+        claim = await self.placements.claim(subjects.placement_key(job.id, job.dispatch), placing)
+        if isinstance(claim, Placement):  # placed already (a retried submission another scheduler answered)
+            log.info("job.placed_already", dispatch=job.dispatch, pool=claim.pool)
+            return claim.answer()
+        try:
+            return await self._place(sub, job, payload, choice, claim, now)
+        except Exception:
+            await self.placements.abandon(claim)
+            raise
+
+    async def _place(
+        self, sub: Submission, job: Job, payload: bytes, choice: routing.Choice, claim: Claim, now: float
+    ) -> Admission:
+        """Reserve what the job may use, put it on its work queue (or hold it in the intake),
+        record the placement: the admission of a job this scheduler claimed."""
         admitted = await self._reserve(sub, choice.route, now)
         reserved = admitted.entries
         if admitted.completion_tokens is not None:  # the budget's hard cap: the worker stops there
@@ -319,9 +348,12 @@ class Scheduler:
                 payload = job.encode()
         pool = choice.route.pool
         direct = self.releaser.take_room(pool, job.model)
+        seq = 0
         try:
             if direct:
-                await publish_job(self._js, subjects.work_subject(pool, job.model), payload, msg_id=job.message_id)
+                subject = subjects.work_subject(pool, job.model)
+                ack = await publish_job(self._js, subject, payload, msg_id=job.message_id)
+                seq = ack.seq
             else:
                 await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
         except (nats.js.errors.APIError, QueueFullError, UnavailableError) as e:  # refused, or no leader in time
@@ -339,16 +371,13 @@ class Scheduler:
                     "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
             raise
+        await self.placements.placed(claim, seq=seq)
         self.health.placed(pool, job.model, (m.node for m in choice.route.members), now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
         log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
-        answer = Admission(
-            pool=choice.route.pool,
-            live_workers=choice.live_nodes,
-            model=choice.model if choice.model != sub.job.model else "",
-            lane_credits=lane,
-            lane_ttl=self._s.lane_ttl if lane else 0.0,
+        answer = dataclasses.replace(
+            claim.placement.answer(), lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0
         )
         self._answered[(job.id, job.dispatch)] = answer
         while len(self._answered) > ANSWERS_KEPT:

@@ -104,7 +104,7 @@ def scheduler() -> Permissions:
         subjects.FLEET_ROLL_CALL,
         *_JS_BASICS,
         *_streams(subjects.WORK_STREAM, subjects.INTAKE_STREAM, subjects.USAGE_STREAM),
-        *_buckets(subjects.LIMITS_BUCKET, subjects.ROUTING_BUCKET, subjects.NODES_BUCKET),
+        *_buckets(subjects.LIMITS_BUCKET, subjects.ROUTING_BUCKET, subjects.NODES_BUCKET, subjects.PLACEMENTS_BUCKET),
     )
     subscribe = (
         subjects.SCHED_SUBMIT,

@@ -170,6 +170,13 @@ SESSIONS = BucketSpec(subjects.SESSIONS_BUCKET, ttl=1800.0)
 # EnrolToken: a digest, never the secret). Removed nodes stay as records: their credentials stay revoked.
 NODES = BucketSpec(subjects.NODES_BUCKET, history=5)
 ENROL = BucketSpec(subjects.ENROL_BUCKET, history=1)
+# One entry per placement, a job at one dispatch (schemas.placements), made by compare-and-set
+# before its work message is published: the one record of "placed" that every scheduler shares
+# and that outlives a nats-server restart (JetStream's dedupe forgets the id of a work message
+# once it is acked and removed, when the server restarts). Kept an hour: longer than a job's
+# deadline (the gateway's --request-timeout, 300 s by default) and than the work queue keeps a job.
+PLACEMENT_TTL = 3600.0
+PLACEMENTS = BucketSpec(subjects.PLACEMENTS_BUCKET, ttl=PLACEMENT_TTL)
 # Gateway secrets (`subjects.TICKET_KEY`): written once, by compare-and-set, by the first
 # gateway; no role but `api` may read the bucket.
 SECRETS = BucketSpec(subjects.SECRETS_BUCKET, history=1)

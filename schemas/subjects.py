@@ -51,6 +51,7 @@ RESPONSES_BUCKET = "ty_responses"  # <org>.<response id> -> schemas.responses.St
 SESSIONS_BUCKET = "ty_sessions"  # web console sessions: digest of the session id -> schemas.console.ConsoleSession
 NODES_BUCKET = "ty_nodes"  # node id -> NodeRecord: the enrolled nodes (schemas.registry)
 ENROL_BUCKET = "ty_enrol"  # enrolment token id -> EnrolToken (only a digest of its secret)
+PLACEMENTS_BUCKET = "ty_placed"  # <job id>.<dispatch> -> schemas.placements.Placement (scheduler)
 SECRETS_BUCKET = "ty_secrets"  # what only gateways read: the key that seals job tickets
 TICKET_KEY = "ticket-key"  # its entry: 32 random bytes, made by the first gateway to start
 
@@ -239,6 +240,11 @@ def limits_entry(scope: str, ident: str) -> str:
 INTAKE_STREAM = "TY_INTAKE"
 INTAKE_ALL = f"{PREFIX}.intake.>"
 RELEASE_CONSUMER = "scheduler-release"  # shared by every scheduler
+
+
+def placement_key(job_id: str, dispatch: int) -> str:
+    """The PLACEMENTS_BUCKET key of one placement: a job at one dispatch."""
+    return f"{job_id}.{dispatch}"
 
 
 def intake_subject(tenant: str) -> str:

@@ -1,0 +1,110 @@
+"""At most one placement of a job per dispatch, across schedulers and nats-server restarts.
+
+A gateway whose submission's answer is late asks again, and the retry may reach another
+scheduler. The work message's id (`<job id>.<dispatch>`) made JetStream drop the second
+publish only while it remembered the id: a nats-server restarted after the job's message was
+acked and removed from the work queue has forgotten it (it rebuilds its dedupe from the
+messages it still holds), so the other scheduler's publish was stored and a worker ran the
+job again, after its answer was given (bench/RESULTS.md section 9). So the placement itself is
+recorded, in the PLACEMENTS bucket (`schemas.placements`), by a create that fails if the entry
+exists, before anything is reserved or published:
+
+- created: this scheduler places the job, then rewrites the entry "placed" (`placed`), or
+  deletes it if the placement failed (`abandon`: refused, full, no leader), so a retry places it;
+- found "placed": the job is placed; the submission is answered what the first one was, and
+  nothing is reserved or published again;
+- found "placing": another scheduler is placing it now; wait for its outcome. A claim older
+  than `STALE` is a scheduler that died in the middle: it is taken over by compare-and-set (its
+  publish, if it landed, is then a duplicate JetStream drops by message id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js.kv import KeyValue
+
+from scheduler.publish import PATIENCE, TIMEOUT
+from schemas.codec import WireError
+from schemas.errors import UnavailableError
+from schemas.placements import PLACED, PLACING, Placement
+
+log = structlog.get_logger(__name__)
+
+STALE = PATIENCE + TIMEOUT + 3.0  # seconds: longer than any placement's publish may take
+POLL = 0.05  # seconds between looks at a placement another scheduler is making
+RETRY_AFTER = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This scheduler's claim on a placement: the entry's revision it wrote."""
+
+    key: str
+    revision: int
+    placement: Placement
+
+
+class Placements:
+    def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
+        self._kv = kv
+        self._clock = clock
+
+    async def claim(self, key: str, placing: Placement) -> Claim | Placement:
+        """Our claim on `key`, or the placement another scheduler made of it (state placed).
+        KV errors propagate (the scheduler answers 503: the gateway asks again)."""
+        deadline = time.monotonic() + STALE + PATIENCE
+        while True:
+            try:
+                return Claim(key, await self._kv.create(key, placing.encode()), placing)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # someone placed it, or is placing it
+            found = await self._get(key)
+            if found is not None:
+                placement, revision = found
+                if placement.state == PLACED:
+                    return placement
+                if self._clock() - placement.at > STALE:  # its scheduler died while placing it
+                    try:
+                        return Claim(key, await self._kv.update(key, placing.encode(), last=revision), placing)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue  # another took it over first: look again
+            if time.monotonic() >= deadline:
+                raise UnavailableError(
+                    "Another scheduler is still placing this job. Try again shortly.", retry_after=RETRY_AFTER
+                )
+            await asyncio.sleep(POLL)
+
+    async def placed(self, claim: Claim, *, seq: int) -> None:
+        """The job is stored (in its work queue at `seq`, or held: 0): say so to the others. If
+        the write fails, the entry stays "placing" and a retry takes it over once stale."""
+        done = replace(claim.placement, state=PLACED, seq=seq)
+        try:
+            await self._kv.update(claim.key, done.encode(), last=claim.revision)
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
+            log.warning("placement.record_failed", key=claim.key, error=repr(e))
+
+    async def abandon(self, claim: Claim) -> None:
+        """The placement failed: remove the claim so the gateway's next try may place the job."""
+        try:
+            await self._kv.delete(claim.key, last=claim.revision)
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
+            log.warning("placement.abandon_failed", key=claim.key, error=repr(e))  # it goes stale
+
+    async def _get(self, key: str) -> tuple[Placement, int] | None:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # also deleted: an abandoned claim
+            return None
+        try:
+            return Placement.decode(entry.value or b""), entry.revision or 0
+        except WireError as e:
+            # unreadable: a claim long stale, taken over at once (by compare-and-set)
+            log.warning("placement.bad_entry", key=key, error=str(e))
+            return Placement(PLACING, 0.0), entry.revision or 0

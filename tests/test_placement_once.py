@@ -1,0 +1,153 @@
+"""A job is placed at most once per dispatch, whoever is asked and however often.
+
+What the long chaos run showed (bench/RESULTS.md section 9): a gateway whose submission's
+answer was late asks again, and the retry reaches the other scheduler, which places the job
+again. JetStream's dedupe (the work message's `Nats-Msg-Id`) drops that copy only while it
+remembers the id, and a nats-server restarted after the job's message was acked and removed
+from the work queue has forgotten it: the copy was stored and a worker ran the job a second
+time, after its answer was already given. Each test here runs a real nats-server (fsync on
+every write), real scheduler processes and, for the worker's part, a real echo worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from schemas import subjects
+from schemas.jobs import Admission, Job, Submission
+from tests.helpers import MODEL, FakeNodes, eventually, node, submit
+from tests.stack import Proc, Stack
+
+POOL = "own"
+
+
+@pytest.fixture
+async def placing(tmp_path: Path) -> AsyncIterator[tuple[Stack, NATS]]:
+    """NATS and one scheduler over a fake node of MODEL; the test pulls the work queue itself."""
+    stack = Stack(tmp_path, sync_always=True)
+    stack.start_nats()
+    nc = await stack.connect()
+    nodes = await FakeNodes(nc, [node("own-1", POOL, slots=8)]).start()
+    stack.start_scheduler()
+    try:
+        await stack.wait_for_scheduler()
+        yield stack, nc
+    finally:
+        await nodes.stop()
+        with contextlib.suppress(Exception):
+            await nc.close()
+        await stack.close()
+
+
+async def _pull(nc: NATS, wait: float) -> list[Any]:
+    """What the work queue of (POOL, MODEL) holds within `wait` seconds, acked (a worker that
+    ran it): the same durable consumer the workers use."""
+    js = nc.jetstream()
+    durable = subjects.work_consumer(POOL, MODEL)
+    psub = await js.pull_subscribe(
+        subjects.work_subject(POOL, MODEL),
+        durable=durable,
+        stream=subjects.WORK_STREAM,
+        config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
+    )
+    got = []
+    deadline = time.monotonic() + wait
+    with contextlib.suppress(Exception):
+        while time.monotonic() < deadline:
+            try:
+                msgs = await psub.fetch(8, timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack_sync()
+                got.append(Job.decode(m.data))
+    with contextlib.suppress(Exception):
+        await psub.unsubscribe()
+    return got
+
+
+async def _restart_nats(stack: Stack) -> None:
+    assert stack.nats is not None
+    port = stack.nats.port
+    stack.nats.kill()  # SIGKILL: what JetStream remembers is what it stored
+    await asyncio.sleep(0.3)
+    stack.nats = stack.nats_server(port=port, sync_always=True).start()
+
+
+async def _submit_until_answered(nc: NATS, sub: Submission, timeout: float = 20.0) -> Admission:
+    """The gateway's retry: ask again while the schedulers reconnect or a stream is between leaders."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = await submit(nc, sub, timeout=5.0)
+            if answer.error is None or time.monotonic() > deadline:
+                return answer
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+async def test_a_retry_reaching_another_scheduler_after_a_nats_restart_is_not_placed_again(
+    placing: tuple[Stack, NATS],
+) -> None:
+    stack, nc = placing
+    sub = Submission(job=_job("once-1"))
+    first = await submit(nc, sub)
+    assert first.error is None and first.pool == POOL
+    ran = await _pull(nc, wait=5.0)
+    assert [j.id for j in ran] == ["once-1"]  # placed, run and acked: gone from the work queue
+
+    await _restart_nats(stack)  # JetStream forgets the ids of messages it no longer holds
+    first_scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    second = stack.start_scheduler(TOKENYARD_LOG_LEVEL="info")  # the first one's memory of its answers is not shared
+    first_scheduler.kill()
+    assert await eventually(lambda: _started(second), timeout=30.0), "the second scheduler never started"
+
+    again = await _submit_until_answered(nc, sub)  # the gateway's retry, answered by the other scheduler
+    assert again.error is None, again.error
+    assert again.pool == first.pool  # what the first placement answered: the job is where it was put
+    copies = await _pull(nc, wait=3.0)
+    assert [j.id for j in copies] == [], "the job was placed a second time at the same dispatch"
+
+    # a re-dispatch is a new placement (dispatch 2), and is placed
+    redispatch = Submission(job=_job("once-1", dispatch=2), failed_pool=POOL, failed_node="own-1")
+    assert (await _submit_until_answered(nc, redispatch)).error is None
+    assert [(j.id, j.dispatch) for j in await _pull(nc, wait=5.0)] == [("once-1", 2)]
+
+
+async def test_two_schedulers_asked_at_once_place_a_job_once(placing: tuple[Stack, NATS]) -> None:
+    """The same submission sent many times at once while two schedulers answer (the queue group
+    spreads them): one message in the work queue per job."""
+    stack, nc = placing
+    second = stack.start_scheduler(TOKENYARD_LOG_LEVEL="info")
+    assert await eventually(lambda: _started(second), timeout=30.0), "the second scheduler never started"
+    subs = [Submission(job=_job(f"pair-{i}")) for i in range(6)]
+    answers = await asyncio.gather(*(submit(nc, s) for s in subs for _ in range(4)))
+    assert all(a.error is None and a.pool == POOL for a in answers), [a.error for a in answers]
+    ran = await _pull(nc, wait=5.0)
+    assert sorted(j.id for j in ran) == sorted(s.job.id for s in subs)
+
+
+async def _started(proc: Proc) -> bool:
+    return "scheduler.started" in proc.output()
+
+
+def _job(job_id: str, *, dispatch: int = 1) -> Job:
+    return Job(
+        id=job_id,
+        model=MODEL,
+        request={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        reply=subjects.reply_subject("test", job_id),
+        deadline=time.time() + 120.0,
+        dispatch=dispatch,
+    )
