@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.js.kv import KeyValue
 
-from scheduler.publish import PATIENCE, TIMEOUT
+from scheduler.publish import PATIENCE, PAUSE, TIMEOUT, TRANSIENT
 from schemas.codec import WireError
 from schemas.errors import UnavailableError
 from schemas.placements import PLACED, PLACING, Placement
@@ -40,6 +41,8 @@ log = structlog.get_logger(__name__)
 STALE = PATIENCE + TIMEOUT + 3.0  # seconds: longer than any placement's publish may take
 POLL = 0.05  # seconds between looks at a placement another scheduler is making
 RETRY_AFTER = 2.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +60,22 @@ class Placements:
         self._clock = clock
 
     async def claim(self, key: str, placing: Placement) -> Claim | Placement:
-        """Our claim on `key`, or the placement another scheduler made of it (state placed).
-        KV errors propagate (the scheduler answers 503: the gateway asks again)."""
+        """Our claim on `key` for `placing` (its `by` a token of this claim's own), or the
+        placement another scheduler made of it (state placed). KV errors other than a stream
+        between leaders propagate (the scheduler answers 503; the gateway may ask again)."""
         deadline = time.monotonic() + STALE + PATIENCE
         while True:
             try:
-                return Claim(key, await self._kv.create(key, placing.encode()), placing)
+                return Claim(key, await self._patiently(lambda: self._kv.create(key, placing.encode())), placing)
             except nats.js.errors.KeyWrongLastSequenceError:
-                pass  # someone placed it, or is placing it
-            found = await self._get(key)
+                pass  # someone placed it, or is placing it (or our own create, which timed out here, landed)
+            found = await self._patiently(lambda: self._get(key))
             if found is not None:
                 placement, revision = found
                 if placement.state == PLACED:
                     return placement
+                if placement.by == placing.by:
+                    return Claim(key, revision, placing)
                 if self._clock() - placement.at > STALE:  # its scheduler died while placing it
                     try:
                         return Claim(key, await self._kv.update(key, placing.encode(), last=revision), placing)
@@ -86,7 +92,7 @@ class Placements:
         the write fails, the entry stays "placing" and a retry takes it over once stale."""
         done = replace(claim.placement, state=PLACED, seq=seq)
         try:
-            await self._kv.update(claim.key, done.encode(), last=claim.revision)
+            await self._patiently(lambda: self._kv.update(claim.key, done.encode(), last=claim.revision))
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
             log.warning("placement.record_failed", key=claim.key, error=repr(e))
 
@@ -96,6 +102,21 @@ class Placements:
             await self._kv.delete(claim.key, last=claim.revision)
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
             log.warning("placement.abandon_failed", key=claim.key, error=repr(e))  # it goes stale
+
+    async def _patiently(self, op: Callable[[], Awaitable[T]]) -> T:
+        """`op`, asked again while the bucket's stream has no leader (a NATS node died), as a
+        job's publish is (`scheduler.publish`): up to PATIENCE seconds."""
+        deadline = time.monotonic() + PATIENCE
+        pause = PAUSE[0]
+        while True:
+            try:
+                return await op()
+            except TRANSIENT as e:
+                if time.monotonic() + pause >= deadline:
+                    raise
+                log.info("placement.retry", error=repr(e), retry_in=pause)
+            await asyncio.sleep(pause)
+            pause = min(PAUSE[1], pause * 2)
 
     async def _get(self, key: str) -> tuple[Placement, int] | None:
         try:

@@ -27,6 +27,7 @@ import dataclasses
 import math
 import random
 import time
+import uuid
 from collections import OrderedDict
 
 import nats.errors
@@ -320,6 +321,7 @@ class Scheduler:
         placing = Placement(
             PLACING,
             now,
+            by=uuid.uuid4().hex,
             pool=choice.route.pool,
             live_workers=choice.live_nodes,
             model=choice.model if choice.model != sub.job.model else "",

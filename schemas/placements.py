@@ -27,6 +27,7 @@ PLACED: Final = "placed"  # stored by JetStream (in its work queue, or held in t
 class Placement:
     state: State
     at: float  # unix time of the claim
+    by: str = ""  # the claim's own random token: a scheduler tells its claim from another's
     pool: str = ""
     live_workers: int = 0
     model: str = ""  # as Admission.model: the model placed when a fallback list chose another

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import signal
 import sqlite3
 import time
@@ -50,6 +51,8 @@ from tests.stack import FAST_WORKER, Proc, Stack, auth_headers, free_port
 
 RPM = 60  # the rpm key's limit
 TOKENS_PER_DAY = 3000  # the tokens key's limit
+# A scheduler's log line of one placement (structlog's console format, keys sorted)
+ENQUEUED = re.compile(r"dispatch=(?P<dispatch>\d+) .*job_id=(?P<job>[0-9a-f]+)")
 FAULTS = ("worker_kill", "worker_stop", "gateway_kill", "scheduler_kill", "nats_kill")
 
 
@@ -438,6 +441,7 @@ class Chaos:
             problems += [f"request {o.i}: {p}" for p in self._check_one(o, report)]
         billed = await self._billing(problems, report)
         self._check_limits(billed, problems)
+        self._check_placements(problems)
         if problems:
             raise AssertionError(
                 f"{len(problems)} problems:\n" + "\n".join(problems[:40]) + "\n" + "\n".join(report.lines())
@@ -544,6 +548,21 @@ class Chaos:
                 return {row["job_id"]: dict(row) for row in db.execute("SELECT * FROM usage")}
 
         return await asyncio.to_thread(read)
+
+    def _check_placements(self, problems: list[str]) -> None:
+        """No job placed twice at one dispatch: every scheduler logs `job.enqueued` once per
+        placement it made (only at info level: at warning nothing of it is seen)."""
+        if self.plan.log_level != "info":
+            return
+        placed: Counter[tuple[str, str]] = Counter()
+        for proc in self.stack.procs:
+            if proc.name.startswith("scheduler"):
+                for line in proc.output().splitlines():
+                    if " job.enqueued " in line and (m := ENQUEUED.search(line)):
+                        placed[(m["job"], m["dispatch"])] += 1
+        twice = sorted(f"{job}.{dispatch}" for (job, dispatch), n in placed.items() if n > 1)
+        if twice:
+            problems.append(f"{len(twice)} jobs placed twice at one dispatch: {twice[:5]}")
 
     def _check_limits(self, rows: dict[str, dict[str, Any]], problems: list[str]) -> None:
         by_key: dict[str, list[dict[str, Any]]] = {}

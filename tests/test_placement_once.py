@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,10 +24,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from schemas import subjects
+from scheduler.placements import STALE, Claim, Placements
+from schemas import streams, subjects
 from schemas.beats import BeatAnswer
 from schemas.events import decode_event
+from schemas.jetstream import open_bucket
 from schemas.jobs import Admission, Job, Submission
+from schemas.placements import PLACED, PLACING, Placement
 from tests.helpers import ECHO, MODEL, FakeNodes, eventually, node, submit, watch_adverts
 from tests.stack import Proc, Stack
 
@@ -139,6 +143,50 @@ async def test_two_schedulers_asked_at_once_place_a_job_once(placing: tuple[Stac
     assert all(a.error is None and a.pool == POOL for a in answers), [a.error for a in answers]
     ran = await _pull(nc, wait=5.0)
     assert sorted(j.id for j in ran) == sorted(s.job.id for s in subs)
+
+
+async def test_claims_on_one_placement_in_a_real_bucket(tmp_path: Path) -> None:
+    """`scheduler.placements` over a real nats-server's KV: one claim wins, the other waits for
+    its outcome; an abandoned claim may be made again; a stale one (its scheduler died) is
+    taken over and the dead one's late record is refused; a scheduler knows its own claim."""
+    stack = Stack(tmp_path, auth=False)
+    stack.start_nats()
+    nc = await stack.connect()
+    try:
+        kv = await open_bucket(nc, nc.jetstream(), streams.PLACEMENTS, replicas=1)
+        now = [1000.0]
+        a, b = Placements(kv, clock=lambda: now[0]), Placements(kv, clock=lambda: now[0])
+        mine = Placement(PLACING, now[0], by="a", pool="p1", live_workers=2)
+        theirs = Placement(PLACING, now[0], by="b", pool="p2")
+
+        first = await a.claim("j.1", mine)
+        assert isinstance(first, Claim)
+        waiting = asyncio.create_task(b.claim("j.1", theirs))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # "placing": the other waits
+        assert isinstance(await a.claim("j.1", mine), Claim)  # a's own claim (its create's ack was lost)
+        await a.placed(first, seq=7)
+        found = await asyncio.wait_for(waiting, 5.0)
+        assert isinstance(found, Placement) and (found.pool, found.seq, found.state) == ("p1", 7, PLACED)
+        assert found.answer() == Admission(pool="p1", live_workers=2)
+
+        abandoned = await a.claim("j.2", mine)
+        assert isinstance(abandoned, Claim)
+        await a.abandon(abandoned)
+        assert isinstance(await b.claim("j.2", theirs), Claim)
+
+        dead = await a.claim("j.3", mine)
+        assert isinstance(dead, Claim)
+        now[0] += STALE + 1.0
+        taken = await b.claim("j.3", dataclasses.replace(theirs, at=now[0]))
+        assert isinstance(taken, Claim)
+        await a.placed(dead, seq=1)  # too late: b holds it (compare-and-set)
+        await b.placed(taken, seq=2)
+        again = await a.claim("j.3", dataclasses.replace(mine, at=now[0]))
+        assert isinstance(again, Placement) and (again.pool, again.seq) == ("p2", 2)
+    finally:
+        await nc.close()
+        await stack.close()
 
 
 async def test_a_worker_drops_a_copy_of_a_placed_job_unrun(tmp_path: Path) -> None:
