@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 STALE = PATIENCE + TIMEOUT + 3.0  # seconds: longer than any placement's publish may take
 POLL = 0.05  # seconds between looks at a placement another scheduler is making
 RETRY_AFTER = 2.0
+RECORD_WAIT = 0.5  # seconds a stopping scheduler waits for its placements' records
 
 T = TypeVar("T")
 
@@ -58,6 +59,7 @@ class Placements:
     def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
         self._kv = kv
         self._clock = clock
+        self._recording: set[asyncio.Task[None]] = set()  # `record` writes in flight (strong refs)
 
     async def claim(self, key: str, placing: Placement) -> Claim | Placement:
         """Our claim on `key` for `placing` (its `by` a token of this claim's own), or the
@@ -95,6 +97,18 @@ class Placements:
             await self._patiently(lambda: self._kv.update(claim.key, done.encode(), last=claim.revision))
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as e:
             log.warning("placement.record_failed", key=claim.key, error=repr(e))
+
+    def record(self, claim: Claim, *, seq: int) -> None:
+        """`placed`, written while the admission is answered: the answer need not wait for it
+        (a submission of the same placement meanwhile waits for it, as for any "placing")."""
+        task = asyncio.create_task(self.placed(claim, seq=seq))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def stop(self) -> None:
+        """Give the records in flight a moment (one not written stays "placing": taken over once stale)."""
+        if self._recording:
+            await asyncio.wait(set(self._recording), timeout=RECORD_WAIT)
 
     async def abandon(self, claim: Claim) -> None:
         """The placement failed: remove the claim so the gateway's next try may place the job."""

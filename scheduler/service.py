@@ -204,7 +204,8 @@ class Scheduler:
             t.cancel()
         for t in self._tasks:
             t.cancel()
-        stopping = [asyncio.create_task(part.stop()) for part in (self.releaser, self.nodes, self.quota, self.routing)]
+        parts = (self.releaser, self.nodes, self.quota, self.routing, self.placements)
+        stopping = [asyncio.create_task(part.stop()) for part in parts]
         _, late = await asyncio.wait([*stopping, *self._tasks], timeout=STOP_WAIT)
         if late:
             log.warning("scheduler.stop_late", tasks=sorted(t.get_name() for t in late))
@@ -373,7 +374,7 @@ class Scheduler:
                     "The job queue refused the job. Try again shortly.", retry_after=QUEUE_FULL_RETRY_AFTER
                 ) from e
             raise
-        await self.placements.placed(claim, seq=seq)
+        self.placements.record(claim, seq=seq)
         self.health.placed(pool, job.model, (m.node for m in choice.route.members), now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
         log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
