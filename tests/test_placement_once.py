@@ -125,6 +125,7 @@ async def test_a_retry_reaching_another_scheduler_after_a_nats_restart_is_not_pl
     assert again.pool == first.pool  # what the first placement answered: the job is where it was put
     copies = await _pull(nc, wait=3.0)
     assert [j.id for j in copies] == [], "the job was placed a second time at the same dispatch"
+    assert "job.placed_already" in second.output()  # answered from the first placement's record
 
     # a re-dispatch is a new placement (dispatch 2), and is placed
     redispatch = Submission(job=_job("once-1", dispatch=2), failed_pool=POOL, failed_node="own-1")
