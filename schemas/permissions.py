@@ -23,14 +23,12 @@ user JWT; the server enforces them. Roles:
   enrolled for in its pool, ack its own deliveries, send events to gateways' reply subjects,
   report a job whose gateway is gone (`schemas.usage.WorkerReport`: the report is billed only
   through a gateway that opens its sealed ticket), advertise itself under its own id, and hear
-  its own control subject and the roll call, and read a job's placement entry (its pool and
-  work message's sequence: `schemas.placements`, so a worker drops a copy of a placed job
-  unrun). It may not read any other queue, any reply subject, other KV bucket or the
-  JetStream API beyond its own consumers, nor advertise as another node. Its request inbox
-  is its own (`subjects.worker_inbox`), so it cannot listen to other clients' replies either.
-  The events it sends may name any node id (a subject cannot check a payload), so the gateway
-  believes a node id only when the node signed it with this identity's key
-  (`broker_api.attribution`).
+  its own control subject and the roll call. It may not read any other queue, any reply
+  subject, KV bucket or the JetStream API beyond its own consumers, nor advertise as another
+  node. Its request inbox is its own (`subjects.worker_inbox`), so it cannot listen to other
+  clients' replies either. The events it sends may name any node id (a subject cannot check a
+  payload), so the gateway believes a node id only when the node signed it with this
+  identity's key (`broker_api.attribution`).
 
 An empty allow list denies everything in that direction.
 """
@@ -123,12 +121,7 @@ def adapter(pool: str | None, models: tuple[str, ...] = ()) -> Permissions:
     runs on its own machine, so a cloud adapter added to a local stack needs no step).
     Otherwise the work of exactly `models` in `pool` (none: no work at all)."""
     stream = subjects.WORK_STREAM
-    publish: tuple[str, ...] = (
-        subjects.FLEET_HEARTBEAT_ALL,
-        subjects.REPLY_ANY,
-        subjects.ORPHAN_ANY,
-        subjects.PLACEMENT_ENTRIES,
-    )
+    publish: tuple[str, ...] = (subjects.FLEET_HEARTBEAT_ALL, subjects.REPLY_ANY, subjects.ORPHAN_ANY)
     if pool:
         publish += _consumers(pool, models)
     else:
@@ -159,12 +152,6 @@ def _consumers(pool: str, models: tuple[str, ...] | list[str]) -> tuple[str, ...
 
 
 def node(node_id: str, pool: str, models: tuple[str, ...] | list[str]) -> Permissions:
-    publish = (
-        subjects.fleet_heartbeat(node_id),
-        subjects.REPLY_ANY,
-        subjects.ORPHAN_ANY,
-        subjects.PLACEMENT_ENTRIES,  # is a delivery the job's placement or a copy (worker.copies)
-        *_consumers(pool, models),
-    )
+    publish = (subjects.fleet_heartbeat(node_id), subjects.REPLY_ANY, subjects.ORPHAN_ANY, *_consumers(pool, models))
     subscribe = (f"{subjects.worker_inbox(pool, node_id)}.>", subjects.node_control(node_id), subjects.FLEET_ROLL_CALL)
     return Permissions(publish=publish, subscribe=subscribe)

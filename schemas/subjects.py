@@ -90,21 +90,6 @@ def js_consumer_next(stream: str, durable: str) -> str:
     return f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
 
 
-def js_direct_get_last(stream: str, subject: str) -> str:
-    """The last message of `subject` in `stream`, read from any replica (a KV entry: its
-    bucket's stream and `kv_prefix(bucket) + key`; a wildcard subject, for permissions)."""
-    return f"{JS_API}.DIRECT.GET.{stream}.{subject}"
-
-
-def placement_entry(job_id: str, dispatch: int) -> str:
-    """What a worker asks to read one placement's entry (schemas.placements) with."""
-    return js_direct_get_last(f"KV_{PLACEMENTS_BUCKET}", kv_prefix(PLACEMENTS_BUCKET) + placement_key(job_id, dispatch))
-
-
-# Every placement entry: what workers may read of the PLACEMENTS bucket, and nothing else of it.
-PLACEMENT_ENTRIES = js_direct_get_last(f"KV_{PLACEMENTS_BUCKET}", kv_prefix(PLACEMENTS_BUCKET) + ">")
-
-
 def js_ack(stream: str, durable: str) -> str:
     """Every ack subject of one consumer's deliveries (a wildcard, for permissions)."""
     return f"$JS.ACK.{stream}.{durable}.>"

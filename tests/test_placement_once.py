@@ -6,7 +6,7 @@ again. JetStream's dedupe (the work message's `Nats-Msg-Id`) drops that copy onl
 remembers the id, and a nats-server restarted after the job's message was acked and removed
 from the work queue has forgotten it: the copy was stored and a worker ran the job a second
 time, after its answer was already given. Each test here runs a real nats-server (fsync on
-every write), real scheduler processes and, for the worker's part, a real echo worker.
+every write) and real scheduler processes.
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from scheduler.placements import STALE, Claim, Placements
 from schemas import streams, subjects
-from schemas.beats import BeatAnswer
-from schemas.events import decode_event
 from schemas.jetstream import open_bucket
 from schemas.jobs import Admission, Job, Submission
 from schemas.placements import PLACED, PLACING, Placement
-from tests.helpers import ECHO, MODEL, FakeNodes, eventually, node, submit, watch_adverts
+from tests.helpers import MODEL, FakeNodes, eventually, node, submit
 from tests.stack import Proc, Stack
 
 POOL = "own"
@@ -188,67 +185,6 @@ async def test_claims_on_one_placement_in_a_real_bucket(tmp_path: Path) -> None:
     finally:
         await nc.close()
         await stack.close()
-
-
-async def test_a_worker_drops_a_copy_of_a_placed_job_unrun(tmp_path: Path) -> None:
-    """Second line: a message of a placement that is not the one placed (a copy JetStream's
-    dedupe let through) is dropped by the real worker that pulls it, without an event."""
-    stack = Stack(tmp_path, sync_always=True)
-    stack.start_nats()
-    stack.start_scheduler()
-    stack.start_worker(TOKENYARD_SLOTS="2")
-    nc = await stack.connect()
-    try:
-        adverts = await watch_adverts(stack)
-        await stack.wait_for_scheduler()
-        assert await adverts.wait(lambda latest: any(a.slots_free for a in latest.values()), timeout=30.0)
-        events: list[tuple[str, int]] = []
-
-        async def on_event(msg: Msg) -> None:  # the job's gateway: hears events, says its record is stored
-            ev = decode_event(msg.data)
-            events.append((type(ev).__name__, ev.attempt))
-            if msg.reply:
-                await msg.respond(b"")
-
-        async def on_beat(msg: Msg) -> None:  # ... and keeps its attempts running
-            await msg.respond(BeatAnswer().encode())
-
-        job = Job(
-            id="copy-1",
-            model=ECHO,
-            request={"model": ECHO, "messages": [{"role": "user", "content": "one two three"}]},
-            reply=subjects.reply_subject("test", "tok-copy-1"),
-            deadline=time.time() + 60.0,
-        )
-        await nc.subscribe(job.reply, cb=on_event)
-        await nc.subscribe(subjects.reply_beat("test"), cb=on_beat)
-        answer = await _submit_until_answered(nc, Submission(job=job))
-        assert answer.error is None, answer.error
-        assert await eventually(lambda: _is(("Done", 1001) in events), timeout=20.0), events
-        js = nc.jetstream()
-        durable = subjects.work_consumer(answer.pool, ECHO)
-        assert await eventually(lambda: _drained(js, durable), timeout=20.0), "the job's message was never acked"
-
-        ran = len(events)
-        copy = await js.publish(subjects.work_subject(answer.pool, ECHO), job.encode(), headers={"Nats-Msg-Id": "x"})
-        assert not copy.duplicate
-        assert await eventually(lambda: _drained(js, durable), timeout=20.0), "the copy was never taken"
-        await asyncio.sleep(1.0)  # an event of a copy that ran would be here by now
-        assert events[ran:] == [], "the worker ran a copy of a placed job"
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        await stack.close()
-
-
-async def _is(value: bool) -> bool:
-    return value
-
-
-async def _drained(js: Any, durable: str) -> bool:
-    """Nothing waits in the consumer and nothing delivered is unsettled."""
-    info = await js.consumer_info(subjects.WORK_STREAM, durable)
-    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def _started(proc: Proc) -> bool:

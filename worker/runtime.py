@@ -4,8 +4,6 @@ One `Worker` per process. I/O with NATS lives here; what a job produces comes fr
 backend (`worker.backend`), how it is framed from `worker.events`.
 
 Who ends a job, and how its JetStream message is settled:
-- it is a copy (another message than the one its placement recorded: `worker.copies`): `term`,
-  unrun;
 - the backend finishes: DONE event, then `ack` once the job's usage record or the worker's
   own report of it is stored (`worker.reports`: the message is the job's record till then);
 - the backend fails: ERROR event (retryable unless it was the request's fault), then `term`:
@@ -56,7 +54,6 @@ from schemas.otel import Tracing
 from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
 from worker.beats import GATEWAY_GONE, GATEWAY_SILENT, Beats, RunKey, beat_alone
-from worker.copies import is_copy
 from worker.events import EventStream
 from worker.feed import Feed
 from worker.feed import expiry as feed_expiry
@@ -328,11 +325,6 @@ class Worker:
         if job.deadline < time.time():
             log.info("job.expired")
             self._metrics.ended(job.model, "expired", tokens=0, seconds=0.0)
-            await msg.term()
-            return
-        if await is_copy(self._nc, job, msg.metadata.sequence.stream):  # not the message placed (worker.copies)
-            log.info("job.copy_dropped", seq=msg.metadata.sequence.stream)
-            self._metrics.ended(job.model, "copy", tokens=0, seconds=0.0)
             await msg.term()
             return
         out = EventStream(
