@@ -43,6 +43,8 @@ from broker_api.deps import Services
 from broker_api.directory import Directory
 from broker_api.fleetwatch import FleetWatch
 from broker_api.idempotency import Idempotency
+from broker_api.jobrun import SILENCE_BOUND
+from broker_api.lag import KEEP, LoopLag
 from broker_api.ledger import Ledger, LedgerFeed, LedgerReader
 from broker_api.ledger_query import LedgerClient
 from broker_api.metrics import Metrics
@@ -67,6 +69,9 @@ log = structlog.get_logger(__name__)
 
 async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics, stack: AsyncExitStack) -> Services:
     """Connect and build every collaborator; `stack` closes them again, in reverse order."""
+    # how far behind this loop runs, read by every job's silence check (`broker_api.attempts`)
+    lag = LoopLag(keep=max(KEEP, 2 * SILENCE_BOUND * settings.attempt_silence), counted=metrics.behind)
+    stack.push_async_callback(_cancelled, asyncio.create_task(lag.run(), name="loop-lag"))
     bus = await Bus.connect(settings.nats, lanes=settings.lanes)
     stack.push_async_callback(bus.close)
     nc, js = bus.nc, bus.nc.jetstream()
@@ -108,6 +113,7 @@ async def open_services(settings: ApiSettings, admin_key: str, metrics: Metrics,
         metrics=metrics,
         cache=cache,
         tickets=tickets,
+        lag=lag,
         attribute=attributor.attribute,
     )
     stack.push_async_callback(serving.drain)  # cancelled requests waiting for their worker's count

@@ -7,6 +7,12 @@ reported the failure), continue from the text the client already has, or fail wi
 `JobDriver` is the loop that applies it: it waits for the winning attempt's events, stops the
 attempts it gives up on, resubmits, and yields what the client should get. Neither knows any
 API's JSON: continuing an answer is the API's own `Continuation` (`broker_api.session`).
+
+An attempt is taken for silent only for silence the gateway could have heard: time in which the
+gateway's own loop was behind (`broker_api.lag`) does not count, nor does the time its inbox
+holds unread words (`Bus.unread`), up to `jobrun.SILENCE_BOUND` times the silence (the long
+chaos run at load ~13 had a gateway declare three jobs silent in one millisecond, a second
+after their worker had sent every token: the words waited in the gateway's own inbox).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import structlog
 
 from broker_api.bus import Bus
 from broker_api.jobrun import Broken, JobRun, Streamed
+from broker_api.lag import LoopLag
 from broker_api.output import Output
 from broker_api.session import Continuation
 from broker_api.unavailable import NATS_ERRORS, unavailable
@@ -167,12 +174,14 @@ class JobDriver:
         policy: Policy,
         continuation: Continuation | None,
         submit_timeout: float,
+        lag: LoopLag,  # how far behind this gateway's loop ran: not the attempt's silence
         on_continue: Callable[[], None] = lambda: None,  # counted by the caller's metrics
         proven: Callable[[Claim, str], str] = lambda claim, pool: claim.node,  # see `_failed_node`
         idle: float = 0.0,  # seconds a started answer may go without output (0: no bound)
         tick: float = TICK,
     ) -> None:
         self._idle = idle
+        self._lag = lag
         self._proven = proven
         self._on_continue = on_continue
         self._bus = bus
@@ -207,7 +216,7 @@ class JobDriver:
                         # attempt spoke, and a lagging loop read it late (its `heard` may look old)
                         continue
                     now = time.monotonic()
-                    silent, idle = run.silent(now), run.idle(now, self._idle)
+                    silent, idle = self._silent(now), run.idle(now, self._idle)
                     if not silent and not idle:
                         continue
                     gone = run.drop_current()
@@ -242,6 +251,27 @@ class JobDriver:
             text_only=not any(p.tool_calls for p in self._output.parts),
         )
 
+    def _behind(self, now: float) -> float:
+        """Seconds since the run's silence clock started in which this gateway read nothing."""
+        since = self._run.quiet_since
+        return 0.0 if since is None else self._lag.behind_since(since, now)
+
+    def _silent(self, now: float) -> bool:
+        run = self._run
+        behind, unread = self._behind(now), self._bus.unread
+        silent = run.silent(now, behind=behind, unread=unread > 0)
+        if silent:
+            since = run.quiet_since or now
+            log.info(
+                "job.silent",
+                job_id=run.job.id,
+                attempt=run.current if run.current is not None else -1,
+                quiet=round(now - since, 3),
+                behind=round(behind, 3),
+                unread=unread,
+            )
+        return silent
+
     async def _next(self) -> Streamed | Broken | Overdue | None:
         """The next item, or None once the run may have gone silent or idle (a tick while no
         attempt is current); Overdue once the deadline passed. A running attempt's wait ends
@@ -253,8 +283,11 @@ class JobDriver:
         remaining = run.job.deadline - time.time()
         if remaining <= 0:
             return Overdue()
-        due = run.next_check(self._idle)
-        wait = self._tick if due is None else max(due - time.monotonic(), 0.0) + SLACK
+        now = time.monotonic()
+        due = run.next_check(self._idle, self._behind(now))
+        # past its bound and not given up on (its gateway's inbox held unread words): look again
+        # in a tick, not in a loop of SLACK-long waits on a gateway that is behind already
+        wait = self._tick if due is None or due <= now else due - now + SLACK
         try:
             async with asyncio.timeout(min(remaining, wait)):
                 return await run.queue.get()

@@ -1,25 +1,14 @@
 """The gateway's NATS edge: submit jobs, route their events to their `JobRun`, stop attempts.
 
-One subscription (`reply_inbox(gateway_id)`) receives the events of every job this gateway
-runs; each event goes to the `JobRun` its subject's reply token belongs to (a secret in the
-job's envelope: `schemas.subjects.reply_subject`), and only if it speaks of that job and of a
-dispatch the gateway made. So a node that learns another job's id cannot inject events into it:
-events on an unknown token are dropped without a word (answering them with a stop would let a
-forger stop other nodes' jobs). Events of a job this gateway still knows but that lost (the
-client left, another attempt won) are answered with a stop, so no worker keeps generating for
-nobody; a heartbeat on an unknown token is answered "stop" too (the answer goes only to its
-sender). Heartbeats come once per worker and interval for all of this gateway's jobs it runs
-(`schemas.beats`, on the same inbox), each attempt named by its job's reply token; the answer
-lists the attempts that must stop. A final DONE comes as a request and is always answered (to its sender alone): at once
-if it lost, else once the job's usage record is stored. A worker whose DONE is not answered in
-time reports the job itself (`schemas.usage.WorkerReport`), so a gateway that dies between the
-answer and its record leaves no job unbilled.
+One subscription (`reply_inbox(gateway_id)`) receives the events and beats of every job this
+gateway runs; its handler, `broker_api.inbox.Inbox`, hands each to the job's run by its secret
+reply token. `unread` is how many of them wait in that subscription, not handled yet: a
+gateway whose loop is behind has its workers' words there (`broker_api.attempts` does not take
+an attempt for silent meanwhile).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 
@@ -27,13 +16,13 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
-from broker_api.accounting import PATIENCE
+from broker_api import inbox
+from broker_api.inbox import Inbox
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import streams, subjects
-from schemas.beats import Beat, BeatAnswer, Beating
 from schemas.codec import WireError
 from schemas.errors import (
     DeadlineExceededError,
@@ -42,115 +31,49 @@ from schemas.errors import (
     RequestTooLargeError,
     from_wire,
 )
-from schemas.events import Done, Heartbeat, decode_event
-from schemas.jobs import (
-    ATTEMPTS_PER_DISPATCH,
-    CONTINUE,
-    STOP,
-    Admission,
-    ModelAdvert,
-    Stop,
-    Submission,
-    decode_model_list,
-)
+from schemas.jobs import Admission, ModelAdvert, Submission, decode_model_list
 from schemas.logs import close_quietly
 from schemas.settings import NatsSettings, nats_options
 
 log = structlog.get_logger(__name__)
 
 NO_SCHEDULER_RETRY_AFTER = 5.0
-RECORD_WAIT = PATIENCE + 10.0  # seconds a closed job's events are still heard while its record is retried
 
 
 class Bus:
-    def __init__(self, nc: NATS, gateway_id: str, lanes: Lanes) -> None:
+    def __init__(self, nc: NATS, gateway_id: str, lanes: Lanes, inbox: Inbox, reading: Subscription) -> None:
         self.nc = nc
         self.gateway_id = gateway_id
         self.lanes = lanes
-        self.runs: dict[str, JobRun] = {}
-        self._by_token: dict[str, JobRun] = {}  # reply token -> its job's run
+        self._inbox = inbox
+        self._reading = reading  # the inbox subscription, `inbox.on_message` its handler
 
     @classmethod
     async def connect(cls, settings: NatsSettings, *, lanes: bool = True) -> Bus:
         """Connected, and subscribed to this gateway's events; `lanes`: use the lanes schedulers grant."""
         gateway_id = uuid.uuid4().hex[:12]
         nc = await nats.connect(**nats_options(settings, name=f"tokenyard-api-{gateway_id}"))
-        bus = cls(nc, gateway_id, Lanes(nc.jetstream(), enabled=lanes))
-        await nc.subscribe(subjects.reply_inbox(gateway_id), cb=bus._on_event)
-        return bus
+        routes = Inbox(nc)
+        reading = await nc.subscribe(subjects.reply_inbox(gateway_id), cb=routes.on_message)
+        return cls(nc, gateway_id, Lanes(nc.jetstream(), enabled=lanes), routes, reading)
 
     async def close(self) -> None:
-        for run in self.runs.values():
+        for run in self._inbox.runs.values():
             run.close()
         await close_quietly(self.nc)
+
+    @property
+    def unread(self) -> int:
+        """Events and beats in this gateway's inbox not handled yet: its loop, or the handling,
+        is behind, and its workers' words wait there."""
+        return self._reading.pending_msgs
 
     def reply_subject(self, job_id: str) -> str:
         """A fresh reply subject for `job_id`'s events (its token is registered by `open_run`)."""
         return subjects.reply_subject(self.gateway_id, subjects.new_reply_token())
 
-    # --- events -------------------------------------------------------------------------
-
-    async def _on_event(self, msg: Msg) -> None:
-        token = subjects.reply_token(msg.subject)
-        if token == subjects.BEAT_TOKEN:
-            await self._on_beat(msg)
-            return
-        try:
-            ev = decode_event(msg.data)
-        except WireError as e:
-            log.warning("job.bad_event", subject=msg.subject, error=str(e))
-            return
-        run = self._by_token.get(token)
-        if run is not None and (ev.job_id != run.job.id or ev.attempt // ATTEMPTS_PER_DISPATCH > run.job.dispatch):
-            log.warning("job.forged_event", job_id=run.job.id, claimed=ev.job_id, attempt=ev.attempt)
-            run = None
-        now = time.monotonic()
-        if isinstance(ev, Heartbeat):
-            go_on = run is not None and run.heartbeat(ev, now)
-            if msg.reply:
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.respond(CONTINUE if go_on else STOP)
-            return
-        taken = run is not None and run.offer(ev, now)
-        if msg.reply:  # a final DONE asks whether the job is billed (else its worker reports it)
-            if run is not None and isinstance(ev, Done) and (taken or run.holds(ev.attempt)):
-                word = CONTINUE if taken else STOP
-                run.answer_when_recorded(lambda: _answer(msg, word))
-            else:
-                await _answer(msg, STOP)
-        if run is None:
-            log.debug("job.unknown_reply", subject=msg.subject)
-        elif not taken:
-            await self.stop(ev.node, ev.job_id, ev.attempt, "not the winning attempt")
-
-    async def _on_beat(self, msg: Msg) -> None:
-        """A worker's heartbeat for every attempt of this gateway's jobs it runs: each goes to
-        its run as a heartbeat would; the answer names those that must stop."""
-        try:
-            beat = Beat.decode(msg.data)
-        except WireError as e:
-            log.warning("job.bad_beat", error=str(e))
-            return
-        now = time.monotonic()
-        stop = tuple(i for i, b in enumerate(beat.attempts) if not self._beats_on(b, beat.node, now))
-        if msg.reply:
-            with contextlib.suppress(nats.errors.Error):
-                await msg.respond(BeatAnswer(stop).encode())
-
-    def _beats_on(self, b: Beating, node: str, now: float) -> bool:
-        run = self._by_token.get(b.token)
-        if run is None:
-            return False
-        if b.attempt // ATTEMPTS_PER_DISPATCH > run.job.dispatch:
-            log.warning("job.forged_beat", job_id=run.job.id, node=node, attempt=b.attempt)
-            return False
-        return run.beat(b.attempt, b.seq, now)
-
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
-        if not node:
-            return
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(subjects.node_control(node), Stop(job_id, attempt, reason).encode())
+        await inbox.stop(self.nc, node, job_id, attempt, reason)
 
     # --- scheduler ----------------------------------------------------------------------
 
@@ -204,19 +127,12 @@ class Bus:
 
     def open_run(self, run: JobRun) -> None:
         """Route the job's events to `run` from now on."""
-        self.runs[run.job.id] = run
-        self._by_token[subjects.reply_token(run.job.reply)] = run
+        self._inbox.open(run)
 
     async def close_run(self, run: JobRun, reason: str) -> None:
         """Forget a job; stop its attempt if it is still going."""
         run.close()
-        self.runs.pop(run.job.id, None)
-        token = subjects.reply_token(run.job.reply)
-        if run.awaiting_record:  # until then, a delivery of the job again is answered as its winner
-            run.when_recorded(lambda: self._by_token.pop(token, None))
-            asyncio.get_running_loop().call_later(RECORD_WAIT, self._by_token.pop, token, None)  # if never
-        else:
-            self._by_token.pop(token, None)
+        self._inbox.close(run)
         gone = run.drop_current()
         if gone is not None and not run.finished:
             await self.stop(gone[1], run.job.id, gone[0], reason)
@@ -238,8 +154,3 @@ def encoded_submission(sub: Submission, *, max_payload: int) -> bytes:
             param="messages",
         )
     return data
-
-
-async def _answer(msg: Msg, word: bytes) -> None:
-    with contextlib.suppress(nats.errors.Error):
-        await msg.respond(word)

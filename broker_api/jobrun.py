@@ -16,6 +16,12 @@ A run changes only through its methods: the bus offers events and closes it, the
 The winning attempt's final DONE comes as a request; its answer is held until the job's usage
 record is stored (`answer_when_recorded`, `recorded`), and so is the final count of an attempt
 given up on after its output reached the client (`holds`).
+
+Silence is measured from when the gateway *read* the attempt's last word, so time in which the
+gateway itself read nothing must not count: `silent` takes how long the gateway was `behind`
+meanwhile (`broker_api.lag`) and whether its inbox holds words not read yet (`unread`), and an
+attempt quiet for `SILENCE_BOUND` times the silence is silent whatever they say (a dead worker
+on a gateway that never catches up is still given up on).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 from schemas.events import Claim, Delta, Done, Failed, Heartbeat, Start
 from schemas.jobs import ATTEMPTS_PER_DISPATCH, Job
 
+# An attempt quiet this many times the silence is silent however far behind its gateway ran.
+SILENCE_BOUND = 3.0
 # What `offer` takes: every event but heartbeats, which go to `heartbeat`.
 Streamed = Start | Delta | Done | Failed
 
@@ -254,21 +262,34 @@ class JobRun:
         if self._committed:
             self._min_attempt = max(self._min_attempt, (attempt // ATTEMPTS_PER_DISPATCH + 1) * ATTEMPTS_PER_DISPATCH)
 
-    def silent(self, now: float) -> bool:
+    @property
+    def quiet_since(self) -> float | None:
+        """The monotonic time the silence clock runs from: the current attempt's last word, or,
+        with none current, the refusal of the only one heard from; None: no clock runs."""
+        return self.heard if self.current is not None else self._refused_at
+
+    def silent(self, now: float, *, behind: float = 0.0, unread: bool = False) -> bool:
         """The current attempt said nothing for longer than the silence allows; or none is
         current and the only one heard from was refused that long ago (it was told to stop: the
-        job would otherwise wait out its deadline for nobody)."""
-        if self.current is None:
-            return self._refused_at is not None and now - self._refused_at > self.silence
-        return now - self.heard > self.silence
+        job would otherwise wait out its deadline for nobody). `behind`: seconds since then in
+        which the gateway read nothing (its loop was late), which do not count; `unread`: its
+        inbox holds words not read yet, which may be this attempt's. Either way, quiet for
+        `SILENCE_BOUND` times the silence is silent."""
+        since = self.quiet_since
+        if since is None:
+            return False
+        quiet = now - since
+        if quiet > SILENCE_BOUND * self.silence:
+            return True
+        return not unread and quiet > self.silence + behind
 
-    def next_check(self, limit: float) -> float | None:
-        """The earliest monotonic time `silent` or `idle(limit)` could turn true with no event
-        queued meanwhile (heartbeats only push it later); None while no attempt is current, when
-        a refusal may start the silence clock without an event."""
+    def next_check(self, limit: float, behind: float = 0.0) -> float | None:
+        """The earliest monotonic time `silent(behind=behind)` or `idle(limit)` could turn true
+        with no event queued meanwhile (heartbeats only push it later); None while no attempt is
+        current, when a refusal may start the silence clock without an event."""
         if self.current is None:
             return None
-        due = self.heard + self.silence
+        due = self.heard + min(self.silence + behind, SILENCE_BOUND * self.silence)
         if limit > 0 and self._committed:
             due = min(due, self.progressed + limit)
         return due

@@ -22,6 +22,8 @@ The gateway's (the scheduler's are in `scheduler.metrics`, the worker's in `work
     tokenyard_api_lane_placements_total                          jobs placed through a scheduler's lane
     tokenyard_api_work_queue_jobs{pool,model,state}              waiting|running in each work queue (JetStream)
     tokenyard_api_ledger_lag_records{stream}                     records not yet in this gateway's ledger
+    tokenyard_api_loop_behind_seconds_total                      time this gateway's event loop ran behind
+        (`broker_api.lag`: its workers' words waited unread meanwhile, and did not count as silence)
 
 Per request this costs a few dict look-ups and atomic adds (prometheus-client's children are
 cached per label set); the queue and ledger gauges are read from JetStream when scraped.
@@ -127,6 +129,9 @@ class Metrics:
         self.continuations = Counter(
             "tokenyard_api_continuations", "Answers continued on another node mid-way.", ["model"], registry=r
         )
+        self.loop_behind = Counter(
+            "tokenyard_api_loop_behind_seconds", "Seconds this gateway's event loop ran behind.", registry=r
+        )
         self.scraped = _Scraped()
         r.register(self.scraped)
 
@@ -166,6 +171,10 @@ class Metrics:
         meter = METER.get()
         if meter is not None:
             meter.model = model
+
+    def behind(self, seconds: float) -> None:
+        """The event loop woke `seconds` late (`broker_api.lag`)."""
+        self.loop_behind.inc(seconds)
 
     def continued(self, model: str) -> None:
         self.continuations.labels(model).inc()

@@ -34,6 +34,7 @@ from broker_api.bus import Bus
 from broker_api.cache import ResponseCache, cache_key, cacheable
 from broker_api.idempotency import Idempotency
 from broker_api.jobrun import Broken, JobRun
+from broker_api.lag import LoopLag
 from broker_api.metrics import Metrics
 from broker_api.output import ChoiceResult, Output, cached_results
 from broker_api.session import Ask, Session
@@ -68,6 +69,7 @@ class Serving:
         metrics: Metrics,
         cache: ResponseCache | None,  # None: the gateway runs without a response cache
         tickets: Tickets,
+        lag: LoopLag,
         attribute: Callable[[Claim, str], Attribution] = lambda claim, pool: Attribution(claim.node, None),
     ) -> None:
         self._attribute = attribute  # (claim, pool) -> the node a record names and its price (`attribution`)
@@ -78,6 +80,7 @@ class Serving:
         self._metrics = metrics
         self._cache = cache
         self._tickets = tickets
+        self._lag = lag  # how far behind this gateway's loop ran (the jobs' silence leaves it out)
         self._settling: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
 
     def open(
@@ -191,6 +194,7 @@ class Serving:
             ),
             continuation=s.ask.continuation,
             submit_timeout=self._s.submit_timeout,
+            lag=self._lag,
             on_continue=lambda: self._metrics.continued(s.ask.model),
             proven=self._proven_node,
             idle=self._s.stream_idle_timeout,

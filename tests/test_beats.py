@@ -1,5 +1,6 @@
 """A worker's heartbeats: one beat per gateway for all the attempts it runs for it (`worker.beats`),
-and the per-job heartbeat requests a job from a gateway before beats still gets.
+and the per-job heartbeat requests a job from a gateway before beats still gets; a gateway that
+answers them late (its loop behind) keeps its jobs.
 
 The test plays the gateway: it puts jobs on the work queue itself and reads what a real echo
 worker sends to its inbox."""
@@ -11,6 +12,8 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
 from schemas import subjects
 from schemas.beats import Beat, BeatAnswer
 from schemas.events import Done, Event, Heartbeat, decode_event
@@ -20,6 +23,7 @@ from tests.stack import Stack
 
 GATEWAY = "gwbeats"
 LONG = "beat [[tokens=400]] [[rate=20]]"  # 20 s of output: it runs until the test stops it
+HEARTBEAT = 0.2  # the test workers' (tests/stack.py)
 
 
 class Inbox:
@@ -30,6 +34,8 @@ class Inbox:
         self.beats: list[Beat] = []
         self.events: list[tuple[str, Event]] = []  # (reply token, event)
         self.answer = BeatAnswer()
+        self.delay = 0.0  # seconds each answer comes late, as from a gateway whose loop is behind
+        self._late: set[asyncio.Task[None]] = set()
 
     async def on_message(self, msg: Any) -> None:
         token = subjects.reply_token(msg.subject)
@@ -37,22 +43,35 @@ class Inbox:
             beat = Beat.decode(msg.data)
             self.beats.append(beat)
             answer, self.answer = self.answer, BeatAnswer()
-            await msg.respond(answer.encode())
+            await self._respond(msg, answer.encode())
             return
         ev = decode_event(msg.data)
         self.events.append((token, ev))
         if msg.reply:
-            await msg.respond(CONTINUE)
+            await self._respond(msg, CONTINUE)
+
+    async def _respond(self, msg: Any, data: bytes) -> None:
+        if not self.delay:
+            await msg.respond(data)
+            return
+
+        async def late() -> None:
+            await asyncio.sleep(self.delay)
+            await msg.respond(data)
+
+        task = asyncio.create_task(late())
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
 
-async def put_jobs(stack: Stack, n: int, *, beats: bool) -> list[Job]:
+async def put_jobs(stack: Stack, n: int, *, beats: bool, content: str = LONG) -> list[Job]:
     nc = await stack.bus()
     js = nc.jetstream()
     jobs = []
     for _ in range(n):
         job_id = uuid.uuid4().hex
         reply = subjects.reply_subject(GATEWAY, subjects.new_reply_token())
-        request = {"model": ECHO, "messages": [{"role": "user", "content": LONG}]}
+        request = {"model": ECHO, "messages": [{"role": "user", "content": content}]}
         job = Job(id=job_id, model=ECHO, request=request, reply=reply, deadline=time.time() + 60, beats=beats)
         await js.publish(subjects.work_subject("own", ECHO), job.encode(), headers={"Nats-Msg-Id": job.message_id})
         jobs.append(job)
@@ -98,3 +117,21 @@ async def test_a_job_from_a_gateway_before_beats_gets_its_own_heartbeats(stack: 
     token = subjects.reply_token(job.reply)
     assert await wait_until(lambda: sum(isinstance(ev, Heartbeat) for t, ev in inbox.events if t == token) >= 3, 10)
     assert not [b for beat in inbox.beats for b in beat.attempts if b.token == token]
+
+
+@pytest.mark.parametrize("beats", [True, False], ids=["beats", "per-job heartbeats"])
+async def test_a_gateway_that_answers_late_keeps_its_jobs(stack: Stack, beats: bool) -> None:
+    """Every answer comes twice the heartbeat late (a gateway whose loop is behind): no answer
+    comes within one interval, yet each comes, and the job runs to its end. Before, three
+    heartbeats unanswered within one interval each stopped it."""
+    inbox = await started_worker(stack)
+    inbox.delay = 2 * HEARTBEAT
+    (job,) = await put_jobs(stack, 1, beats=beats, content="late [[tokens=60]] [[rate=20]]")  # 3 s of output
+    token = subjects.reply_token(job.reply)
+    assert await wait_until(lambda: any(t == token and isinstance(ev, Done) for t, ev in inbox.events), 20)
+    (done,) = [ev for t, ev in inbox.events if t == token and isinstance(ev, Done)]
+    assert not done.cancelled and done.completion_tokens == 60
+    if beats:
+        assert sum(any(b.token == token for b in beat.attempts) for beat in inbox.beats) >= 5
+    else:
+        assert sum(isinstance(ev, Heartbeat) for t, ev in inbox.events if t == token) >= 5

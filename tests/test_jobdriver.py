@@ -17,6 +17,7 @@ from typing import Any
 from broker_api.attempts import JobDriver, Policy
 from broker_api.bus import Bus
 from broker_api.jobrun import JobRun
+from broker_api.lag import LoopLag
 from broker_api.output import Output
 from schemas.events import Delta, Done, Piece, Start
 from schemas.jobs import Job, Submission
@@ -34,6 +35,8 @@ async def test_an_event_read_late_by_a_lagging_loop_is_not_silence(tmp_path: Pat
     stack = Stack(tmp_path)
     stack.start_nats()
     bus = await Bus.connect(NatsSettings(url=stack.nats_url, creds=stack.creds("api")))
+    lag = LoopLag()  # as the gateway's lifespan runs it
+    watching = asyncio.create_task(lag.run())
     try:
         job = Job(id="j", model="m", request={}, reply="r", deadline=time.time() + 30)
         run = JobRun(job, silence=SILENCE)
@@ -50,6 +53,7 @@ async def test_an_event_read_late_by_a_lagging_loop_is_not_silence(tmp_path: Pat
             policy=Policy(max_dispatches=3, continues=True),
             continuation=continued,
             submit_timeout=1.0,
+            lag=lag,
         )
         got: list[Delta | Done] = []
 
@@ -83,5 +87,6 @@ async def test_an_event_read_late_by_a_lagging_loop_is_not_silence(tmp_path: Pat
         assert isinstance(got[-1], Done) and run.job.dispatch == 1  # never placed again
         assert output.text(0) == "a b c " and output.tokens == 3
     finally:
+        watching.cancel()
         await bus.close()
         await stack.close()

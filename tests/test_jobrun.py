@@ -223,3 +223,27 @@ def test_an_attempt_given_up_on_leaves_none_of_its_unread_events_to_read() -> No
     assert broken.offer(ev(DELTA, 1001, 1), now=0.1)
     assert not broken.offer(ev(DELTA, 1001, 3), now=0.2)  # event 2 lost
     assert [type(e).__name__ for e in drain(broken)] == ["Broken"]
+
+
+def test_time_the_gateway_was_behind_or_unread_words_are_not_silence_up_to_the_bound() -> None:
+    """Silence counts from when the gateway read the attempt's last word: seconds in which the
+    gateway read nothing (`behind`) do not count, nor does a moment its inbox holds unread
+    words; quiet for `SILENCE_BOUND` times the silence is silent whatever they say (a dead
+    worker on a gateway that never catches up)."""
+    run = JobRun(JOB, silence=1.0)
+    assert run.offer(ev(START, 1001, 0), now=10.0)
+    assert run.silent(11.5)
+    assert not run.silent(11.5, behind=1.0)  # 1.5 s quiet, 1 s of it the gateway's own lag
+    assert run.silent(12.5, behind=1.0)
+    assert not run.silent(12.5, unread=True)  # what it sent may wait in the inbox
+    assert not run.silent(12.9, behind=5.0, unread=True)
+    assert run.silent(13.1, behind=5.0, unread=True)  # past 3x the silence
+    assert run.next_check(0, behind=0.5) == 11.5
+    assert run.next_check(0, behind=9.0) == 13.0  # never past the bound
+    assert run.quiet_since == 10.0
+
+    refused = JobRun(JOB, silence=1.0)
+    assert refused.quiet_since is None and not refused.silent(100.0, behind=0.0)
+    assert not refused.offer(ev(DELTA, 1001, 3), now=10.0)  # joined mid-way: refused, nothing else may come
+    assert refused.quiet_since == 10.0
+    assert not refused.silent(11.5, behind=1.0) and refused.silent(11.5) and refused.silent(13.1, unread=True)

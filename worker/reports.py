@@ -1,7 +1,7 @@
 """Reports of jobs whose gateway is gone: what an attempt generated, so the job is still billed.
 
-A worker learns its gateway is gone when a heartbeat finds no responder or goes unanswered
-`GATEWAY_MISSES` times, or when its final DONE, sent as a request, is not answered
+A worker learns its gateway is gone when a heartbeat finds no responder or none is answered
+for the gateway patience (`worker.beats`), or when its final DONE, sent as a request, is not answered
 (`worker.runtime`). The gateway then cannot write the job's usage record, so the worker
 publishes a `schemas.usage.WorkerReport` to the orphans stream instead: the counts it has, and
 the job's ticket, which the gateway sealed and only gateways can open. It learns nothing about

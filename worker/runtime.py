@@ -15,9 +15,9 @@ Who ends a job, and how its JetStream message is settled:
   gateway answers an attempt whose output reached its client only once the job's record is
   stored, so a gateway that dies while a continuation carries the answer on still leaves the
   job billed;
-- the gateway is gone (its beat finds no responder, or `GATEWAY_MISSES` in a row go
-  unanswered: `worker.beats`): the generation is closed, the worker reports what it generated
-  (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term` once
+- the gateway is gone (its beat finds no responder, or none of its beats is answered for
+  `--gateway-patience`: `worker.beats`): the generation is closed, the worker reports what it
+  generated (`worker.reports`: the job is billed from that, `counted_by: "worker"`), then `term` once
   the report is stored;
 - the final DONE (sent as a request, which the gateway answers once the job's usage record is
   stored) is not answered within `BILLED_WAIT`: the job is reported the same way (waited for
@@ -53,7 +53,7 @@ from schemas.nodes import NOTHING_SERVED, Hardware
 from schemas.otel import Tracing
 from schemas.tasks import choices
 from worker.backend import Backend, Finish, Usage
-from worker.beats import GATEWAY_GONE, GATEWAY_SILENT, Beats, RunKey, beat_alone
+from worker.beats import GATEWAY_GONE, GATEWAY_SILENT, Beats, RunKey, beat_alone, patience
 from worker.events import EventStream
 from worker.feed import Feed
 from worker.feed import expiry as feed_expiry
@@ -129,8 +129,14 @@ class Worker:
         self._hardware = hardware
         self._served = NOTHING_SERVED
         self._reports = Reporter(js, node=settings.node_id, pool=settings.pool, ack_wait=settings.ack_wait)
+        self._patience = patience(settings.heartbeat, settings.gateway_patience)
         self._beats = Beats(
-            nc, node=settings.node_id, interval=settings.heartbeat, ack_wait=settings.ack_wait, stop=self._stop
+            nc,
+            node=settings.node_id,
+            interval=settings.heartbeat,
+            ack_wait=settings.ack_wait,
+            patience=self._patience,
+            stop=self._stop,
         )
         self._health_told: tuple[bool, tuple[bool, ...]] = (True, ())  # as the last advert said
         # How long a final DONE waits (in the background, its slot free) for the gateway's word
@@ -346,7 +352,16 @@ class Worker:
         if job.beats and subjects.reply_gateway(job.reply):
             self._beats.add(key, msg, job.reply, out)
         else:
-            beating = beat_alone(self._nc, msg, job.reply, key, out, interval=self._s.heartbeat, stop=self._stop)
+            beating = beat_alone(
+                self._nc,
+                msg,
+                job.reply,
+                key,
+                out,
+                interval=self._s.heartbeat,
+                patience=self._patience,
+                stop=self._stop,
+            )
             alone = asyncio.create_task(beating)
         settle = msg.term
         outcome = "failed"

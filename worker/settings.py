@@ -27,6 +27,7 @@ class WorkerSettings:
     models: tuple[str, ...]  # public model ids (echo: served names; transformers: the id to serve under)
     slots: int  # most jobs at once (transformers: max concurrent sequences)
     heartbeat: float  # seconds between job heartbeats and fleet adverts
+    gateway_patience: float  # seconds a gateway may leave every beat unanswered before its jobs stop
     ack_wait: float  # JetStream redelivers a job whose worker went silent this long
     max_deliver: int  # after this many deliveries a job is given up (poison job)
     coalesce_ms: float  # token events closer together than this are sent as one message
@@ -86,6 +87,13 @@ class WorkerSettings:
             p, "--slots", default=0, type=int, help="jobs at once (default: echo 64, transformers 16, engine 8)"
         )
         add_setting(p, "--heartbeat", default=1.0, type=float, help="seconds between heartbeats")
+        add_setting(
+            p,
+            "--gateway-patience",
+            default=15.0,
+            type=float,
+            help="seconds a gateway may answer no heartbeat before its jobs are stopped (at least 3 heartbeats)",
+        )
         add_setting(p, "--ack-wait", default=5.0, type=float, help="seconds of silence before a job is redelivered")
         add_setting(p, "--max-deliver", default=3, type=int, help="deliveries before a job is given up")
         add_setting(p, "--coalesce-ms", default=20.0, type=float, help="merge token events closer than this")
@@ -161,6 +169,7 @@ class WorkerSettings:
             models=models,
             slots=slots,
             heartbeat=a.heartbeat,
+            gateway_patience=a.gateway_patience,
             ack_wait=a.ack_wait,
             max_deliver=a.max_deliver,
             coalesce_ms=a.coalesce_ms,
