@@ -18,8 +18,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
-from broker_api import inbox
-from broker_api.inbox import Inbox
+from broker_api.inbox import Inbox, stop_attempt
 from broker_api.jobrun import JobRun
 from broker_api.lanes import Lanes
 from schemas import streams, subjects
@@ -73,7 +72,7 @@ class Bus:
         return subjects.reply_subject(self.gateway_id, subjects.new_reply_token())
 
     async def stop(self, node: str, job_id: str, attempt: int, reason: str) -> None:
-        await inbox.stop(self.nc, node, job_id, attempt, reason)
+        await stop_attempt(self.nc, node, job_id, attempt, reason)
 
     # --- scheduler ----------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class Inbox:
         if run is None:
             log.debug("job.unknown_reply", subject=msg.subject)
         elif not taken:
-            await stop(self._nc, ev.node, ev.job_id, ev.attempt, "not the winning attempt")
+            await stop_attempt(self._nc, ev.node, ev.job_id, ev.attempt, "not the winning attempt")
 
     async def _on_beat(self, msg: Msg) -> None:
         """A worker's heartbeat for every attempt of this gateway's jobs it runs: each goes to
@@ -121,7 +121,7 @@ class Inbox:
         return run.beat(b.attempt, b.seq, now)
 
 
-async def stop(nc: NATS, node: str, job_id: str, attempt: int, reason: str) -> None:
+async def stop_attempt(nc: NATS, node: str, job_id: str, attempt: int, reason: str) -> None:
     """Tell `node` to stop `attempt` of `job_id`."""
     if not node:
         return
