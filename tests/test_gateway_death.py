@@ -272,7 +272,9 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
     unanswered, reports the job. The continuation's placement is held here by a stopped
     scheduler; the worker is stopped past the silence bound, then let go."""
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
-    worker = stack.start_worker(TOKENYARD_LOG_LEVEL="info", TOKENYARD_HEARTBEAT="0.2")
+    # an ack wait past the stop: the job is not delivered again meanwhile (that delivery's own
+    # report, of its first token, could then be the job's one record)
+    worker = stack.start_worker(TOKENYARD_LOG_LEVEL="info", TOKENYARD_HEARTBEAT="0.2", TOKENYARD_ACK_WAIT="10")
     env = {
         "TOKENYARD_ORPHAN_GRACE": "1",
         "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
