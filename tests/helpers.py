@@ -172,9 +172,6 @@ class Sse:
                     break
         return self
 
-    def words(self) -> list[str]:
-        return self.text.split()
-
 
 class Adverts:
     """The latest advert of every worker, read off the fleet subject."""
@@ -250,14 +247,17 @@ def node(
     kind: str = "own",
     healthy: bool = True,
     price: tuple[float, float] = (0.0, 0.0),
+    interval: float = 0.2,
 ) -> NodeAdvert:
+    """A node's advert; the scheduler takes the node for gone after three `interval`s without one
+    (FakeNodes sends one every 0.2 s, whatever the advert says)."""
     return NodeAdvert(
         node=name,
         pool=pool,
         models=(ModelAdvert(model, 4096, "t", *price),),
         slots_total=slots,
         slots_free=slots if free is None else free,
-        interval=0.2,
+        interval=interval,
         kind=kind,  # type: ignore[arg-type]
         healthy=healthy,
     )
