@@ -390,11 +390,10 @@ async def test_a_fallback_list_names_the_model_and_route_that_answered(env: Stac
 async def test_an_interrupted_cloud_stream_is_billed_for_what_was_relayed(env: Stacked) -> None:
     env.set(Behaviour(chunks=("a", "b", "c", "d"), mode="disconnect", disconnect_after=2))
     stream = await env.client.chat.completions.create(model=CLOUD, messages=ASK, stream=True)
-    got = []
+    sse = Sse()
     with pytest.raises(openai.APIError):
-        async for c in stream:
-            got.append(c)
-    job = got[0].id.removeprefix("chatcmpl-")
+        await sse.drain(stream)
+    job = sse.id.removeprefix("chatcmpl-")
     row = await usage_row(env, job)
     assert row["completion_tokens"] == 2 and row["outcome"] == "error"
 
