@@ -51,6 +51,24 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> boo
     return predicate()
 
 
+async def end_leftover_tasks(timeout: float = 10.0) -> list[str]:
+    """Cancel what still runs in this loop besides the caller (what a test or its stack left
+    behind) and give it `timeout` seconds to end. Those that do not end are named, with where
+    they wait, on stdout and returned: the loop's own teardown would wait on them for ever (a
+    full run was once stuck there), and this way the timeout's report says which they were."""
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left, timeout=timeout)
+    stuck = [t for t in left if not t.done()]
+    for t in stuck:
+        print(f"a task left running did not end {timeout:g} s after it was cancelled: {t!r}")
+        t.print_stack(file=sys.stdout)
+    return [t.get_name() for t in stuck]
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
