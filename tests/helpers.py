@@ -137,6 +137,11 @@ class Sse:
         """The answer's id, as its first event carrying one has it ("" before)."""
         return next((e["id"] for e in self.events if isinstance(e.get("id"), str)), "")
 
+    @property
+    def texts(self) -> int:
+        """How many chat chunks so far carried text (in their first choice)."""
+        return sum(1 for e in self.events if (e.get("choices") or [{}])[0].get("delta", {}).get("content"))
+
     def add(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self.times.append(time.monotonic())
