@@ -46,7 +46,7 @@ import nats.errors
 
 from schemas import subjects
 from tests.cluster import NatsCluster
-from tests.helpers import ECHO
+from tests.helpers import ECHO, Sse
 from tests.stack import FAST_WORKER, Proc, Stack, auth_headers, free_port
 
 RPM = 60  # the rpm key's limit
@@ -329,27 +329,22 @@ class Chaos:
     async def _stream(
         self, http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], o: Outcome
     ) -> None:
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
-            o.status = r.status_code
-            if r.status_code != 200:
-                answer = _json_or_error(await r.aread(), o)
-                if "error" in answer:
-                    o.error = f"{r.status_code} {answer['error'].get('code')}: {answer['error']['message']}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    o.done = True
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    o.error = f"event {obj['error'].get('code')}: {obj['error']['message']}"
-                    continue
-                o.job_id = obj["id"].removeprefix("chatcmpl-")
-                for c in obj.get("choices", []):
-                    o.text += c["delta"].get("content") or ""
-                    o.finish = c.get("finish_reason") or o.finish
+        sse = Sse()
+        try:  # bounded past the httpx read timeout: a stream that trickles on for ever is a hang too
+            await sse.read(
+                http, f"{url}/v1/chat/completions", body, headers=headers, timeout=self.plan.request_timeout + 60
+            )
+        except TimeoutError:
+            o.cut = "timeout: the whole stream"
+        finally:  # what came, also when the connection was cut
+            o.status, o.text, o.finish, o.done = sse.status, sse.text, sse.finish, sse.done
+            o.job_id = sse.id.removeprefix("chatcmpl-")
+            if sse.error is not None:
+                o.error = f"event {sse.error.get('code')}: {sse.error['message']}"
+        if sse.status not in (0, 200):
+            answer = _json_or_error(sse.body, o)
+            if "error" in answer:
+                o.error = f"{sse.status} {answer['error'].get('code')}: {answer['error']['message']}"
 
     # --- the faults --------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from tests.cluster import NatsCluster
-from tests.helpers import ECHO
+from tests.helpers import ECHO, end_leftover_tasks
 from tests.postgres import Postgres, data_dir
 from tests.stack import ADMIN_KEY, Stack
 
@@ -50,6 +50,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
+        await end_leftover_tasks()
 
 
 @pytest.fixture

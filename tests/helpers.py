@@ -1,16 +1,19 @@
 """Helpers several test modules share: clients for a running stack, the admin API, the
-ledger, the fleet's adverts, simulated nodes and submissions for the scheduler tests, and
-bounded waits. Test modules import from here (and from `tests.stack`), never from each other.
+ledger, the fleet's adverts, simulated nodes and submissions for the scheduler tests, bounded
+waits, and one reader of streamed (SSE) answers. Test modules import from here (and from
+`tests.stack`), never from each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -46,6 +49,24 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> boo
             return True
         await asyncio.sleep(0.01)
     return predicate()
+
+
+async def end_leftover_tasks(timeout: float = 10.0) -> list[str]:
+    """Cancel what still runs in this loop besides the caller (what a test or its stack left
+    behind) and give it `timeout` seconds to end. Those that do not end are named, with where
+    they wait, on stdout and returned: the loop's own teardown would wait on them for ever (a
+    full run was once stuck there), and this way the timeout's report says which they were."""
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left, timeout=timeout)
+    stuck = [t for t in left if not t.done()]
+    for t in stuck:
+        print(f"a task left running did not end {timeout:g} s after it was cancelled: {t!r}")
+        t.print_stack(file=sys.stdout)
+    return [t.get_name() for t in stuck]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> bool:
@@ -87,6 +108,92 @@ async def wait_rows(http: httpx.AsyncClient, count: int, timeout: float = 10.0, 
             return rows
         await asyncio.sleep(0.1)
     raise AssertionError(f"ledger has {len(rows)} rows, expected {count}: {rows}")
+
+
+# --- streamed answers --------------------------------------------------------------------------
+
+
+@dataclass
+class Sse:
+    """What a test needs from one streamed answer, as far as it has come: every event's JSON in
+    order (and when each came), whether `[DONE]` came, the error event's `error` object, and the
+    text, finish reason and usage of the chat chunks among them. `read` fills it from the raw
+    SSE of an HTTP response, `drain` from the official SDK's stream; both are bounded in time
+    and keep what came when they raise (a cut connection, the SDK's error for an error event,
+    the time bound), so a test sees the answer so far either way."""
+
+    status: int = 0  # the HTTP status (0: no response yet)
+    body: bytes = b""  # the body of an answer that is not a 200 stream
+    events: list[dict[str, Any]] = field(default_factory=list)  # every event but [DONE], in order
+    times: list[float] = field(default_factory=list)  # the monotonic time each event came
+    done: bool = False  # the [DONE] line came
+    error: dict[str, Any] | None = None  # the first error event's `error` object
+    text: str = ""  # the chat chunks' delta content, every choice's in arrival order
+    finish: str | None = None  # the last finish reason a chunk carried
+    usage: dict[str, Any] | None = None  # the last usage a chunk carried
+
+    @property
+    def id(self) -> str:
+        """The answer's id, as its first event carrying one has it ("" before)."""
+        return next((e["id"] for e in self.events if isinstance(e.get("id"), str)), "")
+
+    @property
+    def texts(self) -> int:
+        """How many chat chunks so far carried text (in their first choice)."""
+        return sum(1 for e in self.events if (e.get("choices") or [{}])[0].get("delta", {}).get("content"))
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        if "error" in event and self.error is None:
+            self.error = event["error"]
+        if event.get("usage"):
+            self.usage = event["usage"]
+        for choice in event.get("choices") or ():
+            self.text += (choice.get("delta") or {}).get("content") or ""
+            self.finish = choice.get("finish_reason") or self.finish
+
+    async def read(
+        self,
+        http: httpx.AsyncClient,
+        path: str,
+        body: dict[str, Any],
+        *,
+        headers: dict[str, str] | None = None,
+        until: Callable[[Sse], bool] | None = None,
+        timeout: float = 60.0,
+    ) -> Sse:
+        """POST `body` to `path` and read the SSE answer to its end, or until `until(self)`
+        (asked after each event) is true, within `timeout` seconds in all (else TimeoutError).
+        A status other than 200 reads the body whole instead."""
+        async with asyncio.timeout(timeout), http.stream("POST", path, json=body, headers=headers) as r:
+            self.status = r.status_code
+            if r.status_code != 200:
+                self.body = await r.aread()
+                return self
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    self.done = True
+                    continue
+                self.add(json.loads(line[6:]))
+                if until is not None and until(self):
+                    break
+        return self
+
+    async def drain(
+        self, stream: AsyncIterator[Any], *, until: Callable[[Sse], bool] | None = None, timeout: float = 60.0
+    ) -> Sse:
+        """Read the SDK's stream (of chunks with `model_dump()`) to its end, or until
+        `until(self)` is true, within `timeout` seconds. The SDK raises an error event as
+        `openai.APIError`, after the chunks before it were added here."""
+        async with asyncio.timeout(timeout):
+            async for chunk in stream:
+                self.add(chunk.model_dump())
+                if until is not None and until(self):
+                    break
+        return self
 
 
 class Adverts:
@@ -163,14 +270,17 @@ def node(
     kind: str = "own",
     healthy: bool = True,
     price: tuple[float, float] = (0.0, 0.0),
+    interval: float = 0.2,
 ) -> NodeAdvert:
+    """A node's advert; the scheduler takes the node for gone after three `interval`s without one
+    (FakeNodes sends one every 0.2 s, whatever the advert says)."""
     return NodeAdvert(
         node=name,
         pool=pool,
         models=(ModelAdvert(model, 4096, "t", *price),),
         slots_total=slots,
         slots_free=slots if free is None else free,
-        interval=0.2,
+        interval=interval,
         kind=kind,  # type: ignore[arg-type]
         healthy=healthy,
     )

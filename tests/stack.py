@@ -38,6 +38,7 @@ from schemas.jobs import NodeAdvert
 
 ADMIN_KEY = "ty_admin_test-secret-key-0123456789"
 SHUTDOWN_GRACE = 5.0  # seconds a gateway under test waits for open requests when it stops
+API_START_TIMEOUT = 60.0  # seconds a gateway process (`spawn_api`) may take to answer /healthz
 
 FAST_WORKER = {
     "TOKENYARD_BACKEND": "echo",
@@ -228,8 +229,11 @@ class Stack:
             },
         )
         url = f"http://127.0.0.1:{port}"
+        # 60 s: a loaded machine (load ~17 on two cores) took over the 10 s this once allowed to
+        # start the process and connect it; a process that died says so at once.
+        deadline = time.monotonic() + API_START_TIMEOUT
         async with httpx.AsyncClient(base_url=url) as http:
-            for _ in range(200):
+            while time.monotonic() < deadline and proc.alive():
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get("/healthz")).status_code == 200:
                         return proc, url

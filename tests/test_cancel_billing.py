@@ -17,7 +17,7 @@ import yaml
 from broker_api.serving import CANCEL_REPORT_WAIT
 from schemas.rules import estimate_prompt_tokens
 from tests.fake_provider import Behaviour, FakeProvider
-from tests.helpers import ECHO, admin, sdk, wait_rows, wait_until
+from tests.helpers import ECHO, Sse, admin, sdk, wait_rows, wait_until
 from tests.stack import Stack
 
 LONG = "alpha beta gamma delta epsilon [[tokens=2000]] [[rate=100]]"  # 20 s if nobody stops it
@@ -27,14 +27,9 @@ PRICES = {"input": 3.0, "output": 7.0}  # USD per million tokens
 
 async def read_then_leave(stream: Any, words: int) -> str:
     """Read the stream until `words` words arrived, then close it (the client goes away)."""
-    text = ""
-    async with asyncio.timeout(10):
-        async for chunk in stream:
-            text += "".join(c.delta.content or "" for c in chunk.choices)
-            if len(text.split()) >= words:
-                break
+    sse = await Sse().drain(stream, until=lambda s: len(s.text.split()) >= words, timeout=10)
     await stream.close()
-    return text
+    return sse.text
 
 
 async def rows_settled(http: httpx.AsyncClient, count: int) -> dict[str, dict[str, Any]]:
@@ -115,19 +110,14 @@ async def test_worker_killed_mid_stream_is_billed_once_from_the_estimate(stack: 
     messages = [{"role": "user", "content": LONG}]
     async with sdk(stack) as client, httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         stream = await client.chat.completions.create(model=ECHO, messages=messages, stream=True)
-        text = ""
-        async with asyncio.timeout(15):
-            async for chunk in stream:
-                text += "".join(c.delta.content or "" for c in chunk.choices)
-                if len(text.split()) >= 5:
-                    break
-            worker.kill()  # SIGKILL: no final count will ever come
-            if client_leaves:  # before the gateway notices the silence
-                await stream.close()
-            else:  # the stream ends with an error event after a few missed heartbeats
-                with pytest.raises(Exception, match="interrupted"):
-                    async for chunk in stream:
-                        text += "".join(c.delta.content or "" for c in chunk.choices)
+        sse = await Sse().drain(stream, until=lambda s: len(s.text.split()) >= 5, timeout=15)
+        worker.kill()  # SIGKILL: no final count will ever come
+        if client_leaves:  # before the gateway notices the silence
+            await stream.close()
+        else:  # the stream ends with an error event after a few missed heartbeats
+            with pytest.raises(Exception, match="interrupted"):
+                await sse.drain(stream, timeout=15)
+        text = sse.text
         rows = await rows_settled(http, 1)
     [row] = rows.values()
     assert row["outcome"] == ("cancelled" if client_leaves else "error")

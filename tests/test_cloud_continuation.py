@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.fake_provider import Behaviour, FakeProvider
-from tests.helpers import sdk, wait_rows
+from tests.helpers import Sse, sdk, wait_rows
 from tests.stack import Stack, auth_headers
 
 MODEL = "fake-model"
@@ -61,7 +61,7 @@ async def two_routes(stack: Stack, tmp_path: Path, a: FakeProvider, b: FakeProvi
     await stack.wait_for_model(MODEL, nodes=2)
 
 
-async def stream_text(client: openai.AsyncOpenAI) -> tuple[str, str | None, Any]:
+async def stream_text(client: openai.AsyncOpenAI) -> Sse:
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "count"}],
@@ -69,13 +69,7 @@ async def stream_text(client: openai.AsyncOpenAI) -> tuple[str, str | None, Any]
         stream_options={"include_usage": True},
         extra_body=PREFER_A,
     )
-    text, finish, usage = "", None, None
-    async for chunk in stream:
-        usage = chunk.usage or usage
-        for c in chunk.choices:
-            text += c.delta.content or ""
-            finish = c.finish_reason or finish
-    return text, finish, usage
+    return await Sse().drain(stream)
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))
@@ -88,15 +82,15 @@ async def test_a_broken_cloud_stream_is_continued_on_a_route_that_takes_the_pref
     ):
         await two_routes(stack, tmp_path, a, b, prefill=True)
         async with sdk(stack) as client:
-            text, finish, usage = await stream_text(client)
+            sse = await stream_text(client)
         [continued] = b.chat_requests()
-    assert text == "".join(CHUNKS) and finish == "stop"  # nothing missing, nothing twice
+    assert sse.text == "".join(CHUNKS) and sse.finish == "stop"  # nothing missing, nothing twice
     # B was asked to carry on from exactly what the client had
     assert continued.body["messages"][-1] == {"role": "assistant", "content": "one two three"}
     async with httpx.AsyncClient(base_url=stack.api_url, headers=auth_headers()) as http:
         [row] = await wait_rows(http, 1)
     assert row["outcome"] == "ok" and row["attempts"] == 2 and row["route"] == "prov-b", row
-    assert row["completion_tokens"] == usage.completion_tokens == len(CHUNKS), row
+    assert sse.usage is not None and row["completion_tokens"] == sse.usage["completion_tokens"] == len(CHUNKS), row
 
 
 async def test_with_no_route_taking_the_prefix_the_stream_ends_with_what_really_failed(

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.helpers import ECHO, sdk, wait_rows
+from tests.helpers import ECHO, Sse, sdk, wait_rows
 from tests.stack import Stack, auth_headers
 
 WORDS = "alpha beta gamma delta epsilon".split()
@@ -28,16 +28,10 @@ async def test_a_dead_node_is_continued_by_another(stack: Stack) -> None:
             stream=True,
             stream_options={"include_usage": True},
         )
-        text, finish, usage = "", None, None
-        async for chunk in stream:
-            if chunk.usage:
-                usage = chunk.usage
-            for c in chunk.choices:
-                text += c.delta.content or ""
-                finish = c.finish_reason or finish
-    assert text == expected  # nothing missing, nothing twice
-    assert finish == "stop"
-    assert usage is not None and usage.completion_tokens == 30
+        sse = await Sse().drain(stream)
+    assert sse.text == expected  # nothing missing, nothing twice
+    assert sse.finish == "stop"
+    assert sse.usage is not None and sse.usage["completion_tokens"] == 30
     assert time.monotonic() - started < 10
     async with httpx.AsyncClient(base_url=stack.api_url, headers=auth_headers()) as http:
         rows = await wait_rows(http, 1)
@@ -55,12 +49,11 @@ async def test_with_continuation_turned_off_the_stream_ends_with_an_error(stack:
             messages=[{"role": "user", "content": "x [[tokens=30]] [[rate=25]] [[die-after=5]]"}],
             stream=True,
         )
-        text = ""
+        sse = Sse()
         try:
-            async for chunk in stream:
-                text += chunk.choices[0].delta.content or ""
+            await sse.drain(stream)
             raised = False
         except Exception as e:  # noqa: BLE001 - the SDK raises APIError for the error event
             raised = "interrupted" in str(e)
     assert raised
-    assert text.split() == ["x"] * 5
+    assert sse.text.split() == ["x"] * 5

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from schemas import subjects
-from tests.helpers import ECHO, admin, new_key, sdk, wait_rows, watch_adverts
+from tests.helpers import ECHO, Sse, admin, new_key, sdk, wait_rows, watch_adverts
 from tests.scrape import samples, value
 from tests.stack import Stack, auth_headers
 
@@ -58,19 +58,15 @@ async def test_ledger_is_exact_for_every_kind_of_request(stack: Stack) -> None:
         stream = await client.chat.completions.create(
             model=ECHO, messages=USER, max_tokens=9, stream=True, stream_options={"include_usage": True}
         )
-        async for chunk in stream:
-            if chunk.usage:
-                seen[chunk.id] = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        whole = await Sse().drain(stream)
+        if whole.usage:
+            seen[whole.id] = (whole.usage["prompt_tokens"], whole.usage["completion_tokens"])
         # cancelled mid-stream after some tokens
         stream = await client.chat.completions.create(
             model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=100]]"}], stream=True
         )
-        got = 0
-        async for chunk in stream:
-            got += 1 if chunk.choices and chunk.choices[0].delta.content else 0
-            cancelled_id = chunk.id
-            if got >= 3:
-                break
+        cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
+        cancelled_id, got = cut.id, cut.texts
         await stream.close()
         # failed over: the first worker dies before its first token
         request = asyncio.create_task(

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.fake_provider import Behaviour, FakeProvider
-from tests.helpers import watch_adverts
+from tests.helpers import Sse, watch_adverts
 from tests.stack import ADMIN_KEY, Stack
 from worker.engine_url import NO_KEY, EngineError, engine_base_url, list_models, pick_models
 from worker.settings import WorkerSettings
@@ -113,13 +113,8 @@ async def test_a_node_fronting_its_engine_serves_through_the_stack(stack: Stack)
             stream = await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi again"}], stream=True
             )
-            pieces, finish = [], None
-            async for chunk in stream:
-                for c in chunk.choices:
-                    if c.delta.content:
-                        pieces.append(c.delta.content)
-                    finish = c.finish_reason or finish
-            assert "".join(pieces) == "Hello from the engine" and finish == "stop"
+            sse = await Sse().drain(stream)
+            assert sse.text == "Hello from the engine" and sse.finish == "stop"
 
         chats = fp.chat_requests()
         assert len(chats) == 2 and {s.key for s in chats} == {KEY}

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import ECHO, sdk, watch_adverts
+from tests.helpers import ECHO, Sse, sdk, watch_adverts
 from tests.stack import Stack, auth_headers
 
 
@@ -99,11 +99,8 @@ async def test_worker_killed_before_first_token_runs_elsewhere(stack: Stack, str
         started = time.monotonic()
         result = await asyncio.wait_for(request, 15)
         if stream:
-            text, finish = "", None
-            async for chunk in result:
-                for c in chunk.choices:
-                    text += c.delta.content or ""
-                    finish = c.finish_reason or finish
+            sse = await Sse().drain(result, timeout=15)
+            text, finish = sse.text, sse.finish
         else:
             text, finish = result.choices[0].message.content, result.choices[0].finish_reason
     assert text == "alpha beta gamma alpha beta gamma"

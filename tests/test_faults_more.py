@@ -13,17 +13,8 @@ import pytest
 
 from schemas import subjects
 from schemas.jobs import Admission, Job, ModelAdvert, NodeAdvert, Submission
-from tests.helpers import ECHO, sdk, watch_adverts
+from tests.helpers import ECHO, Sse, sdk, watch_adverts
 from tests.stack import Stack
-
-
-async def collect(stream: openai.AsyncStream) -> tuple[str, str | None]:
-    text, finish = "", None
-    async for chunk in stream:
-        for c in chunk.choices:
-            text += c.delta.content or ""
-            finish = c.finish_reason or finish
-    return text, finish
 
 
 async def test_worker_killed_mid_stream_ends_the_stream_with_an_error(stack: Stack) -> None:
@@ -34,16 +25,13 @@ async def test_worker_killed_mid_stream_ends_the_stream_with_an_error(stack: Sta
         stream = await client.chat.completions.create(
             model=ECHO, messages=[{"role": "user", "content": "tick [[tokens=500]] [[rate=50]]"}], stream=True
         )
-        received = ""
-        started = None
+        sse = await Sse().drain(stream, until=lambda s: len(s.text) > 20, timeout=30)
+        worker.signal(signal.SIGKILL)
+        started = time.monotonic()
         with pytest.raises(openai.APIError) as e:
-            async for chunk in stream:
-                received += chunk.choices[0].delta.content or ""
-                if started is None and len(received) > 20:
-                    worker.signal(signal.SIGKILL)
-                    started = time.monotonic()
-        assert started is not None
+            await sse.drain(stream, timeout=30)
         waited = time.monotonic() - started
+        received = sse.text
     assert "interrupted" in str(e.value.message)
     assert 0.5 < waited < 5  # a few missed heartbeats, never a hang
     assert received and ("tick " * 500).startswith(received.strip() + " ") or received.strip() == "tick"
@@ -67,12 +55,12 @@ async def test_zombie_worker_late_tokens_are_dropped(stack: Stack) -> None:
         zombie = workers[int(busy[1:])]
         zombie.signal(signal.SIGSTOP)  # frozen past ack_wait: JetStream redelivers to the other worker
         stream = await asyncio.wait_for(request, 15)
-        text, finish = await asyncio.wait_for(collect(stream), 15)
+        sse = await Sse().drain(stream, timeout=15)
         zombie.signal(signal.SIGCONT)  # it wakes up and sends its late tokens: they must go nowhere
         await asyncio.sleep(1.5)
         r = await client.chat.completions.create(model=ECHO, messages=[{"role": "user", "content": "still fine"}])
-    assert text == "one two three one two three one two three"
-    assert finish == "stop"
+    assert sse.text == "one two three one two three one two three"
+    assert sse.finish == "stop"
     assert r.choices[0].message.content.startswith("still fine")
     assert zombie.alive()
 

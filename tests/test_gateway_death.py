@@ -26,7 +26,7 @@ from broker_api.ledger_store import TABLES, SqliteStore
 from schemas import subjects
 from schemas.usage import UsageRecord
 from tests.cluster import NatsCluster
-from tests.helpers import ECHO, sdk
+from tests.helpers import ECHO, Sse, sdk
 from tests.stack import Proc, Stack, auth_headers
 from tests.test_cluster import usage_messages
 
@@ -287,12 +287,8 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
         stream = await client.chat.completions.create(
             model=ECHO, messages=[{"role": "user", "content": "g [[tokens=400]] [[rate=20]]"}], stream=True
         )
-        words = 0
-        async for chunk in stream:
-            words += bool(chunk.choices and chunk.choices[0].delta.content)
-            if words >= 3:
-                break
-        job = chunk.id.removeprefix("chatcmpl-")
+        cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
+        job, words = cut.id.removeprefix("chatcmpl-"), cut.texts
         scheduler.signal(signal.SIGSTOP)  # the continuation's placement waits
         worker.signal(signal.SIGSTOP)
         try:

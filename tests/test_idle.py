@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from schemas.nodes import Gpu, Hardware
-from tests.helpers import ECHO, watch_adverts
+from tests.helpers import ECHO, Sse, watch_adverts
 from tests.stack import Stack, auth_headers, free_port
 from worker.idle import (
     AlwaysAvailable,
@@ -462,7 +462,8 @@ class Streamed:
     """A streamed request read in the background: its text, how it ended, when it first spoke."""
 
     def __init__(self, client: openai.AsyncOpenAI, prompt: str) -> None:
-        self.text, self.finish, self.error = "", "", ""
+        self.error = ""
+        self.sse = Sse()
         self.spoke = asyncio.Event()
         self.task = asyncio.create_task(self._read(client, prompt))
 
@@ -471,14 +472,23 @@ class Streamed:
             stream = await client.chat.completions.create(
                 model=ECHO, messages=[{"role": "user", "content": prompt}], stream=True
             )
-            async for chunk in stream:
-                for c in chunk.choices:
-                    self.text += c.delta.content or ""
-                    self.finish = c.finish_reason or self.finish
-                    if self.text:
-                        self.spoke.set()
+            await self.sse.drain(stream, until=self._spoken, timeout=120)
         except openai.APIError as e:
             self.error = e.message
+
+    @property
+    def text(self) -> str:
+        return self.sse.text
+
+    @property
+    def finish(self) -> str:
+        return self.sse.finish or ""
+
+    def _spoken(self, sse: Sse) -> bool:
+        """Marks the first text (and reads on)."""
+        if sse.text:
+            self.spoke.set()
+        return False
 
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import ECHO, sdk, wait_rows, watch_adverts
+from tests.helpers import ECHO, Sse, sdk, wait_rows, watch_adverts
 from tests.stack import Stack, auth_headers
 
 STREAMS = 12
@@ -21,14 +21,12 @@ AFTER = 50
 
 async def read_stream(stream: Any) -> tuple[str, str]:
     """(text, error message or "") of a stream read to its end."""
-    text = ""
+    sse = Sse()
     try:
-        async for chunk in stream:
-            for c in chunk.choices:
-                text += c.delta.content or ""
+        await sse.drain(stream, timeout=60)
     except openai.APIError as e:
-        return text, e.message
-    return text, ""
+        return sse.text, e.message
+    return sse.text, ""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])

@@ -31,6 +31,10 @@ from tests.helpers import MODEL, FakeNodes, eventually, job, node, publish_usage
 from tests.stack import Stack
 
 T0 = 1_700_000_000.0  # a fixed clock for the pure tests
+# The fake node's advertised interval in the two-scheduler tests: it is sent every 0.2 s, but at
+# 0.2 s a loaded machine's stalled 0.6 s (three intervals) took it for gone, and a submission was
+# refused "no capacity" (503) where the test expects a rate limit's 429. At 2 s it may stall 6 s.
+ADVERT_INTERVAL = 2.0
 
 
 async def read_counters(nc: NATS, scope: str, ident: str) -> L.Counters:
@@ -45,7 +49,7 @@ async def two_schedulers(tmp_path: Path) -> AsyncIterator[tuple[Stack, FakeNodes
     stack.start_nats()
     a = await stack.connect()
     b = await stack.connect()
-    nodes = await FakeNodes(a, [node("n1", slots=1000)]).start()
+    nodes = await FakeNodes(a, [node("n1", slots=1000, interval=ADVERT_INTERVAL)]).start()
     stack.start_scheduler(TOKENYARD_RESERVATION_MARGIN="0")
     stack.start_scheduler(TOKENYARD_RESERVATION_MARGIN="0")
     try:
@@ -447,7 +451,7 @@ async def test_a_money_cap_caps_the_generation_of_a_job_without_max_tokens(two_s
     $1 / $3 per million tokens. The job that reaches the work queue may generate only what the
     budget has left after its prompt, so the worker stops there."""
     _, nodes, a, _ = two_schedulers
-    nodes.set(node("n1", slots=1000, price=(1.0, 3.0)))
+    nodes.set(node("n1", slots=1000, price=(1.0, 3.0), interval=ADVERT_INTERVAL))
     await nodes.publish()
     await asyncio.sleep(0.5)  # both schedulers have the priced advert
     js = a.jetstream()

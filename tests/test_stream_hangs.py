@@ -3,9 +3,13 @@
 300 streams, 32 at once, through one cloud-adapter worker to the fake provider, whose first
 chunk comes about when the worker's "started" timer fires (`worker.runtime.START_DELAY`): the
 moment where the worker's Start event and its first Delta raced for sequence order. The
-gateway's attempt silence is as short as the worker's heartbeat, so some attempts are taken
-for dead and re-dispatched while they run: the same worker then holds two attempts of one job.
-Every stream must end with the whole answer well within the request's deadline.
+gateway's attempt silence is three of the worker's heartbeats, so on a loaded machine some
+attempts are taken for dead and re-dispatched while they run: the same worker then holds two
+attempts of one job. Every stream must end with the whole answer well within the request's
+deadline. (The silence was once one heartbeat: no margin at all, so at load ~14 on two cores a
+stalled second after a stream's first token ended it with "the worker stopped responding", as
+the gateway must when a started answer's only node goes quiet; on a quiet machine it re-dispatched
+nothing either way.)
 
 `TOKENYARD_TEST_STREAMS=4000` runs the long version by hand (bench/RESULTS.md).
 
@@ -17,7 +21,6 @@ gateway's `--stream-idle-timeout`, and the stream ends with an error event.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import httpx
 import yaml
 
 from tests.fake_provider import Behaviour, FakeProvider
-from tests.helpers import ECHO, watch_adverts
+from tests.helpers import ECHO, Sse, watch_adverts
 from tests.stack import Stack, auth_headers
 
 MODEL = "fake-model"
@@ -39,27 +42,19 @@ async def one_stream(http: httpx.AsyncClient, i: int) -> tuple[str, float, str]:
     """(text, seconds, error or "") of one streamed request; an answer that does not end with
     finish_reason "stop" is an error too."""
     started = time.monotonic()
-    text, error, finish = "", "", None
     body = {"model": MODEL, "messages": [{"role": "user", "content": f"stream {i}"}], "stream": True}
+    sse, error = Sse(), ""
     try:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                return "", time.monotonic() - started, f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    error = obj["error"]["message"]
-                    break
-                for c in obj.get("choices", []):
-                    text += c["delta"].get("content") or ""
-                    finish = c.get("finish_reason") or finish
-    except httpx.HTTPError as e:
+        await sse.read(http, "/v1/chat/completions", body, until=lambda s: s.error is not None, timeout=60)
+    except (httpx.HTTPError, TimeoutError) as e:
         error = f"{type(e).__name__}: {e}"
-    if not error and finish != "stop":
-        error = f"finish_reason {finish!r}"
-    return text, time.monotonic() - started, error
+    if sse.status not in (0, 200):
+        return "", time.monotonic() - started, f"HTTP {sse.status}: {sse.body[:200]!r}"
+    if sse.error is not None:
+        error = sse.error["message"]
+    if not error and sse.finish != "stop":
+        error = f"finish_reason {sse.finish!r}"
+    return sse.text, time.monotonic() - started, error
 
 
 async def test_cloud_streams_under_load_all_end(stack: Stack, tmp_path: Path) -> None:
@@ -79,7 +74,9 @@ async def test_cloud_streams_under_load_all_end(stack: Stack, tmp_path: Path) ->
             TOKENYARD_ACK_WAIT="5",
             TOKENYARD_COALESCE_MS="20",
         )
-        _, url = await stack.spawn_api(TOKENYARD_REQUEST_TIMEOUT="30", TOKENYARD_LEDGER="false")
+        _, url = await stack.spawn_api(
+            TOKENYARD_REQUEST_TIMEOUT="30", TOKENYARD_LEDGER="false", TOKENYARD_ATTEMPT_SILENCE="3.0"
+        )
         stack.api_url = url
         await stack.wait_for_model(MODEL)
         limits = httpx.Limits(max_connections=AT_ONCE, max_keepalive_connections=AT_ONCE)
@@ -108,7 +105,11 @@ async def test_cloud_streams_under_load_all_end(stack: Stack, tmp_path: Path) ->
 
 async def test_a_stream_whose_worker_hangs_ends_with_an_error_event(stack: Stack) -> None:
     stack.start_worker(TOKENYARD_SLOTS="4", TOKENYARD_HEARTBEAT="0.3")
-    _, url = await stack.spawn_api(TOKENYARD_STREAM_IDLE_TIMEOUT="2", TOKENYARD_REQUEST_TIMEOUT="60")
+    # Only the idle bound may end it: the attempt silence is far beyond the 0.3 s heartbeats, so a
+    # loaded machine's stalled second never passes for a dead worker (at the stack's 1 s it did).
+    _, url = await stack.spawn_api(
+        TOKENYARD_STREAM_IDLE_TIMEOUT="2", TOKENYARD_REQUEST_TIMEOUT="60", TOKENYARD_ATTEMPT_SILENCE="10"
+    )
     stack.api_url = url
     await stack.wait_for_model(ECHO)
     adverts = await watch_adverts(stack)
@@ -117,25 +118,16 @@ async def test_a_stream_whose_worker_hangs_ends_with_an_error_event(stack: Stack
         "messages": [{"role": "user", "content": "one two three [[tokens=50]] [[rate=50]] [[hang-after=5]]"}],
         "stream": True,
     }
-    text, error, last = "", "", 0.0
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=url, headers=auth_headers(), timeout=70) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    error = obj["error"]["message"]
-                    break
-                for c in obj.get("choices", []):
-                    text += c["delta"].get("content") or ""
-                last = time.monotonic()
+        sse = await Sse().read(http, "/v1/chat/completions", body, until=lambda s: s.error is not None, timeout=70)
+    assert sse.status == 200
+    text, error = sse.text, (sse.error or {}).get("message", "")
+    last = max((t for t, e in zip(sse.times, sse.events) if "error" not in e), default=started)
     took = time.monotonic() - started
     # the worker heartbeats all along, so only the idle bound ends it: well before the 60 s deadline
     assert text.split() == ["one", "two", "three", "one", "two"], text
     assert "no output for 2 s" in error, error
-    assert took - (last - started) < 2 + 4.0 and took < 15, took
+    assert took - (last - started) < 2 + 8.0 and took < 30, took
     # and the hung attempt was stopped on its worker
-    assert await adverts.wait(lambda a: a and all(n.slots_free == 4 for n in a.values()), 5.0)
+    assert await adverts.wait(lambda a: a and all(n.slots_free == 4 for n in a.values()), 15.0)

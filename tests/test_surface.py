@@ -23,7 +23,7 @@ import yaml
 
 from tests import tiny_embedder, tiny_model
 from tests.fake_provider import Behaviour, FakeCall, FakeProvider, embedding_of
-from tests.helpers import ECHO, admin, eventually, new_key
+from tests.helpers import ECHO, Sse, admin, eventually, new_key
 from tests.openai_schema import validate
 from tests.stack import ADMIN_KEY, Stack
 from worker.echo_script import tokens_of
@@ -390,11 +390,10 @@ async def test_a_fallback_list_names_the_model_and_route_that_answered(env: Stac
 async def test_an_interrupted_cloud_stream_is_billed_for_what_was_relayed(env: Stacked) -> None:
     env.set(Behaviour(chunks=("a", "b", "c", "d"), mode="disconnect", disconnect_after=2))
     stream = await env.client.chat.completions.create(model=CLOUD, messages=ASK, stream=True)
-    got = []
+    sse = Sse()
     with pytest.raises(openai.APIError):
-        async for c in stream:
-            got.append(c)
-    job = got[0].id.removeprefix("chatcmpl-")
+        await sse.drain(stream)
+    job = sse.id.removeprefix("chatcmpl-")
     row = await usage_row(env, job)
     assert row["completion_tokens"] == 2 and row["outcome"] == "error"
 
@@ -487,20 +486,13 @@ async def test_responses_stream_event_sequence(env: Stacked) -> None:
 
 async def test_a_responses_stream_cut_after_its_first_output_ends_with_error_and_failed(env: Stacked) -> None:
     env.set(Behaviour(chunks=("a", "b", "c"), mode="disconnect", disconnect_after=1))
-    kinds: list[str] = []
     async with httpx.AsyncClient(base_url=env.stack.api_url, timeout=30) as http:
-        async with http.stream(
-            "POST",
-            "/v1/responses",
-            json={"model": CLOUD, "input": "hi", "stream": True},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        ) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    validate(event, "ResponseStreamEvent")
-                    kinds.append(event["type"])
+        body = {"model": CLOUD, "input": "hi", "stream": True}
+        sse = await Sse().read(http, "/v1/responses", body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert sse.status == 200
+    for event in sse.events:
+        validate(event, "ResponseStreamEvent")
+    kinds = [event["type"] for event in sse.events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-2:] == ["error", "response.failed"]
 
