@@ -477,7 +477,9 @@ def test_odd_headers(
     method, path = route
     headers = [(k.encode(), v) for k, v in auth_headers().items()]
     headers += [(f"x-many-{i}".encode(), b"v" * 20) for i in range(many)]
-    headers += [(k.encode(), v) for k, v in extra]
+    # a Content-Length that is not a number httpx itself refuses to send (LocalProtocolError):
+    # the server never sees it (the CI run found `content-length: ""` among the generated names)
+    headers += [(k.encode(), v) for k, v in extra if k.lower() != "content-length" or v.isdigit()]
     headers += [(k.encode(), v) for k, v in special.items() if k != "content-length" or v.isdigit()]
     body = _dumps({"model": ECHO, "messages": [{"role": "user", "content": "h"}], "max_tokens": 1})
     try:
