@@ -43,6 +43,19 @@ async def _auth_init(*args: str) -> str:
     return out.decode()
 
 
+async def _held_adapter(tmp_path: Path) -> tuple[Stack, Path, NATS]:
+    """An auth dir with adapter `prov-b`, a running nats-server on it, a copy of the adapter's
+    credentials as they are now (`old`: what `auth init` will replace) and a connection held
+    with them."""
+    stack = Stack(tmp_path)
+    assert stack.auth is not None
+    await _auth_init("--out", str(stack.auth.path), "--adapter", f"prov-b={ECHO}")
+    stack.start_nats()
+    old = tmp_path / "adapter-prov-b.old.creds"
+    shutil.copy(stack.creds("adapter-prov-b"), old)
+    return stack, old, await _connect(stack.nats_url, str(old))
+
+
 async def _connect(url: str, creds: str, inbox: str = "") -> NATS:
     return await nats.connect(
         url,
@@ -75,13 +88,8 @@ async def test_auth_init_pushes_the_revocation_to_the_running_nats_itself(tmp_pa
     """No gateway runs: `auth init`, pointed at the running server, closes the replaced
     credentials' connection and says so, and keeps the revocations the server held already (a
     node a gateway disabled), at a restart too."""
-    stack = Stack(tmp_path)
+    stack, old, held = await _held_adapter(tmp_path)
     assert stack.auth is not None
-    await _auth_init("--out", str(stack.auth.path), "--adapter", f"prov-b={ECHO}")
-    stack.start_nats()
-    old = tmp_path / "adapter-prov-b.old.creds"
-    shutil.copy(stack.creds("adapter-prov-b"), old)
-    held = await _connect(stack.nats_url, str(old))
     node_creds, node_user = stack.auth.issue("node-x", None)  # as if a gateway had disabled this node
     (tmp_path / "node.creds").write_text(node_creds)
     gateway = await Credentials.open(stack.auth, NatsSettings(url=stack.nats_url))
@@ -152,13 +160,8 @@ async def test_auth_init_run_again_pushes_what_the_servers_lack(tmp_path: Path) 
     """No gateway holds the directory and `auth init` could not reach NATS when it revoked: the
     old file still connects. Run again with the same flags where NATS is reachable, it pushes
     the earlier revocation, and says so; a third run finds nothing to add."""
-    stack = Stack(tmp_path)
+    stack, old, held = await _held_adapter(tmp_path)
     assert stack.auth is not None
-    await _auth_init("--out", str(stack.auth.path), "--adapter", f"prov-b={ECHO}")
-    stack.start_nats()
-    old = tmp_path / "adapter-prov-b.old.creds"
-    shutil.copy(stack.creds("adapter-prov-b"), old)
-    held = await _connect(stack.nats_url, str(old))
     flags = ["--out", str(stack.auth.path), "--adapter", "prov-b=prov-model"]
     try:
         out = await _auth_init(*flags, "--nats-url", f"nats://127.0.0.1:{free_port()}")
