@@ -9,6 +9,7 @@ an attempt for silent meanwhile).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -76,10 +77,14 @@ class Bus:
 
     # --- scheduler ----------------------------------------------------------------------
 
-    async def submit(self, sub: Submission, *, timeout: float, deadline: float) -> Admission:
+    async def submit(
+        self, sub: Submission, *, timeout: float, deadline: float, run: JobRun | None = None
+    ) -> Admission:
         """Place a job through its lane if a scheduler granted one (`broker_api.lanes`), else
         hand it to a scheduler; retries a lost answer with the same job (deduplicated). A job
-        too large for one NATS message is refused (413) before anything is queued."""
+        too large for one NATS message is refused (413) before anything is queued. A retry
+        after `run` (the job's, open) heard from an attempt of this dispatch says so
+        (`Submission.started`): the job is placed, although its scheduler never answered."""
         data = encoded_submission(sub, max_payload=self.nc.max_payload)
         lane = self.lanes.key_of(sub)
         if lane is not None:
@@ -95,7 +100,10 @@ class Bus:
             except nats.errors.NoRespondersError as e:
                 raise NoCapacityError("No scheduler is running.", retry_after=NO_SCHEDULER_RETRY_AFTER) from e
             except nats.errors.TimeoutError:
-                log.warning("job.submit_retry", job_id=sub.job.id)
+                if run is not None and not sub.started and run.heard_from(sub.job.dispatch):
+                    sub = dataclasses.replace(sub, started=True)
+                    data = encoded_submission(sub, max_payload=self.nc.max_payload)
+                log.warning("job.submit_retry", job_id=sub.job.id, started=sub.started)
                 continue
             answer = Admission.decode(reply.data)
             if answer.error is not None:

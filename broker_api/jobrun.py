@@ -130,6 +130,10 @@ class JobRun:
         be placed yet)."""
         return attempt in self._delivered and not self._recorded
 
+    def heard_from(self, dispatch: int) -> bool:
+        """An attempt of `dispatch` sent an event (taken or refused): the job is placed at it."""
+        return any(a // ATTEMPTS_PER_DISPATCH == dispatch for a in (*self._claims, *self._refused))
+
     def placed(self, dispatch: int, pool: str, model: str = "") -> None:
         self._pools[dispatch] = pool
         if model:

@@ -171,7 +171,9 @@ class Serving:
                 return
         self._bus.open_run(s.run)
         try:
-            admission = await self._bus.submit(s.sub, timeout=self._s.submit_timeout, deadline=s.job.deadline)
+            admission = await self._bus.submit(
+                s.sub, timeout=self._s.submit_timeout, deadline=s.job.deadline, run=s.run
+            )
         except BaseException:
             await self._bus.close_run(s.run, "not admitted")
             raise

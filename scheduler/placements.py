@@ -13,14 +13,24 @@ exists, before anything is reserved or published:
   deletes it if the placement failed (`abandon`: refused, full, no leader), so a retry places it;
 - found "placed": the job is placed; the submission is answered what the first one was, and
   nothing is reserved or published again;
-- found "placing": another scheduler is placing it now; wait for its outcome. A claim older
-  than `STALE` is a scheduler that died in the middle: it is taken over by compare-and-set (its
-  publish, if it landed, is then a duplicate JetStream drops by message id).
+- found "placing": another scheduler is placing it now, or died doing so (SIGKILLed between
+  its publish and its record: the long chaos run's run 9, a 20 s wait and a 503 for a job that
+  ran). Three ways out, tried in order at each look:
+  - the gateway heard from an attempt of this dispatch (`Submission.started`): the job is in
+    its work queue, so the submission is answered from the claim, which holds the placement's
+    pool and model, and nothing is published again;
+  - the claiming scheduler no longer runs (its `subjects.scheduler_alive` subject has no
+    responder: NATS knows at once when a process's connection closed): the claim is taken
+    over now, by compare-and-set. Its publish, if it landed, is still in the work queue (no
+    attempt spoke of it yet), so the new one is a duplicate JetStream drops by message id;
+  - a claim older than `STALE` (its scheduler alive but stuck: a SIGSTOP) is taken over so too.
+  Otherwise wait for its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -29,9 +39,13 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from scheduler.publish import PATIENCE, PAUSE, TIMEOUT, TRANSIENT
+from schemas import subjects
 from schemas.codec import WireError
 from schemas.errors import UnavailableError
 from schemas.placements import PLACED, PLACING, Placement
@@ -42,6 +56,8 @@ STALE = PATIENCE + TIMEOUT + 3.0  # seconds: longer than any placement's publish
 POLL = 0.05  # seconds between looks at a placement another scheduler is making
 RETRY_AFTER = 2.0
 RECORD_WAIT = 0.5  # seconds a stopping scheduler waits for its placements' records
+ALIVE_TIMEOUT = 0.5  # seconds for a claiming scheduler's "alive": no answer in time counts as alive (busy, stopped)
+ALIVE_EVERY = 1.0  # seconds between asks while waiting on one claim
 
 T = TypeVar("T")
 
@@ -56,16 +72,32 @@ class Claim:
 
 
 class Placements:
-    def __init__(self, kv: KeyValue, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, kv: KeyValue, nc: NATS, *, instance: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._kv = kv
+        self._nc = nc
+        self.instance = instance  # this scheduler's: its claims carry it (`Placement.scheduler`)
         self._clock = clock
         self._recording: set[asyncio.Task[None]] = set()  # `record` writes in flight (strong refs)
+        self._alive: Subscription | None = None
 
-    async def claim(self, key: str, placing: Placement) -> Claim | Placement:
+    async def start(self) -> None:
+        """Answer "alive" for this scheduler's claims (see the module's docstring)."""
+        self._alive = await self._nc.subscribe(subjects.scheduler_alive(self.instance), cb=self._on_alive)
+
+    async def _on_alive(self, msg: Msg) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(b"")
+
+    async def claim(self, key: str, placing: Placement, *, started: bool = False) -> Claim | Placement:
         """Our claim on `key` for `placing` (its `by` a token of this claim's own), or the
-        placement another scheduler made of it (state placed). KV errors other than a stream
-        between leaders propagate (the scheduler answers 503; the gateway may ask again)."""
+        placement another scheduler made of it (state placed; or still "placing" where the
+        gateway heard from the job: `started`). KV errors other than a stream between leaders
+        propagate (the scheduler answers 503; the gateway may ask again)."""
+        placing = replace(placing, scheduler=self.instance)
         deadline = time.monotonic() + STALE + PATIENCE
+        asked = 0.0  # monotonic time the claiming scheduler was last asked whether it runs
         while True:
             try:
                 return Claim(key, await self._patiently(lambda: self._kv.create(key, placing.encode())), placing)
@@ -78,7 +110,15 @@ class Placements:
                     return placement
                 if placement.by == placing.by:
                     return Claim(key, revision, placing)
-                if self._clock() - placement.at > STALE:  # its scheduler died while placing it
+                if started:  # an attempt spoke: it is in its work queue, wherever its answer went
+                    log.info("placement.started_unrecorded", key=key, pool=placement.pool)
+                    return placement
+                gone = False
+                if time.monotonic() - asked >= ALIVE_EVERY:
+                    asked = time.monotonic()
+                    gone = not await self._runs(placement.scheduler)
+                if gone or self._clock() - placement.at > STALE:  # its scheduler died, or is stuck
+                    log.info("placement.taken_over", key=key, dead=gone)
                     try:
                         return Claim(key, await self._kv.update(key, placing.encode(), last=revision), placing)
                     except nats.js.errors.KeyWrongLastSequenceError:
@@ -105,10 +145,28 @@ class Placements:
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
+    async def _runs(self, instance: str) -> bool:
+        """The scheduler `instance` still runs, as far as NATS can tell: False only when nobody
+        answers on its subject ("no responders": its connection is closed). A claim written
+        before claims named their scheduler counts as alive (the stale rule takes it over)."""
+        if not instance:
+            return True
+        try:
+            await self._nc.request(subjects.scheduler_alive(instance), b"", timeout=ALIVE_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return True  # slow, stopped, or our own connection between servers: wait, as before
+        return True
+
     async def stop(self) -> None:
-        """Give the records in flight a moment (one not written stays "placing": taken over once stale)."""
+        """Give the records in flight a moment (one not written stays "placing": taken over by
+        the next scheduler that finds it), then stop answering "alive"."""
         if self._recording:
             await asyncio.wait(set(self._recording), timeout=RECORD_WAIT)
+        if self._alive is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._alive.unsubscribe()
 
     async def abandon(self, claim: Claim) -> None:
         """The placement failed: remove the claim so the gateway's next try may place the job."""

@@ -148,7 +148,9 @@ class Scheduler:
         limits_kv = await open_bucket(nc, js, streams.LIMITS, replicas=replicas)
         routing_kv = await open_bucket(nc, js, streams.ROUTING, replicas=replicas)
         nodes_kv = await open_bucket(nc, js, streams.NODES, replicas=replicas)
-        placements = Placements(await open_bucket(nc, js, streams.PLACEMENTS, replicas=replicas))
+        placements = Placements(
+            await open_bucket(nc, js, streams.PLACEMENTS, replicas=replicas), nc, instance=uuid.uuid4().hex
+        )
         quota_ = Quota(limits_kv, js)
         return cls(
             nc,
@@ -167,6 +169,7 @@ class Scheduler:
         await self.routing.start(self._routing_kv)
         await self.nodes.start()
         await self.quota.start()  # follows the other schedulers' writes to the limit counters
+        await self.placements.start()
         settler = Settler(self._js, self.quota, on_record=self._on_usage, clock=time.time)
         self._tasks.append(asyncio.create_task(settler.run()))
         await self._nc.subscribe(subjects.FLEET_HEARTBEAT_ALL, cb=self._on_advert)
@@ -327,7 +330,9 @@ class Scheduler:
             live_workers=choice.live_nodes,
             model=choice.model if choice.model != sub.job.model else "",
         )
-        claim = await self.placements.claim(subjects.placement_key(job.id, job.dispatch), placing)
+        claim = await self.placements.claim(
+            subjects.placement_key(job.id, job.dispatch), placing, started=sub.started
+        )
         if isinstance(claim, Placement):  # placed already (a retried submission another scheduler answered)
             log.info("job.placed_already", dispatch=job.dispatch, pool=claim.pool)
             return claim.answer()
@@ -352,11 +357,12 @@ class Scheduler:
         pool = choice.route.pool
         direct = self.releaser.take_room(pool, job.model)
         seq = 0
+        stored_already = False  # a claim taken over from a dead scheduler whose publish had landed
         try:
             if direct:
                 subject = subjects.work_subject(pool, job.model)
                 ack = await publish_job(self._js, subject, payload, msg_id=job.message_id)
-                seq = ack.seq
+                seq, stored_already = ack.seq, bool(ack.duplicate)
             else:
                 await self.releaser.hold(Queued(job, pool, sub.tenant, sub.priority, now))
         except (nats.js.errors.APIError, QueueFullError, UnavailableError) as e:  # refused, or no leader in time
@@ -377,7 +383,10 @@ class Scheduler:
         self.placements.record(claim, seq=seq)
         self.health.placed(pool, job.model, (m.node for m in choice.route.members), now)
         self.metrics.admitted(job.model, pool, sub.priority, direct=direct, dispatch=job.dispatch)
-        log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
+        if stored_already:  # JetStream held it: placed once, by the scheduler that died
+            log.info("job.enqueued_already", pool=pool, dispatch=job.dispatch, seq=seq)
+        else:
+            log.info("job.enqueued", pool=pool, dispatch=job.dispatch, held=not direct)
         lane = self._lane_credits(sub, choice) if direct and not reserved else 0
         answer = dataclasses.replace(
             claim.placement.answer(), lane_credits=lane, lane_ttl=self._s.lane_ttl if lane else 0.0

@@ -120,6 +120,9 @@ class Submission:
     org_limits: Limits = Limits()
     estimated_tokens: int = 0  # prompt estimate + max_tokens (the scheduler reserves its own grant: scheduler.limits)
     volunteer_ok: bool = False  # may run on idle-time nodes
+    # A retry: the gateway already heard from an attempt of this dispatch, so the job is in its
+    # work queue although no answer came (the scheduler that placed it died before answering).
+    started: bool = False
 
     def encode(self) -> bytes:
         return pack(
@@ -136,6 +139,7 @@ class Submission:
                 "fail": [self.failed_pool, self.failed_node],
                 "cont": self.continuation,
                 "left": self.left_node,
+                "started": self.started,
             }
         )
 
@@ -159,6 +163,7 @@ class Submission:
             failed_node=str(failed[1]),
             continuation=bool(o.get("cont", False)),
             left_node=str(o.get("left", "")),
+            started=bool(o.get("started", False)),
         )
 
 

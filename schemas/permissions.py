@@ -102,6 +102,7 @@ def scheduler() -> Permissions:
         subjects.WORK_ALL,
         subjects.INTAKE_ALL,
         subjects.FLEET_ROLL_CALL,
+        subjects.SCHED_ALIVE_ANY,  # is the scheduler that claimed a placement still running?
         *_JS_BASICS,
         *_streams(subjects.WORK_STREAM, subjects.INTAKE_STREAM, subjects.USAGE_STREAM),
         *_buckets(subjects.LIMITS_BUCKET, subjects.ROUTING_BUCKET, subjects.NODES_BUCKET, subjects.PLACEMENTS_BUCKET),
@@ -110,6 +111,7 @@ def scheduler() -> Permissions:
         subjects.SCHED_SUBMIT,
         subjects.SCHED_MODELS,
         subjects.SCHED_PING,
+        subjects.SCHED_ALIVE_ANY,
         subjects.FLEET_HEARTBEAT_ALL,
         subjects.INBOX_ALL,
     )

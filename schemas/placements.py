@@ -28,6 +28,7 @@ class Placement:
     state: State
     at: float  # unix time of the claim
     by: str = ""  # the claim's own random token: a scheduler tells its claim from another's
+    scheduler: str = ""  # the claiming scheduler's instance: it answers `subjects.scheduler_alive`
     pool: str = ""
     live_workers: int = 0
     model: str = ""  # as Admission.model: the model placed when a fallback list chose another

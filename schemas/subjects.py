@@ -26,6 +26,13 @@ SCHED_SUBMIT = f"{PREFIX}.sched.submit"
 SCHED_MODELS = f"{PREFIX}.sched.models"
 SCHED_PING = f"{PREFIX}.sched.ping"
 SCHEDULER_QUEUE_GROUP = "schedulers"
+SCHED_ALIVE_ANY = f"{PREFIX}.sched.alive.*"
+
+
+def scheduler_alive(instance: str) -> str:
+    """Where one scheduler process answers "alive" (`scheduler.placements`): another scheduler
+    that finds a placement it claimed unfinished asks here whether it still runs."""
+    return f"{PREFIX}.sched.alive.{instance}"
 
 # Workers -> everyone who keeps a fleet view (schedulers): presence and free slots.
 FLEET_HEARTBEAT_ALL = f"{PREFIX}.fleet.hb.*"

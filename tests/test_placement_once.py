@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,11 +25,12 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from scheduler.placements import STALE, Claim, Placements
+from scheduler.publish import publish_job
 from schemas import streams, subjects
 from schemas.jetstream import open_bucket
 from schemas.jobs import Admission, Job, Submission
 from schemas.placements import PLACED, PLACING, Placement
-from tests.helpers import MODEL, FakeNodes, eventually, node, submit
+from tests.helpers import ECHO, MODEL, FakeNodes, eventually, node, sdk, submit
 from tests.stack import Proc, Stack
 
 POOL = "own"
@@ -153,7 +155,10 @@ async def test_claims_on_one_placement_in_a_real_bucket(tmp_path: Path) -> None:
     try:
         kv = await open_bucket(nc, nc.jetstream(), streams.PLACEMENTS, replicas=1)
         now = [1000.0]
-        a, b = Placements(kv, clock=lambda: now[0]), Placements(kv, clock=lambda: now[0])
+        a = Placements(kv, nc, instance="sched-a", clock=lambda: now[0])
+        b = Placements(kv, nc, instance="sched-b", clock=lambda: now[0])
+        await a.start()  # both run: each answers "alive"
+        await b.start()
         mine = Placement(PLACING, now[0], by="a", pool="p1", live_workers=2)
         theirs = Placement(PLACING, now[0], by="b", pool="p2")
 
@@ -182,8 +187,126 @@ async def test_claims_on_one_placement_in_a_real_bucket(tmp_path: Path) -> None:
         await b.placed(taken, seq=2)
         again = await a.claim("j.3", dataclasses.replace(mine, at=now[0]))
         assert isinstance(again, Placement) and (again.pool, again.seq) == ("p2", 2)
+
+        # the gateway heard from the job (`started`): a claim still "placing" is its placement
+        stuck = await a.claim("j.4", mine)
+        assert isinstance(stuck, Claim) and stuck.placement.scheduler == "sched-a"
+        known = await asyncio.wait_for(b.claim("j.4", theirs, started=True), 2.0)
+        assert isinstance(known, Placement) and (known.state, known.pool) == (PLACING, "p1")
+
+        # a scheduler that died with its claim "placing" (nobody answers its "alive"): taken
+        # over at once, not once stale
+        c = Placements(kv, nc, instance="sched-c", clock=lambda: now[0])
+        await c.start()
+        orphaned = await c.claim("j.5", mine)
+        assert isinstance(orphaned, Claim)
+        await c.stop()
+        asked = time.monotonic()
+        taken = await asyncio.wait_for(b.claim("j.5", dataclasses.replace(theirs, at=now[0])), 5.0)
+        assert isinstance(taken, Claim) and time.monotonic() - asked < 2.0
     finally:
         await nc.close()
+        await stack.close()
+
+
+class DyingScheduler:
+    """A scheduler SIGKILLed in the middle of a placement, played by the test with the real
+    parts: it takes the first submission in the schedulers' queue group, claims its placement in
+    the shared bucket, and either dies at once (`publishes` False: before its publish) or also
+    publishes the job to its work queue and is then stuck (a SIGSTOP: its "alive" subject is
+    held, never answered). Either way the gateway never gets its answer."""
+
+    def __init__(self, stack: Stack, *, publishes: bool) -> None:
+        self._stack = stack
+        self._publishes = publishes
+        self.instance = "dying-" + ("stuck" if publishes else "dead")
+        self.took: asyncio.Future[Submission] = asyncio.get_running_loop().create_future()
+        self.nc: NATS | None = None
+
+    async def start(self) -> None:
+        self.nc = await self._stack.connect()
+        self._submits = await self.nc.subscribe(
+            subjects.SCHED_SUBMIT, queue=subjects.SCHEDULER_QUEUE_GROUP, cb=self._on_submit
+        )
+        if self._publishes:  # alive as NATS sees it, answering nothing
+            await self.nc.subscribe(subjects.scheduler_alive(self.instance), cb=self._ignore)
+
+    async def _ignore(self, msg: Any) -> None:
+        pass
+
+    async def _on_submit(self, msg: Any) -> None:
+        if self.took.done():  # the gateway's retries: a dead scheduler answers none
+            return
+        assert self.nc is not None
+        sub = Submission.decode(msg.data)
+        job = sub.job
+        js = self.nc.jetstream()
+        kv = await open_bucket(self.nc, js, streams.PLACEMENTS, replicas=1)
+        placing = Placement(PLACING, time.time(), by="dying", scheduler=self.instance, pool="own", live_workers=1)
+        await kv.create(subjects.placement_key(job.id, job.dispatch), placing.encode())
+        if self._publishes:
+            await publish_job(js, subjects.work_subject("own", job.model), job.encode(), msg_id=job.message_id)
+        self.took.set_result(sub)
+
+    async def die(self) -> None:
+        """Leave the queue group (its retries go to the real schedulers from now on); without a
+        publish, die whole (its connection closes: nobody answers its "alive")."""
+        assert self.nc is not None
+        await self._submits.unsubscribe()
+        if not self._publishes:
+            await self.nc.close()
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+@pytest.mark.parametrize("publishes", [False, True], ids=["died-before-its-publish", "stuck-after-its-publish"])
+async def test_a_scheduler_dying_mid_placement_costs_its_job_seconds_not_a_refusal(
+    tmp_path: Path, publishes: bool
+) -> None:
+    """The long chaos run's run 9 (bench/RESULTS.md section 9): a scheduler SIGKILLed between
+    its publish and its record left the claim "placing"; the gateway's retries reached the other
+    scheduler, which waited 20 s for the claim to go stale, so the client got a 503 after 17 s
+    while the job ran (and, at 20 s, was placed again). Now a claim whose scheduler is gone is
+    taken over at once, and a retry that says the job already spoke is answered from the claim.
+    Either way: the answer, whole, within seconds, from one run of the job."""
+    stack = Stack(tmp_path, sync_always=True)
+    stack.start_nats()
+    first = stack.start_scheduler()
+    worker = stack.start_worker(TOKENYARD_LOG_LEVEL="info")
+    dying = DyingScheduler(stack, publishes=publishes)
+    try:
+        await stack.start_api(request_timeout=40.0)
+        await stack.wait_for_model(ECHO)
+        first.kill()  # the queue group is the dying scheduler's alone
+        await asyncio.to_thread(first.popen.wait, 10)
+        await dying.start()
+        async with sdk(stack, timeout=60) as client:
+            asked = time.monotonic()
+            answer = asyncio.create_task(
+                client.chat.completions.create(
+                    model=ECHO, messages=[{"role": "user", "content": "placed [[tokens=5]]"}]
+                )
+            )
+            sub = await asyncio.wait_for(dying.took, 10.0)
+            second = stack.start_scheduler(TOKENYARD_LOG_LEVEL="info")
+            assert await eventually(lambda: _started(second), timeout=30.0), "the second scheduler never started"
+            serving = time.monotonic()
+            await dying.die()
+            done = await asyncio.wait_for(answer, 40.0)
+        assert done.choices[0].message.content == "placed placed placed placed placed"
+        assert done.id == f"chatcmpl-{sub.job.id}"
+        # within a few of the gateway's 2 s retries of the second scheduler starting, not the 20 s stale wait
+        assert time.monotonic() - serving < STALE / 2, time.monotonic() - asked
+        why = "placement.started_unrecorded" if publishes else "placement.taken_over"
+        assert why in second.output(), second.output()[-3000:]
+        await asyncio.sleep(2.0)  # a second run of the job would have started by now
+        runs = re.findall(rf"job\.done .*job_id={sub.job.id}", worker.output())
+        assert len(runs) == 1, worker.output()[-3000:]
+    finally:
+        await dying.close()
         await stack.close()
 
 
