@@ -326,9 +326,7 @@ class JobDriver:
         run.redispatch(again, continuing=continuing)
         log.info("job.redispatch", job_id=job.id, dispatch=again.dispatch, why=decision.why)
         try:
-            admission = await self._bus.submit(
-                self._sub, timeout=self._submit_timeout, deadline=job.deadline, run=run
-            )
+            admission = await self._bus.submit(self._sub, timeout=self._submit_timeout, deadline=job.deadline, run=run)
         except REFUSED as e:
             if not continuing:
                 if isinstance(e, TokenyardError):

@@ -77,9 +77,7 @@ class Bus:
 
     # --- scheduler ----------------------------------------------------------------------
 
-    async def submit(
-        self, sub: Submission, *, timeout: float, deadline: float, run: JobRun | None = None
-    ) -> Admission:
+    async def submit(self, sub: Submission, *, timeout: float, deadline: float, run: JobRun | None = None) -> Admission:
         """Place a job through its lane if a scheduler granted one (`broker_api.lanes`), else
         hand it to a scheduler; retries a lost answer with the same job (deduplicated). A job
         too large for one NATS message is refused (413) before anything is queued. A retry

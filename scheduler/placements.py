@@ -72,9 +72,7 @@ class Claim:
 
 
 class Placements:
-    def __init__(
-        self, kv: KeyValue, nc: NATS, *, instance: str, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, kv: KeyValue, nc: NATS, *, instance: str, clock: Callable[[], float] = time.time) -> None:
         self._kv = kv
         self._nc = nc
         self.instance = instance  # this scheduler's: its claims carry it (`Placement.scheduler`)

@@ -330,9 +330,7 @@ class Scheduler:
             live_workers=choice.live_nodes,
             model=choice.model if choice.model != sub.job.model else "",
         )
-        claim = await self.placements.claim(
-            subjects.placement_key(job.id, job.dispatch), placing, started=sub.started
-        )
+        claim = await self.placements.claim(subjects.placement_key(job.id, job.dispatch), placing, started=sub.started)
         if isinstance(claim, Placement):  # placed already (a retried submission another scheduler answered)
             log.info("job.placed_already", dispatch=job.dispatch, pool=claim.pool)
             return claim.answer()

@@ -34,6 +34,7 @@ def scheduler_alive(instance: str) -> str:
     that finds a placement it claimed unfinished asks here whether it still runs."""
     return f"{PREFIX}.sched.alive.{instance}"
 
+
 # Workers -> everyone who keeps a fleet view (schedulers): presence and free slots.
 FLEET_HEARTBEAT_ALL = f"{PREFIX}.fleet.hb.*"
 # Schedulers -> workers: "announce yourselves now" (sent on scheduler start).
