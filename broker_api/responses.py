@@ -163,14 +163,16 @@ def logprobs_out(logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> lis
 
 
 def output_items(s: Session, r: ChoiceResult) -> list[OutputItem]:
-    status = "incomplete" if r.finish == "length" else "completed"
+    """The answer's output items. Where max_output_tokens cut it, the last item is the one it
+    cut, "incomplete" (a function call's arguments as far as they were generated); the items
+    before it were whole. The stream's items say the same (`responses_stream`)."""
     items: list[OutputItem] = []
     calls = tool_calls_json(r.tool_calls)
     if r.text or not calls:
         items.append(
             OutputMessage(
                 id=f"msg_{s.job.id}",
-                status=status,  # type: ignore[arg-type]
+                status="completed",
                 content=[OutputText(text=r.text, logprobs=logprobs_out(r.logprobs))],
             )
         )
@@ -184,6 +186,8 @@ def output_items(s: Session, r: ChoiceResult) -> list[OutputItem]:
                 status="completed",
             )
         )
+    if r.finish == "length":
+        items[-1] = items[-1].model_copy(update={"status": "incomplete"})
     return items
 
 

@@ -138,7 +138,7 @@ class EventWriter:
                 name=o.item["name"],
                 arguments=text,
             )
-            item = {**o.item, "status": "completed", "arguments": text}
+            item = {**o.item, "status": status, "arguments": text}
         self._items.append(item)
         yield self._event("response.output_item.done", output_index=o.index, item=item)
 

@@ -542,6 +542,31 @@ async def test_own_node_tool_call_cut_by_max_tokens(env: Stacked, stream: bool) 
         assert (content, calls, finish) == ("Let me check.", want, "length"), cut
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_responses_function_call_cut_by_max_output_tokens_is_incomplete(env: Stacked, stream: bool) -> None:
+    """The Responses API's view of the cut above: the response "incomplete" (max_output_tokens),
+    the message before the call whole, the call "incomplete" with its arguments as generated;
+    the stream's items say the same as the stored response."""
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    cut = len(tokens_of(text[: text.index("Paris") + len("Paris")]))
+    asks: dict[str, Any] = {"model": ECHO, "input": "[[script]]" + text, "tools": FN_TOOL, "max_output_tokens": cut}
+    if stream:
+        events = [e async for e in await env.client.responses.create(**asks, stream=True)]
+        assert events[-1].type == "response.incomplete"
+        final = events[-1].response
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        assert [(i.type, i.status) for i in done] == [("message", "completed"), ("function_call", "incomplete")]
+    else:
+        final = await env.client.responses.create(**asks)
+    assert final.status == "incomplete" and final.incomplete_details is not None
+    assert final.incomplete_details.reason == "max_output_tokens"
+    assert [(i.type, i.status) for i in final.output] == [("message", "completed"), ("function_call", "incomplete")]
+    message, call = final.output
+    assert message.content[0].text == "Let me check."  # type: ignore[union-attr]
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris')  # type: ignore[union-attr]
+    assert (await env.client.responses.retrieve(final.id)).output == final.output
+
+
 async def test_stored_responses_are_per_org_and_store_false_is_honoured(env: Stacked) -> None:
     env.set(Behaviour(chunks=("kept",)))
     kept = await env.client.responses.create(model=CLOUD, input="hi")
