@@ -12,8 +12,6 @@ here: a cache error is a miss (`broker_api.cache`).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -24,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from schemas.errors import UnavailableError
-from schemas.jetstream import JetStreamError, JetStreamUnavailableError
+from schemas.jetstream import JetStreamError, JetStreamUnavailableError, patiently
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +43,6 @@ TRANSIENT: tuple[type[Exception], ...] = (
     nats.errors.StaleConnectionError,
 )
 WRITE_PATIENCE = 12.0  # seconds an admin write waits for a stream to elect a new leader
-RETRY_PAUSE = (0.1, 1.0)
 
 
 def unavailable(e: Exception, *, what: str = "the operation") -> UnavailableError:
@@ -72,19 +69,10 @@ async def retried(op: Callable[[], Awaitable[T]], *, what: str, patience: float 
     the error is one an election ends: a node just died and the stream's new leader is not
     chosen yet (JetStream's Raft waits 4-9 s before it elects). After `patience` seconds, or
     at once for any other NATS error, the caller's 503."""
-    deadline = time.monotonic() + patience
-    pause = RETRY_PAUSE[0]
-    while True:
-        try:
-            return await op()
-        except TRANSIENT as e:
-            if time.monotonic() + pause >= deadline:
-                raise unavailable(e, what=what) from e
-            log.info("nats.write_retry", what=what, error=repr(e), retry_in=pause)
-        except NATS_ERRORS as e:
-            raise unavailable(e, what=what) from e
-        await asyncio.sleep(pause)
-        pause = min(RETRY_PAUSE[1], pause * 2)
+    try:
+        return await patiently(op, transient=lambda e: isinstance(e, TRANSIENT), patience=patience, what=what)
+    except NATS_ERRORS as e:
+        raise unavailable(e, what=what) from e
 
 
 async def handle(request: Request, e: Exception) -> JSONResponse:

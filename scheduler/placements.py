@@ -44,10 +44,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from scheduler.publish import PATIENCE, PAUSE, TIMEOUT, TRANSIENT
+from scheduler.publish import PATIENCE, TIMEOUT, TRANSIENT
 from schemas import subjects
 from schemas.codec import WireError
 from schemas.errors import UnavailableError
+from schemas.jetstream import patiently
 from schemas.placements import PLACED, PLACING, Placement
 
 log = structlog.get_logger(__name__)
@@ -176,17 +177,7 @@ class Placements:
     async def _patiently(self, op: Callable[[], Awaitable[T]]) -> T:
         """`op`, asked again while the bucket's stream has no leader (a NATS node died), as a
         job's publish is (`scheduler.publish`): up to PATIENCE seconds."""
-        deadline = time.monotonic() + PATIENCE
-        pause = PAUSE[0]
-        while True:
-            try:
-                return await op()
-            except TRANSIENT as e:
-                if time.monotonic() + pause >= deadline:
-                    raise
-                log.info("placement.retry", error=repr(e), retry_in=pause)
-            await asyncio.sleep(pause)
-            pause = min(PAUSE[1], pause * 2)
+        return await patiently(op, transient=lambda e: isinstance(e, TRANSIENT), patience=PATIENCE, what="placement")
 
     async def _get(self, key: str) -> tuple[Placement, int] | None:
         try:

@@ -11,22 +11,16 @@ still storing an earlier try that timed out here) is asked again.
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import nats.errors
 import nats.js.errors
-import structlog
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from schemas.errors import UnavailableError
-
-log = structlog.get_logger(__name__)
+from schemas.jetstream import patiently
 
 PATIENCE = 12.0  # seconds: longer than a stream's leader election
 TIMEOUT = 5.0  # one publish's wait for its ack
-PAUSE = (0.1, 1.0)
 RETRY_AFTER = 2.0
 # No stream leader answered, or its answer did not come: the election is not over yet.
 TRANSIENT = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError, nats.errors.TimeoutError)
@@ -39,18 +33,21 @@ async def publish_job(
     js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str, patience: float = PATIENCE
 ) -> PubAck:
     """JetStream's ack of the stored message (`duplicate`: it held this message id already)."""
-    deadline = time.monotonic() + patience
-    pause = PAUSE[0]
-    while True:
-        try:
-            return await js.publish(subject, payload, timeout=TIMEOUT, headers={"Nats-Msg-Id": msg_id})
-        except (*TRANSIENT, nats.js.errors.APIError) as e:
-            if isinstance(e, nats.js.errors.APIError) and e.err_code != DUPLICATE_IN_PROCESS:
-                raise
-            if time.monotonic() + pause >= deadline:
-                raise UnavailableError(
-                    "The job queue has no JetStream leader right now. Try again shortly.", retry_after=RETRY_AFTER
-                ) from e
-            log.info("job.publish_retry", subject=subject, error=repr(e), retry_in=pause)
-        await asyncio.sleep(pause)
-        pause = min(PAUSE[1], pause * 2)
+    try:
+        return await patiently(
+            lambda: js.publish(subject, payload, timeout=TIMEOUT, headers={"Nats-Msg-Id": msg_id}),
+            transient=transient,
+            patience=patience,
+            what=f"publish to {subject}",
+        )
+    except (*TRANSIENT, nats.js.errors.APIError) as e:
+        if isinstance(e, nats.js.errors.APIError) and e.err_code != DUPLICATE_IN_PROCESS:
+            raise
+        raise UnavailableError(
+            "The job queue has no JetStream leader right now. Try again shortly.", retry_after=RETRY_AFTER
+        ) from e
+
+
+def transient(e: Exception) -> bool:
+    """An error a leader election ends, or a publish of a message id still being stored."""
+    return isinstance(e, TRANSIENT) or (isinstance(e, nats.js.errors.APIError) and e.err_code == DUPLICATE_IN_PROCESS)

@@ -11,6 +11,10 @@ schemas/ still imports no NATS library, like `schemas.logs.close_quietly`.
   each message; `decode_batch` applies the explicit policy for messages nobody can read.
 - `follow(open_watch, handle, ...)`: run a watch for as long as the role lives, reopened with a
   bounded back-off whenever it fails.
+- `patiently(op, transient=..., patience=...)`: one operation asked again, with a growing
+  pause, while its error is one a leader election ends (a stream with no leader after a node
+  died): a job's publish, a placement claim, an admin write. What is left when the patience
+  runs out is raised for the caller to translate.
 
 JetStream's errors are told apart by their numeric `err_code`, never by their text.
 
@@ -52,6 +56,32 @@ TOO_FEW_PEERS = frozenset({CLUSTER_NO_PEERS, INSUFFICIENT_RESOURCES, REPLICAS_NO
 API_TIMEOUT = 5.0  # one JetStream API call
 ENSURE_DEADLINE = 60.0  # seconds `ensure` keeps asking while the cluster elects a meta leader
 RETRY_PAUSE = 0.5
+PATIENT_PAUSE = (0.1, 1.0)  # `patiently`: the first pause and the longest
+
+
+async def patiently(
+    op: Callable[[], Awaitable[T]],
+    *,
+    transient: Callable[[Exception], bool],
+    patience: float,
+    what: str,
+    pause: tuple[float, float] = PATIENT_PAUSE,
+) -> T:
+    """`op`, asked again while its error is `transient` (pauses from `pause[0]`, doubling up to
+    `pause[1]`), for up to `patience` seconds; then, or at once for any other error, that error
+    propagates. Only for operations that are safe to ask twice (a publish with a message id, a
+    KV create or compare-and-set, a put of the same value)."""
+    deadline = time.monotonic() + patience
+    wait = pause[0]
+    while True:
+        try:
+            return await op()
+        except Exception as e:
+            if not transient(e) or time.monotonic() + wait >= deadline:
+                raise
+            log.info("nats.retry", what=what, error=repr(e), retry_in=wait)
+        await asyncio.sleep(wait)
+        wait = min(pause[1], wait * 2)
 
 
 class JetStreamError(Exception):
