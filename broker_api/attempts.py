@@ -202,6 +202,14 @@ class JobDriver:
             item = await self._next()
             failure: Failure
             match item:
+                case Done() if item.cancelled:
+                    # A stopped attempt's count, not an answer: it was told to stop by something
+                    # other than this driver (whose own stops refuse what follows), e.g. a stop
+                    # meant for another delivery of the job on its node. The long chaos run's
+                    # run 10 had two such answers shaped with finish "cancelled": HTTP 500.
+                    log.warning("job.attempt_cancelled", job_id=run.job.id, attempt=item.attempt, node=item.node)
+                    run.drop_current()
+                    failure = AttemptFailed(WorkerFailedError("The worker stopped the attempt."), retryable=True)
                 case Delta() | Done():
                     self._output.add(item)
                     yield item

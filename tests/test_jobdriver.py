@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from broker_api.attempts import JobDriver, Policy
 from broker_api.bus import Bus
 from broker_api.jobrun import JobRun
 from broker_api.lag import LoopLag
 from broker_api.output import Output
+from schemas.errors import TokenyardError
 from schemas.events import Delta, Done, Piece, Start
 from schemas.jobs import Job, Submission
 from schemas.settings import NatsSettings
@@ -88,5 +91,46 @@ async def test_an_event_read_late_by_a_lagging_loop_is_not_silence(tmp_path: Pat
         assert output.text(0) == "a b c " and output.tokens == 3
     finally:
         watching.cancel()
+        await bus.close()
+        await stack.close()
+
+
+async def test_a_stopped_attempts_count_is_never_the_answer(tmp_path: Path) -> None:
+    """The long chaos run's run 10 (cluster): an attempt stopped by something other than the
+    driver sent its count, a DONE whose finish is "cancelled", while it was the current one; the
+    driver took it for the answer and shaping finish "cancelled" was an HTTP 500. Now it is the
+    attempt ended early: the job is placed again (here no scheduler runs: a clear refusal)."""
+    stack = Stack(tmp_path)
+    stack.start_nats()
+    bus = await Bus.connect(NatsSettings(url=stack.nats_url, creds=stack.creds("api")))
+    try:
+        job = Job(id="j", model="m", request={}, reply="r", deadline=time.time() + 30)
+        run = JobRun(job, silence=SILENCE)
+        driver = JobDriver(
+            bus,
+            run,
+            Submission(job=job),
+            Output(choices=1),
+            policy=Policy(max_dispatches=3, continues=False),
+            continuation=None,
+            submit_timeout=1.0,
+            lag=LoopLag(),
+        )
+        got: list[Delta | Done] = []
+
+        async def client() -> None:
+            async for ev in driver.events():
+                got.append(ev)
+
+        reading = asyncio.create_task(client())
+        assert run.offer(Start("j", 1001, 0, "a"), time.monotonic())
+        assert run.offer(delta(1, "a "), time.monotonic())
+        stopped = Done("j", 1001, 2, "a", finish=("cancelled",), prompt_tokens=1, completion_tokens=1)
+        assert run.offer(stopped, time.monotonic())
+        with pytest.raises(TokenyardError) as refused:
+            await asyncio.wait_for(reading, 10)
+        assert not any(isinstance(e, Done) for e in got)
+        assert run.job.dispatch == 2 and refused.value.status == 503  # placed again: no scheduler
+    finally:
         await bus.close()
         await stack.close()
