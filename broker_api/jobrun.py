@@ -200,6 +200,11 @@ class JobRun:
         if ev.attempt in self._refused or ev.attempt < self._min_attempt:
             return False
         if ev.attempt != self.current:
+            if isinstance(ev, Done) and ev.cancelled:
+                # a stopped attempt's count (told to stop as another delivery of the job) is no
+                # answer, and may not take over from the one current, however quiet it is
+                self._refused.add(ev.attempt)
+                return False
             if self.current is not None and (self._committed or now - self.heard <= self.silence):
                 self._refused.add(ev.attempt)
                 return False

@@ -61,6 +61,24 @@ def test_a_silent_attempt_is_replaced_before_delivery_only() -> None:
     assert committed.current == 1001
 
 
+def test_a_stopped_attempts_count_never_takes_over() -> None:
+    """The long chaos run's run 10: a second delivery of the job, told to stop (its beats came
+    while the first was current), sent its count as its first event, a DONE "cancelled", while
+    the first was quiet; it took over and was shaped as the answer (an HTTP 500). Refused now,
+    and the first attempt's answer goes on."""
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    stopped = Done("j", 1002, 0, "b", finish=("cancelled",), prompt_tokens=1, completion_tokens=2)
+    assert not run.offer(stopped, now=1.5)  # the first one quiet past the silence, even so
+    assert run.current == 1001
+    assert run.offer(ev(DONE, 1001, 1), now=1.6)
+    assert [e.kind for e in drain(run) if not isinstance(e, Broken)] == [START, DONE]
+
+    none_current = JobRun(JOB, silence=1.0)
+    assert not none_current.offer(stopped, now=0)
+    assert none_current.current is None and none_current.queue.empty()
+
+
 def test_an_attempt_that_joins_mid_way_is_refused() -> None:
     run = JobRun(JOB, silence=1.0)
     assert not run.offer(ev(DELTA, 1001, 3), now=0)
