@@ -41,7 +41,7 @@ async def publish_job(
             what=f"publish to {subject}",
         )
     except (*TRANSIENT, nats.js.errors.APIError) as e:
-        if isinstance(e, nats.js.errors.APIError) and e.err_code != DUPLICATE_IN_PROCESS:
+        if not transient(e):  # refused by the stream itself (full, say): the caller's to tell
             raise
         raise UnavailableError(
             "The job queue has no JetStream leader right now. Try again shortly.", retry_after=RETRY_AFTER
