@@ -65,6 +65,14 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
+# What a stream between leaders answers a consumer look-up with (a NATS node died).
+ELECTION = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
 BILLED_WAIT = 10.0  # seconds at least a final DONE waits for the gateway to say the job is billed
 
 START_DELAY = 0.05  # a job with no event within this long tells the gateway it started
@@ -240,7 +248,11 @@ class Worker:
     # --- pulling ------------------------------------------------------------------------
 
     async def _ensure_consumer(self, model: str) -> None:
-        """Bind to (or create) the model's shared consumer; waits for the stream to exist."""
+        """Bind to (or create) the model's shared consumer; waits for the stream to exist, and
+        for a leader of it: a worker started while a NATS node of three is down (the stream
+        between leaders: the consumer look-up times out or finds no responder) asks again
+        instead of exiting (a clean-checkout CI run lost its second worker, and so the job it
+        was to report, that way)."""
         config = ConsumerConfig(
             durable_name=subjects.work_consumer(self._s.pool, model),
             ack_policy=AckPolicy.EXPLICIT,
@@ -262,7 +274,9 @@ class Worker:
             except nats.js.errors.NotFoundError:
                 if attempt % 10 == 0:
                     log.info("worker.waiting_for_stream", stream=subjects.WORK_STREAM)
-                await asyncio.sleep(0.5)
+            except ELECTION as e:
+                log.info("worker.waiting_for_stream_leader", stream=subjects.WORK_STREAM, error=repr(e))
+            await asyncio.sleep(0.5)
 
     async def _top_up(self) -> None:
         """Keep pull requests standing for every free slot (shared fairly between models)."""
