@@ -12,7 +12,8 @@ answer goes only to its sender). Heartbeats come once per worker and interval fo
 gateway's jobs it runs (`schemas.beats`, on the same inbox), each attempt named by its job's
 reply token; the answer lists the attempts that must stop. A final DONE comes as a request and
 is always answered (to its sender alone): at once if it lost, else once the job's usage record
-is stored. A worker whose DONE is not answered in time reports the job itself
+is stored; the count of an attempt that lost waits for the record too if it was told to stop
+or its words reached the client (`JobRun.holds`). A worker whose DONE is not answered in time reports the job itself
 (`schemas.usage.WorkerReport`), so a gateway that dies between the answer and its record leaves
 no job unbilled.
 """
@@ -88,7 +89,7 @@ class Inbox:
             return
         taken = run is not None and run.offer(ev, now)
         if msg.reply:  # a final DONE asks whether the job is billed (else its worker reports it)
-            if run is not None and isinstance(ev, Done) and (taken or run.holds(ev.attempt)):
+            if run is not None and isinstance(ev, Done) and (taken or run.holds(ev)):
                 word = CONTINUE if taken else STOP
                 run.answer_when_recorded(lambda: answer(msg, word))
             else:

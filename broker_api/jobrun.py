@@ -15,7 +15,7 @@ A run changes only through its methods: the bus offers events and closes it, the
 (`broker_api.attempts`) records placements and re-dispatches, the serving code commits it.
 The winning attempt's final DONE comes as a request; its answer is held until the job's usage
 record is stored (`answer_when_recorded`, `recorded`), and so is the final count of an attempt
-given up on after its output reached the client (`holds`).
+given up on after its output reached the client, or told to stop (`holds`).
 
 Silence is measured from when the gateway *read* the attempt's last word, so time in which the
 gateway itself read nothing must not count: `silent` takes how long the gateway was `behind`
@@ -122,13 +122,18 @@ class JobRun:
         if self.current is not None:
             self._delivered.add(self.current)
 
-    def holds(self, attempt: int) -> bool:
-        """`attempt`'s output reached the client, and the job's usage record is not stored yet:
-        its final count's answer waits for the record like the winner's, although it was given
-        up on (a continuation carries the answer on). If this gateway dies before the record is
-        stored, that worker reports the job: nobody else might (the continuation may not even
-        be placed yet)."""
-        return attempt in self._delivered and not self._recorded
+    def holds(self, ev: Done) -> bool:
+        """The final count of an attempt that did not win waits for the job's usage record like
+        the winner's, if the record is not stored yet and either the attempt's output reached the
+        client (it was given up on: a continuation carries the answer on) or it was told to stop
+        (`cancelled`: another delivery of the job was current, or the job moved on). If this
+        gateway dies before the record is stored, that worker reports the job: nobody else
+        might. The continuation may not be placed yet, and the attempt whose words the client
+        has may have died with its worker: then the delivery told to stop holds the job's work
+        message, the one record left that the job ran (chaos run 10, job ce3dcb0e). A stopped
+        worker waits for its answer up to the job's deadline; a count not cancelled (an attempt
+        that finished before its stop came) waits only `BILLED_WAIT`, too short to hold."""
+        return not self._recorded and (ev.attempt in self._delivered or ev.cancelled)
 
     def heard_from(self, dispatch: int) -> bool:
         """An attempt of `dispatch` sent an event (taken or refused): the job is placed at it."""

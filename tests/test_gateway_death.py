@@ -307,3 +307,49 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
     rows = await rows_of(again, {job}, timeout=60)
     row = rows[job]
     assert row["counted_by"] == "worker" and row["completion_tokens"] >= words and row["key_id"], row
+
+
+async def test_a_gateway_killed_after_its_job_went_to_a_delivery_told_to_stop_leaves_the_job_billed(
+    stack: Stack,
+) -> None:
+    """Chaos run 10 (RESULTS section 9, job ce3dcb0e): the worker whose words reached the client
+    died; the gateway gave up on its attempt and asked a scheduler to continue the answer;
+    JetStream delivered the job again to another worker, whose attempt the gateway told to stop
+    (the answer had started); then the gateway died before the continuation was placed. That
+    attempt's count was answered "stop" at once, so its worker settled the job's work message,
+    the one record left that the job ran, and nobody billed it. Now the count waits for the
+    job's record, and the worker, unanswered by the job's deadline, reports the job. The
+    continuation's placement is held here by a stopped scheduler, killed once the gateway is."""
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    quick = {"TOKENYARD_LOG_LEVEL": "info", "TOKENYARD_HEARTBEAT": "0.2", "TOKENYARD_ACK_WAIT": "2"}
+    first = stack.start_worker(TOKENYARD_NODE_ID="first", **quick)
+    env = {
+        "TOKENYARD_ORPHAN_GRACE": "1",
+        "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
+        "TOKENYARD_REQUEST_TIMEOUT": "10",  # how long the unanswered count waits,
+    }
+    api, url = await stack.spawn_api(**env)
+    stack.api_url = url
+    await stack.wait_for_model(ECHO)
+    async with sdk(stack, url=url) as client:
+        stream = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "d [[tokens=400]] [[rate=20]]"}], stream=True
+        )
+        cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
+        job = cut.id.removeprefix("chatcmpl-")
+        scheduler.signal(signal.SIGSTOP)  # the continuation's placement waits
+        first.kill()  # with the words the client has, and never a word about them
+        second = stack.start_worker(TOKENYARD_NODE_ID="second", **quick)
+        deadline = time.monotonic() + 20
+        while not re.search(rf"job\.stopped .*job_id={job}", second.output()):  # delivered again, told to stop
+            assert time.monotonic() < deadline, second.output()[-2000:]
+            await asyncio.sleep(0.05)
+        assert "not the winning attempt" in second.output()
+        api.kill()  # before the continuation is placed, let alone billed
+        scheduler.kill()  # and it never will be (a stopped one, let go, would place it after all)
+        with contextlib.suppress(Exception):
+            await stream.close()
+    _, again = await stack.spawn_api(**env)  # reads the worker's report (the same data dir's ledger)
+    rows = await rows_of(again, {job}, timeout=60)
+    row = rows[job]
+    assert row["counted_by"] == "worker" and row["node"] == "second" and row["key_id"], row

@@ -79,6 +79,29 @@ def test_a_stopped_attempts_count_never_takes_over() -> None:
     assert none_current.current is None and none_current.queue.empty()
 
 
+async def test_a_stopped_attempts_count_waits_for_the_record_though_it_lost() -> None:
+    """Chaos run 10, job ce3dcb0e: the attempt whose words reached the client died with its
+    worker, JetStream delivered the job again, and that delivery was told to stop (the answer
+    had started). Its count, answered "stop" at once, let its worker settle the job's work
+    message, the last record that the job ran; then the gateway died before its own record.
+    Now a stopped attempt's count waits for the record like the winner's. A count that is not
+    a stop's, from an attempt whose words never reached the client, is answered at once, and
+    once the record is stored nothing waits."""
+    run = JobRun(JOB, silence=1.0)
+    run.offer(ev(START, 1001, 0), now=0)
+    run.offer(ev(DELTA, 1001, 1), now=0.1)
+    run.commit()
+    assert not run.offer(ev(START, 1002, 0, node="b"), now=0.2)
+    stopped = Done("j", 1002, 1, "b", finish=("cancelled",), prompt_tokens=1, completion_tokens=2)
+    assert not run.offer(stopped, now=0.3) and run.holds(stopped)
+    finished_first = Done("j", 1003, 0, "c", finish=("stop",), prompt_tokens=1, completion_tokens=2)
+    assert not run.offer(finished_first, now=0.4) and not run.holds(finished_first)
+    given_up = Done("j", 1001, 2, "a", finish=("stop",), prompt_tokens=1, completion_tokens=2)
+    assert run.holds(given_up)  # its words reached the client
+    await run.recorded()
+    assert not run.holds(stopped) and not run.holds(given_up)
+
+
 def test_an_attempt_that_joins_mid_way_is_refused() -> None:
     run = JobRun(JOB, silence=1.0)
     assert not run.offer(ev(DELTA, 1001, 3), now=0)
