@@ -25,7 +25,9 @@ import pytest
 import yaml
 
 from broker_api.embedded_nats import nats_server_binary
+from broker_api.nats_auth import KEYS_FILE, OLD_CONTROL_LINE, AuthDir
 from scheduler.routing import RoutingTable
+from schemas.permissions import node as node_permissions
 from worker.providers import parse_providers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -607,3 +609,62 @@ def test_the_k8s_steps_auth_init_writes_every_credential_the_kustomization_mount
     assert "creds/adapter-openai.creds" in wanted  # adapter.yaml's
     missing = [w for w in wanted if not (secrets / w).is_file()]
     assert not missing, f"the README's auth init leaves out {missing}"
+
+
+def enrolling_auth_dir(root: Path, env_dir: str) -> None:
+    """What a gateway finds at `env_dir` (its TOKENYARD_NATS_AUTH_DIR) under the file tree
+    `root` its deployment mounts: an auth dir it can sign a joining node's credentials with, up
+    to the servers' own limit, and push revocations with."""
+    auth = AuthDir.open(root / env_dir.lstrip("/"))
+    assert auth is not None, f"no {KEYS_FILE} at {env_dir}: a gateway there refuses every `tokenyard worker join`"
+    assert auth.sys_creds.is_file(), "no system user: node revocations cannot reach NATS"
+    assert auth.max_user_jwt() > OLD_CONTROL_LINE, "no nats-auth.conf: the servers' line limit is unknown"
+    text, _ = auth.issue("node-x", node_permissions("x", "own", ("tokenyard/echo",)))
+    assert "BEGIN NATS USER JWT" in text
+
+
+def test_the_compose_gateways_can_enrol_the_nodes_that_join(tmp_path: Path) -> None:
+    """The compose stack's worker joins through a gateway with an enrolment token: the gateway
+    must hold the signing part of auth-init's directory (before, it had none, and the join was
+    refused). auth-init's files (from the real `tokenyard auth init`) are laid out as compose
+    mounts them into an api container."""
+    made = run([*CLI, "auth", "init", "--out", str(tmp_path / "auth")], cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    config = compose_config("docker-compose.yml")
+    api = config["services"]["api"]
+    root = tmp_path / "api"
+    for kind, mounts in (("secrets", api.get("secrets") or []), ("configs", api.get("configs") or [])):
+        for m in mounts:
+            source = Path(config[kind][m["source"]]["file"])
+            target = m["target"] if m["target"].startswith("/") else f"/run/secrets/{m['target']}"
+            made_here = tmp_path / "auth" / source.resolve().relative_to((COMPOSE / "auth").resolve())
+            if not made_here.is_file():  # admin_key, pepper: auth-init's shell writes them, not auth init
+                continue
+            (root / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(made_here, root / target.lstrip("/"))
+    enrolling_auth_dir(root, api["environment"]["TOKENYARD_NATS_AUTH_DIR"])
+
+
+def test_the_k8s_gateways_can_enrol_the_nodes_that_join(tmp_path: Path) -> None:
+    """The same for Kubernetes: the worker pods join with a token, so the api pods mount the
+    signing part of the auth dir from their Secret, at the paths the Secret volume's items give."""
+    made = run([*CLI, "auth", "init", "--out", str(tmp_path / "secrets")], cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    [generated] = [g for g in kustomization()["secretGenerator"] if g["name"] == "tokenyard-api"]
+    files = dict(f.split("=", 1) for f in generated["files"])
+    [spec] = [spec for name, _, spec in pod_specs() if name == "tokenyard-api"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    root = tmp_path / "pod"
+    for volume in spec["volumes"]:
+        if volume.get("secret", {}).get("secretName") != "tokenyard-api":
+            continue
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        for item in volume["secret"]["items"]:
+            source = tmp_path / files[item["key"]]
+            if not source.is_file():  # admin_key, pepper: the operator writes them, not auth init
+                continue
+            target = root / mount["mountPath"].lstrip("/") / item["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    enrolling_auth_dir(root, env["TOKENYARD_NATS_AUTH_DIR"])
