@@ -13,9 +13,9 @@ gateway's jobs it runs (`schemas.beats`, on the same inbox), each attempt named 
 reply token; the answer lists the attempts that must stop. A final DONE comes as a request and
 is always answered (to its sender alone): at once if it lost, else once the job's usage record
 is stored; the count of an attempt that lost waits for the record too if it was told to stop
-or its words reached the client (`JobRun.holds`). A worker whose DONE is not answered in time reports the job itself
-(`schemas.usage.WorkerReport`), so a gateway that dies between the answer and its record leaves
-no job unbilled.
+or its words reached the client (`JobRun.holds`). A worker whose DONE is not answered in time
+reports the job itself (`schemas.usage.WorkerReport`), so a gateway that dies between the
+answer and its record leaves no job unbilled.
 """
 
 from __future__ import annotations

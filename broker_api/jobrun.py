@@ -130,7 +130,7 @@ class JobRun:
         gateway dies before the record is stored, that worker reports the job: nobody else
         might. The continuation may not be placed yet, and the attempt whose words the client
         has may have died with its worker: then the delivery told to stop holds the job's work
-        message, the one record left that the job ran (chaos run 10, job ce3dcb0e). A stopped
+        message, the one record left that the job ran (chaos runs 10 and 11: RESULTS section 9). A stopped
         worker waits for its answer up to the job's deadline; a count not cancelled (an attempt
         that finished before its stop came) waits only `BILLED_WAIT`, too short to hold."""
         return not self._recorded and (ev.attempt in self._delivered or ev.cancelled)
