@@ -312,10 +312,11 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
 async def test_a_gateway_killed_after_its_job_went_to_a_delivery_told_to_stop_leaves_the_job_billed(
     stack: Stack,
 ) -> None:
-    """Chaos run 10 (RESULTS section 9, job ce3dcb0e): the worker whose words reached the client
-    died; the gateway gave up on its attempt and asked a scheduler to continue the answer;
-    JetStream delivered the job again to another worker, whose attempt the gateway told to stop
-    (the answer had started); then the gateway died before the continuation was placed. That
+    """Chaos runs 10 and 11 (RESULTS section 9, traced in run 11a): the worker whose words
+    reached the client died; the gateway gave up on its attempt and asked a scheduler to
+    continue the answer; JetStream delivered the job again to another worker, whose attempt the
+    gateway told to stop (the answer had started); then the gateway died before the
+    continuation was placed. That
     attempt's count was answered "stop" at once, so its worker settled the job's work message,
     the one record left that the job ran, and nobody billed it. Now the count waits for the
     job's record, and the worker, unanswered by the job's deadline, reports the job. The
@@ -326,7 +327,7 @@ async def test_a_gateway_killed_after_its_job_went_to_a_delivery_told_to_stop_le
     env = {
         "TOKENYARD_ORPHAN_GRACE": "1",
         "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
-        "TOKENYARD_REQUEST_TIMEOUT": "10",  # how long the unanswered count waits,
+        "TOKENYARD_REQUEST_TIMEOUT": "10",  # how long the unanswered count waits
     }
     api, url = await stack.spawn_api(**env)
     stack.api_url = url
