@@ -80,7 +80,7 @@ def test_a_stopped_attempts_count_never_takes_over() -> None:
 
 
 async def test_a_stopped_attempts_count_waits_for_the_record_though_it_lost() -> None:
-    """Chaos run 10, job ce3dcb0e: the attempt whose words reached the client died with its
+    """Chaos runs 10 and 11 (traced in 11a): the attempt whose words reached the client died with its
     worker, JetStream delivered the job again, and that delivery was told to stop (the answer
     had started). Its count, answered "stop" at once, let its worker settle the job's work
     message, the last record that the job ran; then the gateway died before its own record.
