@@ -13,6 +13,7 @@ import re
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,43 @@ async def test_an_older_ledger_gains_counted_by_and_stores_it(tmp_path: Path) ->
     assert {r["job_id"]: r["counted_by"] for r in rows} == {"old": "gateway", "new": "worker"}
 
 
+def own_gateway_env(stack: Stack) -> dict[str, str]:
+    """A gateway whose jobs have a 10 s deadline, its ledger in a data dir of its own (a gateway
+    started again with it reads the same ledger), reports billed 1 s after they come."""
+    return {
+        "TOKENYARD_ORPHAN_GRACE": "1",
+        "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
+        "TOKENYARD_REQUEST_TIMEOUT": "10",
+    }
+
+
+@contextlib.asynccontextmanager
+async def streaming_on_its_own_gateway(stack: Stack, tag: str) -> AsyncIterator[tuple[Proc, str, int]]:
+    """A long stream through a gateway of its own (`own_gateway_env`), once 3 words reached the
+    client: that gateway, the job's id and the words received. The stream is closed on the way
+    out (its gateway is usually dead by then)."""
+    api, url = await stack.spawn_api(**own_gateway_env(stack))
+    stack.api_url = url
+    await stack.wait_for_model(ECHO)
+    async with sdk(stack, url=url) as client:
+        stream = await client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": f"{tag} [[tokens=400]] [[rate=20]]"}], stream=True
+        )
+        try:
+            cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
+            yield api, cut.id.removeprefix("chatcmpl-"), cut.texts
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+
+async def the_row_of_its_gateway_again(stack: Stack, job: str) -> dict[str, Any]:
+    """`job`'s one ledger row, as a gateway started again on `own_gateway_env`'s data dir reads
+    it (where the worker's report of it was billed)."""
+    _, again = await stack.spawn_api(**own_gateway_env(stack))
+    return (await rows_of(again, {job}, timeout=60))[job]
+
+
 async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_the_attempt_it_gave_up_on(
     stack: Stack,
 ) -> None:
@@ -275,20 +313,7 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
     # an ack wait past the stop: the job is not delivered again meanwhile (that delivery's own
     # report, of its first token, could then be the job's one record)
     worker = stack.start_worker(TOKENYARD_LOG_LEVEL="info", TOKENYARD_HEARTBEAT="0.2", TOKENYARD_ACK_WAIT="10")
-    env = {
-        "TOKENYARD_ORPHAN_GRACE": "1",
-        "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
-        "TOKENYARD_REQUEST_TIMEOUT": "10",
-    }
-    api, url = await stack.spawn_api(**env)
-    stack.api_url = url
-    await stack.wait_for_model(ECHO)
-    async with sdk(stack, url=url) as client:
-        stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "g [[tokens=400]] [[rate=20]]"}], stream=True
-        )
-        cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
-        job, words = cut.id.removeprefix("chatcmpl-"), cut.texts
+    async with streaming_on_its_own_gateway(stack, "g") as (api, job, words):
         scheduler.signal(signal.SIGSTOP)  # the continuation's placement waits
         worker.signal(signal.SIGSTOP)
         try:
@@ -301,11 +326,7 @@ async def test_a_gateway_killed_while_it_continues_an_answer_leaves_the_job_to_t
         assert job in stopped_counts(worker.output()), "the gateway did not stop the attempt it gave up on"
         api.kill()  # before the continuation is placed, let alone billed
         scheduler.signal(signal.SIGCONT)
-        with contextlib.suppress(Exception):
-            await stream.close()
-    _, again = await stack.spawn_api(**env)  # reads the worker's report (the same data dir's ledger)
-    rows = await rows_of(again, {job}, timeout=60)
-    row = rows[job]
+    row = await the_row_of_its_gateway_again(stack, job)
     assert row["counted_by"] == "worker" and row["completion_tokens"] >= words and row["key_id"], row
 
 
@@ -324,20 +345,7 @@ async def test_a_gateway_killed_after_its_job_went_to_a_delivery_told_to_stop_le
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
     quick = {"TOKENYARD_LOG_LEVEL": "info", "TOKENYARD_HEARTBEAT": "0.2", "TOKENYARD_ACK_WAIT": "2"}
     first = stack.start_worker(TOKENYARD_NODE_ID="first", **quick)
-    env = {
-        "TOKENYARD_ORPHAN_GRACE": "1",
-        "TOKENYARD_DATA_DIR": str(stack.tmp / "gw"),
-        "TOKENYARD_REQUEST_TIMEOUT": "10",  # how long the unanswered count waits
-    }
-    api, url = await stack.spawn_api(**env)
-    stack.api_url = url
-    await stack.wait_for_model(ECHO)
-    async with sdk(stack, url=url) as client:
-        stream = await client.chat.completions.create(
-            model=ECHO, messages=[{"role": "user", "content": "d [[tokens=400]] [[rate=20]]"}], stream=True
-        )
-        cut = await Sse().drain(stream, until=lambda s: s.texts >= 3)
-        job = cut.id.removeprefix("chatcmpl-")
+    async with streaming_on_its_own_gateway(stack, "d") as (api, job, _):  # its deadline: the count's wait
         scheduler.signal(signal.SIGSTOP)  # the continuation's placement waits
         first.kill()  # with the words the client has, and never a word about them
         second = stack.start_worker(TOKENYARD_NODE_ID="second", **quick)
@@ -348,9 +356,5 @@ async def test_a_gateway_killed_after_its_job_went_to_a_delivery_told_to_stop_le
         assert "not the winning attempt" in second.output()
         api.kill()  # before the continuation is placed, let alone billed
         scheduler.kill()  # and it never will be (a stopped one, let go, would place it after all)
-        with contextlib.suppress(Exception):
-            await stream.close()
-    _, again = await stack.spawn_api(**env)  # reads the worker's report (the same data dir's ledger)
-    rows = await rows_of(again, {job}, timeout=60)
-    row = rows[job]
+    row = await the_row_of_its_gateway_again(stack, job)
     assert row["counted_by"] == "worker" and row["node"] == "second" and row["key_id"], row
